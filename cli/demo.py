@@ -1,0 +1,168 @@
+"""`ordermill demo`: a storefront simulator publishing a realistic stream of orders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+import aio_pika
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared import broker
+from shared.settings import Settings
+from shared.topology import Names, declare_topology
+
+FIRST = ["Ann", "Bob", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kemal",
+         "Lina", "Mario", "Nia", "Olu", "Priya", "Quinn", "Rosa", "Sven", "Tomas"]
+LAST = ["Lee", "Smith", "Garcia", "Okafor", "Novak", "Silva", "Kim", "Muller", "Rossi", "Khan"]
+COUNTRIES = ["GB", "US", "DE", "FR", "NL", "ES", "IT", "CA", "AU", "IE"]
+PRODUCTS = [("starter", "monthly", 5), ("starter", "annually", 3), ("business", "annually", 2),
+            ("trial", "monthly", 1), ("reseller", "monthly", 1), ("dedicated", "monthly", 1)]
+TLDS = ["com", "net", "example"]
+FREE_MAIL = ["gmail.com", "yahoo.com", "outlook.com"]
+EVENTS = ("order.placed", "order.rejected", "order.screened", "order.fraud")
+
+
+def _random_ip(rng: random.Random) -> str:
+    # 100.64.0.0/10: plenty of addresses, so honest clients rarely share one.
+    return str(IPv4Address(0x64400000 + rng.randrange(1 << 22)))
+
+
+def make_order(rng: random.Random, ref: str, kind: str, ring_ip: str) -> dict[str, Any]:
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    slug = f"{first}{last}{rng.randrange(10_000)}".lower()
+    domain = f"{slug}.{rng.choice(TLDS)}"
+    if kind == "ring":
+        # A card-testing ring: many new clients, free mail, one IP.
+        email, ip = f"{slug}@{rng.choice(FREE_MAIL)}", ring_ip
+    elif kind == "disposable":
+        email, ip = f"{slug}@mailinator.com", _random_ip(rng)
+    else:
+        mail_domain = rng.choice(FREE_MAIL) if rng.random() < 0.3 else f"{slug}.example"
+        email, ip = f"{first.lower()}@{mail_domain}", _random_ip(rng)
+    product, cycle, _ = rng.choices(PRODUCTS, weights=[w for *_, w in PRODUCTS])[0]
+    items: list[dict[str, Any]] = [
+        {"type": "product", "product": product, "billing_cycle": cycle,
+         "domain": None if product == "dedicated" else domain}]
+    if product != "dedicated" and rng.random() < 0.7:
+        items.append({"type": "domain", "domain": domain, "action": "register", "years": 1})
+    if kind == "bad":
+        items[0]["product"] = "no-such-product"
+    return {
+        "order_ref": ref,
+        "client": {"email": email, "first_name": first, "last_name": last,
+                   "country": rng.choice(COUNTRIES), "company": None},
+        "items": items, "currency": "USD", "payment_method": "stripe",
+        "promo_code": "WELCOME10" if product == "starter" and rng.random() < 0.2 else None,
+        "ip_address": ip, "send_confirmation": True, "generate_invoice": True,
+    }
+
+
+@dataclass
+class Tally:
+    published: dict[str, float] = field(default_factory=dict)
+    outcome: dict[str, str] = field(default_factory=dict)
+    latency_ms: list[float] = field(default_factory=list)
+    placed: int = 0
+
+    def record(self, key: str, body: dict[str, Any]) -> None:
+        ref = body.get("order_ref")
+        if ref not in self.published:
+            return  # another storefront's order
+        if key == "order.placed":
+            self.placed += 1
+            return
+        if ref in self.outcome:
+            return
+        if key == "order.screened":
+            self.outcome[ref] = body.get("screening", "passed")
+        elif key == "order.fraud":
+            self.outcome[ref] = "Fraud"
+        else:
+            self.outcome[ref] = "rejected"
+        if key != "order.rejected":
+            self.latency_ms.append((time.time() - self.published[ref]) * 1000)
+
+
+async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
+                   wait_seconds: float) -> None:
+    rng = random.Random()
+    run_id = uuid.uuid4().hex[:6]
+    names = Names(s.namespace)
+    tally = Tally()
+    connection = await broker.connect(s.amqp_url, attempts=3)
+    async with connection:
+        channel = await broker.open_publisher(connection)
+        exchange = await declare_topology(channel, names, delivery_limit=s.queue_delivery_limit)
+        # Like a real storefront: its own queue bound to the events it cares about.
+        listen = await connection.channel()
+        events = await listen.declare_queue(exclusive=True, auto_delete=True)
+        for key in EVENTS:
+            await events.bind(names.exchange, routing_key=key)
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                tally.record(message.routing_key or "", json.loads(message.body))
+
+        await events.consume(on_event)
+        ring_ip = _random_ip(rng)
+        kinds = rng.choices(["honest", "ring", "disposable", "bad"], weights=[85, 8, 5, 2],
+                            k=orders)
+        started = time.time()
+        with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            sent = progress.add_task("published", total=orders)
+            done = progress.add_task("screened", total=orders)
+            for n, kind in enumerate(kinds):
+                ref = f"demo-{run_id}-{n + 1:06d}"
+                body = make_order(rng, ref, kind, ring_ip)
+                tally.published[ref] = time.time()
+                await broker.publish(exchange, "order.place",
+                                     broker.json_message(body, routing_key="order.place"))
+                progress.update(sent, completed=n + 1)
+                progress.update(done, completed=len(tally.outcome))
+                delay = started + (n + 1) / rate - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            deadline = time.time() + wait_seconds
+            while len(tally.outcome) < orders and time.time() < deadline:
+                progress.update(done, completed=len(tally.outcome))
+                await asyncio.sleep(0.2)
+            progress.update(done, completed=len(tally.outcome))
+        elapsed = time.time() - started
+    _summary(console, tally, orders, elapsed)
+    if len(tally.outcome) < orders:
+        console.print(f"[yellow]{orders - len(tally.outcome)} order(s) not screened within "
+                      f"{wait_seconds:.0f} s: are the workers running (`ordermill run`)?[/yellow]")
+
+
+def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> None:
+    counts: dict[str, int] = {}
+    for outcome in tally.outcome.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    table = Table(title="Demo summary", title_justify="left")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for label, value in [("published", orders), ("placed", tally.placed),
+                         ("rejected (bad input)", counts.get("rejected", 0)),
+                         ("screened: passed", counts.get("passed", 0)),
+                         ("screened: skipped", counts.get("skipped", 0)),
+                         ("screened: error", counts.get("error", 0)),
+                         ("Fraud", counts.get("Fraud", 0))]:
+        table.add_row(label, str(value))
+    console.print(table)
+    if tally.latency_ms:
+        lat = sorted(tally.latency_ms)
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        console.print(f"publish -> screened latency: p50 {statistics.median(lat):.1f} ms, "
+                      f"p99 {p99:.1f} ms over {len(lat)} orders; "
+                      f"{len(tally.outcome) / elapsed:.1f} orders/s in {elapsed:.1f} s")

@@ -1,0 +1,385 @@
+"""`ordermill`: the operator's tool (design section 5). Read commands take --json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiormq
+import asyncpg
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from cli import broker_ops, views
+from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
+from shared import broker, db, logs
+from shared.runtime import Runtime, describe_validation_error
+from shared.settings import Settings
+from shared.topology import Names, declare_topology
+
+app = typer.Typer(help="Ordermill: the order back office for hosting providers.",
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, add_completion=False)
+catalog_app = typer.Typer(help="Load and show the catalog.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
+
+
+class UserError(Exception):
+    """A mistake or a missing precondition: printed as one line, exit code 1."""
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise UserError(f"invalid settings: {describe_validation_error(exc)}") from None
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    s = settings()
+    try:
+        return asyncio.run(coro)
+    except UserError:
+        raise
+    except asyncpg.InvalidCatalogNameError:
+        raise UserError(f"database missing at {_hide_password(s.database_url)}: "
+                        "run `ordermill migrate`") from None
+    except asyncpg.UndefinedTableError:
+        raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except (OSError, asyncpg.PostgresConnectionError) as exc:
+        raise UserError(f"cannot reach PostgreSQL at {_hide_password(s.database_url)}: "
+                        f"{exc}") from None
+    except aiormq.exceptions.AMQPConnectionError as exc:
+        raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
+                        f"{exc!r}") from None
+
+
+@asynccontextmanager
+async def database(s: Settings):  # -> AsyncIterator[asyncpg.Connection]
+    conn = await asyncpg.connect(s.database_url)
+    await db._init_connection(conn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for column in columns:
+        t.add_column(column)
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    return t
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+@app.command()
+def migrate() -> None:
+    """Create the database if missing, apply migrations, declare the broker topology."""
+    s = settings()
+
+    async def go() -> tuple[bool, list[str]]:
+        created = await db.ensure_database(s.database_url, attempts=3)
+        pool = await db.create_pool(s.database_url, max_size=2, attempts=3)
+        try:
+            applied = await db.migrate(pool)
+        finally:
+            await pool.close()
+        connection = await broker.connect(s.amqp_url, attempts=3)
+        async with connection:
+            channel = await connection.channel()
+            await declare_topology(channel, Names(s.namespace),
+                                   delivery_limit=s.queue_delivery_limit)
+        return created, applied
+
+    created, applied = run_async(go())
+    name = urlsplit(s.database_url).path.lstrip("/")
+    out.print(f"database {name}: {'created, ' if created else ''}"
+              f"{len(applied)} migration(s) applied; topology declared in namespace {s.namespace}")
+
+
+@catalog_app.command("load")
+def catalog_load(file: Path) -> None:
+    """Load products, TLDs, servers and promotions from a TOML file."""
+    s = settings()
+    try:
+        catalog = read_catalog(file)
+    except CatalogError as exc:
+        raise UserError(str(exc)) from None
+
+    async def go() -> dict[str, int]:
+        async with database(s) as conn:
+            return await load_catalog(conn, catalog)
+
+    counts = run_async(go())
+    out.print("catalog loaded: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+@catalog_app.command("show")
+def catalog_show(as_json: bool = JsonOpt) -> None:
+    """The catalog: products with their auto-setup option and prices, TLDs, promotions."""
+    s = settings()
+
+    async def go() -> dict[str, Any]:
+        async with database(s) as conn:
+            return await catalog_view(conn)
+
+    data = run_async(go())
+    if as_json:
+        return emit_json(data)
+    out.print(table("Products", ["slug", "type", "module", "server", "auto_setup", "prices"], [
+        [p["slug"], p["type"], p["module"], p["server"], p["auto_setup"],
+         ", ".join(f"{x['price']} {x['currency']} {x['billing_cycle']}" for x in p["prices"])]
+        for p in data["products"]]))
+    out.print(table("TLDs", ["tld", "registrar", "auto_register", "currency", "register",
+                             "transfer", "renew"],
+                    [[t["tld"], t["registrar"], t["auto_register"], t["currency"], t["register"],
+                      t["transfer"], t["renew"]] for t in data["tlds"]]))
+    out.print(table("Promotions", ["code", "kind", "value", "products", "uses", "expires"],
+                    [[p["code"], p["kind"], p["value"], ", ".join(p["products"]) or "all",
+                      p["uses"], p["expires_at"]] for p in data["promotions"]]))
+
+
+# -- workers -------------------------------------------------------------------------------
+
+@app.command()
+def run(services: list[str] = typer.Argument(None, help="Services to run (default: all).")) -> None:
+    """Run workers (all of them, plus the outbox relay, in one process by default)."""
+    from services.registry import WORKERS
+
+    s = settings()
+    chosen = services or list(WORKERS)
+    unknown = [name for name in chosen if name not in WORKERS]
+    if unknown:
+        raise UserError(f"unknown service {unknown[0]!r}; known: {', '.join(WORKERS)}")
+    logs.configure(s.log_level, s.log_format)
+
+    async def go() -> None:
+        runtime = Runtime(s)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.stop)
+        await runtime.serve([WORKERS[name](s) for name in chosen])
+
+    run_async(go())
+
+
+# -- orders --------------------------------------------------------------------------------
+
+def _with_db(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    s = settings()
+
+    async def go() -> T:
+        async with database(s) as conn:
+            return await fn(conn)
+
+    return run_async(go())
+
+
+def _orders_table(title: str, orders: list[dict[str, Any]]) -> Table:
+    return table(title, ["id", "ref", "status", "screening", "score", "client", "total",
+                         "placed"],
+                 [[o["id"], o["order_ref"], o["status"],
+                   o["screening"] + (" (!)" if o.get("flagged") else ""), o["score"], o["email"],
+                   f"{o['total']} {o['currency']}", o["created_at"][:19]] for o in orders])
+
+
+@app.command()
+def orders(
+    status: str = typer.Option(None, help="Pending, Active, Cancelled or Fraud."),
+    limit: int = typer.Option(50, min=1, max=1000),
+    page: int = typer.Option(1, min=1),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List orders, newest first."""
+    if status is not None:
+        status = status.capitalize()
+        if status not in ("Pending", "Active", "Cancelled", "Fraud"):
+            raise UserError(f"unknown status {status!r}; use Pending, Active, Cancelled or Fraud")
+    rows = _with_db(lambda c: views.list_orders(c, status=status, limit=limit,
+                                                offset=(page - 1) * limit))
+    if as_json:
+        return emit_json(rows)
+    out.print(_orders_table(f"Orders{f' ({status})' if status else ''}", rows))
+
+
+@app.command()
+def pending(as_json: bool = JsonOpt) -> None:
+    """Pending orders waiting for review (screening errors flagged); orders still queued apart."""
+    data = _with_db(views.pending_orders)
+    if as_json:
+        return emit_json(data)
+    out.print(_orders_table("Pending review", data["pending"]))
+    if data["queued"]:
+        out.print(_orders_table("Still being screened", data["queued"]))
+
+
+@app.command()
+def show(order_id: int, as_json: bool = JsonOpt) -> None:
+    """One order: items, invoice, payments, fraud check result, history."""
+    data = _with_db(lambda c: views.show_order(c, order_id))
+    if data is None:
+        raise UserError(f"order {order_id} does not exist")
+    if as_json:
+        return emit_json(data)
+    c = data["client"]
+    out.print(f"[bold]Order {data['id']}[/bold]  ref {data['order_ref']}  "
+              f"number {data['order_number']}  status [bold]{data['status']}[/bold]  "
+              f"screening {data['screening']}{' (override)' if data['screening_override'] else ''}"
+              f"{'  [deleted]' if data['deleted'] else ''}")
+    out.print(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
+              f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
+              f"total {data['total']} {data['currency']}")
+    out.print(table("Items", ["id", "type", "status", "product", "domain", "cycle/action",
+                              "amount"],
+                    [[i["id"], i["type"], i["status"], i["product"], i["domain"],
+                      i["billing_cycle"] or i["action"], i["amount"]] for i in data["items"]]))
+    if data["invoice"]:
+        inv = data["invoice"]
+        out.print(table(f"Invoice {inv['id']}: {inv['status']}, total {inv['total']} "
+                        f"{inv['currency']}", ["line", "amount"],
+                        [[ln["description"], ln["amount"]] for ln in inv["lines"]]))
+    fraud = data["fraud"]
+    if fraud:
+        out.print(f"Fraud check ({fraud['provider']}): {fraud['result']}, score "
+                  f"{fraud['score']} / threshold {fraud['threshold']}"
+                  f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
+        for reason in fraud["reasons"]:
+            out.print(f"  - {reason.get('code')}: {reason.get('description')}")
+    out.print(table("History", ["at", "actor", "action", "from", "to"],
+                    [[h["at"][:19], h["actor"], h["action"], h["from"], h["to"]]
+                     for h in data["history"]]))
+
+
+@app.command()
+def failures(as_json: bool = JsonOpt) -> None:
+    """What needs an operator: screening errors, orders stuck in screening."""
+    s = settings()
+    data = _with_db(lambda c: views.failures(c, stuck_seconds=s.screening_stuck_seconds))
+    if as_json:
+        return emit_json(data)
+    out.print(table("Screening errors", ["order", "ref", "error", "at"],
+                    [[f["order_id"], f["order_ref"], f["error"], f["at"][:19]]
+                     for f in data["screening_errors"]]))
+    out.print(table("Stuck in screening", ["order", "ref", "re-drives", "since"],
+                    [[f["order_id"], f["order_ref"], f["redrives"], f["queued_since"][:19]]
+                     for f in data["stuck_in_screening"]]))
+
+
+# -- broker --------------------------------------------------------------------------------
+
+def _with_broker(fn: Callable[[Any, Names], Awaitable[T]]) -> T:
+    s = settings()
+
+    async def go() -> T:
+        connection = await broker.connect(s.amqp_url, attempts=2)
+        async with connection:
+            return await fn(connection, Names(s.namespace))
+
+    return run_async(go())
+
+
+def _queues_table(rows: list[dict[str, Any]]) -> Table:
+    return table("Queues", ["queue", "messages", "consumers"],
+                 [[r["queue"], "missing (run migrate)" if r.get("missing") else r["messages"],
+                   r["consumers"]] for r in rows])
+
+
+@app.command()
+def queues(
+    watch: bool = typer.Option(False, "--watch", help="Refresh every second."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Depth and consumers of every work queue and dead-letter queue."""
+    if not watch:
+        rows = _with_broker(broker_ops.queue_depths)
+        return emit_json(rows) if as_json else out.print(_queues_table(rows))
+    s = settings()
+
+    async def go() -> None:
+        connection = await broker.connect(s.amqp_url, attempts=2)
+        async with connection:
+            with Live(console=out, auto_refresh=False) as live:
+                while True:
+                    rows = await broker_ops.queue_depths(connection, Names(s.namespace))
+                    live.update(_queues_table(rows), refresh=True)
+                    await asyncio.sleep(1)
+
+    try:
+        run_async(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("dead-letters")
+def dead_letters(
+    queue: str = typer.Argument(None, help="A service or queue name (default: all)."),
+    replay: bool = typer.Option(False, "--replay", help="Publish them back to be processed."),
+    limit: int = typer.Option(100, min=1),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Inspect dead letters with their reasons, or replay them."""
+    try:
+        if replay:
+            count = _with_broker(
+                lambda c, n: broker_ops.replay_dead_letters(c, n, queue, limit=limit))
+            return emit_json({"replayed": count}) if as_json else out.print(
+                f"replayed {count} dead letter(s)")
+        rows = _with_broker(lambda c, n: broker_ops.dead_letters(c, n, queue, limit=limit))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        return emit_json(rows)
+    out.print(table("Dead letters", ["queue", "routing key", "message id", "reason", "at"],
+                    [[r["queue"], r["routing_key"], r["message_id"], r["reason"],
+                      (r["dead_at"] or "")[:19]] for r in rows]))
+
+
+@app.command()
+def demo(
+    orders: int = typer.Option(200, min=1, help="How many orders to publish."),
+    rate: float = typer.Option(20.0, min=0.1, help="Orders per second."),
+    timeout: float = typer.Option(60.0, min=1, help="Seconds to wait for screening."),
+) -> None:
+    """A storefront simulator: publishes orders (some fraudulent) and shows them flow."""
+    from cli.demo import run_demo
+
+    s = settings()
+    run_async(run_demo(s, out, orders=orders, rate=rate, wait_seconds=timeout))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except UserError as exc:
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        raise SystemExit(1) from None

@@ -1,0 +1,143 @@
+"""Read models for operators: what `orders`, `pending`, `show` and `failures` print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+_ORDER_COLUMNS = (
+    "o.id, o.order_ref, o.order_number, o.status, o.screening, o.screening_override,"
+    " o.total, o.currency, o.created_at, c.email, c.id AS client_id,"
+    " (SELECT score FROM fraud_checks f WHERE f.order_id = o.id ORDER BY f.id DESC LIMIT 1)"
+    " AS score"
+)
+
+
+def _order_row(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": r["id"], "order_ref": r["order_ref"], "order_number": r["order_number"],
+        "status": r["status"], "screening": r["screening"], "client_id": r["client_id"],
+        "email": r["email"], "total": str(r["total"]), "currency": r["currency"],
+        "score": str(r["score"]) if r["score"] is not None else None,
+        "created_at": r["created_at"].isoformat(),
+    }
+
+
+async def list_orders(
+    conn: asyncpg.Connection, *, status: str | None = None, limit: int = 50, offset: int = 0
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {_ORDER_COLUMNS} FROM orders o JOIN clients c ON c.id = o.client_id"
+        " WHERE o.deleted_at IS NULL AND ($1::text IS NULL OR o.status = $1)"
+        " ORDER BY o.id DESC LIMIT $2 OFFSET $3",
+        status, limit, offset,
+    )
+    return [_order_row(r) for r in rows]
+
+
+async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200) -> dict[str, Any]:
+    """Pending orders whose screening is finished (errors flagged), and those still queued."""
+    rows = await conn.fetch(
+        f"SELECT {_ORDER_COLUMNS} FROM orders o JOIN clients c ON c.id = o.client_id"
+        " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1",
+        limit,
+    )
+    orders = [_order_row(r) | {"flagged": r["screening"] == "error"}
+              for r in rows if r["screening"] != "queued"]
+    queued = [_order_row(r) for r in rows if r["screening"] == "queued"]
+    return {"pending": orders, "queued": queued}
+
+
+async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] | None:
+    o = await conn.fetchrow(
+        "SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country"
+        " FROM orders o JOIN clients c ON c.id = o.client_id WHERE o.id = $1", order_id,
+    )
+    if o is None:
+        return None
+    items = [
+        {"id": r["id"], "type": r["type"], "status": r["status"], "domain": r["domain"],
+         "product": r["product"], "billing_cycle": r["billing_cycle"], "action": r["action"],
+         "amount": str(r["amount"])}
+        for r in await conn.fetch(
+            "SELECT s.id, 'product' AS type, s.status, s.domain, p.slug AS product,"
+            " s.billing_cycle, NULL AS action, s.amount FROM services s"
+            " JOIN products p ON p.id = s.product_id WHERE s.order_id = $1"
+            " UNION ALL SELECT d.id, 'domain', d.status, d.domain, NULL, NULL, d.action, d.amount"
+            " FROM domains d WHERE d.order_id = $1 ORDER BY 2 DESC, 1",
+            order_id,
+        )
+    ]
+    invoice = None
+    inv = await conn.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)
+    if inv is not None:
+        lines = await conn.fetch(
+            "SELECT description, amount FROM invoice_items WHERE invoice_id = $1 ORDER BY id",
+            inv["id"],
+        )
+        invoice = {
+            "id": inv["id"], "status": inv["status"], "currency": inv["currency"],
+            "subtotal": str(inv["subtotal"]), "discount": str(inv["discount"]),
+            "total": str(inv["total"]),
+            "paid_at": inv["paid_at"].isoformat() if inv["paid_at"] else None,
+            "lines": [{"description": r["description"], "amount": str(r["amount"])}
+                      for r in lines],
+        }
+    check = await conn.fetchrow(
+        "SELECT * FROM fraud_checks WHERE order_id = $1 ORDER BY id DESC LIMIT 1", order_id
+    )
+    fraud = None
+    if check is not None:
+        fraud = {
+            "provider": check["provider"], "result": check["result"],
+            "score": str(check["score"]) if check["score"] is not None else None,
+            "threshold": str(check["threshold"]), "reasons": check["reasons"],
+            "error": check["error"], "raw": check["raw"],
+            "checked_at": check["created_at"].isoformat(),
+        }
+    history = [
+        {"at": r["at"].isoformat(), "actor": r["actor"], "action": r["action"],
+         "from": r["from_status"], "to": r["to_status"], "detail": r["detail"]}
+        for r in await conn.fetch(
+            "SELECT * FROM order_history WHERE order_id = $1 ORDER BY id", order_id
+        )
+    ]
+    return {
+        "id": o["id"], "order_ref": o["order_ref"], "order_number": o["order_number"],
+        "status": o["status"], "screening": o["screening"],
+        "screening_override": o["screening_override"], "deleted": o["deleted_at"] is not None,
+        "client": {"id": o["client_id"], "email": o["email"], "first_name": o["first_name"],
+                   "last_name": o["last_name"], "company": o["company"], "country": o["country"]},
+        "currency": o["currency"], "total": str(o["total"]),
+        "payment_method": o["payment_method"], "promo_code": o["promo_code"],
+        "ip_address": str(o["ip_address"]) if o["ip_address"] else None,
+        "send_confirmation": o["send_confirmation"], "generate_invoice": o["generate_invoice"],
+        "accept_options": o["accept_options"], "created_at": o["created_at"].isoformat(),
+        "items": items, "invoice": invoice, "payments": [], "fraud": fraud, "history": history,
+    }
+
+
+async def failures(conn: asyncpg.Connection, *, stuck_seconds: int) -> dict[str, Any]:
+    screening_errors = [
+        {"order_id": r["id"], "order_ref": r["order_ref"], "error": r["error"],
+         "at": r["at"].isoformat()}
+        for r in await conn.fetch(
+            "SELECT o.id, o.order_ref, f.error, f.created_at AS at FROM orders o"
+            " JOIN LATERAL (SELECT error, created_at FROM fraud_checks WHERE order_id = o.id"
+            "   ORDER BY id DESC LIMIT 1) f ON true"
+            " WHERE o.screening = 'error' AND o.status = 'Pending' AND o.deleted_at IS NULL"
+            " ORDER BY o.id"
+        )
+    ]
+    stuck = [
+        {"order_id": r["id"], "order_ref": r["order_ref"], "redrives": r["screening_redrives"],
+         "queued_since": r["created_at"].isoformat()}
+        for r in await conn.fetch(
+            "SELECT id, order_ref, screening_redrives, created_at FROM orders"
+            " WHERE screening = 'queued' AND status = 'Pending' AND deleted_at IS NULL"
+            " AND created_at < now() - make_interval(secs => $1) ORDER BY id",
+            float(stuck_seconds),
+        )
+    ]
+    return {"screening_errors": screening_errors, "stuck_in_screening": stuck}

@@ -1,0 +1,129 @@
+"""order.placed / order.rescreen: score the order; Fraud over the threshold, else it stays Pending."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from services.fraud.facts import gather_facts
+from services.fraud.providers.base import FraudProvider, FraudResult, ProviderError, Reason
+from shared.contracts import EmailSend, OrderFraud, OrderPlaced, OrderRescreen, OrderScreened
+from shared.errors import Rejected
+from shared.orders import add_history, lock_order, transition
+from shared.settings import Settings
+from shared.uow import UnitOfWork
+
+log = logging.getLogger("ordermill.fraud")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    screening: str  # passed, failed, skipped, error
+    provider: str
+    score: Decimal | None = None
+    reasons: tuple[Reason, ...] = ()
+    raw: dict | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Screener:
+    settings: Settings
+    provider: FraudProvider
+
+    async def on_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
+        await self.screen(uow, event.order_id, rescreen=False)
+
+    async def on_rescreen(self, event: OrderRescreen, uow: UnitOfWork) -> None:
+        await self.screen(uow, event.order_id, rescreen=True)
+
+    async def screen(self, uow: UnitOfWork, order_id: int, *, rescreen: bool) -> None:
+        conn = uow.conn
+        order = await lock_order(conn, order_id)
+        if order is None:
+            raise Rejected(f"order {order_id} does not exist")
+        if order["status"] != "Pending" or (not rescreen and order["screening"] != "queued"):
+            # Already screened (a re-drive or a duplicate), or an operator acted first.
+            log.info("screening not needed", extra={
+                "order_id": order_id, "order_ref": order["order_ref"],
+                "status": order["status"], "screening": order["screening"]})
+            return
+        verdict = await self._verdict(conn, order)
+        await conn.execute(
+            "INSERT INTO fraud_checks (order_id, provider, result, score, threshold, reasons, raw,"
+            " error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            order_id, verdict.provider, verdict.screening, verdict.score,
+            self.settings.fraud_threshold, [r.as_dict() for r in verdict.reasons], verdict.raw,
+            verdict.error,
+        )
+        await conn.execute(
+            "UPDATE orders SET screening = $2, updated_at = now() WHERE id = $1",
+            order_id, verdict.screening,
+        )
+        log_extra = {"order_id": order_id, "order_ref": order["order_ref"],
+                     "screening": verdict.screening, "score": str(verdict.score),
+                     "provider": verdict.provider,
+                     "reasons": [r.code for r in verdict.reasons]}
+        if verdict.screening == "failed":
+            await transition(conn, order, "Fraud", actor=uow.actor, action="screening",
+                             detail={"score": str(verdict.score),
+                                     "reasons": [r.code for r in verdict.reasons]})
+            await uow.emit("order.fraud", OrderFraud(
+                order_id=order_id, order_ref=order["order_ref"], source="screening",
+                score=verdict.score))
+            log.warning("order is Fraud", extra=log_extra)
+            return
+        await add_history(conn, order_id, actor=uow.actor,
+                          action="rescreened" if rescreen else "screened",
+                          detail={"screening": verdict.screening, "score": str(verdict.score),
+                                  "error": verdict.error})
+        await uow.emit("order.screened", OrderScreened(
+            order_id=order_id, order_ref=order["order_ref"], screening=verdict.screening,
+            score=verdict.score, threshold=self.settings.fraud_threshold,
+            provider=verdict.provider))
+        if verdict.screening in ("passed", "skipped"):
+            await self._ask_for_emails(uow, order)
+        log.info("order screened", extra=log_extra)
+
+    async def _verdict(self, conn: asyncpg.Connection, order: asyncpg.Record) -> Verdict:
+        threshold = self.settings.fraud_threshold
+        if threshold == 0:
+            return Verdict("skipped", "none", reasons=(Reason("disabled", "threshold is 0"),))
+        if self.settings.fraud_skip_existing_clients and order["client_named_by_id"]:
+            active = await conn.fetchval(
+                "SELECT count(*) FROM orders WHERE client_id = $1 AND status = 'Active'",
+                order["client_id"],
+            )
+            if active:
+                return Verdict("skipped", "none", reasons=(
+                    Reason("existing_client", f"client has {active} Active order(s)"),))
+        window = timedelta(minutes=self.settings.fraud_velocity_window_minutes)
+        facts = await gather_facts(conn, order, window)
+        try:
+            result: FraudResult = await self.provider.score(facts)
+        except ProviderError as exc:
+            log.error("order could not be screened", extra={
+                "order_id": order["id"], "order_ref": order["order_ref"], "error": str(exc)})
+            return Verdict("error", self.provider.name, error=str(exc))
+        failed = result.reject or result.score > threshold
+        return Verdict("failed" if failed else "passed", self.provider.name, result.score,
+                       result.reasons, result.raw)
+
+    async def _ask_for_emails(self, uow: UnitOfWork, order: asyncpg.Record) -> None:
+        """Confirmation and invoice emails go out only once screening has cleared the order."""
+        email = await uow.conn.fetchval(
+            "SELECT email FROM clients WHERE id = $1", order["client_id"]
+        )
+        templates = []
+        if order["send_confirmation"]:
+            templates.append("order_confirmation")
+        if order["generate_invoice"]:
+            templates.append("invoice_created")
+        for template in templates:
+            await uow.emit("email.send", EmailSend(
+                template=template, recipient=email, order_id=order["id"],
+                order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))

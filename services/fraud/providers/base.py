@@ -1,0 +1,68 @@
+"""The fraud provider interface: the handler scores through it, whichever provider it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class CartLine:
+    kind: str  # 'product' or 'domain'
+    name: str  # product slug or domain
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class OrderFacts:
+    """What a provider may look at; fields the client lacks are None, not faked."""
+
+    order_id: int
+    order_number: int
+    order_ref: str
+    client_id: int
+    email: str
+    first_name: str
+    last_name: str
+    company: str | None
+    country: str | None
+    ip_address: str | None
+    total: Decimal
+    currency: str
+    payment_method: str | None
+    cart: tuple[CartLine, ...]
+    client_is_new: bool  # no earlier order from this client
+    orders_from_ip: int  # in the velocity window, this one included
+    orders_from_client: int  # in the velocity window, this one included
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    description: str
+    points: Decimal = Decimal("0")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "description": self.description, "points": str(self.points)}
+
+
+@dataclass(frozen=True)
+class FraudResult:
+    score: Decimal  # MaxMind-style risk: 0.01 to 99
+    reasons: tuple[Reason, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict)
+    # A provider may decide on its own (a disposition 'reject'), whatever the score.
+    reject: bool = False
+
+
+class ProviderError(Exception):
+    """The provider could not score the order; screening is `error` and an operator looks."""
+
+
+class FraudProvider(Protocol):
+    name: str
+
+    async def score(self, facts: OrderFacts) -> FraudResult: ...
+
+    async def close(self) -> None: ...

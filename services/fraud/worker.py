@@ -1,0 +1,35 @@
+"""The fraud worker: its queue, routes, provider and sweeper."""
+
+from __future__ import annotations
+
+from services.fraud.handlers import Screener
+from services.fraud.providers.base import FraudProvider
+from services.fraud.providers.rules import RulesProvider
+from services.fraud.sweeper import QueuedOrderSweeper
+from shared.runtime import WorkerSpec, route
+from shared.settings import Settings
+
+
+def make_provider(settings: Settings) -> FraudProvider:
+    if settings.fraud_provider == "maxmind":
+        raise SystemExit("FRAUD_PROVIDER=maxmind is not available yet (issue #5); use 'rules'")
+    return RulesProvider(settings)
+
+
+def worker(settings: Settings) -> WorkerSpec:
+    provider = make_provider(settings)
+    screener = Screener(settings, provider)
+    sweeper = QueuedOrderSweeper(
+        stuck_seconds=settings.screening_stuck_seconds,
+        max_redrives=settings.screening_max_redrives,
+        every_seconds=max(5.0, settings.screening_stuck_seconds / 4),
+    )
+    return WorkerSpec(
+        service="fraud",
+        routes={
+            "order.placed": route(screener.on_placed),
+            "order.rescreen": route(screener.on_rescreen),
+        },
+        on_stop=(provider.close,),
+        background=(sweeper.run,),
+    )

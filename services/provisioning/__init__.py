@@ -1,0 +1,1 @@
+"""Payments, module create/terminate and domain registration (issue #3)."""

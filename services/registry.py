@@ -1,0 +1,15 @@
+"""The workers `ordermill run` knows, by service name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from shared.runtime import WorkerSpec
+from shared.settings import Settings
+
+WORKERS: dict[str, Callable[[Settings], WorkerSpec]] = {
+    "placement": placement_worker,
+    "fraud": fraud_worker,
+}

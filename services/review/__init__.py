@@ -1,0 +1,1 @@
+"""Operator review commands (issue #4)."""

@@ -1,0 +1,167 @@
+"""Message contracts (design section 3): the bodies storefronts, gateways and operators send,
+and the events the workers publish. A handler's parameter type is its contract."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from ipaddress import IPv4Address, IPv6Address
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+BillingCycle = Literal[
+    "monthly", "quarterly", "semiannually", "annually", "biennially", "triennially", "onetime"
+]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+Money = Annotated[Decimal, Field(max_digits=12, decimal_places=2)]
+
+_DOMAIN = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _domain(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if not _DOMAIN.match(value):
+        raise ValueError(f"{value!r} is not a domain name")
+    return value
+
+
+class Contract(BaseModel):
+    # Storefronts may send more than we read (prices, notes): extra fields are ignored.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ExistingClient(Contract):
+    id: int = Field(gt=0)
+
+
+class NewClient(Contract):
+    email: str = Field(max_length=254)
+    first_name: str = Field("", max_length=100)
+    last_name: str = Field("", max_length=100)
+    country: str | None = Field(None, pattern=r"^[A-Z]{2}$")
+    company: str | None = Field(None, max_length=200)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        value = value.strip()
+        if not _EMAIL.match(value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+
+class ProductItem(Contract):
+    type: Literal["product"]
+    product: str = Field(min_length=1, max_length=100)
+    billing_cycle: BillingCycle = "monthly"
+    domain: str | None = None
+
+    _check_domain = field_validator("domain")(lambda cls, v: v if v is None else _domain(v))
+
+
+class DomainItem(Contract):
+    type: Literal["domain"]
+    domain: str
+    action: Literal["register", "transfer"] = "register"
+    years: int = Field(1, ge=1, le=10)
+    epp_code: SecretStr | None = None
+
+    _check_domain = field_validator("domain")(lambda cls, v: _domain(v))
+
+
+OrderItem = Annotated[ProductItem | DomainItem, Field(discriminator="type")]
+
+
+class PlaceOrder(Contract):
+    order_ref: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    client: ExistingClient | NewClient
+    items: list[OrderItem] = Field(min_length=1, max_length=100)
+    currency: Currency | None = None
+    payment_method: str | None = Field(None, max_length=50)
+    promo_code: str | None = Field(None, max_length=50)
+    ip_address: IPv4Address | IPv6Address | None = None
+    send_confirmation: bool = True
+    generate_invoice: bool = True
+
+
+class PaymentReceived(Contract):
+    invoice_id: int | None = Field(None, gt=0)
+    order_ref: str | None = None
+    amount: Money = Field(gt=0)
+    currency: Currency
+    gateway: str = Field(min_length=1, max_length=50)
+    transaction_id: str = Field(min_length=1, max_length=200)
+
+
+ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen"]
+
+
+class AcceptOptions(Contract):
+    run_module_create: bool = True
+    send_welcome_email: bool = True
+    register_domains: bool = True
+
+
+class ReviewCommand(Contract):
+    order_id: int = Field(gt=0)
+    action: ReviewAction
+    operator: str = Field("operator", max_length=100)
+    options: AcceptOptions = AcceptOptions()
+
+
+# Events published by the workers ------------------------------------------------------------
+
+class ItemRef(Contract):
+    type: Literal["product", "domain"]
+    id: int
+
+
+class OrderPlaced(Contract):
+    order_id: int
+    order_number: int
+    order_ref: str
+    client_id: int
+    invoice_id: int | None
+    total: Money
+    currency: Currency
+    items: list[ItemRef]
+
+
+class OrderRejected(Contract):
+    order_ref: str
+    reason: str
+
+
+class OrderRescreen(Contract):
+    order_id: int
+    order_ref: str
+    operator: str = "operator"
+
+
+ScreeningResult = Literal["passed", "failed", "skipped", "error"]
+
+
+class OrderScreened(Contract):
+    order_id: int
+    order_ref: str
+    screening: Literal["passed", "skipped", "error"]
+    score: Decimal | None
+    threshold: Decimal
+    provider: str
+
+
+class OrderFraud(Contract):
+    order_id: int
+    order_ref: str
+    source: Literal["screening", "operator"]
+    score: Decimal | None = None
+
+
+class EmailSend(Contract):
+    template: str
+    recipient: str
+    order_id: int
+    order_ref: str
+    dedupe_key: str

@@ -1,0 +1,124 @@
+"""PostgreSQL access: the pool, database creation and migrations."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+log = logging.getLogger("ordermill.db")
+
+# Errors that mean "try again": the server is away, restarting or overloaded,
+# or this transaction lost a race. They say nothing about the message itself.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+_MIGRATION_LOCK = 7_311_204_517  # advisory lock key: one migrator at a time
+
+
+def _retrying(attempts: int) -> AsyncRetrying:
+    return AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30) -> asyncpg.Pool:
+    """A pool, waiting (bounded) for PostgreSQL to come up."""
+    async for attempt in _retrying(attempts):
+        with attempt:
+            return await asyncpg.create_pool(
+                database_url, min_size=1, max_size=max_size, init=_init_connection,
+                command_timeout=60,
+            )
+    raise AssertionError("unreachable")
+
+
+def _split_database(database_url: str) -> tuple[str, str]:
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/") or "postgres"
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    return admin, name
+
+
+async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
+    """Create the database named by the URL if it is missing. True when created."""
+    admin_url, name = _split_database(database_url)
+    async for attempt in _retrying(attempts):
+        with attempt:
+            conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.exceptions.DuplicateDatabaseError:
+            return False  # another migrator won the race
+        log.info("database created", extra={"database": name})
+        return True
+    finally:
+        await conn.close()
+
+
+def _migration_files() -> list[tuple[str, str]]:
+    folder = resources.files("shared") / "migrations"
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations in order, once, under an advisory lock."""
+    applied_now: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in _migration_files():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+                applied_now.append(version)
+                log.info("migration applied", extra={"version": version})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied_now

@@ -1,0 +1,101 @@
+"""The one place that changes an order's status (design rule 8): allowed transitions,
+items and invoice following along, history written, all under the order's row lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from shared.contracts import ItemRef, OrderPlaced
+
+ORDER_STATUSES = ("Pending", "Active", "Cancelled", "Fraud")
+
+# (from, to) pairs allowed by the operator actions table and the screening outcome.
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
+    ("Pending", "Active"),
+    ("Pending", "Cancelled"),
+    ("Active", "Cancelled"),
+    ("Pending", "Fraud"),
+    ("Active", "Fraud"),
+    ("Cancelled", "Fraud"),
+    ("Cancelled", "Pending"),
+    ("Fraud", "Pending"),
+})
+
+# Items that are already ended keep their status when the order is cancelled or marked Fraud.
+_ENDED_SERVICE = ("Terminated", "Cancelled", "Fraud")
+_ENDED_DOMAIN = ("Cancelled", "Fraud")
+
+
+class TransitionRefused(Exception):
+    pass
+
+
+async def lock_order(conn: asyncpg.Connection, order_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM orders WHERE id = $1 FOR UPDATE", order_id)
+
+
+async def add_history(
+    conn: asyncpg.Connection, order_id: int, *, actor: str, action: str,
+    from_status: str | None = None, to_status: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO order_history (order_id, actor, action, from_status, to_status, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        order_id, actor, action, from_status, to_status, detail or {},
+    )
+
+
+async def transition(
+    conn: asyncpg.Connection, order: asyncpg.Record, to_status: str, *,
+    actor: str, action: str, detail: dict[str, Any] | None = None,
+) -> None:
+    """Move a locked order to `to_status`, with its items and invoice. Raises TransitionRefused."""
+    current = order["status"]
+    if (current, to_status) not in TRANSITIONS:
+        raise TransitionRefused(f"order {order['id']} is {current}; {action} cannot make it {to_status}")
+    order_id = order["id"]
+    await conn.execute(
+        "UPDATE orders SET status = $2, updated_at = now() WHERE id = $1", order_id, to_status
+    )
+    if to_status in ("Cancelled", "Fraud"):
+        await conn.execute(
+            "UPDATE services SET status = $2 WHERE order_id = $1 AND status <> ALL($3::text[])",
+            order_id, to_status, list(_ENDED_SERVICE),
+        )
+        await conn.execute(
+            "UPDATE domains SET status = $2 WHERE order_id = $1 AND status <> ALL($3::text[])",
+            order_id, to_status, list(_ENDED_DOMAIN),
+        )
+        await conn.execute(
+            "UPDATE invoices SET status = 'Cancelled' WHERE order_id = $1 AND status = 'Unpaid'",
+            order_id,
+        )
+    await add_history(
+        conn, order_id, actor=actor, action=action, from_status=current, to_status=to_status,
+        detail=detail,
+    )
+
+
+async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPlaced:
+    """The `order.placed` body, read from the database (placement and the sweeper share it)."""
+    order = await conn.fetchrow(
+        "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency, i.id AS invoice_id"
+        " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1",
+        order_id,
+    )
+    items = [
+        ItemRef(type=r["type"], id=r["id"])
+        for r in await conn.fetch(
+            "SELECT 'product' AS type, id FROM services WHERE order_id = $1"
+            " UNION ALL SELECT 'domain', id FROM domains WHERE order_id = $1 ORDER BY 1 DESC, 2",
+            order_id,
+        )
+    ]
+    return OrderPlaced(
+        order_id=order["id"], order_number=order["order_number"], order_ref=order["order_ref"],
+        client_id=order["client_id"], invoice_id=order["invoice_id"], total=order["total"],
+        currency=order["currency"], items=items,
+    )

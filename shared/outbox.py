@@ -1,0 +1,133 @@
+"""The outbox relay: publishes committed events with confirms, woken by NOTIFY, sweeping on a timer.
+
+Several relays may run at once (one per worker process): rows are claimed with
+FOR UPDATE SKIP LOCKED, so in the normal case none is published twice. A relay
+that dies after publishing and before marking leaves the rows to be published
+again with the same message_id, which consumers dedupe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import PublishError
+
+from shared import broker, db
+
+log = logging.getLogger("ordermill.outbox")
+
+CHANNEL = "ordermill_outbox"
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        exchange: AbstractExchange,
+        database_url: str,
+        *,
+        batch: int = 500,
+        sweep_seconds: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.exchange = exchange
+        self.database_url = database_url
+        self.batch = batch
+        self.sweep_seconds = sweep_seconds
+        self.published = 0
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                await self._ensure_listener()
+                self._wake.clear()
+                try:
+                    sent = await self.drain_once()
+                except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
+                    log.warning("outbox relay pass failed; will retry", extra={"error": str(exc)})
+                    sent = 0
+                if sent >= self.batch:
+                    continue  # more waiting: no pause
+                waking = asyncio.create_task(self._wake.wait())
+                await asyncio.wait(
+                    {waking, stopping}, timeout=self.sweep_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waking.cancel()
+        finally:
+            stopping.cancel()
+            if self._listener is not None and not self._listener.is_closed():
+                with contextlib.suppress(Exception):
+                    await self._listener.close()
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            self._listener = await asyncpg.connect(self.database_url)
+            await self._listener.add_listener(CHANNEL, self._on_notify)
+        except db.TRANSIENT_DB_ERRORS as exc:
+            # The timer sweep keeps events flowing until LISTEN works again.
+            log.warning("outbox listener unavailable", extra={"error": str(exc)})
+            self._listener = None
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def drain_once(self) -> int:
+        """Publish one batch of unpublished rows. Returns how many rows it handled."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, message_id, routing_key, body, correlation_id FROM outbox"
+                " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch,
+            )
+            if not rows:
+                return 0
+            # Publish the whole batch at once: the broker confirms them as a pipeline.
+            results = await asyncio.gather(
+                *(self._publish(row) for row in rows), return_exceptions=True
+            )
+            sent, unroutable, failed = [], [], []
+            for row, result in zip(rows, results, strict=True):
+                if result is None:
+                    sent.append(row["id"])
+                elif isinstance(result, PublishError):
+                    unroutable.append(row["id"])
+                else:
+                    failed.append((row, result))
+            if sent:
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1)", sent
+                )
+            if unroutable:
+                # No queue is bound to this key (no subscriber yet): recorded, not retried.
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now(), unroutable = true WHERE id = ANY($1)",
+                    unroutable,
+                )
+                log.info("events with no subscriber", extra={"count": len(unroutable)})
+            for row, error in failed[:3]:
+                log.warning("event publish failed; will retry", extra={
+                    "routing_key": row["routing_key"], "message_id": str(row["message_id"]),
+                    "error": repr(error),
+                })
+        self.published += len(sent)
+        return len(rows)
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        body = row["body"]
+        message = broker.json_message(
+            body, routing_key=row["routing_key"], message_id=str(row["message_id"]),
+            correlation_id=row["correlation_id"],
+        )
+        await self.exchange.publish(message, routing_key=row["routing_key"], mandatory=True)
+

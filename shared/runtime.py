@@ -1,0 +1,337 @@
+"""The worker runtime, written once for every service (dramatiq-style cross-cutting concerns).
+
+It owns the connection, prefetch, parsing into the handler's type, idempotency,
+transactions, the ack policy, retries of transient errors, dead-lettering with a
+reason, and a clean stop. Handlers are plain functions of (message, unit of work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from shared import broker, db
+from shared.errors import Rejected
+from shared.outbox import OutboxRelay
+from shared.settings import Settings
+from shared.topology import Names, declare_topology
+from shared.uow import MessageContext, UnitOfWork, event_id, write_event
+
+log = logging.getLogger("ordermill.runtime")
+
+Handler = Callable[[Any, UnitOfWork], Awaitable[None]]
+REASON_HEADER = "x-ordermill-reason"
+SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licence_key", "api_key"})
+
+
+@dataclass(frozen=True)
+class Route:
+    model: type[BaseModel]
+    handler: Handler
+
+
+def route(handler: Handler) -> Route:
+    """A route whose contract is the type of the handler's first parameter."""
+    first = next(iter(inspect.signature(handler, eval_str=True).parameters.values()))
+    if not (isinstance(first.annotation, type) and issubclass(first.annotation, BaseModel)):
+        raise TypeError(f"{handler!r}: first parameter must be typed with a contract model")
+    return Route(first.annotation, handler)
+
+
+@dataclass
+class WorkerSpec:
+    """One place for a worker's queue, routes, prefetch and shutdown (arq's WorkerSettings)."""
+
+    service: str
+    routes: Mapping[str, Route]
+    prefetch: int | None = None
+    # When a message is rejected and names an order_ref, tell its publisher with this event.
+    rejection_event: str | None = None
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Periodic jobs of this service (sweepers), run until the stop event is set.
+    background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()
+
+
+def redact(value: Any) -> Any:
+    """A copy with secrets replaced: dead letters and logs never carry them."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if k in SECRET_KEYS and v else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    more = f" (+{error.error_count() - 5} more)" if error.error_count() > 5 else ""
+    return "schema: " + "; ".join(parts) + more
+
+
+@dataclass
+class _InFlight:
+    count: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
+
+class Runtime:
+    """Shared resources for the workers of one process, handed to them, never global."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.pool: asyncpg.Pool | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self.exchange: AbstractExchange | None = None
+        self.dead_letter_exchange: AbstractExchange | None = None
+        self._stop = asyncio.Event()
+        self._inflight = _InFlight()
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("starting", extra={"namespace": s.namespace})
+        await db.ensure_database(s.database_url, attempts=s.startup_attempts)
+        self.pool = await db.create_pool(
+            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts
+        )
+        await db.migrate(self.pool)
+        self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
+        publisher = await broker.open_publisher(self.connection)
+        self.exchange = await declare_topology(
+            publisher, self.names, delivery_limit=s.queue_delivery_limit
+        )
+        self.dead_letter_exchange = await publisher.get_exchange(self.names.dead_letter_exchange)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(
+        self,
+        workers: Sequence[WorkerSpec],
+        *,
+        relay: bool = True,
+        ready: asyncio.Event | None = None,
+    ) -> None:
+        """Consume until stop() (or SIGTERM via the CLI), then drain in-flight work and close."""
+        if self.pool is None:
+            await self.start()
+        assert self.connection and self.pool and self.exchange
+        tasks: list[asyncio.Task[None]] = []
+        if relay:
+            outbox = OutboxRelay(
+                self.pool, self.exchange, self.settings.database_url,
+                batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
+            )
+            tasks.append(asyncio.create_task(outbox.run(self._stop), name="outbox-relay"))
+        tasks += [
+            asyncio.create_task(job(self.pool, self._stop), name=f"{spec.service}-background")
+            for spec in workers for job in spec.background
+        ]
+        for spec in workers:
+            await self._consume(spec)
+        log.info("workers running", extra={"workers": [w.service for w in workers]})
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(workers, tasks)
+
+    async def _consume(self, spec: WorkerSpec) -> None:
+        assert self.connection
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=spec.prefetch or self.settings.worker_prefetch)
+        queue = await channel.get_queue(self.names.queue(spec.service), ensure=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inflight.enter()
+            try:
+                await self._handle(spec, message)
+            finally:
+                self._inflight.leave()
+
+        tag = await queue.consume(on_message)
+        self._consumers.append((queue, tag))
+
+    async def _shutdown(self, workers: Sequence[WorkerSpec], tasks: list[asyncio.Task[None]]) -> None:
+        log.info("stopping: no new messages, finishing in-flight work",
+                 extra={"in_flight": self._inflight.count})
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the channel may already be gone
+                log.warning("consumer cancel failed", extra={"error": str(exc)})
+        self._consumers.clear()
+        try:
+            await asyncio.wait_for(self._inflight.idle.wait(), timeout=30)
+        except TimeoutError:
+            log.error("in-flight work did not finish in 30 s; it will be redelivered")
+        self._stop.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        for spec in workers:
+            for hook in spec.on_stop:
+                await hook()
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    # -- one message -------------------------------------------------------------------------
+
+    async def _handle(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        key = message.routing_key or message.type or ""
+        message_id = message.message_id or _body_id(message.body)
+        data: Any = None
+        try:
+            route_ = spec.routes.get(key)
+            if route_ is None:
+                raise Rejected(f"no handler for routing key {key!r} in {spec.service}")
+            try:
+                data = json.loads(message.body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise Rejected(f"body is not JSON: {exc}") from None
+            try:
+                payload = route_.model.model_validate(data)
+            except ValidationError as exc:
+                raise Rejected(describe_validation_error(exc)) from None
+            context = MessageContext(
+                consumer=spec.service, message_id=message_id, routing_key=key,
+                received_at=datetime.now(UTC), user_id=message.user_id,
+                correlation_id=message.correlation_id,
+            )
+            outcome = await self._run_handler(route_, payload, context)
+        except Rejected as rejection:
+            await self._reject(spec, message, message_id, rejection.reason, data)
+            return
+        except Exception as exc:
+            if isinstance(exc, db.TRANSIENT_DB_ERRORS):
+                reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
+            else:
+                reason = f"handler failed: {type(exc).__name__}: {exc}"
+                log.exception("handler failed", extra={"service": spec.service,
+                                                       "message_id": message_id})
+            await self._reject(spec, message, message_id, reason, data)
+            return
+        await message.ack()
+        log.debug("handled", extra={
+            "service": spec.service, "routing_key": key, "message_id": message_id,
+            "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 2),
+        })
+
+    async def _run_handler(self, route_: Route, payload: BaseModel, context: MessageContext) -> str:
+        assert self.pool
+        async for attempt in self._transient_retrying():
+            with attempt:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    first = await conn.fetchval(
+                        "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
+                        " ON CONFLICT DO NOTHING RETURNING true",
+                        context.consumer, context.message_id,
+                    )
+                    if not first:
+                        return "duplicate"
+                    await route_.handler(payload, UnitOfWork(conn, context))
+        return "done"
+
+    def _transient_retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.settings.transient_attempts),
+            wait=wait_exponential(multiplier=0.1, max=3),
+            retry=retry_if_exception_type(db.TRANSIENT_DB_ERRORS),
+            reraise=True,
+        )
+
+    async def _reject(
+        self, spec: WorkerSpec, message: AbstractIncomingMessage, message_id: str,
+        reason: str, data: Any,
+    ) -> None:
+        """Dead-letter with the reason, tell the publisher if we can, then ack. Never requeue."""
+        order_ref = data.get("order_ref") if isinstance(data, dict) else None
+        log.warning("message rejected", extra={
+            "service": spec.service, "message_id": message_id, "routing_key": message.routing_key,
+            "order_ref": order_ref, "reason": reason,
+        })
+        if spec.rejection_event and isinstance(order_ref, str) and order_ref:
+            await self._emit_rejection(spec, message_id, order_ref, reason)
+        assert self.dead_letter_exchange
+        body = message.body
+        if isinstance(data, dict | list):
+            body = json.dumps(redact(data)).encode()
+        copy = aio_pika.Message(
+            body,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            type=message.type,
+            timestamp=message.timestamp,
+            headers={
+                **(message.headers or {}),
+                REASON_HEADER: reason[:1000],
+                "x-ordermill-routing-key": message.routing_key or "",
+                "x-ordermill-queue": self.names.queue(spec.service),
+                "x-ordermill-user-id": message.user_id or "",
+                "x-ordermill-dead-at": datetime.now(UTC).isoformat(),
+            },
+        )
+        await broker.publish(self.dead_letter_exchange, self.names.queue(spec.service), copy)
+        await message.ack()
+
+    async def _emit_rejection(
+        self, spec: WorkerSpec, message_id: str, order_ref: str, reason: str
+    ) -> None:
+        assert self.pool and spec.rejection_event
+        try:
+            async for attempt in self._transient_retrying():
+                with attempt:
+                    async with self.pool.acquire() as conn:
+                        await write_event(
+                            conn, spec.rejection_event, {"order_ref": order_ref, "reason": reason},
+                            message_id=event_id(spec.service, message_id, "rejected"),
+                            correlation_id=message_id,
+                        )
+        except db.TRANSIENT_DB_ERRORS as exc:
+            log.error("could not record the rejection event; the dead letter keeps the reason",
+                      extra={"order_ref": order_ref, "error": str(exc)})
+
+
+def _body_id(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()

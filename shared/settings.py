@@ -1,0 +1,54 @@
+"""Settings from the environment, with working local defaults (design section 6)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"
+    ordermill_namespace: str = Field("ordermill", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    fraud_provider: Literal["rules", "maxmind"] = "rules"
+    fraud_threshold: Decimal = Field(Decimal("20"), ge=0, le=100)
+    fraud_skip_existing_clients: bool = False
+    fraud_banned_email_domains: CommaList = []
+    fraud_banned_ips: CommaList = []
+    # Rules scorer knobs: what counts as a burst and a large first order.
+    fraud_velocity_window_minutes: int = Field(60, gt=0)
+    fraud_velocity_max_orders: int = Field(3, gt=0)
+    fraud_large_first_order: Decimal = Field(Decimal("500.00"), gt=0)
+
+    # Worker runtime.
+    worker_prefetch: int = Field(32, gt=0, le=1000)
+    queue_delivery_limit: int = Field(20, ge=2)
+    startup_attempts: int = Field(30, gt=0)
+    transient_attempts: int = Field(5, gt=0)
+    db_pool_max: int = Field(10, gt=1)
+    relay_batch: int = Field(500, gt=0)
+    relay_sweep_seconds: float = Field(5.0, gt=0)
+    screening_stuck_seconds: int = Field(120, gt=0)
+    screening_max_redrives: int = Field(5, ge=0)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("fraud_banned_email_domains", "fraud_banned_ips", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def namespace(self) -> str:
+        return self.ordermill_namespace

@@ -1,0 +1,100 @@
+"""Broker topology (design section 3): names, queue arguments and declaration.
+
+Everything is declared idempotently, by `ordermill migrate` and by every worker
+at start, so a message published before the first worker runs is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+# Which routing keys each service's work queue receives. The queue exists from
+# `migrate` on, so orders published before the workers start wait there.
+SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
+    "placement": ("order.place",),
+    "fraud": ("order.placed", "order.rescreen"),
+}
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str
+
+    @property
+    def exchange(self) -> str:
+        return self.namespace
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    def queue(self, service: str) -> str:
+        return f"{self.namespace}.{service}"
+
+    def dead_queue(self, service: str) -> str:
+        return f"{self.queue(service)}.dead"
+
+    def all_queues(self) -> list[str]:
+        names: list[str] = []
+        for service in SERVICE_BINDINGS:
+            names += [self.queue(service), self.dead_queue(service)]
+        return names
+
+    def service_of(self, queue_name: str) -> str | None:
+        for service in SERVICE_BINDINGS:
+            if queue_name in (self.queue(service), self.dead_queue(service), service):
+                return service
+        return None
+
+
+def work_queue_arguments(names: Names, service: str, delivery_limit: int) -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        # RabbitMQ 3.x has no default; a crash-caused redelivery counts too, so
+        # the limit is high enough that only a poison message reaches it.
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": names.dead_letter_exchange,
+        "x-dead-letter-routing-key": names.queue(service),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare_exchange(channel: AbstractChannel, names: Names) -> AbstractExchange:
+    return await channel.declare_exchange(
+        names.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+
+
+async def declare_topology(
+    channel: AbstractChannel, names: Names, *, delivery_limit: int
+) -> AbstractExchange:
+    """Declare exchanges, every work queue and its dead-letter queue. Returns the main exchange."""
+    exchange = await declare_exchange(channel, names)
+    dlx = await channel.declare_exchange(
+        names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    for service, keys in SERVICE_BINDINGS.items():
+        queue = await channel.declare_queue(
+            names.queue(service),
+            durable=True,
+            arguments=work_queue_arguments(names, service, delivery_limit),
+        )
+        for key in keys:
+            await queue.bind(exchange, routing_key=key)
+        dead = await channel.declare_queue(
+            names.dead_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead.bind(dlx, routing_key=names.queue(service))
+    return exchange
+
+
+async def delete_topology(channel: AbstractChannel, names: Names) -> None:
+    """Remove everything of a namespace (tests clean up their own)."""
+    for queue_name in names.all_queues():
+        await channel.queue_delete(queue_name)
+    await channel.exchange_delete(names.dead_letter_exchange)
+    await channel.exchange_delete(names.exchange)

@@ -1,0 +1,65 @@
+"""The unit of work a handler receives: one transaction, and the outbox to emit events into."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+from pydantic import BaseModel
+
+# Event ids derive from the cause, so re-running a handler (a transient retry,
+# a sweeper's re-drive) writes the same event id and consumers dedupe it.
+_EVENT_NS = uuid.UUID("5b0c7a2e-3f5e-4f43-9d55-0f4a8d2b9c11")
+
+
+def event_id(*parts: object) -> uuid.UUID:
+    return uuid.uuid5(_EVENT_NS, ":".join(str(p) for p in parts))
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    consumer: str
+    message_id: str
+    routing_key: str
+    received_at: datetime
+    user_id: str | None = None  # validated by the broker against the connection's user
+    correlation_id: str | None = None
+
+
+async def write_event(
+    conn: asyncpg.Connection,
+    routing_key: str,
+    body: BaseModel | dict[str, object],
+    *,
+    message_id: uuid.UUID,
+    correlation_id: str | None,
+) -> None:
+    payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    await conn.execute(
+        "INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING",
+        message_id, routing_key, payload, correlation_id,
+    )
+
+
+@dataclass
+class UnitOfWork:
+    conn: asyncpg.Connection
+    context: MessageContext
+    _emitted: int = field(default=0, init=False)
+
+    @property
+    def actor(self) -> str:
+        return self.context.user_id or self.context.consumer
+
+    async def emit(self, routing_key: str, body: BaseModel | dict[str, object]) -> uuid.UUID:
+        """Write an event to the outbox, in this transaction; the relay publishes it after commit."""
+        self._emitted += 1
+        ctx = self.context
+        message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
+        await write_event(
+            self.conn, routing_key, body, message_id=message_id, correlation_id=ctx.message_id
+        )
+        return message_id
