@@ -34,7 +34,6 @@ catalog_app = typer.Typer(help="Load and show the catalog.", no_args_is_help=Tru
 app.add_typer(catalog_app, name="catalog")
 
 out = Console()
-err = Console(stderr=True)
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
 
@@ -55,7 +54,7 @@ def settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise UserError(f"invalid settings: {describe_validation_error(exc)}") from None
+        raise UserError(describe_validation_error(exc, prefix="invalid setting ", env_names=True)) from None
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -69,12 +68,19 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
                         "run `ordermill migrate`") from None
     except asyncpg.UndefinedTableError:
         raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except aiormq.exceptions.AMQPConnectionError as exc:
+        # Checked first: aiormq's connection errors are OSErrors too.
+        raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
+                        f"{_first_line(exc)}") from None
     except (OSError, asyncpg.PostgresConnectionError) as exc:
         raise UserError(f"cannot reach PostgreSQL at {_hide_password(s.database_url)}: "
-                        f"{exc}") from None
-    except aiormq.exceptions.AMQPConnectionError as exc:
-        raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
-                        f"{exc!r}") from None
+                        f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.args[-1] if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and exc.args
+               else exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 @asynccontextmanager
@@ -381,5 +387,6 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except UserError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
+        # Plain print: one line, never wrapped to the terminal's width.
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -75,13 +75,14 @@ def redact(value: Any) -> Any:
     return value
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, *, prefix: str = "schema: ",
+                              env_names: bool = False) -> str:
     parts = []
     for item in error.errors()[:5]:
         where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {item['msg']}")
+        parts.append(f"{where.upper() if env_names else where}: {item['msg']}")
     more = f" (+{error.error_count() - 5} more)" if error.error_count() > 5 else ""
-    return "schema: " + "; ".join(parts) + more
+    return prefix + "; ".join(parts) + more
 
 
 @dataclass

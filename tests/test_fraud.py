@@ -1,0 +1,129 @@
+"""Fraud screening: the rules scorer, provider errors, and the sweeper for stuck orders."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from conftest import Harness, eventually, order_body
+from services.fraud.handlers import Screener
+from services.fraud.providers.base import CartLine, FraudResult, OrderFacts, ProviderError
+from services.fraud.providers.rules import RulesProvider
+from services.fraud.sweeper import QueuedOrderSweeper
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from shared.runtime import WorkerSpec, route
+from shared.settings import Settings
+
+FACTS = OrderFacts(
+    order_id=1, order_number=1234567890, order_ref="r1", client_id=1, email="ann@lee.example",
+    first_name="Ann", last_name="Lee", company=None, country="GB", ip_address="203.0.113.9",
+    total=Decimal("28.95"), currency="USD", payment_method="stripe",
+    cart=(CartLine("product", "starter", Decimal("4.95")),), client_is_new=True,
+    orders_from_ip=1, orders_from_client=1,
+)
+
+
+@pytest.fixture
+def rules() -> RulesProvider:
+    return RulesProvider(Settings(fraud_banned_email_domains="spam.example, Bad.Example",
+                                  fraud_banned_ips="192.0.2.1,2001:db8::/32"))
+
+
+@pytest.mark.parametrize(("change", "codes", "score"), [
+    ({}, [], "0.10"),
+    ({"email": "x@mail.spam.example"}, ["banned_email_domain"], "99.00"),
+    ({"email": "x@bad.example"}, ["banned_email_domain"], "99.00"),
+    ({"ip_address": "192.0.2.1"}, ["banned_ip"], "99.00"),
+    ({"ip_address": "2001:db8::5"}, ["banned_ip"], "99.00"),
+    ({"email": "ann@gmail.com"}, ["free_email_new_client"], "10.10"),
+    ({"email": "ann@gmail.com", "client_is_new": False}, [], "0.10"),
+    ({"orders_from_ip": 4}, ["ip_velocity"], "15.10"),
+    ({"orders_from_ip": 5, "email": "a@gmail.com"}, ["free_email_new_client", "ip_velocity"],
+     "30.10"),
+    ({"orders_from_client": 6}, ["client_velocity"], "25.10"),
+    ({"total": Decimal("500.00")}, ["large_first_order"], "15.10"),
+    ({"total": Decimal("500.00"), "client_is_new": False}, [], "0.10"),
+    ({"email": "x@spam.example", "ip_address": "192.0.2.1"}, ["banned_email_domain", "banned_ip"],
+     "99.00"),
+])
+async def test_rules_scorer(rules: RulesProvider, change: dict, codes: list[str],
+                            score: str) -> None:
+    result = await rules.score(replace(FACTS, **change))
+    assert [r.code for r in result.reasons] == codes
+    assert result.score == Decimal(score)
+    assert result.raw["risk_score"] == score
+
+
+def test_settings_split_comma_lists() -> None:
+    s = Settings(fraud_banned_email_domains=" a.example,,B.example ", fraud_banned_ips="")
+    assert s.fraud_banned_email_domains == ["a.example", "b.example"]
+    assert s.fraud_banned_ips == []
+
+
+class Unavailable:
+    name = "unavailable"
+
+    async def score(self, facts: OrderFacts) -> FraudResult:
+        raise ProviderError("provider timed out after 3 s")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_provider_that_cannot_score_leaves_the_order_pending_flagged(
+    harness: Harness,
+) -> None:
+    screener = Screener(harness.settings, Unavailable())
+    fraud = WorkerSpec(service="fraud", routes={"order.placed": route(screener.on_placed)})
+    store = await harness.listen("order.screened", "email.send")
+    await harness.start([placement_worker(harness.settings), fraud])
+    await harness.publish("order.place", order_body("err-1"))
+    order = await harness.screened("err-1")
+    assert (order["status"], order["screening"]) == ("Pending", "error")
+    check = await harness.pool.fetchrow("SELECT * FROM fraud_checks WHERE order_id=$1",
+                                        order["id"])
+    assert (check["provider"], check["result"], check["score"]) == ("unavailable", "error", None)
+    assert check["error"] == "provider timed out after 3 s"
+    event = await store.wait_for("order.screened", lambda b: b["order_ref"] == "err-1")
+    assert event["screening"] == "error"
+    # Not cleared: no confirmation or invoice mail.
+    assert not [b for b in store.bodies("email.send") if b["order_ref"] == "err-1"]
+
+
+async def test_velocity_from_one_ip_turns_the_burst_into_fraud(harness: Harness) -> None:
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)])
+    for n in range(6):
+        await harness.publish("order.place", order_body(f"burst-{n}", ip_address="203.0.113.77"))
+        await harness.screened(f"burst-{n}")
+    statuses = [(await harness.order(f"burst-{n}"))["status"] for n in range(6)]
+    # Over 3 orders in the window: the 4th scores 15.10, the 5th 20.10 (over 20), the 6th 25.10.
+    assert statuses == ["Pending"] * 4 + ["Fraud"] * 2
+
+
+async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> None:
+    await harness.start([placement_worker(harness.settings)])  # no fraud worker: stays queued
+    await harness.publish("order.place", order_body("stuck-1"))
+    order = await eventually(lambda: harness.order("stuck-1"))
+    assert order["screening"] == "queued"
+    # Lose the original order.placed, as if a broker had dropped it.
+    channel = await harness.connection.channel()
+    await eventually(lambda: _depth(channel, harness.names.queue("fraud"), 1))
+    await (await channel.get_queue(harness.names.queue("fraud"))).purge()
+    sweeper = QueuedOrderSweeper(stuck_seconds=60, max_redrives=2, every_seconds=1)
+    assert await sweeper.sweep(harness.pool) == 0  # not stuck long enough yet
+    await harness.pool.execute(
+        "UPDATE orders SET screening_driven_at = now() - interval '2 minutes' WHERE id=$1",
+        order["id"])
+    assert await sweeper.sweep(harness.pool) == 1
+    assert await sweeper.sweep(harness.pool) == 0  # just re-driven: not again at once
+    await harness.start([fraud_worker(harness.settings)], relay=False)
+    assert (await harness.screened("stuck-1"))["screening"] == "passed"
+    assert (await harness.order("stuck-1"))["screening_redrives"] == 1
+
+
+async def _depth(channel, name: str, n: int) -> bool:
+    queue = await channel.declare_queue(name, passive=True)
+    return queue.declaration_result.message_count >= n

@@ -1,0 +1,211 @@
+"""The worker runtime and the outbox: dead letters, retries, idempotency, relay guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+
+from conftest import Harness, eventually, order_body
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from shared import db
+from shared.contracts import OrderRejected
+from shared.outbox import OutboxRelay
+from shared.runtime import WorkerSpec, redact, route
+from shared.uow import UnitOfWork, event_id, write_event
+
+
+async def test_malformed_and_schema_invalid_messages_are_dead_lettered_while_good_ones_flow(
+    harness: Harness,
+) -> None:
+    store = await harness.listen("order.rejected")
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)])
+    not_json = await harness.publish("order.place", None, raw=b"{not json")
+    no_items = order_body("schema-bad", items=[])
+    schema_bad = await harness.publish("order.place", no_items)
+    secret = order_body("secret-bad", currency="usd")
+    secret["items"][1] |= {"action": "transfer", "epp_code": "s3cret-EPP"}
+    secret_bad = await harness.publish("order.place", secret)
+    await harness.publish("order.place", order_body("good-1"))
+    await harness.publish("order.place", order_body("good-2"))
+
+    assert (await harness.screened("good-1"))["screening"] == "passed"
+    assert (await harness.screened("good-2"))["screening"] == "passed"
+
+    async def three_dead():
+        found = await harness.dead_letters("placement")
+        three_dead.seen += found
+        return len(three_dead.seen) >= 3
+    three_dead.seen = []
+    await eventually(three_dead)
+    by_id = {m.message_id: m for m in three_dead.seen}
+    assert by_id[not_json].headers["x-ordermill-reason"].startswith("body is not JSON")
+    assert by_id[not_json].body == b"{not json"
+    reason = by_id[schema_bad].headers["x-ordermill-reason"]
+    assert reason.startswith("schema: items: List should have at least 1 item")
+    assert by_id[schema_bad].headers["x-ordermill-routing-key"] == "order.place"
+    # Secrets never reach a dead letter.
+    assert b"s3cret-EPP" not in by_id[secret_bad].body
+    assert json.loads(by_id[secret_bad].body)["items"][1]["epp_code"] == "[redacted]"
+    # The storefront hears about the refused orders it can be told about.
+    rejected = await store.wait_for("order.rejected", lambda b: b["order_ref"] == "schema-bad")
+    assert "items" in rejected["reason"]
+    await store.wait_for("order.rejected", lambda b: b["order_ref"] == "secret-bad")
+    assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 2
+
+
+async def test_transient_errors_are_retried_then_dead_lettered(harness: Harness) -> None:
+    calls: dict[str, int] = {}
+
+    async def flaky(event: OrderRejected, uow: UnitOfWork) -> None:
+        calls[event.order_ref] = calls.get(event.order_ref, 0) + 1
+        await uow.conn.execute(
+            "INSERT INTO catalog_meta (key, value) VALUES ($1, 'x')", f"probe:{event.order_ref}")
+        if event.order_ref == "always" or calls[event.order_ref] == 1:
+            raise asyncpg.DeadlockDetectedError("deadlock detected (test)")
+
+    spec = WorkerSpec(service="placement", routes={"order.place": route(flaky)})
+    await harness.start([spec], relay=False)
+    await harness.publish("order.place", {"order_ref": "once", "reason": "x"})
+    await harness.publish("order.place", {"order_ref": "always", "reason": "x"})
+
+    async def probe() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT count(*) FROM catalog_meta WHERE key = 'probe:once'") == 1
+    await eventually(probe)
+    dead = await eventually(lambda: harness.dead_letters("placement"))
+    assert [json.loads(m.body)["order_ref"] for m in dead] == ["always"]
+    assert dead[0].headers["x-ordermill-reason"].startswith(
+        "transient error persisted after retries: DeadlockDetectedError")
+    assert calls == {"once": 2, "always": harness.settings.transient_attempts}
+    # Each failed attempt rolled back: only the successful one left its row.
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM catalog_meta WHERE key LIKE 'probe:%'") == 1
+
+
+async def test_a_handler_bug_dead_letters_the_message_and_the_worker_keeps_going(
+    harness: Harness,
+) -> None:
+    async def buggy(event: OrderRejected, uow: UnitOfWork) -> None:
+        if event.order_ref == "boom":
+            raise KeyError("missing")
+        await uow.emit("order.checked", {"order_ref": event.order_ref})
+
+    store = await harness.listen("order.checked")
+    await harness.start([WorkerSpec(service="placement", routes={"order.place": route(buggy)})])
+    await harness.publish("order.place", {"order_ref": "boom", "reason": "x"})
+    await harness.publish("order.place", {"order_ref": "fine", "reason": "x"})
+    await store.wait_for("order.checked", lambda b: b["order_ref"] == "fine")
+    dead = await eventually(lambda: harness.dead_letters("placement"))
+    assert dead[0].headers["x-ordermill-reason"] == "handler failed: KeyError: 'missing'"
+
+
+async def test_unknown_routing_key_on_a_work_queue_is_dead_lettered(harness: Harness) -> None:
+    await harness.start([placement_worker(harness.settings)])
+    # Someone bound the placement queue to a key it has no handler for.
+    channel = await harness.connection.channel()
+    queue = await channel.get_queue(harness.names.queue("placement"))
+    await queue.bind(harness.names.exchange, routing_key="order.misrouted")
+    message_id = await harness.publish("order.misrouted", {"order_ref": "x"})
+    dead = await eventually(lambda: harness.dead_letters("placement"))
+    assert dead[0].message_id == message_id
+    assert dead[0].headers["x-ordermill-reason"] == (
+        "no handler for routing key 'order.misrouted' in placement")
+
+
+async def test_relay_publishes_nothing_for_a_rolled_back_transaction(harness: Harness) -> None:
+    store = await harness.listen("test.event")
+    async with harness.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await write_event(conn, "test.event", {"n": "rolled-back"},
+                          message_id=event_id("t", 1), correlation_id=None)
+        await tx.rollback()
+        async with conn.transaction():
+            await write_event(conn, "test.event", {"n": "committed"},
+                              message_id=event_id("t", 2), correlation_id="cause-1")
+    await harness.start([])  # the relay alone
+    await store.wait_for("test.event", lambda b: b["n"] == "committed")
+    await asyncio.sleep(0.5)
+    assert [b["n"] for b in store.bodies("test.event")] == ["committed"]
+    message = store.received[0][2]
+    assert message.message_id == str(event_id("t", 2))
+    assert message.correlation_id == "cause-1"
+    assert await harness.pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_relays_racing_publish_each_event_once(harness: Harness) -> None:
+    store = await harness.listen("race.event")
+    async with harness.pool.acquire() as conn, conn.transaction():
+        for n in range(300):
+            await write_event(conn, "race.event", {"n": n}, message_id=event_id("race", n),
+                              correlation_id=None)
+    relays = [OutboxRelay(harness.pool, harness.exchange, harness.settings.database_url, batch=25)
+              for _ in range(3)]
+
+    async def drain(relay: OutboxRelay) -> None:
+        while await relay.drain_once():
+            pass
+    await asyncio.gather(*(drain(r) for r in relays))
+    await eventually(lambda: _count(store, 300))
+    await asyncio.sleep(0.3)
+    assert sorted(b["n"] for b in store.bodies("race.event")) == list(range(300))
+    assert sum(r.published for r in relays) == 300
+    assert all(r.published > 0 for r in relays)
+
+
+async def _count(store, n: int) -> bool:
+    return len(store.bodies("race.event")) >= n
+
+
+async def test_relay_wakes_on_notify_without_waiting_for_the_sweep(harness: Harness) -> None:
+    store = await harness.listen("wake.event")
+    await harness.start([], relay_sweep_seconds=30.0)
+    await asyncio.sleep(0.3)  # the relay is idle, waiting
+    async with harness.pool.acquire() as conn:
+        await write_event(conn, "wake.event", {"n": 1}, message_id=event_id("wake", 1),
+                          correlation_id=None)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await store.wait_for("wake.event", lambda b: True, timeout=5)
+    assert loop.time() - start < 5  # well before the 30 s sweep
+
+
+async def test_unroutable_events_are_recorded_not_retried(harness: Harness) -> None:
+    async with harness.pool.acquire() as conn:
+        await write_event(conn, "nobody.listens", {"n": 1}, message_id=event_id("nobody", 1),
+                          correlation_id=None)
+    await harness.start([])
+
+    async def marked() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT unroutable AND published_at IS NOT NULL FROM outbox") is True
+    await eventually(marked)
+
+
+async def test_migrations_apply_once_when_several_workers_start_together(settings) -> None:
+    fresh = settings.database_url.rsplit("/", 1)[0] + "/" + \
+        settings.database_url.rsplit("/", 1)[1] + "_fresh"
+    assert await db.ensure_database(fresh) is True
+    assert await db.ensure_database(fresh) is False
+    pools = [await db.create_pool(fresh, max_size=2) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(db.migrate(p) for p in pools))
+        assert sorted(len(r) for r in results)[-1] >= 1
+        applied = [v for r in results for v in r]
+        assert len(applied) == len(set(applied))  # each migration applied by exactly one
+        assert await pools[0].fetchval("SELECT count(*) FROM schema_migrations") == len(applied)
+    finally:
+        for p in pools:
+            await p.close()
+        admin = await asyncpg.connect(settings.database_url.rsplit("/", 1)[0] + "/postgres")
+        await admin.execute(f'DROP DATABASE "{fresh.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_redact_hides_secrets_at_any_depth() -> None:
+    body = {"items": [{"epp_code": "abc", "domain": "x.com"}], "password": "p", "token": None}
+    assert redact(body) == {"items": [{"epp_code": "[redacted]", "domain": "x.com"}],
+                            "password": "[redacted]", "token": None}
