@@ -40,21 +40,28 @@ class OutboxRelay:
         self.batch = batch
         self.sweep_seconds = sweep_seconds
         self.published = 0
+        self.last_failed = 0
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait())
+        failures = 0
         try:
             while not stop.is_set():
                 await self._ensure_listener()
                 self._wake.clear()
                 try:
-                    sent = await self.drain_once()
+                    handled = await self.drain_once()
+                    failures = 0 if self.last_failed == 0 else failures + 1
                 except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
                     log.warning("outbox relay pass failed; will retry", extra={"error": str(exc)})
-                    sent = 0
-                if sent >= self.batch:
+                    handled, failures = 0, failures + 1
+                if failures:
+                    # Broker or database away: back off instead of spinning on the same rows.
+                    await asyncio.wait({stopping}, timeout=min(5.0, 0.2 * 2 ** min(failures, 5)))
+                    continue
+                if handled >= self.batch:
                     continue  # more waiting: no pause
                 waking = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
@@ -83,7 +90,8 @@ class OutboxRelay:
         self._wake.set()
 
     async def drain_once(self) -> int:
-        """Publish one batch of unpublished rows. Returns how many rows it handled."""
+        """Publish one batch of unpublished rows. Returns how many it published or marked;
+        `last_failed` counts those left for a later pass."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, message_id, routing_key, body, correlation_id FROM outbox"
@@ -91,6 +99,7 @@ class OutboxRelay:
                 self.batch,
             )
             if not rows:
+                self.last_failed = 0
                 return 0
             # Publish the whole batch at once: the broker confirms them as a pipeline.
             results = await asyncio.gather(
@@ -121,7 +130,8 @@ class OutboxRelay:
                     "error": repr(error),
                 })
         self.published += len(sent)
-        return len(rows)
+        self.last_failed = len(failed)
+        return len(sent) + len(unroutable)
 
     async def _publish(self, row: asyncpg.Record) -> None:
         body = row["body"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -103,26 +104,51 @@ async def test_sigterm_stops_cleanly_after_in_flight_work(
         await process.wait()
 
 
-async def _proxy(listen_port: int, target_port: int, delay: float) -> asyncio.base_events.Server:
-    """A TCP forwarder that starts listening only after `delay`: a broker still coming up."""
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class Proxy:
+    """A TCP forwarder to a real server, to play a server still starting or restarting."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = _free_port()
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    def cut(self) -> int:
+        """Drop every open connection, as a restart would; new ones are still accepted."""
+        count = len(self.writers)
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+        return count
+
+    def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        writer.close()
+        writer.transport.abort()
+        self.writers.discard(writer)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    await asyncio.sleep(delay)
-    return await asyncio.start_server(handle, "127.0.0.1", listen_port)
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,22 +157,50 @@ def _free_port() -> int:
 async def test_worker_waits_for_a_broker_that_is_still_starting(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    port = _free_port()
-    amqp = harness.settings.amqp_url.replace(":5672/", f":{port}/")
+    proxy = Proxy(5672)
+    amqp = harness.settings.amqp_url.replace(":5672/", f":{proxy.port}/")
     log = tmp_path / "worker.log"
     await harness.publish("order.place", order_body("late-broker"))
     process = await spawn(harness.settings, log, AMQP_URL=amqp)
-    server = None
     try:
-        server = await _proxy(port, 5672, delay=2.0)
+        await proxy.start(delay=2.0)
         order = await harness.screened("late-broker", timeout=60)
         assert order["screening"] == "passed"
     finally:
         process.terminate()
         await process.wait()
-        if server is not None:
-            server.close()
-    assert "Retrying" in log.read_text() or "retry" in log.read_text().lower()
+        proxy.close()
+    assert "Retrying" in log.read_text()
+
+
+async def test_worker_survives_broker_and_database_connections_dropping(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    mq, pg = Proxy(5672), Proxy(5432)
+    await mq.start()
+    await pg.start()
+    s = harness.settings
+    log = tmp_path / "worker.log"
+    process = await spawn(
+        s, log, AMQP_URL=s.amqp_url.replace(":5672/", f":{mq.port}/"),
+        DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+    total = 200
+    try:
+        await asyncio.gather(*(harness.publish("order.place", order_body(f"drop-{n:03d}"))
+                               for n in range(total)))
+        await eventually(lambda: _at_least(harness, "drop-", 20), timeout=60)
+        assert mq.cut() > 0  # the broker "restarts"
+        await eventually(lambda: _at_least(harness, "drop-", 80), timeout=60)
+        assert pg.cut() > 0  # PostgreSQL "restarts"
+        await eventually(lambda: _at_least(harness, "drop-", total), timeout=90)
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 0
+        mq.close()
+        pg.close()
+    assert await harness.pool.fetchval("SELECT count(*) FROM fraud_checks") == total
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE action = 'placed'") == total
 
 
 async def test_worker_gives_up_with_a_clear_error_when_the_broker_never_comes(
