@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from shared import broker, db
 from shared.errors import Rejected
+from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
@@ -153,6 +154,12 @@ class Runtime:
                 batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
             )
             tasks.append(asyncio.create_task(outbox.run(self._stop), name="outbox-relay"))
+            keeper = Housekeeper(
+                outbox_hours=self.settings.outbox_retention_hours,
+                inbox_days=self.settings.inbox_retention_days,
+                every_seconds=self.settings.housekeeping_seconds,
+            )
+            tasks.append(asyncio.create_task(keeper.run(self.pool, self._stop), name="housekeeping"))
         tasks += [
             asyncio.create_task(job(self.pool, self._stop), name=f"{spec.service}-background")
             for spec in workers for job in spec.background

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     relay_sweep_seconds: float = Field(5.0, gt=0)
     screening_stuck_seconds: int = Field(120, gt=0)
     screening_max_redrives: int = Field(5, ge=0)
+    # Published events and dedupe rows are kept this long, then deleted.
+    outbox_retention_hours: float = Field(72, gt=0)
+    inbox_retention_days: float = Field(30, gt=0)
+    housekeeping_seconds: float = Field(600, gt=0)
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

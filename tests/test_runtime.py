@@ -12,6 +12,7 @@ from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from shared import db
 from shared.contracts import OrderRejected
+from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.runtime import WorkerSpec, redact, route
 from shared.uow import UnitOfWork, event_id, write_event
@@ -209,3 +210,23 @@ def test_redact_hides_secrets_at_any_depth() -> None:
     body = {"items": [{"epp_code": "abc", "domain": "x.com"}], "password": "p", "token": None}
     assert redact(body) == {"items": [{"epp_code": "[redacted]", "domain": "x.com"}],
                             "password": "[redacted]", "token": None}
+
+
+async def test_housekeeping_deletes_old_published_events_and_old_inbox_rows(
+    harness: Harness,
+) -> None:
+    async with harness.pool.acquire() as conn:
+        for n, published in enumerate(["now() - interval '4 days'", "now()", "NULL"]):
+            await write_event(conn, "hk.event", {"n": n}, message_id=event_id("hk", n),
+                              correlation_id=None)
+            await conn.execute(f"UPDATE outbox SET published_at = {published},"
+                               " created_at = now() - interval '5 days' WHERE message_id = $1",
+                               event_id("hk", n))
+        await conn.execute("INSERT INTO inbox (consumer, message_id, processed_at) VALUES"
+                           " ('fraud', 'old', now() - interval '40 days'), ('fraud', 'new', now())")
+    keeper = Housekeeper(outbox_hours=72, inbox_days=30, every_seconds=600)
+    assert await keeper.once(harness.pool) == {"outbox": 1, "inbox": 1}
+    left = await harness.pool.fetch("SELECT body->>'n' AS n FROM outbox ORDER BY id")
+    assert [r["n"] for r in left] == ["1", "2"]  # the unpublished one is never thrown away
+    assert [r["message_id"] for r in await harness.pool.fetch("SELECT message_id FROM inbox")] == [
+        "new"]
