@@ -114,13 +114,13 @@ def migrate() -> None:
     s = settings()
 
     async def go() -> tuple[bool, list[str]]:
-        created = await db.ensure_database(s.database_url, attempts=3)
-        pool = await db.create_pool(s.database_url, max_size=2, attempts=3)
+        created = await db.ensure_database(s.database_url, attempts=s.startup_attempts)
+        pool = await db.create_pool(s.database_url, max_size=2, attempts=s.startup_attempts)
         try:
             applied = await db.migrate(pool)
         finally:
             await pool.close()
-        connection = await broker.connect(s.amqp_url, attempts=3)
+        connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         async with connection:
             channel = await connection.channel()
             await declare_topology(channel, Names(s.namespace),
