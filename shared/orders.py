@@ -81,21 +81,18 @@ async def transition(
 
 async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPlaced:
     """The `order.placed` body, read from the database (placement and the sweeper share it)."""
-    order = await conn.fetchrow(
-        "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency, i.id AS invoice_id"
-        " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1",
+    row = await conn.fetchrow(
+        "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency,"
+        " (SELECT id FROM invoices WHERE order_id = o.id) AS invoice_id,"
+        " ARRAY(SELECT id FROM services WHERE order_id = o.id ORDER BY id) AS service_ids,"
+        " ARRAY(SELECT id FROM domains WHERE order_id = o.id ORDER BY id) AS domain_ids"
+        " FROM orders o WHERE o.id = $1",
         order_id,
     )
-    items = [
-        ItemRef(type=r["type"], id=r["id"])
-        for r in await conn.fetch(
-            "SELECT 'product' AS type, id FROM services WHERE order_id = $1"
-            " UNION ALL SELECT 'domain', id FROM domains WHERE order_id = $1 ORDER BY 1 DESC, 2",
-            order_id,
-        )
-    ]
+    items = [ItemRef(type="product", id=i) for i in row["service_ids"]]
+    items += [ItemRef(type="domain", id=i) for i in row["domain_ids"]]
     return OrderPlaced(
-        order_id=order["id"], order_number=order["order_number"], order_ref=order["order_ref"],
-        client_id=order["client_id"], invoice_id=order["invoice_id"], total=order["total"],
-        currency=order["currency"], items=items,
+        order_id=row["id"], order_number=row["order_number"], order_ref=row["order_ref"],
+        client_id=row["client_id"], invoice_id=row["invoice_id"], total=row["total"],
+        currency=row["currency"], items=items,
     )

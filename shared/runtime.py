@@ -275,7 +275,9 @@ class Runtime:
                     )
                     if not first:
                         return "duplicate"
-                    await route_.handler(payload, UnitOfWork(conn, context))
+                    uow = UnitOfWork(conn, context)
+                    await route_.handler(payload, uow)
+                    await uow.flush()
         return "done"
 
     def _transient_retrying(self) -> AsyncRetrying:

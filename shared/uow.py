@@ -28,6 +28,16 @@ class MessageContext:
     correlation_id: str | None = None
 
 
+_INSERT_EVENT = (
+    "INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
+    " VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING"
+)
+
+
+def _payload(body: BaseModel | dict[str, object]) -> dict[str, object]:
+    return body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+
+
 async def write_event(
     conn: asyncpg.Connection,
     routing_key: str,
@@ -36,12 +46,7 @@ async def write_event(
     message_id: uuid.UUID,
     correlation_id: str | None,
 ) -> None:
-    payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
-    await conn.execute(
-        "INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING",
-        message_id, routing_key, payload, correlation_id,
-    )
+    await conn.execute(_INSERT_EVENT, message_id, routing_key, _payload(body), correlation_id)
 
 
 @dataclass
@@ -49,17 +54,23 @@ class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
     _emitted: int = field(default=0, init=False)
+    _events: list[tuple[uuid.UUID, str, dict[str, object], str]] = field(
+        default_factory=list, init=False)
 
     @property
     def actor(self) -> str:
         return self.context.user_id or self.context.consumer
 
-    async def emit(self, routing_key: str, body: BaseModel | dict[str, object]) -> uuid.UUID:
-        """Write an event to the outbox, in this transaction; the relay publishes it after commit."""
+    def emit(self, routing_key: str, body: BaseModel | dict[str, object]) -> uuid.UUID:
+        """Add an event to this transaction's outbox rows; the relay publishes it after commit."""
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        await write_event(
-            self.conn, routing_key, body, message_id=message_id, correlation_id=ctx.message_id
-        )
+        self._events.append((message_id, routing_key, _payload(body), ctx.message_id))
         return message_id
+
+    async def flush(self) -> None:
+        """Write the emitted events in one round trip (the runtime calls it before commit)."""
+        if self._events:
+            await self.conn.executemany(_INSERT_EVENT, self._events)
+            self._events.clear()

@@ -92,7 +92,7 @@ async def test_a_handler_bug_dead_letters_the_message_and_the_worker_keeps_going
     async def buggy(event: OrderRejected, uow: UnitOfWork) -> None:
         if event.order_ref == "boom":
             raise KeyError("missing")
-        await uow.emit("order.checked", {"order_ref": event.order_ref})
+        uow.emit("order.checked", {"order_ref": event.order_ref})
 
     store = await harness.listen("order.checked")
     await harness.start([WorkerSpec(service="placement", routes={"order.place": route(buggy)})])

@@ -72,7 +72,7 @@ class Screener:
             await transition(conn, order, "Fraud", actor=uow.actor, action="screening",
                              detail={"score": str(verdict.score),
                                      "reasons": [r.code for r in verdict.reasons]})
-            await uow.emit("order.fraud", OrderFraud(
+            uow.emit("order.fraud", OrderFraud(
                 order_id=order_id, order_ref=order["order_ref"], source="screening",
                 score=verdict.score))
             log.warning("order is Fraud", extra=log_extra)
@@ -81,7 +81,7 @@ class Screener:
                           action="rescreened" if rescreen else "screened",
                           detail={"screening": verdict.screening, "score": str(verdict.score),
                                   "error": verdict.error})
-        await uow.emit("order.screened", OrderScreened(
+        uow.emit("order.screened", OrderScreened(
             order_id=order_id, order_ref=order["order_ref"], screening=verdict.screening,
             score=verdict.score, threshold=self.settings.fraud_threshold,
             provider=verdict.provider))
@@ -124,6 +124,6 @@ class Screener:
         if order["generate_invoice"]:
             templates.append("invoice_created")
         for template in templates:
-            await uow.emit("email.send", EmailSend(
+            uow.emit("email.send", EmailSend(
                 template=template, recipient=email, order_id=order["id"],
                 order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))

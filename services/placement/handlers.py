@@ -60,7 +60,7 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
     await add_history(conn, order_id, actor=uow.actor, action="placed", to_status="Pending",
                       detail={"total": str(total), "currency": currency,
                               "invoice_id": invoice_id, "message_id": uow.context.message_id})
-    await uow.emit("order.placed", await order_placed_event(conn, order_id))
+    uow.emit("order.placed", await order_placed_event(conn, order_id))
     log.info("order placed", extra={"order_id": order_id, "order_ref": cmd.order_ref,
                                     "total": str(total), "currency": currency,
                                     "invoice_id": invoice_id})
@@ -89,23 +89,24 @@ async def _insert_order(
     currency: str, total: Decimal, promo: Promotion | None,
 ) -> int | None:
     # WHMCS-style random 10-digit order numbers: not guessable, not a count of sales.
+    # ON CONFLICT without a target covers both the ref and the number: no savepoint needed.
     for _ in range(5):
-        number = random.randint(1_000_000_000, 9_999_999_999)
-        try:
-            async with conn.transaction():
-                return await conn.fetchval(
-                    "INSERT INTO orders (order_ref, order_number, client_id, client_named_by_id,"
-                    " currency, payment_method, promo_code, ip_address, send_confirmation,"
-                    " generate_invoice, total, placed_by, placed_message_id)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-                    " ON CONFLICT (order_ref) DO NOTHING RETURNING id",
-                    cmd.order_ref, number, client_id, isinstance(cmd.client, ExistingClient),
-                    currency, cmd.payment_method, promo.code if promo else None,
-                    str(cmd.ip_address) if cmd.ip_address else None, cmd.send_confirmation,
-                    cmd.generate_invoice, total, uow.context.user_id, uow.context.message_id,
-                )
-        except asyncpg.UniqueViolationError:
-            continue  # order number taken: draw again
+        order_id = await conn.fetchval(
+            "INSERT INTO orders (order_ref, order_number, client_id, client_named_by_id,"
+            " currency, payment_method, promo_code, ip_address, send_confirmation,"
+            " generate_invoice, total, placed_by, placed_message_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            " ON CONFLICT DO NOTHING RETURNING id",
+            cmd.order_ref, random.randint(1_000_000_000, 9_999_999_999), client_id,
+            isinstance(cmd.client, ExistingClient), currency, cmd.payment_method,
+            promo.code if promo else None, str(cmd.ip_address) if cmd.ip_address else None,
+            cmd.send_confirmation, cmd.generate_invoice, total, uow.context.user_id,
+            uow.context.message_id,
+        )
+        if order_id is not None:
+            return order_id
+        if await conn.fetchval("SELECT 1 FROM orders WHERE order_ref = $1", cmd.order_ref):
+            return None  # a concurrent delivery of the same order_ref won
     raise RuntimeError("could not draw a free order number")
 
 

@@ -67,21 +67,19 @@ async def price_items(
 
 
 async def _price_product(conn: asyncpg.Connection, item: ProductItem, currency: str) -> PricedProduct:
-    product = await conn.fetchrow(
-        "SELECT id, name, require_domain FROM products WHERE slug = $1", item.product
+    row = await conn.fetchrow(
+        "SELECT p.id, p.name, p.require_domain, pp.price, pp.setup_fee FROM products p"
+        " LEFT JOIN product_prices pp ON pp.product_id = p.id AND pp.currency = $2"
+        "  AND pp.billing_cycle = $3 WHERE p.slug = $1",
+        item.product, currency, item.billing_cycle,
     )
-    if product is None:
+    if row is None:
         raise Rejected(f"unknown product {item.product!r}")
-    if product["require_domain"] and not item.domain:
+    if row["require_domain"] and not item.domain:
         raise Rejected(f"product {item.product!r} needs a domain")
-    price = await conn.fetchrow(
-        "SELECT price, setup_fee FROM product_prices"
-        " WHERE product_id = $1 AND currency = $2 AND billing_cycle = $3",
-        product["id"], currency, item.billing_cycle,
-    )
-    if price is None:
+    if row["price"] is None:
         raise Rejected(f"product {item.product!r} has no {item.billing_cycle} price in {currency}")
-    return PricedProduct(item, product["id"], product["name"], price["price"], price["setup_fee"])
+    return PricedProduct(item, row["id"], row["name"], row["price"], row["setup_fee"])
 
 
 async def _price_domain(conn: asyncpg.Connection, item: DomainItem, currency: str) -> PricedDomain:
