@@ -1,0 +1,868 @@
+"""Ordermill pipeline benchmark: throughput, latency and memory of `ordermill run`, against a yardstick.
+
+One run, in its own database (om_bench_<hex>) and broker namespace (bench.<hex>), both removed at
+the end:
+
+1. Ordermill end to end: `ordermill run` (all workers and the outbox relay in one process, as
+   deployed) is started as a subprocess; orders are published as fast as the publisher can
+   (confirms pipelined in batches) and a storefront-style exclusive queue bound to
+   order.screened / order.fraud / order.rejected tells when each one is done.
+2. Latency at a steady rate (default 100 orders/s for 20 s), publish -> screened.
+3. The yardstick: a bare two-stage aio-pika + asyncpg pipeline (this file, `--serve-bare`, also a
+   subprocess) with the same prefetch, pool size and message bodies; its throughput is measured
+   the same way, and Ordermill's is reported as a ratio of it.
+4. Memory: the worker's RSS after each phase, so after 1,000 and after --memory-orders orders.
+
+Run: .venv/bin/python bench/pipeline.py [--orders N] [--rate R] [--seconds S] [--skip-memory] ...
+The report is printed and written as JSON to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import psutil
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+
+from cli.catalog import load_catalog, read_catalog
+from cli.demo import make_order
+from shared import broker, db
+from shared.settings import Settings
+from shared.topology import Names, declare_topology, delete_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CATALOG = ROOT / "catalog.example.toml"
+ORDERMILL = Path(sys.executable).parent / "ordermill"
+THIS_SCRIPT = Path(__file__).resolve()
+PUBLISH_BATCH = 200
+OUTCOME_KEYS = ("order.screened", "order.fraud", "order.rejected")
+STATS_FLUSH_SECONDS = 1.5  # PostgreSQL backends report their counters at exit, within about 1 s
+STALL_SECONDS = 30.0  # a phase gives up when no order completes for this long
+START_SECONDS = 60.0  # for a worker subprocess to attach its consumers
+BARE_WARMUP = 200
+
+Order = tuple[str, dict[str, Any]]  # order_ref, body of order.place
+
+# -- names and the bench database ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BareNames:
+    """The yardstick's exchange and two quorum queues, inside the bench namespace."""
+
+    namespace: str
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.namespace}.bare"
+
+    @property
+    def stage1(self) -> str:
+        return f"{self.namespace}.bare.stage1"
+
+    @property
+    def stage2(self) -> str:
+        return f"{self.namespace}.bare.stage2"
+
+
+@dataclass(frozen=True)
+class Bench:
+    run_id: str
+    settings: Settings  # the bench's own: database URL and namespace point at the bench's
+
+    @classmethod
+    def create(cls) -> Bench:
+        run_id = uuid.uuid4().hex[:8]
+        base = Settings()
+        url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/om_bench_{run_id}"))
+        return cls(run_id, base.model_copy(update={
+            "database_url": url, "ordermill_namespace": f"bench.{run_id}"}))
+
+    @property
+    def names(self) -> Names:
+        return Names(self.settings.namespace)
+
+    @property
+    def bare(self) -> BareNames:
+        return BareNames(self.settings.namespace)
+
+    def env(self) -> dict[str, str]:
+        """The environment of both worker subprocesses."""
+        return {
+            **os.environ,
+            "DATABASE_URL": self.settings.database_url,
+            "AMQP_URL": self.settings.amqp_url,
+            "ORDERMILL_NAMESPACE": self.settings.namespace,
+            "LOG_LEVEL": "WARNING",
+            # The bench's orders come fast: the velocity rule must not mark them Fraud.
+            "FRAUD_VELOCITY_MAX_ORDERS": "1000000",
+        }
+
+
+BARE_TABLE = """
+CREATE TABLE IF NOT EXISTS bare_orders (
+    order_ref   text PRIMARY KEY,
+    body        jsonb NOT NULL,
+    status      text NOT NULL DEFAULT 'placed',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    screened_at timestamptz
+)"""
+
+
+async def create_database(s: Settings) -> None:
+    """What `ordermill migrate` and `ordermill catalog load` do, plus the yardstick's table."""
+    await db.ensure_database(s.database_url, attempts=3)
+    pool = await db.create_pool(s.database_url, max_size=2, attempts=3)
+    try:
+        await db.migrate(pool)
+        async with pool.acquire() as conn:
+            await load_catalog(conn, read_catalog(CATALOG))
+            await conn.execute(BARE_TABLE)
+    finally:
+        await pool.close()
+
+
+async def drop_database(s: Settings) -> None:
+    name = urlsplit(s.database_url).path.lstrip("/")
+    admin = urlunsplit(urlsplit(s.database_url)._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _fetch_counts(s: Settings, query: str) -> dict[str, int]:
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        return dict(await conn.fetchrow(query))
+    finally:
+        await conn.close()
+
+
+async def database_counters(s: Settings) -> dict[str, int]:
+    """The bench database's activity counters (transactions include the pool's reset queries)."""
+    return await _fetch_counts(
+        s, "SELECT xact_commit AS transactions, tup_inserted AS rows_inserted,"
+           " tup_updated AS rows_updated FROM pg_stat_database WHERE datname = current_database()")
+
+
+async def outbox_counters(s: Settings) -> dict[str, int]:
+    """Ordermill's events: a relay pass marks its batch with one now(), so passes are distinct times."""
+    return await _fetch_counts(
+        s, "SELECT count(*) AS outbox_events, count(*) FILTER (WHERE unroutable) AS unroutable_events,"
+           " count(DISTINCT published_at) AS relay_passes FROM outbox")
+
+
+async def declare_bare_topology(channel: AbstractChannel, bare: BareNames) -> None:
+    exchange = await channel.declare_exchange(bare.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    for queue_name, key in ((bare.stage1, "order.place"), (bare.stage2, "order.placed")):
+        queue = await channel.declare_queue(
+            queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.bind(exchange, routing_key=key)
+
+
+async def delete_bare_topology(channel: AbstractChannel, bare: BareNames) -> None:
+    for queue_name in (bare.stage1, bare.stage2):
+        await channel.queue_delete(queue_name)  # quorum queues refuse if_unused=True
+    await channel.exchange_delete(bare.exchange)
+
+
+# -- the yardstick: a bare two-stage pipeline (runs in its own process) --------------------------
+
+
+def bare_message(body: bytes) -> aio_pika.Message:
+    """Properties like Ordermill's events: JSON, persistent, a message id and a timestamp."""
+    return aio_pika.Message(
+        body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(uuid.uuid4()), timestamp=datetime.now(UTC),
+    )
+
+
+async def serve_bare(s: Settings) -> None:
+    """Stage 1: insert, commit, publish (confirmed), ack. Stage 2: update, commit, publish, ack."""
+    bare = BareNames(s.namespace)
+    pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=s.db_pool_max)
+    connection = await aio_pika.connect_robust(s.amqp_url)
+    publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await publisher.get_exchange(bare.exchange)
+
+    async def place(message: AbstractIncomingMessage) -> None:
+        ref = json.loads(message.body)["order_ref"]
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO bare_orders (order_ref, body) VALUES ($1, $2::jsonb)"
+                " ON CONFLICT DO NOTHING", ref, message.body.decode())
+        await exchange.publish(bare_message(message.body), "order.placed", mandatory=True)
+        await message.ack()
+
+    async def screen(message: AbstractIncomingMessage) -> None:
+        ref = json.loads(message.body)["order_ref"]
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE bare_orders SET status = 'screened', screened_at = now() WHERE order_ref = $1",
+                ref)
+        event = json.dumps({"order_ref": ref, "screening": "passed"}).encode()
+        await exchange.publish(bare_message(event), "order.screened", mandatory=True)
+        await message.ack()
+
+    for queue_name, handler in ((bare.stage1, place), (bare.stage2, screen)):
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=s.worker_prefetch)
+        queue = await channel.get_queue(queue_name, ensure=True)
+        await queue.consume(handler)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await connection.close()
+    await pool.close()
+
+
+# -- measuring: the storefront's listener and publisher -------------------------------------------
+
+
+@dataclass
+class Tracker:
+    """Publish and outcome times by order_ref, from a storefront-style exclusive queue."""
+
+    sent: dict[str, float] = field(default_factory=dict)
+    done: dict[str, float] = field(default_factory=dict)
+    outcome: dict[str, str] = field(default_factory=dict)
+    _waiting: set[str] = field(default_factory=set)
+    _complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in OUTCOME_KEYS:
+            await queue.bind(exchange_name, routing_key=key)
+        await queue.consume(self._on_event, no_ack=True)
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        at = time.perf_counter()
+        ref = json.loads(message.body).get("order_ref")
+        if ref not in self.sent or ref in self.done:
+            return  # not ours, or a duplicate
+        self.done[ref] = at
+        key = message.routing_key or ""
+        self.outcome[ref] = {"order.fraud": "fraud", "order.rejected": "rejected"}.get(key, "screened")
+        self._waiting.discard(ref)
+        if not self._waiting:
+            self._complete.set()
+
+    def expect(self, refs: Iterable[str]) -> None:
+        self._waiting = {ref for ref in refs if ref not in self.done}
+        self._complete = asyncio.Event()
+        if not self._waiting:
+            self._complete.set()
+
+    async def wait(self, stall_seconds: float = STALL_SECONDS) -> bool:
+        """Wait for every expected order; False when none completed for `stall_seconds`."""
+        while True:
+            left = len(self._waiting)
+            try:
+                await asyncio.wait_for(self._complete.wait(), timeout=stall_seconds)
+                return True
+            except TimeoutError:
+                if len(self._waiting) == left:
+                    return False
+
+
+@dataclass
+class Publisher:
+    exchange: AbstractExchange
+    tracker: Tracker
+
+    async def publish(self, ref: str, body: dict[str, Any]) -> None:
+        message = broker.json_message(body, routing_key="order.place")
+        self.tracker.sent[ref] = time.perf_counter()
+        await broker.publish(self.exchange, "order.place", message)
+
+    async def burst(self, orders: list[Order]) -> None:
+        """As fast as confirms allow: a batch in flight at a time."""
+        for start in range(0, len(orders), PUBLISH_BATCH):
+            batch = orders[start:start + PUBLISH_BATCH]
+            await asyncio.gather(*(self.publish(ref, body) for ref, body in batch))
+
+    async def steady(self, orders: list[Order], rate: float) -> None:
+        """One order every 1/rate s on a fixed schedule, confirms awaited in the background."""
+        started = time.perf_counter()
+        pending: list[asyncio.Task[None]] = []
+        for n, (ref, body) in enumerate(orders):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.create_task(self.publish(ref, body)))
+        await asyncio.gather(*pending)
+
+
+class OrderSource:
+    """Honest orders (kind 'honest' of the demo's generator) with unique refs."""
+
+    def __init__(self, run_id: str, seed: int = 1) -> None:
+        self.run_id = run_id
+        self.rng = random.Random(seed)
+        self.count = 0
+
+    def take(self, n: int, label: str) -> list[Order]:
+        orders = []
+        for _ in range(n):
+            self.count += 1
+            ref = f"bench-{self.run_id}-{label}-{self.count:06d}"
+            orders.append((ref, make_order(self.rng, ref, "honest", "192.0.2.1")))
+        return orders
+
+
+# -- processes: workers, CPU and memory ----------------------------------------------------------
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    seconds: dict[str, float]  # CPU seconds by process group
+    wall: float
+    worker_waiting: float  # seconds the worker's main thread was runnable but had no CPU
+
+    def cores(self) -> dict[str, float]:
+        return {group: round(used / self.wall, 2) for group, used in self.seconds.items()}
+
+    def worker_busy(self) -> float:
+        """Share of the time the worker's event loop ran or waited for a CPU: 1.0 is saturated."""
+        return round((self.seconds.get("worker", 0.0) + self.worker_waiting) / self.wall, 2)
+
+
+def _run_queue_wait(pid: int) -> float:
+    """Seconds a process's main thread has waited for a CPU (Linux schedstat; 0 elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuMeter:
+    """CPU used per group of processes over a phase, in cores (CPU seconds / wall seconds)."""
+
+    def __init__(self, worker_pid: int, database: str) -> None:
+        self.worker_pid = worker_pid
+        self.database = database
+        self._start: dict[str, dict[int, float]] = {}
+        self._system_start = 0.0
+        self._wall_start = 0.0
+        self._wait_start = 0.0
+
+    def _group(self, proc: psutil.Process) -> str | None:
+        if proc.pid == self.worker_pid:
+            return "worker"
+        if proc.pid == os.getpid():
+            return "bench"
+        name = proc.info["name"] or ""
+        if name == "beam.smp":
+            return "rabbitmq"
+        if name == "postgres":
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            # This run's backends and the server's own processes, not other databases' backends.
+            if self.database in cmdline or "(" not in cmdline:
+                return "postgres"
+        return None
+
+    def _snapshot(self) -> dict[str, dict[int, float]]:
+        groups: dict[str, dict[int, float]] = {}
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                group = self._group(proc)
+                if group:
+                    groups.setdefault(group, {})[proc.pid] = _cpu_seconds(proc)
+        return groups
+
+    @staticmethod
+    def _system_busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+        self._system_start = self._system_busy()
+        self._wait_start = _run_queue_wait(self.worker_pid)
+        self._wall_start = time.perf_counter()
+
+    def stop(self) -> CpuUsage:
+        end = self._snapshot()
+        wall = time.perf_counter() - self._wall_start
+        seconds = {
+            group: sum(v - self._start.get(group, {}).get(pid, 0.0) for pid, v in pids.items())
+            for group, pids in end.items()
+        }
+        system = self._system_busy() - self._system_start
+        seconds["other"] = max(0.0, system - sum(seconds.values()))
+        return CpuUsage(seconds, wall, _run_queue_wait(self.worker_pid) - self._wait_start)
+
+
+class WorkerProcess:
+    """A worker subprocess: started, waited for (its consumers attached), measured, stopped."""
+
+    def __init__(self, label: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.label = label
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.peak_rss = 0
+        self._sampler: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
+        await self._wait_for_consumers(connection, queues)
+        self._sampler = asyncio.create_task(self._sample_rss())
+
+    async def _wait_for_consumers(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
+        channel = await connection.channel()
+        deadline = time.monotonic() + START_SECONDS
+        try:
+            declared = [await channel.declare_queue(name, passive=True) for name in queues]
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise RuntimeError(f"{self.label} exited at start: see {self.log_path}")
+                # queue.declare(): a robust channel answers a repeated passive declare from its cache.
+                counts = [(await queue.declare()).consumer_count for queue in declared]
+                if all(counts):
+                    return
+                await asyncio.sleep(0.2)
+        finally:
+            await channel.close()
+        raise RuntimeError(f"{self.label} did not start consuming within {START_SECONDS:.0f} s")
+
+    def rss(self) -> int:
+        try:
+            rss = psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:  # it exited: the phase reports that, with its log
+            return 0
+        self.peak_rss = max(self.peak_rss, rss)
+        return rss
+
+    async def _sample_rss(self) -> None:
+        while self.proc is not None and self.proc.returncode is None:
+            self.rss()
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it may have stopped on a Ctrl-C of its own
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=45)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._log.close()
+
+
+# -- phases ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    pipeline: str
+    phase: str
+    orders: int
+    completed: int
+    screened: int
+    fraud: int
+    rejected: int
+    publish_seconds: float  # first publish to last confirm
+    seconds: float  # first publish to last outcome
+    orders_per_second: float
+    backlog_at_publish_end: int  # published orders not yet done when the last confirm came
+    latency_ms: dict[str, float]  # publish -> outcome
+    cpu_cores: dict[str, float]  # by process group, over the phase
+    worker_busy: float  # the worker's main thread running or waiting for a CPU, share of the time
+    worker_cpu_ms_per_order: float
+    worker_rss_mb: float
+    target_rate: float | None = None  # orders/s of a steady phase
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values)) - 1))]
+
+
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {name: round(percentile(ordered, q), 1) for name, q in
+            (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline under test: its worker, tracker, publisher and results."""
+
+    name: str
+    worker: WorkerProcess
+    tracker: Tracker
+    publisher: Publisher
+    cpu: CpuMeter
+    results: list[PhaseResult] = field(default_factory=list)
+    rss_checkpoints: list[dict[str, float]] = field(default_factory=list)
+    orders_done: int = 0
+    per_order: dict[str, float] = field(default_factory=dict)  # database work, over every phase
+
+    def add_per_order(self, before: dict[str, int], after: dict[str, int]) -> None:
+        for key, value in after.items():
+            self.per_order[key] = round((value - before.get(key, 0)) / max(1, self.orders_done), 2)
+
+    async def phase(self, label: str, orders: list[Order],
+                    publish: Callable[[list[Order]], Awaitable[None]],
+                    target_rate: float | None = None) -> PhaseResult:
+        refs = [ref for ref, _ in orders]
+        self.tracker.expect(refs)
+        self.cpu.start()
+        await publish(orders)
+        published = time.perf_counter()
+        finished = await self.tracker.wait()
+        cpu = self.cpu.stop()
+        result = self._result(label, refs, published, cpu)
+        result.target_rate = target_rate
+        self.results.append(result)
+        self.orders_done += len(refs)
+        self.rss_checkpoints.append({"orders": self.orders_done, "rss_mb": result.worker_rss_mb})
+        _progress(result)
+        if not finished:
+            raise RuntimeError(f"{self.name} {label}: {len(refs) - result.completed} order(s) not done "
+                               f"after {STALL_SECONDS:.0f} s without progress; see {self.worker.log_path}")
+        return result
+
+    def _result(self, label: str, refs: list[str], published: float, cpu: CpuUsage) -> PhaseResult:
+        t = self.tracker
+        done = [ref for ref in refs if ref in t.done]
+        first_sent = min(t.sent[ref] for ref in refs)
+        seconds = (max(t.done[ref] for ref in done) - first_sent) if done else float("nan")
+        outcomes = [t.outcome[ref] for ref in done]
+        return PhaseResult(
+            pipeline=self.name, phase=label, orders=len(refs), completed=len(done),
+            screened=outcomes.count("screened"), fraud=outcomes.count("fraud"),
+            rejected=outcomes.count("rejected"), publish_seconds=round(published - first_sent, 2),
+            seconds=round(seconds, 2), orders_per_second=round(len(done) / seconds, 1) if done else 0.0,
+            backlog_at_publish_end=sum(1 for ref in refs if t.done.get(ref, published + 1) > published),
+            latency_ms=latency_summary([(t.done[ref] - t.sent[ref]) * 1000 for ref in done]),
+            cpu_cores=cpu.cores(), worker_busy=cpu.worker_busy(),
+            worker_cpu_ms_per_order=round(cpu.seconds.get("worker", 0.0) * 1000 / max(1, len(done)), 2),
+            worker_rss_mb=round(self.worker.rss() / 2**20, 1),
+        )
+
+
+def _progress(r: PhaseResult) -> None:
+    print(f"  {r.pipeline:9} {r.phase:18} {r.completed}/{r.orders} in {r.seconds:.1f} s: "
+          f"{r.orders_per_second:.0f} orders/s, p50 {r.latency_ms['p50']:.0f} ms, "
+          f"p99 {r.latency_ms['p99']:.0f} ms", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnection,
+                       worker: WorkerProcess, queues: list[str],
+                       exchange_name: str) -> AsyncIterator[PipelineRun]:
+    """A pipeline's worker started and a listener on its events; the worker stopped at the end."""
+    try:
+        before = await database_counters(bench.settings)
+        tracker = Tracker()
+        await tracker.listen(connection, exchange_name)
+        channel = await broker.open_publisher(connection)
+        exchange = await channel.get_exchange(exchange_name)
+        await worker.start(connection, queues)
+        db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
+        run = PipelineRun(name, worker, tracker, Publisher(exchange, tracker),
+                          CpuMeter(worker.pid, db_name))
+        run.rss_checkpoints.append({"orders": 0, "rss_mb": round(worker.rss() / 2**20, 1)})
+        yield run
+    finally:
+        await worker.stop()
+    await asyncio.sleep(STATS_FLUSH_SECONDS)
+    run.add_per_order(before, await database_counters(bench.settings))
+
+
+@dataclass
+class Options:
+    orders: int
+    rate: float
+    seconds: float
+    warmup: int
+    memory_orders: int
+    skip_memory: bool
+    skip_bare: bool
+
+
+async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
+                          opts: Options) -> PipelineRun:
+    worker = WorkerProcess("ordermill run", [str(ORDERMILL), "run"], bench.env(),
+                           RESULTS / "ordermill-worker.log")
+    names = bench.names
+    async with pipeline_run("ordermill", bench, connection, worker,
+                            [names.queue("placement"), names.queue("fraud")], names.exchange) as run:
+        await run.phase("warm-up", source.take(opts.warmup, "warm"), run.publisher.burst)
+        await run.phase("throughput", source.take(opts.orders, "tput"), run.publisher.burst)
+        steady = source.take(round(opts.rate * opts.seconds), "rate")
+        await run.phase(f"steady {opts.rate:g}/s", steady,
+                        lambda orders: run.publisher.steady(orders, opts.rate), target_rate=opts.rate)
+        fill = opts.memory_orders - run.orders_done
+        if not opts.skip_memory and fill > 0:
+            await run.phase("memory fill", source.take(fill, "fill"), run.publisher.burst)
+    run.add_per_order({}, await outbox_counters(bench.settings))
+    return run
+
+
+async def bench_bare(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
+                     opts: Options) -> PipelineRun:
+    worker = WorkerProcess("bare pipeline", [sys.executable, str(THIS_SCRIPT), "--serve-bare"],
+                           bench.env(), RESULTS / "bare-worker.log")
+    bare = bench.bare
+    async with pipeline_run("bare", bench, connection, worker, [bare.stage1, bare.stage2],
+                            bare.exchange) as run:
+        await run.phase("warm-up", source.take(min(opts.warmup, BARE_WARMUP), "bwarm"),
+                        run.publisher.burst)
+        await run.phase("throughput", source.take(opts.orders, "btput"), run.publisher.burst)
+    return run
+
+
+async def remove_topology(connection: AbstractRobustConnection, bench: Bench) -> None:
+    steps: list[tuple[str, Callable[[AbstractChannel], Awaitable[None]]]] = [
+        ("Ordermill topology", lambda channel: delete_topology(channel, bench.names)),
+        ("bare topology", lambda channel: delete_bare_topology(channel, bench.bare)),
+    ]
+    for what, remove in steps:
+        try:
+            channel = await connection.channel()
+            await remove(channel)
+            await channel.close()
+        except Exception as exc:  # report it, and go on cleaning up
+            print(f"cleanup: could not delete the {what}: {exc!r}", file=sys.stderr)
+
+
+async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
+    s = bench.settings
+    print(f"bench {bench.run_id}: database {urlsplit(s.database_url).path.lstrip('/')}, "
+          f"namespace {s.namespace}", flush=True)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM, like Ctrl-C, cancels the run: the clean-up below still happens.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    connection: AbstractRobustConnection | None = None
+    runs: list[PipelineRun] = []
+    try:
+        await create_database(s)
+        connection = await broker.connect(s.amqp_url, attempts=3)
+        channel = await connection.channel()
+        await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
+        await declare_bare_topology(channel, bench.bare)
+        source = OrderSource(bench.run_id)
+        runs.append(await bench_ordermill(bench, connection, source, opts))
+        if not opts.skip_bare:
+            runs.append(await bench_bare(bench, connection, source, opts))
+    finally:
+        if connection is not None:
+            await remove_topology(connection, bench)
+            await connection.close()
+        await drop_database(s)
+    return report_data(bench, opts, runs)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def report_data(bench: Bench, opts: Options, runs: list[PipelineRun]) -> dict[str, Any]:
+    s = bench.settings
+    data: dict[str, Any] = {
+        "run_id": bench.run_id,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "options": asdict(opts),
+        "settings": {"worker_prefetch": s.worker_prefetch, "db_pool_max": s.db_pool_max,
+                     "relay_batch": s.relay_batch, "publish_batch": PUBLISH_BATCH},
+        "pipelines": {run.name: {
+            "phases": [asdict(r) for r in run.results],
+            "per_order": run.per_order,
+            "rss_mb": run.rss_checkpoints,
+            "peak_rss_mb": round(run.worker.peak_rss / 2**20, 1),
+        } for run in runs},
+    }
+    throughput = {run.name: next((r.orders_per_second for r in run.results if r.phase == "throughput"), None)
+                  for run in runs}
+    data["throughput"] = throughput
+    if throughput.get("ordermill") and throughput.get("bare"):
+        data["ordermill_vs_bare"] = round(throughput["ordermill"] / throughput["bare"], 3)
+    return data
+
+
+PHASE_COLUMNS = ("pipeline", "phase", "orders", "secs", "orders/s", "p50 ms", "p99 ms", "max ms",
+                 "busy", "worker", "postgres", "rabbitmq", "bench", "other", "cpu ms/order")
+CPU_GROUPS = ("worker", "postgres", "rabbitmq", "bench", "other")
+
+
+def _phase_row(p: dict[str, Any]) -> list[str]:
+    cpu, lat = p["cpu_cores"], p["latency_ms"]
+    done = str(p["orders"]) if p["completed"] == p["orders"] else f"{p['completed']}/{p['orders']}"
+    return [p["pipeline"], p["phase"], done, f"{p['seconds']:.1f}", f"{p['orders_per_second']:.0f}",
+            f"{lat['p50']:.0f}", f"{lat['p99']:.0f}", f"{lat['max']:.0f}", f"{p['worker_busy']:.2f}",
+            *(f"{cpu.get(g, 0.0):.2f}" for g in CPU_GROUPS), f"{p['worker_cpu_ms_per_order']:.1f}"]
+
+
+def _table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [list(columns), *rows])
+
+
+def _throughput_line(data: dict[str, Any]) -> str:
+    tput = data["throughput"]
+    line = f"throughput, burst of {data['options']['orders']:,}: Ordermill {tput['ordermill']:.0f} orders/s"
+    if "ordermill_vs_bare" in data:
+        ratio = data["ordermill_vs_bare"]
+        line += (f"; bare aio-pika + asyncpg {tput['bare']:.0f} orders/s; Ordermill / bare = {ratio:.2f}"
+                 f" (bare is {1 / ratio:.1f}x faster)")
+    return line
+
+
+def _warnings(data: dict[str, Any]) -> list[str]:
+    warnings = []
+    for run in data["pipelines"].values():
+        for p in run["phases"]:
+            if p["fraud"] or p["rejected"]:
+                warnings.append(f"{p['pipeline']} {p['phase']}: {p['fraud']} order(s) Fraud and"
+                                f" {p['rejected']} rejected, not screened; see the worker's log")
+            rate = p.get("target_rate")
+            if rate and p["orders_per_second"] < 0.9 * rate:
+                warnings.append(
+                    f"{p['pipeline']} did not keep up with {rate:g} orders/s ({p['orders_per_second']:.0f}/s,"
+                    f" {p['backlog_at_publish_end']} waiting when publishing ended): its latency figures"
+                    " measure a growing backlog; try --rate below its throughput")
+    return warnings
+
+
+def _per_order_line(name: str, run: dict[str, Any]) -> str:
+    work = ", ".join(f"{value:g} {key.replace('_', ' ')}" for key, value in run["per_order"].items())
+    return f"{name} per order: {work}"
+
+
+def _memory_line(name: str, run: dict[str, Any]) -> str:
+    checkpoints = ", ".join(f"{c['rss_mb']:.0f} MB after {c['orders']:,}" for c in run["rss_mb"])
+    return f"{name} worker RSS: {checkpoints} orders; peak {run['peak_rss_mb']:.0f} MB"
+
+
+def print_report(data: dict[str, Any]) -> None:
+    s, m = data["settings"], data["machine"]
+    print(f"\nOrdermill pipeline benchmark {data['run_id']} ({data['at']}, {data['commit']}): "
+          f"{m['cpus']} CPUs, load {m['load_avg_1m']}, prefetch {s['worker_prefetch']}, "
+          f"pool {s['db_pool_max']}, {data['elapsed_seconds']:.0f} s in all")
+    print("latency: publish -> screened. busy: the worker's event loop running or waiting for a CPU"
+          " (1.00 = saturated).\nworker ... other: CPU cores used over the phase by each; other ="
+          " processes outside this bench.\n")
+    print(_table(PHASE_COLUMNS, [_phase_row(p) for run in data["pipelines"].values()
+                                 for p in run["phases"]]))
+    print()
+    print(_throughput_line(data))
+    for name, run in data["pipelines"].items():
+        print(_per_order_line(name, run))
+    for name, run in data["pipelines"].items():
+        print(_memory_line(name, run))
+    for warning in _warnings(data):
+        print(f"warning: {warning}")
+
+
+def write_results(data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "latest.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--orders", type=int, default=2000, help="orders in the throughput burst")
+    parser.add_argument("--rate", type=float, default=100.0, help="orders/s in the steady phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the steady phase")
+    parser.add_argument("--warmup", type=int, default=1000,
+                        help="orders before the measured phases (also the first memory checkpoint)")
+    parser.add_argument("--memory-orders", type=int, default=10_000,
+                        help="orders through the worker in all before the last RSS reading")
+    parser.add_argument("--skip-memory", action="store_true", help="no fill up to --memory-orders")
+    parser.add_argument("--skip-bare", action="store_true", help="no yardstick pipeline")
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
+        parser.error("--orders and --warmup must be at least 1; --rate and --seconds positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.serve_bare:
+        asyncio.run(serve_bare(Settings()))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
+                   memory_orders=args.memory_orders, skip_memory=args.skip_memory,
+                   skip_bare=args.skip_bare)
+    started = time.perf_counter()
+    try:
+        data = asyncio.run(run_bench(Bench.create(), opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: workers stopped, bench database and queues removed", file=sys.stderr)
+        raise SystemExit(130) from None
+    data["commit"] = _git_commit()
+    data["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    path = write_results(data)
+    print_report(data)
+    print(f"\nwritten to {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
