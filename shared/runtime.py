@@ -264,25 +264,38 @@ class Runtime:
         })
 
     async def _run_handler(self, route_: Route, payload: BaseModel, context: MessageContext) -> str:
-        assert self.pool
-        async for attempt in self._transient_retrying():
+        try:
+            return await self._transaction(route_, payload, context)
+        except db.TRANSIENT_DB_ERRORS:
+            # The retry machinery is built only when needed: the first try is the hot path.
+            if self.settings.transient_attempts == 1:
+                raise
+            await asyncio.sleep(0.1)
+        async for attempt in self._transient_retrying(spent=1):
             with attempt:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    first = await conn.fetchval(
-                        "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
-                        " ON CONFLICT DO NOTHING RETURNING true",
-                        context.consumer, context.message_id,
-                    )
-                    if not first:
-                        return "duplicate"
-                    uow = UnitOfWork(conn, context)
-                    await route_.handler(payload, uow)
-                    await uow.flush()
+                return await self._transaction(route_, payload, context)
+        raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, route_: Route, payload: BaseModel, context: MessageContext
+    ) -> str:
+        assert self.pool
+        async with self.pool.acquire() as conn, conn.transaction():
+            first = await conn.fetchval(
+                "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                context.consumer, context.message_id,
+            )
+            if not first:
+                return "duplicate"
+            uow = UnitOfWork(conn, context)
+            await route_.handler(payload, uow)
+            await uow.flush()
         return "done"
 
-    def _transient_retrying(self) -> AsyncRetrying:
+    def _transient_retrying(self, *, spent: int = 0) -> AsyncRetrying:
         return AsyncRetrying(
-            stop=stop_after_attempt(self.settings.transient_attempts),
+            stop=stop_after_attempt(max(1, self.settings.transient_attempts - spent)),
             wait=wait_exponential(multiplier=0.1, max=3),
             retry=retry_if_exception_type(db.TRANSIENT_DB_ERRORS),
             reraise=True,

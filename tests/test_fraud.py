@@ -109,9 +109,13 @@ async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> No
     order = await eventually(lambda: harness.order("stuck-1"))
     assert order["screening"] == "queued"
     # Lose the original order.placed, as if a broker had dropped it.
+    async def published() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT published_at IS NOT NULL FROM outbox WHERE routing_key = 'order.placed'")
+    await eventually(published)
     channel = await harness.connection.channel()
-    await eventually(lambda: _depth(channel, harness.names.queue("fraud"), 1))
-    await (await channel.get_queue(harness.names.queue("fraud"))).purge()
+    purged = await (await channel.get_queue(harness.names.queue("fraud"))).purge()
+    assert purged.message_count == 1
     sweeper = QueuedOrderSweeper(stuck_seconds=60, max_redrives=2, every_seconds=1)
     assert await sweeper.sweep(harness.pool) == 0  # not stuck long enough yet
     await harness.pool.execute(
@@ -123,7 +127,3 @@ async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> No
     assert (await harness.screened("stuck-1"))["screening"] == "passed"
     assert (await harness.order("stuck-1"))["screening_redrives"] == 1
 
-
-async def _depth(channel, name: str, n: int) -> bool:
-    queue = await channel.declare_queue(name, passive=True)
-    return queue.declaration_result.message_count >= n

@@ -1,43 +1,52 @@
-"""Read what a fraud provider looks at from the database."""
+"""Lock an order and read, in the same statement, what a fraud provider looks at."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 import asyncpg
 
 from services.fraud.providers.base import CartLine, OrderFacts
 
+# One round trip: the order (locked), its client, the counts the rules use, and the cart.
+# Amounts travel as text so they stay Decimal.
+_LOCK_WITH_FACTS = """
+SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
+  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id) AS earlier,
+  (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
+     AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_ip,
+  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id
+     AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_client,
+  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.status = 'Active')
+     AS active_orders,
+  (SELECT coalesce(json_agg(json_build_array(kind, name, amount) ORDER BY kind DESC, id), '[]')
+     FROM (SELECT 'product' AS kind, s.id, p.slug AS name, s.amount::text AS amount
+             FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = o.id
+           UNION ALL
+           SELECT 'domain', d.id, d.domain, d.amount::text FROM domains d WHERE d.order_id = o.id
+          ) items) AS cart
+FROM orders o JOIN clients c ON c.id = o.client_id
+WHERE o.id = $1
+FOR UPDATE OF o
+"""
 
-async def gather_facts(
-    conn: asyncpg.Connection, order: asyncpg.Record, velocity_window: timedelta
-) -> OrderFacts:
-    client = await conn.fetchrow("SELECT * FROM clients WHERE id = $1", order["client_id"])
-    counts = await conn.fetchrow(
-        "SELECT"
-        " (SELECT count(*) FROM orders WHERE client_id = $1 AND id < $2) AS earlier,"
-        " (SELECT count(*) FROM orders WHERE ip_address = $3"
-        "    AND created_at > $4::timestamptz - $5::interval AND id <= $2) AS from_ip,"
-        " (SELECT count(*) FROM orders WHERE client_id = $1"
-        "    AND created_at > $4::timestamptz - $5::interval AND id <= $2) AS from_client",
-        order["client_id"], order["id"], order["ip_address"], order["created_at"], velocity_window,
+
+async def lock_with_facts(
+    conn: asyncpg.Connection, order_id: int, velocity_window: timedelta
+) -> tuple[asyncpg.Record, OrderFacts] | None:
+    row = await conn.fetchrow(_LOCK_WITH_FACTS, order_id, velocity_window)
+    if row is None:
+        return None
+    facts = OrderFacts(
+        order_id=row["id"], order_number=row["order_number"], order_ref=row["order_ref"],
+        client_id=row["client_id"], email=row["email"], first_name=row["first_name"],
+        last_name=row["last_name"], company=row["company"], country=row["country"],
+        ip_address=str(row["ip_address"]) if row["ip_address"] else None,
+        total=row["total"], currency=row["currency"], payment_method=row["payment_method"],
+        cart=tuple(CartLine(kind, name, Decimal(amount)) for kind, name, amount in row["cart"]),
+        client_is_new=row["earlier"] == 0,
+        orders_from_ip=row["from_ip"] if row["ip_address"] else 0,
+        orders_from_client=row["from_client"],
     )
-    cart = tuple(
-        CartLine(r["kind"], r["name"], r["amount"])
-        for r in await conn.fetch(
-            "SELECT 'product' AS kind, p.slug AS name, s.amount FROM services s"
-            " JOIN products p ON p.id = s.product_id WHERE s.order_id = $1"
-            " UNION ALL SELECT 'domain', d.domain, d.amount FROM domains d WHERE d.order_id = $1",
-            order["id"],
-        )
-    )
-    return OrderFacts(
-        order_id=order["id"], order_number=order["order_number"], order_ref=order["order_ref"],
-        client_id=client["id"], email=client["email"], first_name=client["first_name"],
-        last_name=client["last_name"], company=client["company"], country=client["country"],
-        ip_address=str(order["ip_address"]) if order["ip_address"] else None,
-        total=order["total"], currency=order["currency"], payment_method=order["payment_method"],
-        cart=cart, client_is_new=counts["earlier"] == 0,
-        orders_from_ip=counts["from_ip"] if order["ip_address"] else 0,
-        orders_from_client=counts["from_client"],
-    )
+    return row, facts

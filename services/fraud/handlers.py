@@ -9,11 +9,17 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.fraud.facts import gather_facts
-from services.fraud.providers.base import FraudProvider, FraudResult, ProviderError, Reason
+from services.fraud.facts import lock_with_facts
+from services.fraud.providers.base import (
+    FraudProvider,
+    FraudResult,
+    OrderFacts,
+    ProviderError,
+    Reason,
+)
 from shared.contracts import EmailSend, OrderFraud, OrderPlaced, OrderRescreen, OrderScreened
 from shared.errors import Rejected
-from shared.orders import add_history, lock_order, transition
+from shared.orders import transition
 from shared.settings import Settings
 from shared.uow import UnitOfWork
 
@@ -43,32 +49,38 @@ class Screener:
 
     async def screen(self, uow: UnitOfWork, order_id: int, *, rescreen: bool) -> None:
         conn = uow.conn
-        order = await lock_order(conn, order_id)
-        if order is None:
+        window = timedelta(minutes=self.settings.fraud_velocity_window_minutes)
+        found = await lock_with_facts(conn, order_id, window)
+        if found is None:
             raise Rejected(f"order {order_id} does not exist")
+        order, facts = found
         if order["status"] != "Pending" or (not rescreen and order["screening"] != "queued"):
             # Already screened (a re-drive or a duplicate), or an operator acted first.
             log.info("screening not needed", extra={
                 "order_id": order_id, "order_ref": order["order_ref"],
                 "status": order["status"], "screening": order["screening"]})
             return
-        verdict = await self._verdict(conn, order)
+        verdict = await self._verdict(order, facts)
+        failed = verdict.screening == "failed"
+        # The check, the order's screening and (unless a transition writes it) the history
+        # in one statement.
         await conn.execute(
-            "INSERT INTO fraud_checks (order_id, provider, result, score, threshold, reasons, raw,"
-            " error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "WITH fc AS (INSERT INTO fraud_checks (order_id, provider, result, score, threshold,"
+            "  reasons, raw, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),"
+            " o AS (UPDATE orders SET screening = $3, updated_at = now() WHERE id = $1)"
+            " INSERT INTO order_history (order_id, actor, action, detail)"
+            " SELECT $1, $9, $10, $11 WHERE NOT $12",
             order_id, verdict.provider, verdict.screening, verdict.score,
             self.settings.fraud_threshold, [r.as_dict() for r in verdict.reasons], verdict.raw,
-            verdict.error,
-        )
-        await conn.execute(
-            "UPDATE orders SET screening = $2, updated_at = now() WHERE id = $1",
-            order_id, verdict.screening,
+            verdict.error, uow.actor, "rescreened" if rescreen else "screened",
+            {"screening": verdict.screening, "score": str(verdict.score), "error": verdict.error},
+            failed,
         )
         log_extra = {"order_id": order_id, "order_ref": order["order_ref"],
                      "screening": verdict.screening, "score": str(verdict.score),
                      "provider": verdict.provider,
                      "reasons": [r.code for r in verdict.reasons]}
-        if verdict.screening == "failed":
+        if failed:
             await transition(conn, order, "Fraud", actor=uow.actor, action="screening",
                              detail={"score": str(verdict.score),
                                      "reasons": [r.code for r in verdict.reasons]})
@@ -77,32 +89,22 @@ class Screener:
                 score=verdict.score))
             log.warning("order is Fraud", extra=log_extra)
             return
-        await add_history(conn, order_id, actor=uow.actor,
-                          action="rescreened" if rescreen else "screened",
-                          detail={"screening": verdict.screening, "score": str(verdict.score),
-                                  "error": verdict.error})
         uow.emit("order.screened", OrderScreened(
             order_id=order_id, order_ref=order["order_ref"], screening=verdict.screening,
             score=verdict.score, threshold=self.settings.fraud_threshold,
             provider=verdict.provider))
         if verdict.screening in ("passed", "skipped"):
-            await self._ask_for_emails(uow, order)
+            self._ask_for_emails(uow, order)
         log.info("order screened", extra=log_extra)
 
-    async def _verdict(self, conn: asyncpg.Connection, order: asyncpg.Record) -> Verdict:
+    async def _verdict(self, order: asyncpg.Record, facts: OrderFacts) -> Verdict:
         threshold = self.settings.fraud_threshold
         if threshold == 0:
             return Verdict("skipped", "none", reasons=(Reason("disabled", "threshold is 0"),))
-        if self.settings.fraud_skip_existing_clients and order["client_named_by_id"]:
-            active = await conn.fetchval(
-                "SELECT count(*) FROM orders WHERE client_id = $1 AND status = 'Active'",
-                order["client_id"],
-            )
-            if active:
-                return Verdict("skipped", "none", reasons=(
-                    Reason("existing_client", f"client has {active} Active order(s)"),))
-        window = timedelta(minutes=self.settings.fraud_velocity_window_minutes)
-        facts = await gather_facts(conn, order, window)
+        if (self.settings.fraud_skip_existing_clients and order["client_named_by_id"]
+                and order["active_orders"]):
+            return Verdict("skipped", "none", reasons=(
+                Reason("existing_client", f"client has {order['active_orders']} Active order(s)"),))
         try:
             result: FraudResult = await self.provider.score(facts)
         except ProviderError as exc:
@@ -113,11 +115,8 @@ class Screener:
         return Verdict("failed" if failed else "passed", self.provider.name, result.score,
                        result.reasons, result.raw)
 
-    async def _ask_for_emails(self, uow: UnitOfWork, order: asyncpg.Record) -> None:
+    def _ask_for_emails(self, uow: UnitOfWork, order: asyncpg.Record) -> None:
         """Confirmation and invoice emails go out only once screening has cleared the order."""
-        email = await uow.conn.fetchval(
-            "SELECT email FROM clients WHERE id = $1", order["client_id"]
-        )
         templates = []
         if order["send_confirmation"]:
             templates.append("order_confirmation")
@@ -125,5 +124,5 @@ class Screener:
             templates.append("invoice_created")
         for template in templates:
             uow.emit("email.send", EmailSend(
-                template=template, recipient=email, order_id=order["id"],
+                template=template, recipient=order["email"], order_id=order["id"],
                 order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))

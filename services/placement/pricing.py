@@ -57,49 +57,67 @@ async def default_currency(conn: asyncpg.Connection) -> str:
 async def price_items(
     conn: asyncpg.Connection, items: list[OrderItem], currency: str
 ) -> list[PricedProduct | PricedDomain]:
-    priced: list[PricedProduct | PricedDomain] = []
-    for item in items:
-        if isinstance(item, ProductItem):
-            priced.append(await _price_product(conn, item, currency))
-        else:
-            priced.append(await _price_domain(conn, item, currency))
+    """Catalog prices for every item, in the items' order: one query per kind of item."""
+    products = [item for item in items if isinstance(item, ProductItem)]
+    domains = [item for item in items if isinstance(item, DomainItem)]
+    priced: dict[int, PricedProduct | PricedDomain] = {}
+    for item, line in zip(products, await _price_products(conn, products, currency), strict=True):
+        priced[id(item)] = line
+    for item, line in zip(domains, await _price_domains(conn, domains, currency), strict=True):
+        priced[id(item)] = line
+    return [priced[id(item)] for item in items]
+
+
+async def _price_products(
+    conn: asyncpg.Connection, items: list[ProductItem], currency: str
+) -> list[PricedProduct]:
+    if not items:
+        return []
+    rows = await conn.fetch(
+        "SELECT i.n, p.id, p.name, p.require_domain, pp.price, pp.setup_fee"
+        " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i(slug, cycle, n)"
+        " LEFT JOIN products p ON p.slug = i.slug"
+        " LEFT JOIN product_prices pp ON pp.product_id = p.id AND pp.currency = $3"
+        "  AND pp.billing_cycle = i.cycle ORDER BY i.n",
+        [i.product for i in items], [i.billing_cycle for i in items], currency,
+    )
+    priced = []
+    for item, row in zip(items, rows, strict=True):
+        if row["id"] is None:
+            raise Rejected(f"unknown product {item.product!r}")
+        if row["require_domain"] and not item.domain:
+            raise Rejected(f"product {item.product!r} needs a domain")
+        if row["price"] is None:
+            raise Rejected(f"product {item.product!r} has no {item.billing_cycle} price in {currency}")
+        priced.append(PricedProduct(item, row["id"], row["name"], row["price"], row["setup_fee"]))
     return priced
 
 
-async def _price_product(conn: asyncpg.Connection, item: ProductItem, currency: str) -> PricedProduct:
-    row = await conn.fetchrow(
-        "SELECT p.id, p.name, p.require_domain, pp.price, pp.setup_fee FROM products p"
-        " LEFT JOIN product_prices pp ON pp.product_id = p.id AND pp.currency = $2"
-        "  AND pp.billing_cycle = $3 WHERE p.slug = $1",
-        item.product, currency, item.billing_cycle,
-    )
-    if row is None:
-        raise Rejected(f"unknown product {item.product!r}")
-    if row["require_domain"] and not item.domain:
-        raise Rejected(f"product {item.product!r} needs a domain")
-    if row["price"] is None:
-        raise Rejected(f"product {item.product!r} has no {item.billing_cycle} price in {currency}")
-    return PricedProduct(item, row["id"], row["name"], row["price"], row["setup_fee"])
-
-
-async def _price_domain(conn: asyncpg.Connection, item: DomainItem, currency: str) -> PricedDomain:
+async def _price_domains(
+    conn: asyncpg.Connection, items: list[DomainItem], currency: str
+) -> list[PricedDomain]:
+    if not items:
+        return []
     # The longest matching suffix wins: example.co.uk is 'co.uk', not 'uk'.
-    labels = item.domain.split(".")
-    candidates = [".".join(labels[i:]) for i in range(1, len(labels))]
-    row = await conn.fetchrow(
-        "SELECT t.tld, p.register_price, p.transfer_price FROM tlds t"
-        " LEFT JOIN tld_prices p ON p.tld = t.tld AND p.currency = $2"
-        " WHERE t.tld = ANY($1::text[]) ORDER BY length(t.tld) DESC LIMIT 1",
-        candidates, currency,
+    rows = await conn.fetch(
+        "SELECT i.n, t.tld, p.register_price, p.transfer_price"
+        " FROM unnest($1::text[]) WITH ORDINALITY AS i(domain, n)"
+        " LEFT JOIN LATERAL (SELECT tld FROM tlds WHERE i.domain LIKE '%.' || tld"
+        "  ORDER BY length(tld) DESC LIMIT 1) t ON true"
+        " LEFT JOIN tld_prices p ON p.tld = t.tld AND p.currency = $2 ORDER BY i.n",
+        [i.domain for i in items], currency,
     )
-    if row is None:
-        raise Rejected(f"TLD of {item.domain!r} is not sold")
-    if row["register_price"] is None:
-        raise Rejected(f"TLD .{row['tld']} has no price in {currency}")
-    unit = row["register_price"] if item.action == "register" else row["transfer_price"]
-    # A transfer adds one year, whatever `years` says (registries' rule).
-    years = item.years if item.action == "register" else 1
-    return PricedDomain(item, row["tld"], (unit * years).quantize(CENT))
+    priced = []
+    for item, row in zip(items, rows, strict=True):
+        if row["tld"] is None:
+            raise Rejected(f"TLD of {item.domain!r} is not sold")
+        if row["register_price"] is None:
+            raise Rejected(f"TLD .{row['tld']} has no price in {currency}")
+        unit = row["register_price"] if item.action == "register" else row["transfer_price"]
+        # A transfer adds one year, whatever `years` says (registries' rule).
+        years = item.years if item.action == "register" else 1
+        priced.append(PricedDomain(item, row["tld"], (unit * years).quantize(CENT)))
+    return priced
 
 
 async def load_promotion(conn: asyncpg.Connection, code: str | None) -> Promotion | None:
