@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
-from shared.uow import MessageContext, UnitOfWork, event_id, write_event
+from shared.uow import MessageContext, UnitOfWork, event_id, flush_events, write_event
 
 log = logging.getLogger("ordermill.runtime")
 
@@ -60,11 +59,23 @@ class WorkerSpec:
     service: str
     routes: Mapping[str, Route]
     prefetch: int | None = None
+    # How many transactions at once, and how many messages at most in one (under load).
+    concurrency: int | None = None
+    batch: int | None = None
     # When a message is rejected and names an order_ref, tell its publisher with this event.
     rejection_event: str | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()
+
+
+@dataclass(frozen=True)
+class _Work:
+    message: AbstractIncomingMessage
+    route: Route
+    payload: BaseModel
+    context: MessageContext
+    data: Any
 
 
 def redact(value: Any) -> Any:
@@ -117,6 +128,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self._inflight = _InFlight()
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._batchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -179,16 +191,34 @@ class Runtime:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=spec.prefetch or self.settings.worker_prefetch)
         queue = await channel.get_queue(self.names.queue(spec.service), ensure=True)
+        waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight.enter()
-            try:
-                await self._handle(spec, message)
-            finally:
-                self._inflight.leave()
+            waiting.put_nowait(message)
 
+        for n in range(spec.concurrency or self.settings.worker_concurrency):
+            self._batchers.append(asyncio.create_task(
+                self._batcher(spec, waiting), name=f"{spec.service}-batcher-{n}"))
         tag = await queue.consume(on_message)
         self._consumers.append((queue, tag))
+
+    async def _batcher(
+        self, spec: WorkerSpec, waiting: asyncio.Queue[AbstractIncomingMessage]
+    ) -> None:
+        """Takes what has arrived, up to a batch: one message when idle, many under load."""
+        limit = spec.batch or self.settings.worker_batch
+        while True:
+            batch = [await waiting.get()]
+            while len(batch) < limit and not waiting.empty():
+                batch.append(waiting.get_nowait())
+            try:
+                await self._handle_batch(spec, batch)
+            except Exception:  # never lose the batcher; the messages will be redelivered
+                log.exception("batch handling failed", extra={"service": spec.service})
+            finally:
+                for _ in batch:
+                    self._inflight.leave()
 
     async def _shutdown(self, workers: Sequence[WorkerSpec], tasks: list[asyncio.Task[None]]) -> None:
         log.info("stopping: no new messages, finishing in-flight work",
@@ -203,6 +233,9 @@ class Runtime:
             await asyncio.wait_for(self._inflight.idle.wait(), timeout=30)
         except TimeoutError:
             log.error("in-flight work did not finish in 30 s; it will be redelivered")
+        for batcher in self._batchers:
+            batcher.cancel()
+        self._batchers.clear()
         self._stop.set()
         if tasks:
             await asyncio.wait(tasks, timeout=10)
@@ -220,10 +253,31 @@ class Runtime:
             await self.pool.close()
             self.pool = None
 
-    # -- one message -------------------------------------------------------------------------
+    # -- messages ------------------------------------------------------------------------------
 
-    async def _handle(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
+    async def _handle_batch(
+        self, spec: WorkerSpec, messages: list[AbstractIncomingMessage]
+    ) -> None:
+        """Under load, several messages share one transaction (one BEGIN, inbox insert, outbox
+        write and COMMIT). If any of them fails, the batch rolls back and each message is
+        handled alone, so one bad message never takes the others with it."""
+        ready = [item for m in messages if (item := await self._prepare(spec, m)) is not None]
+        if len(ready) > 1:
+            try:
+                await self._transaction(ready)
+            except Exception as exc:
+                log.info("batch rolled back; handling its messages one by one",
+                         extra={"service": spec.service, "size": len(ready),
+                                "error": f"{type(exc).__name__}: {exc}"})
+            else:
+                for item in ready:
+                    await item.message.ack()
+                return
+        for item in ready:
+            await self._handle_one(spec, item)
+
+    async def _prepare(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> _Work | None:
+        """Parse a message into its handler's type; bad input is dead-lettered at once."""
         key = message.routing_key or message.type or ""
         message_id = message.message_id or _body_id(message.body)
         data: Any = None
@@ -239,14 +293,22 @@ class Runtime:
                 payload = route_.model.model_validate(data)
             except ValidationError as exc:
                 raise Rejected(describe_validation_error(exc)) from None
-            context = MessageContext(
-                consumer=spec.service, message_id=message_id, routing_key=key,
-                received_at=datetime.now(UTC), user_id=message.user_id,
-                correlation_id=message.correlation_id,
-            )
-            outcome = await self._run_handler(route_, payload, context)
         except Rejected as rejection:
             await self._reject(spec, message, message_id, rejection.reason, data)
+            return None
+        context = MessageContext(
+            consumer=spec.service, message_id=message_id, routing_key=key,
+            received_at=datetime.now(UTC), user_id=message.user_id,
+            correlation_id=message.correlation_id,
+        )
+        return _Work(message, route_, payload, context, data)
+
+    async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
+        try:
+            await self._run_handler(item)
+        except Rejected as rejection:
+            await self._reject(spec, item.message, item.context.message_id, rejection.reason,
+                               item.data)
             return
         except Exception as exc:
             if isinstance(exc, db.TRANSIENT_DB_ERRORS):
@@ -254,18 +316,14 @@ class Runtime:
             else:
                 reason = f"handler failed: {type(exc).__name__}: {exc}"
                 log.exception("handler failed", extra={"service": spec.service,
-                                                       "message_id": message_id})
-            await self._reject(spec, message, message_id, reason, data)
+                                                       "message_id": item.context.message_id})
+            await self._reject(spec, item.message, item.context.message_id, reason, item.data)
             return
-        await message.ack()
-        log.debug("handled", extra={
-            "service": spec.service, "routing_key": key, "message_id": message_id,
-            "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 2),
-        })
+        await item.message.ack()
 
-    async def _run_handler(self, route_: Route, payload: BaseModel, context: MessageContext) -> str:
+    async def _run_handler(self, item: _Work) -> None:
         try:
-            return await self._transaction(route_, payload, context)
+            return await self._transaction([item])
         except db.TRANSIENT_DB_ERRORS:
             # The retry machinery is built only when needed: the first try is the hot path.
             if self.settings.transient_attempts == 1:
@@ -273,25 +331,27 @@ class Runtime:
             await asyncio.sleep(0.1)
         async for attempt in self._transient_retrying(spent=1):
             with attempt:
-                return await self._transaction(route_, payload, context)
-        raise AssertionError("unreachable")
+                return await self._transaction([item])
 
-    async def _transaction(
-        self, route_: Route, payload: BaseModel, context: MessageContext
-    ) -> str:
+    async def _transaction(self, items: list[_Work]) -> None:
+        """Handlers of `items` in one transaction with their inbox rows and events.
+        A message already in the inbox (a redelivery) is skipped."""
         assert self.pool
         async with self.pool.acquire() as conn, conn.transaction():
-            first = await conn.fetchval(
-                "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                context.consumer, context.message_id,
-            )
-            if not first:
-                return "duplicate"
-            uow = UnitOfWork(conn, context)
-            await route_.handler(payload, uow)
-            await uow.flush()
-        return "done"
+            fresh = {r["message_id"] for r in await conn.fetch(
+                "INSERT INTO inbox (consumer, message_id)"
+                " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING message_id",
+                items[0].context.consumer, [i.context.message_id for i in items],
+            )}
+            uows = []
+            for item in items:
+                if item.context.message_id not in fresh:
+                    continue  # already handled, or twice in this batch
+                fresh.discard(item.context.message_id)
+                uow = UnitOfWork(conn, item.context)
+                await item.route.handler(item.payload, uow)
+                uows.append(uow)
+            await flush_events(conn, uows)
 
     def _transient_retrying(self, *, spent: int = 0) -> AsyncRetrying:
         return AsyncRetrying(

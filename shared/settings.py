@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     # Worker runtime.
     worker_prefetch: int = Field(32, gt=0, le=1000)
+    # Transactions at once per worker, and messages at most in one transaction under load.
+    worker_concurrency: int = Field(4, gt=0, le=100)
+    worker_batch: int = Field(16, gt=0, le=500)
     queue_delivery_limit: int = Field(20, ge=2)
     startup_attempts: int = Field(30, gt=0)
     transient_attempts: int = Field(5, gt=0)

@@ -69,8 +69,13 @@ class UnitOfWork:
         self._events.append((message_id, routing_key, _payload(body), ctx.message_id))
         return message_id
 
-    async def flush(self) -> None:
-        """Write the emitted events in one round trip (the runtime calls it before commit)."""
-        if self._events:
-            await self.conn.executemany(_INSERT_EVENT, self._events)
-            self._events.clear()
+    def take_events(self) -> list[tuple[uuid.UUID, str, dict[str, object], str]]:
+        events, self._events = self._events, []
+        return events
+
+
+async def flush_events(conn: asyncpg.Connection, uows: list[UnitOfWork]) -> None:
+    """Write the events of these units of work in one round trip, before commit."""
+    events = [event for uow in uows for event in uow.take_events()]
+    if events:
+        await conn.executemany(_INSERT_EVENT, events)
