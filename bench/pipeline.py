@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
+from cli.main import loop_factory
 from shared import broker, db
 from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
@@ -845,7 +846,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.serve_bare:
-        asyncio.run(serve_bare(Settings()))
+        # The same event loop as `ordermill run` (uvloop where installed): a fair yardstick.
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_bare(Settings()))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
