@@ -216,3 +216,35 @@ async def test_zero_total_invoice_is_paid_at_once_and_no_invoice_when_not_asked(
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM invoices WHERE order_id=$1", noinv["id"]) == 0
     assert noinv["total"] == Decimal("28.95")
+
+
+async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness) -> None:
+    await harness.start(_workers(harness))
+    body = order_body("multi-1", items=[
+        {"type": "domain", "domain": "multi.co.uk", "action": "transfer", "epp_code": "x-1"},
+        {"type": "product", "product": "business", "billing_cycle": "annually",
+         "domain": "multi.co.uk"},
+        {"type": "product", "product": "dedicated", "billing_cycle": "monthly"},
+        {"type": "domain", "domain": "multi-two.com", "action": "register", "years": 3},
+    ])
+    await harness.publish("order.place", body)
+    order = await harness.screened("multi-1")
+    lines = await harness.pool.fetch(
+        "SELECT ii.kind, ii.amount, ii.description, s.domain AS service_domain, p.slug,"
+        " d.domain AS domain_name FROM invoice_items ii"
+        " JOIN invoices i ON i.id = ii.invoice_id LEFT JOIN services s ON s.id = ii.service_id"
+        " LEFT JOIN products p ON p.id = s.product_id LEFT JOIN domains d ON d.id = ii.domain_id"
+        " WHERE i.order_id = $1 ORDER BY ii.id", order["id"])
+    assert [(r["kind"], r["slug"], r["service_domain"] or r["domain_name"], r["amount"])
+            for r in lines] == [
+        ("service", "business", "multi.co.uk", Decimal("129.50")),
+        ("setup", "business", "multi.co.uk", Decimal("10.00")),
+        ("service", "dedicated", None, Decimal("149.00")),
+        ("setup", "dedicated", None, Decimal("99.00")),
+        ("domain", None, "multi.co.uk", Decimal("0.00")),  # .co.uk, not .uk; a transfer
+        ("domain", None, "multi-two.com", Decimal("36.00")),
+    ]
+    assert order["total"] == Decimal("423.50")
+    # The EPP code is kept for the registrar but never shown.
+    assert await harness.pool.fetchval(
+        "SELECT epp_code FROM domains WHERE domain = 'multi.co.uk'") == "x-1"

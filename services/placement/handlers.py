@@ -45,21 +45,12 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
         (d.price for d in domains), ZERO)
     total = subtotal - discount
 
-    order_id, number = await _insert_order(conn, cmd, uow, client_id, currency, total, promotion)
-    if order_id is None:  # a concurrent delivery of the same order_ref won
+    stored = await _store_order(conn, cmd, uow, client_id, currency, subtotal, discount, total,
+                                products, domains, promotion)
+    if stored is None:  # a concurrent delivery of the same order_ref won
         log.info("order already placed", extra={"order_ref": cmd.order_ref})
         return
-    service_ids = await _insert_services(conn, order_id, products)
-    domain_ids = await _insert_domains(conn, order_id, domains)
-    invoice_id = None
-    if cmd.generate_invoice:
-        invoice_id = await _insert_invoice(
-            conn, order_id, client_id, currency, subtotal, discount, total,
-            list(zip(products, service_ids, strict=True)),
-            list(zip(domains, domain_ids, strict=True)), promotion,
-        )
-    if promotion:
-        await conn.execute("UPDATE promotions SET uses = uses + 1 WHERE code = $1", promotion.code)
+    order_id, number, service_ids, domain_ids, invoice_id = stored
     uow.emit("order.placed", OrderPlaced(
         order_id=order_id, order_number=number, order_ref=cmd.order_ref, client_id=client_id,
         invoice_id=invoice_id, total=total, currency=currency,
@@ -102,100 +93,110 @@ async def _order_and_client(conn: asyncpg.Connection, cmd: PlaceOrder) -> tuple[
     return row["existing"], client_id
 
 
-async def _insert_order(
-    conn: asyncpg.Connection, cmd: PlaceOrder, uow: UnitOfWork, client_id: int,
-    currency: str, total: Decimal, promo: Promotion | None,
-) -> tuple[int | None, int]:
-    # WHMCS-style random 10-digit order numbers: not guessable, not a count of sales.
-    # ON CONFLICT without a target covers both the ref and the number: no savepoint needed.
-    for _ in range(5):
-        number = random.randint(1_000_000_000, 9_999_999_999)
-        order_id = await conn.fetchval(
-            "WITH o AS (INSERT INTO orders (order_ref, order_number, client_id,"
-            "  client_named_by_id, currency, payment_method, promo_code, ip_address,"
-            "  send_confirmation, generate_invoice, total, placed_by, placed_message_id)"
-            "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-            "  ON CONFLICT DO NOTHING RETURNING id),"
-            " h AS (INSERT INTO order_history (order_id, actor, action, to_status, detail)"
-            "  SELECT id, $14, 'placed', 'Pending', $15 FROM o)"
-            " SELECT id FROM o",
-            cmd.order_ref, number, client_id, isinstance(cmd.client, ExistingClient), currency,
-            cmd.payment_method, promo.code if promo else None,
-            str(cmd.ip_address) if cmd.ip_address else None, cmd.send_confirmation,
-            cmd.generate_invoice, total, uow.context.user_id, uow.context.message_id,
-            uow.actor, {"total": str(total), "currency": currency,
-                        "message_id": uow.context.message_id},
-        )
-        if order_id is not None:
-            return order_id, number
-        if await conn.fetchval("SELECT 1 FROM orders WHERE order_ref = $1", cmd.order_ref):
-            return None, 0
-    raise RuntimeError("could not draw a free order number")
+# The order, its history row, services, domains, invoice and invoice lines, and the
+# promotion's use count, in one statement: each CTE feeds the next, and ids assigned in
+# item order (ORDER BY n) map invoice lines to their items by position.
+_STORE_ORDER = """
+WITH o AS (
+  INSERT INTO orders (order_ref, order_number, client_id, client_named_by_id, currency,
+    payment_method, promo_code, ip_address, send_confirmation, generate_invoice, total,
+    placed_by, placed_message_id)
+  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+  ON CONFLICT DO NOTHING RETURNING id
+), h AS (
+  INSERT INTO order_history (order_id, actor, action, to_status, detail)
+  SELECT id, $14, 'placed', 'Pending', $15 FROM o
+), s AS (
+  INSERT INTO services (order_id, product_id, billing_cycle, domain, amount)
+  SELECT o.id, u.product_id, u.cycle, u.domain, u.amount
+  FROM o, unnest($16::bigint[], $17::text[], $18::text[], $19::numeric[])
+    WITH ORDINALITY AS u(product_id, cycle, domain, amount, n)
+  ORDER BY u.n RETURNING id
+), d AS (
+  INSERT INTO domains (order_id, domain, tld, action, years, epp_code, amount)
+  SELECT o.id, u.domain, u.tld, u.action, u.years, u.epp_code, u.amount
+  FROM o, unnest($20::text[], $21::text[], $22::text[], $23::int[], $24::text[],
+    $25::numeric[]) WITH ORDINALITY AS u(domain, tld, action, years, epp_code, amount, n)
+  ORDER BY u.n RETURNING id
+), sn AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM s
+), dn AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM d
+), inv AS (
+  INSERT INTO invoices (order_id, client_id, status, currency, subtotal, discount, total, paid_at)
+  SELECT o.id, $3, CASE WHEN $11::numeric = 0 THEN 'Paid' ELSE 'Unpaid' END, $5, $26, $27, $11,
+    CASE WHEN $11::numeric = 0 THEN now() END
+  FROM o WHERE $10
+  RETURNING id
+), lines AS (
+  INSERT INTO invoice_items (invoice_id, kind, service_id, domain_id, description, amount)
+  SELECT inv.id, l.kind, sn.id, dn.id, l.description, l.amount
+  FROM inv CROSS JOIN unnest($28::text[], $29::int[], $30::int[], $31::text[], $32::numeric[])
+    AS l(kind, service_n, domain_n, description, amount)
+  LEFT JOIN sn ON sn.n = l.service_n LEFT JOIN dn ON dn.n = l.domain_n
+), promo AS (
+  UPDATE promotions SET uses = uses + 1 WHERE code = $7 AND EXISTS (SELECT 1 FROM o)
+)
+SELECT o.id, ARRAY(SELECT id FROM sn ORDER BY n) AS service_ids,
+  ARRAY(SELECT id FROM dn ORDER BY n) AS domain_ids, (SELECT id FROM inv) AS invoice_id
+FROM o
+"""
 
 
-async def _insert_services(
-    conn: asyncpg.Connection, order_id: int, products: list[PricedProduct]
-) -> list[int]:
-    if not products:
-        return []
-    rows = await conn.fetch(
-        "INSERT INTO services (order_id, product_id, billing_cycle, domain, amount)"
-        " SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::numeric[])"
-        " RETURNING id",
-        order_id, [p.product_id for p in products], [p.item.billing_cycle for p in products],
+async def _store_order(
+    conn: asyncpg.Connection, cmd: PlaceOrder, uow: UnitOfWork, client_id: int, currency: str,
+    subtotal: Decimal, discount: Decimal, total: Decimal, products: list[PricedProduct],
+    domains: list[PricedDomain], promotion: Promotion | None,
+) -> tuple[int, int, list[int], list[int], int | None] | None:
+    """Store everything; None when an order with this ref already exists."""
+    lines = _invoice_lines(products, domains, promotion, discount)
+    args = (
+        # order and history
+        client_id, isinstance(cmd.client, ExistingClient), currency, cmd.payment_method,
+        promotion.code if promotion else None, str(cmd.ip_address) if cmd.ip_address else None,
+        cmd.send_confirmation, cmd.generate_invoice, total, uow.context.user_id,
+        uow.context.message_id, uow.actor,
+        {"total": str(total), "currency": currency, "message_id": uow.context.message_id},
+        # services
+        [p.product_id for p in products], [p.item.billing_cycle for p in products],
         [p.item.domain for p in products], [p.price for p in products],
-    )
-    # Ids come from a sequence in row order: sorted, they match the items' order.
-    return sorted(r["id"] for r in rows)
-
-
-async def _insert_domains(
-    conn: asyncpg.Connection, order_id: int, domains: list[PricedDomain]
-) -> list[int]:
-    if not domains:
-        return []
-    rows = await conn.fetch(
-        "INSERT INTO domains (order_id, domain, tld, action, years, epp_code, amount)"
-        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::text[],"
-        "  $7::numeric[]) RETURNING id",
-        order_id, [d.item.domain for d in domains], [d.tld for d in domains],
+        # domains
+        [d.item.domain for d in domains], [d.tld for d in domains],
         [d.item.action for d in domains], [d.item.years for d in domains],
         [d.item.epp_code.get_secret_value() if d.item.epp_code else None for d in domains],
         [d.price for d in domains],
+        # invoice and its lines
+        subtotal, discount, *(list(column) for column in zip(*lines, strict=True)),
     )
-    return sorted(r["id"] for r in rows)
+    # WHMCS-style random 10-digit order numbers: not guessable, not a count of sales.
+    # ON CONFLICT without a target covers both the ref and the number.
+    for _ in range(5):
+        number = random.randint(1_000_000_000, 9_999_999_999)
+        row = await conn.fetchrow(_STORE_ORDER, cmd.order_ref, number, *args)
+        if row is not None:
+            return (row["id"], number, list(row["service_ids"]), list(row["domain_ids"]),
+                    row["invoice_id"])
+        if await conn.fetchval("SELECT 1 FROM orders WHERE order_ref = $1", cmd.order_ref):
+            return None
+    raise RuntimeError("could not draw a free order number")
 
 
-async def _insert_invoice(
-    conn: asyncpg.Connection, order_id: int, client_id: int, currency: str,
-    subtotal: Decimal, discount: Decimal, total: Decimal,
-    products: list[tuple[PricedProduct, int]], domains: list[tuple[PricedDomain, int]],
-    promotion: Promotion | None,
-) -> int:
+def _invoice_lines(
+    products: list[PricedProduct], domains: list[PricedDomain], promotion: Promotion | None,
+    discount: Decimal,
+) -> list[tuple[str, int | None, int | None, str, Decimal]]:
+    """One line per item (and setup fee), the promotion last; items named by position."""
     lines: list[tuple[str, int | None, int | None, str, Decimal]] = []
-    for line, service_id in products:
+    for n, line in enumerate(products, start=1):
         label = f"{line.name} ({line.item.billing_cycle})"
         if line.item.domain:
             label += f" - {line.item.domain}"
-        lines.append(("service", service_id, None, label, line.price))
+        lines.append(("service", n, None, label, line.price))
         if line.setup_fee:
-            lines.append(("setup", service_id, None, f"{line.name} setup fee", line.setup_fee))
-    for line, domain_id in domains:
+            lines.append(("setup", n, None, f"{line.name} setup fee", line.setup_fee))
+    for n, line in enumerate(domains, start=1):
         label = f"Domain {line.item.action} - {line.item.domain}"
         if line.item.action == "register":
             label += f" - {line.item.years} year(s)"
-        lines.append(("domain", None, domain_id, label, line.price))
+        lines.append(("domain", None, n, label, line.price))
     if promotion and discount:
         lines.append(("promotion", None, None, f"Promotion {promotion.code}", -discount))
-    kinds, service_ids, domain_ids, labels, amounts = (list(col) for col in zip(*lines, strict=True))
-    # An invoice of 0.00 is Paid at once.
-    return await conn.fetchval(
-        "WITH inv AS (INSERT INTO invoices (order_id, client_id, status, currency, subtotal,"
-        "  discount, total, paid_at) VALUES ($1, $2, CASE WHEN $6::numeric = 0 THEN 'Paid' ELSE 'Unpaid' END,"
-        "  $3, $4, $5, $6, CASE WHEN $6::numeric = 0 THEN now() END) RETURNING id)"
-        " INSERT INTO invoice_items (invoice_id, kind, service_id, domain_id, description, amount)"
-        " SELECT inv.id, l.* FROM inv, unnest($7::text[], $8::bigint[], $9::bigint[], $10::text[],"
-        "  $11::numeric[]) AS l RETURNING invoice_id",
-        order_id, client_id, currency, subtotal, discount, total,
-        kinds, service_ids, domain_ids, labels, amounts,
-    )
+    return lines
