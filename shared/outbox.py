@@ -33,12 +33,14 @@ class OutboxRelay:
         *,
         batch: int = 500,
         sweep_seconds: float = 5.0,
+        linger_seconds: float = 0.0,
     ) -> None:
         self.pool = pool
         self.exchange = exchange
         self.database_url = database_url
         self.batch = batch
         self.sweep_seconds = sweep_seconds
+        self.linger_seconds = linger_seconds
         self.published = 0
         self.last_failed = 0
         self._wake = asyncio.Event()
@@ -69,6 +71,10 @@ class OutboxRelay:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waking.cancel()
+                if self._wake.is_set() and self.linger_seconds:
+                    # Let the commits of the next few milliseconds join this pass: one
+                    # transaction and one confirm round for many events instead of one each.
+                    await asyncio.sleep(self.linger_seconds)
         finally:
             stopping.cancel()
             if self._listener is not None and not self._listener.is_closed():
