@@ -23,6 +23,7 @@ from rich.table import Table
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from shared import broker, db, logs
+from shared.orders import ORDER_STATUSES
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
@@ -97,7 +98,7 @@ def _first_line(exc: BaseException) -> str:
 @asynccontextmanager
 async def database(s: Settings):  # -> AsyncIterator[asyncpg.Connection]
     conn = await asyncpg.connect(s.database_url)
-    await db._init_connection(conn)
+    await db.init_connection(conn)
     try:
         yield conn
     finally:
@@ -240,8 +241,8 @@ def orders(
     """List orders, newest first."""
     if status is not None:
         status = status.capitalize()
-        if status not in ("Pending", "Active", "Cancelled", "Fraud"):
-            raise UserError(f"unknown status {status!r}; use Pending, Active, Cancelled or Fraud")
+        if status not in ORDER_STATUSES:
+            raise UserError(f"unknown status {status!r}; use {', '.join(ORDER_STATUSES)}")
     rows = _with_db(lambda c: views.list_orders(c, status=status, limit=limit,
                                                 offset=(page - 1) * limit))
     if as_json:

@@ -47,7 +47,7 @@ def _retrying(attempts: int) -> AsyncRetrying:
     )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
@@ -65,7 +65,7 @@ async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 
     async for attempt in _retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
-                database_url, min_size=1, max_size=max_size, init=_init_connection,
+                database_url, min_size=1, max_size=max_size, init=init_connection,
                 command_timeout=60, reset=_keep_session,
             )
     raise AssertionError("unreachable")

@@ -7,8 +7,6 @@ from typing import Any
 
 import asyncpg
 
-from shared.contracts import ItemRef, OrderPlaced
-
 ORDER_STATUSES = ("Pending", "Active", "Cancelled", "Fraud")
 
 # (from, to) pairs allowed by the operator actions table and the screening outcome.
@@ -30,10 +28,6 @@ _ENDED_DOMAIN = ("Cancelled", "Fraud")
 
 class TransitionRefused(Exception):
     pass
-
-
-async def lock_order(conn: asyncpg.Connection, order_id: int) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM orders WHERE id = $1 FOR UPDATE", order_id)
 
 
 async def add_history(
@@ -76,23 +70,4 @@ async def transition(
     await add_history(
         conn, order_id, actor=actor, action=action, from_status=current, to_status=to_status,
         detail=detail,
-    )
-
-
-async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPlaced:
-    """The `order.placed` body, read from the database (placement and the sweeper share it)."""
-    row = await conn.fetchrow(
-        "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency,"
-        " (SELECT id FROM invoices WHERE order_id = o.id) AS invoice_id,"
-        " ARRAY(SELECT id FROM services WHERE order_id = o.id ORDER BY id) AS service_ids,"
-        " ARRAY(SELECT id FROM domains WHERE order_id = o.id ORDER BY id) AS domain_ids"
-        " FROM orders o WHERE o.id = $1",
-        order_id,
-    )
-    items = [ItemRef(type="product", id=i) for i in row["service_ids"]]
-    items += [ItemRef(type="domain", id=i) for i in row["domain_ids"]]
-    return OrderPlaced(
-        order_id=row["id"], order_number=row["order_number"], order_ref=row["order_ref"],
-        client_id=row["client_id"], invoice_id=row["invoice_id"], total=row["total"],
-        currency=row["currency"], items=items,
     )

@@ -272,7 +272,7 @@ class Runtime:
                                 "error": f"{type(exc).__name__}: {exc}"})
             else:
                 for item in ready:
-                    await item.message.ack()
+                    await _ack(item.message)
                 return
         for item in ready:
             await self._handle_one(spec, item)
@@ -320,7 +320,7 @@ class Runtime:
                                                        "message_id": item.context.message_id})
             await self._reject(spec, item.message, item.context.message_id, reason, item.data)
             return
-        await item.message.ack()
+        await _ack(item.message)
 
     async def _run_handler(self, item: _Work) -> None:
         try:
@@ -415,6 +415,16 @@ class Runtime:
         except db.TRANSIENT_DB_ERRORS as exc:
             log.error("could not record the rejection event; the dead letter keeps the reason",
                       extra={"order_ref": order_ref, "error": str(exc)})
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.ack()
+    except broker.TRANSIENT_BROKER_ERRORS as exc:
+        # The channel went away after the commit: the broker redelivers the message and the
+        # inbox row makes the redelivery a no-op.
+        log.warning("ack failed; the message will be redelivered and deduplicated",
+                    extra={"message_id": message.message_id, "error": repr(exc)})
 
 
 def _body_id(body: bytes) -> str:

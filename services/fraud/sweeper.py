@@ -9,7 +9,7 @@ import logging
 import asyncpg
 
 from shared import db
-from shared.orders import order_placed_event
+from shared.contracts import ItemRef, OrderPlaced
 from shared.uow import event_id, write_event
 
 log = logging.getLogger("ordermill.fraud.sweeper")
@@ -54,3 +54,22 @@ class QueuedOrderSweeper:
                 log.warning("order stuck in screening: re-driven", extra={
                     "order_id": row["id"], "order_ref": row["order_ref"], "redrive": redrive})
         return len(stuck)
+
+
+async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPlaced:
+    """The `order.placed` body again, read from the database."""
+    row = await conn.fetchrow(
+        "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency,"
+        " (SELECT id FROM invoices WHERE order_id = o.id) AS invoice_id,"
+        " ARRAY(SELECT id FROM services WHERE order_id = o.id ORDER BY id) AS service_ids,"
+        " ARRAY(SELECT id FROM domains WHERE order_id = o.id ORDER BY id) AS domain_ids"
+        " FROM orders o WHERE o.id = $1",
+        order_id,
+    )
+    items = [ItemRef(type="product", id=i) for i in row["service_ids"]]
+    items += [ItemRef(type="domain", id=i) for i in row["domain_ids"]]
+    return OrderPlaced(
+        order_id=row["id"], order_number=row["order_number"], order_ref=row["order_ref"],
+        client_id=row["client_id"], invoice_id=row["invoice_id"], total=row["total"],
+        currency=row["currency"], items=items,
+    )
