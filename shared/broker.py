@@ -51,6 +51,7 @@ def json_message(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     headers: Mapping[str, object] | None = None,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         json.dumps(body, default=str).encode(),
@@ -62,6 +63,8 @@ def json_message(
         type=routing_key,
         timestamp=datetime.now(UTC),
         headers=dict(headers or {}),
+        # RabbitMQ checks it against the connection's user: consumers may trust it.
+        user_id=user_id,
     )
 
 

@@ -87,12 +87,16 @@ class PlaceOrder(Contract):
 
 
 class PaymentReceived(Contract):
-    invoice_id: int | None = Field(None, gt=0)
+    """A gateway's payment. Read leniently on purpose: money is never dropped, so anything
+    short of "not a payment at all" (no amount) is stored, unapplied if need be, with the
+    reason; the provisioning service decides, not the schema."""
+
+    amount: Decimal | str
+    invoice_id: int | str | None = None
     order_ref: str | None = None
-    amount: Money = Field(gt=0)
-    currency: Currency
-    gateway: str = Field(min_length=1, max_length=50)
-    transaction_id: str = Field(min_length=1, max_length=200)
+    currency: str | None = None
+    gateway: str | None = None
+    transaction_id: str | None = None
 
 
 ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen"]
@@ -150,6 +154,27 @@ class OrderScreened(Contract):
     score: Decimal | None
     threshold: Decimal
     provider: str
+
+
+class OrderEvent(Contract):
+    """Any event about an order: what a consumer that re-reads the order's state needs."""
+
+    order_id: int
+    order_ref: str
+
+
+class InvoicePaid(Contract):
+    invoice_id: int
+    order_id: int
+    order_ref: str
+    amount: Money
+
+
+class PaymentUnapplied(Contract):
+    payment_id: int
+    reason: str
+    order_ref: str | None = None
+    invoice_id: int | None = None
 
 
 class OrderFraud(Contract):

@@ -47,14 +47,35 @@ class Settings(BaseSettings):
     inbox_retention_days: float = Field(30, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
 
+    # Payments and provisioning.
+    payment_publishers: CommaList = []  # broker users allowed to publish payments; empty: any
+    job_max_attempts: int = Field(6, gt=0)
+    job_backoff_seconds: float = Field(30.0, gt=0)
+    job_lease_seconds: float = Field(120.0, gt=0)
+    job_concurrency: int = Field(16, gt=0, le=500)
+    job_poll_seconds: float = Field(5.0, gt=0)
+    module_timeout_seconds: float = Field(10.0, gt=0)
+    whm_scheme: Literal["https", "http"] | None = None  # http only for a local test server
+    epp_host: str | None = None
+    epp_port: int = 700
+    epp_client_id: str | None = None
+    epp_cafile: str | None = None  # EPP_PASSWORD is read from the environment when needed
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("fraud_banned_email_domains", "fraud_banned_ips", mode="before")
     @classmethod
-    def _split(cls, value: object) -> object:
+    def _split_lower(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("payment_publishers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @property

@@ -27,6 +27,7 @@ from packaging.specifiers import SpecifierSet
 
 from cli.catalog import read_catalog
 from cli.main import app
+from services.provisioning.providers import SECRET_ENVIRONMENT
 from services.registry import WORKERS
 from shared.settings import Settings
 
@@ -352,6 +353,10 @@ def test_environment_is_settings_the_code_reads(monkeypatch: pytest.MonkeyPatch)
     known = {prefix + f for f in Settings.model_fields}
     if not Settings.model_config.get("case_sensitive", False):
         known = {k.upper() for k in known}
+    # Secrets are read from the environment by name, not through Settings: the catalog's
+    # servers name their token variables, and the registrars theirs.
+    catalog = read_catalog(ROOT / "catalog.example.toml")
+    known |= {s.token_env for s in catalog.servers if s.token_env} | set(SECRET_ENVIRONMENT)
     for name, svc in app_services().items():
         for var in environment(svc):
             assert var in known, f"{name}: {var} is no setting of shared.settings.Settings (ignored)"

@@ -1,0 +1,204 @@
+"""payment.received: record a payment once per gateway transaction and apply it to its invoice.
+
+Money is never dropped: a payment that cannot be applied is stored `unapplied` with the
+reason, announced with `payment.unapplied`, shown by `ordermill failures`, and applied
+later when its order arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+import asyncpg
+
+from shared.contracts import InvoicePaid, OrderPlaced, PaymentReceived, PaymentUnapplied
+from shared.uow import UnitOfWork
+
+log = logging.getLogger("ordermill.payments")
+
+CENT = Decimal("0.01")
+# Reasons that may clear up by themselves (the order arrives later); the others need a person.
+WAITING_FOR_ORDER = ["order not placed yet%", "unknown invoice%"]
+
+# Called with the locked order after its invoice became Paid (the reconcile step).
+OnPaid = Callable[[UnitOfWork, int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Payments:
+    allowed_publishers: frozenset[str]  # empty: any publisher
+    on_paid: OnPaid
+
+    async def on_payment(self, payment: PaymentReceived, uow: UnitOfWork) -> None:
+        conn = uow.conn
+        amount, amount_problem = _amount(payment.amount)
+        requested_invoice = _int_or_none(payment.invoice_id)
+        payment_id = await conn.fetchval(
+            "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
+            " requested_invoice_id, order_ref, publisher, status, message_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9)"
+            " ON CONFLICT (gateway, transaction_id)"
+            "  WHERE gateway IS NOT NULL AND transaction_id IS NOT NULL DO NOTHING RETURNING id",
+            payment.gateway, payment.transaction_id, amount, str(payment.amount),
+            payment.currency, requested_invoice, payment.order_ref, uow.context.user_id,
+            uow.context.message_id,
+        )
+        if payment_id is None:
+            log.info("payment already recorded", extra={
+                "gateway": payment.gateway, "transaction_id": payment.transaction_id})
+            return
+        problem = amount_problem or self._intake_problem(payment, uow, requested_invoice)
+        if problem is None and requested_invoice is None and payment.invoice_id is not None:
+            problem = f"invoice id {payment.invoice_id!r} is not a number"
+        if problem:
+            await _leave_unapplied(uow, payment_id, problem)
+            return
+        await self.apply(uow, payment_id)
+
+    def _intake_problem(
+        self, payment: PaymentReceived, uow: UnitOfWork, invoice_id: int | None
+    ) -> str | None:
+        if self.allowed_publishers and uow.context.user_id not in self.allowed_publishers:
+            return f"publisher {uow.context.user_id or '(none)'!r} is not a configured gateway"
+        if not payment.gateway or not payment.transaction_id:
+            return "no gateway or transaction id"
+        if not payment.currency:
+            return "no currency"
+        if invoice_id is None and not payment.order_ref and payment.invoice_id is None:
+            return "names neither an invoice nor an order"
+        return None
+
+    async def apply(self, uow: UnitOfWork, payment_id: int) -> bool:
+        """Apply a recorded payment to its invoice if it can be; True when applied."""
+        conn = uow.conn
+        p = await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
+        target = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
+        problem = _application_problem(p, target)
+        if problem:
+            await _leave_unapplied(uow, payment_id, problem)
+            return False
+        assert target is not None
+        paid_before = target["amount_paid"]
+        paid_now = paid_before + p["amount"]
+        newly_paid = target["status"] == "Unpaid" and paid_now >= target["total"]
+        # What goes over the total becomes client credit (all of it, on an invoice already paid).
+        credit = max(Decimal("0.00"), paid_now - max(target["total"], paid_before))
+        await conn.execute(
+            "UPDATE invoices SET amount_paid = $2,"
+            " status = CASE WHEN $3 THEN 'Paid' ELSE status END,"
+            " paid_at = CASE WHEN $3 THEN now() ELSE paid_at END WHERE id = $1",
+            target["id"], paid_now, newly_paid,
+        )
+        await conn.execute(
+            "UPDATE payments SET status = 'applied', reason = NULL, invoice_id = $2,"
+            " credit = $3, applied_at = now() WHERE id = $1",
+            payment_id, target["id"], credit,
+        )
+        if credit:
+            await conn.execute(
+                "WITH c AS (INSERT INTO client_credit (client_id, amount, currency, payment_id,"
+                "  reason) VALUES ($1, $2, $3, $4, 'overpayment'))"
+                " UPDATE clients SET credit = credit + $2 WHERE id = $1",
+                target["client_id"], credit, p["currency"], payment_id,
+            )
+        await conn.execute(
+            "INSERT INTO order_history (order_id, actor, action, detail) VALUES ($1, $2, $3, $4)",
+            target["order_id"], uow.actor, "payment",
+            {"payment_id": payment_id, "amount": str(p["amount"]), "gateway": p["gateway"],
+             "transaction_id": p["transaction_id"], "credit": str(credit)},
+        )
+        log.info("payment applied", extra={
+            "payment_id": payment_id, "invoice_id": target["id"], "order_id": target["order_id"],
+            "order_ref": target["order_ref"], "amount": str(p["amount"]),
+            "invoice_paid": newly_paid})
+        if newly_paid:
+            uow.emit("invoice.paid", InvoicePaid(
+                invoice_id=target["id"], order_id=target["order_id"],
+                order_ref=target["order_ref"], amount=target["total"]))
+            await self.on_paid(uow, target["order_id"])
+        return True
+
+    async def on_order_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
+        """Payments that arrived before their order are applied now."""
+        waiting = await uow.conn.fetch(
+            "SELECT id FROM payments WHERE status = 'unapplied'"
+            " AND (order_ref = $1 OR requested_invoice_id = $2)"
+            " AND reason LIKE ANY($3::text[]) ORDER BY id",
+            event.order_ref, event.invoice_id, WAITING_FOR_ORDER,
+        )
+        for row in waiting:
+            await self.apply(uow, row["id"])
+
+
+async def _find_invoice(
+    conn: asyncpg.Connection, invoice_id: int | None, order_ref: str | None
+) -> asyncpg.Record | str:
+    """The invoice, locked with its order (order first: the lock order everyone uses)."""
+    if invoice_id is not None:
+        order_id = await conn.fetchval("SELECT order_id FROM invoices WHERE id = $1", invoice_id)
+        if order_id is None:
+            return f"unknown invoice {invoice_id}"
+    else:
+        order_id = await conn.fetchval("SELECT id FROM orders WHERE order_ref = $1", order_ref)
+        if order_id is None:
+            return f"order not placed yet: {order_ref}"
+    order = await conn.fetchrow(
+        "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
+    # Read after the order's lock is held: a row joined into the locking statement could be
+    # a stale version, and two payments would then both add to the same old amount.
+    row = await conn.fetchrow(
+        "SELECT i.*, $2::text AS order_status, $3::text AS order_ref FROM invoices i"
+        " WHERE i.order_id = $1 FOR UPDATE", order_id, order["status"], order["order_ref"])
+    if row is None:
+        return f"order {order['order_ref']} has no invoice"
+    return row
+
+
+def _application_problem(p: asyncpg.Record, target: asyncpg.Record | str) -> str | None:
+    if isinstance(target, str):
+        return target
+    if p["requested_invoice_id"] is not None and p["order_ref"] and \
+            p["order_ref"] != target["order_ref"]:
+        return f"invoice {target['id']} belongs to order {target['order_ref']}, not {p['order_ref']}"
+    if p["currency"] != target["currency"]:
+        return f"currency {p['currency']} does not match invoice {target['id']} in {target['currency']}"
+    if target["order_status"] in ("Cancelled", "Fraud"):
+        return f"order {target['order_ref']} is {target['order_status']}"
+    if target["status"] == "Cancelled":
+        return f"invoice {target['id']} is Cancelled"
+    return None
+
+
+async def _leave_unapplied(uow: UnitOfWork, payment_id: int, reason: str) -> None:
+    row = await uow.conn.fetchrow(
+        "UPDATE payments SET status = 'unapplied', reason = $2 WHERE id = $1"
+        " RETURNING order_ref, requested_invoice_id", payment_id, reason,
+    )
+    uow.emit("payment.unapplied", PaymentUnapplied(
+        payment_id=payment_id, reason=reason, order_ref=row["order_ref"],
+        invoice_id=row["requested_invoice_id"]))
+    log.warning("payment not applied", extra={"payment_id": payment_id, "reason": reason,
+                                              "order_ref": row["order_ref"]})
+
+
+def _amount(raw: Decimal | str) -> tuple[Decimal | None, str | None]:
+    try:
+        amount = Decimal(str(raw))
+    except InvalidOperation:
+        return None, f"amount {raw!r} is not a number"
+    if not amount.is_finite() or amount <= 0:
+        return None, f"amount {raw!r} is not a positive amount"
+    if amount != amount.quantize(CENT):
+        return None, f"amount {raw!r} has more than two decimal places"
+    return amount, None
+
+
+def _int_or_none(value: int | str | None) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None

@@ -1,0 +1,120 @@
+"""Server modules and registrars by name, built once per server and reused (one HTTP
+session each). Secrets come from the environment, never from the catalog."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from services.provisioning.modules.base import Account, ModuleResult, ServerModule
+from services.provisioning.registrars.base import DomainRequest, Registrar, RegistrarResult
+from shared.settings import Settings
+
+log = logging.getLogger("ordermill.provisioning")
+
+# Secrets read from the environment by name (servers' tokens are named by their token_env).
+SECRET_ENVIRONMENT = ("EPP_PASSWORD",)
+
+
+class Misconfigured:
+    """Stands in for a module or registrar that cannot be built: every call fails
+    definitively with the reason, so the job is parked where an operator sees why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    async def create(self, account: Account) -> ModuleResult:
+        return ModuleResult.failure(self.reason)
+
+    async def suspend(self, account: Account, reason: str) -> ModuleResult:
+        return ModuleResult.failure(self.reason)
+
+    async def unsuspend(self, account: Account) -> ModuleResult:
+        return ModuleResult.failure(self.reason)
+
+    async def terminate(self, account: Account) -> ModuleResult:
+        return ModuleResult.failure(self.reason)
+
+    async def register(self, request: DomainRequest) -> RegistrarResult:
+        return RegistrarResult.failure(self.reason)
+
+    async def transfer(self, request: DomainRequest) -> RegistrarResult:
+        return RegistrarResult.failure(self.reason)
+
+    async def close(self) -> None:
+        return None
+
+
+class Providers:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.environ = os.environ if environ is None else environ
+        self._modules: dict[tuple[str, int | None], Any] = {}
+        self._registrars: dict[str, Any] = {}
+
+    def module(self, name: str, server: asyncpg.Record | None) -> ServerModule:
+        key = (name, server["id"] if server else None)
+        if key not in self._modules:
+            self._modules[key] = self._build_module(name, server)
+        return self._modules[key]
+
+    def registrar(self, name: str) -> Registrar:
+        if name not in self._registrars:
+            self._registrars[name] = self._build_registrar(name)
+        return self._registrars[name]
+
+    async def close(self) -> None:
+        for provider in [*self._modules.values(), *self._registrars.values()]:
+            await provider.close()
+        self._modules.clear()
+        self._registrars.clear()
+
+    def _build_module(self, name: str, server: asyncpg.Record | None) -> Any:
+        if name == "autorelease":
+            from services.provisioning.modules.autorelease import AutoreleaseModule
+
+            return AutoreleaseModule()
+        if name == "cpanel":
+            if server is None:
+                return Misconfigured(name, "product uses cpanel but names no server")
+            token = self.environ.get(server["token_env"] or "")
+            if not token:
+                return Misconfigured(name, f"server {server['name']}: environment variable "
+                                           f"{server['token_env'] or '(token_env unset)'} is not set")
+            from services.provisioning.modules.cpanel import CpanelModule
+
+            return CpanelModule(**self._cpanel_options(server, token))
+        return Misconfigured(name, f"unknown server module {name!r}")
+
+    def _cpanel_options(self, server: asyncpg.Record, token: str) -> dict[str, Any]:
+        host, _, port = (server["hostname"] or "").partition(":")
+        return {"hostname": host, "port": int(port or 2087), "username": server["username"],
+                "token": token, "timeout": self.settings.module_timeout_seconds,
+                **({"scheme": self.settings.whm_scheme} if self.settings.whm_scheme else {})}
+
+    def _build_registrar(self, name: str) -> Any:
+        if name == "manual":
+            from services.provisioning.registrars.manual import ManualRegistrar
+
+            return ManualRegistrar()
+        if name == "epp":
+            s = self.settings
+            password = self.environ.get("EPP_PASSWORD")
+            if not (s.epp_host and s.epp_client_id and password):
+                return Misconfigured(name, "EPP registrar needs EPP_HOST, EPP_CLIENT_ID and "
+                                           "EPP_PASSWORD")
+            from services.provisioning.registrars.epp import EppRegistrar
+
+            return EppRegistrar(**self._epp_options(password))
+        return Misconfigured(name, f"unknown registrar {name!r}")
+
+    def _epp_options(self, password: str) -> dict[str, Any]:
+        s = self.settings
+        return {"host": s.epp_host, "port": s.epp_port, "client_id": s.epp_client_id,
+                "password": password, "timeout": s.module_timeout_seconds,
+                "cafile": s.epp_cafile}

@@ -1,0 +1,36 @@
+"""The provisioning worker: payments, the reconcile step per order, and the job runner."""
+
+from __future__ import annotations
+
+from services.provisioning.handlers import on_order_event, on_retry, reconcile_paid
+from services.provisioning.jobs import JobPolicy, JobRunner
+from services.provisioning.payments import Payments
+from services.provisioning.providers import Providers
+from shared.runtime import WorkerSpec, route
+from shared.settings import Settings
+
+
+def worker(settings: Settings) -> WorkerSpec:
+    providers = Providers(settings)
+    runner = JobRunner(providers, JobPolicy(
+        max_attempts=settings.job_max_attempts, backoff_seconds=settings.job_backoff_seconds,
+        lease_seconds=settings.job_lease_seconds, concurrency=settings.job_concurrency,
+        poll_seconds=settings.job_poll_seconds,
+    ), settings.database_url)
+    payments = Payments(frozenset(settings.payment_publishers), on_paid=reconcile_paid)
+    reconciling = route(on_order_event)
+    return WorkerSpec(
+        service="provisioning",
+        routes={
+            "payment.received": route(payments.on_payment),
+            "order.placed": route(payments.on_order_placed),
+            "order.screened": reconciling,
+            "order.fraud": reconciling,
+            "order.accepted": reconciling,
+            "order.cancelled": reconciling,
+            "order.pending": reconciling,
+            "order.retry": route(on_retry),
+        },
+        background=(runner.run,),
+        on_stop=(providers.close,),
+    )

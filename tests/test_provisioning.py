@@ -1,0 +1,299 @@
+"""Payments and provisioning end to end (autorelease module, manual registrar)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from conftest import Harness, eventually, order_body
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from services.provisioning.worker import worker as provisioning_worker
+from shared.orders import transition
+
+FAST_JOBS = {"job_backoff_seconds": 0.2, "job_poll_seconds": 0.5}
+
+
+@pytest.fixture
+def fast(harness: Harness):
+    harness.settings = harness.settings.model_copy(update=FAST_JOBS)
+    return harness
+
+
+def workers(h: Harness, *names: str):
+    make = {"placement": placement_worker, "fraud": fraud_worker,
+            "provisioning": provisioning_worker}
+    return [make[n](h.settings) for n in names or make]
+
+
+def starter(ref: str, **overrides: Any) -> dict[str, Any]:
+    """One on_payment autorelease product and one .example domain (manual, no auto-register)."""
+    items = [{"type": "product", "product": "starter", "billing_cycle": "monthly",
+              "domain": f"{ref}.example"},
+             {"type": "domain", "domain": f"{ref}.example", "action": "register"}]
+    return order_body(ref, items=items, **overrides)
+
+
+async def pay(h: Harness, amount: str, txn: str, *, invoice_id: int | None = None,
+              order_ref: str | None = None, currency: str = "USD", **props: Any) -> str:
+    body: dict[str, Any] = {"amount": amount, "currency": currency, "gateway": "stripe",
+                            "transaction_id": txn}
+    if invoice_id is not None:
+        body["invoice_id"] = invoice_id
+    if order_ref is not None:
+        body["order_ref"] = order_ref
+    return await h.publish("payment.received", body, **props)
+
+
+async def item_statuses(h: Harness, order_id: int) -> dict[str, str]:
+    rows = await h.pool.fetch(
+        "SELECT 'service' AS t, status FROM services WHERE order_id = $1"
+        " UNION ALL SELECT 'domain', status FROM domains WHERE order_id = $1", order_id)
+    return {r["t"]: r["status"] for r in rows}
+
+
+async def service_active(h: Harness, order_id: int) -> bool:
+    return await h.pool.fetchval(
+        "SELECT bool_and(status = 'Active' AND live) FROM services WHERE order_id = $1",
+        order_id) is True
+
+
+async def invoice_of(h: Harness, order_id: int):
+    return await h.pool.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)
+
+
+async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pending(
+    fast: Harness,
+) -> None:
+    store = await fast.listen("invoice.paid", "service.created", "email.send")
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("pay-1"))
+    order = await fast.screened("pay-1")
+    invoice = await invoice_of(fast, order["id"])
+    assert invoice["total"] == Decimal("5.95")
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0  # not paid yet
+
+    await pay(fast, "5.95", "ch_1", invoice_id=invoice["id"])
+    await eventually(lambda: service_active(fast, order["id"]))
+    assert (await fast.order("pay-1"))["status"] == "Pending"  # review is still an operator's
+    assert (await invoice_of(fast, order["id"]))["status"] == "Paid"
+    # .example does not auto-register: it waits for Accept.
+    assert (await item_statuses(fast, order["id"]))["domain"] == "Pending"
+    paid = await store.wait_for("invoice.paid", lambda b: b["order_ref"] == "pay-1")
+    assert (paid["invoice_id"], paid["amount"]) == (invoice["id"], "5.95")
+    created = await store.wait_for("service.created", lambda b: b["order_ref"] == "pay-1")
+    assert created["order_id"] == order["id"]
+    welcome = await store.wait_for("email.send", lambda b: b["template"] == "hosting_welcome")
+    assert welcome["recipient"] == "pay-1@shop.example"
+    username = await fast.pool.fetchval(
+        "SELECT username FROM services WHERE order_id = $1", order["id"])
+    assert username.startswith("payexam")
+
+
+async def test_partial_then_full_payment_overpayment_becomes_credit(fast: Harness) -> None:
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("part-1"))
+    order = await fast.screened("part-1")
+    invoice = await invoice_of(fast, order["id"])
+    await pay(fast, "2.00", "t-part-1", invoice_id=invoice["id"])
+
+    async def paid_so_far() -> Decimal | None:
+        row = await invoice_of(fast, order["id"])
+        return row["amount_paid"] if row["amount_paid"] > 0 else None
+    assert await eventually(paid_so_far) == Decimal("2.00")
+    assert (await invoice_of(fast, order["id"]))["status"] == "Unpaid"
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0
+    await pay(fast, "5.00", "t-part-2", invoice_id=invoice["id"])
+    await eventually(lambda: service_active(fast, order["id"]))
+    final = await invoice_of(fast, order["id"])
+    assert (final["status"], final["amount_paid"]) == ("Paid", Decimal("7.00"))
+    assert await fast.pool.fetchval(
+        "SELECT credit FROM clients WHERE id = $1", order["client_id"]) == Decimal("1.05")
+    assert await fast.pool.fetchval(
+        "SELECT credit FROM payments WHERE transaction_id = 't-part-2'") == Decimal("1.05")
+
+
+async def test_the_same_payment_twice_is_one_record(fast: Harness) -> None:
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("twice-1"))
+    order = await fast.screened("twice-1")
+    invoice = await invoice_of(fast, order["id"])
+    await pay(fast, "3.00", "ch_same", invoice_id=invoice["id"])
+    await pay(fast, "3.00", "ch_same", invoice_id=invoice["id"])  # a new message, same txn
+    await pay(fast, "1.00", "ch_other", invoice_id=invoice["id"])
+
+    async def settled() -> bool:
+        return await fast.pool.fetchval("SELECT count(*) FROM payments") == 2 and (
+            await invoice_of(fast, order["id"]))["amount_paid"] == Decimal("4.00")
+    await eventually(settled)
+    assert await fast.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE transaction_id = 'ch_same'") == 1
+
+
+async def test_payment_before_its_order_is_applied_when_the_order_arrives(
+    fast: Harness,
+) -> None:
+    store = await fast.listen("payment.unapplied")
+    await fast.start(workers(fast))
+    await pay(fast, "5.95", "early-txn", order_ref="early-pay")
+    unapplied = await store.wait_for("payment.unapplied", lambda b: b["order_ref"] == "early-pay")
+    assert unapplied["reason"] == "order not placed yet: early-pay"
+    await fast.publish("order.place", starter("early-pay"))
+    order = await fast.screened("early-pay")
+    await eventually(lambda: service_active(fast, order["id"]))
+    payment = await fast.pool.fetchrow("SELECT * FROM payments WHERE transaction_id = 'early-txn'")
+    assert (payment["status"], payment["reason"]) == ("applied", None)
+
+
+async def test_payment_before_screening_finishes_sets_up_only_after_screening(
+    fast: Harness,
+) -> None:
+    await fast.start(workers(fast, "placement", "provisioning"))  # no fraud worker yet
+    await fast.publish("order.place", starter("prescreen-1"))
+    order = await eventually(lambda: fast.order("prescreen-1"))
+    invoice = await eventually(lambda: invoice_of(fast, order["id"]))
+    await pay(fast, "5.95", "pre-1", invoice_id=invoice["id"])
+
+    async def paid() -> bool:
+        return (await invoice_of(fast, order["id"]))["status"] == "Paid"
+    await eventually(paid)
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0  # screening not done
+    await fast.start(workers(fast, "fraud"), relay=False)
+    await eventually(lambda: service_active(fast, order["id"]))
+
+
+async def test_a_fraud_order_never_touches_a_server_and_its_payment_is_kept(
+    fast: Harness,
+) -> None:
+    store = await fast.listen("payment.unapplied")
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("fraud-pay", ip_address="192.0.2.66"))
+    order = await fast.screened("fraud-pay")
+    assert order["status"] == "Fraud"
+    invoice = await invoice_of(fast, order["id"])
+    await pay(fast, "5.95", "fraud-txn", invoice_id=invoice["id"])
+    event = await store.wait_for("payment.unapplied", lambda b: b["invoice_id"] == invoice["id"])
+    assert event["reason"] == "order fraud-pay is Fraud"
+    payment = await fast.pool.fetchrow("SELECT * FROM payments WHERE transaction_id='fraud-txn'")
+    assert (payment["status"], payment["amount"]) == ("unapplied", Decimal("5.95"))
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0
+    assert (await invoice_of(fast, order["id"]))["status"] == "Cancelled"
+
+
+async def test_payments_that_cannot_be_applied_are_stored_with_their_reason(
+    fast: Harness,
+) -> None:
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("bad-pay"))
+    order = await fast.screened("bad-pay")
+    invoice = await invoice_of(fast, order["id"])
+    cases = {
+        "p-cur": ("5.95", {"invoice_id": invoice["id"], "currency": "EUR"},
+                  f"currency EUR does not match invoice {invoice['id']} in USD"),
+        "p-unknown": ("5.95", {"invoice_id": 999999}, "unknown invoice 999999"),
+        "p-ref": ("5.95", {"invoice_id": invoice["id"], "order_ref": "other-ref"},
+                  f"invoice {invoice['id']} belongs to order bad-pay, not other-ref"),
+        "p-cents": ("5.955", {"invoice_id": invoice["id"]},
+                    "amount '5.955' has more than two decimal places"),
+        "p-neg": ("-1", {"invoice_id": invoice["id"]}, "amount '-1' is not a positive amount"),
+        "p-nan": ("lots", {"invoice_id": invoice["id"]}, "amount 'lots' is not a number"),
+    }
+    for txn, (amount, fields, _) in cases.items():
+        body = {"amount": amount, "currency": "USD", "gateway": "stripe", "transaction_id": txn,
+                **fields}
+        await fast.publish("payment.received", body)
+
+    async def all_stored() -> bool:
+        return await fast.pool.fetchval("SELECT count(*) FROM payments") == len(cases)
+    await eventually(all_stored)
+    stored = {r["transaction_id"]: r for r in await fast.pool.fetch("SELECT * FROM payments")}
+    for txn, (amount, _, reason) in cases.items():
+        assert (stored[txn]["status"], stored[txn]["reason"]) == ("unapplied", reason), txn
+        assert stored[txn]["raw_amount"] == amount
+    assert (await invoice_of(fast, order["id"]))["amount_paid"] == 0
+    # Not a payment at all: dead-lettered with the reason.
+    await fast.publish("payment.received", {"currency": "USD", "gateway": "stripe"})
+    dead = await eventually(lambda: fast.dead_letters("provisioning"))
+    assert dead[0].headers["x-ordermill-reason"] == "schema: amount: Field required"
+
+
+async def test_a_payment_from_a_publisher_that_is_not_a_gateway_is_not_applied(
+    fast: Harness,
+) -> None:
+    settings = fast.settings.model_copy(update={"payment_publishers": ["gateway-stripe"]})
+    await fast.start([placement_worker(settings), fraud_worker(settings),
+                      provisioning_worker(settings)])
+    await fast.publish("order.place", starter("pub-1"))
+    order = await fast.screened("pub-1")
+    invoice = await invoice_of(fast, order["id"])
+    # The broker validates user_id against the connection's user (guest here).
+    await pay(fast, "5.95", "pub-guest", invoice_id=invoice["id"], user_id="guest")
+    await pay(fast, "5.95", "pub-anon", invoice_id=invoice["id"])
+
+    async def both() -> list:
+        rows = await fast.pool.fetch(
+            "SELECT transaction_id, status, reason, publisher FROM payments ORDER BY transaction_id")
+        return rows if len(rows) == 2 else None
+    rows = await eventually(both)
+    assert [(r["transaction_id"], r["status"], r["reason"], r["publisher"]) for r in rows] == [
+        ("pub-anon", "unapplied", "publisher '(none)' is not a configured gateway", None),
+        ("pub-guest", "unapplied", "publisher 'guest' is not a configured gateway", "guest")]
+    assert (await invoice_of(fast, order["id"]))["status"] == "Unpaid"
+
+
+async def test_on_order_product_is_set_up_as_soon_as_screening_clears(fast: Harness) -> None:
+    await fast.start(workers(fast))
+    trial = order_body("trial-2", items=[{"type": "product", "product": "trial",
+                                          "billing_cycle": "monthly", "domain": "t2.example"}])
+    await fast.publish("order.place", trial)
+    order = await fast.screened("trial-2")
+    await eventually(lambda: service_active(fast, order["id"]))
+    assert (await fast.order("trial-2"))["status"] == "Pending"
+
+
+async def test_no_invoice_means_nothing_automatic_until_accept(fast: Harness) -> None:
+    await fast.start(workers(fast))
+    trial = order_body("noinv-2", generate_invoice=False, items=[
+        {"type": "product", "product": "trial", "billing_cycle": "monthly",
+         "domain": "n2.example"},
+        {"type": "product", "product": "dedicated", "billing_cycle": "monthly"},
+        {"type": "domain", "domain": "n2.example", "action": "register"}])
+    await fast.publish("order.place", trial)
+    order = await fast.screened("noinv-2")
+    await fast.publish("order.screened", {"order_id": order["id"], "order_ref": "noinv-2"})
+    await fast.publish("order.place", order_body("marker-2"))
+    await fast.screened("marker-2")
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0
+    # Accept (the review service's effect, done here by hand) with its default options.
+    await fast.pool.execute(
+        "UPDATE orders SET status = 'Active', accept_options = $2 WHERE id = $1", order["id"],
+        {"run_module_create": True, "register_domains": True, "send_welcome_email": False})
+    await fast.publish("order.accepted", {"order_id": order["id"], "order_ref": "noinv-2"})
+    await eventually(lambda: service_active(fast, order["id"]))  # 'never' included
+    statuses = await eventually(lambda: _domain_done(fast, order["id"]))
+    assert statuses == "Pending Registration"  # the manual registrar: an operator completes it
+
+
+async def _domain_done(h: Harness, order_id: int) -> str | None:
+    status = await h.pool.fetchval("SELECT status FROM domains WHERE order_id = $1", order_id)
+    return None if status == "Pending" else status
+
+
+async def test_cancel_terminates_a_live_account(fast: Harness) -> None:
+    store = await fast.listen("service.terminated")
+    await fast.start(workers(fast))
+    trial = order_body("cancel-1", items=[{"type": "product", "product": "trial",
+                                           "billing_cycle": "monthly", "domain": "c1.example"}])
+    await fast.publish("order.place", trial)
+    order = await fast.screened("cancel-1")
+    await eventually(lambda: service_active(fast, order["id"]))
+    async with fast.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT * FROM orders WHERE id = $1 FOR UPDATE", order["id"])
+        await transition(conn, row, "Cancelled", actor="alice", action="cancel")
+    await fast.publish("order.cancelled", {"order_id": order["id"], "order_ref": "cancel-1"})
+    event = await store.wait_for("service.terminated", lambda b: b["order_ref"] == "cancel-1")
+    service = await fast.pool.fetchrow("SELECT * FROM services WHERE id = $1", event["service_id"])
+    assert (service["status"], service["live"]) == ("Cancelled", False)
+    assert service["terminated_at"] is not None
