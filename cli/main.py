@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiormq
 import asyncpg
 import typer
+from aio_pika.exceptions import PublishError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
@@ -278,14 +280,19 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
               f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
               f"total {data['total']} {data['currency']}")
     out.print(table("Items", ["id", "type", "status", "product", "domain", "cycle/action",
-                              "amount"],
+                              "amount", "setup", "attempts", "last error"],
                     [[i["id"], i["type"], i["status"], i["product"], i["domain"],
-                      i["billing_cycle"] or i["action"], i["amount"]] for i in data["items"]]))
+                      i["billing_cycle"] or i["action"], i["amount"],
+                      i["setup"] and f"{i['setup']['job']} {i['setup']['status']}",
+                      i["setup"] and i["setup"]["attempts"], i["setup"] and i["setup"]["last_error"]]
+                     for i in data["items"]]))
     if data["invoice"]:
         inv = data["invoice"]
         out.print(table(f"Invoice {inv['id']}: {inv['status']}, total {inv['total']} "
                         f"{inv['currency']}", ["line", "amount"],
                         [[ln["description"], ln["amount"]] for ln in inv["lines"]]))
+    if data["payments"]:
+        out.print(_payments_table("Payments", data["payments"]))
     fraud = data["fraud"]
     if fraud:
         out.print(f"Fraud check ({fraud['provider']}): {fraud['result']}, score "
@@ -298,9 +305,17 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
                      for h in data["history"]]))
 
 
+def _payments_table(title: str, payments: list[dict[str, Any]]) -> Table:
+    return table(title, ["id", "status", "amount", "gateway", "transaction", "invoice",
+                         "order ref", "reason"],
+                 [[p["id"], p["status"], f"{p['amount']} {p['currency'] or ''}", p["gateway"],
+                   p["transaction_id"], p["invoice_id"] or p["requested_invoice_id"],
+                   p["order_ref"], p["reason"]] for p in payments])
+
+
 @app.command()
 def failures(as_json: bool = JsonOpt) -> None:
-    """What needs an operator: screening errors, orders stuck in screening."""
+    """What needs an operator: parked setups, unapplied payments, screening errors."""
     s = settings()
     data = _with_db(lambda c: views.failures(c, stuck_seconds=s.screening_stuck_seconds))
     if as_json:
@@ -311,6 +326,11 @@ def failures(as_json: bool = JsonOpt) -> None:
     out.print(table("Stuck in screening", ["order", "ref", "re-drives", "since"],
                     [[f["order_id"], f["order_ref"], f["redrives"], f["queued_since"][:19]]
                      for f in data["stuck_in_screening"]]))
+    out.print(table("Parked setups (the module queue: `ordermill retry ORDER_ID` comes with #4)",
+                    ["job", "order", "ref", "what", "attempts", "error"],
+                    [[f["job_id"], f["order_id"], f["order_ref"], f"{f['job']} {f['item']}",
+                      f["attempts"], f["error"]] for f in data["parked_setups"]]))
+    out.print(_payments_table("Unapplied payments", data["unapplied_payments"]))
 
 
 # -- broker --------------------------------------------------------------------------------
@@ -380,6 +400,46 @@ def dead_letters(
     out.print(table("Dead letters", ["queue", "routing key", "message id", "reason", "at"],
                     [[r["queue"], r["routing_key"], r["message_id"], r["reason"],
                       (r["dead_at"] or "")[:19]] for r in rows]))
+
+
+@app.command()
+def pay(
+    invoice_id: int = typer.Argument(..., min=1),
+    amount: str = typer.Option(..., "--amount", help="A decimal amount, e.g. 12.95."),
+    transaction_id: str = typer.Option(..., "--transaction-id"),
+    gateway: str = typer.Option("manual", "--gateway"),
+    currency: str = typer.Option(None, "--currency", help="Default: the invoice's."),
+) -> None:
+    """Record a payment: publishes payment.received, as a gateway would."""
+    try:
+        value = Decimal(amount)
+    except InvalidOperation:
+        raise UserError(f"amount {amount!r} is not a number") from None
+    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")):
+        raise UserError(f"amount {amount!r} must be positive with at most two decimals")
+    s = settings()
+
+    async def go() -> str:
+        async with database(s) as conn:
+            chosen = currency or await conn.fetchval(
+                "SELECT coalesce((SELECT currency FROM invoices WHERE id = $1),"
+                " (SELECT value FROM catalog_meta WHERE key = 'default_currency'))", invoice_id)
+        connection = await broker.connect(s.amqp_url, attempts=2)
+        async with connection:
+            channel = await broker.open_publisher(connection)
+            exchange = await channel.get_exchange(Names(s.namespace).exchange)
+            message = broker.json_message(
+                {"invoice_id": invoice_id, "amount": str(value), "currency": chosen,
+                 "gateway": gateway, "transaction_id": transaction_id},
+                routing_key="payment.received")
+            try:
+                await broker.publish(exchange, "payment.received", message)
+            except PublishError:
+                raise UserError("no queue takes payment.received: run `ordermill migrate`") from None
+            return message.message_id
+
+    message_id = run_async(go())
+    out.print(f"payment of {value} for invoice {invoice_id} published (message {message_id})")
 
 
 @app.command()

@@ -59,16 +59,28 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
     items = [
         {"id": r["id"], "type": r["type"], "status": r["status"], "domain": r["domain"],
          "product": r["product"], "billing_cycle": r["billing_cycle"], "action": r["action"],
-         "amount": str(r["amount"])}
+         "amount": str(r["amount"]), "username": r["username"], "live": r["live"],
+         "setup": {"job": r["job_kind"], "status": r["job_status"], "attempts": r["attempts"],
+                   "last_error": r["last_error"]} if r["job_kind"] else None}
         for r in await conn.fetch(
-            "SELECT s.id, 'product' AS type, s.status, s.domain, p.slug AS product,"
-            " s.billing_cycle, NULL AS action, s.amount FROM services s"
-            " JOIN products p ON p.id = s.product_id WHERE s.order_id = $1"
-            " UNION ALL SELECT d.id, 'domain', d.status, d.domain, NULL, NULL, d.action, d.amount"
-            " FROM domains d WHERE d.order_id = $1 ORDER BY 2 DESC, 1",
+            "SELECT i.*, j.kind AS job_kind, j.status AS job_status, j.attempts, j.last_error"
+            " FROM (SELECT s.id, 'product' AS type, s.status, s.domain, p.slug AS product,"
+            "   s.billing_cycle, NULL AS action, s.amount, s.username, s.live FROM services s"
+            "   JOIN products p ON p.id = s.product_id WHERE s.order_id = $1"
+            "  UNION ALL SELECT d.id, 'domain', d.status, d.domain, NULL, NULL, d.action, d.amount,"
+            "   NULL, NULL FROM domains d WHERE d.order_id = $1) i"
+            " LEFT JOIN LATERAL (SELECT * FROM jobs j WHERE j.order_id = $1"
+            "   AND CASE WHEN i.type = 'product' THEN j.service_id ELSE j.domain_id END = i.id"
+            "   ORDER BY j.id DESC LIMIT 1) j ON true"
+            " ORDER BY i.type DESC, i.id",
             order_id,
         )
     ]
+    payments = [_payment_row(r) for r in await conn.fetch(
+        "SELECT p.* FROM payments p LEFT JOIN invoices i ON i.id = p.invoice_id"
+        " WHERE i.order_id = $1 OR p.order_ref = $2"
+        "  OR p.requested_invoice_id = (SELECT id FROM invoices WHERE order_id = $1)"
+        " ORDER BY p.id", order_id, o["order_ref"])]
     invoice = None
     inv = await conn.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)
     if inv is not None:
@@ -79,7 +91,7 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         invoice = {
             "id": inv["id"], "status": inv["status"], "currency": inv["currency"],
             "subtotal": str(inv["subtotal"]), "discount": str(inv["discount"]),
-            "total": str(inv["total"]),
+            "total": str(inv["total"]), "amount_paid": str(inv["amount_paid"]),
             "paid_at": inv["paid_at"].isoformat() if inv["paid_at"] else None,
             "lines": [{"description": r["description"], "amount": str(r["amount"])}
                       for r in lines],
@@ -114,7 +126,8 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         "ip_address": str(o["ip_address"]) if o["ip_address"] else None,
         "send_confirmation": o["send_confirmation"], "generate_invoice": o["generate_invoice"],
         "accept_options": o["accept_options"], "created_at": o["created_at"].isoformat(),
-        "items": items, "invoice": invoice, "payments": [], "fraud": fraud, "history": history,
+        "items": items, "invoice": invoice, "payments": payments, "fraud": fraud,
+        "history": history,
     }
 
 
@@ -140,4 +153,28 @@ async def failures(conn: asyncpg.Connection, *, stuck_seconds: int) -> dict[str,
             float(stuck_seconds),
         )
     ]
-    return {"screening_errors": screening_errors, "stuck_in_screening": stuck}
+    parked = [
+        {"job_id": r["id"], "order_id": r["order_id"], "order_ref": r["order_ref"],
+         "job": r["kind"], "item": f"service {r['service_id']}" if r["service_id"]
+         else f"domain {r['domain_id']}", "attempts": r["attempts"], "error": r["last_error"],
+         "since": r["updated_at"].isoformat()}
+        for r in await conn.fetch(
+            "SELECT j.*, o.order_ref FROM jobs j JOIN orders o ON o.id = j.order_id"
+            " WHERE j.status = 'parked' ORDER BY j.id")
+    ]
+    unapplied = [_payment_row(r) for r in await conn.fetch(
+        "SELECT * FROM payments WHERE status = 'unapplied' ORDER BY id")]
+    return {"screening_errors": screening_errors, "stuck_in_screening": stuck,
+            "parked_setups": parked, "unapplied_payments": unapplied}
+
+
+def _payment_row(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": r["id"], "status": r["status"], "reason": r["reason"],
+        "amount": str(r["amount"]) if r["amount"] is not None else r["raw_amount"],
+        "currency": r["currency"], "gateway": r["gateway"],
+        "transaction_id": r["transaction_id"], "invoice_id": r["invoice_id"],
+        "requested_invoice_id": r["requested_invoice_id"], "order_ref": r["order_ref"],
+        "credit": str(r["credit"]), "publisher": r["publisher"],
+        "received_at": r["received_at"].isoformat(),
+    }

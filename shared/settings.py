@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     payment_publishers: CommaList = []  # broker users allowed to publish payments; empty: any
     job_max_attempts: int = Field(6, gt=0)
     job_backoff_seconds: float = Field(30.0, gt=0)
-    job_lease_seconds: float = Field(120.0, gt=0)
+    # Longer than the slowest module call (cPanel's createacct may take minutes).
+    job_lease_seconds: float = Field(300.0, gt=0)
     job_concurrency: int = Field(16, gt=0, le=500)
     job_poll_seconds: float = Field(5.0, gt=0)
     module_timeout_seconds: float = Field(10.0, gt=0)
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     epp_host: str | None = None
     epp_port: int = 700
     epp_client_id: str | None = None
+    epp_registrant_id: str | None = None  # the registrant contact set up at the registry
     epp_cafile: str | None = None  # EPP_PASSWORD is read from the environment when needed
 
     log_level: str = "INFO"

@@ -76,7 +76,8 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
         "reseller": "on_accept", "dedicated": "never"}
 
     code, out, _ = await cli(s, "failures", "--json")
-    assert json.loads(out) == {"screening_errors": [], "stuck_in_screening": []}
+    assert json.loads(out) == {"screening_errors": [], "stuck_in_screening": [],
+                               "parked_setups": [], "unapplied_payments": []}
 
 
 async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harness) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -297,3 +298,41 @@ async def test_cancel_terminates_a_live_account(fast: Harness) -> None:
     service = await fast.pool.fetchrow("SELECT * FROM services WHERE id = $1", event["service_id"])
     assert (service["status"], service["live"]) == ("Cancelled", False)
     assert service["terminated_at"] is not None
+
+
+async def test_cli_pay_show_and_failures(fast: Harness) -> None:
+    from test_cli import cli
+
+    await fast.start(workers(fast))
+    await fast.publish("order.place", starter("cli-pay"))
+    order = await fast.screened("cli-pay")
+    invoice = await invoice_of(fast, order["id"])
+    code, out, err = await cli(fast.settings, "pay", str(invoice["id"]), "--amount", "5.95",
+                               "--transaction-id", "cli-t1", "--gateway", "bank")
+    assert code == 0, err
+    await eventually(lambda: service_active(fast, order["id"]))
+    code, out, err = await cli(fast.settings, "show", str(order["id"]), "--json")
+    shown = json.loads(out)
+    assert [(p["amount"], p["currency"], p["gateway"], p["transaction_id"], p["status"])
+            for p in shown["payments"]] == [("5.95", "USD", "bank", "cli-t1", "applied")]
+    product = next(i for i in shown["items"] if i["type"] == "product")
+    assert product["status"] == "Active" and product["live"] is True
+    assert product["setup"] == {"job": "create", "status": "done", "attempts": 1,
+                                "last_error": None}
+    assert shown["invoice"]["status"] == "Paid"
+
+    code, out, err = await cli(fast.settings, "pay", "999999", "--amount", "10",
+                               "--transaction-id", "cli-t2")
+    assert code == 0, err
+
+    async def flagged() -> list | None:
+        _, out, _ = await cli(fast.settings, "failures", "--json")
+        rows = json.loads(out)["unapplied_payments"]
+        return rows or None
+    rows = await eventually(flagged, timeout=30)
+    assert [(r["transaction_id"], r["reason"], r["amount"]) for r in rows] == [
+        ("cli-t2", "unknown invoice 999999", "10.00")]
+
+    code, out, err = await cli(fast.settings, "pay", "1", "--amount", "ten",
+                               "--transaction-id", "x")
+    assert (code, err.strip()) == (1, "error: amount 'ten' is not a number")

@@ -105,9 +105,9 @@ class Providers:
         if name == "epp":
             s = self.settings
             password = self.environ.get("EPP_PASSWORD")
-            if not (s.epp_host and s.epp_client_id and password):
-                return Misconfigured(name, "EPP registrar needs EPP_HOST, EPP_CLIENT_ID and "
-                                           "EPP_PASSWORD")
+            if not (s.epp_host and s.epp_client_id and s.epp_registrant_id and password):
+                return Misconfigured(name, "EPP registrar needs EPP_HOST, EPP_CLIENT_ID, "
+                                           "EPP_REGISTRANT_ID and EPP_PASSWORD")
             from services.provisioning.registrars.epp import EppRegistrar
 
             return EppRegistrar(**self._epp_options(password))
@@ -116,5 +116,5 @@ class Providers:
     def _epp_options(self, password: str) -> dict[str, Any]:
         s = self.settings
         return {"host": s.epp_host, "port": s.epp_port, "client_id": s.epp_client_id,
-                "password": password, "timeout": s.module_timeout_seconds,
-                "cafile": s.epp_cafile}
+                "password": password, "registrant_id": s.epp_registrant_id,
+                "timeout": s.module_timeout_seconds, "cafile": s.epp_cafile}
