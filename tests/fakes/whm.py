@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-FaultKind = Literal["status", "hang", "reject", "drop"]
+FaultKind = Literal["status", "hang", "hang_after", "reject", "drop"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,10 @@ class FakeWhm:
     def hang_next(self, function: str, seconds: float, times: int = 1) -> None:
         self._queue(function, _Fault("hang", seconds=seconds), times)
 
+    def hang_after_next(self, function: str, seconds: float, times: int = 1) -> None:
+        """Do the work, then hang before answering: the caller dies or times out not knowing."""
+        self._queue(function, _Fault("hang_after", seconds=seconds), times)
+
     def reject_next(self, function: str, reason: str, times: int = 1) -> None:
         self._queue(function, _Fault("reject", reason=reason), times)
 
@@ -200,6 +204,8 @@ class FakeWhm:
         else:
             answer = self._dispatch(function, params)
         response = web.json_response(_body(function, answer))
+        if fault is not None and fault.kind == "hang_after" and not await self._pause(fault.seconds):
+            return _abort(request)
         if fault is not None and fault.kind == "drop":
             return _abort(request)
         return response
