@@ -51,7 +51,8 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
 
     code, out, _ = await cli(s, "orders", "--json")
     listed = json.loads(out)
-    assert [(o["order_ref"], o["status"], o["screening"]) for o in listed] == [
+    assert [o["id"] for o in listed] == sorted([ok["id"], fraud["id"]], reverse=True)  # newest first
+    assert sorted((o["order_ref"], o["status"], o["screening"]) for o in listed) == [
         ("cli-fraud", "Fraud", "failed"), ("cli-ok", "Pending", "passed")]
     code, out, _ = await cli(s, "orders", "--status", "fraud", "--json")
     assert [o["id"] for o in json.loads(out)] == [fraud["id"]]
