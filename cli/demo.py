@@ -9,6 +9,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -29,7 +30,9 @@ PRODUCTS = [("starter", "monthly", 5), ("starter", "annually", 3), ("business", 
             ("trial", "monthly", 1), ("reseller", "monthly", 1), ("dedicated", "monthly", 1)]
 TLDS = ["com", "net", "example"]
 FREE_MAIL = ["gmail.com", "yahoo.com", "outlook.com"]
-EVENTS = ("order.placed", "order.rejected", "order.screened", "order.fraud")
+EVENTS = ("order.placed", "order.rejected", "order.screened", "order.fraud", "invoice.paid",
+          "payment.unapplied", "service.created", "service.failed", "service.terminated",
+          "domain.registered", "domain.failed")
 
 
 def _random_ip(rng: random.Random) -> str:
@@ -67,22 +70,41 @@ def make_order(rng: random.Random, ref: str, kind: str, ring_ip: str) -> dict[st
     }
 
 
+SETUP_EVENTS = ("service.created", "service.failed", "service.terminated", "domain.registered",
+                "domain.failed")
+
+
 @dataclass
 class Tally:
     published: dict[str, float] = field(default_factory=dict)
     outcome: dict[str, str] = field(default_factory=dict)
     latency_ms: list[float] = field(default_factory=list)
     placed: int = 0
+    paid_at: dict[str, float] = field(default_factory=dict)  # when the demo paid the order
+    setup_ms: list[float] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # parked setups, by reason
+    last_event: float = field(default_factory=time.time)
 
-    def record(self, key: str, body: dict[str, Any]) -> None:
+    def record(self, key: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Count an event; returns the order.placed body when the order is to be paid."""
         ref = body.get("order_ref")
         if ref not in self.published:
-            return  # another storefront's order
+            return None  # another storefront's order
+        self.last_event = time.time()
+        if key in SETUP_EVENTS or key in ("invoice.paid", "payment.unapplied"):
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if key == "service.created" and ref in self.paid_at:
+                self.setup_ms.append((time.time() - self.paid_at[ref]) * 1000)
+            if key.endswith(".failed"):
+                reason = str(body.get("detail", {}).get("error", "unknown"))
+                self.failures[reason] = self.failures.get(reason, 0) + 1
+            return None
         if key == "order.placed":
             self.placed += 1
-            return
+            return body
         if ref in self.outcome:
-            return
+            return None
         if key == "order.screened":
             self.outcome[ref] = body.get("screening", "passed")
         elif key == "order.fraud":
@@ -91,10 +113,11 @@ class Tally:
             self.outcome[ref] = "rejected"
         if key != "order.rejected":
             self.latency_ms.append((time.time() - self.published[ref]) * 1000)
+        return None
 
 
 async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
-                   wait_seconds: float) -> None:
+                   wait_seconds: float, pay_share: float = 0.85) -> None:
     rng = random.Random()
     run_id = uuid.uuid4().hex[:6]
     names = Names(s.namespace)
@@ -111,7 +134,16 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
 
         async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
-                tally.record(message.routing_key or "", json.loads(message.body))
+                placed = tally.record(message.routing_key or "", json.loads(message.body))
+                if (placed and placed["invoice_id"] and Decimal(placed["total"]) > 0
+                        and rng.random() < pay_share):
+                    # ...and like its payment gateway: most clients pay their invoice.
+                    tally.paid_at[placed["order_ref"]] = time.time()
+                    payment = {"invoice_id": placed["invoice_id"], "amount": placed["total"],
+                               "currency": placed["currency"], "gateway": "demo-gateway",
+                               "transaction_id": f"demo-{uuid.uuid4().hex[:12]}"}
+                    await broker.publish(exchange, "payment.received", broker.json_message(
+                        payment, routing_key="payment.received"))
 
         await events.consume(on_event)
         ring_ip = _random_ip(rng)
@@ -122,6 +154,16 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
                       TimeElapsedColumn(), console=console) as progress:
             sent = progress.add_task("published", total=orders)
             done = progress.add_task("screened", total=orders)
+            paid = progress.add_task("paid", total=None)
+            setups = progress.add_task("set up", total=None)
+
+            def refresh() -> None:
+                progress.update(done, completed=len(tally.outcome))
+                progress.update(paid, completed=tally.counts.get("invoice.paid", 0),
+                                total=max(1, len(tally.paid_at)))
+                progress.update(setups, completed=tally.counts.get("service.created", 0)
+                                + tally.counts.get("domain.registered", 0))
+
             for n, kind in enumerate(kinds):
                 ref = f"demo-{run_id}-{n + 1:06d}"
                 body = make_order(rng, ref, kind, ring_ip)
@@ -129,15 +171,17 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
                 await broker.publish(exchange, "order.place",
                                      broker.json_message(body, routing_key="order.place"))
                 progress.update(sent, completed=n + 1)
-                progress.update(done, completed=len(tally.outcome))
+                refresh()
                 delay = started + (n + 1) / rate - time.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             deadline = time.time() + wait_seconds
-            while len(tally.outcome) < orders and time.time() < deadline:
-                progress.update(done, completed=len(tally.outcome))
+            # Wait for every order's screening, then for setups to go quiet for 3 s.
+            while time.time() < deadline and (
+                    len(tally.outcome) < orders or time.time() - tally.last_event < 3):
+                refresh()
                 await asyncio.sleep(0.2)
-            progress.update(done, completed=len(tally.outcome))
+            refresh()
         elapsed = time.time() - started
     _summary(console, tally, orders, elapsed)
     if len(tally.outcome) < orders:
@@ -149,6 +193,7 @@ def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> Non
     counts: dict[str, int] = {}
     for outcome in tally.outcome.values():
         counts[outcome] = counts.get(outcome, 0) + 1
+    c = tally.counts
     table = Table(title="Demo summary", title_justify="left")
     table.add_column("what")
     table.add_column("count", justify="right")
@@ -157,12 +202,29 @@ def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> Non
                          ("screened: passed", counts.get("passed", 0)),
                          ("screened: skipped", counts.get("skipped", 0)),
                          ("screened: error", counts.get("error", 0)),
-                         ("Fraud", counts.get("Fraud", 0))]:
+                         ("Fraud", counts.get("Fraud", 0)),
+                         ("payments sent", len(tally.paid_at)),
+                         ("invoices paid", c.get("invoice.paid", 0)),
+                         ("payments kept unapplied", c.get("payment.unapplied", 0)),
+                         ("services Active", c.get("service.created", 0)),
+                         ("services failed (parked)", c.get("service.failed", 0)),
+                         ("services terminated", c.get("service.terminated", 0)),
+                         ("domains registered", c.get("domain.registered", 0)),
+                         ("domains failed (parked)", c.get("domain.failed", 0))]:
         table.add_row(label, str(value))
     console.print(table)
     if tally.latency_ms:
-        lat = sorted(tally.latency_ms)
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        console.print(f"publish -> screened latency: p50 {statistics.median(lat):.1f} ms, "
-                      f"p99 {p99:.1f} ms over {len(lat)} orders; "
+        console.print(f"publish -> screened: {_percentiles(tally.latency_ms)} over "
+                      f"{len(tally.latency_ms)} orders; "
                       f"{len(tally.outcome) / elapsed:.1f} orders/s in {elapsed:.1f} s")
+    if tally.setup_ms:
+        console.print(f"payment -> service Active: {_percentiles(tally.setup_ms)} over "
+                      f"{len(tally.setup_ms)} services")
+    for reason, n in sorted(tally.failures.items(), key=lambda kv: -kv[1]):
+        console.print(f"[yellow]{n} setup(s) parked: {reason}[/yellow] (see `ordermill failures`)")
+
+
+def _percentiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"p50 {statistics.median(ordered):.1f} ms, p99 {p99:.1f} ms"

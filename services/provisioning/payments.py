@@ -173,9 +173,12 @@ def _application_problem(p: asyncpg.Record, target: asyncpg.Record | str) -> str
 
 
 async def _leave_unapplied(uow: UnitOfWork, payment_id: int, reason: str) -> None:
+    # The order's ref, when the payment named only its invoice: the storefront listens by ref.
     row = await uow.conn.fetchrow(
-        "UPDATE payments SET status = 'unapplied', reason = $2 WHERE id = $1"
-        " RETURNING order_ref, requested_invoice_id", payment_id, reason,
+        "UPDATE payments p SET status = 'unapplied', reason = $2 WHERE id = $1"
+        " RETURNING coalesce(order_ref, (SELECT o.order_ref FROM invoices i"
+        "  JOIN orders o ON o.id = i.order_id WHERE i.id = p.requested_invoice_id)) AS order_ref,"
+        " requested_invoice_id", payment_id, reason,
     )
     uow.emit("payment.unapplied", PaymentUnapplied(
         payment_id=payment_id, reason=reason, order_ref=row["order_ref"],
