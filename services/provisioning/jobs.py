@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,12 +23,11 @@ import asyncpg
 
 from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
-from services.provisioning.reconcile import ENDED, reconcile
+from services.provisioning.reconcile import ENDED, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
 from shared import db
 from shared.contracts import EmailSend
-from shared.orders import add_history
-from shared.uow import event_id, write_event
+from shared.uow import event_id
 
 log = logging.getLogger("ordermill.jobs")
 
@@ -58,23 +56,6 @@ class JobPolicy:
     def backoff(self, attempts: int) -> timedelta:
         seconds = min(self.backoff_max_seconds, self.backoff_seconds * 2 ** (attempts - 1))
         return timedelta(seconds=seconds * random.uniform(0.9, 1.1))
-
-
-def username_for(domain: str | None, fallback: str, service_id: int) -> str:
-    """A cPanel-valid username (a letter first, lowercase letters and digits, at most 16),
-    the same on every attempt: derived from the domain and the service id."""
-    letters = re.sub(r"[^a-z]", "", (domain or fallback).lower())[:7] or "svc"
-    return f"{letters}{_base36(service_id)}"[:16]
-
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
 
 
 class JobRunner:
@@ -149,26 +130,23 @@ class JobRunner:
     # -- services ------------------------------------------------------------------------------
 
     async def _service_job(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT s.*, o.status AS order_status, o.order_ref, o.accept_options,"
-                " p.module, p.plan, p.slug, coalesce(s.server_id, p.server_id) AS use_server,"
-                " c.email FROM services s JOIN orders o ON o.id = s.order_id"
-                " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
-                " WHERE s.id = $1 FOR UPDATE OF o, s", job["service_id"],
-            )
-            if job["kind"] == "create" and row["order_status"] in ENDED:
-                await self._close(conn, job, "cancelled", detail={"why": "order ended"})
-                return
-            username = row["username"] or username_for(row["domain"], row["slug"], row["id"])
-            if row["username"] is None or row["server_id"] != row["use_server"]:
-                # Saved before the first call: every retry addresses the same account.
-                await conn.execute(
-                    "UPDATE services SET username = $2, server_id = $3 WHERE id = $1",
-                    row["id"], username, row["use_server"])
-            server = await conn.fetchrow("SELECT * FROM servers WHERE id = $1",
-                                         row["use_server"]) if row["use_server"] else None
-        module = self.providers.module(row["module"], server)
+        row = await pool.fetchrow(
+            "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
+            " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
+            " FROM services s JOIN orders o ON o.id = s.order_id"
+            " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
+            " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
+            " WHERE s.id = $1", job["service_id"],
+        )
+        if job["kind"] == "create" and row["order_status"] in ENDED:
+            await self._close(pool, job, "cancelled", detail={"why": "order ended"})
+            return
+        username = row["username"]
+        if username is None:  # reconcile saves it with the job; older jobs get it here
+            username = username_for(row["domain"], row["slug"], row["id"])
+            await pool.execute("UPDATE services SET username = $2, server_id = $3 WHERE id = $1",
+                               row["id"], username, row["use_server"])
+        module = self.providers.module(row["module"], row["server"])
         account = Account(service_id=row["id"], username=username,
                           domain=row["domain"] or f"{username}.invalid",
                           plan=row["plan"] or row["slug"], contact_email=row["email"])
@@ -180,66 +158,59 @@ class JobRunner:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
         async with pool.acquire() as conn, conn.transaction():
-            # Read the order again under its lock: it may have been cancelled during the call.
-            state = await conn.fetchrow(
-                "SELECT o.status, o.order_ref, o.accept_options FROM orders o"
-                " WHERE o.id = $1 FOR UPDATE", job["order_id"])
-            if not await self._close(conn, job, "done", detail=result.detail):
+            # The order again, under its lock: it may have been cancelled during the call.
+            state = await self._finish(conn, job, result.detail)
+            if state is None:
                 return  # the lease was lost: the runner that took the job over records it
             if job["kind"] == "create":
-                await self._created(conn, job, row, state, result)
-            else:
-                await conn.execute(
-                    "UPDATE services SET live = false, terminated_at = now() WHERE id = $1",
-                    row["id"])
-                await self._event(conn, job, "service.terminated", {"service_id": row["id"]},
-                                  state["order_ref"], result.detail)
-                await add_history(conn, job["order_id"], actor="provisioning",
-                                  action="service terminated", detail={"service_id": row["id"]})
-                log.info("account terminated", extra={
-                    "service_id": row["id"], "order_id": job["order_id"],
-                    "order_ref": state["order_ref"], "username": username})
+                await self._created(conn, job, row, username, state, result)
+                return
+            await conn.execute(
+                "UPDATE services SET live = false, terminated_at = now() WHERE id = $1", row["id"])
+            await self._record(conn, job, "service terminated", {"service_id": row["id"]}, [
+                self._event(job, "service.terminated", {"service_id": row["id"]},
+                            state["order_ref"], result.detail)])
+            log.info("account terminated", extra={
+                "service_id": row["id"], "order_id": job["order_id"],
+                "order_ref": state["order_ref"], "username": username})
 
     async def _created(self, conn: asyncpg.Connection, job: asyncpg.Record, row: asyncpg.Record,
-                       state: asyncpg.Record, result: ModuleResult) -> None:
+                       username: str, state: asyncpg.Record, result: ModuleResult) -> None:
         ended = state["status"] in ENDED
         await conn.execute(
             "UPDATE services SET live = true,"
             " status = CASE WHEN status = 'Pending' AND NOT $2 THEN 'Active' ELSE status END"
             " WHERE id = $1", row["id"], ended)
-        await self._event(conn, job, "service.created", {"service_id": row["id"]},
-                          state["order_ref"], result.detail)
-        await add_history(conn, job["order_id"], actor="provisioning", action="service created",
-                          detail={"service_id": row["id"], "username": row["username"],
-                                  **result.detail})
+        events = [self._event(job, "service.created", {"service_id": row["id"]},
+                              state["order_ref"], result.detail)]
+        if not ended and (state["accept_options"] or {}).get("send_welcome_email", True):
+            welcome = EmailSend(
+                template="hosting_welcome", recipient=row["email"], order_id=job["order_id"],
+                order_ref=state["order_ref"], dedupe_key=f"hosting_welcome:{row['id']}")
+            events.append((event_id("jobs", job["id"], "welcome"), "email.send",
+                           welcome.model_dump(mode="json")))
+        await self._record(conn, job, "service created",
+                           {"service_id": row["id"], "username": username, **result.detail},
+                           events)
         log.info("account created", extra={
             "service_id": row["id"], "order_id": job["order_id"],
             "order_ref": state["order_ref"], "adopted": bool(result.detail.get("adopted")),
             "cancelled_meanwhile": ended})
         if ended:
             await reconcile(conn, job["order_id"])  # created after a cancel: terminate it
-            return
-        options = state["accept_options"] or {}
-        if options.get("send_welcome_email", True):
-            await write_event(conn, "email.send", EmailSend(
-                template="hosting_welcome", recipient=row["email"], order_id=job["order_id"],
-                order_ref=state["order_ref"], dedupe_key=f"hosting_welcome:{row['id']}"),
-                message_id=event_id("jobs", job["id"], "welcome"), correlation_id=None)
 
     # -- domains -------------------------------------------------------------------------------
 
     async def _domain_job(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT d.*, t.registrar, o.status AS order_status, o.order_ref,"
-                " c.email, c.first_name, c.last_name, c.country, c.company"
-                " FROM domains d JOIN tlds t ON t.tld = d.tld JOIN orders o ON o.id = d.order_id"
-                " JOIN clients c ON c.id = o.client_id WHERE d.id = $1 FOR UPDATE OF o, d",
-                job["domain_id"],
-            )
-            if row["order_status"] in ENDED:
-                await self._close(conn, job, "cancelled", detail={"why": "order ended"})
-                return
+        row = await pool.fetchrow(
+            "SELECT d.*, t.registrar, o.status AS order_status, o.order_ref,"
+            " c.email, c.first_name, c.last_name, c.country, c.company"
+            " FROM domains d JOIN tlds t ON t.tld = d.tld JOIN orders o ON o.id = d.order_id"
+            " JOIN clients c ON c.id = o.client_id WHERE d.id = $1", job["domain_id"],
+        )
+        if row["order_status"] in ENDED:
+            await self._close(pool, job, "cancelled", detail={"why": "order ended"})
+            return
         registrar = self.providers.registrar(row["registrar"])
         request = DomainRequest(
             domain_id=row["id"], domain=row["domain"], years=row["years"],
@@ -256,9 +227,8 @@ class JobRunner:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
         async with pool.acquire() as conn, conn.transaction():
-            state = await conn.fetchrow(
-                "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", job["order_id"])
-            if not await self._close(conn, job, "done", detail=result.detail):
+            state = await self._finish(conn, job, result.detail)
+            if state is None:
                 return
             # A domain registered after a cancel stays registered (it cannot be undone by
             # us); its status follows the order's, and an operator decides.
@@ -266,26 +236,54 @@ class JobRunner:
                 await conn.execute(
                     "UPDATE domains SET status = $2, registered_at = now() WHERE id = $1",
                     row["id"], result.status)
-            await self._event(conn, job, "domain.registered",
-                              {"domain_id": row["id"], "domain": row["domain"],
-                               "status": result.status}, state["order_ref"], result.detail)
-            await add_history(conn, job["order_id"], actor="provisioning",
-                              action=f"domain {job['kind']}",
-                              detail={"domain_id": row["id"], "status": result.status})
-            log.info("domain done", extra={
-                "domain_id": row["id"], "domain": row["domain"], "status": result.status,
-                "order_id": job["order_id"], "order_ref": state["order_ref"]})
+            item = {"domain_id": row["id"], "domain": row["domain"], "status": result.status}
+            await self._record(conn, job, f"domain {job['kind']}", item, [
+                self._event(job, "domain.registered", item, state["order_ref"], result.detail)])
+            log.info("domain done", extra={**item, "order_id": job["order_id"],
+                                           "order_ref": state["order_ref"]})
 
     # -- shared ---------------------------------------------------------------------------------
 
-    async def _close(self, conn: asyncpg.Connection, job: asyncpg.Record, status: str, *,
+    async def _finish(self, conn: asyncpg.Connection, job: asyncpg.Record,
+                      detail: dict[str, Any]) -> asyncpg.Record | None:
+        """Lock the order and mark the job done, in one statement. None if the lease was lost."""
+        state = await conn.fetchrow(
+            "WITH o AS (SELECT status, order_ref, accept_options FROM orders WHERE id = $1"
+            "  FOR UPDATE),"
+            " j AS (UPDATE jobs SET status = 'done', lease_until = NULL, detail = $4,"
+            "  updated_at = now() WHERE id = $2 AND status = 'running' AND leased_by = $3"
+            "  RETURNING id)"
+            " SELECT o.*, EXISTS (SELECT 1 FROM j) AS mine FROM o",
+            job["order_id"], job["id"], self.worker_id, detail)
+        return state if state["mine"] else None
+
+    async def _close(self, pool: asyncpg.Pool, job: asyncpg.Record, status: str, *,
                      detail: dict[str, Any]) -> bool:
-        """Finish the job if this runner still holds it. False when the lease was lost."""
-        done = await conn.fetchval(
+        """End the job if this runner still holds it. False when the lease was lost."""
+        done = await pool.fetchval(
             "UPDATE jobs SET status = $2, lease_until = NULL, detail = $4, updated_at = now()"
             " WHERE id = $1 AND status = 'running' AND leased_by = $3 RETURNING true",
             job["id"], status, self.worker_id, detail)
         return bool(done)
+
+    async def _record(self, conn: asyncpg.Connection, job: asyncpg.Record, action: str,
+                      detail: dict[str, Any],
+                      events: list[tuple[uuid.UUID, str, dict[str, Any]]]) -> None:
+        """The order's history row and the events, in one statement."""
+        await conn.execute(
+            "WITH h AS (INSERT INTO order_history (order_id, actor, action, detail)"
+            "  VALUES ($1, 'provisioning', $2, $3))"
+            " INSERT INTO outbox (message_id, routing_key, body)"
+            " SELECT * FROM unnest($4::uuid[], $5::text[], $6::jsonb[])"
+            " ON CONFLICT (message_id) DO NOTHING",
+            job["order_id"], action, detail, [e[0] for e in events], [e[1] for e in events],
+            [e[2] for e in events])
+
+    def _event(self, job: asyncpg.Record, key: str, item: dict[str, Any], order_ref: str,
+               detail: dict[str, Any]) -> tuple[uuid.UUID, str, dict[str, Any]]:
+        return (event_id("jobs", job["id"], job["attempts"], key), key,
+                {**item, "order_id": job["order_id"], "order_ref": order_ref,
+                 "job_id": job["id"], "detail": detail})
 
     async def _failed(self, pool: asyncpg.Pool, job: asyncpg.Record, error: str, *,
                       transient: bool) -> None:
@@ -309,14 +307,6 @@ class JobRunner:
             item = ({"service_id": job["service_id"]} if job["service_id"] is not None
                     else {"domain_id": job["domain_id"]})
             key = "service.failed" if job["service_id"] is not None else "domain.failed"
-            await self._event(conn, job, key, item, order_ref, {"error": error})
-            await add_history(conn, job["order_id"], actor="provisioning",
-                              action=f"{job['kind']} failed", detail={**item, "error": error})
+            await self._record(conn, job, f"{job['kind']} failed", {**item, "error": error},
+                               [self._event(job, key, item, order_ref, {"error": error})])
             log.error("job parked: an operator must look", extra=extra)
-
-    async def _event(self, conn: asyncpg.Connection, job: asyncpg.Record, key: str,
-                     item: dict[str, Any], order_ref: str, detail: dict[str, Any]) -> None:
-        await write_event(
-            conn, key, {**item, "order_id": job["order_id"], "order_ref": order_ref,
-                        "job_id": job["id"], "detail": detail},
-            message_id=event_id("jobs", job["id"], job["attempts"], key), correlation_id=None)

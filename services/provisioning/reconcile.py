@@ -7,11 +7,29 @@ unique key makes a second run a no-op.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import asyncpg
 
 log = logging.getLogger("ordermill.provisioning")
+
+
+def username_for(domain: str | None, fallback: str, service_id: int) -> str:
+    """A cPanel-valid username (a letter first, lowercase letters and digits, at most 16),
+    the same on every attempt: derived from the domain and the service id."""
+    letters = re.sub(r"[^a-z]", "", (domain or fallback).lower())[:7] or "svc"
+    return f"{letters}{_base36(service_id)}"[:16]
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
 
 ENDED = ("Cancelled", "Fraud")
 
@@ -88,32 +106,41 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
         )
         queued += [f"terminate service {r['service_id']}" for r in rows]
     else:
-        services = await conn.fetch(
-            "SELECT s.id, p.auto_setup FROM services s JOIN products p ON p.id = s.product_id"
-            " WHERE s.order_id = $1 AND s.status = 'Pending' AND NOT s.live", order_id,
+        # Every item still waiting, services and domains, in one read.
+        items = await conn.fetch(
+            "SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
+            "  NULL AS action, s.domain, p.slug, p.server_id FROM services s"
+            "  JOIN products p ON p.id = s.product_id"
+            "  WHERE s.order_id = $1 AND s.status = 'Pending' AND NOT s.live"
+            " UNION ALL SELECT 'domain', d.id, NULL, t.auto_register, d.action, d.domain, NULL, NULL"
+            "  FROM domains d JOIN tlds t ON t.tld = d.tld"
+            "  WHERE d.order_id = $1 AND d.status = 'Pending'", order_id,
         )
-        wanted = [s["id"] for s in services if order.wants_setup(s["auto_setup"])]
-        domains = await conn.fetch(
-            "SELECT d.id, d.action, t.auto_register FROM domains d JOIN tlds t ON t.tld = d.tld"
-            " WHERE d.order_id = $1 AND d.status = 'Pending'", order_id,
-        )
-        to_register = [(d["id"], d["action"]) for d in domains
-                       if order.wants_registration(d["auto_register"])]
-        if wanted:
+        setups = [i for i in items if i["kind"] == "service" and order.wants_setup(i["rule"])]
+        registrations = [i for i in items
+                         if i["kind"] == "domain" and order.wants_registration(i["auto_register"])]
+        if setups or registrations:
+            # The account's identity (username, server) is saved with the job, before any
+            # call: every attempt addresses the same account.
             rows = await conn.fetch(
-                "INSERT INTO jobs (order_id, service_id, kind)"
-                " SELECT $1, unnest($2::bigint[]), 'create'"
-                " ON CONFLICT DO NOTHING RETURNING service_id", order_id, wanted,
+                "WITH ident AS (UPDATE services s SET username = coalesce(s.username, u.username),"
+                "   server_id = coalesce(s.server_id, u.server_id)"
+                "  FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS u(id, username, server_id)"
+                "  WHERE s.id = u.id)"
+                " INSERT INTO jobs (order_id, service_id, domain_id, kind)"
+                " SELECT $1, u.service_id, u.domain_id, u.kind"
+                " FROM unnest($5::bigint[], $6::bigint[], $7::text[])"
+                "  AS u(service_id, domain_id, kind)"
+                " ON CONFLICT DO NOTHING RETURNING kind, coalesce(service_id, domain_id) AS item",
+                order_id,
+                [i["id"] for i in setups],
+                [username_for(i["domain"], i["slug"], i["id"]) for i in setups],
+                [i["server_id"] for i in setups],
+                [i["id"] for i in setups] + [None] * len(registrations),
+                [None] * len(setups) + [i["id"] for i in registrations],
+                ["create"] * len(setups) + [i["action"] for i in registrations],
             )
-            queued += [f"create service {r['service_id']}" for r in rows]
-        if to_register:
-            rows = await conn.fetch(
-                "INSERT INTO jobs (order_id, domain_id, kind)"
-                " SELECT $1, * FROM unnest($2::bigint[], $3::text[])"
-                " ON CONFLICT DO NOTHING RETURNING domain_id, kind",
-                order_id, [d for d, _ in to_register], [a for _, a in to_register],
-            )
-            queued += [f"{r['kind']} domain {r['domain_id']}" for r in rows]
+            queued += [f"{r['kind']} {r['item']}" for r in rows]
     if queued:
         log.info("jobs queued", extra={"order_id": order_id, "order_ref": order.order_ref,
                                        "jobs": queued})
