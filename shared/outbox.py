@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -34,6 +35,7 @@ class OutboxRelay:
         batch: int = 500,
         sweep_seconds: float = 5.0,
         linger_seconds: float = 0.0,
+        concurrency: int = 4,
     ) -> None:
         self.pool = pool
         self.exchange = exchange
@@ -43,28 +45,31 @@ class OutboxRelay:
         self.linger_seconds = linger_seconds
         self.published = 0
         self.last_failed = 0
+        self.concurrency = concurrency
+        self._failures = 0
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Start a pass whenever events are committed (or the sweep timer fires), with up to
+        `concurrency` passes in flight: the broker's confirms take a while (quorum queues
+        write to disk), and passes that waited for each other would make events queue up."""
         stopping = asyncio.create_task(stop.wait())
-        failures = 0
+        slots = asyncio.Semaphore(self.concurrency)
+        passes: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
                 await self._ensure_listener()
                 self._wake.clear()
-                try:
-                    handled = await self.drain_once()
-                    failures = 0 if self.last_failed == 0 else failures + 1
-                except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
-                    log.warning("outbox relay pass failed; will retry", extra={"error": str(exc)})
-                    handled, failures = 0, failures + 1
-                if failures:
+                await slots.acquire()
+                task = asyncio.create_task(self._pass(slots))
+                passes.add(task)
+                task.add_done_callback(passes.discard)
+                if self._failures:
                     # Broker or database away: back off instead of spinning on the same rows.
-                    await asyncio.wait({stopping}, timeout=min(5.0, 0.2 * 2 ** min(failures, 5)))
+                    delay = min(5.0, 0.2 * 2 ** min(self._failures, 5))
+                    await asyncio.wait({stopping}, timeout=delay)
                     continue
-                if handled >= self.batch:
-                    continue  # more waiting: no pause
                 waking = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
                     {waking, stopping}, timeout=self.sweep_seconds,
@@ -77,9 +82,23 @@ class OutboxRelay:
                     await asyncio.sleep(self.linger_seconds)
         finally:
             stopping.cancel()
+            if passes:
+                await asyncio.wait(passes, timeout=10)
             if self._listener is not None and not self._listener.is_closed():
                 with contextlib.suppress(Exception):
                     await self._listener.close()
+
+    async def _pass(self, slots: asyncio.Semaphore) -> None:
+        try:
+            handled = await self.drain_once()
+            self._failures = 0 if self.last_failed == 0 else self._failures + 1
+            if handled >= self.batch:
+                self._wake.set()  # more waiting: another pass at once
+        except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
+            log.warning("outbox relay pass failed; will retry", extra={"error": str(exc)})
+            self._failures += 1
+        finally:
+            slots.release()
 
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
@@ -98,6 +117,7 @@ class OutboxRelay:
     async def drain_once(self) -> int:
         """Publish one batch of unpublished rows. Returns how many it published or marked;
         `last_failed` counts those left for a later pass."""
+        started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, message_id, routing_key, body, correlation_id FROM outbox"
@@ -137,6 +157,9 @@ class OutboxRelay:
                 })
         self.published += len(sent)
         self.last_failed = len(failed)
+        log.debug("relay pass", extra={"rows": len(rows), "sent": len(sent),
+                                       "unroutable": len(unroutable), "failed": len(failed),
+                                       "ms": round((time.perf_counter() - started) * 1000, 1)})
         return len(sent) + len(unroutable)
 
     async def _publish(self, row: asyncpg.Record) -> None:

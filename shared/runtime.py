@@ -166,6 +166,7 @@ class Runtime:
                 self.pool, self.exchange, self.settings.database_url,
                 batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
                 linger_seconds=self.settings.relay_linger_ms / 1000,
+                concurrency=self.settings.relay_concurrency,
             )
             tasks.append(asyncio.create_task(outbox.run(self._stop), name="outbox-relay"))
             keeper = Housekeeper(

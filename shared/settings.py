@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     relay_batch: int = Field(500, gt=0)
     relay_sweep_seconds: float = Field(5.0, gt=0)
     relay_linger_ms: float = Field(3.0, ge=0, le=1000)
+    relay_concurrency: int = Field(4, gt=0, le=64)  # passes in flight, waiting for confirms
     screening_stuck_seconds: int = Field(120, gt=0)
     screening_max_redrives: int = Field(5, ge=0)
     # Published events and dedupe rows are kept this long, then deleted.

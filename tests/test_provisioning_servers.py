@@ -228,3 +228,46 @@ async def test_an_auto_registering_tld_is_registered_over_epp_when_paid(
         "SELECT domain, status FROM domains WHERE order_id = $1", order["id"]))
     # .example does not auto-register (manual, on Accept): it stays Pending.
     assert statuses == {"epp-one.com": "Active", "epp-two.example": "Pending"}
+
+
+@pytest.mark.parametrize("run_module_create", [True, False])
+async def test_on_accept_and_never_wait_for_accept_whatever_is_paid(
+    harness: Harness, whm: FakeWhm, run_module_create: bool,
+) -> None:
+    await start(harness)
+    ref = f"accept-{run_module_create}"
+    body = order_body(ref, items=[
+        {"type": "product", "product": "reseller", "billing_cycle": "monthly",
+         "domain": f"{ref}.example"},  # on_accept, cPanel
+        {"type": "product", "product": "dedicated", "billing_cycle": "monthly"}])  # never
+    await harness.publish("order.place", body)
+    order = await harness.screened(ref)
+    invoice = await invoice_of(harness, order["id"])
+    await pay(harness, str(invoice["total"]), f"txn-{ref}", invoice_id=invoice["id"])
+
+    async def paid() -> bool:
+        return (await invoice_of(harness, order["id"]))["status"] == "Paid"
+    await eventually(paid)
+    await asyncio.sleep(1.0)  # give a wrong setup every chance to happen
+    assert await harness.pool.fetchval("SELECT count(*) FROM jobs") == 0
+    assert whm.calls["createacct"] == 0
+    # Accept, as the review service will: the options are stored on the order.
+    await harness.pool.execute(
+        "UPDATE orders SET status = 'Active', accept_options = $2 WHERE id = $1", order["id"],
+        {"run_module_create": run_module_create, "send_welcome_email": True,
+         "register_domains": True})
+    await harness.publish("order.accepted", {"order_id": order["id"], "order_ref": ref})
+
+    async def settled() -> dict[str, str] | None:
+        rows = await harness.pool.fetch(
+            "SELECT p.slug, s.status FROM services s JOIN products p ON p.id = s.product_id"
+            " WHERE s.order_id = $1", order["id"])
+        statuses = {r["slug"]: r["status"] for r in rows}
+        return statuses if statuses["reseller"] == "Active" else None
+    statuses = await eventually(settled)
+    await asyncio.sleep(0.5)
+    statuses = await settled()
+    # on_accept is set up on Accept; 'never' only when Accept says "run module create".
+    assert statuses == {"reseller": "Active",
+                        "dedicated": "Active" if run_module_create else "Pending"}
+    assert whm.calls["createacct"] == 1
