@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     job_backoff_seconds: float = Field(30.0, gt=0)
     # Longer than the slowest module call (cPanel's createacct may take minutes).
     job_lease_seconds: float = Field(300.0, gt=0)
-    job_concurrency: int = Field(16, gt=0, le=500)
+    job_concurrency: int = Field(64, gt=0, le=1000)
+    job_lane_concurrency: int = Field(8, gt=0, le=1000)  # per server
     job_poll_seconds: float = Field(5.0, gt=0)
     module_timeout_seconds: float = Field(10.0, gt=0)
     whm_scheme: Literal["https", "http"] | None = None  # http only for a local test server

@@ -50,8 +50,8 @@ async def start(h: Harness) -> None:
     await h.start([placement_worker(s), fraud_worker(s), provisioning_worker(s)])
 
 
-async def place_and_pay(h: Harness, ref: str) -> dict[str, Any]:
-    await h.publish("order.place", business(ref))
+async def place_and_pay(h: Harness, ref: str, **overrides: Any) -> dict[str, Any]:
+    await h.publish("order.place", business(ref, **overrides))
     order = await h.screened(ref)
     invoice = await invoice_of(h, order["id"])
     await pay(h, str(invoice["total"]), f"txn-{ref}", invoice_id=invoice["id"])
@@ -271,3 +271,35 @@ async def test_on_accept_and_never_wait_for_accept_whatever_is_paid(
     assert statuses == {"reseller": "Active",
                         "dedicated": "Active" if run_module_create else "Pending"}
     assert whm.calls["createacct"] == 1
+
+
+async def test_a_slow_server_does_not_hold_back_the_others(harness: Harness, whm: FakeWhm) -> None:
+    whm.delay = 2.0  # every answer of this server takes 2 s
+    harness.settings = harness.settings.model_copy(
+        update={"job_concurrency": 4, "job_lane_concurrency": 2})
+    await start(harness)
+    # Each order from its own address: the velocity rule would take a burst from one for fraud.
+    slow = [await place_and_pay(harness, f"slow-{n}", ip_address=f"198.18.0.{n + 1}")
+            for n in range(6)]
+
+    async def slow_calls_in_flight() -> bool:
+        return whm.calls["accountsummary"] >= 2
+    await eventually(slow_calls_in_flight)
+    fast = []
+    for n in range(3):
+        await harness.publish("order.place", order_body(f"fast-{n}", items=[
+            {"type": "product", "product": "starter", "billing_cycle": "monthly",
+             "domain": f"fast-{n}.example"}], ip_address=f"198.18.1.{n + 1}"))
+        order = await harness.screened(f"fast-{n}")
+        invoice = await invoice_of(harness, order["id"])
+        await pay(harness, str(invoice["total"]), f"fast-txn-{n}", invoice_id=invoice["id"])
+        fast.append(order)
+    for order in fast:
+        await eventually(lambda o=order: active(harness, o["id"]), timeout=30)
+    slow_active = [await active(harness, o["id"]) for o in slow]
+    # The autorelease services did not wait behind the slow server's creates (4 s each).
+    assert not any(slow_active)
+    for order in slow:
+        await eventually(lambda o=order: active(harness, o["id"]), timeout=60)
+    # At most its lane's share of calls was ever in flight on the slow server.
+    assert whm.calls["createacct"] == len(slow)

@@ -15,8 +15,10 @@ import contextlib
 import logging
 import random
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -32,13 +34,14 @@ from shared.uow import event_id
 log = logging.getLogger("ordermill.jobs")
 
 CHANNEL = "ordermill_jobs"
-_CLAIM = """
+_DUE = """(status = 'pending' AND next_attempt_at <= now())
+     OR (status = 'running' AND lease_until < now())"""
+_DUE_LANES = f"SELECT DISTINCT lane FROM jobs WHERE {_DUE}"
+_CLAIM = f"""
 UPDATE jobs SET status = 'running', attempts = attempts + 1, leased_by = $1,
   lease_until = now() + $2::interval, updated_at = now()
 WHERE id IN (
-  SELECT id FROM jobs
-  WHERE (status = 'pending' AND next_attempt_at <= now())
-     OR (status = 'running' AND lease_until < now())
+  SELECT id FROM jobs WHERE lane = $4 AND ({_DUE})
   ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)
 RETURNING *
 """
@@ -49,8 +52,9 @@ class JobPolicy:
     max_attempts: int = 6
     backoff_seconds: float = 30.0
     backoff_max_seconds: float = 3600.0
-    lease_seconds: float = 120.0
-    concurrency: int = 16
+    lease_seconds: float = 300.0
+    concurrency: int = 64  # calls in flight in this runner
+    lane_concurrency: int = 8  # calls in flight per server (per module or registrar without one)
     poll_seconds: float = 5.0
 
     def backoff(self, attempts: int) -> timedelta:
@@ -66,6 +70,7 @@ class JobRunner:
         self.worker_id = uuid.uuid4().hex[:12]
         self._wake = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._lane_load: Counter[str] = Counter()
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         listener: asyncpg.Connection | None = None
@@ -78,9 +83,10 @@ class JobRunner:
                 if free > 0:
                     try:
                         for job in await self.claim(pool, free):
+                            self._lane_load[job["lane"]] += 1
                             task = asyncio.create_task(self.execute(pool, job))
                             self._running.add(task)
-                            task.add_done_callback(self._finished)
+                            task.add_done_callback(partial(self._finished, job["lane"]))
                     except db.TRANSIENT_DB_ERRORS as exc:
                         log.warning("claiming jobs failed; will retry", extra={"error": str(exc)})
                 with contextlib.suppress(TimeoutError):
@@ -97,8 +103,9 @@ class JobRunner:
             if listener is not None and not listener.is_closed():
                 await listener.close()
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._lane_load[lane] -= 1
         self._wake.set()  # a slot is free
 
     async def _listen(self) -> asyncpg.Connection | None:
@@ -111,8 +118,17 @@ class JobRunner:
             return None
 
     async def claim(self, pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
-        return await pool.fetch(_CLAIM, self.worker_id,
-                                timedelta(seconds=self.policy.lease_seconds), limit)
+        """Due jobs, lane by lane: a lane (a server) never has more than its share in flight,
+        so a slow or failing server holds back only its own jobs."""
+        lanes = [r["lane"] for r in await pool.fetch(_DUE_LANES)]
+        random.shuffle(lanes)  # no lane waits behind the others when the runner is full
+        lease = timedelta(seconds=self.policy.lease_seconds)
+        claimed: list[asyncpg.Record] = []
+        for lane in lanes:
+            free = min(limit - len(claimed), self.policy.lane_concurrency - self._lane_load[lane])
+            if free > 0:
+                claimed += await pool.fetch(_CLAIM, self.worker_id, lease, free, lane)
+        return claimed
 
     async def execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
         extra = {"job_id": job["id"], "kind": job["kind"], "order_id": job["order_id"],

@@ -32,6 +32,8 @@ def _base36(n: int) -> str:
             return out
 
 ENDED = ("Cancelled", "Fraud")
+# A service's lane: its module and, when it has one, its server (`s` services, `p` products).
+SERVICE_LANE = "p.module || coalesce(':' || coalesce(s.server_id, p.server_id), '')"
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
             order_id,
         )
         rows = await conn.fetch(
-            "INSERT INTO jobs (order_id, service_id, kind)"
-            " SELECT order_id, id, 'terminate' FROM services WHERE order_id = $1 AND live"
+            "INSERT INTO jobs (order_id, service_id, kind, lane)"
+            f" SELECT s.order_id, s.id, 'terminate', {SERVICE_LANE} FROM services s"
+            "  JOIN products p ON p.id = s.product_id WHERE s.order_id = $1 AND s.live"
             " ON CONFLICT DO NOTHING RETURNING service_id", order_id,
         )
         queued += [f"terminate service {r['service_id']}" for r in rows]
@@ -109,11 +112,12 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
         # Every item still waiting, services and domains, in one read.
         items = await conn.fetch(
             "SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
-            "  NULL AS action, s.domain, p.slug, p.server_id FROM services s"
+            f"  NULL AS action, s.domain, p.slug, p.server_id, {SERVICE_LANE} AS lane"
+            "  FROM services s"
             "  JOIN products p ON p.id = s.product_id"
             "  WHERE s.order_id = $1 AND s.status = 'Pending' AND NOT s.live"
-            " UNION ALL SELECT 'domain', d.id, NULL, t.auto_register, d.action, d.domain, NULL, NULL"
-            "  FROM domains d JOIN tlds t ON t.tld = d.tld"
+            " UNION ALL SELECT 'domain', d.id, NULL, t.auto_register, d.action, d.domain, NULL, NULL,"
+            "  'registrar:' || t.registrar FROM domains d JOIN tlds t ON t.tld = d.tld"
             "  WHERE d.order_id = $1 AND d.status = 'Pending'", order_id,
         )
         setups = [i for i in items if i["kind"] == "service" and order.wants_setup(i["rule"])]
@@ -127,10 +131,10 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
                 "   server_id = coalesce(s.server_id, u.server_id)"
                 "  FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS u(id, username, server_id)"
                 "  WHERE s.id = u.id)"
-                " INSERT INTO jobs (order_id, service_id, domain_id, kind)"
-                " SELECT $1, u.service_id, u.domain_id, u.kind"
-                " FROM unnest($5::bigint[], $6::bigint[], $7::text[])"
-                "  AS u(service_id, domain_id, kind)"
+                " INSERT INTO jobs (order_id, service_id, domain_id, kind, lane)"
+                " SELECT $1, u.service_id, u.domain_id, u.kind, u.lane"
+                " FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[])"
+                "  AS u(service_id, domain_id, kind, lane)"
                 " ON CONFLICT DO NOTHING RETURNING kind, coalesce(service_id, domain_id) AS item",
                 order_id,
                 [i["id"] for i in setups],
@@ -139,6 +143,7 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
                 [i["id"] for i in setups] + [None] * len(registrations),
                 [None] * len(setups) + [i["id"] for i in registrations],
                 ["create"] * len(setups) + [i["action"] for i in registrations],
+                [i["lane"] for i in setups + registrations],
             )
             queued += [f"{r['kind']} {r['item']}" for r in rows]
     if queued:

@@ -15,6 +15,7 @@ def worker(settings: Settings) -> WorkerSpec:
     runner = JobRunner(providers, JobPolicy(
         max_attempts=settings.job_max_attempts, backoff_seconds=settings.job_backoff_seconds,
         lease_seconds=settings.job_lease_seconds, concurrency=settings.job_concurrency,
+        lane_concurrency=settings.job_lane_concurrency,
         poll_seconds=settings.job_poll_seconds,
     ), settings.database_url)
     payments = Payments(frozenset(settings.payment_publishers), on_paid=reconcile_paid)
