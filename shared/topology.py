@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
     "placement": ("order.place",),
     "fraud": ("order.placed", "order.rescreen"),
-    "provisioning": ("payment.received", "order.placed", "order.screened", "order.fraud",
+    "provisioning": ("payment.received", "order.screened", "order.fraud",
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
 }
 

@@ -1,21 +1,29 @@
-"""Order events: each one runs the reconcile step for its order."""
+"""Order events: each one applies the payments waiting for the order, then runs the
+reconcile step for it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from services.provisioning.payments import Payments
 from services.provisioning.reconcile import reconcile, retry_parked
 from shared.contracts import OrderEvent
 from shared.uow import UnitOfWork
 
 
-async def on_order_event(event: OrderEvent, uow: UnitOfWork) -> None:
-    """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
-    await reconcile(uow.conn, event.order_id)
+@dataclass(frozen=True)
+class OrderEvents:
+    payments: Payments
 
+    async def on_event(self, event: OrderEvent, uow: UnitOfWork) -> None:
+        """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
+        await self.payments.apply_waiting(uow, event.order_id)
+        await reconcile(uow.conn, event.order_id)
 
-async def on_retry(event: OrderEvent, uow: UnitOfWork) -> None:
-    """order.retry: parked setups run again, and anything still missing is queued."""
-    await retry_parked(uow.conn, event.order_id)
-    await reconcile(uow.conn, event.order_id)
+    async def on_retry(self, event: OrderEvent, uow: UnitOfWork) -> None:
+        """order.retry: parked setups run again, and anything still missing is queued."""
+        await retry_parked(uow.conn, event.order_id)
+        await self.on_event(event, uow)
 
 
 async def reconcile_paid(uow: UnitOfWork, order_id: int) -> None:

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
-from shared.contracts import InvoicePaid, OrderPlaced, PaymentReceived, PaymentUnapplied
+from shared.contracts import InvoicePaid, PaymentReceived, PaymentUnapplied
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.payments")
@@ -121,13 +121,15 @@ class Payments:
             await self.on_paid(uow, target["order_id"])
         return True
 
-    async def on_order_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
-        """Payments that arrived before their order are applied now."""
+    async def apply_waiting(self, uow: UnitOfWork, order_id: int) -> None:
+        """Payments that arrived before their order are applied once it exists (called with
+        every event about the order, in its transaction)."""
         waiting = await uow.conn.fetch(
-            "SELECT id FROM payments WHERE status = 'unapplied'"
-            " AND (order_ref = $1 OR requested_invoice_id = $2)"
-            " AND reason LIKE ANY($3::text[]) ORDER BY id",
-            event.order_ref, event.invoice_id, WAITING_FOR_ORDER,
+            "SELECT p.id FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
+            " JOIN payments p ON p.status = 'unapplied'"
+            "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
+            " WHERE o.id = $1 AND p.reason LIKE ANY($2::text[]) ORDER BY p.id",
+            order_id, WAITING_FOR_ORDER,
         )
         for row in waiting:
             await self.apply(uow, row["id"])

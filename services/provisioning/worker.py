@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.provisioning.handlers import on_order_event, on_retry, reconcile_paid
+from services.provisioning.handlers import OrderEvents, reconcile_paid
 from services.provisioning.jobs import JobPolicy, JobRunner
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
@@ -19,18 +19,18 @@ def worker(settings: Settings) -> WorkerSpec:
         poll_seconds=settings.job_poll_seconds,
     ), settings.database_url)
     payments = Payments(frozenset(settings.payment_publishers), on_paid=reconcile_paid)
-    reconciling = route(on_order_event)
+    events = OrderEvents(payments)
+    reconciling = route(events.on_event)
     return WorkerSpec(
         service="provisioning",
         routes={
             "payment.received": route(payments.on_payment),
-            "order.placed": route(payments.on_order_placed),
             "order.screened": reconciling,
             "order.fraud": reconciling,
             "order.accepted": reconciling,
             "order.cancelled": reconciling,
             "order.pending": reconciling,
-            "order.retry": route(on_retry),
+            "order.retry": route(events.on_retry),
         },
         background=(runner.run,),
         on_stop=(providers.close,),
