@@ -16,6 +16,7 @@ import logging
 import random
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -170,14 +171,8 @@ class JobRunner:
             result = await module.create(account)
         else:
             result = await module.terminate(account)
-        if not result.ok:
-            await self._failed(pool, job, result.error or "failed", transient=result.transient)
-            return
-        async with pool.acquire() as conn, conn.transaction():
-            # The order again, under its lock: it may have been cancelled during the call.
-            state = await self._finish(conn, job, result.detail)
-            if state is None:
-                return  # the lease was lost: the runner that took the job over records it
+
+        async def done(conn: asyncpg.Connection, state: asyncpg.Record) -> None:
             if job["kind"] == "create":
                 await self._created(conn, job, row, username, state, result)
                 return
@@ -189,6 +184,8 @@ class JobRunner:
             log.info("account terminated", extra={
                 "service_id": row["id"], "order_id": job["order_id"],
                 "order_ref": state["order_ref"], "username": username})
+
+        await self._complete(pool, job, result, done)
 
     async def _created(self, conn: asyncpg.Connection, job: asyncpg.Record, row: asyncpg.Record,
                        username: str, state: asyncpg.Record, result: ModuleResult) -> None:
@@ -239,13 +236,8 @@ class JobRunner:
             result: RegistrarResult = await registrar.transfer(request)
         else:
             result = await registrar.register(request)
-        if not result.ok:
-            await self._failed(pool, job, result.error or "failed", transient=result.transient)
-            return
-        async with pool.acquire() as conn, conn.transaction():
-            state = await self._finish(conn, job, result.detail)
-            if state is None:
-                return
+
+        async def done(conn: asyncpg.Connection, state: asyncpg.Record) -> None:
             # A domain registered after a cancel stays registered (it cannot be undone by
             # us); its status follows the order's, and an operator decides.
             if state["status"] not in ENDED:
@@ -258,7 +250,24 @@ class JobRunner:
             log.info("domain done", extra={**item, "order_id": job["order_id"],
                                            "order_ref": state["order_ref"]})
 
+        await self._complete(pool, job, result, done)
+
     # -- shared ---------------------------------------------------------------------------------
+
+    async def _complete(
+        self, pool: asyncpg.Pool, job: asyncpg.Record, result: ModuleResult | RegistrarResult,
+        done: Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[None]],
+    ) -> None:
+        """Record a call's outcome: a failure is retried or parked; a success is recorded by
+        `done`, in a transaction that first reads the order again under its lock (it may
+        have been cancelled during the call)."""
+        if not result.ok:
+            await self._failed(pool, job, result.error or "failed", transient=result.transient)
+            return
+        async with pool.acquire() as conn, conn.transaction():
+            state = await self._finish(conn, job, result.detail)
+            if state is not None:  # None: the lease was lost; the runner that took over records it
+                await done(conn, state)
 
     async def _finish(self, conn: asyncpg.Connection, job: asyncpg.Record,
                       detail: dict[str, Any]) -> asyncpg.Record | None:
