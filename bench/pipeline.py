@@ -245,14 +245,42 @@ async def serve_bare(s: Settings) -> None:
 
 
 @dataclass
-class Tracker:
+class Awaiting:
+    """Refs being waited for, and a wait that gives up only when progress stalls."""
+
+    _waiting: set[str] = field(default_factory=set, init=False)
+    _complete: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def _expect(self, refs: set[str]) -> None:
+        self._waiting = refs
+        self._complete = asyncio.Event()
+        if not self._waiting:
+            self._complete.set()
+
+    def _arrived(self, ref: str) -> None:
+        self._waiting.discard(ref)
+        if not self._waiting:
+            self._complete.set()
+
+    async def wait(self, stall_seconds: float = STALL_SECONDS) -> bool:
+        """Wait for every expected ref; False when none arrived for `stall_seconds`."""
+        while True:
+            left = len(self._waiting)
+            try:
+                await asyncio.wait_for(self._complete.wait(), timeout=stall_seconds)
+                return True
+            except TimeoutError:
+                if len(self._waiting) == left:
+                    return False
+
+
+@dataclass
+class Tracker(Awaiting):
     """Publish and outcome times by order_ref, from a storefront-style exclusive queue."""
 
     sent: dict[str, float] = field(default_factory=dict)
     done: dict[str, float] = field(default_factory=dict)
     outcome: dict[str, str] = field(default_factory=dict)
-    _waiting: set[str] = field(default_factory=set)
-    _complete: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
         channel = await connection.channel()
@@ -269,26 +297,10 @@ class Tracker:
         self.done[ref] = at
         key = message.routing_key or ""
         self.outcome[ref] = {"order.fraud": "fraud", "order.rejected": "rejected"}.get(key, "screened")
-        self._waiting.discard(ref)
-        if not self._waiting:
-            self._complete.set()
+        self._arrived(ref)
 
     def expect(self, refs: Iterable[str]) -> None:
-        self._waiting = {ref for ref in refs if ref not in self.done}
-        self._complete = asyncio.Event()
-        if not self._waiting:
-            self._complete.set()
-
-    async def wait(self, stall_seconds: float = STALL_SECONDS) -> bool:
-        """Wait for every expected order; False when none completed for `stall_seconds`."""
-        while True:
-            left = len(self._waiting)
-            try:
-                await asyncio.wait_for(self._complete.wait(), timeout=stall_seconds)
-                return True
-            except TimeoutError:
-                if len(self._waiting) == left:
-                    return False
+        self._expect({ref for ref in refs if ref not in self.done})
 
 
 @dataclass

@@ -44,6 +44,7 @@ from pipeline import (
     PUBLISH_BATCH,
     STALL_SECONDS,
     STATS_FLUSH_SECONDS,
+    Awaiting,
     Bench,
     CpuMeter,
     WorkerProcess,
@@ -176,16 +177,14 @@ def order_body(ref: str, product: str) -> dict[str, Any]:
 
 
 @dataclass
-class Storefront:
+class Storefront(Awaiting):
     """Publishes orders and payments (with confirms) and hears events on an exclusive queue.
     Times are wall-clock (time.time()) so that they compare with the database's timestamps."""
 
     exchange: AbstractExchange
     sent: dict[str, float] = field(default_factory=dict)  # order_ref -> last publish for it
     seen: dict[str, dict[str, float]] = field(default_factory=dict)  # routing key -> ref -> time
-    _waiting: set[str] = field(default_factory=set)
     _done_keys: tuple[str, ...] = ()
-    _complete: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
         channel = await connection.channel()
@@ -202,30 +201,14 @@ class Storefront:
             return  # not ours
         self.seen.setdefault(message.routing_key or "", {}).setdefault(ref, at)
         if ref in self._waiting and (message.routing_key or "") in self._done_keys:
-            self._waiting.discard(ref)
-            if not self._waiting:
-                self._complete.set()
+            self._arrived(ref)
 
     def at(self, key: str, ref: str) -> float | None:
         return self.seen.get(key, {}).get(ref)
 
     def expect(self, refs: Iterable[str], done_keys: tuple[str, ...]) -> None:
         self._done_keys = done_keys
-        self._waiting = {ref for ref in refs if not any(self.at(k, ref) for k in done_keys)}
-        self._complete = asyncio.Event()
-        if not self._waiting:
-            self._complete.set()
-
-    async def wait(self, stall_seconds: float = STALL_SECONDS) -> bool:
-        """Wait for every expected ref; False when none finished for `stall_seconds`."""
-        while True:
-            left = len(self._waiting)
-            try:
-                await asyncio.wait_for(self._complete.wait(), timeout=stall_seconds)
-                return True
-            except TimeoutError:
-                if len(self._waiting) == left:
-                    return False
+        self._expect({ref for ref in refs if not any(self.at(k, ref) for k in done_keys)})
 
     async def _publish(self, key: str, ref: str, body: dict[str, Any]) -> None:
         self.sent[ref] = time.time()
