@@ -7,6 +7,7 @@ from collections.abc import Callable
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
+from services.review.worker import worker as review_worker
 from shared.runtime import WorkerSpec
 from shared.settings import Settings
 
@@ -14,4 +15,5 @@ WORKERS: dict[str, Callable[[Settings], WorkerSpec]] = {
     "placement": placement_worker,
     "fraud": fraud_worker,
     "provisioning": provisioning_worker,
+    "review": review_worker,
 }

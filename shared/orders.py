@@ -67,6 +67,22 @@ async def transition(
             "UPDATE invoices SET status = 'Cancelled' WHERE order_id = $1 AND status = 'Unpaid'",
             order_id,
         )
+    elif to_status == "Pending":
+        # Set back to Pending: items that followed the order follow it back, an account
+        # already terminated stays so; a cancelled invoice not paid in full is reopened.
+        await conn.execute(
+            "UPDATE services SET status = 'Pending' WHERE order_id = $1"
+            " AND status IN ('Cancelled', 'Fraud') AND terminated_at IS NULL AND NOT live",
+            order_id,
+        )
+        await conn.execute(
+            "UPDATE domains SET status = 'Pending' WHERE order_id = $1"
+            " AND status IN ('Cancelled', 'Fraud') AND registered_at IS NULL", order_id,
+        )
+        await conn.execute(
+            "UPDATE invoices SET status = 'Unpaid' WHERE order_id = $1 AND status = 'Cancelled'"
+            " AND amount_paid < total", order_id,
+        )
     await add_history(
         conn, order_id, actor=actor, action=action, from_status=current, to_status=to_status,
         detail=detail,

@@ -36,9 +36,11 @@ class OutboxRelay:
         sweep_seconds: float = 5.0,
         linger_seconds: float = 0.0,
         concurrency: int = 4,
+        direct: AbstractExchange | None = None,
     ) -> None:
         self.pool = pool
         self.exchange = exchange
+        self.direct = direct  # the default exchange, for replies straight to a queue
         self.database_url = database_url
         self.batch = batch
         self.sweep_seconds = sweep_seconds
@@ -120,7 +122,7 @@ class OutboxRelay:
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT id, message_id, routing_key, body, correlation_id FROM outbox"
+                "SELECT id, message_id, routing_key, body, correlation_id, direct FROM outbox"
                 " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self.batch,
             )
@@ -168,5 +170,6 @@ class OutboxRelay:
             body, routing_key=row["routing_key"], message_id=str(row["message_id"]),
             correlation_id=row["correlation_id"],
         )
-        await self.exchange.publish(message, routing_key=row["routing_key"], mandatory=True)
+        exchange = self.direct if row["direct"] and self.direct is not None else self.exchange
+        await exchange.publish(message, routing_key=row["routing_key"], mandatory=True)
 

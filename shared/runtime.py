@@ -126,6 +126,7 @@ class Runtime:
         self.connection: AbstractRobustConnection | None = None
         self.exchange: AbstractExchange | None = None
         self.dead_letter_exchange: AbstractExchange | None = None
+        self.direct_exchange: AbstractExchange | None = None
         self._stop = asyncio.Event()
         self._inflight = _InFlight()
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
@@ -145,6 +146,7 @@ class Runtime:
             publisher, self.names, delivery_limit=s.queue_delivery_limit
         )
         self.dead_letter_exchange = await publisher.get_exchange(self.names.dead_letter_exchange)
+        self.direct_exchange = publisher.default_exchange
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,6 +166,7 @@ class Runtime:
         if relay:
             outbox = OutboxRelay(
                 self.pool, self.exchange, self.settings.database_url,
+                direct=self.direct_exchange,
                 batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
                 linger_seconds=self.settings.relay_linger_ms / 1000,
                 concurrency=self.settings.relay_concurrency,
@@ -303,7 +306,7 @@ class Runtime:
         context = MessageContext(
             consumer=spec.service, message_id=message_id, routing_key=key,
             received_at=datetime.now(UTC), user_id=message.user_id,
-            correlation_id=message.correlation_id,
+            correlation_id=message.correlation_id, reply_to=message.reply_to,
         )
         return _Work(message, route_, payload, context, data)
 

@@ -18,6 +18,7 @@ SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
     "fraud": ("order.placed", "order.rescreen"),
     "provisioning": ("payment.received", "order.screened", "order.fraud",
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
+    "review": ("review.command",),
 }
 
 

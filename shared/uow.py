@@ -26,11 +26,12 @@ class MessageContext:
     received_at: datetime
     user_id: str | None = None  # validated by the broker against the connection's user
     correlation_id: str | None = None
+    reply_to: str | None = None
 
 
 _INSERT_EVENT = (
-    "INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
-    " VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING"
+    "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct)"
+    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (message_id) DO NOTHING"
 )
 
 
@@ -46,7 +47,8 @@ async def write_event(
     message_id: uuid.UUID,
     correlation_id: str | None,
 ) -> None:
-    await conn.execute(_INSERT_EVENT, message_id, routing_key, _payload(body), correlation_id)
+    await conn.execute(_INSERT_EVENT, message_id, routing_key, _payload(body), correlation_id,
+                       False)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
     _emitted: int = field(default=0, init=False)
-    _events: list[tuple[uuid.UUID, str, dict[str, object], str]] = field(
+    _events: list[tuple[uuid.UUID, str, dict[str, object], str | None, bool]] = field(
         default_factory=list, init=False)
 
     @property
@@ -66,10 +68,18 @@ class UnitOfWork:
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        self._events.append((message_id, routing_key, _payload(body), ctx.message_id))
+        self._events.append((message_id, routing_key, _payload(body), ctx.message_id, False))
         return message_id
 
-    def take_events(self) -> list[tuple[uuid.UUID, str, dict[str, object], str]]:
+    def reply(self, body: BaseModel | dict[str, object]) -> None:
+        """Answer the message's `reply_to` queue, with its correlation_id, after commit."""
+        ctx = self.context
+        if not ctx.reply_to:
+            return
+        self._events.append((event_id(ctx.consumer, ctx.message_id, "reply"), ctx.reply_to,
+                             _payload(body), ctx.correlation_id, True))
+
+    def take_events(self) -> list[tuple[uuid.UUID, str, dict[str, object], str | None, bool]]:
         events, self._events = self._events, []
         return events
 

@@ -1,0 +1,179 @@
+"""Operator review: every action from every status, as the design's table says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+
+from conftest import Harness, eventually
+from services.review.worker import worker as review_worker
+from shared import broker
+
+STATUSES = ("Pending", "Active", "Cancelled", "Fraud")
+# action -> (statuses it is allowed from, the status it leads to or None for unchanged)
+TABLE: dict[str, tuple[set[str], str | None]] = {
+    "accept": ({"Pending"}, "Active"),
+    "deny": ({"Pending"}, "Cancelled"),
+    "cancel": ({"Pending", "Active"}, "Cancelled"),
+    "fraud": ({"Pending", "Active", "Cancelled"}, "Fraud"),
+    "pending": ({"Cancelled", "Fraud"}, "Pending"),
+    "delete": ({"Cancelled", "Fraud"}, None),
+    "rescreen": ({"Pending"}, None),
+}
+EVENTS = {"accept": "order.accepted", "deny": "order.cancelled", "cancel": "order.cancelled",
+          "fraud": "order.fraud", "pending": "order.pending", "delete": "order.deleted",
+          "rescreen": "order.rescreen"}
+
+
+async def make_order(h: Harness, status: str, ref: str) -> int:
+    """An order as placement and screening leave it, then moved to `status` by hand."""
+    ended = status in ("Cancelled", "Fraud")
+    return await h.pool.fetchval(
+        "WITH c AS (INSERT INTO clients (email) VALUES ($1) RETURNING id),"
+        " o AS (INSERT INTO orders (order_ref, order_number, client_id, status, screening,"
+        "  currency, send_confirmation, generate_invoice, total)"
+        "  SELECT $2, (random() * 1e9)::bigint + 1000000000, id, $3,"
+        "  CASE WHEN $3 = 'Fraud' THEN 'failed' ELSE 'passed' END, 'USD', true, true, 4.95"
+        "  FROM c RETURNING id, client_id),"
+        " s AS (INSERT INTO services (order_id, product_id, billing_cycle, domain, amount, status)"
+        "  SELECT o.id, p.id, 'monthly', $2 || '.example', 4.95,"
+        "  CASE WHEN $4 THEN $3 ELSE 'Pending' END FROM o, products p WHERE p.slug = 'starter'),"
+        " i AS (INSERT INTO invoices (order_id, client_id, status, currency, subtotal, total)"
+        "  SELECT id, client_id, CASE WHEN $4 THEN 'Cancelled' ELSE 'Unpaid' END, 'USD', 4.95, 4.95"
+        "  FROM o)"
+        " SELECT id FROM o", f"{ref}@shop.example", ref, status, ended)
+
+
+async def command(h: Harness, order_id: int, action: str, *, timeout: float = 15,
+                  **extra: Any) -> dict[str, Any]:
+    """Publish a review command and wait for its reply, as the CLI does."""
+    channel = await h.connection.channel()
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    correlation = str(uuid.uuid4())
+    body = {"order_id": order_id, "action": action, "operator": "alice", **extra}
+    await broker.publish(h.exchange, "review.command", broker.json_message(
+        body, routing_key="review.command", correlation_id=correlation, reply_to=replies.name))
+    async with replies.iterator(timeout=timeout) as messages:
+        async for message in messages:
+            await message.ack()
+            if message.correlation_id == correlation:
+                await channel.close()
+                return json.loads(message.body)
+    raise AssertionError("no reply")
+
+
+@pytest.mark.parametrize("start", STATUSES)
+@pytest.mark.parametrize("action", list(TABLE))
+async def test_every_action_from_every_status(harness: Harness, action: str, start: str) -> None:
+    store = await harness.listen(EVENTS[action])
+    await harness.start([review_worker(harness.settings)])
+    order_id = await make_order(harness, start, f"r-{action}-{start}")
+    allowed, result = TABLE[action]
+    reply = await command(harness, order_id, action)
+    row = await harness.pool.fetchrow("SELECT * FROM orders WHERE id = $1", order_id)
+    if start in allowed or start == result:
+        expected = result or start
+        assert reply == {"ok": True, "order_id": order_id, "status": expected}
+        assert row["status"] == expected
+        if start != result:
+            event = await store.wait_for(EVENTS[action], lambda b: b["order_id"] == order_id)
+            assert event["operator"] == "alice"
+            history = await harness.pool.fetch(
+                "SELECT actor, action FROM order_history WHERE order_id = $1", order_id)
+            assert [(r["actor"], r["action"]) for r in history] == [("alice", action)]
+    else:
+        needs = " or ".join(sorted(allowed))
+        assert reply == {"ok": False, "order_id": order_id,
+                         "error": f"order {order_id} is {start}; {action} needs {needs}"}
+        assert row["status"] == start  # nothing changed
+        assert await harness.pool.fetchval(
+            "SELECT count(*) FROM order_history WHERE order_id = $1", order_id) == 0
+
+
+async def test_cancel_and_fraud_move_items_and_invoice_and_pending_brings_them_back(
+    harness: Harness,
+) -> None:
+    await harness.start([review_worker(harness.settings)])
+    order_id = await make_order(harness, "Pending", "r-cycle")
+    assert (await command(harness, order_id, "fraud"))["status"] == "Fraud"
+    states = await harness.pool.fetchrow(
+        "SELECT (SELECT status FROM services WHERE order_id = $1) AS service,"
+        " (SELECT status FROM invoices WHERE order_id = $1) AS invoice", order_id)
+    assert (states["service"], states["invoice"]) == ("Fraud", "Cancelled")
+    assert (await command(harness, order_id, "pending"))["status"] == "Pending"
+    states = await harness.pool.fetchrow(
+        "SELECT (SELECT status FROM services WHERE order_id = $1) AS service,"
+        " (SELECT status FROM invoices WHERE order_id = $1) AS invoice,"
+        " (SELECT screening_override FROM orders WHERE id = $1) AS override", order_id)
+    assert (states["service"], states["invoice"], states["override"]) == (
+        "Pending", "Unpaid", True)
+
+
+async def test_accept_stores_its_options_and_refuses_while_screening(harness: Harness) -> None:
+    store = await harness.listen("order.accepted")
+    await harness.start([review_worker(harness.settings)])
+    queued = await make_order(harness, "Pending", "r-queued")
+    await harness.pool.execute("UPDATE orders SET screening = 'queued' WHERE id = $1", queued)
+    reply = await command(harness, queued, "accept")
+    assert reply["ok"] is False and "still being screened" in reply["error"]
+    order_id = await make_order(harness, "Pending", "r-opts")
+    options = {"run_module_create": False, "send_welcome_email": True, "register_domains": False}
+    assert (await command(harness, order_id, "accept", options=options))["ok"] is True
+    assert await harness.pool.fetchval(
+        "SELECT accept_options FROM orders WHERE id = $1", order_id) == options
+    event = await store.wait_for("order.accepted", lambda b: b["order_id"] == order_id)
+    assert event["options"] == options
+
+
+async def test_retry_needs_a_parked_setup_and_unknown_orders_are_refused(
+    harness: Harness,
+) -> None:
+    await harness.start([review_worker(harness.settings)])
+    order_id = await make_order(harness, "Active", "r-retry")
+    reply = await command(harness, order_id, "retry")
+    assert reply == {"ok": False, "order_id": order_id,
+                     "error": f"order {order_id} has no parked setup; retry needs one"}
+    assert await command(harness, 987654, "accept") == {
+        "ok": False, "order_id": 987654, "error": "order 987654 does not exist"}
+
+
+async def test_two_operators_racing_leave_one_consistent_state(harness: Harness) -> None:
+    await harness.start([review_worker(harness.settings)])
+    order_id = await make_order(harness, "Pending", "r-race")
+    accept, cancel = await asyncio.gather(command(harness, order_id, "accept"),
+                                          command(harness, order_id, "cancel"))
+    final = await harness.pool.fetchval("SELECT status FROM orders WHERE id = $1", order_id)
+    # Accept then cancel: both succeed and it ends Cancelled. Cancel then accept: accept is
+    # refused. Either way each answer is true to what happened.
+    assert cancel == {"ok": True, "order_id": order_id, "status": "Cancelled"}
+    assert final == "Cancelled"
+    assert accept["ok"] is True or accept["error"] == (
+        f"order {order_id} is Cancelled; accept needs Pending")
+    history = [r["action"] for r in await harness.pool.fetch(
+        "SELECT action FROM order_history WHERE order_id = $1 ORDER BY id", order_id)]
+    assert history in (["accept", "cancel"], ["cancel"])
+
+
+async def test_a_command_sent_twice_is_applied_once(harness: Harness) -> None:
+    await harness.start([review_worker(harness.settings)])
+    order_id = await make_order(harness, "Pending", "r-twice")
+    channel = await harness.connection.channel()
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    body = {"order_id": order_id, "action": "cancel", "operator": "bob"}
+    for _ in range(2):
+        message = broker.json_message(body, routing_key="review.command", message_id="cmd-1",
+                                      correlation_id="c-1", reply_to=replies.name)
+        await broker.publish(harness.exchange, "review.command", message)
+
+    async def one_reply() -> aio_pika.abc.AbstractIncomingMessage | None:
+        return await replies.get(no_ack=True, fail=False)
+    first = await eventually(one_reply)
+    assert json.loads(first.body)["status"] == "Cancelled"
+    await asyncio.sleep(0.5)
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE order_id = $1", order_id) == 1
