@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
@@ -400,6 +401,91 @@ def dead_letters(
     out.print(table("Dead letters", ["queue", "routing key", "message id", "reason", "at"],
                     [[r["queue"], r["routing_key"], r["message_id"], r["reason"],
                       (r["dead_at"] or "")[:19]] for r in rows]))
+
+
+# -- operator actions ------------------------------------------------------------------------
+
+TimeoutOpt = typer.Option(10.0, "--timeout", min=0.5, help="Seconds to wait for the answer.")
+
+
+def review(action: str, order_id: int, *, timeout: float,
+           options: dict[str, bool] | None = None) -> None:
+    """Send a review command and print the review service's answer."""
+    s = settings()
+
+    async def go() -> dict[str, Any]:
+        connection = await broker.connect(s.amqp_url, attempts=2)
+        async with connection:
+            channel = await broker.open_publisher(connection)
+            exchange = await channel.get_exchange(Names(s.namespace).exchange)
+            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+            correlation = str(uuid.uuid4())
+            body: dict[str, Any] = {"order_id": order_id, "action": action,
+                                    "operator": urlsplit(s.amqp_url).username or "operator"}
+            if options is not None:
+                body["options"] = options
+            message = broker.json_message(
+                body, routing_key="review.command", correlation_id=correlation,
+                reply_to=replies.name,
+                # The broker checks it: history names the operator's own RabbitMQ user.
+                user_id=urlsplit(s.amqp_url).username or None,
+                # Unanswered in time, the command expires instead of surprising anyone later.
+                expiration=timeout)
+            try:
+                await broker.publish(exchange, "review.command", message)
+            except PublishError:
+                raise UserError("no queue takes review.command: run `ordermill migrate`") from None
+            try:
+                async with replies.iterator(timeout=timeout) as answers:
+                    async for answer in answers:
+                        await answer.ack()
+                        if answer.correlation_id == correlation:
+                            return json.loads(answer.body)
+            except TimeoutError:
+                pass
+            raise UserError(f"no answer from the review service within {timeout:g} s (is "
+                            "`ordermill run` running?); the command expired unapplied")
+        raise AssertionError("unreachable")
+
+    answer = run_async(go())
+    if not answer.get("ok"):
+        raise UserError(answer.get("error", "refused"))
+    out.print(f"order {order_id}: {answer['status']}")
+
+
+@app.command()
+def accept(
+    order_id: int,
+    no_module_create: bool = typer.Option(False, "--no-module-create",
+                                          help="Do not set up the services not yet set up."),
+    no_welcome_email: bool = typer.Option(False, "--no-welcome-email"),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not register domains."),
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Accept a Pending order (screening finished): it becomes Active."""
+    review("accept", order_id, timeout=timeout, options={
+        "run_module_create": not no_module_create, "send_welcome_email": not no_welcome_email,
+        "register_domains": not no_register})
+
+
+def _action_command(name: str, action: str, help_text: str) -> None:
+    def command(order_id: int, timeout: float = TimeoutOpt) -> None:
+        review(action, order_id, timeout=timeout)
+
+    command.__doc__ = help_text
+    app.command(name)(command)
+
+
+for _name, _action, _help in (
+    ("deny", "deny", "Deny a Pending order: it becomes Cancelled."),
+    ("cancel", "cancel", "Cancel a Pending or Active order; live accounts are terminated."),
+    ("fraud", "fraud", "Mark an order as Fraud; live accounts are terminated."),
+    ("set-pending", "pending", "Set a Cancelled or Fraud order back to Pending."),
+    ("delete", "delete", "Hide a Cancelled or Fraud order (its record is kept)."),
+    ("retry", "retry", "Run the order's parked setups again."),
+    ("rescreen", "rescreen", "Screen a Pending order for fraud again."),
+):
+    _action_command(_name, _action, _help)
 
 
 @app.command()

@@ -52,6 +52,7 @@ def json_message(
     reply_to: str | None = None,
     headers: Mapping[str, object] | None = None,
     user_id: str | None = None,
+    expiration: float | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         json.dumps(body, default=str).encode(),
@@ -65,6 +66,7 @@ def json_message(
         headers=dict(headers or {}),
         # RabbitMQ checks it against the connection's user: consumers may trust it.
         user_id=user_id,
+        expiration=expiration,
     )
 
 

@@ -66,7 +66,7 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     depths = {q["queue"]: q for q in json.loads(out)}
     assert set(depths) == {f"{s.namespace}.{n}" for n in
                            ("placement", "placement.dead", "fraud", "fraud.dead",
-                            "provisioning", "provisioning.dead")}
+                            "provisioning", "provisioning.dead", "review", "review.dead")}
     assert depths[f"{s.namespace}.placement"]["consumers"] == 1
     assert depths[f"{s.namespace}.placement.dead"]["messages"] == 0
 

@@ -177,3 +177,34 @@ async def test_a_command_sent_twice_is_applied_once(harness: Harness) -> None:
     await asyncio.sleep(0.5)
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM order_history WHERE order_id = $1", order_id) == 1
+
+
+async def test_cli_actions_against_a_review_worker_and_without_one(harness: Harness) -> None:
+    from test_cli import cli
+
+    s = harness.settings
+    pending = await make_order(harness, "Pending", "r-cli")
+    code, out, err = await cli(s, "accept", str(pending), "--timeout", "2")
+    assert code == 1
+    assert err.strip() == ("error: no answer from the review service within 2 s (is "
+                           "`ordermill run` running?); the command expired unapplied")
+    await harness.start([review_worker(s)])
+    await asyncio.sleep(2.5)  # the unanswered command expired in the queue: not applied late
+    assert await harness.pool.fetchval("SELECT status FROM orders WHERE id = $1", pending) == (
+        "Pending")
+    code, out, err = await cli(s, "accept", str(pending), "--no-welcome-email")
+    assert (code, out.strip()) == (0, f"order {pending}: Active"), err
+    assert (await harness.pool.fetchval(
+        "SELECT accept_options FROM orders WHERE id = $1", pending))["send_welcome_email"] is False
+    # History names the broker-validated user of the connection.
+    assert await harness.pool.fetchval(
+        "SELECT actor FROM order_history WHERE order_id = $1", pending) == "guest"
+    code, out, err = await cli(s, "set-pending", str(pending))
+    assert (code, err.strip()) == (
+        1, f"error: order {pending} is Active; pending needs Cancelled or Fraud")
+    for name, status in (("cancel", "Cancelled"), ("fraud", "Fraud"), ("set-pending", "Pending"),
+                         ("deny", "Cancelled"), ("delete", "Cancelled")):
+        code, out, err = await cli(s, name, str(pending))
+        assert (code, out.strip()) == (0, f"order {pending}: {status}"), (name, err)
+    code, out, _ = await cli(s, "orders", "--json")
+    assert pending not in [o["id"] for o in json.loads(out)]  # deleted: hidden, kept
