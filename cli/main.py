@@ -332,6 +332,9 @@ def failures(as_json: bool = JsonOpt) -> None:
                     [[f["job_id"], f["order_id"], f["order_ref"], f"{f['job']} {f['item']}",
                       f["attempts"], f["error"]] for f in data["parked_setups"]]))
     out.print(_payments_table("Unapplied payments", data["unapplied_payments"]))
+    out.print(table("Parked emails", ["email", "order", "template", "to", "attempts", "error"],
+                    [[e["email_id"], e["order_id"], e["template"], e["recipient"],
+                      e["attempts"], e["error"]] for e in data["parked_emails"]]))
 
 
 # -- broker --------------------------------------------------------------------------------

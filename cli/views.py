@@ -164,8 +164,13 @@ async def failures(conn: asyncpg.Connection, *, stuck_seconds: int) -> dict[str,
     ]
     unapplied = [_payment_row(r) for r in await conn.fetch(
         "SELECT * FROM payments WHERE status = 'unapplied' ORDER BY id")]
+    emails = [
+        {"email_id": r["id"], "order_id": r["order_id"], "template": r["template"],
+         "recipient": r["recipient"], "attempts": r["attempts"], "error": r["last_error"]}
+        for r in await conn.fetch("SELECT * FROM emails WHERE status = 'parked' ORDER BY id")
+    ]
     return {"screening_errors": screening_errors, "stuck_in_screening": stuck,
-            "parked_setups": parked, "unapplied_payments": unapplied}
+            "parked_setups": parked, "unapplied_payments": unapplied, "parked_emails": emails}
 
 
 def _payment_row(r: asyncpg.Record) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.fraud.worker import worker as fraud_worker
+from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
 from services.review.worker import worker as review_worker
@@ -16,4 +17,5 @@ WORKERS: dict[str, Callable[[Settings], WorkerSpec]] = {
     "fraud": fraud_worker,
     "provisioning": provisioning_worker,
     "review": review_worker,
+    "notify": notify_worker,
 }

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     epp_registrant_id: str | None = None  # the registrant contact set up at the registry
     epp_cafile: str | None = None  # EPP_PASSWORD is read from the environment when needed
 
+    # Mail.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None  # a secret: from the environment only
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    mail_from: str = "Ordermill <billing@ordermill.local>"
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 

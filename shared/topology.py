@@ -19,6 +19,7 @@ SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
     "provisioning": ("payment.received", "order.screened", "order.fraud",
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
     "review": ("review.command",),
+    "notify": ("email.send",),
 }
 
 

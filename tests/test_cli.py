@@ -66,7 +66,8 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     depths = {q["queue"]: q for q in json.loads(out)}
     assert set(depths) == {f"{s.namespace}.{n}" for n in
                            ("placement", "placement.dead", "fraud", "fraud.dead",
-                            "provisioning", "provisioning.dead", "review", "review.dead")}
+                            "provisioning", "provisioning.dead", "review", "review.dead",
+                            "notify", "notify.dead")}
     assert depths[f"{s.namespace}.placement"]["consumers"] == 1
     assert depths[f"{s.namespace}.placement.dead"]["messages"] == 0
 
@@ -78,7 +79,7 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
 
     code, out, _ = await cli(s, "failures", "--json")
     assert json.loads(out) == {"screening_errors": [], "stuck_in_screening": [],
-                               "parked_setups": [], "unapplied_payments": []}
+                               "parked_setups": [], "unapplied_payments": [], "parked_emails": []}
 
 
 async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harness) -> None:

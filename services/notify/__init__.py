@@ -1,0 +1,1 @@
+"""Customer email: order confirmation, invoice and welcome mails over SMTP."""

@@ -1,0 +1,37 @@
+"""The mail worker: email.send requests are recorded once (by dedupe key), then sent."""
+
+from __future__ import annotations
+
+from services.notify.mail import SUBJECTS, message_id_for
+from services.notify.sender import MailSender, SmtpConfig
+from shared.contracts import EmailSend
+from shared.errors import Rejected
+from shared.runtime import WorkerSpec, route
+from shared.settings import Settings
+from shared.uow import UnitOfWork
+
+
+async def on_email(request: EmailSend, uow: UnitOfWork, *, domain: str) -> None:
+    if request.template not in SUBJECTS:
+        raise Rejected(f"unknown email template {request.template!r}")
+    await uow.conn.execute(
+        "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dedupe_key) DO NOTHING",
+        request.dedupe_key, request.template, request.recipient, request.order_id,
+        message_id_for(request.dedupe_key, domain))
+
+
+def worker(settings: Settings) -> WorkerSpec:
+    sender = MailSender(
+        SmtpConfig(host=settings.smtp_host, port=settings.smtp_port, sender=settings.mail_from,
+                   username=settings.smtp_username, password=settings.smtp_password,
+                   security=settings.smtp_security, timeout=settings.module_timeout_seconds),
+        max_attempts=settings.job_max_attempts, backoff_seconds=settings.job_backoff_seconds,
+        poll_seconds=min(settings.job_poll_seconds, 1.0))
+    domain = settings.mail_from.rpartition("@")[2].strip(">") or "ordermill.local"
+
+    async def handle(request: EmailSend, uow: UnitOfWork) -> None:
+        await on_email(request, uow, domain=domain)
+
+    return WorkerSpec(service="notify", routes={"email.send": route(handle)},
+                      background=(sender.run,))
