@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from rich.table import Table
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from shared import broker, db, logs
+from shared.contracts import PlaceOrder
 from shared.orders import ORDER_STATUSES
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
@@ -237,6 +239,9 @@ def _orders_table(title: str, orders: list[dict[str, Any]]) -> Table:
 @app.command()
 def orders(
     status: str = typer.Option(None, help="Pending, Active, Cancelled or Fraud."),
+    client: str = typer.Option(None, help="A client id or email address."),
+    since: str = typer.Option(None, help="Placed on or after (ISO date or time, UTC)."),
+    until: str = typer.Option(None, help="Placed before (ISO date or time, UTC)."),
     limit: int = typer.Option(50, min=1, max=1000),
     page: int = typer.Option(1, min=1),
     as_json: bool = JsonOpt,
@@ -246,11 +251,23 @@ def orders(
         status = status.capitalize()
         if status not in ORDER_STATUSES:
             raise UserError(f"unknown status {status!r}; use {', '.join(ORDER_STATUSES)}")
-    rows = _with_db(lambda c: views.list_orders(c, status=status, limit=limit,
+    start, end = _moment(since, "--since"), _moment(until, "--until")
+    rows = _with_db(lambda c: views.list_orders(c, status=status, client=client, since=start,
+                                                until=end, limit=limit,
                                                 offset=(page - 1) * limit))
     if as_json:
         return emit_json(rows)
     out.print(_orders_table(f"Orders{f' ({status})' if status else ''}", rows))
+
+
+def _moment(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{option} {value!r} is not an ISO date or time (2026-11-26)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @app.command()
@@ -489,6 +506,90 @@ for _name, _action, _help in (
     ("rescreen", "rescreen", "Screen a Pending order for fraud again."),
 ):
     _action_command(_name, _action, _help)
+
+
+@app.command()
+def place(
+    client_id: int = typer.Option(None, "--client-id", help="An existing client."),
+    email: str = typer.Option(None, "--email", help="A new client's email (or an existing one)."),
+    first_name: str = typer.Option("", "--first-name"),
+    last_name: str = typer.Option("", "--last-name"),
+    country: str = typer.Option(None, "--country"),
+    company: str = typer.Option(None, "--company"),
+    product: list[str] = typer.Option(
+        [], "--product", help="SLUG[:CYCLE][@DOMAIN], e.g. starter:annually@ann.example"),
+    domain: list[str] = typer.Option(
+        [], "--domain", help="NAME[:register|transfer][:YEARS], e.g. ann.com:register:2"),
+    epp_code: list[str] = typer.Option([], "--epp-code", help="DOMAIN=CODE for a transfer."),
+    payment_method: str = typer.Option(None, "--payment-method"),
+    promo: str = typer.Option(None, "--promo"),
+    currency: str = typer.Option(None, "--currency"),
+    no_confirmation: bool = typer.Option(False, "--no-confirmation"),
+    no_invoice: bool = typer.Option(False, "--no-invoice"),
+    ref: str = typer.Option(None, "--ref", help="The order's ref (default: a new one)."),
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Add New Order: place an order for a client, as an operator."""
+    if (client_id is None) == (email is None):
+        raise UserError("give either --client-id or --email")
+    codes = dict(code.split("=", 1) for code in epp_code if "=" in code)
+    items: list[dict[str, Any]] = []
+    for spec in product:
+        slug_cycle, _, on_domain = spec.partition("@")
+        slug, _, cycle = slug_cycle.partition(":")
+        items.append({"type": "product", "product": slug, "billing_cycle": cycle or "monthly",
+                      "domain": on_domain or None})
+    for spec in domain:
+        name, _, rest = spec.partition(":")
+        action, _, years = rest.partition(":")
+        items.append({"type": "domain", "domain": name, "action": action or "register",
+                      "years": int(years) if years.isdigit() else 1,
+                      "epp_code": codes.get(name)})
+    body = {
+        "order_ref": ref or f"operator-{uuid.uuid4().hex[:12]}",
+        "client": {"id": client_id} if client_id is not None else {
+            "email": email, "first_name": first_name, "last_name": last_name,
+            "country": country, "company": company},
+        "items": items, "currency": currency, "payment_method": payment_method,
+        "promo_code": promo, "send_confirmation": not no_confirmation,
+        "generate_invoice": not no_invoice,
+    }
+    try:
+        PlaceOrder.model_validate(body)  # a mistake is told here, not by a dead letter
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc, prefix="")) from None
+    s = settings()
+
+    async def go() -> tuple[str, dict[str, Any]]:
+        connection = await broker.connect(s.amqp_url, attempts=2)
+        async with connection:
+            channel = await broker.open_publisher(connection)
+            names = Names(s.namespace)
+            exchange = await channel.get_exchange(names.exchange)
+            answers = await channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in ("order.placed", "order.rejected"):
+                await answers.bind(names.exchange, routing_key=key)
+            await broker.publish(exchange, "order.place", broker.json_message(
+                body, routing_key="order.place", user_id=urlsplit(s.amqp_url).username or None))
+            try:
+                async with answers.iterator(timeout=timeout) as events:
+                    async for event in events:
+                        await event.ack()
+                        data = json.loads(event.body)
+                        if data.get("order_ref") == body["order_ref"]:
+                            return event.routing_key or "", data
+            except TimeoutError:
+                pass
+            raise UserError(f"order {body['order_ref']} published, but not placed within "
+                            f"{timeout:g} s: is `ordermill run` running?")
+        raise AssertionError("unreachable")
+
+    key, data = run_async(go())
+    if key == "order.rejected":
+        raise UserError(f"order {body['order_ref']} refused: {data['reason']}")
+    out.print(f"order {data['order_id']} placed: ref {data['order_ref']}, number "
+              f"{data['order_number']}, total {data['total']} {data['currency']}"
+              + (f", invoice {data['invoice_id']}" if data["invoice_id"] else ", no invoice"))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -25,13 +26,22 @@ def _order_row(r: asyncpg.Record) -> dict[str, Any]:
 
 
 async def list_orders(
-    conn: asyncpg.Connection, *, status: str | None = None, limit: int = 50, offset: int = 0
+    conn: asyncpg.Connection, *, status: str | None = None, client: str | None = None,
+    since: datetime | None = None, until: datetime | None = None, limit: int = 50,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
+    """Orders, newest first; `client` is a client id or an email address."""
+    client_id = int(client) if client and client.isdigit() else None
+    email = client if client and client_id is None else None
     rows = await conn.fetch(
         f"SELECT {_ORDER_COLUMNS} FROM orders o JOIN clients c ON c.id = o.client_id"
         " WHERE o.deleted_at IS NULL AND ($1::text IS NULL OR o.status = $1)"
+        " AND ($4::bigint IS NULL OR o.client_id = $4)"
+        " AND ($5::text IS NULL OR lower(c.email) = lower($5))"
+        " AND ($6::timestamptz IS NULL OR o.created_at >= $6)"
+        " AND ($7::timestamptz IS NULL OR o.created_at < $7)"
         " ORDER BY o.id DESC LIMIT $2 OFFSET $3",
-        status, limit, offset,
+        status, limit, offset, client_id, email, since, until,
     )
     return [_order_row(r) for r in rows]
 

@@ -208,3 +208,35 @@ async def test_cli_actions_against_a_review_worker_and_without_one(harness: Harn
         assert (code, out.strip()) == (0, f"order {pending}: {status}"), (name, err)
     code, out, _ = await cli(s, "orders", "--json")
     assert pending not in [o["id"] for o in json.loads(out)]  # deleted: hidden, kept
+
+
+async def test_cli_place_an_order_for_a_client_and_filter_orders(harness: Harness) -> None:
+    from test_cli import cli
+
+    from services.fraud.worker import worker as fraud_worker
+    from services.placement.worker import worker as placement_worker
+
+    s = harness.settings
+    await harness.start([placement_worker(s), fraud_worker(s)])
+    code, out, err = await cli(
+        s, "place", "--email", "op@client.example", "--first-name", "Op",
+        "--product", "starter:annually@op.example", "--domain", "op-new.com:register:2",
+        "--no-confirmation", "--ref", "desk-1")
+    assert code == 0, err
+    order = await harness.order("desk-1")
+    assert out.strip().startswith(f"order {order['id']} placed: ref desk-1")
+    assert "total 73.50 USD" in out  # 49.50 + 2 years of .com at 12.00
+    assert (order["send_confirmation"], order["placed_by"]) == (False, "guest")
+    code, out, err = await cli(s, "place", "--client-id", str(order["client_id"]),
+                               "--product", "platinum", "--ref", "desk-2")
+    assert (code, err.strip()) == (1, "error: order desk-2 refused: unknown product 'platinum'")
+    code, out, err = await cli(s, "place", "--email", "x@y.example")
+    assert (code, err.strip()) == (1, "error: items: List should have at least 1 item after "
+                                      "validation, not 0")
+    code, out, err = await cli(s, "orders", "--client", "OP@client.example", "--json")
+    assert [o["order_ref"] for o in json.loads(out)] == ["desk-1"]
+    code, out, err = await cli(s, "orders", "--since", "2999-01-01", "--json")
+    assert json.loads(out) == []
+    code, out, err = await cli(s, "orders", "--since", "yesterday")
+    assert (code, err.strip()) == (
+        1, "error: --since 'yesterday' is not an ISO date or time (2026-11-26)")
