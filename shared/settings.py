@@ -50,6 +50,7 @@ class Settings(BaseSettings):
 
     # Payments and provisioning.
     payment_publishers: CommaList = []  # broker users allowed to publish payments; empty: any
+    operator_users: CommaList = []  # broker users who may place orders without an invoice
     job_max_attempts: int = Field(6, gt=0)
     job_backoff_seconds: float = Field(30.0, gt=0)
     # Longer than the slowest module call (cPanel's createacct may take minutes).
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("payment_publishers", mode="before")
+    @field_validator("payment_publishers", "operator_users", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

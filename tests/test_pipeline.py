@@ -248,3 +248,25 @@ async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness)
     # The EPP code is kept for the registrar but never shown.
     assert await harness.pool.fetchval(
         "SELECT epp_code FROM domains WHERE domain = 'multi.co.uk'") == "x-1"
+
+
+async def test_only_operators_may_place_an_order_without_an_invoice(harness: Harness) -> None:
+    settings = harness.settings.model_copy(update={"operator_users": ["desk-operator"]})
+    await harness.start([placement_worker(settings), fraud_worker(settings)])
+    # From a storefront (no user, or a user that is not an operator): invoiced all the same.
+    await harness.publish("order.place", order_body("noinv-shop", generate_invoice=False))
+    await harness.publish("order.place", order_body("noinv-guest", generate_invoice=False),
+                          user_id="guest")
+    for ref in ("noinv-shop", "noinv-guest"):
+        order = await harness.screened(ref)
+        assert order["generate_invoice"] is True
+        assert await harness.pool.fetchval(
+            "SELECT count(*) FROM invoices WHERE order_id = $1", order["id"]) == 1
+    operator = settings.model_copy(update={"operator_users": ["guest"]})
+    await harness.stop_all()
+    await harness.start([placement_worker(operator), fraud_worker(operator)])
+    await harness.publish("order.place", order_body("noinv-op", generate_invoice=False),
+                          user_id="guest")
+    order = await harness.screened("noinv-op")
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM invoices WHERE order_id = $1", order["id"]) == 0
