@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from typing import Any
@@ -336,3 +337,42 @@ async def test_cli_pay_show_and_failures(fast: Harness) -> None:
     code, out, err = await cli(fast.settings, "pay", "1", "--amount", "ten",
                                "--transaction-id", "x")
     assert (code, err.strip()) == (1, "error: amount 'ten' is not a number")
+
+
+async def test_accept_options_off_and_set_pending_applies_a_refused_payment(
+    fast: Harness,
+) -> None:
+    from test_review import command
+
+    from services.review.worker import worker as review_worker
+
+    store = await fast.listen("email.send")
+    await fast.start([*workers(fast), review_worker(fast.settings)])
+    trial = order_body("opts-1", generate_invoice=False, items=[
+        {"type": "product", "product": "dedicated", "billing_cycle": "monthly"},
+        {"type": "domain", "domain": "opts-1.example", "action": "register"}])
+    await fast.publish("order.place", trial)
+    order = await fast.screened("opts-1")
+    reply = await command(fast, order["id"], "accept", options={
+        "run_module_create": True, "send_welcome_email": False, "register_domains": False})
+    assert reply["status"] == "Active"
+    await eventually(lambda: service_active(fast, order["id"]))
+    await asyncio.sleep(0.5)
+    assert (await item_statuses(fast, order["id"]))["domain"] == "Pending"  # not registered
+    assert not [b for b in store.bodies("email.send") if b["template"] == "hosting_welcome"]
+
+    # A payment refused while the order was Cancelled is applied once it is Pending again.
+    await fast.publish("order.place", starter("revive-1"))
+    revived = await fast.screened("revive-1")
+    assert (await command(fast, revived["id"], "cancel"))["status"] == "Cancelled"
+    invoice = await invoice_of(fast, revived["id"])
+    await pay(fast, "5.95", "revive-txn", invoice_id=invoice["id"])
+
+    async def refused() -> bool:
+        return await fast.pool.fetchval(
+            "SELECT reason FROM payments WHERE transaction_id = 'revive-txn'") == (
+            "order revive-1 is Cancelled")
+    await eventually(refused)
+    assert (await command(fast, revived["id"], "pending"))["status"] == "Pending"
+    await eventually(lambda: service_active(fast, revived["id"]))
+    assert (await invoice_of(fast, revived["id"]))["status"] == "Paid"

@@ -17,7 +17,8 @@ class OrderEvents:
 
     async def on_event(self, event: OrderEvent, uow: UnitOfWork) -> None:
         """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
-        await self.payments.apply_waiting(uow, event.order_id)
+        reopened = uow.context.routing_key == "order.pending"
+        await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
         await reconcile(uow.conn, event.order_id)
 
     async def on_retry(self, event: OrderEvent, uow: UnitOfWork) -> None:

@@ -22,6 +22,8 @@ log = logging.getLogger("ordermill.payments")
 CENT = Decimal("0.01")
 # Reasons that may clear up by themselves (the order arrives later); the others need a person.
 WAITING_FOR_ORDER = ["order not placed yet%", "unknown invoice%"]
+# Refused only because the order was ended: an operator setting it back to Pending revives them.
+WAITING_FOR_REVIEW = ["order % is Cancelled", "order % is Fraud", "invoice % is Cancelled"]
 
 # Called with the locked order after its invoice became Paid (the reconcile step).
 OnPaid = Callable[[UnitOfWork, int], Awaitable[None]]
@@ -121,15 +123,18 @@ class Payments:
             await self.on_paid(uow, target["order_id"])
         return True
 
-    async def apply_waiting(self, uow: UnitOfWork, order_id: int) -> None:
+    async def apply_waiting(self, uow: UnitOfWork, order_id: int, *,
+                            reopened: bool = False) -> None:
         """Payments that arrived before their order are applied once it exists (called with
-        every event about the order, in its transaction)."""
+        every event about the order, in its transaction); `reopened` (the order was set back
+        to Pending) also retries those refused because the order had ended."""
+        patterns = WAITING_FOR_ORDER + (WAITING_FOR_REVIEW if reopened else [])
         waiting = await uow.conn.fetch(
             "SELECT p.id FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
             " JOIN payments p ON p.status = 'unapplied'"
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
             " WHERE o.id = $1 AND p.reason LIKE ANY($2::text[]) ORDER BY p.id",
-            order_id, WAITING_FOR_ORDER,
+            order_id, patterns,
         )
         for row in waiting:
             await self.apply(uow, row["id"])
