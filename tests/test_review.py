@@ -240,3 +240,25 @@ async def test_cli_place_an_order_for_a_client_and_filter_orders(harness: Harnes
     code, out, err = await cli(s, "orders", "--since", "yesterday")
     assert (code, err.strip()) == (
         1, "error: --since 'yesterday' is not an ISO date or time (2026-11-26)")
+
+
+async def test_rescreen_scores_the_order_again(harness: Harness) -> None:
+    from conftest import order_body
+    from services.fraud.worker import worker as fraud_worker
+    from services.placement.worker import worker as placement_worker
+
+    s = harness.settings
+    await harness.start([placement_worker(s), fraud_worker(s), review_worker(s)])
+    await harness.publish("order.place", order_body("r-rescreen"))
+    order = await harness.screened("r-rescreen")
+    assert order["screening"] == "passed"
+    # Since then the address turned out to be a banned one.
+    await harness.pool.execute("UPDATE orders SET ip_address = '192.0.2.66' WHERE id = $1",
+                               order["id"])
+    assert (await command(harness, order["id"], "rescreen"))["status"] == "Pending"
+
+    async def fraud() -> bool:
+        return (await harness.order("r-rescreen"))["status"] == "Fraud"
+    await eventually(fraud)
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM fraud_checks WHERE order_id = $1", order["id"]) == 2
