@@ -9,16 +9,15 @@ again with the same message_id, which consumers dedupe.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import PublishError
 
 from shared import broker, db
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.outbox")
 
@@ -49,8 +48,8 @@ class OutboxRelay:
         self.last_failed = 0
         self.concurrency = concurrency
         self._failures = 0
-        self._wake = asyncio.Event()
-        self._listener: asyncpg.Connection | None = None
+        self._wakeup = Wakeup(database_url, CHANNEL)
+        self._wake = self._wakeup.event
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start a pass whenever events are committed (or the sweep timer fires), with up to
@@ -61,7 +60,7 @@ class OutboxRelay:
         passes: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                await self._ensure_listener()
+                await self._wakeup.ensure()
                 self._wake.clear()
                 await slots.acquire()
                 task = asyncio.create_task(self._pass(slots))
@@ -86,9 +85,7 @@ class OutboxRelay:
             stopping.cancel()
             if passes:
                 await asyncio.wait(passes, timeout=10)
-            if self._listener is not None and not self._listener.is_closed():
-                with contextlib.suppress(Exception):
-                    await self._listener.close()
+            await self._wakeup.close()
 
     async def _pass(self, slots: asyncio.Semaphore) -> None:
         try:
@@ -101,20 +98,6 @@ class OutboxRelay:
             self._failures += 1
         finally:
             slots.release()
-
-    async def _ensure_listener(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            return
-        try:
-            self._listener = await asyncpg.connect(self.database_url)
-            await self._listener.add_listener(CHANNEL, self._on_notify)
-        except db.TRANSIENT_DB_ERRORS as exc:
-            # The timer sweep keeps events flowing until LISTEN works again.
-            log.warning("outbox listener unavailable", extra={"error": str(exc)})
-            self._listener = None
-
-    def _on_notify(self, *_: Any) -> None:
-        self._wake.set()
 
     async def drain_once(self) -> int:
         """Publish one batch of unpublished rows. Returns how many it published or marked;

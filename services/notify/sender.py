@@ -4,7 +4,6 @@ sent; SMTP failures are retried with backoff and then parked for an operator."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +13,7 @@ import asyncpg
 
 from services.notify.mail import order_context, render
 from shared import db
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
 
@@ -40,24 +40,35 @@ class SmtpConfig:
 
 
 class MailSender:
-    def __init__(self, smtp: SmtpConfig, *, max_attempts: int, backoff_seconds: float,
-                 poll_seconds: float) -> None:
+    def __init__(self, smtp: SmtpConfig, database_url: str, *, max_attempts: int,
+                 backoff_seconds: float, poll_seconds: float) -> None:
         self.smtp = smtp
+        self._wakeup = Wakeup(database_url, "ordermill_emails")
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                sent = await self.send_due(pool)
-            except db.TRANSIENT_DB_ERRORS as exc:
-                log.warning("mail pass failed; will retry", extra={"error": str(exc)})
-                sent = 0
-            if sent:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+        """Send what is due; woken when a request is recorded, and by the timer for retries."""
+        try:
+            while not stop.is_set():
+                await self._wakeup.ensure()
+                self._wakeup.event.clear()
+                try:
+                    sent = await self.send_due(pool)
+                except db.TRANSIENT_DB_ERRORS as exc:
+                    log.warning("mail pass failed; will retry", extra={"error": str(exc)})
+                    sent = 0
+                if sent:
+                    continue
+                waiting = [asyncio.create_task(self._wakeup.event.wait()),
+                           asyncio.create_task(stop.wait())]
+                await asyncio.wait(waiting, timeout=self.poll_seconds,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in waiting:
+                    task.cancel()
+        finally:
+            await self._wakeup.close()
 
     async def send_due(self, pool: asyncpg.Pool, limit: int = 20) -> int:
         emails = await pool.fetch(_CLAIM, timedelta(seconds=60), limit)

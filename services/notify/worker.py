@@ -26,8 +26,9 @@ def worker(settings: Settings) -> WorkerSpec:
         SmtpConfig(host=settings.smtp_host, port=settings.smtp_port, sender=settings.mail_from,
                    username=settings.smtp_username, password=settings.smtp_password,
                    security=settings.smtp_security, timeout=settings.module_timeout_seconds),
-        max_attempts=settings.job_max_attempts, backoff_seconds=settings.job_backoff_seconds,
-        poll_seconds=min(settings.job_poll_seconds, 1.0))
+        settings.database_url, max_attempts=settings.job_max_attempts,
+        backoff_seconds=settings.job_backoff_seconds,
+        poll_seconds=settings.job_poll_seconds)
     domain = settings.mail_from.rpartition("@")[2].strip(">") or "ordermill.local"
 
     async def handle(request: EmailSend, uow: UnitOfWork) -> None:

@@ -31,6 +31,7 @@ from services.provisioning.registrars.base import DomainRequest, Registrant, Reg
 from shared import db
 from shared.contracts import EmailSend
 from shared.uow import event_id
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.jobs")
 
@@ -69,16 +70,15 @@ class JobRunner:
         self.policy = policy
         self.database_url = database_url
         self.worker_id = uuid.uuid4().hex[:12]
-        self._wake = asyncio.Event()
+        self._wakeup = Wakeup(database_url, CHANNEL)
+        self._wake = self._wakeup.event
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        listener: asyncpg.Connection | None = None
         try:
             while not stop.is_set():
-                if listener is None or listener.is_closed():
-                    listener = await self._listen()
+                await self._wakeup.ensure()
                 self._wake.clear()
                 free = self.policy.concurrency - len(self._running)
                 if free > 0:
@@ -101,22 +101,12 @@ class JobRunner:
             if self._running:
                 # Calls in flight finish (bounded); one that does not leaves its lease to expire.
                 await asyncio.wait(self._running, timeout=30)
-            if listener is not None and not listener.is_closed():
-                await listener.close()
+            await self._wakeup.close()
 
     def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._lane_load[lane] -= 1
         self._wake.set()  # a slot is free
-
-    async def _listen(self) -> asyncpg.Connection | None:
-        try:
-            conn = await asyncpg.connect(self.database_url)
-            await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
-            return conn
-        except db.TRANSIENT_DB_ERRORS as exc:
-            log.warning("job listener unavailable; polling", extra={"error": str(exc)})
-            return None
 
     async def claim(self, pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
         """Due jobs, lane by lane: a lane (a server) never has more than its share in flight,

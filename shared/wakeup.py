@@ -1,0 +1,46 @@
+"""Wake a background loop when PostgreSQL says rows were committed (LISTEN/NOTIFY).
+
+One dedicated connection per listener, reopened when lost; the loops keep their timers,
+so nothing waits forever while LISTEN is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+
+from shared import db
+
+log = logging.getLogger("ordermill.wakeup")
+
+
+class Wakeup:
+    def __init__(self, database_url: str, channel: str) -> None:
+        self.database_url = database_url
+        self.channel = channel
+        self.event = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+
+    async def ensure(self) -> None:
+        """Listen, if not listening already."""
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        try:
+            self._conn = await asyncpg.connect(self.database_url)
+            await self._conn.add_listener(self.channel, self._on_notify)
+        except db.TRANSIENT_DB_ERRORS as exc:
+            log.warning("listener unavailable; the timer takes over",
+                        extra={"channel": self.channel, "error": str(exc)})
+            self._conn = None
+
+    def _on_notify(self, *_: Any) -> None:
+        self.event.set()
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
