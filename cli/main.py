@@ -542,9 +542,10 @@ def place(
     for spec in domain:
         name, _, rest = spec.partition(":")
         action, _, years = rest.partition(":")
+        if years and not years.isdigit():
+            raise UserError(f"--domain {spec!r}: years {years!r} is not a number")
         items.append({"type": "domain", "domain": name, "action": action or "register",
-                      "years": int(years) if years.isdigit() else 1,
-                      "epp_code": codes.get(name)})
+                      "years": int(years or 1), "epp_code": codes.get(name)})
     body = {
         "order_ref": ref or f"operator-{uuid.uuid4().hex[:12]}",
         "client": {"id": client_id} if client_id is not None else {
