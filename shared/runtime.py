@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -34,7 +34,9 @@ from shared.uow import MessageContext, UnitOfWork, event_id, flush_events, write
 
 log = logging.getLogger("ordermill.runtime")
 
-Handler = Callable[[Any, UnitOfWork], Awaitable[None]]
+Handler = Callable[..., Awaitable[None]]  # (message, uow) or (message, uow, prepared)
+# Work a handler needs done outside its transaction (a remote call), once per delivery.
+Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
 REASON_HEADER = "x-ordermill-reason"
 SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licence_key", "api_key"})
 
@@ -43,14 +45,20 @@ SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licenc
 class Route:
     model: type[BaseModel]
     handler: Handler
+    prepare: Prepare | None = None
 
 
-def route(handler: Handler) -> Route:
-    """A route whose contract is the type of the handler's first parameter."""
+def route(handler: Handler, *, prepare: Prepare | None = None) -> Route:
+    """A route whose contract is the type of the handler's first parameter.
+
+    `prepare(message, pool)` runs before the transaction, with no row lock or connection
+    held, for work such as a remote API call; its result is the handler's third argument.
+    It runs once per delivery: a batch that falls back to one by one, or a transaction
+    retried after a deadlock, reuses it."""
     first = next(iter(inspect.signature(handler, eval_str=True).parameters.values()))
     if not (isinstance(first.annotation, type) and issubclass(first.annotation, BaseModel)):
         raise TypeError(f"{handler!r}: first parameter must be typed with a contract model")
-    return Route(first.annotation, handler)
+    return Route(first.annotation, handler, prepare)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class _Work:
     payload: BaseModel
     context: MessageContext
     data: Any
+    prepared: Any = None
 
 
 def redact(value: Any) -> Any:
@@ -267,7 +276,8 @@ class Runtime:
         """Under load, several messages share one transaction (one BEGIN, inbox insert, outbox
         write and COMMIT). If any of them fails, the batch rolls back and each message is
         handled alone, so one bad message never takes the others with it."""
-        ready = [item for m in messages if (item := await self._prepare(spec, m)) is not None]
+        parsed = [item for m in messages if (item := await self._parse(spec, m)) is not None]
+        ready = await self._run_prepare(spec, parsed)
         if len(ready) > 1:
             try:
                 await self._transaction(ready)
@@ -282,7 +292,7 @@ class Runtime:
         for item in ready:
             await self._handle_one(spec, item)
 
-    async def _prepare(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> _Work | None:
+    async def _parse(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> _Work | None:
         """Parse a message into its handler's type; bad input is dead-lettered at once."""
         key = message.routing_key or message.type or ""
         message_id = message.message_id or _body_id(message.body)
@@ -309,6 +319,38 @@ class Runtime:
             correlation_id=message.correlation_id, reply_to=message.reply_to,
         )
         return _Work(message, route_, payload, context, data)
+
+    async def _run_prepare(self, spec: WorkerSpec, items: list[_Work]) -> list[_Work]:
+        """Each route's prepare step, concurrently, skipping messages already handled."""
+        todo = [item for item in items if item.route.prepare is not None]
+        if not todo:
+            return items
+        assert self.pool
+        done = {r["message_id"] for r in await self.pool.fetch(
+            "SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2::text[])",
+            spec.service, [item.context.message_id for item in todo])}
+
+        async def one(item: _Work) -> _Work | None:
+            if item.route.prepare is None or item.context.message_id in done:
+                return item
+            try:
+                async for attempt in self._transient_retrying():
+                    with attempt:
+                        prepared = await item.route.prepare(item.payload, self.pool)
+            except Rejected as rejection:
+                await self._reject(spec, item.message, item.context.message_id,
+                                   rejection.reason, item.data)
+                return None
+            except Exception as exc:
+                log.exception("prepare failed", extra={"service": spec.service,
+                                                       "message_id": item.context.message_id})
+                await self._reject(spec, item.message, item.context.message_id,
+                                   f"prepare failed: {type(exc).__name__}: {exc}", item.data)
+                return None
+            return replace(item, prepared=prepared)
+
+        results = await asyncio.gather(*(one(item) for item in items))
+        return [item for item in results if item is not None]
 
     async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
         try:
@@ -356,7 +398,10 @@ class Runtime:
                     continue  # already handled, or twice in this batch
                 fresh.discard(item.context.message_id)
                 uow = UnitOfWork(conn, item.context)
-                await item.route.handler(item.payload, uow)
+                if item.route.prepare is None:
+                    await item.route.handler(item.payload, uow)
+                else:
+                    await item.route.handler(item.payload, uow, item.prepared)
                 uows.append(uow)
             await flush_events(conn, uows)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -27,6 +27,23 @@ class Settings(BaseSettings):
     fraud_velocity_window_minutes: int = Field(60, gt=0)
     fraud_velocity_max_orders: int = Field(3, gt=0)
     fraud_large_first_order: Decimal = Field(Decimal("500.00"), gt=0)
+    # When the provider cannot score: keep the order Pending for review (hold), make it
+    # Fraud, or let it through unscreened (pass, recorded as such).
+    fraud_on_error: Literal["hold", "fraud", "pass"] = "hold"
+
+    # MaxMind minFraud (FRAUD_PROVIDER=maxmind).
+    maxmind_account_id: int | None = None
+    maxmind_license_key: SecretStr | None = None
+    maxmind_service: Literal["score", "insights", "factors"] = "score"
+    maxmind_host: str = "minfraud.maxmind.com"  # sandbox.maxmind.com for the sandbox
+    maxmind_timeout: float = Field(5.0, gt=0, le=60)  # the package's own default is 60 s
+    maxmind_attempts: int = Field(3, gt=0, le=10)  # timeouts, connection errors and 5xx
+    maxmind_hash_email: bool = False  # send the address as an MD5, the domain in clear
+    # WHMCS's rejection options.
+    maxmind_reject_free_email: bool = False
+    maxmind_reject_country_mismatch: bool = False  # Insights or Factors
+    maxmind_reject_anonymous_proxy: bool = False  # Insights or Factors
+    maxmind_high_risk_countries: CommaList = []  # ISO codes; empty: the option is off
 
     # Worker runtime.
     worker_prefetch: int = Field(32, gt=0, le=1000)
@@ -82,6 +99,13 @@ class Settings(BaseSettings):
     def _split_lower(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("maxmind_high_risk_countries", mode="before")
+    @classmethod
+    def _split_upper(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().upper() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("payment_publishers", "operator_users", mode="before")

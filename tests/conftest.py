@@ -8,6 +8,11 @@ Docker engine does, the servers are started with testcontainers.
 
 from __future__ import annotations
 
+# isort: off
+# First: trust the test CA through SSL_CERT_FILE before anything imports aiohttp.
+from fakes.tls import CA_FILE  # noqa: F401
+# isort: on
+
 import asyncio
 import contextlib
 import json

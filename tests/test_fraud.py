@@ -65,6 +65,7 @@ def test_settings_split_comma_lists() -> None:
 
 class Unavailable:
     name = "unavailable"
+    remote = False
 
     async def score(self, facts: OrderFacts) -> FraudResult:
         raise ProviderError("provider timed out after 3 s")

@@ -1,4 +1,5 @@
-"""Lock an order and read, in the same statement, what a fraud provider looks at."""
+"""Read what a fraud provider looks at: with the order locked (in the handler's transaction) or
+not (before it, for a remote provider)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from services.fraud.providers.base import CartLine, OrderFacts
 
 # One round trip: the order (locked), its client, the counts the rules use, and the cart.
 # Amounts travel as text so they stay Decimal.
-_LOCK_WITH_FACTS = """
+_FACTS = """
 SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
   (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id) AS earlier,
   (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
@@ -28,14 +29,23 @@ SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
           ) items) AS cart
 FROM orders o JOIN clients c ON c.id = o.client_id
 WHERE o.id = $1
-FOR UPDATE OF o
 """
+_LOCK_WITH_FACTS = _FACTS + " FOR UPDATE OF o"
 
 
 async def lock_with_facts(
     conn: asyncpg.Connection, order_id: int, velocity_window: timedelta
 ) -> tuple[asyncpg.Record, OrderFacts] | None:
-    row = await conn.fetchrow(_LOCK_WITH_FACTS, order_id, velocity_window)
+    return _facts(await conn.fetchrow(_LOCK_WITH_FACTS, order_id, velocity_window))
+
+
+async def read_facts(
+    conn: asyncpg.Connection | asyncpg.Pool, order_id: int, velocity_window: timedelta
+) -> tuple[asyncpg.Record, OrderFacts] | None:
+    return _facts(await conn.fetchrow(_FACTS, order_id, velocity_window))
+
+
+def _facts(row: asyncpg.Record | None) -> tuple[asyncpg.Record, OrderFacts] | None:
     if row is None:
         return None
     facts = OrderFacts(
@@ -48,5 +58,6 @@ async def lock_with_facts(
         client_is_new=row["earlier"] == 0,
         orders_from_ip=row["from_ip"] if row["ip_address"] else 0,
         orders_from_client=row["from_client"],
+        placed_at=row["created_at"],
     )
     return row, facts

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.fraud.facts import lock_with_facts
+from services.fraud.facts import lock_with_facts, read_facts
 from services.fraud.providers.base import (
     FraudProvider,
     FraudResult,
@@ -34,6 +34,15 @@ class Verdict:
     reasons: tuple[Reason, ...] = ()
     raw: dict | None = None
     error: str | None = None
+    fraud: bool = False  # the order becomes Fraud
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A remote provider's answer, obtained before the order's transaction."""
+
+    result: FraudResult | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,27 +50,58 @@ class Screener:
     settings: Settings
     provider: FraudProvider
 
-    async def on_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
-        await self.screen(uow, event.order_id, rescreen=False)
+    @property
+    def _window(self) -> timedelta:
+        return timedelta(minutes=self.settings.fraud_velocity_window_minutes)
 
-    async def on_rescreen(self, event: OrderRescreen, uow: UnitOfWork) -> None:
-        await self.screen(uow, event.order_id, rescreen=True)
+    async def on_placed(
+        self, event: OrderPlaced, uow: UnitOfWork, scored: Scored | None = None
+    ) -> None:
+        await self.screen(uow, event.order_id, rescreen=False, scored=scored)
 
-    async def screen(self, uow: UnitOfWork, order_id: int, *, rescreen: bool) -> None:
+    async def on_rescreen(
+        self, event: OrderRescreen, uow: UnitOfWork, scored: Scored | None = None
+    ) -> None:
+        await self.screen(uow, event.order_id, rescreen=True, scored=scored)
+
+    async def score_placed(self, event: OrderPlaced, pool: asyncpg.Pool) -> Scored | None:
+        return await self._score_outside(pool, event.order_id, rescreen=False)
+
+    async def score_rescreen(self, event: OrderRescreen, pool: asyncpg.Pool) -> Scored | None:
+        return await self._score_outside(pool, event.order_id, rescreen=True)
+
+    async def _score_outside(self, pool: asyncpg.Pool, order_id: int, *,
+                             rescreen: bool) -> Scored | None:
+        """A remote provider is asked before the transaction, so a slow MaxMind holds no row
+        lock (operators and payments wait on it) and no pooled connection."""
+        if not self.provider.remote:
+            return None
+        found = await read_facts(pool, order_id, self._window)
+        if found is None:
+            return None  # the handler refuses it
+        order, facts = found
+        if not _needs_screening(order, rescreen) or self._skip(order) is not None:
+            return None
+        try:
+            return Scored(result=await self.provider.score(facts))
+        except ProviderError as exc:
+            return Scored(error=str(exc))
+
+    async def screen(self, uow: UnitOfWork, order_id: int, *, rescreen: bool,
+                     scored: Scored | None = None) -> None:
         conn = uow.conn
-        window = timedelta(minutes=self.settings.fraud_velocity_window_minutes)
-        found = await lock_with_facts(conn, order_id, window)
+        found = await lock_with_facts(conn, order_id, self._window)
         if found is None:
             raise Rejected(f"order {order_id} does not exist")
         order, facts = found
-        if order["status"] != "Pending" or (not rescreen and order["screening"] != "queued"):
+        if not _needs_screening(order, rescreen):
             # Already screened (a re-drive or a duplicate), or an operator acted first.
             log.info("screening not needed", extra={
                 "order_id": order_id, "order_ref": order["order_ref"],
                 "status": order["status"], "screening": order["screening"]})
             return
-        verdict = await self._verdict(order, facts)
-        failed = verdict.screening == "failed"
+        verdict = await self._verdict(order, facts, scored)
+        failed = verdict.fraud
         # The check, the order's screening and (unless a transition writes it) the history
         # in one statement.
         await conn.execute(
@@ -82,7 +122,7 @@ class Screener:
                      "reasons": [r.code for r in verdict.reasons]}
         if failed:
             await transition(conn, order, "Fraud", actor=uow.actor, action="screening",
-                             detail={"score": str(verdict.score),
+                             detail={"score": str(verdict.score), "error": verdict.error,
                                      "reasons": [r.code for r in verdict.reasons]})
             uow.emit("order.fraud", OrderFraud(
                 order_id=order_id, order_ref=order["order_ref"], source="screening",
@@ -97,23 +137,43 @@ class Screener:
             self._ask_for_emails(uow, order)
         log.info("order screened", extra=log_extra)
 
-    async def _verdict(self, order: asyncpg.Record, facts: OrderFacts) -> Verdict:
-        threshold = self.settings.fraud_threshold
-        if threshold == 0:
+    def _skip(self, order: asyncpg.Record) -> Verdict | None:
+        if self.settings.fraud_threshold == 0:
             return Verdict("skipped", "none", reasons=(Reason("disabled", "threshold is 0"),))
         if (self.settings.fraud_skip_existing_clients and order["client_named_by_id"]
                 and order["active_orders"]):
             return Verdict("skipped", "none", reasons=(
                 Reason("existing_client", f"client has {order['active_orders']} Active order(s)"),))
-        try:
-            result: FraudResult = await self.provider.score(facts)
-        except ProviderError as exc:
-            log.error("order could not be screened", extra={
-                "order_id": order["id"], "order_ref": order["order_ref"], "error": str(exc)})
-            return Verdict("error", self.provider.name, error=str(exc))
-        failed = result.reject or result.score > threshold
+        return None
+
+    async def _verdict(self, order: asyncpg.Record, facts: OrderFacts,
+                       scored: Scored | None) -> Verdict:
+        skip = self._skip(order)
+        if skip is not None:
+            return skip
+        if scored is None:  # a local provider, or a remote one whose early look saw no need
+            try:
+                scored = Scored(result=await self.provider.score(facts))
+            except ProviderError as exc:
+                scored = Scored(error=str(exc))
+        if scored.result is None:
+            return self._on_error(order, scored.error or "no result")
+        result = scored.result
+        failed = result.reject or result.score > self.settings.fraud_threshold
         return Verdict("failed" if failed else "passed", self.provider.name, result.score,
-                       result.reasons, result.raw)
+                       result.reasons, result.raw, fraud=failed)
+
+    def _on_error(self, order: asyncpg.Record, error: str) -> Verdict:
+        """FRAUD_ON_ERROR: hold for review (the default), Fraud, or let it through unscreened."""
+        policy = self.settings.fraud_on_error
+        log.error("order could not be screened", extra={
+            "order_id": order["id"], "order_ref": order["order_ref"], "error": error,
+            "policy": policy})
+        reason = Reason("screening_error", f"could not be screened (FRAUD_ON_ERROR={policy})")
+        if policy == "pass":
+            return Verdict("skipped", self.provider.name, reasons=(reason,), error=error)
+        return Verdict("error", self.provider.name, reasons=(reason,), error=error,
+                       fraud=policy == "fraud")
 
     def _ask_for_emails(self, uow: UnitOfWork, order: asyncpg.Record) -> None:
         """Confirmation and invoice emails go out only once screening has cleared the order."""
@@ -126,3 +186,7 @@ class Screener:
             uow.emit("email.send", EmailSend(
                 template=template, recipient=order["email"], order_id=order["id"],
                 order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))
+
+
+def _needs_screening(order: asyncpg.Record, rescreen: bool) -> bool:
+    return order["status"] == "Pending" and (rescreen or order["screening"] == "queued")

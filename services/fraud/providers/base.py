@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -35,6 +36,13 @@ class OrderFacts:
     client_is_new: bool  # no earlier order from this client
     orders_from_ip: int  # in the velocity window, this one included
     orders_from_client: int  # in the velocity window, this one included
+    placed_at: datetime | None = None
+    address1: str | None = None
+    address2: str | None = None
+    city: str | None = None
+    state: str | None = None
+    postcode: str | None = None
+    phone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,9 @@ class ProviderError(Exception):
 
 class FraudProvider(Protocol):
     name: str
+    # A remote provider is called before the order's transaction, so no row lock and no
+    # database connection wait on it; a local one scores under the lock, in the same pass.
+    remote: bool
 
     async def score(self, facts: OrderFacts) -> FraudResult: ...
 

@@ -22,6 +22,7 @@ FREE_MAIL_DOMAINS = frozenset({
 
 class RulesProvider:
     name = "rules"
+    remote = False
 
     def __init__(self, settings: Settings) -> None:
         self.banned_domains = frozenset(settings.fraud_banned_email_domains)

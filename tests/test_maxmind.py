@@ -1,0 +1,322 @@
+"""MaxMind minFraud as the fraud provider, against a local HTTPS server speaking minFraud v2.0
+(MaxMind's own response bodies; the package reaches it through the test CA in SSL_CERT_FILE)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from fakes.minfraud import FakeMinFraud
+
+from conftest import Harness, eventually, order_body
+from services.fraud.providers.maxmind import MaxMindProvider, Misconfigured
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from shared.settings import Settings
+
+# An answer with nothing alarming in it: MaxMind's published bodies flag everything.
+CLEAN: dict[str, Any] = {
+    "risk_score": 0.49,
+    "disposition": {"action": "accept", "reason": "default"},
+    "ip_address": {
+        "risk": 0.5, "risk_reasons": [],
+        "country": {"iso_code": "GB"},
+        "traits": {"is_anonymous": False, "is_anonymous_vpn": False, "is_public_proxy": False,
+                   "is_tor_exit_node": False, "is_residential_proxy": False,
+                   "is_hosting_provider": False},
+    },
+    "email": {"is_free": False, "is_disposable": False, "is_high_risk": False},
+    "billing_address": {"is_in_ip_country": True},
+    "risk_score_reasons": [],
+    "warnings": [],
+}
+
+
+@pytest.fixture
+async def maxmind() -> AsyncIterator[FakeMinFraud]:
+    async with FakeMinFraud() as fake:
+        fake.answer = dict(CLEAN)
+        yield fake
+
+
+def configured(h: Harness, fake: FakeMinFraud, **changes: Any) -> Settings:
+    """The test's settings with MaxMind pointed at the fake, validated as from the environment."""
+    return Settings.model_validate({**h.settings.model_dump(), **fake.settings, **changes})
+
+
+async def start(h: Harness, settings: Settings) -> None:
+    await h.start([placement_worker(settings), fraud_worker(settings)])
+
+
+async def check_of(h: Harness, order_id: int) -> asyncpg.Record:
+    return await h.pool.fetchrow(
+        "SELECT * FROM fraud_checks WHERE order_id = $1 ORDER BY id DESC LIMIT 1", order_id)
+
+
+def codes(check: asyncpg.Record) -> list[str]:
+    return [r["code"] for r in check["reasons"]]
+
+
+@pytest.mark.parametrize("service", ["score", "insights", "factors"])
+async def test_below_and_above_the_threshold(
+    harness: Harness, maxmind: FakeMinFraud, service: str,
+) -> None:
+    await start(harness, configured(harness, maxmind, maxmind_service=service))
+    await harness.publish("order.place", order_body("mm-low"))
+    low = await harness.screened("mm-low")
+    assert (low["status"], low["screening"]) == ("Pending", "passed")
+    maxmind.answer = {**CLEAN, "risk_score": 45.2}
+    await harness.publish("order.place", order_body("mm-high"))
+    high = await harness.screened("mm-high")
+    assert (high["status"], high["screening"]) == ("Fraud", "failed")
+    items = await harness.pool.fetch(
+        "SELECT status FROM services WHERE order_id = $1 UNION ALL"
+        " SELECT status FROM domains WHERE order_id = $1", high["id"])
+    assert {r["status"] for r in items} == {"Fraud"}
+    assert [r.service for r in maxmind.requests] == [service, service]
+    check = await check_of(harness, high["id"])
+    assert (check["provider"], check["score"], check["threshold"]) == (
+        "maxmind", Decimal("45.20"), Decimal("20"))
+    # The full answer is kept: the minFraud transaction id, the IP risk, the service used.
+    assert check["raw"]["id"] == maxmind.fixtures[service]["id"]
+    assert check["raw"]["service"] == service
+    assert check["raw"]["ip_address"]["risk"] == 0.5
+
+
+async def test_the_request_for_a_new_and_then_an_existing_client(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-new", payment_method="PayPal"))
+    first = await harness.screened("mm-new")
+    sent = maxmind.requests[0]
+    assert sent.authorized
+    body = sent.body
+    assert body["device"] == {"ip_address": "203.0.113.9"}
+    assert body["email"] == {"address": "mm-new@shop.example", "domain": "shop.example"}
+    assert body["billing"] == {"first_name": "Ann", "last_name": "Lee", "country": "GB"}
+    assert body["event"]["transaction_id"] == str(first["order_number"])
+    assert body["event"]["type"] == "purchase"
+    assert body["account"] == {"user_id": str(first["client_id"])}
+    assert body["payment"] == {"processor": "paypal"}
+    assert body["order"] == {"amount": float(first["total"]), "currency": "USD"}
+    assert {(line["category"], line["item_id"]) for line in body["shopping_cart"]} == {
+        ("hosting", "starter"), ("domain", "mm-new.com")}
+    # An existing client named by id: what is stored about them, nothing made up.
+    await harness.publish("order.place", order_body(
+        "mm-existing", client={"id": first["client_id"]}, ip_address=None,
+        payment_method="banktransfer"))
+    await harness.screened("mm-existing")
+    body = maxmind.requests[1].body
+    assert "device" not in body  # the storefront sent no IP
+    assert body["email"]["address"] == "mm-new@shop.example"
+    assert body["billing"] == {"first_name": "Ann", "last_name": "Lee", "country": "GB"}
+    assert body["payment"] == {"processor": "other"}
+
+
+async def test_the_email_sent_as_md5(harness: Harness, maxmind: FakeMinFraud) -> None:
+    await start(harness, configured(harness, maxmind, maxmind_hash_email=True))
+    await harness.publish("order.place", order_body("mm-md5"))
+    await harness.screened("mm-md5")
+    email = maxmind.requests[0].body["email"]
+    assert email == {"address": hashlib.md5(b"mm-md5@shop.example").hexdigest(),
+                     "domain": "shop.example"}
+
+
+REJECTIONS = [
+    ("maxmind_reject_free_email", True, {"email": {"is_free": True}}, "free_email"),
+    ("maxmind_reject_country_mismatch", True,
+     {"ip_address": {"country": {"iso_code": "US"}}, "billing_address": {"is_in_ip_country": False}},
+     "country_mismatch"),
+    ("maxmind_reject_anonymous_proxy", True,
+     {"ip_address": {"traits": {"is_anonymous": True, "is_public_proxy": True}}}, "anonymous_proxy"),
+    ("maxmind_high_risk_countries", ["NG", "GB"], {}, "high_risk_country"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "answer", "code"), REJECTIONS,
+                         ids=[r[3] for r in REJECTIONS])
+async def test_each_rejection_option(
+    harness: Harness, maxmind: FakeMinFraud, option: str, value: Any, answer: dict, code: str,
+) -> None:
+    from fakes.minfraud import merge
+    maxmind.answer = merge(CLEAN, answer)  # a low score: only the option makes it Fraud
+    await start(harness, configured(harness, maxmind, maxmind_service="insights",
+                                    **{option: value}))
+    await harness.publish("order.place", order_body("mm-reject"))
+    order = await harness.screened("mm-reject")
+    assert (order["status"], order["screening"]) == ("Fraud", "failed")
+    check = await check_of(harness, order["id"])
+    assert check["score"] == Decimal("0.49")
+    assert codes(check) == [code]
+    await harness.stop_all()
+    # The same answer with the option off leaves the order Pending.
+    await start(harness, configured(harness, maxmind, maxmind_service="insights"))
+    await harness.publish("order.place", order_body("mm-option-off"))
+    assert (await harness.screened("mm-option-off"))["status"] == "Pending"
+
+
+async def test_disposition_reject_is_fraud_whatever_the_score(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    maxmind.answer = {**CLEAN, "disposition": {"action": "reject", "reason": "custom_rule",
+                                               "rule_label": "Too many cards"}}
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-disposition"))
+    order = await harness.screened("mm-disposition")
+    assert (order["status"], order["screening"]) == ("Fraud", "failed")
+    check = await check_of(harness, order["id"])
+    assert codes(check) == ["disposition_reject"]
+    assert "Too many cards" in check["reasons"][0]["description"]
+
+
+async def test_factors_reasons_are_stored(harness: Harness, maxmind: FakeMinFraud) -> None:
+    maxmind.answer = {key: value for key, value in CLEAN.items() if key != "risk_score_reasons"}
+    maxmind.answer["risk_score"] = 67.5
+    await start(harness, configured(harness, maxmind, maxmind_service="factors"))
+    await harness.publish("order.place", order_body("mm-factors"))
+    order = await harness.screened("mm-factors")
+    check = await check_of(harness, order["id"])
+    assert codes(check)[:4] == ["ANONYMOUS_IP", "TIME_OF_DAY", "EMAIL_DOMAIN_NEW",
+                                "EMAIL_ADDRESS_NEW"]
+    assert check["reasons"][0]["points"] == "45.0"
+
+
+@pytest.mark.parametrize(("status", "words"), [
+    (401, "authentication failed"), (402, "insufficient funds"), (403, "permission required")])
+async def test_account_errors_are_not_retried(
+    harness: Harness, maxmind: FakeMinFraud, status: int, words: str,
+) -> None:
+    maxmind.fail_next(status, times=5)
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-account"))
+    order = await harness.screened("mm-account")
+    assert (order["status"], order["screening"]) == ("Pending", "error")
+    assert len(maxmind.scored()) == 1
+    check = await check_of(harness, order["id"])
+    assert check["result"] == "error" and words in check["error"]
+
+
+async def test_a_wrong_licence_key_is_an_authentication_error(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    await start(harness, configured(harness, maxmind, maxmind_license_key="wrong"))
+    await harness.publish("order.place", order_body("mm-key"))
+    order = await harness.screened("mm-key")
+    assert order["screening"] == "error"
+    assert not maxmind.requests[0].authorized
+    assert "authentication failed" in (await check_of(harness, order["id"]))["error"]
+
+
+async def test_server_errors_and_slow_answers_are_retried(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    maxmind.fail_next(503)
+    maxmind.hang_next(2.0)
+    await start(harness, configured(harness, maxmind, maxmind_timeout=0.5))
+    await harness.publish("order.place", order_body("mm-flaky"))
+    order = await harness.screened("mm-flaky", timeout=20)
+    assert (order["status"], order["screening"]) == ("Pending", "passed")
+    assert len(maxmind.scored()) == 3
+
+
+async def test_retries_are_bounded(harness: Harness, maxmind: FakeMinFraud) -> None:
+    maxmind.fail_next(500, times=10)
+    await start(harness, configured(harness, maxmind, maxmind_attempts=2))
+    await harness.publish("order.place", order_body("mm-down"))
+    order = await harness.screened("mm-down", timeout=20)
+    assert order["screening"] == "error"
+    assert len(maxmind.scored()) == 2
+    assert "server error 500" in (await check_of(harness, order["id"]))["error"]
+
+
+async def test_unreachable_maxmind_holds_the_order_for_review(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    closed = configured(harness, maxmind, maxmind_host="127.0.0.1:9", maxmind_attempts=2)
+    store = await harness.listen("order.screened", "email.send")
+    await start(harness, closed)
+    await harness.publish("order.place", order_body("mm-unreachable"))
+    order = await harness.screened("mm-unreachable", timeout=20)
+    assert (order["status"], order["screening"]) == ("Pending", "error")
+    assert "unreachable" in (await check_of(harness, order["id"]))["error"]
+    event = await store.wait_for("order.screened", lambda b: b["order_ref"] == "mm-unreachable")
+    assert event["screening"] == "error"
+    assert not [b for b in store.bodies("email.send") if b["order_ref"] == "mm-unreachable"]
+
+
+@pytest.mark.parametrize(("policy", "status", "screening"), [
+    ("hold", "Pending", "error"), ("fraud", "Fraud", "error"), ("pass", "Pending", "skipped")])
+async def test_fraud_on_error_policies(
+    harness: Harness, maxmind: FakeMinFraud, policy: str, status: str, screening: str,
+) -> None:
+    maxmind.fail_next(402)
+    store = await harness.listen("order.screened", "order.fraud", "email.send")
+    await start(harness, configured(harness, maxmind, fraud_on_error=policy))
+    await harness.publish("order.place", order_body("mm-policy"))
+    order = await harness.screened("mm-policy")
+    assert (order["status"], order["screening"]) == (status, screening)
+    check = await check_of(harness, order["id"])
+    assert "insufficient funds" in check["error"]  # recorded whatever the policy
+    assert codes(check) == ["screening_error"]
+    if policy == "fraud":
+        await store.wait_for("order.fraud", lambda b: b["order_ref"] == "mm-policy")
+    else:
+        event = await store.wait_for("order.screened", lambda b: b["order_ref"] == "mm-policy")
+        assert event["screening"] == screening
+    # Only a cleared order gets its confirmation and invoice mails.
+    if policy == "pass":
+        await store.wait_for("email.send", lambda b: b["order_ref"] == "mm-policy")
+    else:
+        await asyncio.sleep(0.5)
+        assert not [b for b in store.bodies("email.send") if b["order_ref"] == "mm-policy"]
+
+
+async def test_a_slow_maxmind_holds_no_lock_on_the_order(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    maxmind.hang_next(3.0)
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-slow"))
+
+    async def asked() -> bool:
+        return len(maxmind.requests) == 1
+    await eventually(asked)
+    order = await harness.order("mm-slow")
+    # An operator's command or a payment takes the order's row lock: it is free meanwhile.
+    async with harness.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = '200ms'")
+        await conn.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order["id"])
+    assert (await harness.screened("mm-slow", timeout=20))["screening"] == "passed"
+
+
+async def test_an_order_handled_meanwhile_is_not_overwritten(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    """MaxMind answers after an operator cancelled the order: the answer changes nothing."""
+    maxmind.hang_next(2.0)
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-race"))
+
+    async def asked() -> bool:
+        return len(maxmind.requests) == 1
+    await eventually(asked)
+    order = await harness.order("mm-race")
+    await harness.pool.execute("UPDATE orders SET status = 'Cancelled' WHERE id = $1", order["id"])
+    await asyncio.sleep(3)
+    after = await harness.order("mm-race")
+    assert (after["status"], after["screening"]) == ("Cancelled", "queued")
+    assert await check_of(harness, order["id"]) is None
+
+
+def test_settings_that_cannot_work_refuse_to_start() -> None:
+    with pytest.raises(Misconfigured, match="MAXMIND_ACCOUNT_ID"):
+        MaxMindProvider(Settings(fraud_provider="maxmind"))
+    with pytest.raises(Misconfigured, match="insights or factors"):
+        MaxMindProvider(Settings(fraud_provider="maxmind", maxmind_account_id=1,
+                                 maxmind_license_key="k", maxmind_reject_anonymous_proxy=True))
