@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,7 +29,7 @@ from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from shared import broker, db, logs
 from shared.contracts import PlaceOrder
-from shared.orders import ORDER_STATUSES
+from shared.orders import ORDER_STATUSES, add_history
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
@@ -318,9 +319,26 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
                   f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
         for reason in fraud["reasons"]:
             out.print(f"  - {reason.get('code')}: {reason.get('description')}")
+        if fraud.get("maxmind"):
+            _print_maxmind(fraud["maxmind"])
     out.print(table("History", ["at", "actor", "action", "from", "to"],
                     [[h["at"][:19], h["actor"], h["action"], h["from"], h["to"]]
                      for h in data["history"]]))
+
+
+def _print_maxmind(mm: dict[str, Any]) -> None:
+    disposition = mm["disposition"] or {}
+    out.print(f"  minFraud {mm['service']}: risk score {mm['risk_score']}, IP risk {mm['ip_risk']}"
+              f"{' (' + mm['ip_country'] + ')' if mm['ip_country'] else ''}, disposition "
+              f"{disposition.get('action', '-')}"
+              f"{' (' + disposition['reason'] + ')' if disposition.get('reason') else ''}"
+              f", transaction {mm['transaction_id']}")
+    if mm["ip_risk_reasons"]:
+        out.print(f"  IP risk reasons: {', '.join(mm['ip_risk_reasons'])}")
+    for reason in mm["risk_reasons"]:
+        out.print(f"  risk reason x{reason['multiplier']}: {reason['code']}: {reason['reason']}")
+    for warning in mm["warnings"]:
+        out.print(f"  warning {warning['code']} at {warning['input']}: {warning['warning']}")
 
 
 def _payments_table(title: str, payments: list[dict[str, Any]]) -> Table:
@@ -338,9 +356,9 @@ def failures(as_json: bool = JsonOpt) -> None:
     data = _with_db(lambda c: views.failures(c, stuck_seconds=s.screening_stuck_seconds))
     if as_json:
         return emit_json(data)
-    out.print(table("Screening errors", ["order", "ref", "error", "at"],
-                    [[f["order_id"], f["order_ref"], f["error"], f["at"][:19]]
-                     for f in data["screening_errors"]]))
+    out.print(table("Could not be screened", ["order", "ref", "status", "screening", "error", "at"],
+                    [[f["order_id"], f["order_ref"], f["status"], f["screening"], f["error"],
+                      f["at"][:19]] for f in data["screening_errors"]]))
     out.print(table("Stuck in screening", ["order", "ref", "re-drives", "since"],
                     [[f["order_id"], f["order_ref"], f["redrives"], f["queued_since"][:19]]
                      for f in data["stuck_in_screening"]]))
@@ -631,6 +649,52 @@ def pay(
 
     message_id = run_async(go())
     out.print(f"payment of {value} for invoice {invoice_id} published (message {message_id})")
+
+
+class ReportTag(StrEnum):
+    chargeback = "chargeback"
+    not_fraud = "not_fraud"
+    suspected_fraud = "suspected_fraud"
+    spam_or_abuse = "spam_or_abuse"
+
+
+@app.command("fraud-report")
+def fraud_report(
+    order_id: int,
+    tag: ReportTag = typer.Option(..., "--tag", help="What the order turned out to be."),
+    notes: str | None = typer.Option(None, help="A note for MaxMind."),
+) -> None:
+    """Report an order's outcome to MaxMind (minFraud report transactions), to train its scoring."""
+    from services.fraud.providers.base import ProviderError
+    from services.fraud.providers.maxmind import report
+
+    s = settings()
+    if s.maxmind_account_id is None or s.maxmind_license_key is None:
+        raise UserError("fraud-report needs MAXMIND_ACCOUNT_ID and MAXMIND_LICENSE_KEY")
+
+    async def go() -> str | None:
+        async with database(s) as conn:
+            row = await conn.fetchrow(
+                "SELECT o.order_number, o.ip_address, (SELECT f.raw->>'id' FROM fraud_checks f"
+                "  WHERE f.order_id = o.id AND f.provider = 'maxmind' AND f.raw ? 'id'"
+                "  ORDER BY f.id DESC LIMIT 1) AS minfraud_id FROM orders o WHERE o.id = $1",
+                order_id)
+            if row is None:
+                raise UserError(f"order {order_id} does not exist")
+            try:
+                await report(s, tag=tag.value, transaction_id=str(row["order_number"]),
+                             ip_address=str(row["ip_address"]) if row["ip_address"] else None,
+                             minfraud_id=row["minfraud_id"], notes=notes)
+            except ProviderError as exc:
+                raise UserError(str(exc)) from None
+            await add_history(conn, order_id, actor=urlsplit(s.amqp_url).username or "cli",
+                              action="fraud_reported",
+                              detail={"tag": tag.value, "minfraud_id": row["minfraud_id"]})
+            return row["minfraud_id"]
+
+    minfraud_id = run_async(go())
+    out.print(f"order {order_id} reported to MaxMind as {tag.value}"
+              + (f" (minFraud transaction {minfraud_id})" if minfraud_id else ""))
 
 
 @app.command()

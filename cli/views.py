@@ -118,6 +118,8 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
             "error": check["error"], "raw": check["raw"],
             "checked_at": check["created_at"].isoformat(),
         }
+        if check["provider"] == "maxmind" and check["raw"]:
+            fraud["maxmind"] = maxmind_summary(check["raw"])
     history = [
         {"at": r["at"].isoformat(), "actor": r["actor"], "action": r["action"],
          "from": r["from_status"], "to": r["to_status"], "detail": r["detail"]}
@@ -141,15 +143,38 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
     }
 
 
+def maxmind_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """What WHMCS shows as "Fraud Check Results": the parts of minFraud's answer that matter."""
+    reasons = [{"code": r.get("code"), "reason": r.get("reason"), "multiplier": g.get("multiplier")}
+               for g in raw.get("risk_score_reasons", []) for r in g.get("reasons", [])]
+    ip = raw.get("ip_address", {})
+    return {
+        "transaction_id": raw.get("id"), "service": raw.get("service"),
+        "risk_score": raw.get("risk_score"), "ip_risk": ip.get("risk"),
+        "ip_country": ip.get("country", {}).get("iso_code"),
+        "ip_risk_reasons": [r.get("code") for r in ip.get("risk_reasons", [])],
+        "disposition": raw.get("disposition") or None,
+        "warnings": [{"code": w.get("code"), "warning": w.get("warning"),
+                      "input": w.get("input_pointer")} for w in raw.get("warnings", [])],
+        "risk_reasons": reasons[:5],
+        "funds_remaining": raw.get("funds_remaining"),
+        "queries_remaining": raw.get("queries_remaining"),
+    }
+
+
 async def failures(conn: asyncpg.Connection, *, stuck_seconds: int) -> dict[str, Any]:
+    # Orders whose last check could not complete, whatever FRAUD_ON_ERROR made of them: held
+    # (Pending, screening error), made Fraud, or let through (skipped) and not yet accepted.
     screening_errors = [
-        {"order_id": r["id"], "order_ref": r["order_ref"], "error": r["error"],
-         "at": r["at"].isoformat()}
+        {"order_id": r["id"], "order_ref": r["order_ref"], "status": r["status"],
+         "screening": r["screening"], "error": r["error"], "at": r["at"].isoformat()}
         for r in await conn.fetch(
-            "SELECT o.id, o.order_ref, f.error, f.created_at AS at FROM orders o"
+            "SELECT o.id, o.order_ref, o.status, o.screening, f.error, f.created_at AS at"
+            " FROM orders o"
             " JOIN LATERAL (SELECT error, created_at FROM fraud_checks WHERE order_id = o.id"
             "   ORDER BY id DESC LIMIT 1) f ON true"
-            " WHERE o.screening = 'error' AND o.status = 'Pending' AND o.deleted_at IS NULL"
+            " WHERE o.screening IN ('error', 'skipped') AND f.error IS NOT NULL"
+            " AND o.status IN ('Pending', 'Fraud') AND o.deleted_at IS NULL"
             " ORDER BY o.id"
         )
     ]

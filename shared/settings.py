@@ -12,7 +12,9 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # An empty variable (compose's `${X:-}`) means "not set": the default applies.
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True,
+                                      env_ignore_empty=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"

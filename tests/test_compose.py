@@ -241,11 +241,19 @@ def parse_cli(args: list[str]) -> tuple[str, dict[str, Any]]:
     return " ".join(path), params
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}`, as on a host where none of those variables is set."""
+    return _VARIABLE.sub(lambda m: m.group(2) or "", value)
+
+
 def environment(svc: dict[str, Any]) -> dict[str, str | None]:
     env = svc.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
-    return {k: None if v is None else str(v) for k, v in env.items()}
+    return {k: None if v is None else interpolate(str(v)) for k, v in env.items()}
 
 
 def settings_of(svc: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:

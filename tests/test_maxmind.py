@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from fakes.minfraud import FakeMinFraud
+from fakes.minfraud import FakeMinFraud, merge
+from test_cli import ORDERMILL
 
 from conftest import Harness, eventually, order_body
 from services.fraud.providers.maxmind import MaxMindProvider, Misconfigured
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from shared.settings import Settings
+from test_processes import worker_env
 
 # An answer with nothing alarming in it: MaxMind's published bodies flag everything.
 CLEAN: dict[str, Any] = {
@@ -144,7 +147,6 @@ REJECTIONS = [
 async def test_each_rejection_option(
     harness: Harness, maxmind: FakeMinFraud, option: str, value: Any, answer: dict, code: str,
 ) -> None:
-    from fakes.minfraud import merge
     maxmind.answer = merge(CLEAN, answer)  # a low score: only the option makes it Fraud
     await start(harness, configured(harness, maxmind, maxmind_service="insights",
                                     **{option: value}))
@@ -320,3 +322,100 @@ def test_settings_that_cannot_work_refuse_to_start() -> None:
     with pytest.raises(Misconfigured, match="insights or factors"):
         MaxMindProvider(Settings(fraud_provider="maxmind", maxmind_account_id=1,
                                  maxmind_license_key="k", maxmind_reject_anonymous_proxy=True))
+
+
+async def ordermill(settings: Settings, fake: FakeMinFraud, *args: str,
+                    **env: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        ORDERMILL, *args, env=worker_env(settings, **{**fake.environment, **env}),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_show_has_the_full_minfraud_result(harness: Harness, maxmind: FakeMinFraud) -> None:
+    maxmind.answer = merge(CLEAN, {"risk_score": 33.3, "warnings": None,
+                                   "risk_score_reasons": None})  # the published ones
+    await start(harness, configured(harness, maxmind, maxmind_service="factors"))
+    await harness.publish("order.place", order_body("mm-show"))
+    order = await harness.screened("mm-show")
+    code, out, _ = await ordermill(harness.settings, maxmind, "show", str(order["id"]), "--json")
+    assert code == 0
+    fraud = json.loads(out)["fraud"]
+    mm = fraud["maxmind"]
+    assert fraud["score"] == "33.30" and fraud["result"] == "failed"
+    assert mm["transaction_id"] == maxmind.fixtures["factors"]["id"]
+    assert (mm["risk_score"], mm["ip_risk"], mm["service"]) == (33.3, 0.5, "factors")
+    assert mm["disposition"] == {"action": "accept", "reason": "default"}
+    assert [w["input"] for w in mm["warnings"]] == ["/account/user_id", "/account/username_md5"]
+    assert mm["risk_reasons"][0] == {"code": "ANONYMOUS_IP", "multiplier": 45.0,
+                                     "reason": "Risk due to IP being an Anonymous IP"}
+    code, out, _ = await ordermill(harness.settings, maxmind, "show", str(order["id"]))
+    assert code == 0
+    assert "risk score 33.3, IP risk 0.5 (GB), disposition accept" in out
+    assert maxmind.fixtures["factors"]["id"] in out
+    assert "ANONYMOUS_IP" in out and "/account/user_id" in out
+
+
+async def test_orders_that_could_not_be_screened_are_listed(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    maxmind.fail_next(403, times=2)
+    await start(harness, configured(harness, maxmind, fraud_on_error="pass"))
+    await harness.publish("order.place", order_body("mm-let-through"))
+    await harness.screened("mm-let-through")
+    await harness.stop_all()
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-held"))
+    await harness.screened("mm-held")
+    await harness.publish("order.place", order_body("mm-fine"))
+    await harness.screened("mm-fine")
+    code, out, _ = await ordermill(harness.settings, maxmind, "failures", "--json")
+    assert code == 0
+    listed = {f["order_ref"]: (f["status"], f["screening"])
+              for f in json.loads(out)["screening_errors"]}
+    assert listed == {"mm-let-through": ("Pending", "skipped"), "mm-held": ("Pending", "error")}
+
+
+async def test_fraud_report(harness: Harness, maxmind: FakeMinFraud) -> None:
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-report"))
+    order = await harness.screened("mm-report")
+    code, out, err = await ordermill(harness.settings, maxmind, "fraud-report", str(order["id"]),
+                                     "--tag", "chargeback", "--notes", "disputed by the bank")
+    assert code == 0, err
+    minfraud_id = maxmind.fixtures["score"]["id"]
+    assert minfraud_id in out
+    sent = [r for r in maxmind.requests if r.service == "report"]
+    assert [r.body for r in sent] == [{
+        "tag": "chargeback", "transaction_id": str(order["order_number"]),
+        "ip_address": "203.0.113.9", "minfraud_id": minfraud_id,
+        "notes": "disputed by the bank"}]
+    history = await harness.pool.fetchrow(
+        "SELECT actor, detail FROM order_history WHERE order_id = $1 AND action = 'fraud_reported'",
+        order["id"])
+    assert history["actor"] == "guest" and history["detail"]["tag"] == "chargeback"
+
+
+async def test_fraud_report_mistakes_are_one_line(harness: Harness, maxmind: FakeMinFraud) -> None:
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-report-bad"))
+    order = await harness.screened("mm-report-bad")
+    maxmind.fail_next(401)
+    code, _, err = await ordermill(harness.settings, maxmind, "fraud-report", str(order["id"]),
+                                   "--tag", "not_fraud")
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "error: minFraud authentication failed (check MAXMIND_ACCOUNT_ID and MAXMIND_LICENSE_KEY):"
+        " You have supplied an invalid MaxMind account ID and/or license key in the"
+        " Authorization header."]
+    code, _, err = await ordermill(harness.settings, maxmind, "fraud-report", "999999",
+                                   "--tag", "not_fraud")
+    assert (code, err.strip()) == (1, "error: order 999999 does not exist")
+    code, _, err = await ordermill(harness.settings, maxmind, "fraud-report", str(order["id"]),
+                                   "--tag", "maybe")
+    assert code != 0 and "Traceback" not in err and "maybe" in err
+    code, _, err = await ordermill(harness.settings, maxmind, "fraud-report", str(order["id"]),
+                                   "--tag", "spam_or_abuse", MAXMIND_ACCOUNT_ID="")
+    assert code == 1 and "MAXMIND_ACCOUNT_ID" in err and "Traceback" not in err
+    assert [r.body["tag"] for r in maxmind.requests if r.service == "report"] == ["not_fraud"]
