@@ -23,6 +23,7 @@ from aio_pika.exceptions import PublishError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from cli import broker_ops, views
@@ -295,9 +296,14 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
               f"number {data['order_number']}  status [bold]{data['status']}[/bold]  "
               f"screening {data['screening']}{' (override)' if data['screening_override'] else ''}"
               f"{'  [deleted]' if data['deleted'] else ''}")
-    out.print(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
-              f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
-              f"total {data['total']} {data['currency']}")
+    # What the client typed is text, not markup: "[/b]" in an address must not break `show`.
+    out.print(escape(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
+                     f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
+                     f"total {data['total']} {data['currency']}"))
+    address = ", ".join(c[f] for f in ("address1", "address2", "city", "state", "postcode") if c[f])
+    if address or c["phone"]:
+        out.print(escape("  ".join(filter(None, [address and f"Address: {address}",
+                                                 c["phone"] and f"phone {c['phone']}"]))))
     out.print(table("Items", ["id", "type", "status", "product", "domain", "cycle/action",
                               "amount", "setup", "attempts", "last error"],
                     [[i["id"], i["type"], i["status"], i["product"], i["domain"],
@@ -534,6 +540,12 @@ def place(
     last_name: str = typer.Option("", "--last-name"),
     country: str = typer.Option(None, "--country"),
     company: str = typer.Option(None, "--company"),
+    address1: str = typer.Option(None, "--address1", help="A new client's billing address."),
+    address2: str = typer.Option(None, "--address2"),
+    city: str = typer.Option(None, "--city"),
+    state: str = typer.Option(None, "--state", help="State or region."),
+    postcode: str = typer.Option(None, "--postcode"),
+    phone: str = typer.Option(None, "--phone", help="As the client gave it, e.g. +44 20 7946 0000"),
     product: list[str] = typer.Option(
         [], "--product", help="SLUG[:CYCLE][@DOMAIN], e.g. starter:annually@ann.example"),
     domain: list[str] = typer.Option(
@@ -550,6 +562,13 @@ def place(
     """Add New Order: place an order for a client, as an operator."""
     if (client_id is None) == (email is None):
         raise UserError("give either --client-id or --email")
+    details = {"first_name": first_name, "last_name": last_name, "country": country,
+               "company": company, "address1": address1, "address2": address2, "city": city,
+               "state": state, "postcode": postcode, "phone": phone}
+    given = [name.replace("_", "-") for name, value in details.items() if value not in (None, "")]
+    if client_id is not None and given:
+        raise UserError(f"--{given[0]} is a new client's detail: give it with --email, "
+                        "not --client-id")
     codes = dict(code.split("=", 1) for code in epp_code if "=" in code)
     items: list[dict[str, Any]] = []
     for spec in product:
@@ -566,9 +585,7 @@ def place(
                       "years": int(years or 1), "epp_code": codes.get(name)})
     body = {
         "order_ref": ref or f"operator-{uuid.uuid4().hex[:12]}",
-        "client": {"id": client_id} if client_id is not None else {
-            "email": email, "first_name": first_name, "last_name": last_name,
-            "country": country, "company": company},
+        "client": {"id": client_id} if client_id is not None else {"email": email, **details},
         "items": items, "currency": currency, "payment_method": payment_method,
         "promo_code": promo, "send_confirmation": not no_confirmation,
         "generate_invoice": not no_invoice,

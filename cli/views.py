@@ -7,6 +7,9 @@ from typing import Any
 
 import asyncpg
 
+# A client's optional billing address, as the PlaceOrder contract names its fields.
+CLIENT_ADDRESS_FIELDS = ("address1", "address2", "city", "state", "postcode", "phone")
+
 _ORDER_COLUMNS = (
     "o.id, o.order_ref, o.order_number, o.status, o.screening, o.screening_override,"
     " o.total, o.currency, o.created_at, c.email, c.id AS client_id,"
@@ -61,7 +64,8 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200) -> dict[
 
 async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] | None:
     o = await conn.fetchrow(
-        "SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country"
+        "SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,"
+        " c.address1, c.address2, c.city, c.state, c.postcode, c.phone"
         " FROM orders o JOIN clients c ON c.id = o.client_id WHERE o.id = $1", order_id,
     )
     if o is None:
@@ -132,7 +136,8 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         "status": o["status"], "screening": o["screening"],
         "screening_override": o["screening_override"], "deleted": o["deleted_at"] is not None,
         "client": {"id": o["client_id"], "email": o["email"], "first_name": o["first_name"],
-                   "last_name": o["last_name"], "company": o["company"], "country": o["country"]},
+                   "last_name": o["last_name"], "company": o["company"], "country": o["country"]}
+        | {f: o[f] for f in CLIENT_ADDRESS_FIELDS},
         "currency": o["currency"], "total": str(o["total"]),
         "payment_method": o["payment_method"], "promo_code": o["promo_code"],
         "ip_address": str(o["ip_address"]) if o["ip_address"] else None,

@@ -42,6 +42,19 @@ class NewClient(Contract):
     last_name: str = Field("", max_length=100)
     country: str | None = Field(None, pattern=r"^[A-Z]{2}$")
     company: str | None = Field(None, max_length=200)
+    # The billing address (optional; a fraud provider may be sent it). Stored as given,
+    # except that a blank value is no value.
+    address1: str | None = Field(None, max_length=200)
+    address2: str | None = Field(None, max_length=200)
+    city: str | None = Field(None, max_length=100)
+    state: str | None = Field(None, max_length=100)
+    postcode: str | None = Field(None, max_length=20)
+    phone: str | None = Field(None, max_length=30)
+
+    @field_validator("address1", "address2", "city", "state", "postcode", "phone", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("email")
     @classmethod

@@ -73,17 +73,21 @@ async def _order_and_client(conn: asyncpg.Connection, cmd: PlaceOrder) -> tuple[
             raise Rejected(f"unknown client {client.id}")
         return row["existing"], row["client_id"]
     # Insert-or-reuse in one statement, so two orders from one new client race safely;
-    # nothing is inserted for an order already placed.
+    # nothing is inserted for an order already placed. A client reused by email keeps the
+    # details (name, billing address) stored with it: an order never rewrites them.
     row = await conn.fetchrow(
         "WITH existing AS (SELECT id FROM orders WHERE order_ref = $6),"
-        " ins AS (INSERT INTO clients (email, first_name, last_name, company, country)"
-        "  SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM existing)"
+        " ins AS (INSERT INTO clients (email, first_name, last_name, company, country,"
+        "   address1, address2, city, state, postcode, phone)"
+        "  SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11, $12"
+        "  WHERE NOT EXISTS (SELECT 1 FROM existing)"
         "  ON CONFLICT (lower(email)) DO NOTHING RETURNING id)"
         " SELECT (SELECT id FROM existing) AS existing,"
         " COALESCE((SELECT id FROM ins),"
         "  (SELECT id FROM clients WHERE lower(email) = lower($1))) AS client_id",
         client.email, client.first_name, client.last_name, client.company, client.country,
-        cmd.order_ref,
+        cmd.order_ref, client.address1, client.address2, client.city, client.state,
+        client.postcode, client.phone,
     )
     client_id = row["client_id"]
     if client_id is None and row["existing"] is None:
