@@ -95,14 +95,21 @@ async def test_the_request_for_a_new_and_then_an_existing_client(
     harness: Harness, maxmind: FakeMinFraud,
 ) -> None:
     await start(harness, configured(harness, maxmind))
-    await harness.publish("order.place", order_body("mm-new", payment_method="PayPal"))
+    client = {"email": "mm-new@shop.example", "first_name": "Ann", "last_name": "Lee",
+              "country": "US", "company": "Lee Hosting", "address1": "1 Main St",
+              "city": "Springfield", "state": "IL", "postcode": "62701", "phone": "+1 217 555 0100"}
+    await harness.publish("order.place", order_body("mm-new", payment_method="PayPal",
+                                                    client=client))
     first = await harness.screened("mm-new")
     sent = maxmind.requests[0]
     assert sent.authorized
     body = sent.body
     assert body["device"] == {"ip_address": "203.0.113.9"}
     assert body["email"] == {"address": "mm-new@shop.example", "domain": "shop.example"}
-    assert body["billing"] == {"first_name": "Ann", "last_name": "Lee", "country": "GB"}
+    assert body["billing"] == {
+        "first_name": "Ann", "last_name": "Lee", "company": "Lee Hosting", "address": "1 Main St",
+        "city": "Springfield", "region": "IL", "postal": "62701", "country": "US",
+        "phone_number": "+1 217 555 0100"}
     assert body["event"]["transaction_id"] == str(first["order_number"])
     assert body["event"]["type"] == "purchase"
     assert body["account"] == {"user_id": str(first["client_id"])}
@@ -118,8 +125,14 @@ async def test_the_request_for_a_new_and_then_an_existing_client(
     body = maxmind.requests[1].body
     assert "device" not in body  # the storefront sent no IP
     assert body["email"]["address"] == "mm-new@shop.example"
-    assert body["billing"] == {"first_name": "Ann", "last_name": "Lee", "country": "GB"}
+    assert body["billing"] == maxmind.requests[0].body["billing"]
     assert body["payment"] == {"processor": "other"}
+    # A client with no address: only what is known is sent; a region given as a name
+    # (minFraud takes ISO codes only) is left out rather than failing the request.
+    await harness.publish("order.place", order_body("mm-sparse", client={
+        "email": "mm-sparse@shop.example", "state": "Greater London", "city": "London"}))
+    assert (await harness.screened("mm-sparse"))["screening"] == "passed"
+    assert maxmind.requests[2].body["billing"] == {"city": "London"}
 
 
 async def test_the_email_sent_as_md5(harness: Harness, maxmind: FakeMinFraud) -> None:

@@ -4,6 +4,7 @@ with WHMCS's rejection options on top of the risk score."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -33,6 +34,7 @@ _PROCESSORS = frozenset({
     "payza", "skrill", "square", "stripe", "worldpay", "2checkout", "bluesnap", "paddle",
     "razorpay", "payu", "klarna", "wepay", "amazon_payments",
 })
+_REGION = re.compile(r"^[0-9A-Z]{1,4}$")
 _CART_CATEGORY = {"product": "hosting", "domain": "domain"}
 
 
@@ -83,7 +85,10 @@ def transaction(facts: OrderFacts) -> dict[str, Any]:
     billing = {
         "first_name": facts.first_name or None, "last_name": facts.last_name or None,
         "company": facts.company, "address": facts.address1, "address_2": facts.address2,
-        "city": facts.city, "region": facts.state, "postal": facts.postcode,
+        "city": facts.city, "postal": facts.postcode,
+        # minFraud takes the region only as an ISO 3166-2 subdivision code ("CA", not
+        # "California"): a name is left out rather than failing the whole request.
+        "region": facts.state if facts.state and _REGION.match(facts.state) else None,
         "country": facts.country, "phone_number": facts.phone,
     }
     request: dict[str, Any] = {
