@@ -727,10 +727,30 @@ def demo(
     run_async(run_demo(s, out, orders=orders, rate=rate, wait_seconds=timeout))
 
 
+# Click's exceptions, whether typer vendors click or uses the package.
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
+    except _click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help())
+        raise SystemExit(0) from None
+    except _click_errors.UsageError as exc:
+        # One line, as every other mistake: the message and where to read more.
+        command = exc.ctx.command_path if exc.ctx else "ordermill"
+        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except _click_errors.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        raise SystemExit(1) from None
     except UserError as exc:
         # Plain print: one line, never wrapped to the terminal's width.
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    # A command's own Exit (and --help) come back as an exit code.
+    raise SystemExit(code if isinstance(code, int) else 0)

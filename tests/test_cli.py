@@ -126,6 +126,11 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
         (("catalog", "load", str(tmp_path / "missing.toml")), "error: cannot read"),
         (("catalog", "load", str(bad_toml)),
          f"error: {bad_toml}: schema: products.0.auto_setup: Input should be"),
+        # Usage mistakes too: one line, not click's usage block.
+        (("show",), "error: Missing argument 'order_id'. (see `ordermill show --help`)"),
+        (("show", "x"), "error: Invalid value for 'order_id'"),
+        (("nosuch",), "error: No such command 'nosuch'."),
+        (("accept", "1", "--no-such-option"), "error: No such option: --no-such-option"),
     ]
     for args, start in cases:
         code, _out, err = await cli(settings, *args)
@@ -133,6 +138,13 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
         assert err.startswith(start), (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
         assert "Traceback" not in err
+
+
+async def test_help_still_prints_and_exits_zero(settings: Settings) -> None:
+    for args in ((), ("--help",), ("catalog",), ("show", "--help")):
+        code, out, err = await cli(settings, *args)
+        assert (code, err) == (0, ""), args
+        assert out.startswith("Usage: ordermill"), args
 
 
 async def test_migrate_and_catalog_load_on_a_new_database(settings: Settings) -> None:
