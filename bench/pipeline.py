@@ -637,11 +637,13 @@ class Options:
     memory_orders: int
     skip_memory: bool
     skip_bare: bool
+    services: tuple[str, ...] = ()  # empty: every worker, as `ordermill run` does by default
 
 
 async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
                           opts: Options) -> PipelineRun:
-    worker = WorkerProcess("ordermill run", [str(ORDERMILL), "run"], bench.env(),
+    worker = WorkerProcess(" ".join(["ordermill run", *opts.services]),
+                           [str(ORDERMILL), "run", *opts.services], bench.env(),
                            RESULTS / "ordermill-worker.log")
     names = bench.names
     async with pipeline_run("ordermill", bench, connection, worker,
@@ -848,6 +850,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="orders through the worker in all before the last RSS reading")
     parser.add_argument("--skip-memory", action="store_true", help="no fill up to --memory-orders")
     parser.add_argument("--skip-bare", action="store_true", help="no yardstick pipeline")
+    parser.add_argument("--services", default="",
+                        help="comma-separated workers for `ordermill run` (default: all of them);"
+                             " placement,fraud runs the same two stages as the yardstick")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
@@ -865,7 +870,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
                    memory_orders=args.memory_orders, skip_memory=args.skip_memory,
-                   skip_bare=args.skip_bare)
+                   skip_bare=args.skip_bare,
+                   services=tuple(s.strip() for s in args.services.split(",") if s.strip()))
     started = time.perf_counter()
     try:
         data = asyncio.run(run_bench(Bench.create(), opts))
