@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,6 +48,10 @@ class MailSender:
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
+        self.concurrency = 8  # SMTP conversations at once
+        # aiosmtplib looks up the FQDN in a thread on every connection (and a broken
+        # resolver makes that slow): once per process is enough.
+        self._local_hostname: str | None = None
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         """Send what is due; woken when a request is recorded, and by the timer for retries."""
@@ -72,8 +77,18 @@ class MailSender:
 
     async def send_due(self, pool: asyncpg.Pool, limit: int = 20) -> int:
         emails = await pool.fetch(_CLAIM, timedelta(seconds=60), limit)
-        for email in emails:
-            await self._send(pool, email)
+        if emails and self._local_hostname is None:
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(email: asyncpg.Record) -> None:
+            async with gate:
+                await self._send(pool, email)
+
+        results = await asyncio.gather(*(one(email) for email in emails), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the others finished; a lease brings this one back
         return len(emails)
 
     async def _send(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
@@ -86,7 +101,7 @@ class MailSender:
                 message, hostname=self.smtp.host, port=self.smtp.port,
                 username=self.smtp.username, password=self.smtp.password,
                 use_tls=self.smtp.security == "tls", start_tls=self.smtp.security == "starttls",
-                timeout=self.smtp.timeout)
+                timeout=self.smtp.timeout, local_hostname=self._local_hostname)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             park = email["attempts"] >= self.max_attempts
             delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
