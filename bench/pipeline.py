@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ import aio_pika
 import asyncpg
 import psutil
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aiosmtpd.controller import Controller
 
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
@@ -97,7 +99,8 @@ class Bench:
         base = Settings()
         url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/om_bench_{run_id}"))
         return cls(run_id, base.model_copy(update={
-            "database_url": url, "ordermill_namespace": f"bench.{run_id}"}))
+            "database_url": url, "ordermill_namespace": f"bench.{run_id}",
+            "smtp_host": "127.0.0.1", "smtp_port": _free_port()}))
 
     @property
     def names(self) -> Names:
@@ -117,7 +120,36 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             # The bench's orders come fast: the velocity rule must not mark them Fraud.
             "FRAUD_VELOCITY_MAX_ORDERS": "1000000",
+            # The customer mails go to the bench's SMTP sink, as they would to a relay.
+            "SMTP_HOST": self.settings.smtp_host, "SMTP_PORT": str(self.settings.smtp_port),
+            "SMTP_SECURITY": "none",
         }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MailSink:
+    """An SMTP server (aiosmtpd, in its own thread) that accepts and counts every mail: the
+    workers send mail as in production, instead of failing to connect and retrying."""
+
+    def __init__(self, port: int) -> None:
+        self.received = 0
+        self._controller = Controller(self, hostname="127.0.0.1", port=port)
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.received += 1
+        return "250 OK"
+
+    def __enter__(self) -> MailSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
 
 
 BARE_TABLE = """
@@ -697,22 +729,25 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     connection: AbstractRobustConnection | None = None
     runs: list[PipelineRun] = []
-    try:
-        await create_database(s)
-        connection = await broker.connect(s.amqp_url, attempts=3)
-        channel = await connection.channel()
-        await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
-        await declare_bare_topology(channel, bench.bare)
-        source = OrderSource(bench.run_id)
-        runs.append(await bench_ordermill(bench, connection, source, opts))
-        if not opts.skip_bare:
-            runs.append(await bench_bare(bench, connection, source, opts))
-    finally:
-        if connection is not None:
-            await remove_topology(connection, bench)
-            await connection.close()
-        await drop_database(s)
-    return report_data(bench, opts, runs)
+    with MailSink(s.smtp_port) as mail:
+        try:
+            await create_database(s)
+            connection = await broker.connect(s.amqp_url, attempts=3)
+            channel = await connection.channel()
+            await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
+            await declare_bare_topology(channel, bench.bare)
+            source = OrderSource(bench.run_id)
+            runs.append(await bench_ordermill(bench, connection, source, opts))
+            if not opts.skip_bare:
+                runs.append(await bench_bare(bench, connection, source, opts))
+        finally:
+            if connection is not None:
+                await remove_topology(connection, bench)
+                await connection.close()
+            await drop_database(s)
+    data = report_data(bench, opts, runs)
+    data["emails_delivered"] = mail.received
+    return data
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -825,6 +860,8 @@ def print_report(data: dict[str, Any]) -> None:
         print(_per_order_line(name, run))
     for name, run in data["pipelines"].items():
         print(_memory_line(name, run))
+    if "emails_delivered" in data:
+        print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
     for warning in _warnings(data):
         print(f"warning: {warning}")
 

@@ -47,6 +47,7 @@ from pipeline import (
     Awaiting,
     Bench,
     CpuMeter,
+    MailSink,
     WorkerProcess,
     _git_commit,
     _table,
@@ -604,6 +605,8 @@ async def bench_provisioning(bench: Bench, connection: AbstractRobustConnection,
         placed = await place_orders(store, bench, {**counts, **warmup_plan(counts)}, setup.log_path)
         setup_rss = {"after": f"placing {sum(len(v) for v in placed.values())} orders (setup process)",
                      "rss_mb": round(setup.rss() / 2**20, 1)}
+        # Their confirmation and invoice mails too, or the measured worker would send them.
+        await emails_sent(bench.settings, 2 * sum(len(v) for v in placed.values()))
     finally:
         await setup.stop()
     await asyncio.sleep(STATS_FLUSH_SECONDS)
@@ -646,6 +649,26 @@ async def remove_topology(connection: AbstractRobustConnection, names: Names) ->
         print(f"cleanup: could not delete the topology: {exc!r}", file=sys.stderr)
 
 
+EMAILS_SECONDS = 120.0
+
+
+async def emails_sent(s: Settings, expected: int) -> None:
+    """Wait until `expected` emails are recorded and none is waiting to be sent."""
+    deadline = time.monotonic() + EMAILS_SECONDS
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        while time.monotonic() < deadline:
+            row = await conn.fetchrow(
+                "SELECT count(*) AS recorded, count(*) FILTER (WHERE status IN ('pending', 'sending'))"
+                " AS waiting FROM emails")
+            if row["recorded"] >= expected and row["waiting"] == 0:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    raise RuntimeError(f"setup: the {expected} customer emails were not all sent in {EMAILS_SECONDS:.0f} s")
+
+
 async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     s = bench.settings
     print(f"bench {bench.run_id}: database {urlsplit(s.database_url).path.lstrip('/')}, "
@@ -655,24 +678,27 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     fast, slow = fake_whm(FAST_WHM_DELAY), fake_whm(SLOW_WHM_DELAY)
     connection: AbstractRobustConnection | None = None
-    try:
-        await fast.start()
-        await slow.start()
-        await create_database(s, fast.port, slow.port)
-        connection = await broker.connect(s.amqp_url, attempts=3)
-        channel = await connection.channel()
-        await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
-        await channel.close()
-        run = await bench_provisioning(bench, connection, opts, fast.token)
-        whm_calls = {"web1": dict(fast.calls), "web-slow": dict(slow.calls)}
-    finally:
-        await fast.stop()
-        await slow.stop()
-        if connection is not None:
-            await remove_topology(connection, bench.names)
-            await connection.close()
-        await drop_database(s)
-    return report_data(bench, opts, run, whm_calls)
+    with MailSink(s.smtp_port) as mail:
+        try:
+            await fast.start()
+            await slow.start()
+            await create_database(s, fast.port, slow.port)
+            connection = await broker.connect(s.amqp_url, attempts=3)
+            channel = await connection.channel()
+            await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
+            await channel.close()
+            run = await bench_provisioning(bench, connection, opts, fast.token)
+            whm_calls = {"web1": dict(fast.calls), "web-slow": dict(slow.calls)}
+        finally:
+            await fast.stop()
+            await slow.stop()
+            if connection is not None:
+                await remove_topology(connection, bench.names)
+                await connection.close()
+            await drop_database(s)
+    data = report_data(bench, opts, run, whm_calls)
+    data["emails_delivered"] = mail.received
+    return data
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -801,6 +827,7 @@ def print_report(data: dict[str, Any]) -> None:
     calls = "; ".join(f"{server}: " + ", ".join(f"{fn} {n}" for fn, n in sorted(c.items()))
                       for server, c in data["whm_calls"].items() if c) or "none"
     print(f"WHM calls: {calls}")
+    print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
     if lines := _profile_lines(data):
         print(f"py-spy, {PROFILE_RATE} samples/s of the worker while it runs (not idle), by the innermost "
               "frame of ours and by the innermost frame of all:")
