@@ -13,6 +13,7 @@ from aiosmtpd.controller import Controller
 
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
+from services.notify.sender import MailSender, SmtpConfig
 from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
 
@@ -103,5 +104,58 @@ async def test_smtp_down_then_up(harness: Harness) -> None:
                 "SELECT count(*) FROM emails WHERE status = 'sent'") == 2
         await eventually(sent, timeout=30)
         assert len(inbox.to("mail-down@shop.example")) == 2
+    finally:
+        controller.stop()
+
+
+class PickyInbox(Inbox):
+    """Counts SMTP connections, and refuses one recipient as a real server may (550)."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.sessions: set[int] = set()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if address == self.refuse:
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.sessions.add(id(session))
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none(
+    harness: Harness,
+) -> None:
+    inbox = PickyInbox(refuse="mail-b1@shop.example")
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        s = harness.settings.model_copy(update={"smtp_port": port})
+        notify = notify_worker(s)
+        notify.background = ()  # the mails are recorded, not sent: the test sends them below
+        await harness.start([placement_worker(s), fraud_worker(s), notify])
+        refs = ["mail-b0", "mail-b1", "mail-b2", "mail-b3", "mail-b4"]
+        for n, ref in enumerate(refs):  # from different IPs: no velocity rule
+            await harness.publish("order.place", order_body(ref, ip_address=f"203.0.113.{n + 20}"))
+
+        async def recorded() -> bool:
+            return await harness.pool.fetchval("SELECT count(*) FROM emails") == 10
+        await eventually(recorded)
+        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender=s.mail_from),
+                            s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
+        assert await sender.send_due(harness.pool) == 10
+        assert len(inbox.messages) == 8
+        assert len(inbox.sessions) == sender.connections  # 8 mails over 4 connections
+        statuses = await harness.pool.fetch(
+            "SELECT recipient, status, last_error FROM emails ORDER BY id")
+        refused = [r for r in statuses if r["recipient"] == "mail-b1@shop.example"]
+        assert {r["status"] for r in refused} == {"pending"}  # retried later, then parked
+        assert all("no such user" in r["last_error"] for r in refused)
+        assert {r["status"] for r in statuses if r not in refused} == {"sent"}
     finally:
         controller.stop()

@@ -17,6 +17,7 @@ from shared import db
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
+_SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
 _CLAIM = """
 UPDATE emails SET status = 'sending', attempts = attempts + 1,
@@ -48,7 +49,7 @@ class MailSender:
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
-        self.concurrency = 8  # SMTP conversations at once
+        self.connections = 4  # SMTP connections at once, each sending several mails
         # aiosmtplib looks up the FQDN in a thread on every connection (and a broken
         # resolver makes that slow): once per process is enough.
         self._local_hostname: str | None = None
@@ -75,47 +76,75 @@ class MailSender:
         finally:
             await self._wakeup.close()
 
-    async def send_due(self, pool: asyncpg.Pool, limit: int = 20) -> int:
-        emails = await pool.fetch(_CLAIM, timedelta(seconds=60), limit)
-        if emails and self._local_hostname is None:
+    async def send_due(self, pool: asyncpg.Pool, limit: int = 64) -> int:
+        """Claim what is due and send it over a few SMTP connections, each carrying several
+        mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
+        # The lease outlasts the longest a connection's share of the batch may take.
+        per_connection = -(-limit // self.connections)
+        lease = timedelta(seconds=self.smtp.timeout * (per_connection + 2))
+        emails = await pool.fetch(_CLAIM, lease, limit)
+        if not emails:
+            return 0
+        if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(email: asyncpg.Record) -> None:
-            async with gate:
-                await self._send(pool, email)
-
-        results = await asyncio.gather(*(one(email) for email in emails), return_exceptions=True)
+        chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
+        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk)
+                                         for chunk in chunks), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
-                raise result  # the others finished; a lease brings this one back
+                raise result  # the others finished; a lease brings these back
         return len(emails)
 
-    async def _send(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
-        async with pool.acquire() as conn:
-            context = await order_context(conn, email["order_id"])
-        message = render(email["template"], email["recipient"], self.smtp.sender,
-                         email["message_id"], context)
+    async def _send_over_one_connection(self, pool: asyncpg.Pool,
+                                        emails: list[asyncpg.Record]) -> None:
+        smtp = aiosmtplib.SMTP(
+            hostname=self.smtp.host, port=self.smtp.port, username=self.smtp.username,
+            password=self.smtp.password, use_tls=self.smtp.security == "tls",
+            start_tls=self.smtp.security == "starttls", timeout=self.smtp.timeout,
+            local_hostname=self._local_hostname)
         try:
-            await aiosmtplib.send(
-                message, hostname=self.smtp.host, port=self.smtp.port,
-                username=self.smtp.username, password=self.smtp.password,
-                use_tls=self.smtp.security == "tls", start_tls=self.smtp.security == "starttls",
-                timeout=self.smtp.timeout, local_hostname=self._local_hostname)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            park = email["attempts"] >= self.max_attempts
-            delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
-            await pool.execute(
-                "UPDATE emails SET status = $2, last_error = $3, lease_until = NULL,"
-                " next_attempt_at = now() + $4::interval WHERE id = $1",
-                email["id"], "parked" if park else "pending", f"{type(exc).__name__}: {exc}",
-                delay)
-            (log.error if park else log.warning)(
-                "email not sent" + ("; parked" if park else "; will retry"), extra={
-                    "email_id": email["id"], "template": email["template"],
-                    "order_id": email["order_id"], "error": str(exc)})
+            await smtp.connect()
+        except _SMTP_ERRORS as exc:
+            for email in emails:
+                await self._failed(pool, email, exc)
             return
+        try:
+            for n, email in enumerate(emails):
+                async with pool.acquire() as conn:
+                    context = await order_context(conn, email["order_id"])
+                message = render(email["template"], email["recipient"], self.smtp.sender,
+                                 email["message_id"], context)
+                try:
+                    await smtp.send_message(message)
+                except (aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError) as exc:
+                    for lost in emails[n:]:  # the connection is gone: these wait for a retry
+                        await self._failed(pool, lost, exc)
+                    return
+                except aiosmtplib.SMTPException as exc:  # this mail refused; the next may go
+                    await self._failed(pool, email, exc)
+                    continue
+                await self._sent(pool, email)
+        finally:
+            if smtp.is_connected:
+                try:
+                    await smtp.quit()
+                except _SMTP_ERRORS:
+                    smtp.close()
+
+    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
         await pool.execute("UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
                            " last_error = NULL WHERE id = $1", email["id"])
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
+
+    async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
+        park = email["attempts"] >= self.max_attempts
+        delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
+        await pool.execute(
+            "UPDATE emails SET status = $2, last_error = $3, lease_until = NULL,"
+            " next_attempt_at = now() + $4::interval WHERE id = $1",
+            email["id"], "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay)
+        (log.error if park else log.warning)(
+            "email not sent" + ("; parked" if park else "; will retry"), extra={
+                "email_id": email["id"], "template": email["template"],
+                "order_id": email["order_id"], "error": str(exc)})
