@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from email.message import EmailMessage
-from email.utils import formatdate
+from decimal import Decimal
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Any
 
 import asyncpg
@@ -26,27 +31,61 @@ def message_id_for(dedupe_key: str, domain: str) -> str:
 
 
 async def order_context(conn: asyncpg.Connection, order_id: int) -> dict[str, Any]:
-    order = await conn.fetchrow("SELECT * FROM orders WHERE id = $1", order_id)
-    client = await conn.fetchrow("SELECT * FROM clients WHERE id = $1", order["client_id"])
-    invoice = await conn.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)
-    items = await conn.fetch(
-        "SELECT p.name || coalesce(' - ' || s.domain, '') AS label, s.amount, s.domain,"
-        " s.username FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = $1"
-        " UNION ALL SELECT 'Domain ' || d.action || ' - ' || d.domain, d.amount, d.domain, NULL"
-        " FROM domains d WHERE d.order_id = $1", order_id)
-    return {"order": dict(order), "client": dict(client),
-            "invoice": dict(invoice) if invoice else None, "items": [dict(i) for i in items]}
+    """What the templates show, in one round trip: the order, its client, invoice and items."""
+    row = await conn.fetchrow(_CONTEXT, order_id)
+    invoice = None
+    if row["invoice_id"] is not None:
+        invoice = {"id": row["invoice_id"], "status": row["invoice_status"],
+                   "total": row["invoice_total"], "currency": row["invoice_currency"]}
+    return {
+        "order": {"id": order_id, "order_number": row["order_number"], "order_ref": row["order_ref"],
+                  "total": row["total"], "currency": row["currency"]},
+        "client": {"first_name": row["first_name"], "last_name": row["last_name"],
+                   "email": row["email"]},
+        "invoice": invoice,
+        "items": [{"label": label, "amount": Decimal(amount), "domain": domain, "username": user}
+                  for label, amount, domain, user in row["items"]],
+    }
+
+
+_CONTEXT = """
+SELECT o.order_number, o.order_ref, o.total, o.currency, c.first_name, c.last_name, c.email,
+  i.id AS invoice_id, i.status AS invoice_status, i.total AS invoice_total,
+  i.currency AS invoice_currency,
+  (SELECT coalesce(json_agg(json_build_array(label, amount, domain, username) ORDER BY n, id), '[]')
+     FROM (SELECT 1 AS n, s.id, p.name || coalesce(' - ' || s.domain, '') AS label,
+                  s.amount::text AS amount, s.domain, s.username
+             FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = o.id
+           UNION ALL
+           SELECT 2, d.id, 'Domain ' || d.action || ' - ' || d.domain, d.amount::text, d.domain, NULL
+             FROM domains d WHERE d.order_id = o.id) x) AS items
+FROM orders o JOIN clients c ON c.id = o.client_id
+LEFT JOIN invoices i ON i.order_id = o.id
+WHERE o.id = $1
+"""
+
+
+# Quoted-printable: the raw mail stays readable (in the quick start's mail log too).
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
+
+
+def _header(value: str) -> str:
+    return value if value.isascii() else Header(value, "utf-8").encode()
 
 
 def render(template: str, recipient: str, sender: str, message_id: str,
-           context: dict[str, Any]) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = sender
+           context: dict[str, Any]) -> Message:
+    """A multipart/alternative mail: plain text, then HTML. Built with the classic MIME
+    classes: `EmailMessage`'s header machinery cost three times as much CPU per mail."""
+    message = MIMEMultipart("alternative")
+    name, address = parseaddr(sender)
+    message["From"] = formataddr((name, address), charset="utf-8")
     message["To"] = recipient
-    message["Subject"] = SUBJECTS[template].format(order_number=context["order"]["order_number"])
+    message["Subject"] = _header(
+        SUBJECTS[template].format(order_number=context["order"]["order_number"]))
     message["Message-ID"] = message_id
     message["Date"] = formatdate(usegmt=True)
-    message.set_content(_ENV.get_template(f"{template}.txt.j2").render(context))
-    message.add_alternative(_ENV.get_template(f"{template}.html.j2").render(context),
-                            subtype="html")
+    message.attach(MIMEText(_ENV.get_template(f"{template}.txt.j2").render(context), "plain", _UTF8))
+    message.attach(MIMEText(_ENV.get_template(f"{template}.html.j2").render(context), "html", _UTF8))
     return message
