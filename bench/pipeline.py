@@ -558,6 +558,9 @@ class PhaseResult:
     worker_cpu_ms_per_order: float
     worker_rss_mb: float
     target_rate: float | None = None  # orders/s of a steady phase
+    # Ordermill: after the phase, how long until its customer mails were all sent (the next
+    # phase starts then, so it does not pay for this one's mail).
+    mail_drain_seconds: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -680,16 +683,50 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
     names = bench.names
     async with pipeline_run("ordermill", bench, connection, worker,
                             [names.queue("placement"), names.queue("fraud")], names.exchange) as run:
-        await run.phase("warm-up", source.take(opts.warmup, "warm"), run.publisher.burst)
-        await run.phase("throughput", source.take(opts.orders, "tput"), run.publisher.burst)
+        mail = opts.services == () or "notify" in opts.services
+        drained = (lambda r: mail_drained(bench, r)) if mail else (lambda r: _nothing())
+        await drained(await run.phase("warm-up", source.take(opts.warmup, "warm"),
+                                      run.publisher.burst))
+        await drained(await run.phase("throughput", source.take(opts.orders, "tput"),
+                                      run.publisher.burst))
         steady = source.take(round(opts.rate * opts.seconds), "rate")
-        await run.phase(f"steady {opts.rate:g}/s", steady,
-                        lambda orders: run.publisher.steady(orders, opts.rate), target_rate=opts.rate)
+        await drained(await run.phase(f"steady {opts.rate:g}/s", steady,
+                                      lambda orders: run.publisher.steady(orders, opts.rate),
+                                      target_rate=opts.rate))
         fill = opts.memory_orders - run.orders_done
         if not opts.skip_memory and fill > 0:
-            await run.phase("memory fill", source.take(fill, "fill"), run.publisher.burst)
+            await drained(await run.phase("memory fill", source.take(fill, "fill"),
+                                          run.publisher.burst))
     run.add_per_order({}, await outbox_counters(bench.settings))
     return run
+
+
+async def _nothing() -> None:
+    return None
+
+
+MAIL_DRAIN_SECONDS = 300.0
+
+
+async def mail_drained(bench: Bench, result: PhaseResult) -> None:
+    """Wait until every `email.send` request written so far is recorded by the mail worker
+    and every mail is sent (each request has its own dedupe key: one mail each)."""
+    started = time.perf_counter()
+    conn = await asyncpg.connect(bench.settings.database_url)
+    quiet = 0
+    try:
+        while quiet < 2:  # twice in a row, 0.2 s apart
+            if time.perf_counter() - started > MAIL_DRAIN_SECONDS:
+                raise RuntimeError(f"customer mails not sent {MAIL_DRAIN_SECONDS:.0f} s after the phase")
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM outbox WHERE routing_key = 'email.send') AS requested,"
+                " (SELECT count(*) FROM emails WHERE status = 'sent') AS sent")
+            quiet = quiet + 1 if row["requested"] == row["sent"] else 0
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    result.mail_drain_seconds = round(time.perf_counter() - started, 1)
+    print(f"  {'':9} {'':18} customer mails sent {result.mail_drain_seconds:.1f} s later", flush=True)
 
 
 async def bench_bare(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
