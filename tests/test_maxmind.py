@@ -265,6 +265,18 @@ async def test_unreachable_maxmind_holds_the_order_for_review(
     assert not [b for b in store.bodies("email.send") if b["order_ref"] == "mm-unreachable"]
 
 
+async def test_an_answer_the_package_cannot_read_is_a_screening_error(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    maxmind.answer = {**CLEAN, "id": None, "risk_score": None}  # required fields missing
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body("mm-garbled"))
+    order = await harness.screened("mm-garbled")
+    assert (order["status"], order["screening"]) == ("Pending", "error")
+    assert "not understood" in (await check_of(harness, order["id"]))["error"]
+    assert await harness.dead_letters("fraud") == []
+
+
 @pytest.mark.parametrize(("policy", "status", "screening"), [
     ("hold", "Pending", "error"), ("fraud", "Fraud", "error"), ("pass", "Pending", "skipped")])
 async def test_fraud_on_error_policies(

@@ -149,9 +149,14 @@ class MaxMindProvider:
                     response = await call(request, hash_email=self.hash_email)
         except (MinFraudError, aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderError(_describe(exc)) from None
+        except (TypeError, ValueError, KeyError) as exc:  # a 200 the package cannot read
+            raise ProviderError(f"minFraud answer not understood: {type(exc).__name__}: {exc}") from None
         raw = response.to_dict()
         raw["service"] = self.service
-        score = Decimal(str(raw["risk_score"])).quantize(Decimal("0.01"))
+        try:
+            score = Decimal(str(raw["risk_score"])).quantize(Decimal("0.01"))
+        except (KeyError, ArithmeticError) as exc:
+            raise ProviderError(f"minFraud answer has no usable risk_score: {exc}") from None
         rejections = tuple(self._rejections(facts, raw))
         return FraudResult(score=score, reasons=rejections + tuple(_explanations(raw)), raw=raw,
                            reject=bool(rejections))
