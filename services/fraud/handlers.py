@@ -82,6 +82,9 @@ class Screener:
         order, facts = found
         if not _needs_screening(order, rescreen) or self._skip(order) is not None:
             return None
+        return await self._ask(facts)
+
+    async def _ask(self, facts: OrderFacts) -> Scored:
         try:
             return Scored(result=await self.provider.score(facts))
         except ProviderError as exc:
@@ -152,10 +155,7 @@ class Screener:
         if skip is not None:
             return skip
         if scored is None:  # a local provider, or a remote one whose early look saw no need
-            try:
-                scored = Scored(result=await self.provider.score(facts))
-            except ProviderError as exc:
-                scored = Scored(error=str(exc))
+            scored = await self._ask(facts)
         if scored.result is None:
             return self._on_error(order, scored.error or "no result")
         result = scored.result
