@@ -444,3 +444,24 @@ async def test_fraud_report_mistakes_are_one_line(harness: Harness, maxmind: Fak
                                    "--tag", "spam_or_abuse", MAXMIND_ACCOUNT_ID="")
     assert code == 1 and "MAXMIND_ACCOUNT_ID" in err and "Traceback" not in err
     assert [r.body["tag"] for r in maxmind.requests if r.service == "report"] == ["not_fraud"]
+
+
+async def test_the_deployed_worker_reads_maxmind_from_its_environment(
+    harness: Harness, maxmind: FakeMinFraud, tmp_path,
+) -> None:
+    """`ordermill run` as deployed: settings and the CA from the environment, nothing patched."""
+    maxmind.answer = {**CLEAN, "risk_score": 77.7}
+    log = tmp_path / "worker.log"
+    with log.open("ab") as handle:
+        process = await asyncio.create_subprocess_exec(
+            ORDERMILL, "run", "placement", "fraud", stdout=handle, stderr=handle,
+            env=worker_env(harness.settings, **maxmind.environment, MAXMIND_SERVICE="insights"))
+    try:
+        await harness.publish("order.place", order_body("mm-deployed"))
+        order = await harness.screened("mm-deployed", timeout=30)
+        assert (order["status"], order["screening"]) == ("Fraud", "failed")
+        assert [r.service for r in maxmind.requests] == ["insights"]
+    finally:
+        process.terminate()
+        await process.wait()
+    assert maxmind.environment["MAXMIND_LICENSE_KEY"] not in log.read_text()
