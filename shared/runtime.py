@@ -229,8 +229,9 @@ class Runtime:
                 batch.append(waiting.get_nowait())
             try:
                 await self._handle_batch(spec, batch)
-            except Exception:  # never lose the batcher; the messages will be redelivered
+            except Exception:  # never lose the batcher
                 log.exception("batch handling failed", extra={"service": spec.service})
+                await _requeue_unsettled(batch)
             finally:
                 for _ in batch:
                     self._inflight.leave()
@@ -326,9 +327,15 @@ class Runtime:
         if not todo:
             return items
         assert self.pool
-        done = {r["message_id"] for r in await self.pool.fetch(
-            "SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2::text[])",
-            spec.service, [item.context.message_id for item in todo])}
+        try:
+            async for attempt in self._transient_retrying():
+                with attempt:
+                    done = {r["message_id"] for r in await self.pool.fetch(
+                        "SELECT message_id FROM inbox WHERE consumer = $1"
+                        " AND message_id = ANY($2::text[])",
+                        spec.service, [item.context.message_id for item in todo])}
+        except db.TRANSIENT_DB_ERRORS:
+            done = set()  # only saves work: the transaction's inbox row still dedupes
 
         async def one(item: _Work) -> _Work | None:
             if item.route.prepare is None or item.context.message_id in done:
@@ -349,8 +356,17 @@ class Runtime:
                 return None
             return replace(item, prepared=prepared)
 
-        results = await asyncio.gather(*(one(item) for item in items))
-        return [item for item in results if item is not None]
+        results = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
+        ready = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, BaseException):  # not even dead-lettered: try again later
+                log.error("message left for redelivery", extra={
+                    "service": spec.service, "message_id": item.context.message_id,
+                    "error": f"{type(result).__name__}: {result}"})
+                await _requeue_unsettled([item.message])
+            elif result is not None:
+                ready.append(result)
+        return ready
 
     async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
         try:
@@ -480,3 +496,16 @@ async def _ack(message: AbstractIncomingMessage) -> None:
 
 def _body_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+async def _requeue_unsettled(messages: Sequence[AbstractIncomingMessage]) -> None:
+    """A message neither acked nor dead-lettered goes back to the queue, so it is not held
+    unacknowledged (taking a prefetch slot) until the channel closes."""
+    for message in messages:
+        if message.processed:
+            continue
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:  # the channel is gone: the broker redelivers anyway
+            log.warning("could not requeue a message", extra={
+                "message_id": message.message_id, "error": str(exc)})

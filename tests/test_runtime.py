@@ -14,7 +14,7 @@ from shared import db
 from shared.contracts import OrderRejected
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
-from shared.runtime import WorkerSpec, redact, route
+from shared.runtime import Runtime, WorkerSpec, redact, route
 from shared.uow import UnitOfWork, event_id, write_event
 
 
@@ -230,3 +230,44 @@ async def test_housekeeping_deletes_old_published_events_and_old_inbox_rows(
     assert [r["n"] for r in left] == ["1", "2"]  # the unpublished one is never thrown away
     assert [r["message_id"] for r in await harness.pool.fetch("SELECT message_id FROM inbox")] == [
         "new"]
+
+
+class _FlakyPrepareRuntime(Runtime):
+    """Our runtime with one failure where no handler can catch it (as a database blip in the
+    inbox look-up was): the batch must not be left unacknowledged."""
+
+    failures = 1
+
+    async def _run_prepare(self, spec, items):
+        if self.failures:
+            self.failures -= 1
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed (test)")
+        return await super()._run_prepare(spec, items)
+
+
+async def test_a_batch_that_fails_outside_any_handler_is_requeued_not_held(
+    harness: Harness,
+) -> None:
+    prepared: list[str] = []
+
+    async def look_up(event: OrderRejected, pool: asyncpg.Pool) -> str:
+        prepared.append(event.order_ref)
+        return event.order_ref.upper()
+
+    async def handle(event: OrderRejected, uow: UnitOfWork, looked_up: str) -> None:
+        uow.emit("order.checked", {"order_ref": event.order_ref, "looked_up": looked_up})
+
+    store = await harness.listen("order.checked")
+    runtime = _FlakyPrepareRuntime(harness.settings)
+    spec = WorkerSpec(service="placement",
+                      routes={"order.place": route(handle, prepare=look_up)})
+    task = asyncio.create_task(runtime.serve([spec]))
+    try:
+        await harness.publish("order.place", {"order_ref": "blip", "reason": "x"})
+        event = await store.wait_for("order.checked", lambda b: b["order_ref"] == "blip")
+        assert event["looked_up"] == "BLIP"
+        assert runtime.failures == 0 and prepared == ["blip"]
+        assert await harness.dead_letters("placement") == []
+    finally:
+        runtime.stop()
+        await task
