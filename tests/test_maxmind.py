@@ -135,6 +135,22 @@ async def test_the_request_for_a_new_and_then_an_existing_client(
     assert maxmind.requests[2].body["billing"] == {"city": "London"}
 
 
+async def test_fields_the_package_refuses_are_left_out_not_fatal(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    """minfraud checks each field before sending and would refuse the whole request."""
+    await start(harness, configured(harness, maxmind))
+    await harness.publish("order.place", order_body(
+        "mm-odd", payment_method="Square", client={"email": "ann..lee@bücher.example"}))
+    order = await harness.screened("mm-odd")
+    assert (order["status"], order["screening"]) == ("Pending", "passed")
+    body = maxmind.requests[0].body
+    assert body["payment"] == {"processor": "other"}  # not a processor minFraud lists
+    assert body["email"] == {"domain": "xn--bcher-kva.example"}  # the address it refuses: out
+    check = await check_of(harness, order["id"])
+    assert check["raw"]["ordermill_left_out"] == ["/email/address"]
+
+
 async def test_the_email_sent_as_md5(harness: Harness, maxmind: FakeMinFraud) -> None:
     await start(harness, configured(harness, maxmind, maxmind_hash_email=True))
     await harness.publish("order.place", order_body("mm-md5"))

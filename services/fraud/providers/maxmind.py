@@ -19,7 +19,9 @@ from minfraud.errors import (
     MinFraudError,
     PermissionRequiredError,
 )
+from minfraud.validation import validate_transaction
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from voluptuous import MultipleInvalid
 
 from services.fraud.providers.base import FraudResult, OrderFacts, ProviderError, Reason
 from services.fraud.providers.rules import FREE_MAIL_DOMAINS
@@ -28,12 +30,6 @@ from shared.settings import Settings
 log = logging.getLogger("ordermill.fraud.maxmind")
 
 REPORT_TAGS = ("chargeback", "not_fraud", "suspected_fraud", "spam_or_abuse")
-# Payment methods minFraud knows by the same name; any other is sent as 'other'.
-_PROCESSORS = frozenset({
-    "adyen", "authorizenet", "braintree", "checkout_com", "gocardless", "mollie", "paypal",
-    "payza", "skrill", "square", "stripe", "worldpay", "2checkout", "bluesnap", "paddle",
-    "razorpay", "payu", "klarna", "wepay", "amazon_payments",
-})
 _REGION = re.compile(r"^[0-9A-Z]{1,4}$")
 _CART_CATEGORY = {"product": "hosting", "domain": "domain"}
 
@@ -79,9 +75,60 @@ def client_for(settings: Settings) -> minfraud.AsyncClient:
     )
 
 
+def _processor(payment_method: str) -> str:
+    """The method's name when minFraud knows it by that name, else 'other'."""
+    method = payment_method.lower()
+    try:
+        validate_transaction({"payment": {"processor": method}})
+    except MultipleInvalid:
+        return "other"
+    return method
+
+
+def _ascii_domain(domain: str) -> str | None:
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+def without_refused_fields(request: dict[str, Any]) -> list[str]:
+    """The package checks the request before sending it and refuses all of it for one field
+    it does not accept (an address its email check rejects, say). Such fields are left out
+    instead, so an odd field never costs the order its screening; returns their paths."""
+    left_out: list[str] = []
+    for _ in range(20):
+        try:
+            validate_transaction(request)
+            return left_out
+        except MultipleInvalid as exc:
+            path = exc.errors[0].path  # one at a time: removing one may shift another's index
+            if not path or not _remove(request, path):
+                break
+            left_out.append("/" + "/".join(str(key) for key in path))
+    raise ProviderError(f"minFraud request refused even without {', '.join(left_out) or 'any field'}")
+
+
+def _remove(request: dict[str, Any], path: list[Any]) -> bool:
+    parent: Any = request
+    for key in path[:-1]:
+        try:
+            parent = parent[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    last = path[-1]
+    if isinstance(parent, dict) and last in parent:
+        del parent[last]
+        return True
+    if isinstance(parent, list) and isinstance(last, int) and 0 <= last < len(parent):
+        del parent[last]
+        return True
+    return False
+
+
 def transaction(facts: OrderFacts) -> dict[str, Any]:
     """The minFraud request for an order. What the client lacks is left out, not faked."""
-    domain = facts.email.rsplit("@", 1)[-1]
+    domain = _ascii_domain(facts.email.rsplit("@", 1)[-1])
     billing = {
         "first_name": facts.first_name or None, "last_name": facts.last_name or None,
         "company": facts.company, "address": facts.address1, "address_2": facts.address2,
@@ -95,7 +142,7 @@ def transaction(facts: OrderFacts) -> dict[str, Any]:
         "event": {"transaction_id": str(facts.order_number), "type": "purchase"}
         | ({"time": facts.placed_at.isoformat()} if facts.placed_at else {}),
         "account": {"user_id": str(facts.client_id)},
-        "email": {"address": facts.email, "domain": domain},
+        "email": {"address": facts.email} | ({"domain": domain} if domain else {}),
         "billing": {k: v for k, v in billing.items() if v},
         # minFraud's JSON wants numbers; the Decimal is converted only here, at the wire.
         "order": {"currency": facts.currency}
@@ -109,8 +156,7 @@ def transaction(facts: OrderFacts) -> dict[str, Any]:
     if facts.ip_address:
         request["device"] = {"ip_address": facts.ip_address}
     if facts.payment_method:
-        method = facts.payment_method.lower()
-        request["payment"] = {"processor": method if method in _PROCESSORS else "other"}
+        request["payment"] = {"processor": _processor(facts.payment_method)}
     return request
 
 
@@ -135,6 +181,10 @@ class MaxMindProvider:
 
     async def score(self, facts: OrderFacts) -> FraudResult:
         request = transaction(facts)
+        left_out = without_refused_fields(request)
+        if left_out:
+            log.warning("fields minFraud does not accept left out of the request", extra={
+                "order_id": facts.order_id, "fields": left_out})
         call = getattr(self.client, self.service)
         try:
             async for attempt in AsyncRetrying(
@@ -153,6 +203,8 @@ class MaxMindProvider:
             raise ProviderError(f"minFraud answer not understood: {type(exc).__name__}: {exc}") from None
         raw = response.to_dict()
         raw["service"] = self.service
+        if left_out:
+            raw["ordermill_left_out"] = left_out
         try:
             score = Decimal(str(raw["risk_score"])).quantize(Decimal("0.01"))
         except (KeyError, ArithmeticError) as exc:
