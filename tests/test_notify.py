@@ -159,3 +159,30 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
         assert {r["status"] for r in statuses if r not in refused} == {"sent"}
     finally:
         controller.stop()
+
+
+async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp) -> None:
+    inbox, port = smtp
+    s = harness.settings.model_copy(update={"smtp_port": port})
+    notify = notify_worker(s)
+    notify.background = ()
+    await harness.start([placement_worker(s), fraud_worker(s), notify])
+    await harness.publish("order.place", order_body("mail-noinv", generate_invoice=False))
+    await harness.publish("order.place", order_body("mail-ok", ip_address="203.0.113.31"))
+
+    async def recorded() -> bool:  # confirmation for both, invoice for mail-ok only
+        return await harness.pool.fetchval("SELECT count(*) FROM emails") == 3
+    await eventually(recorded)
+    # A request for an invoice mail of an order that has no invoice: its template fails.
+    order = await harness.order("mail-noinv")
+    await harness.pool.execute(
+        "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
+        " SELECT 'bogus', 'invoice_created', recipient, order_id, '<bogus@x>' FROM emails"
+        " WHERE order_id = $1", order["id"])
+    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender=s.mail_from),
+                        s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
+    sender.connections = 1  # the bad mail shares its connection with the good ones
+    assert await sender.send_due(harness.pool) == 4
+    assert len(inbox.messages) == 3
+    bogus = await harness.pool.fetchrow("SELECT * FROM emails WHERE dedupe_key = 'bogus'")
+    assert bogus["status"] == "pending" and "UndefinedError" in bogus["last_error"]

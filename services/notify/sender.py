@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,6 +51,10 @@ class MailSender:
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
         self.connections = 4  # SMTP connections at once, each sending several mails
+        # Long enough to connect (greeting, EHLO, STARTTLS, EHLO, AUTH) and send one mail
+        # (MAIL, RCPT, DATA, the body), each step bounded by the timeout; the mails still to
+        # go on a connection get it again after every mail.
+        self._lease = timedelta(seconds=smtp.timeout * 10)
         # aiosmtplib looks up the FQDN in a thread on every connection (and a broken
         # resolver makes that slow): once per process is enough.
         self._local_hostname: str | None = None
@@ -65,6 +70,9 @@ class MailSender:
                 except db.TRANSIENT_DB_ERRORS as exc:
                     log.warning("mail pass failed; will retry", extra={"error": str(exc)})
                     sent = 0
+                except Exception:  # never lose the sender; the leases bring the mails back
+                    log.exception("mail pass failed; will retry")
+                    sent = 0
                 if sent:
                     continue
                 waiting = [asyncio.create_task(self._wakeup.event.wait()),
@@ -79,10 +87,7 @@ class MailSender:
     async def send_due(self, pool: asyncpg.Pool, limit: int = 64) -> int:
         """Claim what is due and send it over a few SMTP connections, each carrying several
         mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
-        # The lease outlasts the longest a connection's share of the batch may take.
-        per_connection = -(-limit // self.connections)
-        lease = timedelta(seconds=self.smtp.timeout * (per_connection + 2))
-        emails = await pool.fetch(_CLAIM, lease, limit)
+        emails = await pool.fetch(_CLAIM, self._lease, limit)
         if not emails:
             return 0
         if self._local_hostname is None:
@@ -110,10 +115,17 @@ class MailSender:
             return
         try:
             for n, email in enumerate(emails):
-                async with pool.acquire() as conn:
-                    context = await order_context(conn, email["order_id"])
-                message = render(email["template"], email["recipient"], self.smtp.sender,
-                                 email["message_id"], context)
+                try:
+                    async with pool.acquire() as conn:
+                        context = await order_context(conn, email["order_id"])
+                    message = render(email["template"], email["recipient"], self.smtp.sender,
+                                     email["message_id"], context)
+                except db.TRANSIENT_DB_ERRORS:
+                    raise
+                except Exception as exc:  # this mail cannot be written; the others can
+                    log.exception("email not rendered", extra={"email_id": email["id"]})
+                    await self._failed(pool, email, exc, emails[n + 1:])
+                    continue
                 try:
                     await smtp.send_message(message)
                 except (aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError) as exc:
@@ -121,9 +133,9 @@ class MailSender:
                         await self._failed(pool, lost, exc)
                     return
                 except aiosmtplib.SMTPException as exc:  # this mail refused; the next may go
-                    await self._failed(pool, email, exc)
+                    await self._failed(pool, email, exc, emails[n + 1:])
                     continue
-                await self._sent(pool, email)
+                await self._sent(pool, email, emails[n + 1:])
         finally:
             if smtp.is_connected:
                 try:
@@ -131,19 +143,31 @@ class MailSender:
                 except _SMTP_ERRORS:
                     smtp.close()
 
-    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
-        await pool.execute("UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
-                           " last_error = NULL WHERE id = $1", email["id"])
+    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record,
+                    waiting: Sequence[asyncpg.Record]) -> None:
+        # Only while our claim holds (status and attempt unchanged); and the mails still to
+        # go on this connection keep their lease.
+        await pool.execute(
+            "WITH renewed AS (UPDATE emails SET lease_until = now() + $4::interval"
+            "  WHERE id = ANY($3::bigint[]) AND status = 'sending')"
+            " UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
+            " last_error = NULL WHERE id = $1 AND status = 'sending' AND attempts = $2",
+            email["id"], email["attempts"], [e["id"] for e in waiting], self._lease)
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
 
-    async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
+    async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException,
+                      waiting: Sequence[asyncpg.Record] = ()) -> None:
         park = email["attempts"] >= self.max_attempts
         delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
         await pool.execute(
-            "UPDATE emails SET status = $2, last_error = $3, lease_until = NULL,"
-            " next_attempt_at = now() + $4::interval WHERE id = $1",
-            email["id"], "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay)
+            "WITH renewed AS (UPDATE emails SET lease_until = now() + $7::interval"
+            "  WHERE id = ANY($6::bigint[]) AND status = 'sending')"
+            " UPDATE emails SET status = $2, last_error = $3, lease_until = NULL,"
+            " next_attempt_at = now() + $4::interval"
+            " WHERE id = $1 AND status = 'sending' AND attempts = $5",
+            email["id"], "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay,
+            email["attempts"], [e["id"] for e in waiting], self._lease)
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={
                 "email_id": email["id"], "template": email["template"],
