@@ -740,10 +740,11 @@ def main() -> None:
     except _click_errors.UsageError as exc:
         # One line, as every other mistake: the message and where to read more.
         command = exc.ctx.command_path if exc.ctx else "ordermill"
-        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        message = " ".join(exc.format_message().split())  # click may list choices on lines
+        print(f"error: {message} (see `{command} --help`)", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except _click_errors.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

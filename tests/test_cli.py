@@ -131,6 +131,7 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
         (("show", "x"), "error: Invalid value for 'order_id'"),
         (("nosuch",), "error: No such command 'nosuch'."),
         (("accept", "1", "--no-such-option"), "error: No such option: --no-such-option"),
+        (("fraud-report", "1"), "error: Missing option '--tag'. Choose from: chargeback,"),
     ]
     for args, start in cases:
         code, _out, err = await cli(settings, *args)

@@ -13,6 +13,7 @@ from aiosmtpd.controller import Controller
 
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
+from services.notify.mail import order_context, render
 from services.notify.sender import MailSender, SmtpConfig
 from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
@@ -186,3 +187,26 @@ async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp)
     assert len(inbox.messages) == 3
     bogus = await harness.pool.fetchrow("SELECT * FROM emails WHERE dedupe_key = 'bogus'")
     assert bogus["status"] == "pending" and "UndefinedError" in bogus["last_error"]
+
+
+async def test_an_internationalised_address_is_written_as_smtp_allows(
+    harness: Harness, smtp: tuple[Inbox, int],
+) -> None:
+    inbox, port = smtp
+    await harness.start(workers(harness, port))
+    await harness.publish("order.place", order_body(
+        "mail-idn", client={"email": "zoe@bücher.example", "first_name": "Zoë"}))
+
+    async def two() -> list[Message] | None:
+        got = inbox.to("zoe@xn--bcher-kva.example")  # the domain as IDNA: plain ASCII
+        return got if len(got) == 2 else None
+    mails = await eventually(two)
+    text = next(p for p in mails[0].walk() if p.get_content_type() == "text/plain")
+    assert "Zoë" in text.get_payload(decode=True).decode()
+    # A mailbox name beyond ASCII goes as UTF-8 (SMTPUTF8), never as an encoded-word.
+    order = await harness.order("mail-idn")
+    async with harness.pool.acquire() as conn:
+        context = await order_context(conn, order["id"])
+    raw = render("order_confirmation", "zoë@bücher.example", "Shop <billing@shop.example>",
+                 "<x@shop.example>", context)
+    assert "To: zoë@xn--bcher-kva.example" in raw.as_bytes(policy=raw.policy).decode()

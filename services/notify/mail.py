@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from decimal import Decimal
 from email.charset import QP, Charset
@@ -9,6 +10,7 @@ from email.header import Header
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import SMTPUTF8, compat32
 from email.utils import formataddr, formatdate, parseaddr
 from typing import Any
 
@@ -65,6 +67,7 @@ WHERE o.id = $1
 """
 
 
+_SUFFIX = {"plain": "txt", "html": "html"}
 # Quoted-printable: the raw mail stays readable (in the quick start's mail log too).
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
@@ -78,14 +81,20 @@ def render(template: str, recipient: str, sender: str, message_id: str,
            context: dict[str, Any]) -> Message:
     """A multipart/alternative mail: plain text, then HTML. Built with the classic MIME
     classes: `EmailMessage`'s header machinery cost three times as much CPU per mail."""
-    message = MIMEMultipart("alternative")
+    local, _, domain = recipient.rpartition("@")
+    with contextlib.suppress(UnicodeError):
+        domain = domain.encode("idna").decode("ascii")  # bücher.example: xn--bcher-kva.example
+    # A non-ASCII mailbox name cannot be an encoded-word (RFC 2047): it goes as UTF-8 (SMTPUTF8).
+    policy = compat32 if local.isascii() else SMTPUTF8
+    message = MIMEMultipart("alternative", policy=policy)
     name, address = parseaddr(sender)
     message["From"] = formataddr((name, address), charset="utf-8")
-    message["To"] = recipient
+    message["To"] = f"{local}@{domain}"
     message["Subject"] = _header(
         SUBJECTS[template].format(order_number=context["order"]["order_number"]))
     message["Message-ID"] = message_id
     message["Date"] = formatdate(usegmt=True)
-    message.attach(MIMEText(_ENV.get_template(f"{template}.txt.j2").render(context), "plain", _UTF8))
-    message.attach(MIMEText(_ENV.get_template(f"{template}.html.j2").render(context), "html", _UTF8))
+    for subtype in ("plain", "html"):
+        text = _ENV.get_template(f"{template}.{_SUFFIX[subtype]}.j2").render(context)
+        message.attach(MIMEText(text, subtype, _UTF8, policy=policy))
     return message
