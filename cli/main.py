@@ -452,46 +452,62 @@ def dead_letters(
 TimeoutOpt = typer.Option(10.0, "--timeout", min=0.5, help="Seconds to wait for the answer.")
 
 
-def review(action: str, order_id: int, *, timeout: float,
-           options: dict[str, bool] | None = None) -> None:
-    """Send a review command and print the review service's answer."""
-    s = settings()
-
-    async def go() -> dict[str, Any]:
-        connection = await broker.connect(s.amqp_url, attempts=2)
-        async with connection:
-            channel = await broker.open_publisher(connection)
-            exchange = await channel.get_exchange(Names(s.namespace).exchange)
-            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-            correlation = str(uuid.uuid4())
+async def _send_review(s: Settings, action: str, order_ids: list[int], *, wait_seconds: float,
+                       options: dict[str, bool] | None = None) -> dict[int, dict[str, Any] | None]:
+    """Publish one review command per order and collect the answers (None: unanswered)."""
+    connection = await broker.connect(s.amqp_url, attempts=2)
+    async with connection:
+        channel = await broker.open_publisher(connection)
+        exchange = await channel.get_exchange(Names(s.namespace).exchange)
+        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        operator = urlsplit(s.amqp_url).username
+        waiting: dict[str, int] = {}
+        for order_id in order_ids:
             body: dict[str, Any] = {"order_id": order_id, "action": action,
-                                    "operator": urlsplit(s.amqp_url).username or "operator"}
+                                    "operator": operator or "operator"}
             if options is not None:
                 body["options"] = options
+            correlation = str(uuid.uuid4())
             message = broker.json_message(
                 body, routing_key="review.command", correlation_id=correlation,
                 reply_to=replies.name,
                 # The broker checks it: history names the operator's own RabbitMQ user.
-                user_id=urlsplit(s.amqp_url).username or None,
+                user_id=operator or None,
                 # Unanswered in time, the command expires instead of surprising anyone later.
-                expiration=timeout)
+                expiration=wait_seconds)
             try:
                 await broker.publish(exchange, "review.command", message)
             except PublishError:
                 raise UserError("no queue takes review.command: run `ordermill migrate`") from None
-            try:
-                async with replies.iterator(timeout=timeout) as answers:
-                    async for answer in answers:
-                        await answer.ack()
-                        if answer.correlation_id == correlation:
-                            return json.loads(answer.body)
-            except TimeoutError:
-                pass
-            raise UserError(f"no answer from the review service within {timeout:g} s (is "
-                            "`ordermill run` running?); the command expired unapplied")
-        raise AssertionError("unreachable")
+            waiting[correlation] = order_id
+        answers: dict[int, dict[str, Any] | None] = dict.fromkeys(order_ids)
+        try:
+            async with replies.iterator(timeout=wait_seconds) as incoming:
+                async for reply in incoming:
+                    await reply.ack()
+                    order_id = waiting.pop(reply.correlation_id or "", None)
+                    if order_id is not None:
+                        answers[order_id] = json.loads(reply.body)
+                    if not waiting:
+                        break
+        except TimeoutError:
+            pass
+        return answers
 
-    answer = run_async(go())
+
+def _unanswered(timeout: float) -> str:
+    return (f"no answer from the review service within {timeout:g} s (is `ordermill run` "
+            "running?); the command expired unapplied")
+
+
+def review(action: str, order_id: int, *, timeout: float,
+           options: dict[str, bool] | None = None) -> None:
+    """Send a review command and print the review service's answer."""
+    s = settings()
+    answer = run_async(_send_review(s, action, [order_id], wait_seconds=timeout,
+                                    options=options))[order_id]
+    if answer is None:
+        raise UserError(_unanswered(timeout))
     if not answer.get("ok"):
         raise UserError(answer.get("error", "refused"))
     out.print(f"order {order_id}: {answer['status']}")
@@ -527,9 +543,45 @@ for _name, _action, _help in (
     ("set-pending", "pending", "Set a Cancelled or Fraud order back to Pending."),
     ("delete", "delete", "Hide a Cancelled or Fraud order (its record is kept)."),
     ("retry", "retry", "Run the order's parked setups again."),
-    ("rescreen", "rescreen", "Screen a Pending order for fraud again."),
 ):
     _action_command(_name, _action, _help)
+
+
+@app.command()
+def rescreen(
+    order_id: int = typer.Argument(None, help="The order (or --all-errors)."),
+    all_errors: bool = typer.Option(
+        False, "--all-errors",
+        help="Every Pending order whose screening could not complete (after a MaxMind outage)."),
+    timeout: float = TimeoutOpt,
+) -> None:
+    """Screen a Pending order for fraud again."""
+    if (order_id is None) == (not all_errors):
+        raise UserError("give an ORDER_ID or --all-errors")
+    if not all_errors:
+        return review("rescreen", order_id, timeout=timeout)
+    s = settings()
+
+    async def held() -> list[int]:
+        async with database(s) as conn:
+            return [r["id"] for r in await conn.fetch(
+                "SELECT id FROM orders WHERE status = 'Pending' AND screening = 'error'"
+                " AND deleted_at IS NULL ORDER BY id")]
+
+    order_ids = run_async(held())
+    if not order_ids:
+        out.print("no Pending order has a screening error")
+        return
+    answers = run_async(_send_review(s, "rescreen", order_ids, wait_seconds=timeout))
+    refused = 0
+    for oid, answer in answers.items():
+        if answer is None or not answer.get("ok"):
+            refused += 1
+            out.print(f"order {oid}: {_unanswered(timeout) if answer is None else answer.get('error')}")
+        else:
+            out.print(f"order {oid}: screening again")
+    if refused:
+        raise UserError(f"{refused} of {len(order_ids)} order(s) not re-screened")
 
 
 @app.command()

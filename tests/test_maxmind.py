@@ -19,6 +19,7 @@ from conftest import Harness, eventually, order_body
 from services.fraud.providers.maxmind import MaxMindProvider, Misconfigured
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
+from services.review.worker import worker as review_worker
 from shared.settings import Settings
 from test_processes import worker_env
 
@@ -481,3 +482,29 @@ async def test_the_deployed_worker_reads_maxmind_from_its_environment(
         process.terminate()
         await process.wait()
     assert maxmind.environment["MAXMIND_LICENSE_KEY"] not in log.read_text()
+
+
+async def test_orders_held_during_an_outage_are_rescreened_in_one_command(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    s = configured(harness, maxmind)
+    await harness.start([placement_worker(s), fraud_worker(s), review_worker(s)])
+    maxmind.fail_next(402, times=3)  # the account ran out of funds for three orders
+    for n in range(3):
+        await harness.publish("order.place", order_body(f"mm-held-{n}",
+                                                        ip_address=f"203.0.113.{40 + n}"))
+        assert (await harness.screened(f"mm-held-{n}"))["screening"] == "error"
+    # Funds topped up: one command screens them all again.
+    code, out, err = await ordermill(harness.settings, maxmind, "rescreen", "--all-errors")
+    assert code == 0, err
+    assert out.count("screening again") == 3
+
+    async def all_passed() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT count(*) FROM orders WHERE screening = 'passed'") == 3
+    await eventually(all_passed)
+    assert len(maxmind.scored()) == 6
+    code, out, _ = await ordermill(harness.settings, maxmind, "rescreen", "--all-errors")
+    assert (code, out.strip()) == (0, "no Pending order has a screening error")
+    code, _, err = await ordermill(harness.settings, maxmind, "rescreen")
+    assert (code, err.strip()) == (1, "error: give an ORDER_ID or --all-errors")
