@@ -54,6 +54,7 @@ from pipeline import (
     database_counters,
     drop_database,
     latency_summary,
+    mail_drained,
     outbox_counters,
 )
 
@@ -606,7 +607,7 @@ async def bench_provisioning(bench: Bench, connection: AbstractRobustConnection,
         setup_rss = {"after": f"placing {sum(len(v) for v in placed.values())} orders (setup process)",
                      "rss_mb": round(setup.rss() / 2**20, 1)}
         # Their confirmation and invoice mails too, or the measured worker would send them.
-        await emails_sent(bench.settings, 2 * sum(len(v) for v in placed.values()))
+        await mail_drained(bench.settings)
     finally:
         await setup.stop()
     await asyncio.sleep(STATS_FLUSH_SECONDS)
@@ -647,26 +648,6 @@ async def remove_topology(connection: AbstractRobustConnection, names: Names) ->
         await channel.close()
     except Exception as exc:  # report it, and go on cleaning up
         print(f"cleanup: could not delete the topology: {exc!r}", file=sys.stderr)
-
-
-EMAILS_SECONDS = 120.0
-
-
-async def emails_sent(s: Settings, expected: int) -> None:
-    """Wait until `expected` emails are recorded and none is waiting to be sent."""
-    deadline = time.monotonic() + EMAILS_SECONDS
-    conn = await asyncpg.connect(s.database_url)
-    try:
-        while time.monotonic() < deadline:
-            row = await conn.fetchrow(
-                "SELECT count(*) AS recorded, count(*) FILTER (WHERE status IN ('pending', 'sending'))"
-                " AS waiting FROM emails")
-            if row["recorded"] >= expected and row["waiting"] == 0:
-                return
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
-    raise RuntimeError(f"setup: the {expected} customer emails were not all sent in {EMAILS_SECONDS:.0f} s")
 
 
 async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from test_processes import worker_env
 ORDERMILL = str(Path(sys.executable).with_name("ordermill"))
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+async def cli(settings: Settings, *args: str, **env: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        ORDERMILL, *args, env=worker_env(settings), cwd=ROOT,
+        ORDERMILL, *args, env=worker_env(settings, **env), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     return process.returncode, out.decode(), err.decode()

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from fakes.minfraud import FakeMinFraud, merge
-from test_cli import ORDERMILL
+from test_cli import ORDERMILL, cli
 
 from conftest import Harness, eventually, order_body
 from services.fraud.providers.maxmind import MaxMindProvider, Misconfigured
@@ -368,11 +368,7 @@ def test_settings_that_cannot_work_refuse_to_start() -> None:
 
 async def ordermill(settings: Settings, fake: FakeMinFraud, *args: str,
                     **env: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        ORDERMILL, *args, env=worker_env(settings, **{**fake.environment, **env}),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    return process.returncode, out.decode(), err.decode()
+    return await cli(settings, *args, **{**fake.environment, **env})
 
 
 async def test_show_has_the_full_minfraud_result(harness: Harness, maxmind: FakeMinFraud) -> None:
