@@ -321,7 +321,7 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
     fraud = data["fraud"]
     if fraud:
         out.print(f"Fraud check ({fraud['provider']}): {fraud['result']}, score "
-                  f"{fraud['score']} / threshold {fraud['threshold']}"
+                  f"{fraud['score'] or '-'} / threshold {fraud['threshold']}"
                   f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
         for reason in fraud["reasons"]:
             out.print(f"  - {reason.get('code')}: {reason.get('description')}")
