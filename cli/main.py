@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
@@ -120,8 +121,8 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
     t = Table(title=title, title_justify="left")
     for column in columns:
         t.add_column(column)
-    for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+    for row in rows:  # cells as plain text: a client's or a server's words are not markup
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))
     return t
 
 
@@ -320,11 +321,11 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
         out.print(_payments_table("Payments", data["payments"]))
     fraud = data["fraud"]
     if fraud:
-        out.print(f"Fraud check ({fraud['provider']}): {fraud['result']}, score "
-                  f"{fraud['score'] or '-'} / threshold {fraud['threshold']}"
-                  f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
+        _say(f"Fraud check ({fraud['provider']}): {fraud['result']}, score "
+             f"{fraud['score'] or '-'} / threshold {fraud['threshold']}"
+             f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
         for reason in fraud["reasons"]:
-            out.print(f"  - {reason.get('code')}: {reason.get('description')}")
+            _say(f"  - {reason.get('code')}: {reason.get('description')}")
         if fraud.get("maxmind"):
             _print_maxmind(fraud["maxmind"])
     out.print(table("History", ["at", "actor", "action", "from", "to"],
@@ -332,19 +333,24 @@ def show(order_id: int, as_json: bool = JsonOpt) -> None:
                      for h in data["history"]]))
 
 
+def _say(text: str) -> None:
+    """Print text that comes from outside (a provider, a client) as it is, never as markup."""
+    out.print(escape(text))
+
+
 def _print_maxmind(mm: dict[str, Any]) -> None:
     disposition = mm["disposition"] or {}
-    out.print(f"  minFraud {mm['service']}: risk score {mm['risk_score']}, IP risk {mm['ip_risk']}"
-              f"{' (' + mm['ip_country'] + ')' if mm['ip_country'] else ''}, disposition "
-              f"{disposition.get('action', '-')}"
-              f"{' (' + disposition['reason'] + ')' if disposition.get('reason') else ''}"
-              f", transaction {mm['transaction_id']}")
+    _say(f"  minFraud {mm['service']}: risk score {mm['risk_score']}, IP risk {mm['ip_risk']}"
+         f"{' (' + mm['ip_country'] + ')' if mm['ip_country'] else ''}, disposition "
+         f"{disposition.get('action', '-')}"
+         f"{' (' + disposition['reason'] + ')' if disposition.get('reason') else ''}"
+         f", transaction {mm['transaction_id']}")
     if mm["ip_risk_reasons"]:
-        out.print(f"  IP risk reasons: {', '.join(mm['ip_risk_reasons'])}")
+        _say(f"  IP risk reasons: {', '.join(mm['ip_risk_reasons'])}")
     for reason in mm["risk_reasons"]:
-        out.print(f"  risk reason x{reason['multiplier']}: {reason['code']}: {reason['reason']}")
+        _say(f"  risk reason x{reason['multiplier']}: {reason['code']}: {reason['reason']}")
     for warning in mm["warnings"]:
-        out.print(f"  warning {warning['code']} at {warning['input']}: {warning['warning']}")
+        _say(f"  warning {warning['code']} at {warning['input']}: {warning['warning']}")
 
 
 def _payments_table(title: str, payments: list[dict[str, Any]]) -> Table:
@@ -577,7 +583,7 @@ def rescreen(
     for oid, answer in answers.items():
         if answer is None or not answer.get("ok"):
             refused += 1
-            out.print(f"order {oid}: {_unanswered(timeout) if answer is None else answer.get('error')}")
+            _say(f"order {oid}: {_unanswered(timeout) if answer is None else answer.get('error')}")
         else:
             out.print(f"order {oid}: screening again")
     if refused:

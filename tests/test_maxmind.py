@@ -374,6 +374,8 @@ async def ordermill(settings: Settings, fake: FakeMinFraud, *args: str,
 async def test_show_has_the_full_minfraud_result(harness: Harness, maxmind: FakeMinFraud) -> None:
     maxmind.answer = merge(CLEAN, {"risk_score": 33.3, "warnings": None,
                                    "risk_score_reasons": None})  # the published ones
+    maxmind.fixtures["factors"]["warnings"].append(  # a server's words are not markup
+        {"code": "INPUT_UNKNOWN", "warning": "Unknown [/b] input", "input_pointer": "/x"})
     await start(harness, configured(harness, maxmind, maxmind_service="factors"))
     await harness.publish("order.place", order_body("mm-show"))
     order = await harness.screened("mm-show")
@@ -385,7 +387,8 @@ async def test_show_has_the_full_minfraud_result(harness: Harness, maxmind: Fake
     assert mm["transaction_id"] == maxmind.fixtures["factors"]["id"]
     assert (mm["risk_score"], mm["ip_risk"], mm["service"]) == (33.3, 0.5, "factors")
     assert mm["disposition"] == {"action": "accept", "reason": "default"}
-    assert [w["input"] for w in mm["warnings"]] == ["/account/user_id", "/account/username_md5"]
+    assert [w["input"] for w in mm["warnings"]] == ["/account/user_id", "/account/username_md5",
+                                                     "/x"]
     assert mm["risk_reasons"][0] == {"code": "ANONYMOUS_IP", "multiplier": 45.0,
                                      "reason": "Risk due to IP being an Anonymous IP"}
     code, out, _ = await ordermill(harness.settings, maxmind, "show", str(order["id"]))
@@ -393,6 +396,7 @@ async def test_show_has_the_full_minfraud_result(harness: Harness, maxmind: Fake
     assert "risk score 33.3, IP risk 0.5 (GB), disposition accept" in out
     assert maxmind.fixtures["factors"]["id"] in out
     assert "ANONYMOUS_IP" in out and "/account/user_id" in out
+    assert "Unknown [/b] input" in out
 
 
 async def test_orders_that_could_not_be_screened_are_listed(
