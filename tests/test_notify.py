@@ -115,17 +115,14 @@ class PickyInbox(Inbox):
     def __init__(self, refuse: str) -> None:
         super().__init__()
         self.refuse = refuse
-        self.sessions: set[int] = set()
+        self.sessions: set[tuple] = set()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        self.sessions.add(session.peer)  # every connection names a recipient, refused or not
         if address == self.refuse:
             return "550 5.1.1 no such user"
         envelope.rcpt_tos.append(address)
         return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.sessions.add(id(session))
-        return await super().handle_DATA(server, session, envelope)
 
 
 async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none(
