@@ -761,14 +761,20 @@ async def remove_topology(connection: AbstractRobustConnection, bench: Bench) ->
             print(f"cleanup: could not delete the {what}: {exc!r}", file=sys.stderr)
 
 
-async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
+def announce(bench: Bench) -> None:
+    """Name the run's database and namespace; SIGTERM, like Ctrl-C, then cancels the run
+    (its clean-up still happens)."""
     s = bench.settings
     print(f"bench {bench.run_id}: database {urlsplit(s.database_url).path.lstrip('/')}, "
           f"namespace {s.namespace}", flush=True)
     main_task = asyncio.current_task()
     assert main_task is not None
-    # SIGTERM, like Ctrl-C, cancels the run: the clean-up below still happens.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+
+
+async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
+    s = bench.settings
+    announce(bench)
     connection: AbstractRobustConnection | None = None
     runs: list[PipelineRun] = []
     with MailSink(s.smtp_port) as mail:

@@ -51,6 +51,7 @@ from pipeline import (
     WorkerProcess,
     _git_commit,
     _table,
+    announce,
     database_counters,
     drop_database,
     latency_summary,
@@ -652,11 +653,7 @@ async def remove_topology(connection: AbstractRobustConnection, names: Names) ->
 
 async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     s = bench.settings
-    print(f"bench {bench.run_id}: database {urlsplit(s.database_url).path.lstrip('/')}, "
-          f"namespace {s.namespace}", flush=True)
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    announce(bench)
     fast, slow = fake_whm(FAST_WHM_DELAY), fake_whm(SLOW_WHM_DELAY)
     connection: AbstractRobustConnection | None = None
     with MailSink(s.smtp_port) as mail:
