@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +19,7 @@ from conftest import Harness, eventually, order_body
 from services.fraud.providers.maxmind import MaxMindProvider, Misconfigured
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
+from services.provisioning.worker import worker as provisioning_worker
 from services.review.worker import worker as review_worker
 from shared.settings import Settings
 from test_processes import worker_env
@@ -508,3 +509,34 @@ async def test_orders_held_during_an_outage_are_rescreened_in_one_command(
     assert (code, out.strip()) == (0, "no Pending order has a screening error")
     code, _, err = await ordermill(harness.settings, maxmind, "rescreen")
     assert (code, err.strip()) == (1, "error: give an ORDER_ID or --all-errors")
+
+
+async def _is(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
+
+
+@pytest.mark.parametrize("policy", ["hold", "pass"])
+async def test_an_order_that_could_not_be_screened_is_set_up_only_if_let_through(
+    harness: Harness, maxmind: FakeMinFraud, policy: str,
+) -> None:
+    """`trial` sets itself up as soon as screening clears the order (on_order)."""
+    maxmind.fail_next(503, times=3)
+    s = configured(harness, maxmind, fraud_on_error=policy)
+    await harness.start([placement_worker(s), fraud_worker(s), provisioning_worker(s)],
+                        job_poll_seconds=0.2)
+    await harness.publish("order.place", order_body("mm-setup", items=[
+        {"type": "product", "product": "trial", "billing_cycle": "monthly",
+         "domain": "mm-setup.example"}]))
+    order = await harness.screened("mm-setup", timeout=20)
+    assert order["screening"] == ("error" if policy == "hold" else "skipped")
+
+    async def service() -> str:
+        return await harness.pool.fetchval(
+            "SELECT status FROM services WHERE order_id = $1", order["id"])
+
+    if policy == "hold":
+        await asyncio.sleep(1.5)  # time enough for a setup that must not happen
+        assert await service() == "Pending"
+    else:
+        await eventually(lambda: _is(service(), "Active"))
+    assert (await harness.order("mm-setup"))["status"] == "Pending"  # still for review
