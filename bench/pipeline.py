@@ -684,25 +684,24 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
     async with pipeline_run("ordermill", bench, connection, worker,
                             [names.queue("placement"), names.queue("fraud")], names.exchange) as run:
         mail = opts.services == () or "notify" in opts.services
-        drained = (lambda r: phase_mail_drained(bench, r)) if mail else (lambda r: _nothing())
-        await drained(await run.phase("warm-up", source.take(opts.warmup, "warm"),
-                                      run.publisher.burst))
-        await drained(await run.phase("throughput", source.take(opts.orders, "tput"),
-                                      run.publisher.burst))
+
+        async def phase(label: str, orders: list[Order],
+                        publish: Callable[[list[Order]], Awaitable[None]],
+                        target_rate: float | None = None) -> None:
+            result = await run.phase(label, orders, publish, target_rate=target_rate)
+            if mail:  # the next phase starts once this one's mails are sent
+                await phase_mail_drained(bench, result)
+
+        await phase("warm-up", source.take(opts.warmup, "warm"), run.publisher.burst)
+        await phase("throughput", source.take(opts.orders, "tput"), run.publisher.burst)
         steady = source.take(round(opts.rate * opts.seconds), "rate")
-        await drained(await run.phase(f"steady {opts.rate:g}/s", steady,
-                                      lambda orders: run.publisher.steady(orders, opts.rate),
-                                      target_rate=opts.rate))
+        await phase(f"steady {opts.rate:g}/s", steady,
+                    lambda orders: run.publisher.steady(orders, opts.rate), target_rate=opts.rate)
         fill = opts.memory_orders - run.orders_done
         if not opts.skip_memory and fill > 0:
-            await drained(await run.phase("memory fill", source.take(fill, "fill"),
-                                          run.publisher.burst))
+            await phase("memory fill", source.take(fill, "fill"), run.publisher.burst)
     run.add_per_order({}, await outbox_counters(bench.settings))
     return run
-
-
-async def _nothing() -> None:
-    return None
 
 
 MAIL_DRAIN_SECONDS = 300.0

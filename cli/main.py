@@ -31,6 +31,7 @@ from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from shared import broker, db, logs
 from shared.contracts import PlaceOrder
+from shared.errors import ConfigurationError
 from shared.orders import ORDER_STATUSES, add_history
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
@@ -210,11 +211,15 @@ def run(services: list[str] = typer.Argument(None, help="Services to run (defaul
     logs.configure(s.log_level, s.log_format)
 
     async def go() -> None:
+        try:
+            workers = [WORKERS[name](s) for name in chosen]
+        except ConfigurationError as exc:
+            raise UserError(str(exc)) from None
         runtime = Runtime(s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)
-        await runtime.serve([WORKERS[name](s) for name in chosen])
+        await runtime.serve(workers)
 
     run_async(go())
 

@@ -1,4 +1,8 @@
-"""Exceptions a handler raises to tell the runtime what kind of failure it met."""
+"""Exceptions that tell the runtime (or the CLI) what kind of failure was met."""
+
+
+class ConfigurationError(Exception):
+    """A setting a worker cannot start with: `ordermill run` says so in one line and stops."""
 
 
 class Rejected(Exception):

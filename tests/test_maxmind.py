@@ -359,6 +359,17 @@ async def test_an_order_handled_meanwhile_is_not_overwritten(
     assert await check_of(harness, order["id"]) is None
 
 
+async def test_ordermill_run_refuses_settings_that_cannot_work_in_one_line(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    code, _, err = await ordermill(harness.settings, maxmind, "run", "fraud",
+                                   MAXMIND_SERVICE="score", MAXMIND_REJECT_ANONYMOUS_PROXY="true")
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "error: MAXMIND_REJECT_COUNTRY_MISMATCH and MAXMIND_REJECT_ANONYMOUS_PROXY need"
+        " MAXMIND_SERVICE=insights or factors (Score has no IP location)"]
+
+
 def test_settings_that_cannot_work_refuse_to_start() -> None:
     with pytest.raises(Misconfigured, match="MAXMIND_ACCOUNT_ID"):
         MaxMindProvider(Settings(fraud_provider="maxmind"))

@@ -20,6 +20,13 @@ from shared.wakeup import Wakeup
 log = logging.getLogger("ordermill.notify")
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
+# A mail's outcome is written with the lease of the mails still to go on its connection
+# renewed ($1 ids, $2 lease), and only while our claim on it holds ($3 id, $4 attempt): a
+# sender whose lease ran out never overwrites the one that took the mail over.
+_RENEW_WAITING = ("WITH renewed AS (UPDATE emails SET lease_until = now() + $2::interval"
+                  " WHERE id = ANY($1::bigint[]) AND status = 'sending') ")
+_WHILE_CLAIMED = " WHERE id = $3 AND status = 'sending' AND attempts = $4"
+
 _CLAIM = """
 UPDATE emails SET status = 'sending', attempts = attempts + 1,
   lease_until = now() + $1::interval
@@ -145,14 +152,10 @@ class MailSender:
 
     async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record,
                     waiting: Sequence[asyncpg.Record]) -> None:
-        # Only while our claim holds (status and attempt unchanged); and the mails still to
-        # go on this connection keep their lease.
         await pool.execute(
-            "WITH renewed AS (UPDATE emails SET lease_until = now() + $4::interval"
-            "  WHERE id = ANY($3::bigint[]) AND status = 'sending')"
-            " UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
-            " last_error = NULL WHERE id = $1 AND status = 'sending' AND attempts = $2",
-            email["id"], email["attempts"], [e["id"] for e in waiting], self._lease)
+            _RENEW_WAITING + "UPDATE emails SET status = 'sent', sent_at = now(),"
+            " lease_until = NULL, last_error = NULL" + _WHILE_CLAIMED,
+            [e["id"] for e in waiting], self._lease, email["id"], email["attempts"])
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
 
@@ -161,13 +164,10 @@ class MailSender:
         park = email["attempts"] >= self.max_attempts
         delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
         await pool.execute(
-            "WITH renewed AS (UPDATE emails SET lease_until = now() + $7::interval"
-            "  WHERE id = ANY($6::bigint[]) AND status = 'sending')"
-            " UPDATE emails SET status = $2, last_error = $3, lease_until = NULL,"
-            " next_attempt_at = now() + $4::interval"
-            " WHERE id = $1 AND status = 'sending' AND attempts = $5",
-            email["id"], "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay,
-            email["attempts"], [e["id"] for e in waiting], self._lease)
+            _RENEW_WAITING + "UPDATE emails SET status = $5, last_error = $6, lease_until = NULL,"
+            " next_attempt_at = now() + $7::interval" + _WHILE_CLAIMED,
+            [e["id"] for e in waiting], self._lease, email["id"], email["attempts"],
+            "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay)
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={
                 "email_id": email["id"], "template": email["template"],

@@ -25,6 +25,7 @@ from voluptuous import MultipleInvalid
 
 from services.fraud.providers.base import FraudResult, OrderFacts, ProviderError, Reason
 from services.fraud.providers.rules import FREE_MAIL_DOMAINS
+from shared.errors import ConfigurationError
 from shared.settings import Settings
 
 log = logging.getLogger("ordermill.fraud.maxmind")
@@ -34,8 +35,8 @@ _REGION = re.compile(r"^[0-9A-Z]{1,4}$")
 _CART_CATEGORY = {"product": "hosting", "domain": "domain"}
 
 
-class Misconfigured(SystemExit):
-    """A setting MaxMind cannot work with: the worker refuses to start, in one line."""
+class Misconfigured(ConfigurationError):
+    """A setting MaxMind cannot work with: the worker refuses to start."""
 
 
 def _transient(exc: BaseException) -> bool:
