@@ -71,6 +71,9 @@ class WorkerSpec:
     # How many transactions at once, and how many messages at most in one (under load).
     concurrency: int | None = None
     batch: int | None = None
+    # How long a batch may wait to fill once its first message is in (seconds). For work off
+    # the order's critical path (mail): a few ms of latency for fewer, larger transactions.
+    linger: float = 0.0
     # When a message is rejected and names an order_ref, tell its publisher with this event.
     rejection_event: str | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
@@ -223,10 +226,21 @@ class Runtime:
     ) -> None:
         """Takes what has arrived, up to a batch: one message when idle, many under load."""
         limit = spec.batch or self.settings.worker_batch
+        loop = asyncio.get_running_loop()
         while True:
             batch = [await waiting.get()]
-            while len(batch) < limit and not waiting.empty():
-                batch.append(waiting.get_nowait())
+            deadline = loop.time() + spec.linger
+            while len(batch) < limit:
+                if not waiting.empty():
+                    batch.append(waiting.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(waiting.get(), remaining))
+                except TimeoutError:
+                    break
             try:
                 await self._handle_batch(spec, batch)
             except Exception:  # never lose the batcher

@@ -6,6 +6,7 @@ import asyncio
 import email
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 from email.message import Message
 
 import pytest
@@ -147,6 +148,7 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
         sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender=s.mail_from),
                             s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
         assert await sender.send_due(harness.pool) == 10
+        await sender.close()
         assert len(inbox.messages) == 8
         assert len(inbox.sessions) == sender.connections  # 8 mails over 4 connections
         statuses = await harness.pool.fetch(
@@ -181,9 +183,104 @@ async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp)
                         s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
     sender.connections = 1  # the bad mail shares its connection with the good ones
     assert await sender.send_due(harness.pool) == 4
+    await sender.close()
     assert len(inbox.messages) == 3
     bogus = await harness.pool.fetchrow("SELECT * FROM emails WHERE dedupe_key = 'bogus'")
     assert bogus["status"] == "pending" and "UndefinedError" in bogus["last_error"]
+
+
+async def _start_recording(harness: Harness, port: int) -> None:
+    """Placement, fraud and a notify worker that records mail requests but sends nothing."""
+    s = harness.settings.model_copy(update={"smtp_port": port})
+    notify = notify_worker(s)
+    notify.background = ()
+    await harness.start([placement_worker(s), fraud_worker(s), notify])
+
+
+async def _place_and_record(harness: Harness, refs: list[str], first_ip: int) -> None:
+    before = await harness.pool.fetchval("SELECT count(*) FROM emails")
+    for n, ref in enumerate(refs):  # from different IPs: no velocity rule
+        await harness.publish("order.place", order_body(ref, ip_address=f"203.0.113.{first_ip + n}"))
+
+    async def recorded() -> bool:  # a confirmation and an invoice each
+        return await harness.pool.fetchval("SELECT count(*) FROM emails") == before + 2 * len(refs)
+    await eventually(recorded)
+
+
+async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harness) -> None:
+    inbox = PickyInbox(refuse="nobody@shop.example")
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await _start_recording(harness, port)
+        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                            poll_seconds=1)
+        sender.connections = 1
+        await _place_and_record(harness, ["keep-a"], first_ip=40)
+        assert await sender.send_due(harness.pool) == 2
+        await _place_and_record(harness, ["keep-b"], first_ip=41)
+        assert await sender.send_due(harness.pool) == 2
+        assert len(inbox.messages) == 4
+        assert len(inbox.sessions) == 1  # the second pass used the first pass's connection
+
+        await sender.close()  # QUIT: the next pass opens a new one
+        await _place_and_record(harness, ["keep-c"], first_ip=42)
+        assert await sender.send_due(harness.pool) == 2
+        assert len(inbox.sessions) == 2
+        sender.keepalive_seconds = 0  # what the send loop does once a connection sat idle
+        await sender._close_idle(sender.keepalive_seconds)
+        await _place_and_record(harness, ["keep-d"], first_ip=43)
+        assert await sender.send_due(harness.pool) == 2
+        assert len(inbox.sessions) == 3
+        await sender.close()
+        assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 8
+    finally:
+        controller.stop()
+
+
+class SlowInbox(Inbox):
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_slow_connection_keeps_its_lease_and_no_mail_goes_twice(harness: Harness) -> None:
+    """Six mails on one connection take longer than the lease: their lease is renewed as the
+    connection goes, so a second sender polling meanwhile takes none of them."""
+    inbox = SlowInbox(delay=0.4)
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await _start_recording(harness, port)
+        await _place_and_record(harness, ["slow-a", "slow-b", "slow-c"], first_ip=50)
+
+        def sender() -> MailSender:
+            made = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                              harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                              poll_seconds=1)
+            made.connections = 1
+            made.lease = timedelta(seconds=2)  # six mails take 2.4 s
+            return made
+
+        first, second = sender(), sender()
+        sending = asyncio.create_task(first.send_due(harness.pool))
+        await asyncio.sleep(2.1)  # the first claim's lease has run out, unless renewed
+        assert not sending.done()
+        assert await second.send_due(harness.pool) == 0
+        assert await sending == 6
+        await first.close()
+        ids = [m["Message-ID"] for m in inbox.messages]
+        assert len(ids) == 6 and len(set(ids)) == 6
+        assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 6
+    finally:
+        controller.stop()
 
 
 async def test_an_internationalised_address_is_written_as_smtp_allows(

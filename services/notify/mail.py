@@ -33,15 +33,23 @@ def message_id_for(dedupe_key: str, domain: str) -> str:
 
 
 async def order_context(conn: asyncpg.Connection, order_id: int) -> dict[str, Any]:
-    """What the templates show, in one round trip: the order, its client, invoice and items."""
-    row = await conn.fetchrow(_CONTEXT, order_id)
+    """What the templates show: the order, its client, invoice and items."""
+    return (await order_contexts(conn, [order_id]))[order_id]
+
+
+async def order_contexts(conn: asyncpg.Connection, order_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The templates' context of several orders in one round trip (a batch of mails)."""
+    return {row["id"]: _context(row) for row in await conn.fetch(_CONTEXT, order_ids)}
+
+
+def _context(row: asyncpg.Record) -> dict[str, Any]:
     invoice = None
     if row["invoice_id"] is not None:
         invoice = {"id": row["invoice_id"], "status": row["invoice_status"],
                    "total": row["invoice_total"], "currency": row["invoice_currency"]}
     return {
-        "order": {"id": order_id, "order_number": row["order_number"], "order_ref": row["order_ref"],
-                  "total": row["total"], "currency": row["currency"]},
+        "order": {"id": row["id"], "order_number": row["order_number"],
+                  "order_ref": row["order_ref"], "total": row["total"], "currency": row["currency"]},
         "client": {"first_name": row["first_name"], "last_name": row["last_name"],
                    "email": row["email"]},
         "invoice": invoice,
@@ -51,7 +59,7 @@ async def order_context(conn: asyncpg.Connection, order_id: int) -> dict[str, An
 
 
 _CONTEXT = """
-SELECT o.order_number, o.order_ref, o.total, o.currency, c.first_name, c.last_name, c.email,
+SELECT o.id, o.order_number, o.order_ref, o.total, o.currency, c.first_name, c.last_name, c.email,
   i.id AS invoice_id, i.status AS invoice_status, i.total AS invoice_total,
   i.currency AS invoice_currency,
   (SELECT coalesce(json_agg(json_build_array(label, amount, domain, username) ORDER BY n, id), '[]')
@@ -63,7 +71,7 @@ SELECT o.order_number, o.order_ref, o.total, o.currency, c.first_name, c.last_na
              FROM domains d WHERE d.order_id = o.id) x) AS items
 FROM orders o JOIN clients c ON c.id = o.client_id
 LEFT JOIN invoices i ON i.order_id = o.id
-WHERE o.id = $1
+WHERE o.id = ANY($1::bigint[])
 """
 
 

@@ -6,23 +6,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import aiosmtplib
 import asyncpg
 
-from services.notify.mail import order_context, render
+from services.notify.mail import order_contexts, render
 from shared import db
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
-# A mail's outcome is written with the lease of the mails still to go on its connection
-# renewed ($1 ids, $2 lease), and only while our claim on it holds ($3 id, $4 attempt): a
-# sender whose lease ran out never overwrites the one that took the mail over.
+# A mail's outcome is written with, when due, the lease of the mails still to go on its
+# connection renewed ($1 ids, $2 lease), and only while our claim on it holds ($3 id,
+# $4 attempt): a sender whose lease ran out never overwrites the one that took the mail over.
 _RENEW_WAITING = ("WITH renewed AS (UPDATE emails SET lease_until = now() + $2::interval"
                   " WHERE id = ANY($1::bigint[]) AND status = 'sending') ")
 _WHILE_CLAIMED = " WHERE id = $3 AND status = 'sending' AND attempts = $4"
@@ -49,6 +51,22 @@ class SmtpConfig:
     timeout: float = 10.0
 
 
+class _Renewal:
+    """When the mails still to go on a connection get their lease renewed: once half of it
+    has passed. A fast server never needs it; renewing after every mail rewrote each of
+    a connection's waiting rows once per mail sent before it."""
+
+    def __init__(self, lease: timedelta) -> None:
+        self._half = lease.total_seconds() / 2
+        self._at = time.monotonic()
+
+    def due(self, waiting: Sequence[asyncpg.Record]) -> list[int]:
+        if not waiting or time.monotonic() - self._at < self._half:
+            return []
+        self._at = time.monotonic()
+        return [e["id"] for e in waiting]
+
+
 class MailSender:
     def __init__(self, smtp: SmtpConfig, database_url: str, *, max_attempts: int,
                  backoff_seconds: float, poll_seconds: float) -> None:
@@ -58,10 +76,19 @@ class MailSender:
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
         self.connections = 4  # SMTP connections at once, each sending several mails
+        # An open connection is kept this long for the next mails (Postfix's connection cache
+        # does the same): at a steady flow, passes are small and a connection's greeting,
+        # EHLO, TLS and login would cost more than its mails. Far below the 5 minutes a
+        # server waits for a quiet client (RFC 5321, 4.5.3.2.7).
+        self.keepalive_seconds = 5.0
+        # Once woken, wait this long before claiming, so one pass carries the mails of
+        # several orders (one claim, one context query) rather than one order's.
+        self.linger_seconds = 0.1
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         # Long enough to connect (greeting, EHLO, STARTTLS, EHLO, AUTH) and send one mail
         # (MAIL, RCPT, DATA, the body), each step bounded by the timeout; the mails still to
-        # go on a connection get it again after every mail.
-        self._lease = timedelta(seconds=smtp.timeout * 10)
+        # go on a connection get it again once half of it has passed.
+        self.lease = timedelta(seconds=smtp.timeout * 10)
         # aiosmtplib looks up the FQDN in a thread on every connection (and a broken
         # resolver makes that slow): once per process is enough.
         self._local_hostname: str | None = None
@@ -72,6 +99,8 @@ class MailSender:
             while not stop.is_set():
                 await self._wakeup.ensure()
                 self._wakeup.event.clear()
+                if self.linger_seconds:
+                    await asyncio.sleep(self.linger_seconds)
                 try:
                     sent = await self.send_due(pool)
                 except db.TRANSIENT_DB_ERRORS as exc:
@@ -80,93 +109,115 @@ class MailSender:
                 except Exception:  # never lose the sender; the leases bring the mails back
                     log.exception("mail pass failed; will retry")
                     sent = 0
+                await self._close_idle(self.keepalive_seconds)
                 if sent:
                     continue
                 waiting = [asyncio.create_task(self._wakeup.event.wait()),
                            asyncio.create_task(stop.wait())]
-                await asyncio.wait(waiting, timeout=self.poll_seconds,
+                await asyncio.wait(waiting, timeout=min(self.poll_seconds, self.keepalive_seconds),
                                    return_when=asyncio.FIRST_COMPLETED)
                 for task in waiting:
                     task.cancel()
         finally:
+            await self.close()
             await self._wakeup.close()
+
+    async def close(self) -> None:
+        """Say QUIT on every connection kept open."""
+        await self._close_idle(0)
 
     async def send_due(self, pool: asyncpg.Pool, limit: int = 64) -> int:
         """Claim what is due and send it over a few SMTP connections, each carrying several
         mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
-        emails = await pool.fetch(_CLAIM, self._lease, limit)
+        emails = await pool.fetch(_CLAIM, self.lease, limit)
         if not emails:
             return 0
         if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        async with pool.acquire() as conn:
+            contexts = await order_contexts(conn, list({e["order_id"] for e in emails}))
         chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
-        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk)
+        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts)
                                          for chunk in chunks), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the others finished; a lease brings these back
         return len(emails)
 
-    async def _send_over_one_connection(self, pool: asyncpg.Pool,
-                                        emails: list[asyncpg.Record]) -> None:
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """A kept connection the server has not closed, or a new one."""
+        while self._idle:
+            smtp, _ = self._idle.pop()
+            if smtp.is_connected:
+                return smtp
         smtp = aiosmtplib.SMTP(
             hostname=self.smtp.host, port=self.smtp.port, username=self.smtp.username,
             password=self.smtp.password, use_tls=self.smtp.security == "tls",
             start_tls=self.smtp.security == "starttls", timeout=self.smtp.timeout,
             local_hostname=self._local_hostname)
-        try:
-            await smtp.connect()
-        except _SMTP_ERRORS as exc:
-            for email in emails:
-                await self._failed(pool, email, exc)
-            return
-        try:
-            for n, email in enumerate(emails):
-                try:
-                    async with pool.acquire() as conn:
-                        context = await order_context(conn, email["order_id"])
-                    message = render(email["template"], email["recipient"], self.smtp.sender,
-                                     email["message_id"], context)
-                except db.TRANSIENT_DB_ERRORS:
-                    raise
-                except Exception as exc:  # this mail cannot be written; the others can
-                    log.exception("email not rendered", extra={"email_id": email["id"]})
-                    await self._failed(pool, email, exc, emails[n + 1:])
-                    continue
-                try:
-                    await smtp.send_message(message)
-                except (aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError) as exc:
-                    for lost in emails[n:]:  # the connection is gone: these wait for a retry
-                        await self._failed(pool, lost, exc)
-                    return
-                except aiosmtplib.SMTPException as exc:  # this mail refused; the next may go
-                    await self._failed(pool, email, exc, emails[n + 1:])
-                    continue
-                await self._sent(pool, email, emails[n + 1:])
-        finally:
+        await smtp.connect()
+        return smtp
+
+    async def _close_idle(self, older_than: float) -> None:
+        now = time.monotonic()
+        keep = [(smtp, since) for smtp, since in self._idle if now - since < older_than]
+        closing = [smtp for smtp, since in self._idle if now - since >= older_than]
+        self._idle = keep
+        for smtp in closing:
             if smtp.is_connected:
                 try:
                     await smtp.quit()
                 except _SMTP_ERRORS:
                     smtp.close()
 
-    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record,
-                    waiting: Sequence[asyncpg.Record]) -> None:
+    async def _send_over_one_connection(self, pool: asyncpg.Pool, emails: list[asyncpg.Record],
+                                        contexts: Mapping[int, dict[str, Any]]) -> None:
+        try:
+            smtp = await self._connection()
+        except _SMTP_ERRORS as exc:
+            for email in emails:
+                await self._failed(pool, email, exc)
+            return
+        renewal = _Renewal(self.lease)
+        for n, email in enumerate(emails):
+            waiting = emails[n + 1:]
+            try:
+                message = render(email["template"], email["recipient"], self.smtp.sender,
+                                 email["message_id"], contexts[email["order_id"]])
+            except Exception as exc:  # this mail cannot be written; the others can
+                log.exception("email not rendered", extra={"email_id": email["id"]})
+                await self._failed(pool, email, exc, renewal.due(waiting))
+                continue
+            try:
+                await smtp.send_message(message)
+            except (aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError) as exc:
+                smtp.close()
+                for lost in emails[n:]:  # the connection is gone: these wait for a retry
+                    await self._failed(pool, lost, exc)
+                return
+            except aiosmtplib.SMTPException as exc:  # this mail refused; the next may go
+                await self._failed(pool, email, exc, renewal.due(waiting))
+                continue
+            await self._sent(pool, email, renewal.due(waiting))
+        if smtp.is_connected:
+            self._idle.append((smtp, time.monotonic()))
+
+    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record, renew: list[int]) -> None:
         await pool.execute(
             _RENEW_WAITING + "UPDATE emails SET status = 'sent', sent_at = now(),"
             " lease_until = NULL, last_error = NULL" + _WHILE_CLAIMED,
-            [e["id"] for e in waiting], self._lease, email["id"], email["attempts"])
+            renew, self.lease, email["id"], email["attempts"])
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
 
     async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException,
-                      waiting: Sequence[asyncpg.Record] = ()) -> None:
+                      renew: Sequence[int] = ()) -> None:
         park = email["attempts"] >= self.max_attempts
         delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
         await pool.execute(
             _RENEW_WAITING + "UPDATE emails SET status = $5, last_error = $6, lease_until = NULL,"
             " next_attempt_at = now() + $7::interval" + _WHILE_CLAIMED,
-            [e["id"] for e in waiting], self._lease, email["id"], email["attempts"],
+            list(renew), self.lease, email["id"], email["attempts"],
             "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay)
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={
