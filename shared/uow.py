@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -84,8 +85,21 @@ class UnitOfWork:
         return events
 
 
+# A batch's events as one statement: executemany would run the insert (and the outbox's
+# NOTIFY trigger) once per event.
+_INSERT_EVENTS = (
+    "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct)"
+    " SELECT m, k, b::jsonb, c, d"
+    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) AS e(m, k, b, c, d)"
+    " ON CONFLICT (message_id) DO NOTHING"
+)
+
+
 async def flush_events(conn: asyncpg.Connection, uows: list[UnitOfWork]) -> None:
-    """Write the events of these units of work in one round trip, before commit."""
+    """Write the events of these units of work in one statement, before commit."""
     events = [event for uow in uows for event in uow.take_events()]
-    if events:
-        await conn.executemany(_INSERT_EVENT, events)
+    if not events:
+        return
+    ids, keys, bodies, correlations, direct = zip(*events, strict=True)
+    await conn.execute(_INSERT_EVENTS, list(ids), list(keys),
+                       [json.dumps(body) for body in bodies], list(correlations), list(direct))
