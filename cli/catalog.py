@@ -194,7 +194,9 @@ async def catalog_view(conn: asyncpg.Connection) -> dict[str, object]:
         {"code": r["code"], "kind": r["kind"], "value": str(r["value"]),
          "products": list(r["products"]), "uses": r["uses"], "max_uses": r["max_uses"],
          "expires_at": r["expires_at"].isoformat() if r["expires_at"] else None}
-        for r in await conn.fetch("SELECT * FROM promotions ORDER BY code")
+        for r in await conn.fetch(
+            "SELECT p.*, (SELECT count(*) FROM orders o WHERE o.promo_code = p.code) AS uses"
+            " FROM promotions p ORDER BY code")
     ]
     currency = await conn.fetchval("SELECT value FROM catalog_meta WHERE key='default_currency'")
     return {"default_currency": currency, "products": products, "tlds": tlds,

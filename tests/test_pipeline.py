@@ -39,7 +39,7 @@ async def test_order_is_placed_priced_from_catalog_and_screened(harness: Harness
         ("service", Decimal("4.95")), ("domain", Decimal("24.00")),
         ("promotion", Decimal("-0.50"))]
     assert await harness.pool.fetchval(
-        "SELECT uses FROM promotions WHERE code='WELCOME10'") == 1
+        "SELECT count(*) FROM orders WHERE promo_code = 'WELCOME10'") == 1
 
     placed = await store.wait_for("order.placed", lambda b: b["order_ref"] == "shop1-000001")
     assert placed["order_id"] == order["id"]

@@ -97,9 +97,9 @@ async def _order_and_client(conn: asyncpg.Connection, cmd: PlaceOrder) -> tuple[
     return row["existing"], client_id
 
 
-# The order, its history row, services, domains, invoice and invoice lines, and the
-# promotion's use count, in one statement: each CTE feeds the next, and ids assigned in
-# item order (ORDER BY n) map invoice lines to their items by position.
+# The order, its history row, services, domains, invoice and invoice lines in one statement:
+# each CTE feeds the next, and ids assigned in item order (ORDER BY n) map invoice lines to
+# their items by position.
 _STORE_ORDER = """
 WITH o AS (
   INSERT INTO orders (order_ref, order_number, client_id, client_named_by_id, currency,
@@ -136,8 +136,6 @@ WITH o AS (
   FROM inv CROSS JOIN unnest($28::text[], $29::int[], $30::int[], $31::text[], $32::numeric[])
     AS l(kind, service_n, domain_n, description, amount)
   LEFT JOIN sn ON sn.n = l.service_n LEFT JOIN dn ON dn.n = l.domain_n
-), promo AS (
-  UPDATE promotions SET uses = uses + 1 WHERE code = $7 AND EXISTS (SELECT 1 FROM o)
 )
 SELECT o.id, ARRAY(SELECT id FROM sn ORDER BY n) AS service_ids,
   ARRAY(SELECT id FROM dn ORDER BY n) AS domain_ids, (SELECT id FROM inv) AS invoice_id

@@ -121,17 +121,21 @@ async def _price_domains(
 
 
 async def load_promotion(conn: asyncpg.Connection, code: str | None) -> Promotion | None:
+    """The promotion, checked. One with max_uses is locked, then its orders counted (after the
+    lock, in a new statement, so the count sees an order committed while we waited): orders
+    with a limited code take turns; with an unlimited one, they never wait for each other."""
     if not code:
         return None
     row = await conn.fetchrow(
-        "SELECT code, kind, value, products, expires_at, max_uses, uses FROM promotions"
-        " WHERE upper(code) = upper($1) FOR UPDATE",
-        code,
-    )
+        "SELECT code, kind, value, products, expires_at, max_uses FROM promotions"
+        " WHERE upper(code) = upper($1)", code)
     if row is None:
         raise Rejected(f"unknown promotion code {code!r}")
     if row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
         raise Rejected(f"promotion code {row['code']!r} has expired")
-    if row["max_uses"] is not None and row["uses"] >= row["max_uses"]:
-        raise Rejected(f"promotion code {row['code']!r} has been used up")
+    if row["max_uses"] is not None:
+        await conn.execute("SELECT 1 FROM promotions WHERE code = $1 FOR NO KEY UPDATE", row["code"])
+        uses = await conn.fetchval("SELECT count(*) FROM orders WHERE promo_code = $1", row["code"])
+        if uses >= row["max_uses"]:
+            raise Rejected(f"promotion code {row['code']!r} has been used up")
     return Promotion(row["code"], row["kind"], row["value"], tuple(row["products"]))

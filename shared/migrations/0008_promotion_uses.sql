@@ -1,0 +1,6 @@
+-- A promotion's uses are its orders, counted, not a counter every order updates: the counter's
+-- row lock, held until each placement committed, made every order with a popular code wait for
+-- the one before it. Only a promotion with max_uses still serializes its orders (placement
+-- locks it and counts), and the count is an index scan over at most max_uses orders.
+CREATE INDEX orders_promo_code ON orders (promo_code) WHERE promo_code IS NOT NULL;
+ALTER TABLE promotions DROP COLUMN uses;
