@@ -240,6 +240,32 @@ async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harn
         controller.stop()
 
 
+async def test_a_kept_connection_the_server_dropped_is_replaced(harness: Harness) -> None:
+    inbox = PickyInbox(refuse="nobody@shop.example")
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await _start_recording(harness, port)
+        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                            poll_seconds=1)
+        sender.connections = 1
+        sender.check_after_seconds = 0  # check the kept connection before every use
+        await _place_and_record(harness, ["drop-a"], first_ip=44)
+        assert await sender.send_due(harness.pool) == 2
+        controller.stop()  # the server restarts: the connection the sender kept is gone
+        controller = Controller(inbox, hostname="127.0.0.1", port=port)
+        controller.start()
+        await _place_and_record(harness, ["drop-b"], first_ip=45)
+        assert await sender.send_due(harness.pool) == 2
+        await sender.close()
+        assert len(inbox.messages) == 4 and len(inbox.sessions) == 2
+        assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 4
+    finally:
+        controller.stop()
+
+
 class SlowInbox(Inbox):
     def __init__(self, delay: float) -> None:
         super().__init__()

@@ -76,14 +76,18 @@ class MailSender:
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
         self.connections = 4  # SMTP connections at once, each sending several mails
+        self.batch = 64  # mails claimed by one pass
         # An open connection is kept this long for the next mails (Postfix's connection cache
         # does the same): at a steady flow, passes are small and a connection's greeting,
         # EHLO, TLS and login would cost more than its mails. Far below the 5 minutes a
         # server waits for a quiet client (RFC 5321, 4.5.3.2.7).
         self.keepalive_seconds = 5.0
-        # Once woken, wait this long before claiming, so one pass carries the mails of
-        # several orders (one claim, one context query) rather than one order's.
+        # Once woken from idle, wait this long before claiming, so one pass carries the mails
+        # of several orders (one claim, one context query) rather than one order's. A backlog
+        # is sent without pause.
         self.linger_seconds = 0.1
+        # A kept connection idle for longer than this is checked (NOOP) before it is used.
+        self.check_after_seconds = 1.0
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         # Long enough to connect (greeting, EHLO, STARTTLS, EHLO, AUTH) and send one mail
         # (MAIL, RCPT, DATA, the body), each step bounded by the timeout; the mails still to
@@ -99,8 +103,6 @@ class MailSender:
             while not stop.is_set():
                 await self._wakeup.ensure()
                 self._wakeup.event.clear()
-                if self.linger_seconds:
-                    await asyncio.sleep(self.linger_seconds)
                 try:
                     sent = await self.send_due(pool)
                 except db.TRANSIENT_DB_ERRORS as exc:
@@ -110,14 +112,17 @@ class MailSender:
                     log.exception("mail pass failed; will retry")
                     sent = 0
                 await self._close_idle(self.keepalive_seconds)
-                if sent:
-                    continue
+                if sent >= self.batch:
+                    continue  # a backlog: the next pass at once
                 waiting = [asyncio.create_task(self._wakeup.event.wait()),
                            asyncio.create_task(stop.wait())]
                 await asyncio.wait(waiting, timeout=min(self.poll_seconds, self.keepalive_seconds),
                                    return_when=asyncio.FIRST_COMPLETED)
                 for task in waiting:
                     task.cancel()
+                if self._wakeup.event.is_set() and not stop.is_set():
+                    # Woken by a new request: let the next few arrive, to send them together.
+                    await asyncio.sleep(self.linger_seconds)
         finally:
             await self.close()
             await self._wakeup.close()
@@ -126,10 +131,10 @@ class MailSender:
         """Say QUIT on every connection kept open."""
         await self._close_idle(0)
 
-    async def send_due(self, pool: asyncpg.Pool, limit: int = 64) -> int:
+    async def send_due(self, pool: asyncpg.Pool) -> int:
         """Claim what is due and send it over a few SMTP connections, each carrying several
         mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
-        emails = await pool.fetch(_CLAIM, self.lease, limit)
+        emails = await pool.fetch(_CLAIM, self.lease, self.batch)
         if not emails:
             return 0
         if self._local_hostname is None:
@@ -145,11 +150,18 @@ class MailSender:
         return len(emails)
 
     async def _connection(self) -> aiosmtplib.SMTP:
-        """A kept connection the server has not closed, or a new one."""
+        """A kept connection that still answers, or a new one."""
         while self._idle:
-            smtp, _ = self._idle.pop()
-            if smtp.is_connected:
-                return smtp
+            smtp, since = self._idle.pop()
+            if not smtp.is_connected:
+                continue  # the server closed it
+            if time.monotonic() - since > self.check_after_seconds:
+                try:
+                    await smtp.noop()
+                except _SMTP_ERRORS:
+                    smtp.close()
+                    continue
+            return smtp
         smtp = aiosmtplib.SMTP(
             hostname=self.smtp.host, port=self.smtp.port, username=self.smtp.username,
             password=self.smtp.password, use_tls=self.smtp.security == "tls",
