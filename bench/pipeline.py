@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from aiosmtpd.controller import Controller
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
 from cli.main import loop_factory
+from services.registry import WORKERS
 from shared import broker, db
 from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
@@ -392,14 +393,18 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 class CpuUsage:
     seconds: dict[str, float]  # CPU seconds by process group
     wall: float
-    worker_waiting: float  # seconds the worker's main thread was runnable but had no CPU
+    # Per worker process: CPU seconds, and seconds its main thread was runnable but had no CPU.
+    worker_seconds: dict[int, float]
+    worker_waiting: dict[int, float]
 
     def cores(self) -> dict[str, float]:
         return {group: round(used / self.wall, 2) for group, used in self.seconds.items()}
 
     def worker_busy(self) -> float:
-        """Share of the time the worker's event loop ran or waited for a CPU: 1.0 is saturated."""
-        return round((self.seconds.get("worker", 0.0) + self.worker_waiting) / self.wall, 2)
+        """Share of the time the worker's event loop ran or waited for a CPU: 1.0 is saturated.
+        With one process per service, the busiest one's."""
+        return round(max((self.worker_seconds.get(pid, 0.0) + waiting) / self.wall
+                         for pid, waiting in self.worker_waiting.items()), 2)
 
 
 def _run_queue_wait(pid: int) -> float:
@@ -413,16 +418,19 @@ def _run_queue_wait(pid: int) -> float:
 class CpuMeter:
     """CPU used per group of processes over a phase, in cores (CPU seconds / wall seconds)."""
 
-    def __init__(self, worker_pid: int, database: str) -> None:
-        self.worker_pid = worker_pid
+    def __init__(self, worker_pids: int | Sequence[int], database: str) -> None:
+        self.worker_pids = [worker_pids] if isinstance(worker_pids, int) else list(worker_pids)
         self.database = database
         self._start: dict[str, dict[int, float]] = {}
         self._system_start = 0.0
         self._wall_start = 0.0
-        self._wait_start = 0.0
+        self._wait_start: dict[int, float] = {}
+
+    def _waiting(self) -> dict[int, float]:
+        return {pid: _run_queue_wait(pid) for pid in self.worker_pids}
 
     def _group(self, proc: psutil.Process) -> str | None:
-        if proc.pid == self.worker_pid:
+        if proc.pid in self.worker_pids:
             return "worker"
         if proc.pid == os.getpid():
             return "bench"
@@ -453,7 +461,7 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._snapshot()
         self._system_start = self._system_busy()
-        self._wait_start = _run_queue_wait(self.worker_pid)
+        self._wait_start = self._waiting()
         self._wall_start = time.perf_counter()
 
     def stop(self) -> CpuUsage:
@@ -465,7 +473,11 @@ class CpuMeter:
         }
         system = self._system_busy() - self._system_start
         seconds["other"] = max(0.0, system - sum(seconds.values()))
-        return CpuUsage(seconds, wall, _run_queue_wait(self.worker_pid) - self._wait_start)
+        workers = end.get("worker", {})
+        return CpuUsage(
+            seconds, wall,
+            {pid: v - self._start.get("worker", {}).get(pid, 0.0) for pid, v in workers.items()},
+            {pid: v - self._wait_start.get(pid, 0.0) for pid, v in self._waiting().items()})
 
 
 class WorkerProcess:
@@ -485,6 +497,10 @@ class WorkerProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid]
 
     async def start(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -536,6 +552,37 @@ class WorkerProcess:
         self._log.close()
 
 
+class WorkerGroup:
+    """One `ordermill run SERVICE` process per service, as docker-compose deploys them; measured
+    together (CPU and RSS summed, busy of the busiest)."""
+
+    def __init__(self, services: Sequence[str], env: dict[str, str], names: Names) -> None:
+        self.label = "ordermill run, one process per service"
+        self.names = names
+        self.processes = {service: WorkerProcess(
+            f"ordermill run {service}", [str(ORDERMILL), "run", service], env,
+            RESULTS / f"ordermill-{service}-worker.log") for service in services}
+        self.log_path = RESULTS / "ordermill-*-worker.log"
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes.values()]
+
+    @property
+    def peak_rss(self) -> int:
+        return sum(process.peak_rss for process in self.processes.values())
+
+    async def start(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
+        for service, process in self.processes.items():
+            await process.start(connection, [self.names.queue(service)])
+
+    def rss(self) -> int:
+        return sum(process.rss() for process in self.processes.values())
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(process.stop() for process in self.processes.values()))
+
+
 # -- phases ------------------------------------------------------------------------------------------
 
 
@@ -581,7 +628,7 @@ class PipelineRun:
     """One pipeline under test: its worker, tracker, publisher and results."""
 
     name: str
-    worker: WorkerProcess
+    worker: WorkerProcess | WorkerGroup
     tracker: Tracker
     publisher: Publisher
     cpu: CpuMeter
@@ -642,7 +689,7 @@ def _progress(r: PhaseResult) -> None:
 
 @contextlib.asynccontextmanager
 async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnection,
-                       worker: WorkerProcess, queues: list[str],
+                       worker: WorkerProcess | WorkerGroup, queues: list[str],
                        exchange_name: str) -> AsyncIterator[PipelineRun]:
     """A pipeline's worker started and a listener on its events; the worker stopped at the end."""
     try:
@@ -654,7 +701,7 @@ async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnec
         await worker.start(connection, queues)
         db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
         run = PipelineRun(name, worker, tracker, Publisher(exchange, tracker),
-                          CpuMeter(worker.pid, db_name))
+                          CpuMeter(worker.pids, db_name))
         run.rss_checkpoints.append({"orders": 0, "rss_mb": round(worker.rss() / 2**20, 1)})
         yield run
     finally:
@@ -673,14 +720,19 @@ class Options:
     skip_memory: bool
     skip_bare: bool
     services: tuple[str, ...] = ()  # empty: every worker, as `ordermill run` does by default
+    split: bool = False  # one process per service instead of one for all
 
 
 async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
                           opts: Options) -> PipelineRun:
-    worker = WorkerProcess(" ".join(["ordermill run", *opts.services]),
-                           [str(ORDERMILL), "run", *opts.services], bench.env(),
-                           RESULTS / "ordermill-worker.log")
     names = bench.names
+    worker: WorkerProcess | WorkerGroup
+    if opts.split:
+        worker = WorkerGroup(opts.services or tuple(WORKERS), bench.env(), names)
+    else:
+        worker = WorkerProcess(" ".join(["ordermill run", *opts.services]),
+                               [str(ORDERMILL), "run", *opts.services], bench.env(),
+                               RESULTS / "ordermill-worker.log")
     async with pipeline_run("ordermill", bench, connection, worker,
                             [names.queue("placement"), names.queue("fraud")], names.exchange) as run:
         mail = opts.services == () or "notify" in opts.services
@@ -896,6 +948,8 @@ def print_report(data: dict[str, Any]) -> None:
     print(f"\nOrdermill pipeline benchmark {data['run_id']} ({data['at']}, {data['commit']}): "
           f"{m['cpus']} CPUs, load {m['load_avg_1m']}, prefetch {s['worker_prefetch']}, "
           f"pool {s['db_pool_max']}, {data['elapsed_seconds']:.0f} s in all")
+    if data["options"].get("split"):
+        print("Ordermill: one `ordermill run SERVICE` process per service (worker = all of them)")
     print("latency: publish -> screened. busy: the worker's event loop running or waiting for a CPU"
           " (1.00 = saturated).\nworker ... other: CPU cores used over the phase by each; other ="
           " processes outside this bench.\n")
@@ -937,6 +991,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--services", default="",
                         help="comma-separated workers for `ordermill run` (default: all of them);"
                              " placement,fraud runs the same two stages as the yardstick")
+    parser.add_argument("--split", action="store_true",
+                        help="one `ordermill run SERVICE` process per service, as docker-compose"
+                             " deploys them, instead of one process for all")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
@@ -954,7 +1011,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
                    memory_orders=args.memory_orders, skip_memory=args.skip_memory,
-                   skip_bare=args.skip_bare,
+                   skip_bare=args.skip_bare, split=args.split,
                    services=tuple(s.strip() for s in args.services.split(",") if s.strip()))
     started = time.perf_counter()
     try:
