@@ -93,20 +93,33 @@ async def _price_products(
     return priced
 
 
+_NO_TLD = {"tld": None, "register_price": None, "transfer_price": None}
+
+
 async def _price_domains(
     conn: asyncpg.Connection, items: list[DomainItem], currency: str
 ) -> list[PricedDomain]:
     if not items:
         return []
-    # The longest matching suffix wins: example.co.uk is 'co.uk', not 'uk'.
-    rows = await conn.fetch(
-        "SELECT i.n, t.tld, p.register_price, p.transfer_price"
-        " FROM unnest($1::text[]) WITH ORDINALITY AS i(domain, n)"
-        " LEFT JOIN LATERAL (SELECT tld FROM tlds WHERE i.domain LIKE '%.' || tld"
-        "  ORDER BY length(tld) DESC LIMIT 1) t ON true"
-        " LEFT JOIN tld_prices p ON p.tld = t.tld AND p.currency = $2 ORDER BY i.n",
-        [i.domain for i in items], currency,
-    )
+    # Every suffix of each domain (shop.example.co.uk: example.co.uk, co.uk, uk) looked up by
+    # equality, the longest sold one wins: co.uk, not uk. (A LIKE over every TLD cost more to
+    # plan than to run.)
+    numbers, suffixes = [], []
+    for n, item in enumerate(items):
+        labels = item.domain.split(".")
+        for start in range(1, len(labels)):
+            numbers.append(n)
+            suffixes.append(".".join(labels[start:]))
+    found: dict[int, asyncpg.Record] = {}
+    for row in await conn.fetch(
+        "SELECT c.n, t.tld, p.register_price, p.transfer_price"
+        " FROM unnest($1::int[], $2::text[]) AS c(n, tld) JOIN tlds t ON t.tld = c.tld"
+        " LEFT JOIN tld_prices p ON p.tld = t.tld AND p.currency = $3",
+        numbers, suffixes, currency,
+    ):
+        if row["n"] not in found or len(row["tld"]) > len(found[row["n"]]["tld"]):
+            found[row["n"]] = row
+    rows = [found.get(n, _NO_TLD) for n in range(len(items))]
     priced = []
     for item, row in zip(items, rows, strict=True):
         if row["tld"] is None:
