@@ -195,7 +195,8 @@ async def catalog_view(conn: asyncpg.Connection) -> dict[str, object]:
          "products": list(r["products"]), "uses": r["uses"], "max_uses": r["max_uses"],
          "expires_at": r["expires_at"].isoformat() if r["expires_at"] else None}
         for r in await conn.fetch(
-            "SELECT p.*, (SELECT count(*) FROM orders o WHERE o.promo_code = p.code) AS uses"
+            "SELECT p.code, p.kind, p.value, p.products, p.max_uses, p.expires_at,"
+            " (SELECT count(*) FROM orders o WHERE o.promo_code = p.code) AS uses"
             " FROM promotions p ORDER BY code")
     ]
     currency = await conn.fetchval("SELECT value FROM catalog_meta WHERE key='default_currency'")

@@ -9,8 +9,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from email.message import Message
 
+import aiosmtplib
+import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
@@ -267,9 +270,17 @@ async def test_a_kept_connection_the_server_dropped_is_replaced(harness: Harness
 
 
 class SlowInbox(Inbox):
-    def __init__(self, delay: float) -> None:
+    """Answers EHLO after `ehlo_delay` and each mail's DATA after `delay`."""
+
+    def __init__(self, delay: float, ehlo_delay: float = 0.0) -> None:
         super().__init__()
         self.delay = delay
+        self.ehlo_delay = ehlo_delay
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses) -> list[str]:
+        await asyncio.sleep(self.ehlo_delay)
+        session.host_name = hostname
+        return responses
 
     async def handle_DATA(self, server, session, envelope) -> str:
         await asyncio.sleep(self.delay)
@@ -277,36 +288,112 @@ class SlowInbox(Inbox):
 
 
 async def test_a_slow_connection_keeps_its_lease_and_no_mail_goes_twice(harness: Harness) -> None:
-    """Six mails on one connection take longer than the lease: their lease is renewed as the
-    connection goes, so a second sender polling meanwhile takes none of them."""
-    inbox = SlowInbox(delay=0.4)
+    """Six mails on one slow connection (0.9 s to log in, 0.4 s a mail) take longer than the
+    2 s lease, counted from the claim: it is renewed as the connection goes, so a second
+    sender polling all along takes none of them."""
+    inbox = SlowInbox(delay=0.4, ehlo_delay=0.9)
     port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, auth_require_tls=False,
+                            authenticator=lambda *_: AuthResult(success=True))
     controller.start()
     try:
         await _start_recording(harness, port)
         await _place_and_record(harness, ["slow-a", "slow-b", "slow-c"], first_ip=50)
 
         def sender() -> MailSender:
-            made = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+            made = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example",
+                                         username="shop", password="secret"),
                               harness.settings.database_url, max_attempts=3, backoff_seconds=60,
                               poll_seconds=1)
             made.connections = 1
-            made.lease = timedelta(seconds=2)  # six mails take 2.4 s
+            made.lease = timedelta(seconds=2)
             return made
 
         first, second = sender(), sender()
         sending = asyncio.create_task(first.send_due(harness.pool))
-        await asyncio.sleep(2.1)  # the first claim's lease has run out, unless renewed
-        assert not sending.done()
-        assert await second.send_due(harness.pool) == 0
-        assert await sending == 6
+        await asyncio.sleep(0.2)  # the first has claimed all six
+        taken = 0
+        while not sending.done():
+            taken += await second.send_due(harness.pool)
+            await asyncio.sleep(0.1)
+        assert await sending == 6 and taken == 0
         await first.close()
         ids = [m["Message-ID"] for m in inbox.messages]
         assert len(ids) == 6 and len(set(ids)) == 6
         assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 6
     finally:
         controller.stop()
+
+
+class CappedInbox(Inbox):
+    """Takes at most `cap` mails per connection, then answers 421, as Exim's
+    smtp_accept_max_per_connection or an ISP's relay does."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+        self.count: dict[int, int] = {}
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options) -> str:
+        n = self.count[id(session)] = self.count.get(id(session), 0) + 1
+        if n > self.cap:
+            return "421 4.7.0 too many messages in this connection"
+        envelope.mail_from = address
+        return "250 OK"
+
+
+async def test_a_server_closing_a_kept_connection_costs_no_attempt(harness: Harness) -> None:
+    inbox = CappedInbox(cap=3)
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await _start_recording(harness, port)
+        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                            poll_seconds=1)
+        sender.connections = 1
+        await _place_and_record(harness, ["cap-a"], first_ip=30)
+        assert await sender.send_due(harness.pool) == 2
+        await _place_and_record(harness, ["cap-b", "cap-c"], first_ip=31)
+        # The kept connection takes one more mail, then the server says 421 and hangs up:
+        # the three mails not sent go back to pending at once, their attempt not counted.
+        assert await sender.send_due(harness.pool) == 4
+        assert len(inbox.messages) == 3
+        back = await harness.pool.fetch("SELECT attempts FROM emails WHERE status = 'pending'")
+        assert [r["attempts"] for r in back] == [0, 0, 0]
+        assert await sender.send_due(harness.pool) == 3  # on a new connection
+        await sender.close()
+        assert len(inbox.messages) == 6
+        assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 6
+    finally:
+        controller.stop()
+
+
+async def test_a_database_error_mid_connection_closes_it(harness: Harness, smtp) -> None:
+    _, port = smtp
+    await _start_recording(harness, port)
+    await _place_and_record(harness, ["leak-a"], first_ip=90)
+    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                        poll_seconds=1)
+    sender.connections = 1
+    opened: list[aiosmtplib.SMTP] = []
+    connect = sender._connection
+
+    async def tracked() -> tuple[aiosmtplib.SMTP, bool]:
+        got = await connect()
+        opened.append(got[0])
+        return got
+
+    async def lost(pool, email) -> None:  # PostgreSQL restarted under the sender
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+
+    sender._connection = tracked
+    sender._sent = lost
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await sender.send_due(harness.pool)
+    assert len(opened) == 1 and not opened[0].is_connected and not sender._idle
 
 
 async def test_an_internationalised_address_is_written_as_smtp_allows(

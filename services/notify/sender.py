@@ -22,12 +22,12 @@ from shared.wakeup import Wakeup
 log = logging.getLogger("ordermill.notify")
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 
-# A mail's outcome is written with, when due, the lease of the mails still to go on its
-# connection renewed ($1 ids, $2 lease), and only while our claim on it holds ($3 id,
-# $4 attempt): a sender whose lease ran out never overwrites the one that took the mail over.
-_RENEW_WAITING = ("WITH renewed AS (UPDATE emails SET lease_until = now() + $2::interval"
-                  " WHERE id = ANY($1::bigint[]) AND status = 'sending') ")
-_WHILE_CLAIMED = " WHERE id = $3 AND status = 'sending' AND attempts = $4"
+# The lease of a connection's mails still to go, renewed when due.
+_RENEW = ("UPDATE emails SET lease_until = now() + $2::interval"
+          " WHERE id = ANY($1::bigint[]) AND status = 'sending'")
+# A mail's outcome is written only while our claim on it holds: a sender whose lease ran out
+# never overwrites the one that took the mail over.
+_WHILE_CLAIMED = " WHERE id = $1 AND status = 'sending' AND attempts = $2"
 
 _CLAIM = """
 UPDATE emails SET status = 'sending', attempts = attempts + 1,
@@ -56,9 +56,9 @@ class _Renewal:
     has passed. A fast server never needs it; renewing after every mail rewrote each of
     a connection's waiting rows once per mail sent before it."""
 
-    def __init__(self, lease: timedelta) -> None:
+    def __init__(self, lease: timedelta, since: float) -> None:
         self._half = lease.total_seconds() / 2
-        self._at = time.monotonic()
+        self._at = since  # when the lease was set: the claim, not the connection
 
     def due(self, waiting: Sequence[asyncpg.Record]) -> list[int]:
         if not waiting or time.monotonic() - self._at < self._half:
@@ -134,6 +134,7 @@ class MailSender:
     async def send_due(self, pool: asyncpg.Pool) -> int:
         """Claim what is due and send it over a few SMTP connections, each carrying several
         mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
+        claimed_at = time.monotonic()  # before the claim: the lease was set no earlier
         emails = await pool.fetch(_CLAIM, self.lease, self.batch)
         if not emails:
             return 0
@@ -142,33 +143,34 @@ class MailSender:
         async with pool.acquire() as conn:
             contexts = await order_contexts(conn, list({e["order_id"] for e in emails}))
         chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
-        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts)
+        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts,
+                                                                       claimed_at)
                                          for chunk in chunks), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the others finished; a lease brings these back
         return len(emails)
 
-    async def _connection(self) -> aiosmtplib.SMTP:
+    async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """A kept connection that still answers, or a new one."""
         while self._idle:
             smtp, since = self._idle.pop()
             if not smtp.is_connected:
                 continue  # the server closed it
             if time.monotonic() - since > self.check_after_seconds:
-                try:
-                    await smtp.noop()
+                try:  # a connection a firewall dropped silently must not cost a full timeout
+                    await smtp.noop(timeout=min(self.smtp.timeout, 2.0))
                 except _SMTP_ERRORS:
                     smtp.close()
                     continue
-            return smtp
+            return smtp, True
         smtp = aiosmtplib.SMTP(
             hostname=self.smtp.host, port=self.smtp.port, username=self.smtp.username,
             password=self.smtp.password, use_tls=self.smtp.security == "tls",
             start_tls=self.smtp.security == "starttls", timeout=self.smtp.timeout,
             local_hostname=self._local_hostname)
         await smtp.connect()
-        return smtp
+        return smtp, False
 
     async def _close_idle(self, older_than: float) -> None:
         now = time.monotonic()
@@ -183,54 +185,77 @@ class MailSender:
                     smtp.close()
 
     async def _send_over_one_connection(self, pool: asyncpg.Pool, emails: list[asyncpg.Record],
-                                        contexts: Mapping[int, dict[str, Any]]) -> None:
+                                        contexts: Mapping[int, dict[str, Any]],
+                                        claimed_at: float) -> None:
+        renewal = _Renewal(self.lease, claimed_at)
         try:
-            smtp = await self._connection()
+            smtp, reused = await self._connection()
         except _SMTP_ERRORS as exc:
             for email in emails:
                 await self._failed(pool, email, exc)
             return
-        renewal = _Renewal(self.lease)
-        for n, email in enumerate(emails):
-            waiting = emails[n + 1:]
-            try:
-                message = render(email["template"], email["recipient"], self.smtp.sender,
-                                 email["message_id"], contexts[email["order_id"]])
-            except Exception as exc:  # this mail cannot be written; the others can
-                log.exception("email not rendered", extra={"email_id": email["id"]})
-                await self._failed(pool, email, exc, renewal.due(waiting))
-                continue
-            try:
-                await smtp.send_message(message)
-            except (aiosmtplib.SMTPServerDisconnected, OSError, TimeoutError) as exc:
-                smtp.close()
-                for lost in emails[n:]:  # the connection is gone: these wait for a retry
-                    await self._failed(pool, lost, exc)
-                return
-            except aiosmtplib.SMTPException as exc:  # this mail refused; the next may go
-                await self._failed(pool, email, exc, renewal.due(waiting))
-                continue
-            await self._sent(pool, email, renewal.due(waiting))
-        if smtp.is_connected:
-            self._idle.append((smtp, time.monotonic()))
+        kept = False
+        try:
+            for n, email in enumerate(emails):
+                # Before each mail, not after: the connect (or NOOP) and this mail must both
+                # fit in what is left of the lease.
+                if renew := renewal.due(emails[n:]):
+                    await pool.execute(_RENEW, renew, self.lease)
+                try:
+                    message = render(email["template"], email["recipient"], self.smtp.sender,
+                                     email["message_id"], contexts[email["order_id"]])
+                except Exception as exc:  # this mail cannot be written; the others can
+                    log.exception("email not rendered", extra={"email_id": email["id"]})
+                    await self._failed(pool, email, exc)
+                    continue
+                try:
+                    await smtp.send_message(message)
+                except _SMTP_ERRORS as exc:
+                    if smtp.is_connected:  # this mail refused; the next may go
+                        await self._failed(pool, email, exc)
+                        continue
+                    # The connection is gone (a drop, a timeout, a 421). Mails not yet tried
+                    # are not at fault: back to pending at once, no attempt spent; nor is this
+                    # one when the connection was a kept one (a stale connection, a server's
+                    # per-connection limit).
+                    if reused:
+                        await self._release(pool, emails[n:])
+                    else:
+                        await self._failed(pool, email, exc)
+                        await self._release(pool, emails[n + 1:])
+                    return
+                await self._sent(pool, email)
+            if smtp.is_connected:
+                self._idle.append((smtp, time.monotonic()))
+                kept = True
+        finally:
+            if not kept:
+                smtp.close()  # never leaked: a DB error or a cancellation closes it too
 
-    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record, renew: list[int]) -> None:
+    async def _release(self, pool: asyncpg.Pool, emails: Sequence[asyncpg.Record]) -> None:
+        if emails:
+            await pool.execute(
+                "UPDATE emails e SET status = 'pending', attempts = e.attempts - 1,"
+                " lease_until = NULL, next_attempt_at = now()"
+                " FROM unnest($1::bigint[], $2::int[]) AS c(id, attempts)"
+                " WHERE e.id = c.id AND e.status = 'sending' AND e.attempts = c.attempts",
+                [e["id"] for e in emails], [e["attempts"] for e in emails])
+
+    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
         await pool.execute(
-            _RENEW_WAITING + "UPDATE emails SET status = 'sent', sent_at = now(),"
-            " lease_until = NULL, last_error = NULL" + _WHILE_CLAIMED,
-            renew, self.lease, email["id"], email["attempts"])
+            "UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
+            " last_error = NULL" + _WHILE_CLAIMED, email["id"], email["attempts"])
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
 
-    async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException,
-                      renew: Sequence[int] = ()) -> None:
+    async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
         park = email["attempts"] >= self.max_attempts
         delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
         await pool.execute(
-            _RENEW_WAITING + "UPDATE emails SET status = $5, last_error = $6, lease_until = NULL,"
-            " next_attempt_at = now() + $7::interval" + _WHILE_CLAIMED,
-            list(renew), self.lease, email["id"], email["attempts"],
-            "parked" if park else "pending", f"{type(exc).__name__}: {exc}", delay)
+            "UPDATE emails SET status = $3, last_error = $4, lease_until = NULL,"
+            " next_attempt_at = now() + $5::interval" + _WHILE_CLAIMED,
+            email["id"], email["attempts"], "parked" if park else "pending",
+            f"{type(exc).__name__}: {exc}", delay)
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={
                 "email_id": email["id"], "template": email["template"],

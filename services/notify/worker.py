@@ -36,5 +36,6 @@ def worker(settings: Settings) -> WorkerSpec:
 
     # Mail is off the order's critical path: requests wait up to 50 ms to share a
     # transaction, so a steady flow costs a few transactions a second, not two per order.
+    # One batcher: several would each take a message and linger with it.
     return WorkerSpec(service="notify", routes={"email.send": route(handle)},
-                      linger=0.05, background=(sender.run,))
+                      concurrency=1, linger=0.05, background=(sender.run,))
