@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -15,7 +16,7 @@ from shared.contracts import OrderRejected
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, WorkerSpec, redact, route
-from shared.uow import UnitOfWork, event_id, write_event
+from shared.uow import MessageContext, UnitOfWork, event_id, flush_events, write_event
 
 
 async def test_malformed_and_schema_invalid_messages_are_dead_lettered_while_good_ones_flow(
@@ -271,3 +272,26 @@ async def test_a_batch_that_fails_outside_any_handler_is_requeued_not_held(
     finally:
         runtime.stop()
         await task
+
+
+async def test_a_batchs_events_are_written_intact_and_once(harness: Harness) -> None:
+    """One statement writes every event of a batch: bodies as emitted (non-ASCII, quotes,
+    nulls), replies marked direct, and an event written twice kept once."""
+    body = {"a": [1, {"b": "é\u2028\"'\\"}], "n": None, "t": True}
+    async with harness.pool.acquire() as conn, conn.transaction():
+        uows = []
+        for message_id in ("m1", "m2"):
+            context = MessageContext(consumer="c", message_id=message_id, routing_key="k",
+                                     received_at=datetime.now(UTC), reply_to="replies",
+                                     correlation_id="corr")
+            uow = UnitOfWork(conn, context)
+            uow.emit("x.y", body)
+            uow.reply({"ok": 1})
+            uows.append(uow)
+        uows[1]._events.append(uows[0]._events[0])  # the same event id again
+        await flush_events(conn, uows)
+    rows = await harness.pool.fetch(
+        "SELECT routing_key, body, correlation_id, direct FROM outbox ORDER BY id")
+    assert [(r["routing_key"], r["body"], r["correlation_id"], r["direct"]) for r in rows] == [
+        ("x.y", body, "m1", False), ("replies", {"ok": 1}, "corr", True),
+        ("x.y", body, "m2", False), ("replies", {"ok": 1}, "corr", True)]
