@@ -417,3 +417,27 @@ async def test_an_internationalised_address_is_written_as_smtp_allows(
     raw = render("order_confirmation", "zoë@bücher.example", "Shop <billing@shop.example>",
                  "<x@shop.example>", context)
     assert "To: zoë@xn--bcher-kva.example" in raw.as_bytes(policy=raw.policy).decode()
+
+
+async def test_a_claim_whose_orders_cannot_be_read_goes_back_at_once(
+    harness: Harness, smtp, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inbox, port = smtp
+    await _start_recording(harness, port)
+    await _place_and_record(harness, ["ctx-a"], first_ip=95)
+    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
+                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                        poll_seconds=1)
+
+    async def lost(conn, order_ids):  # PostgreSQL restarted between the claim and the read
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+
+    monkeypatch.setattr("services.notify.sender.order_contexts", lost)
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await sender.send_due(harness.pool)
+    rows = await harness.pool.fetch("SELECT status, attempts, lease_until FROM emails")
+    assert [(r["status"], r["attempts"], r["lease_until"]) for r in rows] == [("pending", 0, None)] * 2
+    monkeypatch.undo()
+    assert await sender.send_due(harness.pool) == 2
+    await sender.close()
+    assert len(inbox.messages) == 2

@@ -4,6 +4,7 @@ sent; SMTP failures are retried with backoff and then parked for an operator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -140,8 +141,15 @@ class MailSender:
             return 0
         if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
-        async with pool.acquire() as conn:
-            contexts = await order_contexts(conn, list({e["order_id"] for e in emails}))
+        try:
+            async with pool.acquire() as conn:
+                contexts = await order_contexts(conn, list({e["order_id"] for e in emails}))
+        except db.TRANSIENT_DB_ERRORS:
+            # Nothing was sent: the claim goes back at once, no attempt spent (or, if the
+            # database is away, when its lease runs out).
+            with contextlib.suppress(*db.TRANSIENT_DB_ERRORS):
+                await self._release(pool, emails)
+            raise
         chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
         results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts,
                                                                        claimed_at)
