@@ -30,10 +30,23 @@ class MessageContext:
     reply_to: str | None = None
 
 
-_INSERT_EVENT = (
+Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool]
+# Events as one statement (message id, routing key, body, correlation id, direct): executemany
+# would run the insert (and the outbox's NOTIFY trigger) once per event.
+_INSERT_EVENTS = (
     "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct)"
-    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (message_id) DO NOTHING"
+    " SELECT m, k, b::jsonb, c, d"
+    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) AS e(m, k, b, c, d)"
+    " ON CONFLICT (message_id) DO NOTHING"
 )
+
+
+async def _insert(conn: asyncpg.Connection, events: list[Event]) -> None:
+    if not events:
+        return
+    ids, keys, bodies, correlations, direct = zip(*events, strict=True)
+    await conn.execute(_INSERT_EVENTS, list(ids), list(keys),
+                       [json.dumps(body) for body in bodies], list(correlations), list(direct))
 
 
 def _payload(body: BaseModel | dict[str, object]) -> dict[str, object]:
@@ -48,8 +61,7 @@ async def write_event(
     message_id: uuid.UUID,
     correlation_id: str | None,
 ) -> None:
-    await conn.execute(_INSERT_EVENT, message_id, routing_key, _payload(body), correlation_id,
-                       False)
+    await _insert(conn, [(message_id, routing_key, _payload(body), correlation_id, False)])
 
 
 @dataclass
@@ -57,8 +69,7 @@ class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
     _emitted: int = field(default=0, init=False)
-    _events: list[tuple[uuid.UUID, str, dict[str, object], str | None, bool]] = field(
-        default_factory=list, init=False)
+    _events: list[Event] = field(default_factory=list, init=False)
 
     @property
     def actor(self) -> str:
@@ -80,26 +91,11 @@ class UnitOfWork:
         self._events.append((event_id(ctx.consumer, ctx.message_id, "reply"), ctx.reply_to,
                              _payload(body), ctx.correlation_id, True))
 
-    def take_events(self) -> list[tuple[uuid.UUID, str, dict[str, object], str | None, bool]]:
+    def take_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
 
 
-# A batch's events as one statement: executemany would run the insert (and the outbox's
-# NOTIFY trigger) once per event.
-_INSERT_EVENTS = (
-    "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct)"
-    " SELECT m, k, b::jsonb, c, d"
-    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) AS e(m, k, b, c, d)"
-    " ON CONFLICT (message_id) DO NOTHING"
-)
-
-
 async def flush_events(conn: asyncpg.Connection, uows: list[UnitOfWork]) -> None:
     """Write the events of these units of work in one statement, before commit."""
-    events = [event for uow in uows for event in uow.take_events()]
-    if not events:
-        return
-    ids, keys, bodies, correlations, direct = zip(*events, strict=True)
-    await conn.execute(_INSERT_EVENTS, list(ids), list(keys),
-                       [json.dumps(body) for body in bodies], list(correlations), list(direct))
+    await _insert(conn, [event for uow in uows for event in uow.take_events()])

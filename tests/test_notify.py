@@ -50,6 +50,16 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
     controller.stop()
 
 
+def mail_sender(harness: Harness, port: int, *, connections: int = 4,
+                **smtp: str) -> MailSender:
+    """A sender to the test's SMTP server; the test calls send_due itself."""
+    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example", **smtp),
+                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
+                        poll_seconds=1)
+    sender.connections = connections
+    return sender
+
+
 def workers(h: Harness, port: int):
     s = h.settings.model_copy(update={"smtp_port": port, "job_backoff_seconds": 0.2,
                                       "job_poll_seconds": 0.2})
@@ -148,8 +158,7 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
         async def recorded() -> bool:
             return await harness.pool.fetchval("SELECT count(*) FROM emails") == 10
         await eventually(recorded)
-        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender=s.mail_from),
-                            s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
+        sender = mail_sender(harness, port)
         assert await sender.send_due(harness.pool) == 10
         await sender.close()
         assert len(inbox.messages) == 8
@@ -182,9 +191,7 @@ async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp)
         "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
         " SELECT 'bogus', 'invoice_created', recipient, order_id, '<bogus@x>' FROM emails"
         " WHERE order_id = $1", order["id"])
-    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender=s.mail_from),
-                        s.database_url, max_attempts=3, backoff_seconds=60, poll_seconds=1)
-    sender.connections = 1  # the bad mail shares its connection with the good ones
+    sender = mail_sender(harness, port, connections=1)  # the bad mail shares it with the good
     assert await sender.send_due(harness.pool) == 4
     await sender.close()
     assert len(inbox.messages) == 3
@@ -217,10 +224,7 @@ async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harn
     controller.start()
     try:
         await _start_recording(harness, port)
-        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
-                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                            poll_seconds=1)
-        sender.connections = 1
+        sender = mail_sender(harness, port, connections=1)
         await _place_and_record(harness, ["keep-a"], first_ip=40)
         assert await sender.send_due(harness.pool) == 2
         await _place_and_record(harness, ["keep-b"], first_ip=41)
@@ -250,10 +254,7 @@ async def test_a_kept_connection_the_server_dropped_is_replaced(harness: Harness
     controller.start()
     try:
         await _start_recording(harness, port)
-        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
-                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                            poll_seconds=1)
-        sender.connections = 1
+        sender = mail_sender(harness, port, connections=1)
         sender.check_after_seconds = 0  # check the kept connection before every use
         await _place_and_record(harness, ["drop-a"], first_ip=44)
         assert await sender.send_due(harness.pool) == 2
@@ -301,11 +302,7 @@ async def test_a_slow_connection_keeps_its_lease_and_no_mail_goes_twice(harness:
         await _place_and_record(harness, ["slow-a", "slow-b", "slow-c"], first_ip=50)
 
         def sender() -> MailSender:
-            made = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example",
-                                         username="shop", password="secret"),
-                              harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                              poll_seconds=1)
-            made.connections = 1
+            made = mail_sender(harness, port, connections=1, username="shop", password="secret")
             made.lease = timedelta(seconds=2)
             return made
 
@@ -349,10 +346,7 @@ async def test_a_server_closing_a_kept_connection_costs_no_attempt(harness: Harn
     controller.start()
     try:
         await _start_recording(harness, port)
-        sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
-                            harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                            poll_seconds=1)
-        sender.connections = 1
+        sender = mail_sender(harness, port, connections=1)
         await _place_and_record(harness, ["cap-a"], first_ip=30)
         assert await sender.send_due(harness.pool) == 2
         await _place_and_record(harness, ["cap-b", "cap-c"], first_ip=31)
@@ -374,10 +368,7 @@ async def test_a_database_error_mid_connection_closes_it(harness: Harness, smtp)
     _, port = smtp
     await _start_recording(harness, port)
     await _place_and_record(harness, ["leak-a"], first_ip=90)
-    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
-                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                        poll_seconds=1)
-    sender.connections = 1
+    sender = mail_sender(harness, port, connections=1)
     opened: list[aiosmtplib.SMTP] = []
     connect = sender._connection
 
@@ -425,9 +416,7 @@ async def test_a_claim_whose_orders_cannot_be_read_goes_back_at_once(
     inbox, port = smtp
     await _start_recording(harness, port)
     await _place_and_record(harness, ["ctx-a"], first_ip=95)
-    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example"),
-                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                        poll_seconds=1)
+    sender = mail_sender(harness, port)
 
     async def lost(conn, order_ids):  # PostgreSQL restarted between the claim and the read
         raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
