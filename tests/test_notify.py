@@ -405,9 +405,10 @@ async def test_an_internationalised_address_is_written_as_smtp_allows(
     order = await harness.order("mail-idn")
     async with harness.pool.acquire() as conn:
         context = await order_context(conn, order["id"])
-    raw = render("order_confirmation", "zoë@bücher.example", "Shop <billing@shop.example>",
-                 "<x@shop.example>", context)
-    assert "To: zoë@xn--bcher-kva.example" in raw.as_bytes(policy=raw.policy).decode()
+    mail = render("order_confirmation", "zoë@bücher.example", "Shop <billing@shop.example>",
+                  "<x@shop.example>", context)
+    assert "To: zoë@xn--bcher-kva.example" in mail.data.decode()
+    assert (mail.recipient, mail.smtputf8) == ("zoë@xn--bcher-kva.example", True)
 
 
 async def test_a_claim_whose_orders_cannot_be_read_goes_back_at_once(

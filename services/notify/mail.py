@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import hashlib
+import secrets
+from dataclasses import dataclass
 from decimal import Decimal
-from email.charset import QP, Charset
 from email.header import Header
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.policy import SMTPUTF8, compat32
 from email.utils import formataddr, formatdate, parseaddr
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -76,33 +75,62 @@ WHERE o.id = ANY($1::bigint[])
 
 
 _SUFFIX = {"plain": "txt", "html": "html"}
-# Quoted-printable: the raw mail stays readable (in the quick start's mail log too).
-_UTF8 = Charset("utf-8")
-_UTF8.body_encoding = QP
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A mail as it goes over SMTP: the envelope and the message's bytes (CRLF line ends)."""
+
+    sender: str  # MAIL FROM
+    recipient: str  # RCPT TO
+    data: bytes  # what follows DATA
+    smtputf8: bool  # a mailbox name beyond ASCII: only a server offering SMTPUTF8 takes it
+
+    @property
+    def mail_options(self) -> list[str]:
+        # An SMTPUTF8 server offers 8BITMIME too (RFC 6531, 3.1); the header is UTF-8.
+        return ["SMTPUTF8", "BODY=8BITMIME"] if self.smtputf8 else []
 
 
 def _header(value: str) -> str:
     return value if value.isascii() else Header(value, "utf-8").encode()
 
 
+@lru_cache(maxsize=8)
+def _from_header(sender: str) -> tuple[str, str]:
+    name, address = parseaddr(sender)
+    return formataddr((name, address), charset="utf-8"), address
+
+
+def _part(subtype: str, text: str) -> bytes:
+    # Quoted-printable keeps the raw mail readable (the quick start's mail log too) and 7-bit.
+    body = binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
+    return (b'Content-Type: text/%s; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n%s" % (subtype.encode(), body))
+
+
 def render(template: str, recipient: str, sender: str, message_id: str,
-           context: dict[str, Any]) -> Message:
-    """A multipart/alternative mail: plain text, then HTML. Built with the classic MIME
-    classes: `EmailMessage`'s header machinery cost three times as much CPU per mail."""
+           context: dict[str, Any]) -> Mail:
+    """A multipart/alternative mail: plain text, then HTML, each quoted-printable UTF-8.
+
+    Written here rather than by the `email` package: its classes and generator cost about
+    300 µs a mail, two thirds of what sending one over a kept connection costs."""
     local, _, domain = recipient.rpartition("@")
     with contextlib.suppress(UnicodeError):
         domain = domain.encode("idna").decode("ascii")  # bücher.example: xn--bcher-kva.example
+    to = f"{local}@{domain}"
+    from_header, envelope_sender = _from_header(sender)
+    subject = _header(SUBJECTS[template].format(order_number=context["order"]["order_number"]))
+    # "=_" never occurs in quoted-printable text, so no body can contain the boundary.
+    boundary = b"=_" + secrets.token_hex(12).encode()
     # A non-ASCII mailbox name cannot be an encoded-word (RFC 2047): it goes as UTF-8 (SMTPUTF8).
-    policy = compat32 if local.isascii() else SMTPUTF8
-    message = MIMEMultipart("alternative", policy=policy)
-    name, address = parseaddr(sender)
-    message["From"] = formataddr((name, address), charset="utf-8")
-    message["To"] = f"{local}@{domain}"
-    message["Subject"] = _header(
-        SUBJECTS[template].format(order_number=context["order"]["order_number"]))
-    message["Message-ID"] = message_id
-    message["Date"] = formatdate(usegmt=True)
-    for subtype in ("plain", "html"):
-        text = _ENV.get_template(f"{template}.{_SUFFIX[subtype]}.j2").render(context)
-        message.attach(MIMEText(text, subtype, _UTF8, policy=policy))
-    return message
+    head = (f"From: {from_header}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: {message_id}\r\nDate: {formatdate(usegmt=True)}\r\n"
+            f"MIME-Version: 1.0\r\n").encode()
+    parts = [_part(subtype, _ENV.get_template(f"{template}.{suffix}.j2").render(context))
+             for subtype, suffix in _SUFFIX.items()]
+    delimiter = b"\r\n--" + boundary + b"\r\n"
+    data = (head + b'Content-Type: multipart/alternative; boundary="' + boundary + b'"\r\n\r\n'
+            + b"--" + boundary + b"\r\n" + delimiter.join(parts)
+            + b"\r\n--" + boundary + b"--\r\n")
+    return Mail(envelope_sender, to, data, smtputf8=not local.isascii())

@@ -210,14 +210,15 @@ class MailSender:
                 if renew := renewal.due(emails[n:]):
                     await pool.execute(_RENEW, renew, self.lease)
                 try:
-                    message = render(email["template"], email["recipient"], self.smtp.sender,
-                                     email["message_id"], contexts[email["order_id"]])
+                    mail = render(email["template"], email["recipient"], self.smtp.sender,
+                                  email["message_id"], contexts[email["order_id"]])
                 except Exception as exc:  # this mail cannot be written; the others can
                     log.exception("email not rendered", extra={"email_id": email["id"]})
                     await self._failed(pool, email, exc)
                     continue
                 try:
-                    await smtp.send_message(message)
+                    await smtp.sendmail(mail.sender, [mail.recipient], mail.data,
+                                        mail_options=mail.mail_options)
                 except _SMTP_ERRORS as exc:
                     if smtp.is_connected:  # this mail refused; the next may go
                         await self._failed(pool, email, exc)
