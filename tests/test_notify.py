@@ -173,6 +173,47 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
         controller.stop()
 
 
+class ResetRefusingInbox(PickyInbox):
+    """Refuses the first recipient it is given, then every RSET: a server whose state after
+    a refusal is unknown."""
+
+    def __init__(self) -> None:
+        super().__init__(refuse="")
+        self.refused = False
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if not self.refused:
+            self.refused = True
+            self.sessions.add(session.peer)
+            return "550 5.1.1 no such user"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_RSET(self, server, session, envelope) -> str:
+        return "451 4.3.0 cannot reset now" if self.refused else "250 OK"
+
+
+async def test_a_connection_whose_reset_fails_after_a_refusal_is_not_used_again(
+    harness: Harness,
+) -> None:
+    inbox, port = ResetRefusingInbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await _start_recording(harness, port)
+        await _place_and_record(harness, ["rset-a", "rset-b"], first_ip=120)
+        sender = mail_sender(harness, port, connections=1)
+        assert await sender.send_due(harness.pool) == 4
+        assert inbox.messages == [] and sender._idle == []  # the connection was closed
+        rows = await harness.pool.fetch(
+            "SELECT status, attempts, last_error IS NOT NULL AS failed FROM emails ORDER BY id")
+        assert [tuple(r) for r in rows] == [("pending", 1, True)] + [("pending", 0, False)] * 3
+        assert await sender.send_due(harness.pool) == 3  # the refused one waits for its backoff
+        await sender.close()
+        assert len(inbox.messages) == 3 and len(inbox.sessions) == 2
+    finally:
+        controller.stop()
+
+
 async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp) -> None:
     inbox, port = smtp
     s = harness.settings.model_copy(update={"smtp_port": port})

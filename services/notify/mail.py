@@ -22,7 +22,8 @@ SUBJECTS = {
     "hosting_welcome": "Your hosting account is ready (order {order_number})",
 }
 
-_ENV = Environment(loader=PackageLoader("services.notify", "templates"),
+# The templates ship with the package: no stat of their files on every render (auto_reload).
+_ENV = Environment(loader=PackageLoader("services.notify", "templates"), auto_reload=False,
                    autoescape=select_autoescape(["html.j2"]), undefined=StrictUndefined)
 
 

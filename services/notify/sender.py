@@ -68,6 +68,16 @@ class _Renewal:
         return [e["id"] for e in waiting]
 
 
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """Whether the server cleared a refused mail's envelope. aiosmtplib sends RSET after a
+    refusal but hides its answer; a connection whose RSET fails is not used again."""
+    try:
+        await smtp.rset()
+    except _SMTP_ERRORS:
+        return False
+    return True
+
+
 class MailSender:
     def __init__(self, smtp: SmtpConfig, database_url: str, *, max_attempts: int,
                  backoff_seconds: float, poll_seconds: float) -> None:
@@ -222,7 +232,12 @@ class MailSender:
                 except _SMTP_ERRORS as exc:
                     if smtp.is_connected:  # this mail refused; the next may go
                         await self._failed(pool, email, exc)
-                        continue
+                        if await _reset(smtp):
+                            continue
+                        # The server would not clear the refused envelope: the mails not
+                        # yet tried go to a fresh connection, no attempt spent.
+                        await self._release(pool, emails[n + 1:])
+                        return
                     # The connection is gone (a drop, a timeout, a 421). Mails not yet tried
                     # are not at fault: back to pending at once, no attempt spent; nor is this
                     # one when the connection was a kept one (a stale connection, a server's
