@@ -881,6 +881,12 @@ def report_data(bench: Bench, opts: Options, runs: list[PipelineRun]) -> dict[st
     throughput = {run.name: next((r.orders_per_second for r in run.results if r.phase == "throughput"), None)
                   for run in runs}
     data["throughput"] = throughput
+    # CPU per order in the burst, where every pipeline saturates the machine: what counts
+    # there is the work per order, so this is where a throughput gap comes from.
+    data["burst_cpu_ms_per_order"] = {
+        run.name: {group: round(r.cpu_cores.get(group, 0.0) / r.orders_per_second * 1000, 2)
+                   for group in ("worker", "postgres", "rabbitmq")}
+        for run in runs for r in run.results if r.phase == "throughput" and r.orders_per_second}
     if throughput.get("ordermill") and throughput.get("bare"):
         data["ordermill_vs_bare"] = round(throughput["ordermill"] / throughput["bare"], 3)
     return data
@@ -933,6 +939,17 @@ def _warnings(data: dict[str, Any]) -> list[str]:
     return warnings
 
 
+def _cpu_lines(data: dict[str, Any]) -> list[str]:
+    cpu = data.get("burst_cpu_ms_per_order", {})
+    lines = [f"{name} CPU per order in the burst: "
+             + ", ".join(f"{g} {ms:.2f} ms" for g, ms in groups.items()) for name, groups in cpu.items()]
+    if "ordermill" in cpu and "bare" in cpu:
+        own = cpu["ordermill"]["postgres"] + cpu["ordermill"]["rabbitmq"]
+        lines.append(f"Ordermill's PostgreSQL and RabbitMQ alone {own:.2f} ms per order, the yardstick's"
+                     f" worker, PostgreSQL and RabbitMQ in all {sum(cpu['bare'].values()):.2f} ms")
+    return lines
+
+
 def _per_order_line(name: str, run: dict[str, Any]) -> str:
     work = ", ".join(f"{value:g} {key.replace('_', ' ')}" for key, value in run["per_order"].items())
     return f"{name} per order: {work}"
@@ -957,6 +974,8 @@ def print_report(data: dict[str, Any]) -> None:
                                  for p in run["phases"]]))
     print()
     print(_throughput_line(data))
+    for line in _cpu_lines(data):
+        print(line)
     for name, run in data["pipelines"].items():
         print(_per_order_line(name, run))
     for name, run in data["pipelines"].items():
