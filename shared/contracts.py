@@ -20,6 +20,13 @@ _DOMAIN = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+def _email_address(value: str) -> str:
+    value = value.strip()
+    if not _EMAIL.match(value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
 def _domain(value: str) -> str:
     value = value.strip().lower().rstrip(".")
     if not _DOMAIN.match(value):
@@ -56,13 +63,7 @@ class NewClient(Contract):
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("email")
-    @classmethod
-    def _email(cls, value: str) -> str:
-        value = value.strip()
-        if not _EMAIL.match(value):
-            raise ValueError(f"{value!r} is not an email address")
-        return value
+    _check_email = field_validator("email")(lambda cls, v: _email_address(v))
 
 
 class ProductItem(Contract):
@@ -200,6 +201,8 @@ class OrderFraud(Contract):
 class EmailSend(Contract):
     template: str
     recipient: str
+    # Any service may ask for a mail: the address becomes a header line, so it is checked here.
+    _check_recipient = field_validator("recipient")(lambda cls, v: _email_address(v))
     order_id: int
     order_ref: str
     dedupe_key: str

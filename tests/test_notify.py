@@ -472,3 +472,33 @@ async def test_a_claim_whose_orders_cannot_be_read_goes_back_at_once(
     assert await sender.send_due(harness.pool) == 2
     await sender.close()
     assert len(inbox.messages) == 2
+
+
+async def test_a_bad_mail_request_is_dead_lettered_and_a_line_break_never_a_header(
+    harness: Harness, smtp,
+) -> None:
+    _, port = smtp
+    await harness.start(workers(harness, port))
+    injected = "mail-x@shop.example\r\nBcc: everyone@victim.example"
+    bad_id = await harness.publish("email.send", {
+        "template": "order_confirmation", "recipient": injected, "order_id": 1,
+        "order_ref": "mail-x", "dedupe_key": "mail-x:confirmation"})
+    dead = await eventually(lambda: harness.dead_letters("notify"))
+    assert [m.message_id for m in dead] == [bad_id]
+    assert "is not an email address" in dead[0].headers["x-ordermill-reason"]
+    unknown_id = await harness.publish("email.send", {
+        "template": "order_confirmation", "recipient": "mail-x@shop.example", "order_id": 999999,
+        "order_ref": "mail-x", "dedupe_key": "mail-x:confirmation"})
+
+    dead = await eventually(lambda: harness.dead_letters("notify"))  # takes what it reads
+    assert [(m.message_id, m.headers["x-ordermill-reason"]) for m in dead] == [
+        (unknown_id, "unknown order 999999")]
+    assert await harness.pool.fetchval("SELECT count(*) FROM emails") == 0
+    # Nor can the writer itself be made to write one (a request recorded before this check).
+    await harness.publish("order.place", order_body("mail-y"))
+    order = await harness.screened("mail-y")
+    async with harness.pool.acquire() as conn:
+        context = await order_context(conn, order["id"])
+    with pytest.raises(ValueError, match="line break"):
+        render("order_confirmation", injected, "Shop <billing@shop.example>", "<x@shop.example>",
+               context)

@@ -94,7 +94,14 @@ class Mail:
 
 
 def _header(value: str) -> str:
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
+
+
+def _one_line(*values: str) -> None:
+    # The email package refuses a header value with a line break; written by hand, so do we.
+    for value in values:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"line break in a mail header value: {value!r}")
 
 
 @lru_cache(maxsize=8)
@@ -121,6 +128,7 @@ def render(template: str, recipient: str, sender: str, message_id: str,
         domain = domain.encode("idna").decode("ascii")  # bücher.example: xn--bcher-kva.example
     to = f"{local}@{domain}"
     from_header, envelope_sender = _from_header(sender)
+    _one_line(to, from_header, message_id)
     subject = _header(SUBJECTS[template].format(order_number=context["order"]["order_number"]))
     # "=_" never occurs in quoted-printable text, so no body can contain the boundary.
     boundary = b"=_" + secrets.token_hex(12).encode()

@@ -14,11 +14,16 @@ from shared.uow import UnitOfWork
 async def on_email(request: EmailSend, uow: UnitOfWork, *, domain: str) -> None:
     if request.template not in SUBJECTS:
         raise Rejected(f"unknown email template {request.template!r}")
-    await uow.conn.execute(
+    recorded = await uow.conn.fetchval(
         "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (dedupe_key) DO NOTHING",
+        " SELECT $1, $2, $3, id, $5 FROM orders WHERE id = $4"
+        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING true",
         request.dedupe_key, request.template, request.recipient, request.order_id,
         message_id_for(request.dedupe_key, domain))
+    # Nothing written: a request recorded before (a resend), or an order that does not exist.
+    if not recorded and not await uow.conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)", request.order_id):
+        raise Rejected(f"unknown order {request.order_id}")
 
 
 def worker(settings: Settings) -> WorkerSpec:
