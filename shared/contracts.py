@@ -17,13 +17,20 @@ Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 Money = Annotated[Decimal, Field(max_digits=12, decimal_places=2)]
 
 _DOMAIN = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# A mailbox as storefronts send it: no spaces, controls, quotes or the characters that end or
+# split an address in a header (a quoted local part is refused rather than mis-sent).
+_MAILBOX_PART = r'[^@\s\x00-\x1f\x7f<>(),;:"\[\]\\]+'
+_EMAIL = re.compile(rf"^{_MAILBOX_PART}@{_MAILBOX_PART}\.{_MAILBOX_PART}$")
 
 
 def _email_address(value: str) -> str:
     value = value.strip()
-    if not _EMAIL.match(value):
+    if len(value) > 254 or not _EMAIL.match(value):
         raise ValueError(f"{value!r} is not an email address")
+    try:  # the domain goes into RCPT TO as IDNA (bücher.example: xn--bcher-kva.example)
+        value.rpartition("@")[2].encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{value!r} is not an email address (its domain)") from None
     return value
 
 

@@ -502,3 +502,21 @@ async def test_a_bad_mail_request_is_dead_lettered_and_a_line_break_never_a_head
     with pytest.raises(ValueError, match="line break"):
         render("order_confirmation", injected, "Shop <billing@shop.example>", "<x@shop.example>",
                context)
+
+
+async def test_an_address_smtp_cannot_carry_fails_alone_and_the_others_go(
+    harness: Harness, smtp,
+) -> None:
+    inbox, port = smtp
+    await _start_recording(harness, port)
+    await _place_and_record(harness, ["poison-a", "poison-b"], first_ip=130)
+    # A row recorded before the contract refused such addresses.
+    await harness.pool.execute(
+        "UPDATE emails SET recipient = 'an\x01na@shop.example' WHERE id = (SELECT min(id) FROM emails)")
+    sender = mail_sender(harness, port, connections=1)
+    assert await sender.send_due(harness.pool) == 4
+    await sender.close()
+    assert len(inbox.messages) == 3
+    rows = await harness.pool.fetch("SELECT status, last_error FROM emails ORDER BY id")
+    assert rows[0]["status"] == "pending" and rows[0]["last_error"].startswith("ValueError")
+    assert [r["status"] for r in rows[1:]] == ["sent"] * 3

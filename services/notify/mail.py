@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
@@ -110,9 +111,32 @@ def _from_header(sender: str) -> tuple[str, str]:
     return formataddr((name, address), charset="utf-8"), address
 
 
+# Longer than RFC 2045's 76: b2a_qp encodes a trailing space after filling the line, and an
+# encoded "From " grows by two.
+_LONG_QP_LINE = re.compile(rb"^.{77,}$", re.MULTILINE)
+
+
+def _fold(match: re.Match[bytes]) -> bytes:
+    line, lines = match.group(), []
+    while len(line) > 76:
+        cut = 75  # and the soft break's "=": 76
+        if line[cut - 2:cut - 1] == b"=":  # never inside an =XX escape
+            cut -= 2
+        elif line[cut - 1:cut] == b"=":
+            cut -= 1
+        lines.append(line[:cut] + b"=")
+        line = line[cut:]
+    return b"\n".join([*lines, line])
+
+
 def _part(subtype: str, text: str) -> bytes:
     # Quoted-printable keeps the raw mail readable (the quick start's mail log too) and 7-bit.
-    body = binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
+    # b2a_qp keeps the first line end it meets for all of them: only \n goes in.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    body = binascii.b2a_qp(text.encode(), istext=True)
+    # A line starting "From " is mangled by mbox stores: its F goes encoded.
+    body = (b"=46" + body[1:] if body.startswith(b"From ") else body).replace(b"\nFrom ", b"\n=46rom ")
+    body = _LONG_QP_LINE.sub(_fold, body).replace(b"\n", b"\r\n")
     return (b'Content-Type: text/%s; charset="utf-8"\r\n'
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n%s" % (subtype.encode(), body))
 
@@ -142,4 +166,4 @@ def render(template: str, recipient: str, sender: str, message_id: str,
     data = (head + b'Content-Type: multipart/alternative; boundary="' + boundary + b'"\r\n\r\n'
             + b"--" + boundary + b"\r\n" + delimiter.join(parts)
             + b"\r\n--" + boundary + b"--\r\n")
-    return Mail(envelope_sender, to, data, smtputf8=not local.isascii())
+    return Mail(envelope_sender, to, data, smtputf8=not to.isascii())

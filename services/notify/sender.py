@@ -22,6 +22,9 @@ from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# A mail's own failures: the above, or an address aiosmtplib will not write (ValueError,
+# UnicodeEncodeError), possibly after MAIL FROM went: the envelope is reset like a refusal's.
+_MAIL_ERRORS = (*_SMTP_ERRORS, ValueError)
 
 # The lease of a connection's mails still to go, renewed when due.
 _RENEW = ("UPDATE emails SET lease_until = now() + $2::interval"
@@ -229,7 +232,7 @@ class MailSender:
                 try:
                     await smtp.sendmail(mail.sender, [mail.recipient], mail.data,
                                         mail_options=mail.mail_options)
-                except _SMTP_ERRORS as exc:
+                except _MAIL_ERRORS as exc:
                     if smtp.is_connected:  # this mail refused; the next may go
                         await self._failed(pool, email, exc)
                         if await _reset(smtp):
