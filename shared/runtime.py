@@ -143,6 +143,7 @@ class Runtime:
         self._inflight = _InFlight()
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._batchers: list[asyncio.Task[None]] = []
+        self._outage: asyncio.Task[bool] | None = None  # waiting for the database to answer
 
     async def start(self) -> None:
         s = self.settings
@@ -326,7 +327,7 @@ class Runtime:
             except ValidationError as exc:
                 raise Rejected(describe_validation_error(exc)) from None
         except Rejected as rejection:
-            await self._reject(spec, message, message_id, rejection.reason, data)
+            await self._reject(spec, message, message_id, rejection.reason, data, tell_publisher=True)
             return None
         context = MessageContext(
             consumer=spec.service, message_id=message_id, routing_key=key,
@@ -354,21 +355,27 @@ class Runtime:
         async def one(item: _Work) -> _Work | None:
             if item.route.prepare is None or item.context.message_id in done:
                 return item
-            try:
-                async for attempt in self._transient_retrying():
-                    with attempt:
-                        prepared = await item.route.prepare(item.payload, self.pool)
-            except Rejected as rejection:
-                await self._reject(spec, item.message, item.context.message_id,
-                                   rejection.reason, item.data)
-                return None
-            except Exception as exc:
-                log.exception("prepare failed", extra={"service": spec.service,
-                                                       "message_id": item.context.message_id})
-                await self._reject(spec, item.message, item.context.message_id,
-                                   f"prepare failed: {type(exc).__name__}: {exc}", item.data)
-                return None
-            return replace(item, prepared=prepared)
+            while True:
+                try:
+                    async for attempt in self._transient_retrying():
+                        with attempt:
+                            prepared = await item.route.prepare(item.payload, self.pool)
+                except Rejected as rejection:
+                    await self._reject(spec, item.message, item.context.message_id,
+                                       rejection.reason, item.data, tell_publisher=True)
+                    return None
+                except Exception as exc:
+                    if await self._outlasted_outage(spec, exc):
+                        continue
+                    if self._stop.is_set() and isinstance(exc, db.TRANSIENT_DB_ERRORS):
+                        await _requeue_unsettled([item.message])
+                        return None
+                    log.exception("prepare failed", extra={"service": spec.service,
+                                                           "message_id": item.context.message_id})
+                    await self._reject(spec, item.message, item.context.message_id,
+                                       f"prepare failed: {type(exc).__name__}: {exc}", item.data)
+                    return None
+                return replace(item, prepared=prepared)
 
         results = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
         ready = []
@@ -383,21 +390,28 @@ class Runtime:
         return ready
 
     async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
-        try:
-            await self._run_handler(item)
-        except Rejected as rejection:
-            await self._reject(spec, item.message, item.context.message_id, rejection.reason,
-                               item.data)
-            return
-        except Exception as exc:
-            if isinstance(exc, db.TRANSIENT_DB_ERRORS):
-                reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
-            else:
-                reason = f"handler failed: {type(exc).__name__}: {exc}"
-                log.exception("handler failed", extra={"service": spec.service,
-                                                       "message_id": item.context.message_id})
-            await self._reject(spec, item.message, item.context.message_id, reason, item.data)
-            return
+        while True:
+            try:
+                await self._run_handler(item)
+            except Rejected as rejection:
+                await self._reject(spec, item.message, item.context.message_id, rejection.reason,
+                                   item.data, tell_publisher=True)
+                return
+            except Exception as exc:
+                if await self._outlasted_outage(spec, exc):
+                    continue  # the database is back: the same message again
+                if isinstance(exc, db.TRANSIENT_DB_ERRORS):
+                    if self._stop.is_set():  # stopping mid-outage: the next worker takes it
+                        await _requeue_unsettled([item.message])
+                        return
+                    reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
+                else:
+                    reason = f"handler failed: {type(exc).__name__}: {exc}"
+                    log.exception("handler failed", extra={"service": spec.service,
+                                                           "message_id": item.context.message_id})
+                await self._reject(spec, item.message, item.context.message_id, reason, item.data)
+                return
+            break
         await _ack(item.message)
 
     async def _run_handler(self, item: _Work) -> None:
@@ -435,6 +449,50 @@ class Runtime:
                 uows.append(uow)
             await flush_events(conn, uows)
 
+    async def _outlasted_outage(self, spec: WorkerSpec, exc: BaseException) -> bool:
+        """After a transient error outlived its retries: True once the database, which did not
+        answer (a restart, a failover), answers again. The message was not at fault: it waits,
+        and the few others this worker holds with it, rather than being dead-lettered and its
+        storefront told the order was refused. False if the database answers (the error is
+        this message's own) or the worker stops meanwhile."""
+        if not isinstance(exc, db.TRANSIENT_DB_ERRORS) or self._stop.is_set():
+            return False
+        if await self._database_answers():
+            return False
+        if self._outage is None or self._outage.done():
+            self._outage = asyncio.create_task(self._until_database_answers(spec, exc))
+        outage = self._outage
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({outage, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return outage.done() and not outage.cancelled() and outage.result()
+
+    async def _database_answers(self) -> bool:
+        assert self.pool
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=5)
+        except (*db.TRANSIENT_DB_ERRORS, TimeoutError):
+            return False
+        return True
+
+    async def _until_database_answers(self, spec: WorkerSpec, exc: BaseException) -> bool:
+        started = asyncio.get_running_loop().time()
+        log.error("database not answering: messages wait until it does", extra={
+            "service": spec.service, "in_flight": self._inflight.count,
+            "error": f"{type(exc).__name__}: {exc}"})
+        delay = 0.5
+        while not self._stop.is_set():
+            await asyncio.sleep(delay)
+            if await self._database_answers():
+                log.warning("database answering again: messages resume", extra={
+                    "service": spec.service,
+                    "outage_seconds": round(asyncio.get_running_loop().time() - started, 1)})
+                return True
+            delay = min(delay * 2, 5.0)
+        return False
+
     def _transient_retrying(self, *, spent: int = 0) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(max(1, self.settings.transient_attempts - spent)),
@@ -445,15 +503,18 @@ class Runtime:
 
     async def _reject(
         self, spec: WorkerSpec, message: AbstractIncomingMessage, message_id: str,
-        reason: str, data: Any,
+        reason: str, data: Any, *, tell_publisher: bool = False,
     ) -> None:
-        """Dead-letter with the reason, tell the publisher if we can, then ack. Never requeue."""
+        """Dead-letter with the reason, then ack; never requeue. Bad input (`tell_publisher`)
+        is also answered with the worker's rejection event: a storefront is told its order
+        was refused only when the order is at fault, not when a handler or the database is
+        (an operator replays those once fixed)."""
         order_ref = data.get("order_ref") if isinstance(data, dict) else None
         log.warning("message rejected", extra={
             "service": spec.service, "message_id": message_id, "routing_key": message.routing_key,
             "order_ref": order_ref, "reason": reason,
         })
-        if spec.rejection_event and isinstance(order_ref, str) and order_ref:
+        if tell_publisher and spec.rejection_event and isinstance(order_ref, str) and order_ref:
             await self._emit_rejection(spec, message_id, order_ref, reason)
         assert self.dead_letter_exchange
         body = message.body

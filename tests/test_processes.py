@@ -112,6 +112,7 @@ class Proxy:
         self.port = _free_port()
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.refusing = False
 
     async def start(self, delay: float = 0.0) -> None:
         await asyncio.sleep(delay)
@@ -130,6 +131,14 @@ class Proxy:
         if self.server is not None:
             self.server.close()
 
+    def down(self) -> None:
+        """The server goes away: open connections drop, new ones are refused until up()."""
+        self.refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self.refusing = False
+
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
         with contextlib.suppress(Exception):
@@ -140,6 +149,9 @@ class Proxy:
         self.writers.discard(writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -201,6 +213,40 @@ async def test_worker_survives_broker_and_database_connections_dropping(
     assert await harness.pool.fetchval("SELECT count(*) FROM fraud_checks") == total
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM order_history WHERE action = 'placed'") == total
+
+
+async def test_a_database_outage_holds_orders_and_refuses_none(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    pg = Proxy(5432)
+    await pg.start()
+    s = harness.settings
+    store = await harness.listen("order.rejected")
+    log = tmp_path / "worker.log"
+    process = await spawn(s, log, DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+    try:
+        for n in range(20):
+            await harness.publish("order.place", order_body(f"outage-{n:03d}"))
+        await eventually(lambda: _at_least(harness, "outage-", 20), timeout=60)
+        pg.down()  # PostgreSQL stops for longer than the in-process retries last
+        for n in range(20, 60):
+            await harness.publish("order.place", order_body(f"outage-{n:03d}"))
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(3)
+        pg.up()
+        await eventually(lambda: _at_least(harness, "outage-", 60), timeout=90)
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 0
+        pg.close()
+    text = log.read_text()
+    assert "database not answering" in text and "database answering again" in text
+    assert await harness.dead_letters("placement") == []
+    assert await harness.dead_letters("fraud") == []
+    assert store.bodies("order.rejected") == []
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM fraud_checks f JOIN orders o ON o.id = f.order_id"
+        " WHERE o.order_ref LIKE 'outage-%'") == 60
 
 
 async def test_worker_gives_up_with_a_clear_error_when_the_broker_never_comes(
