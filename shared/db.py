@@ -90,8 +90,10 @@ async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
             return False
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
-        except asyncpg.exceptions.DuplicateDatabaseError:
-            return False  # another migrator won the race
+        except (asyncpg.exceptions.DuplicateDatabaseError, asyncpg.exceptions.UniqueViolationError):
+            # Another migrator won the race; one still committing shows as a unique violation
+            # on pg_database rather than as a duplicate database.
+            return False
         log.info("database created", extra={"database": name})
         return True
     finally:
