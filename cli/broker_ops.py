@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
-from aiormq.exceptions import ChannelNotFoundEntity
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from shared import broker
-from shared.runtime import REASON_HEADER
+from shared.runtime import REASON_HEADER, redact
 from shared.topology import Names
 
 
@@ -46,6 +48,31 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
+def _original_key(message: AbstractIncomingMessage) -> str:
+    """The routing key the message was first published with. A dead letter's own key is its
+    queue's (`x-dead-letter-routing-key`): the runtime records the first in a header; the
+    broker's own dead letters (delivery limit, expiry) keep it in `x-death`."""
+    headers = message.headers or {}
+    if key := _text(headers.get("x-ordermill-routing-key")):
+        return key
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        keys = deaths[0].get("routing-keys") or []
+        if keys:
+            return _text(keys[0])
+    return _text(message.type) or message.routing_key or ""
+
+
+def _shown_body(body: bytes) -> str:
+    """The body as an operator may see it: secrets redacted (the message keeps them)."""
+    text = body.decode(errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:2000]
+    return json.dumps(redact(data))[:2000]
+
+
 async def dead_letters(
     connection: AbstractRobustConnection, names: Names, which: str | None, *, limit: int
 ) -> list[dict[str, Any]]:
@@ -63,35 +90,41 @@ async def dead_letters(
                 found.append({
                     "queue": queue_name,
                     "message_id": message.message_id,
-                    "routing_key": _text(headers.get("x-ordermill-routing-key"))
-                    or message.routing_key,
+                    "routing_key": _original_key(message),
                     "reason": _text(headers.get(REASON_HEADER))
                     or _text(headers.get("x-first-death-reason")) or "unknown",
                     "dead_at": _text(headers.get("x-ordermill-dead-at")) or None,
-                    "body": message.body.decode(errors="replace")[:2000],
+                    "body": _shown_body(message.body),
                 })
         finally:
             await channel.close()
     return found
 
 
+@dataclass
+class Replay:
+    replayed: int = 0
+    # (message id, why): left in their dead-letter queue, the others replayed all the same
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
 async def replay_dead_letters(
     connection: AbstractRobustConnection, names: Names, which: str | None, *, limit: int
-) -> int:
-    """Publish dead letters back to the exchange with their routing key and message id."""
-    replayed = 0
+) -> Replay:
+    """Publish dead letters back to the exchange with their first routing key and message id."""
+    result = Replay()
     publisher = await broker.open_publisher(connection)
     exchange = await publisher.get_exchange(names.exchange)
     for queue_name in _dead_queues(names, which):
         channel = await connection.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
-            while replayed < limit:
+            while result.replayed + len(result.failed) < limit:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
                 headers = dict(message.headers or {})
-                key = _text(headers.get("x-ordermill-routing-key")) or message.routing_key
+                key = _original_key(message)
                 replays = int(headers.get("x-ordermill-replays") or 0) + 1
                 for header in list(headers):
                     if header.startswith(("x-ordermill-", "x-death", "x-first-death",
@@ -105,10 +138,15 @@ async def replay_dead_letters(
                     reply_to=message.reply_to, type=key, timestamp=message.timestamp,
                     headers=headers,
                 )
-                await broker.publish(exchange, key, copy)
+                try:
+                    await broker.publish(exchange, key, copy)
+                except (DeliveryError, PublishError) as exc:  # no queue takes that key
+                    # Left unacknowledged: back in its queue when the channel closes.
+                    result.failed.append((message.message_id or "?", f"{key!r}: {exc}"))
+                    continue
                 await message.ack()
-                replayed += 1
+                result.replayed += 1
         finally:
             await channel.close()
     await publisher.close()
-    return replayed
+    return result

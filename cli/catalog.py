@@ -6,7 +6,7 @@ import tomllib
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,7 +15,7 @@ from shared.contracts import BillingCycle, Currency
 from shared.runtime import describe_validation_error
 
 AutoSetup = Literal["on_order", "on_payment", "on_accept", "never"]
-Price = Decimal
+Price = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=2)]
 
 
 class _Strict(BaseModel):

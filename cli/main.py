@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 import uuid
@@ -89,6 +90,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
                         "run `ordermill migrate`") from None
     except asyncpg.UndefinedTableError:
         raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise UserError(f"RabbitMQ refused a queue as declared: {_first_line(exc)} (a queue's"
+                        " arguments, QUEUE_DELIVERY_LIMIT among them, are fixed when it is first"
+                        " declared)") from None
     except aiormq.exceptions.AMQPConnectionError as exc:
         # Checked first: aiormq's connection errors are OSErrors too.
         raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
@@ -96,6 +101,11 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except (OSError, asyncpg.PostgresConnectionError) as exc:
         raise UserError(f"cannot reach PostgreSQL at {_hide_password(s.database_url)}: "
                         f"{_first_line(exc)}") from None
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError) as exc:
+        raise UserError(f"PostgreSQL refused the login at {_hide_password(s.database_url)}: "
+                        f"{_first_line(exc)}") from None
+    except asyncpg.exceptions.DataError as exc:  # a value PostgreSQL cannot take (an id too big)
+        raise UserError(f"invalid value: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -133,6 +143,10 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
 def migrate() -> None:
     """Create the database if missing, apply migrations, declare the broker topology."""
     s = settings()
+    # It waits for a database or broker still starting (compose's one-shot migrate): one line
+    # per retry says so; aiormq's own report of each refused connection would double it.
+    logs.configure("WARNING", "text")
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
     async def go() -> tuple[bool, list[str]]:
         created = await db.ensure_database(s.database_url, attempts=s.startup_attempts)
@@ -279,14 +293,21 @@ def _moment(value: str | None, option: str) -> datetime | None:
 
 
 @app.command()
-def pending(as_json: bool = JsonOpt) -> None:
-    """Pending orders waiting for review (screening errors flagged); orders still queued apart."""
-    data = _with_db(views.pending_orders)
+def pending(
+    limit: int = typer.Option(200, min=1, max=5000),
+    page: int = typer.Option(1, min=1),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Pending orders waiting for review, oldest first (screening errors flagged); orders
+    still queued apart."""
+    data = _with_db(lambda c: views.pending_orders(c, limit=limit, offset=(page - 1) * limit))
     if as_json:
         return emit_json(data)
     out.print(_orders_table("Pending review", data["pending"]))
     if data["queued"]:
         out.print(_orders_table("Still being screened", data["queued"]))
+    if data["more"]:
+        out.print(f"{data['more']} more pending order(s): --page {page + 1} or a larger --limit")
 
 
 @app.command()
@@ -444,10 +465,19 @@ def dead_letters(
     """Inspect dead letters with their reasons, or replay them."""
     try:
         if replay:
-            count = _with_broker(
+            result = _with_broker(
                 lambda c, n: broker_ops.replay_dead_letters(c, n, queue, limit=limit))
-            return emit_json({"replayed": count}) if as_json else out.print(
-                f"replayed {count} dead letter(s)")
+            if as_json:
+                emit_json({"replayed": result.replayed, "failed": [
+                    {"message_id": message_id, "error": error} for message_id, error in result.failed]})
+            else:
+                out.print(f"replayed {result.replayed} dead letter(s)")
+                for message_id, error in result.failed:
+                    print(f"error: not replayed, left in its queue: {message_id}: {error}",
+                          file=sys.stderr)
+            if result.failed:
+                raise typer.Exit(1)
+            return
         rows = _with_broker(lambda c, n: broker_ops.dead_letters(c, n, queue, limit=limit))
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -795,6 +825,9 @@ _click_errors = sys.modules[typer.BadParameter.__module__]
 
 
 def main() -> None:
+    # Library logs (aiormq's connection errors, retry notices) would print around a command's
+    # own one-line error: silent unless a command sets logging up (`run`, `migrate`).
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
         code = app(standalone_mode=False)
     except _click_errors.NoArgsIsHelpError as exc:

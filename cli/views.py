@@ -49,17 +49,21 @@ async def list_orders(
     return [_order_row(r) for r in rows]
 
 
-async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200) -> dict[str, Any]:
-    """Pending orders whose screening is finished (errors flagged), and those still queued."""
+async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
+                         offset: int = 0) -> dict[str, Any]:
+    """Pending orders whose screening is finished (errors flagged), and those still queued,
+    oldest first; `more` counts those past this page."""
     rows = await conn.fetch(
-        f"SELECT {_ORDER_COLUMNS} FROM orders o JOIN clients c ON c.id = o.client_id"
-        " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1",
-        limit,
+        f"SELECT {_ORDER_COLUMNS}, count(*) OVER () AS total"
+        " FROM orders o JOIN clients c ON c.id = o.client_id"
+        " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1 OFFSET $2",
+        limit, offset,
     )
     orders = [_order_row(r) | {"flagged": r["screening"] == "error"}
               for r in rows if r["screening"] != "queued"]
     queued = [_order_row(r) for r in rows if r["screening"] == "queued"]
-    return {"pending": orders, "queued": queued}
+    more = max(0, rows[0]["total"] - offset - len(rows)) if rows else 0
+    return {"pending": orders, "queued": queued, "more": more}
 
 
 async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ reason, and a clean stop. Handlers are plain functions of (message, unit of work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -105,7 +107,8 @@ def describe_validation_error(error: ValidationError, *, prefix: str = "schema: 
     parts = []
     for item in error.errors()[:5]:
         where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where.upper() if env_names else where}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
+        parts.append(f"{where.upper() if env_names else where}: {message}")
     more = f" (+{error.error_count() - 5} more)" if error.error_count() > 5 else ""
     return prefix + "; ".join(parts) + more
 
@@ -195,6 +198,9 @@ class Runtime:
             asyncio.create_task(job(self.pool, self._stop), name=f"{spec.service}-background")
             for spec in workers for job in spec.background
         ]
+        if self.settings.heartbeat_file:
+            tasks.append(asyncio.create_task(
+                self._heartbeat(Path(self.settings.heartbeat_file)), name="heartbeat"))
         for spec in workers:
             await self._consume(spec)
         log.info("workers running", extra={"workers": [w.service for w in workers]})
@@ -468,6 +474,20 @@ class Runtime:
         finally:
             stopping.cancel()
         return outage.done() and not outage.cancelled() and outage.result()
+
+    async def _heartbeat(self, path: Path) -> None:
+        """Touch `path` while this process can work: its broker connection open and its
+        database answering. A health check reads the file's age; a stopped worker removes it."""
+        try:
+            while not self._stop.is_set():
+                if (self.connection is not None and not self.connection.is_closed
+                        and await self._database_answers()):
+                    await asyncio.to_thread(
+                        path.write_text, datetime.now(UTC).isoformat(timespec="seconds") + "\n")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat_seconds)
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def _database_answers(self) -> bool:
         assert self.pool

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from decimal import Decimal
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +68,10 @@ class Settings(BaseSettings):
     outbox_retention_hours: float = Field(72, gt=0)
     inbox_retention_days: float = Field(30, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
+    # Touched while the worker can work (broker connected, database answering): a
+    # container's health check reads its age. Unset: no file.
+    heartbeat_file: str | None = None
+    heartbeat_seconds: float = Field(10, gt=0)
 
     # Payments and provisioning.
     payment_publishers: CommaList = []  # broker users allowed to publish payments; empty: any
@@ -101,6 +107,30 @@ class Settings(BaseSettings):
     def _split_lower(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fraud_banned_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps") or not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} is not an amqp:// or amqps:// URL with a host")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"{urlsplit(value).scheme or value!r} is not a postgresql:// URL")
         return value
 
     @field_validator("maxmind_high_risk_countries", mode="before")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import aio_pika
+
 from conftest import ROOT, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
@@ -60,7 +62,15 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     code, out, _ = await cli(s, "pending", "--json")
     pending = json.loads(out)
     assert [o["id"] for o in pending["pending"]] == [ok["id"]]
-    assert pending["queued"] == []
+    assert (pending["queued"], pending["more"]) == ([], 0)
+    await harness.publish("order.place", order_body("cli-ok2", ip_address="203.0.113.90"))
+    ok2 = await harness.screened("cli-ok2")
+    pages = [json.loads((await cli(s, "pending", "--limit", "1", "--page", n, "--json"))[1])
+             for n in ("1", "2")]
+    assert [([o["id"] for o in p["pending"]], p["more"]) for p in pages] == [
+        ([ok["id"]], 1), ([ok2["id"]], 0)]
+    code, out, _ = await cli(s, "pending", "--limit", "1")
+    assert "1 more pending order(s): --page 2" in out
 
     code, out, _ = await cli(s, "queues", "--json")
     depths = {q["queue"]: q for q in json.loads(out)}
@@ -75,7 +85,7 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     catalog = json.loads(out)
     assert {p["slug"]: p["auto_setup"] for p in catalog["products"]} == {
         "starter": "on_payment", "business": "on_payment", "trial": "on_order",
-        "reseller": "on_accept", "dedicated": "never"}
+        "reseller": "on_accept", "managed": "never", "dedicated": "never"}
 
     code, out, _ = await cli(s, "failures", "--json")
     assert json.loads(out) == {"screening_errors": [], "stuck_in_screening": [],
@@ -106,7 +116,7 @@ async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harnes
         "INSERT INTO product_prices (product_id, currency, billing_cycle, price)"
         " SELECT id, 'EUR', 'monthly', 11.00 FROM products WHERE slug = 'business'")
     code, out, _ = await cli(s, "dead-letters", "--replay", "--json")
-    assert (code, json.loads(out)) == (0, {"replayed": 1})
+    assert (code, json.loads(out)) == (0, {"replayed": 1, "failed": []})
     order = await eventually(lambda: harness.order("cli-replay"))
     assert order["total"] == 11
     assert order["placed_message_id"] == message_id
@@ -114,12 +124,67 @@ async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harnes
     assert json.loads(out) == []
 
 
+async def test_dead_letters_of_the_broker_itself_are_replayed_under_their_first_key(
+    harness: Harness,
+) -> None:
+    s = harness.settings
+    # No review worker: the command expires in its queue and the broker dead-letters it.
+    code, _out, err = await cli(s, "accept", "999999", "--timeout", "1")
+    assert code != 0, err
+
+    async def expired():
+        _code, out, _ = await cli(s, "dead-letters", "review", "--json")
+        rows = json.loads(out)
+        return rows if rows else None
+    rows = await eventually(expired, timeout=20)
+    assert [(r["routing_key"], r["reason"]) for r in rows] == [("review.command", "expired")]
+    # And one whose key no queue takes any more: it stays, the others go, the exit says so.
+    channel = await harness.connection.channel()
+    dlx = await channel.get_exchange(harness.names.dead_letter_exchange)
+    await dlx.publish(aio_pika.Message(b'{"order_id": 1}', message_id="orphan", headers={
+        "x-ordermill-routing-key": "review.retired", "x-ordermill-reason": "test"}),
+        routing_key=harness.names.queue("review"))
+    await channel.close()
+    code, out, err = await cli(s, "dead-letters", "review", "--replay", "--json")
+    result = json.loads(out)
+    assert code == 1 and result["replayed"] == 1
+    assert [f["message_id"] for f in result["failed"]] == ["orphan"]
+    code, out, _ = await cli(s, "dead-letters", "review", "--json")
+    assert [r["message_id"] for r in json.loads(out)] == ["orphan"]
+    code, out, _ = await cli(s, "queues", "--json")
+    depth = {q["queue"]: q["messages"] for q in json.loads(out)}
+    assert depth[harness.names.queue("review")] == 1  # the expired command, back in its queue
+
+
+async def test_settings_and_services_mistakes_print_one_line(settings: Settings) -> None:
+    closed = settings.amqp_url.replace(":5672/", ":1/")
+    cases = [
+        ({"FRAUD_BANNED_IPS": "notanip"}, "error: invalid setting FRAUD_BANNED_IPS: 'notanip' is not"),
+        ({"AMQP_URL": "notaurl"}, "error: invalid setting AMQP_URL: 'notaurl' is not an amqp://"),
+        ({"DATABASE_URL": "mysql://x"}, "error: invalid setting DATABASE_URL: 'mysql' is not"),
+        ({"DATABASE_URL": settings.database_url.replace("postgres@", "nobody@")},
+         "error: PostgreSQL refused the login"),
+        ({"AMQP_URL": closed}, "error: cannot reach RabbitMQ at"),
+    ]
+    for env, start in cases:
+        command = ("queues",) if "AMQP_URL" in env else ("orders",)
+        code, _out, err = await cli(settings, *command, **env)
+        assert code == 1, env
+        assert err.startswith(start), (env, err)
+        assert len(err.strip().splitlines()) == 1, (env, err)
+
+
 async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp_path) -> None:
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text('[[products]]\nslug = "x"\nname = "X"\nauto_setup = "sometimes"\n'
                         'prices.USD = { monthly = 1 }\n')
+    negative = tmp_path / "negative.toml"
+    negative.write_text('[[products]]\nslug = "x"\nname = "X"\nprices.USD = { monthly = -1 }\n')
     cases = [
         (("show", "999999"), "error: order 999999 does not exist"),
+        (("show", "99999999999999999999"), "error: invalid value"),
+        (("catalog", "load", str(negative)),
+         f"error: {negative}: schema: products.0.prices.USD.monthly: Input should be greater"),
         (("orders", "--status", "bogus"), "error: unknown status 'Bogus'"),
         (("run", "nosuch"), "error: unknown service 'nosuch'"),
         (("dead-letters", "nosuch"), "error: unknown queue 'nosuch'"),
@@ -159,7 +224,7 @@ async def test_migrate_and_catalog_load_on_a_new_database(settings: Settings) ->
         assert "0 migration(s) applied" in out
         code, out, err = await cli(fresh, "catalog", "load", "catalog.example.toml")
         assert (code, out.strip()) == (
-            0, "catalog loaded: 1 servers, 5 products, 4 tlds, 1 promotions")
+            0, "catalog loaded: 1 servers, 6 products, 4 tlds, 1 promotions")
     finally:
         import asyncpg
 

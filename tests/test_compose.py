@@ -466,6 +466,24 @@ def test_workers_start_after_migrate_restart_and_drain() -> None:
             f"{name}: docker kills it before the runtime has drained in-flight work"
 
 
+def test_workers_are_healthy_only_while_their_heartbeat_is_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in worker_containers():
+        svc = services()[name]
+        s = settings_of(svc, monkeypatch)
+        assert s.heartbeat_file, f"{name}: no HEARTBEAT_FILE, so its health check has nothing to read"
+        check = svc.get("healthcheck") or {}
+        assert not check.get("disable") and check.get("test"), f"{name} has no health check"
+        command = " ".join(check["test"][1:]).replace("$$", "$")
+        assert s.heartbeat_file in command, f"{name}: the health check reads another file"
+        age = int(re.search(r"-lt (\d+)", command).group(1))
+        assert 2 * s.heartbeat_seconds < age <= 6 * s.heartbeat_seconds, \
+            f"{name}: a heartbeat older than {age} s is unhealthy, beats come every {s.heartbeat_seconds} s"
+    assert (services()[migrate_service()].get("healthcheck") or {}).get("disable"), \
+        "the one-shot migrate writes no heartbeat: its health check would fail"
+
+
 def test_named_volumes_are_declared_and_rabbitmq_keeps_its_node_name() -> None:
     declared = set(compose().get("volumes") or {})
     for name, svc in services().items():

@@ -82,15 +82,16 @@ async def _at_least(h: Harness, prefix: str, n: int) -> bool:
     return await screened_count(h, prefix) >= n
 
 
-async def test_sigterm_stops_cleanly_after_in_flight_work(
-    harness: Harness, tmp_path: Path,
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_stops_cleanly_after_in_flight_work(
+    harness: Harness, tmp_path: Path, stop_signal: signal.Signals,
 ) -> None:
     log = tmp_path / "worker.log"
     process = await spawn(harness.settings, log)
     await asyncio.gather(*(harness.publish("order.place", order_body(f"term-{n:03d}"))
                            for n in range(50)))
     await eventually(lambda: _at_least(harness, "term-", 5), timeout=60)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     assert await asyncio.wait_for(process.wait(), timeout=45) == 0
     text = log.read_text()
     assert "stopping: no new messages" in text

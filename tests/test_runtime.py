@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 
@@ -296,3 +297,27 @@ async def test_a_batchs_events_are_written_intact_and_once(harness: Harness) -> 
     assert [(r["routing_key"], r["body"], r["correlation_id"], r["direct"]) for r in rows] == [
         ("x.y", body, "m1", False), ("replies", {"ok": 1}, "corr", True),
         ("x.y", body, "m2", False), ("replies", {"ok": 1}, "corr", True)]
+
+
+async def test_a_heartbeat_file_is_touched_while_the_worker_can_work(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    beat = tmp_path / "alive"
+    runtime = await harness.start([placement_worker(harness.settings)],
+                                  heartbeat_file=str(beat), heartbeat_seconds=0.2)
+
+    async def touched() -> int:
+        return beat.exists() and beat.stat().st_mtime_ns
+
+    first = await eventually(touched)
+    assert await eventually(lambda: _later(touched, first))
+    assert datetime.fromisoformat(beat.read_text().strip()).tzinfo is not None
+    runtime.stop()
+
+    async def gone() -> bool:
+        return not beat.exists()
+    await eventually(gone)  # a stopped worker is not alive
+
+
+async def _later(touched, first: int) -> bool:
+    return (await touched()) > first
