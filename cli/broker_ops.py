@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from shared import broker
-from shared.runtime import REASON_HEADER, redact
+from shared.runtime import REASON_HEADER, REDACTED, SECRET_KEYS, redact
 from shared.topology import Names
 
 
@@ -61,6 +61,18 @@ def _original_key(message: AbstractIncomingMessage) -> str:
         if keys:
             return _text(keys[0])
     return _text(message.type) or message.routing_key or ""
+
+
+def _lost_secrets(body: bytes) -> bool:
+    """Whether the runtime blanked a secret of this body when it dead-lettered it."""
+    def walk(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any((k in SECRET_KEYS and v == REDACTED) or walk(v) for k, v in value.items())
+        return isinstance(value, list) and any(walk(v) for v in value)
+    try:
+        return walk(json.loads(body))
+    except ValueError:
+        return False
 
 
 def _shown_body(body: bytes) -> str:
@@ -123,6 +135,12 @@ async def replay_dead_letters(
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
+                if _lost_secrets(message.body):
+                    # Its secrets (an EPP code) were blanked when it was dead-lettered: replayed,
+                    # the transfer would fail at the registrar. Left for an operator to place again.
+                    result.failed.append((message.message_id or "?", "its secrets were redacted when"
+                                          " it was dead-lettered: place the order again with them"))
+                    continue
                 headers = dict(message.headers or {})
                 key = _original_key(message)
                 replays = int(headers.get("x-ordermill-replays") or 0) + 1

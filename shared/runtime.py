@@ -41,6 +41,7 @@ Handler = Callable[..., Awaitable[None]]  # (message, uow) or (message, uow, pre
 Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
 REASON_HEADER = "x-ordermill-reason"
 SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licence_key", "api_key"})
+REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class _Work:
 def redact(value: Any) -> Any:
     """A copy with secrets replaced: dead letters and logs never carry them."""
     if isinstance(value, dict):
-        return {k: "[redacted]" if k in SECRET_KEYS and v else redact(v) for k, v in value.items()}
+        return {k: REDACTED if k in SECRET_KEYS and v else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -156,6 +156,25 @@ async def test_dead_letters_of_the_broker_itself_are_replayed_under_their_first_
     assert depth[harness.names.queue("review")] == 1  # the expired command, back in its queue
 
 
+async def test_a_dead_letter_whose_secrets_were_redacted_is_not_replayed(harness: Harness) -> None:
+    s = harness.settings
+    body = order_body("cli-secret", currency="usd")  # refused: not a currency code
+    body["items"][1] |= {"action": "transfer", "epp_code": "s3cret-EPP"}
+    message_id = await harness.publish("order.place", body)
+    await harness.start([placement_worker(s)], relay=False)
+
+    async def listed():
+        _code, out, _ = await cli(s, "dead-letters", "placement", "--json")
+        return json.loads(out) or None
+    await eventually(listed, timeout=20)
+    code, out, _ = await cli(s, "dead-letters", "placement", "--replay", "--json")
+    result = json.loads(out)
+    assert (code, result["replayed"]) == (1, 0)
+    assert [f["message_id"] for f in result["failed"]] == [message_id]
+    assert "redacted" in result["failed"][0]["error"]
+    assert [r["message_id"] for r in await listed()] == [message_id]  # still there
+
+
 async def test_settings_and_services_mistakes_print_one_line(settings: Settings) -> None:
     closed = settings.amqp_url.replace(":5672/", ":1/")
     cases = [
