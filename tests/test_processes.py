@@ -263,3 +263,37 @@ async def test_worker_gives_up_with_a_clear_error_when_the_broker_never_comes(
     last = err.decode().strip().splitlines()[-1]
     assert last.startswith(f"error: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}/: ")
     assert "Traceback" not in err.decode()
+
+
+async def test_every_compose_worker_container_starts_healthy_and_stops_cleanly(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    """docker-compose.yml's worker containers, run here as their commands and environment
+    say (the test's broker, database and namespace in place of compose's hosts): each is
+    alive by its health check's file, then stops on SIGTERM with exit code 0."""
+    from test_compose import environment, invocations, services, worker_containers
+
+    own = {"AMQP_URL", "DATABASE_URL", "ORDERMILL_NAMESPACE"}
+    running: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
+    try:
+        for name in worker_containers():
+            env = {k: v for k, v in environment(services()[name]).items() if v and k not in own}
+            beat = tmp_path / f"{name}.alive"
+            env |= {"HEARTBEAT_FILE": str(beat), "HEARTBEAT_SECONDS": "0.5"}
+            (args,) = invocations(name)
+            log = (tmp_path / f"{name}.log").open("ab")
+            running[name] = (await asyncio.create_subprocess_exec(
+                ORDERMILL, *args, env=worker_env(harness.settings, **env),
+                stdout=log, stderr=log), beat)
+        for name, (process, beat) in running.items():
+            async def alive(name=name, process=process, beat=beat) -> bool:
+                assert process.returncode is None, (tmp_path / f"{name}.log").read_text()[-2000:]
+                return beat.exists()
+            await eventually(alive, timeout=60)
+    finally:
+        for process, _ in running.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+    for name, (process, beat) in running.items():
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 0, name
+        assert not beat.exists(), f"{name} left its heartbeat behind: it would look alive"
