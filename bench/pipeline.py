@@ -833,7 +833,7 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
             await create_database(s)
             connection = await broker.connect(s.amqp_url, attempts=3)
             channel = await connection.channel()
-            await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
+            await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             await declare_bare_topology(channel, bench.bare)
             source = OrderSource(bench.run_id)
             runs.append(await bench_ordermill(bench, connection, source, opts))

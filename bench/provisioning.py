@@ -662,9 +662,7 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
             await slow.start()
             await create_database(s, fast.port, slow.port)
             connection = await broker.connect(s.amqp_url, attempts=3)
-            channel = await connection.channel()
-            await declare_topology(channel, bench.names, delivery_limit=s.queue_delivery_limit)
-            await channel.close()
+            await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             run = await bench_provisioning(bench, connection, opts, fast.token)
             whm_calls = {"web1": dict(fast.calls), "web-slow": dict(slow.calls)}
         finally:

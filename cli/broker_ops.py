@@ -63,6 +63,15 @@ def _original_key(message: AbstractIncomingMessage) -> str:
     return _text(message.type) or message.routing_key or ""
 
 
+def _death_reason(message: AbstractIncomingMessage) -> str:
+    """Why the broker dead-lettered it (`expired`, `delivery_limit`, ...); empty if it did not."""
+    headers = message.headers or {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return _text(deaths[0].get("reason"))
+    return _text(headers.get("x-first-death-reason"))
+
+
 def _lost_secrets(body: bytes) -> bool:
     """Whether the runtime blanked a secret of this body when it dead-lettered it."""
     def walk(value: Any) -> bool:
@@ -116,6 +125,9 @@ async def dead_letters(
 @dataclass
 class Replay:
     replayed: int = 0
+    # Expired messages (an operator's review command unanswered in time): their sender was
+    # told they expired unapplied, so they are removed, never carried out late.
+    discarded: list[str] = field(default_factory=list)
     # (message id, why): left in their dead-letter queue, the others replayed all the same
     failed: list[tuple[str, str]] = field(default_factory=list)
 
@@ -131,10 +143,14 @@ async def replay_dead_letters(
         channel = await connection.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
-            while result.replayed + len(result.failed) < limit:
+            while result.replayed + len(result.failed) + len(result.discarded) < limit:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
+                if _death_reason(message) == "expired":
+                    await message.ack()
+                    result.discarded.append(message.message_id or "?")
+                    continue
                 if _lost_secrets(message.body):
                     # Its secrets (an EPP code) were blanked when it was dead-lettered: replayed,
                     # the transfer would fail at the registrar. Left for an operator to place again.

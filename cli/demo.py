@@ -125,7 +125,8 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
     connection = await broker.connect(s.amqp_url, attempts=3)
     async with connection:
         channel = await broker.open_publisher(connection)
-        exchange = await declare_topology(channel, names, delivery_limit=s.queue_delivery_limit)
+        await declare_topology(connection, names, delivery_limit=s.queue_delivery_limit)
+        exchange = await channel.get_exchange(names.exchange)
         # Like a real storefront: its own queue bound to the events it cares about.
         listen = await connection.channel()
         events = await listen.declare_queue(exclusive=True, auto_delete=True)

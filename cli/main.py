@@ -157,8 +157,7 @@ def migrate() -> None:
             await pool.close()
         connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         async with connection:
-            channel = await connection.channel()
-            await declare_topology(channel, Names(s.namespace),
+            await declare_topology(connection, Names(s.namespace),
                                    delivery_limit=s.queue_delivery_limit)
         return created, applied
 
@@ -468,10 +467,13 @@ def dead_letters(
             result = _with_broker(
                 lambda c, n: broker_ops.replay_dead_letters(c, n, queue, limit=limit))
             if as_json:
-                emit_json({"replayed": result.replayed, "failed": [
+                emit_json({"replayed": result.replayed, "discarded": result.discarded, "failed": [
                     {"message_id": message_id, "error": error} for message_id, error in result.failed]})
             else:
                 out.print(f"replayed {result.replayed} dead letter(s)")
+                if result.discarded:
+                    out.print(f"discarded {len(result.discarded)} expired command(s): their senders"
+                              " were told they expired unapplied")
                 for message_id, error in result.failed:
                     print(f"error: not replayed, left in its queue: {message_id}: {error}",
                           file=sys.stderr)

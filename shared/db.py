@@ -66,7 +66,9 @@ async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 
         with attempt:
             return await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size, init=init_connection,
-                command_timeout=60, reset=_keep_session,
+                # A connection that cannot be made in 10 s (a host gone from the network)
+                # fails like a refused one, so an outage is seen in seconds, not minutes.
+                timeout=10, command_timeout=60, reset=_keep_session,
             )
     raise AssertionError("unreachable")
 

@@ -148,6 +148,7 @@ class Runtime:
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._batchers: list[asyncio.Task[None]] = []
         self._outage: asyncio.Task[bool] | None = None  # waiting for the database to answer
+        self._database_down = False
 
     async def start(self) -> None:
         s = self.settings
@@ -159,9 +160,8 @@ class Runtime:
         await db.migrate(self.pool)
         self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         publisher = await broker.open_publisher(self.connection)
-        self.exchange = await declare_topology(
-            publisher, self.names, delivery_limit=s.queue_delivery_limit
-        )
+        await declare_topology(self.connection, self.names, delivery_limit=s.queue_delivery_limit)
+        self.exchange = await publisher.get_exchange(self.names.exchange)
         self.dead_letter_exchange = await publisher.get_exchange(self.names.dead_letter_exchange)
         self.direct_exchange = publisher.default_exchange
 
@@ -262,8 +262,8 @@ class Runtime:
         log.info("stopping: no new messages, finishing in-flight work",
                  extra={"in_flight": self._inflight.count})
         for queue, tag in self._consumers:
-            try:
-                await queue.cancel(tag)
+            try:  # bounded: with the broker away, a robust channel waits for it to come back
+                await asyncio.wait_for(queue.cancel(tag), timeout=5)
             except Exception as exc:  # the channel may already be gone
                 log.warning("consumer cancel failed", extra={"error": str(exc)})
         self._consumers.clear()
@@ -300,6 +300,9 @@ class Runtime:
         write and COMMIT). If any of them fails, the batch rolls back and each message is
         handled alone, so one bad message never takes the others with it."""
         parsed = [item for m in messages if (item := await self._parse(spec, m)) is not None]
+        if not await self._through_outage():  # stopping while the database is away
+            await _requeue_unsettled([item.message for item in parsed])
+            return
         ready = await self._run_prepare(spec, parsed)
         if len(ready) > 1:
             try:
@@ -363,6 +366,9 @@ class Runtime:
             if item.route.prepare is None or item.context.message_id in done:
                 return item
             while True:
+                if not await self._through_outage():
+                    await _requeue_unsettled([item.message])
+                    return None
                 try:
                     async for attempt in self._transient_retrying():
                         with attempt:
@@ -372,11 +378,8 @@ class Runtime:
                                        rejection.reason, item.data, tell_publisher=True)
                     return None
                 except Exception as exc:
-                    if await self._outlasted_outage(spec, exc):
-                        continue
-                    if self._stop.is_set() and isinstance(exc, db.TRANSIENT_DB_ERRORS):
-                        await _requeue_unsettled([item.message])
-                        return None
+                    if await self._outlasted_outage(spec, exc) or self._database_down:
+                        continue  # back: again; or stopping mid-outage: requeued above
                     log.exception("prepare failed", extra={"service": spec.service,
                                                            "message_id": item.context.message_id})
                     await self._reject(spec, item.message, item.context.message_id,
@@ -398,6 +401,9 @@ class Runtime:
 
     async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
         while True:
+            if not await self._through_outage():  # stopping while the database is away
+                await _requeue_unsettled([item.message])
+                return
             try:
                 await self._run_handler(item)
             except Rejected as rejection:
@@ -405,12 +411,9 @@ class Runtime:
                                    item.data, tell_publisher=True)
                 return
             except Exception as exc:
-                if await self._outlasted_outage(spec, exc):
-                    continue  # the database is back: the same message again
+                if await self._outlasted_outage(spec, exc) or self._database_down:
+                    continue  # back: the same message again; or stopping: requeued above
                 if isinstance(exc, db.TRANSIENT_DB_ERRORS):
-                    if self._stop.is_set():  # stopping mid-outage: the next worker takes it
-                        await _requeue_unsettled([item.message])
-                        return
                     reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
                 else:
                     reason = f"handler failed: {type(exc).__name__}: {exc}"
@@ -461,41 +464,72 @@ class Runtime:
         answer (a restart, a failover), answers again. The message was not at fault: it waits,
         and the few others this worker holds with it, rather than being dead-lettered and its
         storefront told the order was refused. False if the database answers (the error is
-        this message's own) or the worker stops meanwhile."""
-        if not isinstance(exc, db.TRANSIENT_DB_ERRORS) or self._stop.is_set():
+        this message's own) or the worker stops first (`_database_down` then stays set, and
+        what is not yet handled goes back to the queue)."""
+        if not isinstance(exc, db.TRANSIENT_DB_ERRORS):
             return False
-        if await self._database_answers():
-            return False
+        if not self._database_down:
+            if await self._database_answers():
+                return False
+            self._database_down = True
         if self._outage is None or self._outage.done():
             self._outage = asyncio.create_task(self._until_database_answers(spec, exc))
-        outage = self._outage
-        stopping = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait({outage, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        return outage.done() and not outage.cancelled() and outage.result()
+        return await self._through_outage()
+
+    async def _through_outage(self) -> bool:
+        """Wait out an outage already seen: True once the database answers (at once if it
+        is not away), False if the worker stops first."""
+        while self._database_down:
+            outage = self._outage
+            if self._stop.is_set() or outage is None:
+                return False
+            if outage.done():  # ended without the database back (it never raises): give up
+                return False
+            stopping = asyncio.create_task(self._stop.wait())
+            try:
+                await asyncio.wait({outage, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+        return True
 
     async def _heartbeat(self, path: Path) -> None:
-        """Touch `path` while this process can work: its broker connection open and its
-        database answering. A health check reads the file's age; a stopped worker removes it."""
+        """Touch `path` while this process can work: its broker connected (a robust connection
+        reconnecting is not closed, only not connected) and its database answering. A health
+        check reads the file's age; a stopped worker removes it. A failed beat is logged and
+        the next one tried: the heartbeat itself never dies."""
+        failing = False
         try:
             while not self._stop.is_set():
-                if (self.connection is not None and not self.connection.is_closed
-                        and await self._database_answers()):
-                    await asyncio.to_thread(
-                        path.write_text, datetime.now(UTC).isoformat(timespec="seconds") + "\n")
+                try:
+                    if (self.connection is not None and self.connection.connected.is_set()
+                            and await self._database_answers()):
+                        await asyncio.to_thread(
+                            path.write_text, datetime.now(UTC).isoformat(timespec="seconds") + "\n")
+                    failing = False
+                except Exception as exc:
+                    if not failing:
+                        log.warning("heartbeat not written", extra={
+                            "path": str(path), "error": f"{type(exc).__name__}: {exc}"})
+                    failing = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat_seconds)
         finally:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def _database_answers(self) -> bool:
-        assert self.pool
+        """Asked on a connection of its own: a pool busy with long transactions is no outage."""
         try:
-            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=5)
-        except (*db.TRANSIENT_DB_ERRORS, TimeoutError):
+            conn = await asyncpg.connect(self.settings.database_url, timeout=5)
+        except Exception:  # refused, unreachable, starting up, shutting down: not answering
             return False
+        try:
+            await conn.fetchval("SELECT 1", timeout=5)
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2)
         return True
 
     async def _until_database_answers(self, spec: WorkerSpec, exc: BaseException) -> bool:
@@ -505,10 +539,11 @@ class Runtime:
             "error": f"{type(exc).__name__}: {exc}"})
         delay = 0.5
         while not self._stop.is_set():
-            await asyncio.sleep(delay)
-            if await self._database_answers():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if not self._stop.is_set() and await self._database_answers():
+                self._database_down = False
                 log.warning("database answering again: messages resume", extra={
-                    "service": spec.service,
                     "outage_seconds": round(asyncio.get_running_loop().time() - started, 1)})
                 return True
             delay = min(delay * 2, 5.0)

@@ -6,10 +6,14 @@ at start, so a message published before the first worker runs is kept.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aiormq.exceptions import ChannelPreconditionFailed
+
+log = logging.getLogger("ordermill.topology")
 
 # Which routing keys each service's work queue receives. The queue exists from
 # `migrate` on, so orders published before the workers start wait there.
@@ -73,29 +77,55 @@ async def declare_exchange(channel: AbstractChannel, names: Names) -> AbstractEx
     )
 
 
+# Dead-letter queues are quorum queues too. RabbitMQ 4.x gives every quorum queue a delivery
+# limit of 20 unless told otherwise, and listing dead letters (`basic.get`, then returned)
+# counts as a delivery: without a limit of their own, a dead letter looked at 20 times
+# would be dropped. -1 (no limit) exists only from 4.0 on; on 3.x it drops at once.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
+
+def dead_queue_arguments() -> dict[str, object]:
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
+
+
 async def declare_topology(
-    channel: AbstractChannel, names: Names, *, delivery_limit: int
-) -> AbstractExchange:
-    """Declare exchanges, every work queue and its dead-letter queue. Returns the main exchange."""
-    exchange = await declare_exchange(channel, names)
-    dlx = await channel.declare_exchange(
-        names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-    )
-    for service, keys in SERVICE_BINDINGS.items():
-        queue = await channel.declare_queue(
-            names.queue(service),
-            durable=True,
-            arguments=work_queue_arguments(names, service, delivery_limit),
+    connection: AbstractConnection, names: Names, *, delivery_limit: int
+) -> None:
+    """Declare exchanges, every work queue and its dead-letter queue."""
+    channel = await connection.channel()
+    try:
+        exchange = await declare_exchange(channel, names)
+        dlx = await channel.declare_exchange(
+            names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
-        for key in keys:
-            await queue.bind(exchange, routing_key=key)
-        dead = await channel.declare_queue(
-            names.dead_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await dead.bind(dlx, routing_key=names.queue(service))
-    return exchange
+        for service, keys in SERVICE_BINDINGS.items():
+            queue = await channel.declare_queue(
+                names.queue(service),
+                durable=True,
+                arguments=work_queue_arguments(names, service, delivery_limit),
+            )
+            for key in keys:
+                await queue.bind(exchange, routing_key=key)
+            await _declare_dead_queue(connection, names.dead_queue(service))
+            dead = await channel.get_queue(names.dead_queue(service), ensure=False)
+            await dead.bind(dlx, routing_key=names.queue(service))
+    finally:
+        await channel.close()
 
 
+async def _declare_dead_queue(connection: AbstractConnection, name: str) -> None:
+    """On a channel of its own: a queue an older release declared without its delivery limit
+    refuses the new arguments (and the refusal closes the channel). It is kept as it is."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, durable=True, arguments=dead_queue_arguments())
+    except ChannelPreconditionFailed as exc:
+        log.warning("dead-letter queue kept with the arguments it was declared with; on"
+                    " RabbitMQ 4.x recreate it (when empty) so its dead letters are never dropped"
+                    " after 20 looks", extra={"queue": name, "error": str(exc)})
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 async def delete_topology(channel: AbstractChannel, names: Names) -> None:
     """Remove everything of a namespace (tests clean up their own)."""
     for queue_name in names.all_queues():

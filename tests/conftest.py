@@ -258,8 +258,9 @@ async def harness(settings: Settings) -> AsyncIterator[Harness]:
     pool = await db.create_pool(settings.database_url, max_size=4, attempts=3)
     connection = await broker.connect(settings.amqp_url, attempts=3)
     channel = await broker.open_publisher(connection)
-    exchange = await declare_topology(channel, Names(settings.namespace),
-                                      delivery_limit=settings.queue_delivery_limit)
+    await declare_topology(connection, Names(settings.namespace),
+                           delivery_limit=settings.queue_delivery_limit)
+    exchange = await channel.get_exchange(Names(settings.namespace).exchange)
     h = Harness(settings, Names(settings.namespace), pool, connection, exchange)
     try:
         yield h

@@ -116,7 +116,7 @@ async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harnes
         "INSERT INTO product_prices (product_id, currency, billing_cycle, price)"
         " SELECT id, 'EUR', 'monthly', 11.00 FROM products WHERE slug = 'business'")
     code, out, _ = await cli(s, "dead-letters", "--replay", "--json")
-    assert (code, json.loads(out)) == (0, {"replayed": 1, "failed": []})
+    assert (code, json.loads(out)) == (0, {"replayed": 1, "discarded": [], "failed": []})
     order = await eventually(lambda: harness.order("cli-replay"))
     assert order["total"] == 11
     assert order["placed_message_id"] == message_id
@@ -124,7 +124,7 @@ async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harnes
     assert json.loads(out) == []
 
 
-async def test_dead_letters_of_the_broker_itself_are_replayed_under_their_first_key(
+async def test_the_brokers_own_dead_letters_replay_under_their_first_key_and_expired_ones_go(
     harness: Harness,
 ) -> None:
     s = harness.settings
@@ -144,16 +144,29 @@ async def test_dead_letters_of_the_broker_itself_are_replayed_under_their_first_
     await dlx.publish(aio_pika.Message(b'{"order_id": 1}', message_id="orphan", headers={
         "x-ordermill-routing-key": "review.retired", "x-ordermill-reason": "test"}),
         routing_key=harness.names.queue("review"))
+    # And one the delivery limit dead-lettered: replayed under its first key.
+    await channel.close()
+    channel = await harness.connection.channel()
+    queue = await channel.get_queue(harness.names.queue("review"))
+    limited = await harness.publish("review.command", {"order_id": 1, "action": "accept"})
+    for _ in range(harness.settings.queue_delivery_limit + 1):
+        message = await eventually(lambda: queue.get(fail=False), timeout=10)
+        await message.nack(requeue=True)
     await channel.close()
     code, out, err = await cli(s, "dead-letters", "review", "--replay", "--json")
     result = json.loads(out)
     assert code == 1 and result["replayed"] == 1
+    # The expired command is not carried out late: `accept` said it expired unapplied.
+    assert len(result["discarded"]) == 1
     assert [f["message_id"] for f in result["failed"]] == ["orphan"]
     code, out, _ = await cli(s, "dead-letters", "review", "--json")
     assert [r["message_id"] for r in json.loads(out)] == ["orphan"]
-    code, out, _ = await cli(s, "queues", "--json")
-    depth = {q["queue"]: q["messages"] for q in json.loads(out)}
-    assert depth[harness.names.queue("review")] == 1  # the expired command, back in its queue
+    channel = await harness.connection.channel()
+    queue = await channel.get_queue(harness.names.queue("review"))
+    back = await eventually(lambda: queue.get(fail=False), timeout=10)
+    assert (back.message_id, back.routing_key) == (limited, "review.command")
+    await back.ack()
+    assert await queue.get(fail=False) is None
 
 
 async def test_a_dead_letter_whose_secrets_were_redacted_is_not_replayed(harness: Harness) -> None:

@@ -297,3 +297,73 @@ async def test_every_compose_worker_container_starts_healthy_and_stops_cleanly(
     for name, (process, beat) in running.items():
         assert await asyncio.wait_for(process.wait(), timeout=45) == 0, name
         assert not beat.exists(), f"{name} left its heartbeat behind: it would look alive"
+
+
+async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses_nothing(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    pg = Proxy(5432)
+    await pg.start()
+    s = harness.settings
+    log = tmp_path / "worker.log"
+    process = await spawn(s, log, DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+    try:
+        await eventually(lambda: _log_has(log, "workers running"), timeout=60)
+        pg.down()
+        await asyncio.gather(*(harness.publish("order.place", order_body(f"halt-{n:03d}"))
+                               for n in range(60)))
+        await eventually(lambda: _log_has(log, "database not answering"), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        # Nothing waits for the database any more: no 30 s drain, no retries per message.
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        pg.close()
+    assert "did not finish" not in log.read_text()
+    assert await harness.dead_letters("placement") == []
+    process = await spawn(s, log)  # the database is back: a new worker takes every order
+    try:
+        await eventually(lambda: _at_least(harness, "halt-", 60), timeout=60)
+    finally:
+        process.terminate()
+        await process.wait()
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE action = 'placed'") == 60
+
+
+async def test_the_heartbeat_stops_while_the_broker_is_away(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    mq = Proxy(5672)
+    await mq.start()
+    s = harness.settings
+    beat = tmp_path / "alive"
+    process = await spawn(s, tmp_path / "worker.log", HEARTBEAT_FILE=str(beat),
+                          HEARTBEAT_SECONDS="0.2",
+                          AMQP_URL=s.amqp_url.replace(":5672/", f":{mq.port}/"))
+    try:
+        await eventually(lambda: _exists(beat), timeout=60)
+        mq.down()
+        await asyncio.sleep(1.5)
+        stale = beat.stat().st_mtime_ns
+        await asyncio.sleep(1.5)  # several beats: none written while reconnecting
+        assert beat.stat().st_mtime_ns == stale
+        mq.up()
+        await eventually(lambda: _newer(beat, stale), timeout=60)
+    finally:
+        process.terminate()
+        await process.wait()
+        mq.close()
+
+
+async def _log_has(log: Path, text: str) -> bool:
+    return log.exists() and text in log.read_text()
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def _newer(path: Path, than: int) -> bool:
+    return path.stat().st_mtime_ns > than

@@ -7,7 +7,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aio_pika
 import asyncpg
+import pytest
 
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
@@ -17,6 +19,14 @@ from shared.contracts import OrderRejected
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime, WorkerSpec, redact, route
+from shared.settings import Settings
+from shared.topology import (
+    SERVICE_BINDINGS,
+    Names,
+    dead_queue_arguments,
+    declare_topology,
+    delete_topology,
+)
 from shared.uow import MessageContext, UnitOfWork, event_id, flush_events, write_event
 
 
@@ -321,3 +331,67 @@ async def test_a_heartbeat_file_is_touched_while_the_worker_can_work(
 
 async def _later(touched, first: int) -> bool:
     return (await touched()) > first
+
+
+async def test_a_busy_pool_is_no_outage(harness: Harness) -> None:
+    # Every pooled connection in a long transaction: the database still answers, so a
+    # message's persistent deadlock is its own (dead-lettered), not an outage to wait out.
+    runtime = await harness.start([placement_worker(harness.settings)], db_pool_max=2)
+    assert runtime.pool is not None
+    held = [await runtime.pool.acquire() for _ in range(2)]
+    try:
+        assert await runtime._database_answers() is True
+    finally:
+        for conn in held:
+            await runtime.pool.release(conn)
+
+
+async def test_the_heartbeat_survives_a_failed_beat(
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder = tmp_path / "not-yet"
+    beat = folder / "alive"
+    await harness.start([placement_worker(harness.settings)],
+                        heartbeat_file=str(beat), heartbeat_seconds=0.2)
+
+    async def logged() -> bool:
+        return "heartbeat not written" in caplog.text
+    await eventually(logged)
+    folder.mkdir()
+
+    async def touched() -> bool:
+        return beat.exists()
+    await eventually(touched)
+
+
+async def test_dead_letter_queues_carry_a_delivery_limit_of_their_own(harness: Harness) -> None:
+    # Redeclaring with the same arguments succeeds only if the queue has them: RabbitMQ 4.x
+    # would otherwise give it its default of 20, and 20 looks would drop a dead letter.
+    channel = await harness.connection.channel()
+    for service in SERVICE_BINDINGS:
+        await channel.declare_queue(harness.names.dead_queue(service), durable=True,
+                                    arguments=dead_queue_arguments())
+    await channel.close()
+
+
+async def test_a_dead_letter_queue_an_older_release_declared_is_kept_and_still_fed(
+    settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    names = Names(settings.namespace + ".old")
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(names.dead_queue("placement"), durable=True,
+                                    arguments={"x-queue-type": "quorum"})  # no delivery limit
+        try:
+            await declare_topology(connection, names, delivery_limit=settings.queue_delivery_limit)
+            assert "dead-letter queue kept" in caplog.text
+            dlx = await channel.get_exchange(names.dead_letter_exchange)
+            await dlx.publish(aio_pika.Message(b"{}", message_id="kept"),
+                              routing_key=names.queue("placement"))
+            dead = await channel.get_queue(names.dead_queue("placement"))
+            message = await eventually(lambda: dead.get(fail=False))
+            assert message.message_id == "kept"
+            await message.ack()
+        finally:
+            await delete_topology(channel, names)
