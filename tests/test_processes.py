@@ -161,6 +161,11 @@ class Proxy:
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
 
+def through(url: str, proxy: Proxy) -> str:
+    """The URL of the proxy's server, through the proxy."""
+    return url.replace(f":{proxy.target_port}/", f":{proxy.port}/")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,7 +176,7 @@ async def test_worker_waits_for_a_broker_that_is_still_starting(
     harness: Harness, tmp_path: Path,
 ) -> None:
     proxy = Proxy(5672)
-    amqp = harness.settings.amqp_url.replace(":5672/", f":{proxy.port}/")
+    amqp = through(harness.settings.amqp_url, proxy)
     log = tmp_path / "worker.log"
     await harness.publish("order.place", order_body("late-broker"))
     process = await spawn(harness.settings, log, AMQP_URL=amqp)
@@ -195,8 +200,8 @@ async def test_worker_survives_broker_and_database_connections_dropping(
     s = harness.settings
     log = tmp_path / "worker.log"
     process = await spawn(
-        s, log, AMQP_URL=s.amqp_url.replace(":5672/", f":{mq.port}/"),
-        DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+        s, log, AMQP_URL=through(s.amqp_url, mq),
+        DATABASE_URL=through(s.database_url, pg))
     total = 200
     try:
         await asyncio.gather(*(harness.publish("order.place", order_body(f"drop-{n:03d}"))
@@ -224,7 +229,7 @@ async def test_a_database_outage_holds_orders_and_refuses_none(
     s = harness.settings
     store = await harness.listen("order.rejected")
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+    process = await spawn(s, log, DATABASE_URL=through(s.database_url, pg))
     try:
         for n in range(20):
             await harness.publish("order.place", order_body(f"outage-{n:03d}"))
@@ -306,7 +311,7 @@ async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses
     await pg.start()
     s = harness.settings
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, DATABASE_URL=s.database_url.replace(":5432/", f":{pg.port}/"))
+    process = await spawn(s, log, DATABASE_URL=through(s.database_url, pg))
     try:
         await eventually(lambda: _log_has(log, "workers running"), timeout=60)
         pg.down()
@@ -341,7 +346,7 @@ async def test_the_heartbeat_stops_while_the_broker_is_away(
     beat = tmp_path / "alive"
     process = await spawn(s, tmp_path / "worker.log", HEARTBEAT_FILE=str(beat),
                           HEARTBEAT_SECONDS="0.2",
-                          AMQP_URL=s.amqp_url.replace(":5672/", f":{mq.port}/"))
+                          AMQP_URL=through(s.amqp_url, mq))
     try:
         await eventually(lambda: _exists(beat), timeout=60)
         mq.down()
