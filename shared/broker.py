@@ -29,17 +29,29 @@ TRANSIENT_BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-async def connect(amqp_url: str, *, attempts: int = 30) -> AbstractRobustConnection:
-    """A robust connection (it reconnects by itself), waiting bounded for the broker to come up."""
-    async for attempt in AsyncRetrying(
+def retrying(attempts: int, *, also: type[BaseException] | None = None) -> AsyncRetrying:
+    """Bounded waiting for a broker that is (re)starting: exponential, logged, then raised."""
+    errors = TRANSIENT_BROKER_ERRORS + ((also,) if also else ())
+    return AsyncRetrying(
         stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=0.2, max=5),
-        retry=retry_if_exception_type(TRANSIENT_BROKER_ERRORS),
+        retry=retry_if_exception_type(errors),
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
-    ):
+    )
+
+
+async def connect(amqp_url: str, *, attempts: int = 30) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself), waiting bounded for the broker to come up."""
+    async for attempt in retrying(attempts):
         with attempt:
-            return await aio_pika.connect_robust(amqp_url)
+            try:
+                return await aio_pika.connect_robust(amqp_url)
+            except StopAsyncIteration as exc:
+                # aiormq's frame reader, cut mid-handshake, ends so; raised in here it would
+                # end this `async for` as if the connection had been made.
+                raise aiormq.exceptions.AMQPConnectionError(
+                    "connection closed during the handshake") from exc
     raise AssertionError("unreachable")
 
 

@@ -159,10 +159,15 @@ class Runtime:
         )
         await db.migrate(self.pool)
         self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
-        publisher = await broker.open_publisher(self.connection)
-        await declare_topology(self.connection, self.names, delivery_limit=s.queue_delivery_limit)
-        self.exchange = await publisher.get_exchange(self.names.exchange)
-        self.dead_letter_exchange = await publisher.get_exchange(self.names.dead_letter_exchange)
+        # A broker restarting meanwhile is waited for too (see _consume).
+        async for attempt in broker.retrying(s.startup_attempts, also=RuntimeError):
+            with attempt:
+                publisher = await broker.open_publisher(self.connection)
+                await declare_topology(self.connection, self.names,
+                                       delivery_limit=s.queue_delivery_limit)
+                self.exchange = await publisher.get_exchange(self.names.exchange)
+                self.dead_letter_exchange = await publisher.get_exchange(
+                    self.names.dead_letter_exchange)
         self.direct_exchange = publisher.default_exchange
 
     def stop(self) -> None:
@@ -199,12 +204,12 @@ class Runtime:
             asyncio.create_task(job(self.pool, self._stop), name=f"{spec.service}-background")
             for spec in workers for job in spec.background
         ]
-        if self.settings.heartbeat_file:
-            tasks.append(asyncio.create_task(
-                self._heartbeat(Path(self.settings.heartbeat_file)), name="heartbeat"))
         for spec in workers:
             await self._consume(spec)
         log.info("workers running", extra={"workers": [w.service for w in workers]})
+        if self.settings.heartbeat_file:  # alive once consuming, not before
+            tasks.append(asyncio.create_task(
+                self._heartbeat(Path(self.settings.heartbeat_file)), name="heartbeat"))
         if ready is not None:
             ready.set()
         try:
@@ -213,21 +218,26 @@ class Runtime:
             await self._shutdown(workers, tasks)
 
     async def _consume(self, spec: WorkerSpec) -> None:
+        """The service's channel, prefetch, batchers and consumer. A broker lost meanwhile (a
+        restart as the worker starts) is waited for like the first connection: a robust
+        connection that is reconnecting refuses new channels with a RuntimeError."""
         assert self.connection
-        channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=spec.prefetch or self.settings.worker_prefetch)
-        queue = await channel.get_queue(self.names.queue(spec.service), ensure=True)
         waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inflight.enter()
             waiting.put_nowait(message)
 
+        async for attempt in broker.retrying(self.settings.startup_attempts, also=RuntimeError):
+            with attempt:
+                channel = await self.connection.channel()
+                await channel.set_qos(prefetch_count=spec.prefetch or self.settings.worker_prefetch)
+                queue = await channel.get_queue(self.names.queue(spec.service), ensure=True)
+                tag = await queue.consume(on_message)
+        self._consumers.append((queue, tag))
         for n in range(spec.concurrency or self.settings.worker_concurrency):
             self._batchers.append(asyncio.create_task(
                 self._batcher(spec, waiting), name=f"{spec.service}-batcher-{n}"))
-        tag = await queue.consume(on_message)
-        self._consumers.append((queue, tag))
 
     async def _batcher(
         self, spec: WorkerSpec, waiting: asyncio.Queue[AbstractIncomingMessage]

@@ -372,3 +372,25 @@ async def _exists(path: Path) -> bool:
 
 async def _newer(path: Path, than: int) -> bool:
     return path.stat().st_mtime_ns > than
+
+
+async def test_a_broker_lost_while_the_worker_starts_is_waited_for(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    mq = Proxy(5672)
+    await mq.start()
+    s = harness.settings
+    log = tmp_path / "worker.log"
+    process = await spawn(s, log, AMQP_URL=through(s.amqp_url, mq))
+    try:
+        await eventually(lambda: _log_has(log, "starting"), timeout=60, interval=0.005)
+        mq.down()  # mid-start: declaring the topology or setting up its consumers
+        await asyncio.sleep(2)
+        mq.up()
+        await harness.publish("order.place", order_body("restart-at-start"))
+        assert (await harness.screened("restart-at-start", timeout=60))["screening"] == "passed"
+        assert process.returncode is None
+    finally:
+        process.terminate()
+        await process.wait()
+        mq.close()
