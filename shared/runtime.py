@@ -8,7 +8,6 @@ reason, and a clean stop. Handlers are plain functions of (message, unit of work
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import inspect
 import json
@@ -28,6 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from shared import broker, db
 from shared.errors import Rejected
+from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
@@ -147,8 +147,7 @@ class Runtime:
         self._inflight = _InFlight()
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._batchers: list[asyncio.Task[None]] = []
-        self._outage: asyncio.Task[bool] | None = None  # waiting for the database to answer
-        self._database_down = False
+        self.database = DatabaseWatch(settings.database_url, self._stop)
 
     async def start(self) -> None:
         s = self.settings
@@ -208,8 +207,9 @@ class Runtime:
             await self._consume(spec)
         log.info("workers running", extra={"workers": [w.service for w in workers]})
         if self.settings.heartbeat_file:  # alive once consuming, not before
-            tasks.append(asyncio.create_task(
-                self._heartbeat(Path(self.settings.heartbeat_file)), name="heartbeat"))
+            tasks.append(asyncio.create_task(heartbeat(
+                Path(self.settings.heartbeat_file), self.settings.heartbeat_seconds, self._stop,
+                self.connection, self.database), name="heartbeat"))
         if ready is not None:
             ready.set()
         try:
@@ -310,7 +310,7 @@ class Runtime:
         write and COMMIT). If any of them fails, the batch rolls back and each message is
         handled alone, so one bad message never takes the others with it."""
         parsed = [item for m in messages if (item := await self._parse(spec, m)) is not None]
-        if not await self._through_outage():  # stopping while the database is away
+        if not await self.database.through():  # stopping while the database is away
             await _requeue_unsettled([item.message for item in parsed])
             return
         ready = await self._run_prepare(spec, parsed)
@@ -376,7 +376,7 @@ class Runtime:
             if item.route.prepare is None or item.context.message_id in done:
                 return item
             while True:
-                if not await self._through_outage():
+                if not await self.database.through():
                     await _requeue_unsettled([item.message])
                     return None
                 try:
@@ -388,7 +388,7 @@ class Runtime:
                                        rejection.reason, item.data, tell_publisher=True)
                     return None
                 except Exception as exc:
-                    if await self._outlasted_outage(spec, exc) or self._database_down:
+                    if await self._outlasted(spec, exc) or self.database.down:
                         continue  # back: again; or stopping mid-outage: requeued above
                     log.exception("prepare failed", extra={"service": spec.service,
                                                            "message_id": item.context.message_id})
@@ -411,7 +411,7 @@ class Runtime:
 
     async def _handle_one(self, spec: WorkerSpec, item: _Work) -> None:
         while True:
-            if not await self._through_outage():  # stopping while the database is away
+            if not await self.database.through():  # stopping while the database is away
                 await _requeue_unsettled([item.message])
                 return
             try:
@@ -421,7 +421,7 @@ class Runtime:
                                    item.data, tell_publisher=True)
                 return
             except Exception as exc:
-                if await self._outlasted_outage(spec, exc) or self._database_down:
+                if await self._outlasted(spec, exc) or self.database.down:
                     continue  # back: the same message again; or stopping: requeued above
                 if isinstance(exc, db.TRANSIENT_DB_ERRORS):
                     reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
@@ -469,95 +469,8 @@ class Runtime:
                 uows.append(uow)
             await flush_events(conn, uows)
 
-    async def _outlasted_outage(self, spec: WorkerSpec, exc: BaseException) -> bool:
-        """After a transient error outlived its retries: True once the database, which did not
-        answer (a restart, a failover), answers again. The message was not at fault: it waits,
-        and the few others this worker holds with it, rather than being dead-lettered and its
-        storefront told the order was refused. False if the database answers (the error is
-        this message's own) or the worker stops first (`_database_down` then stays set, and
-        what is not yet handled goes back to the queue)."""
-        if not isinstance(exc, db.TRANSIENT_DB_ERRORS):
-            return False
-        if not self._database_down:
-            if await self._database_answers():
-                return False
-            self._database_down = True
-        if self._outage is None or self._outage.done():
-            self._outage = asyncio.create_task(self._until_database_answers(spec, exc))
-        return await self._through_outage()
-
-    async def _through_outage(self) -> bool:
-        """Wait out an outage already seen: True once the database answers (at once if it
-        is not away), False if the worker stops first."""
-        while self._database_down:
-            outage = self._outage
-            if self._stop.is_set() or outage is None:
-                return False
-            if outage.done():  # ended without the database back (it never raises): give up
-                return False
-            stopping = asyncio.create_task(self._stop.wait())
-            try:
-                await asyncio.wait({outage, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-        return True
-
-    async def _heartbeat(self, path: Path) -> None:
-        """Touch `path` while this process can work: its broker connected (a robust connection
-        reconnecting is not closed, only not connected) and its database answering. A health
-        check reads the file's age; a stopped worker removes it. A failed beat is logged and
-        the next one tried: the heartbeat itself never dies."""
-        failing = False
-        try:
-            while not self._stop.is_set():
-                try:
-                    if (self.connection is not None and self.connection.connected.is_set()
-                            and await self._database_answers()):
-                        await asyncio.to_thread(
-                            path.write_text, datetime.now(UTC).isoformat(timespec="seconds") + "\n")
-                    failing = False
-                except Exception as exc:
-                    if not failing:
-                        log.warning("heartbeat not written", extra={
-                            "path": str(path), "error": f"{type(exc).__name__}: {exc}"})
-                    failing = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat_seconds)
-        finally:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(path.unlink, missing_ok=True)
-
-    async def _database_answers(self) -> bool:
-        """Asked on a connection of its own: a pool busy with long transactions is no outage."""
-        try:
-            conn = await asyncpg.connect(self.settings.database_url, timeout=5)
-        except Exception:  # refused, unreachable, starting up, shutting down: not answering
-            return False
-        try:
-            await conn.fetchval("SELECT 1", timeout=5)
-        except Exception:
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=2)
-        return True
-
-    async def _until_database_answers(self, spec: WorkerSpec, exc: BaseException) -> bool:
-        started = asyncio.get_running_loop().time()
-        log.error("database not answering: messages wait until it does", extra={
-            "service": spec.service, "in_flight": self._inflight.count,
-            "error": f"{type(exc).__name__}: {exc}"})
-        delay = 0.5
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if not self._stop.is_set() and await self._database_answers():
-                self._database_down = False
-                log.warning("database answering again: messages resume", extra={
-                    "outage_seconds": round(asyncio.get_running_loop().time() - started, 1)})
-                return True
-            delay = min(delay * 2, 5.0)
-        return False
+    async def _outlasted(self, spec: WorkerSpec, exc: BaseException) -> bool:
+        return await self.database.outlasted(spec.service, exc, self._inflight.count)
 
     def _transient_retrying(self, *, spent: int = 0) -> AsyncRetrying:
         return AsyncRetrying(

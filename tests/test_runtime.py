@@ -340,7 +340,7 @@ async def test_a_busy_pool_is_no_outage(harness: Harness) -> None:
     assert runtime.pool is not None
     held = [await runtime.pool.acquire() for _ in range(2)]
     try:
-        assert await runtime._database_answers() is True
+        assert await runtime.database.answers() is True
     finally:
         for conn in held:
             await runtime.pool.release(conn)
