@@ -271,11 +271,14 @@ class Runtime:
     async def _shutdown(self, workers: Sequence[WorkerSpec], tasks: list[asyncio.Task[None]]) -> None:
         log.info("stopping: no new messages, finishing in-flight work",
                  extra={"in_flight": self._inflight.count})
-        for queue, tag in self._consumers:
-            try:  # bounded: with the broker away, a robust channel waits for it to come back
-                await asyncio.wait_for(queue.cancel(tag), timeout=5)
-            except Exception as exc:  # the channel may already be gone
-                log.warning("consumer cancel failed", extra={"error": str(exc)})
+        # With the broker away there is nothing to cancel (its consumers end with the
+        # connection), and a robust channel would wait for the broker to come back.
+        if self.connection is not None and self.connection.connected.is_set():
+            results = await asyncio.gather(
+                *(asyncio.wait_for(queue.cancel(tag), timeout=5) for queue, tag in self._consumers),
+                return_exceptions=True)
+            for exc in (r for r in results if isinstance(r, BaseException)):
+                log.warning("consumer cancel failed", extra={"error": f"{type(exc).__name__}: {exc}"})
         self._consumers.clear()
         try:
             await asyncio.wait_for(self._inflight.idle.wait(), timeout=30)

@@ -394,3 +394,24 @@ async def test_a_broker_lost_while_the_worker_starts_is_waited_for(
         process.terminate()
         await process.wait()
         mq.close()
+
+
+async def test_a_worker_stops_on_sigterm_while_the_broker_is_away(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    mq = Proxy(5672)
+    await mq.start()
+    s = harness.settings
+    log = tmp_path / "worker.log"
+    process = await spawn(s, log, AMQP_URL=through(s.amqp_url, mq))
+    try:
+        await eventually(lambda: _log_has(log, "workers running"), timeout=60)
+        mq.down()
+        await asyncio.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        # No consumer to cancel on a connection that is gone: it does not wait for the broker.
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        mq.close()
