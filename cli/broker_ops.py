@@ -52,24 +52,23 @@ def _original_key(message: AbstractIncomingMessage) -> str:
     """The routing key the message was first published with. A dead letter's own key is its
     queue's (`x-dead-letter-routing-key`): the runtime records the first in a header; the
     broker's own dead letters (delivery limit, expiry) keep it in `x-death`."""
-    headers = message.headers or {}
-    if key := _text(headers.get("x-ordermill-routing-key")):
+    if key := _text((message.headers or {}).get("x-ordermill-routing-key")):
         return key
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        keys = deaths[0].get("routing-keys") or []
-        if keys:
-            return _text(keys[0])
+    if keys := _last_death(message).get("routing-keys"):
+        return _text(keys[0])
     return _text(message.type) or message.routing_key or ""
+
+
+def _last_death(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The broker's record of the latest time it dead-lettered the message (`x-death`)."""
+    deaths = (message.headers or {}).get("x-death")
+    return deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
 
 
 def _death_reason(message: AbstractIncomingMessage) -> str:
     """Why the broker dead-lettered it (`expired`, `delivery_limit`, ...); empty if it did not."""
-    headers = message.headers or {}
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        return _text(deaths[0].get("reason"))
-    return _text(headers.get("x-first-death-reason"))
+    return (_text(_last_death(message).get("reason"))
+            or _text((message.headers or {}).get("x-first-death-reason")))
 
 
 def _lost_secrets(body: bytes) -> bool:

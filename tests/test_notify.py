@@ -6,6 +6,7 @@ import asyncio
 import email
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from email.message import Message
 
@@ -41,13 +42,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox, port = Inbox(), free_port()
+@contextmanager
+def serving(inbox: Inbox) -> Iterator[int]:
+    """An SMTP server on 127.0.0.1 handing mail to `inbox`; yields its port."""
+    port = free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
-    yield inbox, port
-    controller.stop()
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    with serving(inbox) as port:
+        yield inbox, port
 
 
 def mail_sender(harness: Harness, port: int, *, connections: int = 4,
@@ -143,10 +154,7 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
     harness: Harness,
 ) -> None:
     inbox = PickyInbox(refuse="mail-b1@shop.example")
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with serving(inbox) as port:
         s = harness.settings.model_copy(update={"smtp_port": port})
         notify = notify_worker(s)
         notify.background = ()  # the mails are recorded, not sent: the test sends them below
@@ -169,8 +177,6 @@ async def test_one_connection_carries_several_mails_and_a_refused_one_stops_none
         assert {r["status"] for r in refused} == {"pending"}  # retried later, then parked
         assert all("no such user" in r["last_error"] for r in refused)
         assert {r["status"] for r in statuses if r not in refused} == {"sent"}
-    finally:
-        controller.stop()
 
 
 class ResetRefusingInbox(PickyInbox):
@@ -195,10 +201,8 @@ class ResetRefusingInbox(PickyInbox):
 async def test_a_connection_whose_reset_fails_after_a_refusal_is_not_used_again(
     harness: Harness,
 ) -> None:
-    inbox, port = ResetRefusingInbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    inbox = ResetRefusingInbox()
+    with serving(inbox) as port:
         await _start_recording(harness, port)
         await _place_and_record(harness, ["rset-a", "rset-b"], first_ip=120)
         sender = mail_sender(harness, port, connections=1)
@@ -210,8 +214,6 @@ async def test_a_connection_whose_reset_fails_after_a_refusal_is_not_used_again(
         assert await sender.send_due(harness.pool) == 3  # the refused one waits for its backoff
         await sender.close()
         assert len(inbox.messages) == 3 and len(inbox.sessions) == 2
-    finally:
-        controller.stop()
 
 
 async def test_a_mail_that_cannot_be_written_fails_alone(harness: Harness, smtp) -> None:
@@ -260,10 +262,7 @@ async def _place_and_record(harness: Harness, refs: list[str], first_ip: int) ->
 
 async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harness) -> None:
     inbox = PickyInbox(refuse="nobody@shop.example")
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with serving(inbox) as port:
         await _start_recording(harness, port)
         sender = mail_sender(harness, port, connections=1)
         await _place_and_record(harness, ["keep-a"], first_ip=40)
@@ -284,8 +283,6 @@ async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harn
         assert len(inbox.sessions) == 3
         await sender.close()
         assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 8
-    finally:
-        controller.stop()
 
 
 async def test_a_kept_connection_the_server_dropped_is_replaced(harness: Harness) -> None:
@@ -382,10 +379,7 @@ class CappedInbox(Inbox):
 
 async def test_a_server_closing_a_kept_connection_costs_no_attempt(harness: Harness) -> None:
     inbox = CappedInbox(cap=3)
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with serving(inbox) as port:
         await _start_recording(harness, port)
         sender = mail_sender(harness, port, connections=1)
         await _place_and_record(harness, ["cap-a"], first_ip=30)
@@ -401,8 +395,6 @@ async def test_a_server_closing_a_kept_connection_costs_no_attempt(harness: Harn
         await sender.close()
         assert len(inbox.messages) == 6
         assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 6
-    finally:
-        controller.stop()
 
 
 async def test_a_database_error_mid_connection_closes_it(harness: Harness, smtp) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,29 @@ def through(url: str, proxy: Proxy) -> str:
     return url.replace(f":{proxy.target_port}/", f":{proxy.port}/")
 
 
+@contextlib.asynccontextmanager
+async def worker_behind(harness: Harness, log: Path, port: int,
+                        **extra: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, Proxy]]:
+    """A worker reaching PostgreSQL (5432) or RabbitMQ (5672) through a proxy the test can take
+    down; stopped (killed if it will not stop) and the proxy closed afterwards."""
+    proxy = Proxy(port)
+    await proxy.start()
+    s = harness.settings
+    url = {5432: ("DATABASE_URL", s.database_url), 5672: ("AMQP_URL", s.amqp_url)}[port]
+    process = await spawn(s, log, **{url[0]: through(url[1], proxy)}, **extra)
+    try:
+        yield process, proxy
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout=45)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        proxy.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,13 +248,9 @@ async def test_worker_survives_broker_and_database_connections_dropping(
 async def test_a_database_outage_holds_orders_and_refuses_none(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    pg = Proxy(5432)
-    await pg.start()
-    s = harness.settings
     store = await harness.listen("order.rejected")
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, DATABASE_URL=through(s.database_url, pg))
-    try:
+    async with worker_behind(harness, log, 5432) as (process, pg):
         for n in range(20):
             await harness.publish("order.place", order_body(f"outage-{n:03d}"))
         await eventually(lambda: _at_least(harness, "outage-", 20), timeout=60)
@@ -241,10 +261,8 @@ async def test_a_database_outage_holds_orders_and_refuses_none(
         await asyncio.sleep(3)
         pg.up()
         await eventually(lambda: _at_least(harness, "outage-", 60), timeout=90)
-    finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), timeout=45) == 0
-        pg.close()
     text = log.read_text()
     assert "database not answering" in text and "database answering again" in text
     assert await harness.dead_letters("placement") == []
@@ -307,12 +325,9 @@ async def test_every_compose_worker_container_starts_healthy_and_stops_cleanly(
 async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses_nothing(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    pg = Proxy(5432)
-    await pg.start()
     s = harness.settings
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, DATABASE_URL=through(s.database_url, pg))
-    try:
+    async with worker_behind(harness, log, 5432) as (process, pg):
         await eventually(lambda: _log_has(log, "workers running"), timeout=60)
         pg.down()
         await asyncio.gather(*(harness.publish("order.place", order_body(f"halt-{n:03d}"))
@@ -321,10 +336,6 @@ async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses
         process.send_signal(signal.SIGTERM)
         # Nothing waits for the database any more: no 30 s drain, no retries per message.
         assert await asyncio.wait_for(process.wait(), timeout=15) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        pg.close()
     assert "did not finish" not in log.read_text()
     assert await harness.dead_letters("placement") == []
     process = await spawn(s, log)  # the database is back: a new worker takes every order
@@ -340,14 +351,9 @@ async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses
 async def test_the_heartbeat_stops_while_the_broker_is_away(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    mq = Proxy(5672)
-    await mq.start()
-    s = harness.settings
     beat = tmp_path / "alive"
-    process = await spawn(s, tmp_path / "worker.log", HEARTBEAT_FILE=str(beat),
-                          HEARTBEAT_SECONDS="0.2",
-                          AMQP_URL=through(s.amqp_url, mq))
-    try:
+    async with worker_behind(harness, tmp_path / "worker.log", 5672, HEARTBEAT_FILE=str(beat),
+                             HEARTBEAT_SECONDS="0.2") as (_, mq):
         await eventually(lambda: _exists(beat), timeout=60)
         mq.down()
         await asyncio.sleep(1.5)
@@ -356,10 +362,6 @@ async def test_the_heartbeat_stops_while_the_broker_is_away(
         assert beat.stat().st_mtime_ns == stale
         mq.up()
         await eventually(lambda: _newer(beat, stale), timeout=60)
-    finally:
-        process.terminate()
-        await process.wait()
-        mq.close()
 
 
 async def _log_has(log: Path, text: str) -> bool:
@@ -377,12 +379,8 @@ async def _newer(path: Path, than: int) -> bool:
 async def test_a_broker_lost_while_the_worker_starts_is_waited_for(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    mq = Proxy(5672)
-    await mq.start()
-    s = harness.settings
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, AMQP_URL=through(s.amqp_url, mq))
-    try:
+    async with worker_behind(harness, log, 5672) as (process, mq):
         await eventually(lambda: _log_has(log, "starting"), timeout=60, interval=0.005)
         mq.down()  # mid-start: declaring the topology or setting up its consumers
         await asyncio.sleep(2)
@@ -390,28 +388,16 @@ async def test_a_broker_lost_while_the_worker_starts_is_waited_for(
         await harness.publish("order.place", order_body("restart-at-start"))
         assert (await harness.screened("restart-at-start", timeout=60))["screening"] == "passed"
         assert process.returncode is None
-    finally:
-        process.terminate()
-        await process.wait()
-        mq.close()
 
 
 async def test_a_worker_stops_on_sigterm_while_the_broker_is_away(
     harness: Harness, tmp_path: Path,
 ) -> None:
-    mq = Proxy(5672)
-    await mq.start()
-    s = harness.settings
     log = tmp_path / "worker.log"
-    process = await spawn(s, log, AMQP_URL=through(s.amqp_url, mq))
-    try:
+    async with worker_behind(harness, log, 5672) as (process, mq):
         await eventually(lambda: _log_has(log, "workers running"), timeout=60)
         mq.down()
         await asyncio.sleep(1)
         process.send_signal(signal.SIGTERM)
         # No consumer to cancel on a connection that is gone: it does not wait for the broker.
         assert await asyncio.wait_for(process.wait(), timeout=15) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        mq.close()
