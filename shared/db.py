@@ -32,7 +32,16 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.LockNotAvailableError,
+    # A failover that left the address on a standby, or a database set read-only for
+    # maintenance: writes wait for a primary like they wait for a restart.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
+
+
+class ReadOnlyDatabase(ConnectionError):
+    """A worker's connection reached a server that takes no writes (a hot standby, or
+    `default_transaction_read_only` on): refused like an unreachable server, so the pool never
+    keeps a connection that every handler would fail on."""
 
 _MIGRATION_LOCK = 7_311_204_517  # advisory lock key: one migrator at a time
 
@@ -54,18 +63,28 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def init_writable_connection(conn: asyncpg.Connection) -> None:
+    if await conn.fetchval("SELECT current_setting('transaction_read_only') = 'on'"):
+        raise ReadOnlyDatabase(
+            "the database server takes no writes (a standby, or set read-only)")
+    await init_connection(conn)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without the reset query: Ordermill leaves no session state behind
     (no SET, no LISTEN on pooled connections, advisory locks released explicitly), and the
     reset would cost a round trip per message. An open transaction is still rolled back."""
 
 
-async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30) -> asyncpg.Pool:
-    """A pool, waiting (bounded) for PostgreSQL to come up."""
+async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30,
+                      writable: bool = False) -> asyncpg.Pool:
+    """A pool, waiting (bounded) for PostgreSQL to come up; with `writable`, for a server that
+    takes writes (a worker's: after a failover the address may reach a standby for a while)."""
     async for attempt in _retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
-                database_url, min_size=1, max_size=max_size, init=init_connection,
+                database_url, min_size=1, max_size=max_size,
+                init=init_writable_connection if writable else init_connection,
                 # A connection that cannot be made in 10 s (a host gone from the network)
                 # fails like a refused one, so an outage is seen in seconds, not minutes.
                 timeout=10, command_timeout=60, reset=_keep_session,

@@ -30,19 +30,21 @@ class DatabaseWatch:
         self.down = False
 
     async def answers(self) -> bool:
-        """Asked on a connection of its own: a pool busy with long transactions is no outage."""
+        """Whether the database takes writes, which every worker needs: a standby reached after a
+        failover answers queries but is no better than a server that is down. Asked on a
+        connection of its own: a pool busy with long transactions is no outage."""
         try:
             conn = await asyncpg.connect(self._url, timeout=5)
         except Exception:  # refused, unreachable, starting up, shutting down: not answering
             return False
         try:
-            await conn.fetchval("SELECT 1", timeout=5)
+            return await conn.fetchval(
+                "SELECT current_setting('transaction_read_only') = 'off'", timeout=5)
         except Exception:
             return False
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=2)
-        return True
 
     async def outlasted(self, service: str, exc: BaseException, in_flight: int) -> bool:
         """After a transient error outlived its retries: True once the database, which did not

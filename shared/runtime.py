@@ -154,7 +154,7 @@ class Runtime:
         log.info("starting", extra={"namespace": s.namespace})
         await db.ensure_database(s.database_url, attempts=s.startup_attempts)
         self.pool = await db.create_pool(
-            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts
+            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts, writable=True
         )
         await db.migrate(self.pool)
         self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)

@@ -10,7 +10,9 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from conftest import Harness, eventually, order_body
@@ -271,6 +273,43 @@ async def test_a_database_outage_holds_orders_and_refuses_none(
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM fraud_checks f JOIN orders o ON o.id = f.order_id"
         " WHERE o.order_ref LIKE 'outage-%'") == 60
+
+
+async def test_a_failover_onto_a_read_only_server_holds_orders_until_writes_return(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    """A failover that leaves the worker's address on a standby for a while: the server answers
+    but takes no writes. Simulated with the database set read-only and the worker's sessions
+    cut, as a failover cuts them; its new sessions are read-only until the test ends it."""
+    s = harness.settings
+    database = urlsplit(s.database_url).path.lstrip("/")
+    log = tmp_path / "worker.log"
+    process = await spawn(s, log, DATABASE_URL=s.database_url + "?application_name=om-failover")
+    admin = await asyncpg.connect(s.database_url.replace(f"/{database}", "/postgres"))
+    try:
+        for n in range(10):
+            await harness.publish("order.place", order_body(f"standby-{n:03d}"))
+        await eventually(lambda: _at_least(harness, "standby-", 10), timeout=60)
+        await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE application_name = 'om-failover'")
+        for n in range(10, 30):
+            await harness.publish("order.place", order_body(f"standby-{n:03d}"))
+        await asyncio.sleep(4)  # longer than the in-process retries last
+        assert await screened_count(harness, "standby-") == 10
+        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await eventually(lambda: _at_least(harness, "standby-", 30), timeout=60)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+        await admin.close()
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 0
+    assert "database not answering" in log.read_text()
+    assert await harness.dead_letters("placement") == []
+    assert await harness.dead_letters("fraud") == []
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM fraud_checks f JOIN orders o ON o.id = f.order_id"
+        " WHERE o.order_ref LIKE 'standby-%'") == 30
 
 
 async def test_worker_gives_up_with_a_clear_error_when_the_broker_never_comes(
