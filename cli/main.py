@@ -90,6 +90,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
                         "run `ordermill migrate`") from None
     except asyncpg.UndefinedTableError:
         raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        missing = _first_line(exc).split(" - ", 1)[-1].removeprefix("no ")
+        raise UserError(f"RabbitMQ has no {missing} (namespace {s.namespace!r}):"
+                        " run `ordermill migrate`") from None
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise UserError(f"RabbitMQ refused a queue as declared: {_first_line(exc)} (a queue's"
                         " arguments, QUEUE_DELIVERY_LIMIT among them, are fixed when it is first"
@@ -442,6 +446,13 @@ def queues(
     async def go() -> None:
         connection = await broker.connect(s.amqp_url, attempts=2)
         async with connection:
+            if as_json:  # one line per refresh, for a script to read as it comes
+                while True:
+                    rows = await broker_ops.queue_depths(connection, Names(s.namespace))
+                    sys.stdout.write(json.dumps(
+                        {"at": datetime.now(UTC).isoformat(), "queues": rows}, default=str) + "\n")
+                    sys.stdout.flush()
+                    await asyncio.sleep(1)
             with Live(console=out, auto_refresh=False) as live:
                 while True:
                     rows = await broker_ops.queue_depths(connection, Names(s.namespace))
@@ -752,7 +763,9 @@ def pay(
             message = broker.json_message(
                 {"invoice_id": invoice_id, "amount": str(value), "currency": chosen,
                  "gateway": gateway, "transaction_id": transaction_id},
-                routing_key="payment.received")
+                routing_key="payment.received",
+                # The broker checks it; with PAYMENT_PUBLISHERS set, only named users' count.
+                user_id=urlsplit(s.amqp_url).username or None)
             try:
                 await broker.publish(exchange, "payment.received", message)
             except PublishError:

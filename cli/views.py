@@ -54,7 +54,7 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
     """Pending orders whose screening is finished (errors flagged), and those still queued,
     oldest first; `more` counts those past this page."""
     rows = await conn.fetch(
-        f"SELECT {_ORDER_COLUMNS}, count(*) OVER () AS total"
+        f"SELECT {_ORDER_COLUMNS}, count(*) OVER () AS listed"
         " FROM orders o JOIN clients c ON c.id = o.client_id"
         " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1 OFFSET $2",
         limit, offset,
@@ -62,7 +62,7 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
     orders = [_order_row(r) | {"flagged": r["screening"] == "error"}
               for r in rows if r["screening"] != "queued"]
     queued = [_order_row(r) for r in rows if r["screening"] == "queued"]
-    more = max(0, rows[0]["total"] - offset - len(rows)) if rows else 0
+    more = max(0, rows[0]["listed"] - offset - len(rows)) if rows else 0
     return {"pending": orders, "queued": queued, "more": more}
 
 

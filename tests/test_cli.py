@@ -62,6 +62,7 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     code, out, _ = await cli(s, "pending", "--json")
     pending = json.loads(out)
     assert [o["id"] for o in pending["pending"]] == [ok["id"]]
+    assert pending["pending"][0]["total"] == "28.95"  # the order's, not a count of the page
     assert (pending["queued"], pending["more"]) == ([], 0)
     await harness.publish("order.place", order_body("cli-ok2", ip_address="203.0.113.90"))
     ok2 = await harness.screened("cli-ok2")
@@ -236,6 +237,34 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
         assert err.startswith(start), (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
         assert "Traceback" not in err
+
+
+async def test_a_namespace_never_migrated_is_named_in_one_line(settings: Settings) -> None:
+    namespace = settings.namespace + "-never"
+    for args in (("dead-letters",), ("pay", "1", "--amount", "5", "--transaction-id", "t",
+                                      "--currency", "USD")):
+        code, _out, err = await cli(settings, *args, ORDERMILL_NAMESPACE=namespace)
+        assert code == 1, args
+        assert err.startswith("error: RabbitMQ has no "), (args, err)
+        assert err.strip().endswith(f"(namespace '{namespace}'): run `ordermill migrate`"), err
+        assert len(err.strip().splitlines()) == 1, (args, err)
+
+
+async def test_queues_watch_json_prints_one_json_document_per_refresh(harness: Harness) -> None:
+    process = await asyncio.create_subprocess_exec(
+        ORDERMILL, "queues", "--watch", "--json", env=worker_env(harness.settings), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        lines = [await asyncio.wait_for(process.stdout.readline(), timeout=30) for _ in range(2)]
+    finally:
+        process.terminate()
+        await process.wait()
+    for line in lines:
+        snapshot = json.loads(line)
+        depths = {q["queue"]: q["messages"] for q in snapshot["queues"]}
+        assert depths[f"{harness.settings.namespace}.placement"] == 0
+    assert json.loads(lines[0])["at"] < json.loads(lines[1])["at"]
 
 
 async def test_help_still_prints_and_exits_zero(settings: Settings) -> None:

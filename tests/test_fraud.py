@@ -124,6 +124,11 @@ async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> No
         order["id"])
     assert await sweeper.sweep(harness.pool) == 1
     assert await sweeper.sweep(harness.pool) == 0  # just re-driven: not again at once
+    events = await harness.pool.fetch(
+        "SELECT message_id::text, correlation_id FROM outbox WHERE routing_key = 'order.placed'"
+        " ORDER BY id")
+    assert len({e["message_id"] for e in events}) == 2  # a new id: the first may be dead-lettered
+    assert [e["correlation_id"] for e in events] == [order["placed_message_id"]] * 2
     await harness.start([fraud_worker(harness.settings)], relay=False)
     assert (await harness.screened("stuck-1"))["screening"] == "passed"
     assert (await harness.order("stuck-1"))["screening_redrives"] == 1

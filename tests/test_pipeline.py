@@ -202,6 +202,7 @@ async def test_existing_client_with_active_order_skips_only_when_named_by_id(
 async def test_zero_total_invoice_is_paid_at_once_and_no_invoice_when_not_asked(
     harness: Harness,
 ) -> None:
+    store = await harness.listen("invoice.paid")
     await harness.start(_workers(harness))
     trial = order_body("trial-1", items=[
         {"type": "product", "product": "trial", "billing_cycle": "monthly",
@@ -212,10 +213,14 @@ async def test_zero_total_invoice_is_paid_at_once_and_no_invoice_when_not_asked(
     invoice = await harness.pool.fetchrow("SELECT * FROM invoices WHERE order_id=$1", order["id"])
     assert (invoice["status"], invoice["total"]) == ("Paid", Decimal("0.00"))
     assert invoice["paid_at"] is not None
+    paid = await store.wait_for("invoice.paid", lambda b: b["order_ref"] == "trial-1")
+    assert paid == {"invoice_id": invoice["id"], "order_id": order["id"],
+                    "order_ref": "trial-1", "amount": "0.00"}
     noinv = await harness.screened("noinv-1")
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM invoices WHERE order_id=$1", noinv["id"]) == 0
     assert noinv["total"] == Decimal("28.95")
+    assert [b["order_ref"] for b in store.bodies("invoice.paid")] == ["trial-1"]
 
 
 async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness) -> None:

@@ -34,7 +34,7 @@ class QueuedOrderSweeper:
         """Re-publish order.placed for orders queued too long. Several sweepers may run at once."""
         async with pool.acquire() as conn, conn.transaction():
             stuck = await conn.fetch(
-                "SELECT id, order_ref, screening_redrives FROM orders"
+                "SELECT id, order_ref, screening_redrives, placed_message_id FROM orders"
                 " WHERE screening = 'queued' AND status = 'Pending' AND deleted_at IS NULL"
                 " AND screening_driven_at < now() - make_interval(secs => $1)"
                 " AND screening_redrives < $2"
@@ -48,9 +48,11 @@ class QueuedOrderSweeper:
                     " WHERE id = $1", row["id"], redrive,
                 )
                 event = await order_placed_event(conn, row["id"])
+                # A new id, so a consumer that dead-lettered the first one takes it; the
+                # correlation of the first: the order.place message that placed the order.
                 await write_event(conn, "order.placed", event,
                                   message_id=event_id("sweeper", row["id"], redrive),
-                                  correlation_id=None)
+                                  correlation_id=row["placed_message_id"])
                 log.warning("order stuck in screening: re-driven", extra={
                     "order_id": row["id"], "order_ref": row["order_ref"], "redrive": redrive})
         return len(stuck)

@@ -20,7 +20,7 @@ from services.placement.pricing import (
     load_promotion,
     price_items,
 )
-from shared.contracts import ExistingClient, ItemRef, OrderPlaced, PlaceOrder
+from shared.contracts import ExistingClient, InvoicePaid, ItemRef, OrderPlaced, PlaceOrder
 from shared.errors import Rejected
 from shared.uow import UnitOfWork
 
@@ -57,6 +57,11 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
         items=[ItemRef(type="product", id=i) for i in service_ids]
         + [ItemRef(type="domain", id=i) for i in domain_ids],
     ))
+    if invoice_id is not None and total == ZERO:
+        # Paid at once (design section 1): announced like any invoice paid, so a storefront
+        # bound to invoice.paid hears of it; no payment will ever come for it.
+        uow.emit("invoice.paid", InvoicePaid(
+            invoice_id=invoice_id, order_id=order_id, order_ref=cmd.order_ref, amount=ZERO))
     log.info("order placed", extra={"order_id": order_id, "order_ref": cmd.order_ref,
                                     "total": str(total), "currency": currency,
                                     "invoice_id": invoice_id})
