@@ -6,15 +6,17 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 BillingCycle = Literal[
     "monthly", "quarterly", "semiannually", "annually", "biennially", "triennially", "onetime"
 ]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 Money = Annotated[Decimal, Field(max_digits=12, decimal_places=2)]
+# Every id is a PostgreSQL bigint: a larger number is bad input, not a database error.
+Id = Annotated[int, Field(gt=0, le=2**63 - 1)]
 
 _DOMAIN = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 # A mailbox as storefronts send it: no spaces, controls, quotes or the characters that end or
@@ -23,21 +25,47 @@ _MAILBOX_PART = r'[^@\s\x00-\x1f\x7f<>(),;:"\[\]\\]+'
 _EMAIL = re.compile(rf"^{_MAILBOX_PART}@{_MAILBOX_PART}\.{_MAILBOX_PART}$")
 
 
+def shown(value: str, limit: int = 60) -> str:
+    """A value quoted in an error: a reason travels in logs, headers and order.rejected, so a
+    megabyte of bad input is not repeated in it."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+
+
 def _email_address(value: str) -> str:
     value = value.strip()
     if len(value) > 254 or not _EMAIL.match(value):
-        raise ValueError(f"{value!r} is not an email address")
+        raise ValueError(f"{shown(value)} is not an email address")
     try:  # the domain goes into RCPT TO as IDNA (bücher.example: xn--bcher-kva.example)
         value.rpartition("@")[2].encode("idna")
     except UnicodeError:
-        raise ValueError(f"{value!r} is not an email address (its domain)") from None
+        raise ValueError(f"{shown(value)} is not an email address (its domain)") from None
     return value
 
 
 def _domain(value: str) -> str:
     value = value.strip().lower().rstrip(".")
     if not _DOMAIN.match(value):
-        raise ValueError(f"{value!r} is not a domain name")
+        raise ValueError(f"{shown(value)} is not a domain name")
+    return value
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
     return value
 
 
@@ -45,9 +73,18 @@ class Contract(BaseModel):
     # Storefronts may send more than we read (prices, notes): extra fields are ignored.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # PostgreSQL's text cannot hold U+0000: refused here as bad input, not met later as
+        # a database error that dead-letters the message as a handler failure.
+        if _has_nul(data):
+            raise ValueError("a text value holds a NUL character (\\u0000), which cannot be stored")
+        return data
+
 
 class ExistingClient(Contract):
-    id: int = Field(gt=0)
+    id: Id
 
 
 class NewClient(Contract):
@@ -119,6 +156,12 @@ class PaymentReceived(Contract):
     gateway: str | None = None
     transaction_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # Not refused: a payment is never dropped. U+FFFD marks where the NUL was.
+        return _without_nul(data)
+
 
 ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen"]
 
@@ -130,7 +173,7 @@ class AcceptOptions(Contract):
 
 
 class ReviewCommand(Contract):
-    order_id: int = Field(gt=0)
+    order_id: Id
     action: ReviewAction
     operator: str = Field("operator", max_length=100)
     options: AcceptOptions = AcceptOptions()
@@ -140,15 +183,15 @@ class ReviewCommand(Contract):
 
 class ItemRef(Contract):
     type: Literal["product", "domain"]
-    id: int
+    id: Id
 
 
 class OrderPlaced(Contract):
-    order_id: int
-    order_number: int
+    order_id: Id
+    order_number: Id
     order_ref: str
-    client_id: int
-    invoice_id: int | None
+    client_id: Id
+    invoice_id: Id | None
     total: Money
     currency: Currency
     items: list[ItemRef]
@@ -160,7 +203,7 @@ class OrderRejected(Contract):
 
 
 class OrderRescreen(Contract):
-    order_id: int
+    order_id: Id
     order_ref: str
     operator: str = "operator"
 
@@ -169,7 +212,7 @@ ScreeningResult = Literal["passed", "failed", "skipped", "error"]
 
 
 class OrderScreened(Contract):
-    order_id: int
+    order_id: Id
     order_ref: str
     screening: Literal["passed", "skipped", "error"]
     score: Decimal | None
@@ -180,26 +223,26 @@ class OrderScreened(Contract):
 class OrderEvent(Contract):
     """Any event about an order: what a consumer that re-reads the order's state needs."""
 
-    order_id: int
+    order_id: Id
     order_ref: str
 
 
 class InvoicePaid(Contract):
-    invoice_id: int
-    order_id: int
+    invoice_id: Id
+    order_id: Id
     order_ref: str
     amount: Money
 
 
 class PaymentUnapplied(Contract):
-    payment_id: int
+    payment_id: Id
     reason: str
     order_ref: str | None = None
     invoice_id: int | None = None
 
 
 class OrderFraud(Contract):
-    order_id: int
+    order_id: Id
     order_ref: str
     source: Literal["screening", "operator"]
     score: Decimal | None = None
@@ -210,6 +253,6 @@ class EmailSend(Contract):
     recipient: str
     # Any service may ask for a mail: the address becomes a header line, so it is checked here.
     _check_recipient = field_validator("recipient")(lambda cls, v: _email_address(v))
-    order_id: int
+    order_id: Id
     order_ref: str
     dedupe_key: str

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from shared import broker, db
+from shared.contracts import shown
 from shared.errors import Rejected
 from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
@@ -40,6 +42,7 @@ Handler = Callable[..., Awaitable[None]]  # (message, uow) or (message, uow, pre
 # Work a handler needs done outside its transaction (a remote call), once per delivery.
 Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
 REASON_HEADER = "x-ordermill-reason"
+REASON_LIMIT = 1000  # a reason goes into a log line, a header and order.rejected
 SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licence_key", "api_key"})
 REDACTED = "[redacted]"
 
@@ -103,11 +106,17 @@ def redact(value: Any) -> Any:
     return value
 
 
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def describe_validation_error(error: ValidationError, *, prefix: str = "schema: ",
                               env_names: bool = False) -> str:
     parts = []
     for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "body"
+        # Field names and indexes only: pydantic also names the union branch or validator it
+        # tried ("lax-or-strict[...]"), which says nothing to the storefront that reads this.
+        where = ".".join(str(p) for p in item["loc"]
+                         if isinstance(p, int) or _FIELD_NAME.match(p)) or "body"
         message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
         parts.append(f"{where.upper() if env_names else where}: {message}")
     more = f" (+{error.error_count() - 5} more)" if error.error_count() > 5 else ""
@@ -339,14 +348,24 @@ class Runtime:
         try:
             route_ = spec.routes.get(key)
             if route_ is None:
-                raise Rejected(f"no handler for routing key {key!r} in {spec.service}")
+                raise Rejected(f"no handler for routing key {shown(key)} in {spec.service}")
+            if "\x00" in message_id:
+                message_id = _body_id(message.body)
+                raise Rejected("message_id holds a NUL character")
+            if len(message.body) > self.settings.max_message_bytes:
+                raise Rejected(f"body of {len(message.body)} bytes is over MAX_MESSAGE_BYTES"
+                               f" ({self.settings.max_message_bytes})")
             try:
                 # Numbers as Decimal: money is never a float, not even on the way in.
                 data = json.loads(message.body, parse_float=Decimal)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise Rejected(f"body is not JSON: {exc}") from None
+            except RecursionError:
+                raise Rejected("body is not JSON we take: nested too deeply") from None
+            except ValueError as exc:  # not UTF-8, not JSON, an integer of 5,000 digits
+                raise Rejected(f"body is not JSON: {_first_line(str(exc))}") from None
             try:
                 payload = route_.model.model_validate(data)
+            except RecursionError:
+                raise Rejected("body is not JSON we take: nested too deeply") from None
             except ValidationError as exc:
                 raise Rejected(describe_validation_error(exc)) from None
         except Rejected as rejection:
@@ -491,17 +510,24 @@ class Runtime:
         is also answered with the worker's rejection event: a storefront is told its order
         was refused only when the order is at fault, not when a handler or the database is
         (an operator replays those once fixed)."""
+        reason = reason if len(reason) <= REASON_LIMIT else reason[:REASON_LIMIT] + "..."
         order_ref = data.get("order_ref") if isinstance(data, dict) else None
+        if not (isinstance(order_ref, str) and 0 < len(order_ref) <= 200
+                and "\x00" not in order_ref):
+            order_ref = None  # not one a storefront could have sent, nor one we can store
         log.warning("message rejected", extra={
             "service": spec.service, "message_id": message_id, "routing_key": message.routing_key,
             "order_ref": order_ref, "reason": reason,
         })
-        if tell_publisher and spec.rejection_event and isinstance(order_ref, str) and order_ref:
+        if tell_publisher and spec.rejection_event and order_ref:
             await self._emit_rejection(spec, message_id, order_ref, reason)
         assert self.dead_letter_exchange
         body = message.body
         if isinstance(data, dict | list):
-            body = json.dumps(redact(data), default=str).encode()
+            try:
+                body = json.dumps(redact(data), default=str).encode()
+            except RecursionError:  # too deep to redact: kept as it came
+                body = message.body
         copy = aio_pika.Message(
             body,
             content_type=message.content_type,
@@ -513,7 +539,7 @@ class Runtime:
             timestamp=message.timestamp,
             headers={
                 **(message.headers or {}),
-                REASON_HEADER: reason[:1000],
+                REASON_HEADER: reason,
                 "x-ordermill-routing-key": message.routing_key or "",
                 "x-ordermill-queue": self.names.queue(spec.service),
                 "x-ordermill-user-id": message.user_id or "",
@@ -536,9 +562,9 @@ class Runtime:
                             message_id=event_id(spec.service, message_id, "rejected"),
                             correlation_id=message_id,
                         )
-        except db.TRANSIENT_DB_ERRORS as exc:
+        except Exception as exc:  # the dead letter still goes: it keeps the reason
             log.error("could not record the rejection event; the dead letter keeps the reason",
-                      extra={"order_ref": order_ref, "error": str(exc)})
+                      extra={"order_ref": order_ref, "error": f"{type(exc).__name__}: {exc}"})
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:
@@ -549,6 +575,10 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         # inbox row makes the redelivery a no-op.
         log.warning("ack failed; the message will be redelivered and deduplicated",
                     extra={"message_id": message.message_id, "error": repr(exc)})
+
+
+def _first_line(text: str) -> str:
+    return (text.splitlines() or [""])[0][:200]
 
 
 def _body_id(body: bytes) -> str:

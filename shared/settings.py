@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Transactions at once per worker, and messages at most in one transaction under load.
     worker_concurrency: int = Field(4, gt=0, le=100)
     worker_batch: int = Field(16, gt=0, le=500)
+    # A message over this is dead-lettered unread: an order is a few kilobytes.
+    max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
     startup_attempts: int = Field(30, gt=0)
     transient_attempts: int = Field(5, gt=0)

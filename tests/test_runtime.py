@@ -69,6 +69,58 @@ async def test_malformed_and_schema_invalid_messages_are_dead_lettered_while_goo
     assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 2
 
 
+async def test_hostile_bodies_are_dead_lettered_at_once_with_a_short_reason(
+    harness: Harness,
+) -> None:
+    """Input that broke parsing, redaction or the database now gets a reason on its first
+    delivery, never one the size of the input, and good orders keep flowing."""
+    store = await harness.listen("order.rejected")
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)],
+                        max_message_bytes=512 * 1024)
+    huge_domain = order_body("huge-domain")
+    huge_domain["items"][0]["domain"] = "\x7f" * 5_000
+    nul_name = order_body("nul-name")
+    nul_name["client"]["first_name"] = "Ann\x00"
+    big_id = order_body("big-client-id", client={"id": 2**63})
+    bad_ip = order_body("bad-ip", ip_address="999.1.1.1")
+    cases = {
+        await harness.publish("order.place", huge_domain): "schema: items.0.product.domain: '",
+        await harness.publish("order.place", None, raw=b"[" * 100_000 + b"]" * 100_000):
+            "body is not JSON we take: nested too deeply",
+        await harness.publish("order.place", None,
+                              raw=b'{"order_ref": "digits", "x": ' + b"1" * 5000 + b"}"):
+            "body is not JSON: Exceeds the limit",
+        await harness.publish("order.place", None,
+                              raw=b'{"order_ref": "deep", "client": ' + b"[" * 900 + b"]" * 900
+                              + b"}"): "body is not JSON we take: nested too deeply",
+        await harness.publish("order.place", nul_name): "schema: body: a text value holds a NUL",
+        await harness.publish("order.place", big_id):
+            "schema: client.ExistingClient.id: Input should be less than or equal to",
+        await harness.publish("order.place", bad_ip):
+            "schema: ip_address: Input is not a valid IPv4 address",
+        await harness.publish("order.place", None, raw=b"{}" + b" " * 600_000):
+            "body of 600002 bytes is over MAX_MESSAGE_BYTES (524288)",
+    }
+    await harness.publish("order.place", order_body("after-hostile"))
+    assert (await harness.screened("after-hostile"))["screening"] == "passed"
+
+    async def all_dead():
+        all_dead.seen += await harness.dead_letters("placement")
+        return len(all_dead.seen) >= len(cases)
+    all_dead.seen = []
+    await eventually(all_dead, timeout=30)
+    for message in all_dead.seen:
+        reason = message.headers["x-ordermill-reason"]
+        assert reason.startswith(cases[message.message_id]), reason
+        assert len(reason) <= 1003, reason[:100]
+        assert "x-death" not in message.headers  # ours, at once: not the broker's, after 20
+    rejected = await store.wait_for("order.rejected", lambda b: b["order_ref"] == "huge-domain")
+    assert "(5000 chars)" in rejected["reason"] and len(rejected["reason"]) < 400
+    for ref in ("nul-name", "big-client-id", "bad-ip"):
+        await store.wait_for("order.rejected", lambda b, ref=ref: b["order_ref"] == ref)
+    assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 1
+
+
 async def test_transient_errors_are_retried_then_dead_lettered(harness: Harness) -> None:
     calls: dict[str, int] = {}
 
