@@ -84,6 +84,8 @@ def read_catalog(path: Path) -> Catalog:
         raise CatalogError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path} is not valid TOML: not UTF-8 text") from None
     try:
         catalog = Catalog.model_validate(data)
     except ValidationError as exc:

@@ -47,6 +47,8 @@ app.add_typer(catalog_app, name="catalog")
 out = Console()
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
+ID_MAX = 2**63 - 1  # ids are PostgreSQL bigints: a larger one is a usage mistake
+OrderIdArg = typer.Argument(..., min=1, max=ID_MAX, show_default=False)
 
 
 class UserError(Exception):
@@ -98,6 +100,12 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         raise UserError(f"RabbitMQ refused a queue as declared: {_first_line(exc)} (a queue's"
                         " arguments, QUEUE_DELIVERY_LIMIT among them, are fixed when it is first"
                         " declared)") from None
+    except aiormq.exceptions.InvalidFrameError:
+        # A refused virtual host: the broker closes the connection where aiormq waits for
+        # Connection.OpenOk, and aiormq keeps not the broker's reason.
+        vhost = urlsplit(s.amqp_url).path.lstrip("/") or "/"
+        raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused to open virtual host"
+                        f" {vhost!r}: is it there, and may this user use it?") from None
     except aiormq.exceptions.AMQPConnectionError as exc:
         # Checked first: aiormq's connection errors are OSErrors too.
         raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
@@ -314,7 +322,7 @@ def pending(
 
 
 @app.command()
-def show(order_id: int, as_json: bool = JsonOpt) -> None:
+def show(order_id: int = OrderIdArg, as_json: bool = JsonOpt) -> None:
     """One order: items, invoice, payments, fraud check result, history."""
     data = _with_db(lambda c: views.show_order(c, order_id))
     if data is None:
@@ -569,7 +577,7 @@ def review(action: str, order_id: int, *, timeout: float,
 
 @app.command()
 def accept(
-    order_id: int,
+    order_id: int = OrderIdArg,
     no_module_create: bool = typer.Option(False, "--no-module-create",
                                           help="Do not set up the services not yet set up."),
     no_welcome_email: bool = typer.Option(False, "--no-welcome-email"),
@@ -583,7 +591,7 @@ def accept(
 
 
 def _action_command(name: str, action: str, help_text: str) -> None:
-    def command(order_id: int, timeout: float = TimeoutOpt) -> None:
+    def command(order_id: int = OrderIdArg, timeout: float = TimeoutOpt) -> None:
         review(action, order_id, timeout=timeout)
 
     command.__doc__ = help_text
@@ -603,7 +611,7 @@ for _name, _action, _help in (
 
 @app.command()
 def rescreen(
-    order_id: int = typer.Argument(None, help="The order (or --all-errors)."),
+    order_id: int = typer.Argument(None, min=1, max=ID_MAX, help="The order (or --all-errors)."),
     all_errors: bool = typer.Option(
         False, "--all-errors",
         help="Every Pending order whose screening could not complete (after a MaxMind outage)."),
@@ -640,7 +648,8 @@ def rescreen(
 
 @app.command()
 def place(
-    client_id: int = typer.Option(None, "--client-id", help="An existing client."),
+    client_id: int = typer.Option(None, "--client-id", min=1, max=ID_MAX,
+                                  help="An existing client."),
     email: str = typer.Option(None, "--email", help="A new client's email (or an existing one)."),
     first_name: str = typer.Option("", "--first-name"),
     last_name: str = typer.Option("", "--last-name"),
@@ -736,7 +745,7 @@ def place(
 
 @app.command()
 def pay(
-    invoice_id: int = typer.Argument(..., min=1),
+    invoice_id: int = typer.Argument(..., min=1, max=ID_MAX),
     amount: str = typer.Option(..., "--amount", help="A decimal amount, e.g. 12.95."),
     transaction_id: str = typer.Option(..., "--transaction-id"),
     gateway: str = typer.Option("manual", "--gateway"),
@@ -747,7 +756,9 @@ def pay(
         value = Decimal(amount)
     except InvalidOperation:
         raise UserError(f"amount {amount!r} is not a number") from None
-    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")):
+    if value.is_finite() and value >= 10**10:  # what an invoice can total (numeric(12,2))
+        raise UserError(f"amount {amount!r} is too large")
+    if not value.is_finite() or value <= 0 or value != round(value, 2):
         raise UserError(f"amount {amount!r} must be positive with at most two decimals")
     s = settings()
 
@@ -785,7 +796,7 @@ class ReportTag(StrEnum):
 
 @app.command("fraud-report")
 def fraud_report(
-    order_id: int,
+    order_id: int = OrderIdArg,
     tag: ReportTag = typer.Option(..., "--tag", help="What the order turned out to be."),
     notes: str | None = typer.Option(None, help="A note for MaxMind."),
 ) -> None:

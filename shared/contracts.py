@@ -149,6 +149,9 @@ class PaymentReceived(Contract):
     short of "not a payment at all" (no amount) is stored, unapplied if need be, with the
     reason; the provisioning service decides, not the schema."""
 
+    # A gateway may send its transaction id as a number: kept as text, not refused.
+    model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
+
     amount: Decimal | str
     invoice_id: int | str | None = None
     order_ref: str | None = None

@@ -198,6 +198,9 @@ async def test_settings_and_services_mistakes_print_one_line(settings: Settings)
         ({"DATABASE_URL": settings.database_url.replace("postgres@", "nobody@")},
          "error: PostgreSQL refused the login"),
         ({"AMQP_URL": closed}, "error: cannot reach RabbitMQ at"),
+        ({"AMQP_URL": settings.amqp_url.rstrip("/") + "/no-such-vhost"},
+         "error: RabbitMQ at amqp://guest:***@127.0.0.1:5672/no-such-vhost refused to open"
+         " virtual host 'no-such-vhost'"),
     ]
     for env, start in cases:
         command = ("queues",) if "AMQP_URL" in env else ("orders",)
@@ -211,11 +214,19 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text('[[products]]\nslug = "x"\nname = "X"\nauto_setup = "sometimes"\n'
                         'prices.USD = { monthly = 1 }\n')
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes(b"\xff\xfe garbage")
     negative = tmp_path / "negative.toml"
     negative.write_text('[[products]]\nslug = "x"\nname = "X"\nprices.USD = { monthly = -1 }\n')
     cases = [
         (("show", "999999"), "error: order 999999 does not exist"),
-        (("show", "99999999999999999999"), "error: invalid value"),
+        (("show", "99999999999999999999"),
+         "error: Invalid value for 'order_id': Input should be less than or equal to 9223372"),
+        (("accept", "99999999999999999999"),
+         "error: Invalid value for 'order_id': Input should be less than or equal to 9223372"),
+        (("pay", "1", "--amount", "1e30", "--transaction-id", "x"),
+         "error: amount '1e30' is too large"),
+        (("catalog", "load", str(not_utf8)), f"error: {not_utf8} is not valid TOML: not UTF-8"),
         (("catalog", "load", str(negative)),
          f"error: {negative}: schema: products.0.prices.USD.monthly: Input should be greater"),
         (("orders", "--status", "bogus"), "error: unknown status 'Bogus'"),

@@ -14,12 +14,14 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
-from shared.contracts import InvoicePaid, PaymentReceived, PaymentUnapplied
+from shared.contracts import InvoicePaid, PaymentReceived, PaymentUnapplied, shown
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.payments")
 
 CENT = Decimal("0.01")
+MAX_AMOUNT = Decimal(10) ** 10  # payments.amount is numeric(12,2)
+BIGINT_MAX = 2**63 - 1
 # Reasons that may clear up by themselves (the order arrives later); the others need a person.
 WAITING_FOR_ORDER = ["order not placed yet%", "unknown invoice%"]
 # Refused only because the order was ended: an operator setting it back to Pending revives them.
@@ -54,7 +56,7 @@ class Payments:
             return
         problem = amount_problem or self._intake_problem(payment, uow, requested_invoice)
         if problem is None and requested_invoice is None and payment.invoice_id is not None:
-            problem = f"invoice id {payment.invoice_id!r} is not a number"
+            problem = f"invoice id {shown(str(payment.invoice_id))} is not an invoice id"
         if problem:
             await _leave_unapplied(uow, payment_id, problem)
             return
@@ -195,20 +197,24 @@ async def _leave_unapplied(uow: UnitOfWork, payment_id: int, reason: str) -> Non
 
 
 def _amount(raw: Decimal | str) -> tuple[Decimal | None, str | None]:
+    """The amount, or why it cannot be applied: the payment is stored either way."""
     try:
         amount = Decimal(str(raw))
     except InvalidOperation:
-        return None, f"amount {raw!r} is not a number"
+        return None, f"amount {shown(str(raw))} is not a number"
     if not amount.is_finite() or amount <= 0:
-        return None, f"amount {raw!r} is not a positive amount"
+        return None, f"amount {shown(str(raw))} is not a positive amount"
+    if amount >= MAX_AMOUNT:  # numeric(12,2); quantize would overflow the context first
+        return None, f"amount {shown(str(raw))} is too large"
     if amount != amount.quantize(CENT):
-        return None, f"amount {raw!r} has more than two decimal places"
+        return None, f"amount {shown(str(raw))} has more than two decimal places"
     return amount, None
 
 
 def _int_or_none(value: int | str | None) -> int | None:
-    if isinstance(value, int):
+    """An id as a bigint can hold it; None for anything else (superscript digits included)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 < value <= BIGINT_MAX:
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
     return None
