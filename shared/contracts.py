@@ -143,6 +143,17 @@ class PlaceOrder(Contract):
     send_confirmation: bool = True
     generate_invoice: bool = True
 
+    @model_validator(mode="after")
+    def _each_domain_once(self) -> PlaceOrder:
+        # Registered (and billed) twice otherwise: a storefront's double click, not a wish.
+        seen: set[str] = set()
+        for item in self.items:
+            if isinstance(item, DomainItem):
+                if item.domain in seen:
+                    raise ValueError(f"domain {item.domain} is ordered twice")
+                seen.add(item.domain)
+        return self
+
 
 class PaymentReceived(Contract):
     """A gateway's payment. Read leniently on purpose: money is never dropped, so anything

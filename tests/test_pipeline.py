@@ -223,6 +223,18 @@ async def test_zero_total_invoice_is_paid_at_once_and_no_invoice_when_not_asked(
     assert [b["order_ref"] for b in store.bodies("invoice.paid")] == ["trial-1"]
 
 
+async def test_the_same_domain_twice_in_one_order_is_refused(harness: Harness) -> None:
+    store = await harness.listen("order.rejected")
+    await harness.start(_workers(harness))
+    twice = order_body("dup-domain", items=[
+        {"type": "domain", "domain": "dup-domain.com", "action": "register"},
+        {"type": "domain", "domain": "DUP-domain.com.", "action": "transfer"}])
+    await harness.publish("order.place", twice)
+    rejected = await store.wait_for("order.rejected", lambda b: b["order_ref"] == "dup-domain")
+    assert rejected["reason"] == "schema: body: domain dup-domain.com is ordered twice"
+    assert await harness.order("dup-domain") is None
+
+
 async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness) -> None:
     await harness.start(_workers(harness))
     body = order_body("multi-1", items=[
