@@ -121,6 +121,25 @@ async def test_hostile_bodies_are_dead_lettered_at_once_with_a_short_reason(
     assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 1
 
 
+async def test_a_message_id_reused_for_another_message_is_refused_not_skipped(
+    harness: Harness,
+) -> None:
+    store = await harness.listen("order.rejected")
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)])
+    first = order_body("reuse-first")
+    await harness.publish("order.place", first, message_id="storefront-1")
+    await harness.screened("reuse-first")
+    await harness.publish("order.place", first, message_id="storefront-1")  # a redelivery
+    await harness.publish("order.place", order_body("reuse-second"), message_id="storefront-1")
+    rejected = await store.wait_for("order.rejected", lambda b: b["order_ref"] == "reuse-second")
+    assert rejected["reason"].startswith(
+        "message_id 'storefront-1' was used before for a different message")
+    dead = await eventually(lambda: harness.dead_letters("placement"))
+    assert [m.message_id for m in dead] == ["storefront-1"]
+    assert json.loads(dead[0].body)["order_ref"] == "reuse-second"
+    assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 1
+
+
 async def test_transient_errors_are_retried_then_dead_lettered(harness: Harness) -> None:
     calls: dict[str, int] = {}
 
