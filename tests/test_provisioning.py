@@ -77,7 +77,7 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert invoice["total"] == Decimal("5.95")
     assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0  # not paid yet
 
-    await pay(fast, "5.95", "ch_1", invoice_id=invoice["id"])
+    payment = await pay(fast, "5.95", "ch_1", invoice_id=invoice["id"])
     await eventually(lambda: service_active(fast, order["id"]))
     assert (await fast.order("pay-1"))["status"] == "Pending"  # review is still an operator's
     assert (await invoice_of(fast, order["id"]))["status"] == "Paid"
@@ -89,6 +89,10 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert created["order_id"] == order["id"]
     welcome = await store.wait_for("email.send", lambda b: b["template"] == "hosting_welcome")
     assert welcome["recipient"] == "pay-1@shop.example"
+    # The setup's events name the payment that caused it (design section 3).
+    assert {m.correlation_id for key, body, m in store.received
+            if (body.get("order_ref") == "pay-1" and key != "email.send")
+            or body.get("template") == "hosting_welcome"} == {payment}
     username = await fast.pool.fetchval(
         "SELECT username FROM services WHERE order_id = $1", order["id"])
     assert username.startswith("payexam")

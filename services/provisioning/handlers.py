@@ -19,14 +19,14 @@ class OrderEvents:
         """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
         reopened = uow.context.routing_key == "order.pending"
         await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
-        await reconcile(uow.conn, event.order_id)
+        await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id)
 
     async def on_retry(self, event: OrderEvent, uow: UnitOfWork) -> None:
         """order.retry: parked setups run again, and anything still missing is queued."""
-        await retry_parked(uow.conn, event.order_id)
+        await retry_parked(uow.conn, event.order_id, caused_by=uow.context.message_id)
         await self.on_event(event, uow)
 
 
 async def reconcile_paid(uow: UnitOfWork, order_id: int) -> None:
     """Called in the payment's transaction once its invoice is Paid."""
-    await reconcile(uow.conn, order_id)
+    await reconcile(uow.conn, order_id, caused_by=uow.context.message_id)

@@ -200,7 +200,8 @@ class JobRunner:
             "order_ref": state["order_ref"], "adopted": bool(result.detail.get("adopted")),
             "cancelled_meanwhile": ended})
         if ended:
-            await reconcile(conn, job["order_id"])  # created after a cancel: terminate it
+            # Created after a cancel: terminate it.
+            await reconcile(conn, job["order_id"], caused_by=job["caused_by"])
 
     # -- domains -------------------------------------------------------------------------------
 
@@ -288,11 +289,11 @@ class JobRunner:
         await conn.execute(
             "WITH h AS (INSERT INTO order_history (order_id, actor, action, detail)"
             "  VALUES ($1, 'provisioning', $2, $3))"
-            " INSERT INTO outbox (message_id, routing_key, body)"
-            " SELECT * FROM unnest($4::uuid[], $5::text[], $6::jsonb[])"
+            " INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
+            " SELECT u.*, $7 FROM unnest($4::uuid[], $5::text[], $6::jsonb[]) AS u"
             " ON CONFLICT (message_id) DO NOTHING",
             job["order_id"], action, detail, [e[0] for e in events], [e[1] for e in events],
-            [e[2] for e in events])
+            [e[2] for e in events], job["caused_by"])
 
     def _event(self, job: asyncpg.Record, key: str, item: dict[str, Any], order_ref: str,
                detail: dict[str, Any]) -> tuple[uuid.UUID, str, dict[str, Any]]:

@@ -88,8 +88,10 @@ async def lock_order_state(conn: asyncpg.Connection, order_id: int) -> OrderStat
     return OrderState.of(row) if row else None
 
 
-async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
-    """Queue the jobs the order's items need now. Returns what it queued, for logs and tests."""
+async def reconcile(conn: asyncpg.Connection, order_id: int, *,
+                    caused_by: str | None = None) -> list[str]:
+    """Queue the jobs the order's items need now. Returns what it queued, for logs and tests.
+    `caused_by`, the message that made them needed, is their events' correlation_id."""
     order = await lock_order_state(conn, order_id)
     if order is None:
         return []
@@ -102,10 +104,10 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
             order_id,
         )
         rows = await conn.fetch(
-            "INSERT INTO jobs (order_id, service_id, kind, lane)"
-            f" SELECT s.order_id, s.id, 'terminate', {SERVICE_LANE} FROM services s"
+            "INSERT INTO jobs (order_id, service_id, kind, lane, caused_by)"
+            f" SELECT s.order_id, s.id, 'terminate', {SERVICE_LANE}, $2 FROM services s"
             "  JOIN products p ON p.id = s.product_id WHERE s.order_id = $1 AND s.live"
-            " ON CONFLICT DO NOTHING RETURNING service_id", order_id,
+            " ON CONFLICT DO NOTHING RETURNING service_id", order_id, caused_by,
         )
         queued += [f"terminate service {r['service_id']}" for r in rows]
     else:
@@ -131,8 +133,8 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
                 "   server_id = coalesce(s.server_id, u.server_id)"
                 "  FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS u(id, username, server_id)"
                 "  WHERE s.id = u.id)"
-                " INSERT INTO jobs (order_id, service_id, domain_id, kind, lane)"
-                " SELECT $1, u.service_id, u.domain_id, u.kind, u.lane"
+                " INSERT INTO jobs (order_id, service_id, domain_id, kind, lane, caused_by)"
+                " SELECT $1, u.service_id, u.domain_id, u.kind, u.lane, $9"
                 " FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[])"
                 "  AS u(service_id, domain_id, kind, lane)"
                 " ON CONFLICT DO NOTHING RETURNING kind, coalesce(service_id, domain_id) AS item",
@@ -144,6 +146,7 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
                 [None] * len(setups) + [i["id"] for i in registrations],
                 ["create"] * len(setups) + [i["action"] for i in registrations],
                 [i["lane"] for i in setups + registrations],
+                caused_by,
             )
             queued += [f"{r['kind']} {r['item']}" for r in rows]
     if queued:
@@ -152,10 +155,12 @@ async def reconcile(conn: asyncpg.Connection, order_id: int) -> list[str]:
     return queued
 
 
-async def retry_parked(conn: asyncpg.Connection, order_id: int) -> int:
+async def retry_parked(conn: asyncpg.Connection, order_id: int, *,
+                       caused_by: str | None = None) -> int:
     """order.retry: parked jobs run again, from a fresh attempt count."""
     status = await conn.execute(
         "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = now(),"
-        " updated_at = now() WHERE order_id = $1 AND status = 'parked'", order_id,
+        " updated_at = now(), caused_by = coalesce($2, caused_by)"
+        " WHERE order_id = $1 AND status = 'parked'", order_id, caused_by,
     )
     return int(status.split()[-1])
