@@ -35,6 +35,10 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     # A failover that left the address on a standby, or a database set read-only for
     # maintenance: writes wait for a primary like they wait for a restart.
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # asyncpg's own: a server refused for `target_session_attrs=read-write` in the URL, and a
+    # connection cut by the server mid-statement ("cannot switch to state ..."). Never the
+    # message's fault; a retry gets a fresh connection.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -8,6 +8,7 @@ reason, and a clean stop. Handlers are plain functions of (message, unit of work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +207,15 @@ class Runtime:
                 linger_seconds=self.settings.relay_linger_ms / 1000,
                 concurrency=self.settings.relay_concurrency,
             )
-            tasks.append(asyncio.create_task(outbox.run(self._stop), name="outbox-relay"))
+            tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
             keeper = Housekeeper(
                 outbox_hours=self.settings.outbox_retention_hours,
                 inbox_days=self.settings.inbox_retention_days,
                 every_seconds=self.settings.housekeeping_seconds,
             )
-            tasks.append(asyncio.create_task(keeper.run(self.pool, self._stop), name="housekeeping"))
+            tasks.append(self._supervised("housekeeping", partial(keeper.run, self.pool, self._stop)))
         tasks += [
-            asyncio.create_task(job(self.pool, self._stop), name=f"{spec.service}-background")
+            self._supervised(f"{spec.service}-background", partial(job, self.pool, self._stop))
             for spec in workers for job in spec.background
         ]
         for spec in workers:
@@ -280,6 +282,26 @@ class Runtime:
             finally:
                 for _ in batch:
                     self._inflight.leave()
+
+    def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """A background task (the relay, a sweeper, the job runner, the mail sender) that ends
+        with an error is logged and started again: one that stayed dead would leave events
+        unpublished and jobs undone while the worker went on consuming and looking healthy."""
+
+        async def supervise() -> None:
+            delay = 1.0
+            while not self._stop.is_set():
+                try:
+                    await run()
+                    return
+                except Exception:
+                    log.exception("background task failed; starting it again",
+                                  extra={"task": name, "in_seconds": delay})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
+
+        return asyncio.create_task(supervise(), name=name)
 
     async def _shutdown(self, workers: Sequence[WorkerSpec], tasks: list[asyncio.Task[None]]) -> None:
         log.info("stopping: no new messages, finishing in-flight work",

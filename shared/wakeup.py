@@ -12,8 +12,6 @@ from typing import Any
 
 import asyncpg
 
-from shared import db
-
 log = logging.getLogger("ordermill.wakeup")
 
 
@@ -31,9 +29,9 @@ class Wakeup:
         try:
             self._conn = await asyncpg.connect(self.database_url)
             await self._conn.add_listener(self.channel, self._on_notify)
-        except db.TRANSIENT_DB_ERRORS as exc:
+        except Exception as exc:  # whatever the cause, the timer does the listener's work
             log.warning("listener unavailable; the timer takes over",
-                        extra={"channel": self.channel, "error": str(exc)})
+                        extra={"channel": self.channel, "error": f"{type(exc).__name__}: {exc}"})
             self._conn = None
 
     def _on_notify(self, *_: Any) -> None:

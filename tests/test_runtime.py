@@ -140,6 +140,26 @@ async def test_a_message_id_reused_for_another_message_is_refused_not_skipped(
     assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 1
 
 
+async def test_a_background_task_that_fails_is_started_again(
+    harness: Harness, caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[int] = []
+
+    async def flaky(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        runs.append(await pool.fetchval("SELECT 1"))
+        if len(runs) == 1:
+            raise RuntimeError("a bug in a sweeper")
+        await stop.wait()
+
+    spec = WorkerSpec(service="fraud", routes={}, background=(flaky,))
+    await harness.start([spec], relay=False)
+    async def started_again() -> bool:
+        return len(runs) == 2
+    await eventually(started_again, timeout=10)
+    failed = [r for r in caplog.records if r.getMessage() == "background task failed; starting it again"]
+    assert [r.task for r in failed] == ["fraud-background"]
+
+
 async def test_transient_errors_are_retried_then_dead_lettered(harness: Harness) -> None:
     calls: dict[str, int] = {}
 
