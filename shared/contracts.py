@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from shared.errors import Rejected
+
 BillingCycle = Literal[
     "monthly", "quarterly", "semiannually", "annually", "biennially", "triennially", "onetime"
 ]
@@ -49,13 +51,14 @@ def _domain(value: str) -> str:
     return value
 
 
-def _has_nul(value: object) -> bool:
+def has_nul(value: object) -> bool:
+    """Whether a text in parsed JSON holds U+0000, which PostgreSQL's text cannot store."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
     return False
 
 
@@ -73,14 +76,11 @@ class Contract(BaseModel):
     # Storefronts may send more than we read (prices, notes): extra fields are ignored.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
-        # PostgreSQL's text cannot hold U+0000: refused here as bad input, not met later as
-        # a database error that dead-letters the message as a handler failure.
-        if _has_nul(data):
-            raise ValueError("a text value holds a NUL character (\\u0000), which cannot be stored")
-        return data
+    def without_nul(cls, data: Any) -> Any:
+        """A body holding U+0000 (the runtime looks): refused as bad input, not met later as a
+        database error that dead-letters the message as a handler failure."""
+        raise Rejected("a text value holds a NUL character (\\u0000), which cannot be stored")
 
 
 class ExistingClient(Contract):
@@ -170,9 +170,8 @@ class PaymentReceived(Contract):
     gateway: str | None = None
     transaction_id: str | None = None
 
-    @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
+    def without_nul(cls, data: Any) -> Any:
         # Not refused: a payment is never dropped. U+FFFD marks where the NUL was.
         return _without_nul(data)
 

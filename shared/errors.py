@@ -8,6 +8,8 @@ class ConfigurationError(Exception):
 class Rejected(Exception):
     """Bad input: the message can never succeed as it is. Dead-lettered at once with the reason."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, tell_publisher: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        # False where the publisher's rejection event would mislead (its order may exist).
+        self.tell_publisher = tell_publisher
