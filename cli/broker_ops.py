@@ -142,7 +142,12 @@ async def replay_dead_letters(
         channel = await connection.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
-            while result.replayed + len(result.failed) + len(result.discarded) < limit:
+            # Only those there when the replay began: one the worker dead-letters again while
+            # this runs lands at the tail, and would otherwise be replayed round and round.
+            present = queue.declaration_result.message_count or 0
+            for _ in range(present):
+                if result.replayed + len(result.failed) + len(result.discarded) >= limit:
+                    break
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break

@@ -125,6 +125,28 @@ async def test_dead_letters_are_listed_with_reasons_and_replayed(harness: Harnes
     assert json.loads(out) == []
 
 
+async def test_a_replay_takes_each_dead_letter_once_though_the_worker_refuses_it_again(
+    harness: Harness,
+) -> None:
+    s = harness.settings
+    await harness.start([placement_worker(s)], relay=False)
+    ids = [await harness.publish("order.place", order_body(f"again-{n}", currency="XXX"))
+           for n in range(20)]
+
+    async def dead(count: int) -> list | None:
+        _code, out, _ = await cli(s, "dead-letters", "placement", "--json")
+        rows = json.loads(out)
+        return rows if len(rows) == count else None
+    await eventually(lambda: dead(20), timeout=20)
+    # Still bad: each comes straight back while the replay runs, and is not taken again.
+    code, out, _ = await cli(s, "dead-letters", "--replay", "--json")
+    assert (code, json.loads(out)) == (0, {"replayed": 20, "discarded": [], "failed": []})
+    rows = await eventually(lambda: dead(20), timeout=20)
+    assert sorted(r["message_id"] for r in rows) == sorted(ids)
+    letters = await harness.dead_letters("placement")
+    assert {m.headers["x-ordermill-replays"] for m in letters} == {1}
+
+
 async def test_the_brokers_own_dead_letters_replay_under_their_first_key_and_expired_ones_go(
     harness: Harness,
 ) -> None:
