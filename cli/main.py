@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -15,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiormq
 import asyncpg
@@ -80,6 +81,12 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _amqp_user(s: Settings) -> str | None:
+    """The RabbitMQ user the CLI logs in as: what the broker checks a message's user_id
+    against (`ops%40example.com` in the URL is the user ops@example.com)."""
+    return unquote(urlsplit(s.amqp_url).username or "") or None
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     s = settings()
     try:
@@ -97,6 +104,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         raise UserError(f"RabbitMQ has no {missing} (namespace {s.namespace!r}):"
                         " run `ordermill migrate`") from None
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        if "inequivalent arg" not in str(exc):  # a message refused (its user_id), not a queue
+            raise UserError(f"RabbitMQ refused: {_first_line(exc)}") from None
         raise UserError(f"RabbitMQ refused a queue as declared: {_first_line(exc)} (a queue's"
                         " arguments, QUEUE_DELIVERY_LIMIT among them, are fixed when it is first"
                         " declared)") from None
@@ -411,7 +420,7 @@ def failures(as_json: bool = JsonOpt) -> None:
     out.print(table("Stuck in screening", ["order", "ref", "re-drives", "since"],
                     [[f["order_id"], f["order_ref"], f["redrives"], f["queued_since"][:19]]
                      for f in data["stuck_in_screening"]]))
-    out.print(table("Parked setups (the module queue: `ordermill retry ORDER_ID` comes with #4)",
+    out.print(table("Parked setups (the module queue: `ordermill retry ORDER_ID` runs them again)",
                     ["job", "order", "ref", "what", "attempts", "error"],
                     [[f["job_id"], f["order_id"], f["order_ref"], f"{f['job']} {f['item']}",
                       f["attempts"], f["error"]] for f in data["parked_setups"]]))
@@ -457,9 +466,13 @@ def queues(
             if as_json:  # one line per refresh, for a script to read as it comes
                 while True:
                     rows = await broker_ops.queue_depths(connection, Names(s.namespace))
-                    sys.stdout.write(json.dumps(
-                        {"at": datetime.now(UTC).isoformat(), "queues": rows}, default=str) + "\n")
-                    sys.stdout.flush()
+                    try:
+                        sys.stdout.write(json.dumps({"at": datetime.now(UTC).isoformat(),
+                                                     "queues": rows}, default=str) + "\n")
+                        sys.stdout.flush()
+                    except BrokenPipeError:  # the reader has had enough (`| head -1`)
+                        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                        return
                     await asyncio.sleep(1)
             with Live(console=out, auto_refresh=False) as live:
                 while True:
@@ -522,7 +535,7 @@ async def _send_review(s: Settings, action: str, order_ids: list[int], *, wait_s
         channel = await broker.open_publisher(connection)
         exchange = await channel.get_exchange(Names(s.namespace).exchange)
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        operator = urlsplit(s.amqp_url).username
+        operator = _amqp_user(s)
         waiting: dict[str, int] = {}
         for order_id in order_ids:
             body: dict[str, Any] = {"order_id": order_id, "action": action,
@@ -721,7 +734,7 @@ def place(
             for key in ("order.placed", "order.rejected"):
                 await answers.bind(names.exchange, routing_key=key)
             await broker.publish(exchange, "order.place", broker.json_message(
-                body, routing_key="order.place", user_id=urlsplit(s.amqp_url).username or None))
+                body, routing_key="order.place", user_id=_amqp_user(s)))
             try:
                 async with answers.iterator(timeout=timeout) as events:
                     async for event in events:
@@ -776,7 +789,7 @@ def pay(
                  "gateway": gateway, "transaction_id": transaction_id},
                 routing_key="payment.received",
                 # The broker checks it; with PAYMENT_PUBLISHERS set, only named users' count.
-                user_id=urlsplit(s.amqp_url).username or None)
+                user_id=_amqp_user(s))
             try:
                 await broker.publish(exchange, "payment.received", message)
             except PublishError:
@@ -823,7 +836,7 @@ def fraud_report(
                              minfraud_id=row["minfraud_id"], notes=notes)
             except ProviderError as exc:
                 raise UserError(str(exc)) from None
-            await add_history(conn, order_id, actor=urlsplit(s.amqp_url).username or "cli",
+            await add_history(conn, order_id, actor=_amqp_user(s) or "cli",
                               action="fraud_reported",
                               detail={"tag": tag.value, "minfraud_id": row["minfraud_id"]})
             return row["minfraud_id"]

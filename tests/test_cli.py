@@ -298,6 +298,23 @@ async def test_queues_watch_json_prints_one_json_document_per_refresh(harness: H
         depths = {q["queue"]: q["messages"] for q in snapshot["queues"]}
         assert depths[f"{harness.settings.namespace}.placement"] == 0
     assert json.loads(lines[0])["at"] < json.loads(lines[1])["at"]
+    # A reader that stops after one line ends the watch quietly, with success.
+    piped = await asyncio.create_subprocess_exec(
+        "bash", "-o", "pipefail", "-c", f"'{ORDERMILL}' queues --watch --json | head -1",
+        env=worker_env(harness.settings), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(piped.communicate(), timeout=30)
+    assert (piped.returncode, err.decode()) == (0, "")
+    assert json.loads(out)["queues"]
+
+
+def test_the_cli_names_its_rabbitmq_user_as_the_broker_checks_it(settings: Settings) -> None:
+    from cli.main import _amqp_user
+
+    # The broker compares a message's user_id with the decoded login name.
+    encoded = settings.model_copy(update={"amqp_url": "amqp://ops%40example.com:pw@mq:5672/"})
+    assert _amqp_user(encoded) == "ops@example.com"
+    assert _amqp_user(settings.model_copy(update={"amqp_url": "amqp://mq:5672/"})) is None
 
 
 async def test_help_still_prints_and_exits_zero(settings: Settings) -> None:

@@ -229,6 +229,24 @@ async def test_payments_that_cannot_be_applied_are_stored_with_their_reason(
         assert (stored[kept]["status"], stored[kept]["reason"]) == ("unapplied", reason), txn
         assert stored[kept]["raw_amount"] == amount
     assert (await invoice_of(fast, order["id"]))["amount_paid"] == 0
+    # Texts longer than an index can hold: stored shortened, two ids sharing a start stay two.
+    long_id = "t" * 3000
+    for txn, ref in ((long_id + "1", None), (long_id + "2", None), ("p-ref-long", "r" * 3000)):
+        body = {"amount": "5.95", "currency": "USD", "gateway": "stripe", "transaction_id": txn,
+                "invoice_id": invoice["id"]} | ({"order_ref": ref} if ref else {})
+        await fast.publish("payment.received", body)
+
+    async def long_stored() -> list | None:
+        rows = await fast.pool.fetch(
+            "SELECT transaction_id, order_ref, status, reason FROM payments"
+            " WHERE reason LIKE '%kept shortened%' ORDER BY reason DESC, transaction_id")
+        return rows if len(rows) == 3 else None
+    rows = await eventually(long_stored)
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("unapplied", "transaction_id over 255 characters (kept shortened)")] * 2 + [
+        ("unapplied", "order_ref over 100 characters (kept shortened)")]
+    assert len({r["transaction_id"] for r in rows[:2]}) == 2
+    assert max(len(r["transaction_id"]) for r in rows) <= 255
     # Not a payment at all: dead-lettered with the reason.
     await fast.publish("payment.received", {"currency": "USD", "gateway": "stripe"})
     dead = await eventually(lambda: fast.dead_letters("provisioning"))

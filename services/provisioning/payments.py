@@ -7,6 +7,7 @@ later when its order arrives.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Payments:
         conn = uow.conn
         amount, amount_problem = _amount(payment.amount)
         requested_invoice = _int_or_none(payment.invoice_id)
+        payment, too_long = _fitted(payment)
+        amount_problem = amount_problem or too_long
         payment_id = await conn.fetchval(
             "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
             " requested_invoice_id, order_ref, publisher, status, message_id)"
@@ -209,6 +212,27 @@ def _amount(raw: Decimal | str) -> tuple[Decimal | None, str | None]:
     if amount != amount.quantize(CENT):
         return None, f"amount {shown(str(raw))} has more than two decimal places"
     return amount, None
+
+
+# What the payments' indexes can hold (a btree entry is at most about 2,700 bytes), with room:
+# no real gateway's ids come near.
+_TEXT_LIMITS = {"gateway": 100, "transaction_id": 255, "order_ref": 100, "currency": 10}
+
+
+def _fitted(payment: PaymentReceived) -> tuple[PaymentReceived, str | None]:
+    """The payment with over-long texts shortened to fit, and why it cannot be applied. A
+    shortened value ends with a hash of the whole, so two long ids that share a beginning
+    stay two payments, and the payment is stored, never dropped."""
+    changes: dict[str, str] = {}
+    for name, limit in _TEXT_LIMITS.items():
+        value = getattr(payment, name)
+        if value is not None and len(value) > limit:
+            digest = hashlib.sha256(value.encode()).hexdigest()[:32]
+            changes[name] = f"{value[:limit - 40]}...{digest}"
+    if not changes:
+        return payment, None
+    names = ", ".join(f"{name} over {_TEXT_LIMITS[name]} characters" for name in changes)
+    return payment.model_copy(update=changes), f"{names} (kept shortened)"
 
 
 def _int_or_none(value: int | str | None) -> int | None:
