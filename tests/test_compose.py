@@ -484,6 +484,22 @@ def test_workers_are_healthy_only_while_their_heartbeat_is_fresh(
         "the one-shot migrate writes no heartbeat: its health check would fail"
 
 
+def test_mail_goes_to_a_server_of_the_compose_file_unless_the_host_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`localhost` in the notify container is the container itself: no mail server there."""
+    for var in ("SMTP_HOST", "SMTP_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    s = settings_of(services()["notify"], monkeypatch)
+    server(f"smtp://{s.smtp_host}:{s.smtp_port}", "axllent/mailpit")
+    assert s.smtp_port == 1025  # mailpit's SMTP port
+    # The host's settings for a real relay reach the container (some were fixed, or left out).
+    raw = services()["notify"]["environment"]
+    for var in ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USERNAME", "SMTP_PASSWORD",
+                "MAIL_FROM"):
+        assert str(raw.get(var, "")).startswith("${" + var + ":-"), f"notify: {var} is not the host's"
+
+
 def test_named_volumes_are_declared_and_rabbitmq_keeps_its_node_name() -> None:
     declared = set(compose().get("volumes") or {})
     for name, svc in services().items():
