@@ -143,6 +143,15 @@ class PlaceOrder(Contract):
     send_confirmation: bool = True
     generate_invoice: bool = True
 
+    @field_validator("ip_address")
+    @classmethod
+    def _plain_ipv4(cls, value: IPv4Address | IPv6Address | None) -> IPv4Address | IPv6Address | None:
+        # A dual-stack storefront writes 192.0.2.1 as ::ffff:192.0.2.1: one client, one address
+        # (for the banned list and for velocity).
+        if isinstance(value, IPv6Address) and value.ipv4_mapped is not None:
+            return value.ipv4_mapped
+        return value
+
     @model_validator(mode="after")
     def _each_domain_once(self) -> PlaceOrder:
         # Registered (and billed) twice otherwise: a storefront's double click, not a wish.

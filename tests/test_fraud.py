@@ -38,6 +38,10 @@ def rules() -> RulesProvider:
     ({"email": "x@bad.example"}, ["banned_email_domain"], "99.00"),
     ({"ip_address": "192.0.2.1"}, ["banned_ip"], "99.00"),
     ({"ip_address": "2001:db8::5"}, ["banned_ip"], "99.00"),
+    ({"ip_address": "::ffff:192.0.2.1"}, ["banned_ip"], "99.00"),  # IPv4 written as IPv6
+    ({"email": "x@spam.example."}, ["banned_email_domain"], "99.00"),  # a final dot
+    ({"email": "x@spam.exam\u00adple"}, ["banned_email_domain"], "99.00"),  # a soft hyphen
+    ({"email": "ann@gmail.com\u00ad"}, ["free_email_new_client"], "10.10"),
     ({"email": "ann@gmail.com"}, ["free_email_new_client"], "10.10"),
     ({"email": "ann@gmail.com", "client_is_new": False}, [], "0.10"),
     ({"orders_from_ip": 4}, ["ip_velocity"], "15.10"),
@@ -46,6 +50,7 @@ def rules() -> RulesProvider:
     ({"orders_from_client": 6}, ["client_velocity"], "25.10"),
     ({"total": Decimal("500.00")}, ["large_first_order"], "15.10"),
     ({"total": Decimal("500.00"), "client_is_new": False}, [], "0.10"),
+    ({"earlier_fraud_orders": 1, "client_is_new": False}, ["earlier_fraud"], "30.10"),
     ({"email": "x@spam.example", "ip_address": "192.0.2.1"}, ["banned_email_domain", "banned_ip"],
      "99.00"),
 ])
@@ -102,6 +107,38 @@ async def test_velocity_from_one_ip_turns_the_burst_into_fraud(harness: Harness)
     statuses = [(await harness.order(f"burst-{n}"))["status"] for n in range(6)]
     # Over 3 orders in the window: the 4th scores 15.10, the 5th 20.10 (over 20), the 6th 25.10.
     assert statuses == ["Pending"] * 4 + ["Fraud"] * 2
+
+
+async def test_a_client_refused_as_fraud_is_not_known_the_next_time(harness: Harness) -> None:
+    """An earlier order refused as Fraud, or a free one, does not make a client known: ordering
+    again, or after a free trial, scores like the first time (and more)."""
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)])
+    big = [{"type": "product", "product": "reseller", "billing_cycle": "annually",
+            "domain": "big-reseller.example"},
+           {"type": "product", "product": "business", "billing_cycle": "biennially",
+            "domain": "big-business.example"}]
+    trial = [{"type": "product", "product": "trial", "billing_cycle": "monthly",
+              "domain": "trial-first.example"}]
+    cases = (("fraud-first", "fraudster@gmail.com", "198.18.0.1", big),
+             ("fraud-again", "fraudster@gmail.com", "198.18.0.2", big),
+             ("trial-first", "trialist@gmail.com", "198.18.0.3", trial),
+             ("after-trial", "trialist@gmail.com", "198.18.0.4", big))
+    for ref, email, ip, items in cases:
+        await harness.publish("order.place", order_body(ref, client={"email": email},
+                                                        ip_address=ip, items=items))
+        await harness.screened(ref)
+    reasons = {ref: await harness.pool.fetchval(
+        "SELECT array_agg(r->>'code') FROM fraud_checks f JOIN orders o ON o.id = f.order_id,"
+        " jsonb_array_elements(f.reasons) r WHERE o.order_ref = $1", ref)
+        for ref, *_ in cases}
+    assert reasons == {
+        "fraud-first": ["free_email_new_client", "large_first_order"],
+        "fraud-again": ["free_email_new_client", "earlier_fraud", "large_first_order"],
+        "trial-first": ["free_email_new_client"],
+        "after-trial": ["free_email_new_client", "large_first_order"],
+    }
+    assert [(await harness.order(ref))["status"] for ref, *_ in cases] == [
+        "Fraud", "Fraud", "Pending", "Fraud"]
 
 
 async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> None:

@@ -93,6 +93,36 @@ async def test_below_and_above_the_threshold(
     assert check["raw"]["ip_address"]["risk"] == 0.5
 
 
+async def test_banned_clients_are_fraud_without_asking_maxmind(
+    harness: Harness, maxmind: FakeMinFraud,
+) -> None:
+    """The provider's banned lists hold whatever MaxMind would say, and cost no lookup; a
+    look-alike spelling of a banned domain (its mail reaches the banned one) or an IPv4
+    address written as IPv6 is the same client."""
+    await start(harness, configured(harness, maxmind))
+    look_alike = "x@\uff22\uff21\uff2e\uff2e\uff25\uff24.example."  # full-width, final dot
+    banned = {
+        "mm-banned-ip": (order_body("mm-banned-ip", ip_address="::ffff:198.51.100.7"),
+                         ["banned_ip"]),
+        "mm-banned-mail": (order_body("mm-banned-mail", client={"email": look_alike}),
+                           ["banned_email_domain"]),
+        "mm-soft-hyphen": (order_body("mm-soft-hyphen",
+                                      client={"email": "y@banned.example\u00ad"}),
+                           ["banned_email_domain"]),
+    }
+    for body, _ in banned.values():
+        await harness.publish("order.place", body)
+    await harness.publish("order.place", order_body("mm-clean"))
+    for ref, (_, reasons) in banned.items():
+        order = await harness.screened(ref)
+        assert (order["status"], order["screening"]) == ("Fraud", "failed"), ref
+        check = await check_of(harness, order["id"])
+        assert (check["provider"], check["score"], codes(check)) == (
+            "rules", Decimal("99.00"), reasons), ref
+    assert (await harness.screened("mm-clean"))["screening"] == "passed"
+    assert len(maxmind.requests) == 1  # the clean order's only
+
+
 async def test_the_request_for_a_new_and_then_an_existing_client(
     harness: Harness, maxmind: FakeMinFraud,
 ) -> None:

@@ -235,6 +235,13 @@ async def test_the_same_domain_twice_in_one_order_is_refused(harness: Harness) -
     assert await harness.order("dup-domain") is None
 
 
+async def test_an_ipv4_address_written_as_ipv6_is_stored_as_ipv4(harness: Harness) -> None:
+    await harness.start(_workers(harness))
+    await harness.publish("order.place", order_body("mapped-ip", ip_address="::ffff:203.0.113.5"))
+    order = await harness.screened("mapped-ip")
+    assert str(order["ip_address"]) == "203.0.113.5"
+
+
 async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness) -> None:
     await harness.start(_workers(harness))
     body = order_body("multi-1", items=[

@@ -6,9 +6,11 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from functools import cached_property
 
 import asyncpg
 
+from services.fraud.banned import BANNED_SCORE, BannedLists
 from services.fraud.facts import lock_with_facts, read_facts
 from services.fraud.providers.base import (
     FraudProvider,
@@ -24,6 +26,7 @@ from shared.settings import Settings
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.fraud")
+CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Scored:
 class Screener:
     settings: Settings
     provider: FraudProvider
+
+    @cached_property
+    def banned(self) -> BannedLists:
+        return BannedLists(self.settings)
 
     @property
     def _window(self) -> timedelta:
@@ -80,8 +87,9 @@ class Screener:
         if found is None:
             return None  # the handler refuses it
         order, facts = found
-        if not _needs_screening(order, rescreen) or self._skip(order) is not None:
-            return None
+        if (not _needs_screening(order, rescreen) or self._skip(order) is not None
+                or self.banned.reasons(facts)):
+            return None  # no lookup: the handler decides without the provider
         return await self._ask(facts)
 
     async def _ask(self, facts: OrderFacts) -> Scored:
@@ -154,6 +162,13 @@ class Screener:
         skip = self._skip(order)
         if skip is not None:
             return skip
+        banned = self.banned.reasons(facts)
+        if banned:  # whatever the provider: a banned client is not let through on its score
+            raw = {"provider": "rules", "risk_score": str(BANNED_SCORE.quantize(CENT)),
+                   "reasons": [r.as_dict() for r in banned]}
+            failed = BANNED_SCORE > self.settings.fraud_threshold
+            return Verdict("failed" if failed else "passed", "rules", BANNED_SCORE.quantize(CENT),
+                           tuple(banned), raw, fraud=failed)
         if scored is None:  # a local provider, or a remote one whose early look saw no need
             scored = await self._ask(facts)
         if scored.result is None:

@@ -33,7 +33,9 @@ class OrderFacts:
     currency: str
     payment_method: str | None
     cart: tuple[CartLine, ...]
-    client_is_new: bool  # no earlier order from this client
+    # No earlier order that went through (Active, or Pending, cleared and paid): one refused as
+    # Fraud, cancelled, free or unpaid does not make a client known.
+    client_is_new: bool
     orders_from_ip: int  # in the velocity window, this one included
     orders_from_client: int  # in the velocity window, this one included
     placed_at: datetime | None = None
@@ -43,6 +45,7 @@ class OrderFacts:
     state: str | None = None
     postcode: str | None = None
     phone: str | None = None
+    earlier_fraud_orders: int = 0  # this client's earlier orders now Fraud
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from decimal import Decimal
 
+from services.fraud.banned import BannedLists, mail_domain
 from services.fraud.providers.base import FraudResult, OrderFacts, Reason
 from shared.settings import Settings
 
@@ -25,10 +25,7 @@ class RulesProvider:
     remote = False
 
     def __init__(self, settings: Settings) -> None:
-        self.banned_domains = frozenset(settings.fraud_banned_email_domains)
-        self.banned_networks = tuple(
-            ipaddress.ip_network(entry, strict=False) for entry in settings.fraud_banned_ips
-        )
+        self.banned = BannedLists(settings)
         self.velocity_max = settings.fraud_velocity_max_orders
         self.large_first_order = settings.fraud_large_first_order
 
@@ -44,11 +41,8 @@ class RulesProvider:
         return None
 
     def _reasons(self, facts: OrderFacts):  # -> Iterator[Reason]
-        domain = facts.email.rsplit("@", 1)[-1].lower()
-        if self._domain_banned(domain):
-            yield Reason("banned_email_domain", f"email domain {domain} is banned", MAX_SCORE)
-        if facts.ip_address and self._ip_banned(facts.ip_address):
-            yield Reason("banned_ip", f"IP address {facts.ip_address} is banned", MAX_SCORE)
+        domain = mail_domain(facts.email)
+        yield from self.banned.reasons(facts)
         if facts.client_is_new and domain in FREE_MAIL_DOMAINS:
             yield Reason("free_email_new_client", f"new client with a free-mail address ({domain})",
                          Decimal("10"))
@@ -60,15 +54,9 @@ class RulesProvider:
             extra = facts.orders_from_client - self.velocity_max
             yield Reason("client_velocity", f"{facts.orders_from_client} orders from this client"
                          " in the velocity window", min(Decimal("60"), Decimal(10 + 5 * extra)))
+        if facts.earlier_fraud_orders:
+            yield Reason("earlier_fraud", f"{facts.earlier_fraud_orders} earlier order(s) of this"
+                         " client marked Fraud", Decimal("30"))
         if facts.client_is_new and facts.total >= self.large_first_order:
             yield Reason("large_first_order", f"first order of {facts.total} {facts.currency}",
                          Decimal("15"))
-
-    def _domain_banned(self, domain: str) -> bool:
-        # 'mail.spam.example' is banned when 'spam.example' is.
-        labels = domain.split(".")
-        return any(".".join(labels[i:]) in self.banned_domains for i in range(len(labels) - 1))
-
-    def _ip_banned(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
-        return any(address in network for network in self.banned_networks)
