@@ -7,6 +7,9 @@ from typing import Any
 
 import asyncpg
 
+from shared.contracts import EmailSend
+from shared.uow import UnitOfWork
+
 ORDER_STATUSES = ("Pending", "Active", "Cancelled", "Fraud")
 
 # (from, to) pairs allowed by the operator actions table and the screening outcome.
@@ -87,3 +90,19 @@ async def transition(
         conn, order_id, actor=actor, action=action, from_status=current, to_status=to_status,
         detail=detail,
     )
+
+
+def ask_for_order_emails(uow: UnitOfWork, order: asyncpg.Record) -> None:
+    """The confirmation and invoice emails the order asked for, once screening has cleared it:
+    screening passed or skipped, or an operator overrode it (set back to Pending, or accepted an
+    order that could not be screened). The mail worker sends each (dedupe key) once at most.
+    `order` is the order's row with its client's `email`."""
+    templates = []
+    if order["send_confirmation"]:
+        templates.append("order_confirmation")
+    if order["generate_invoice"]:
+        templates.append("invoice_created")
+    for template in templates:
+        uow.emit("email.send", EmailSend(
+            template=template, recipient=order["email"], order_id=order["id"],
+            order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))

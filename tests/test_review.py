@@ -114,6 +114,29 @@ async def test_cancel_and_fraud_move_items_and_invoice_and_pending_brings_them_b
         "Pending", "Unpaid", True)
 
 
+async def test_an_order_cleared_by_an_operator_gets_the_emails_screening_held_back(
+    harness: Harness,
+) -> None:
+    """Screening sends the confirmation and invoice emails only when it clears the order; an
+    operator who sets a Fraud order back to Pending, or accepts one that could not be screened,
+    clears it, and the customer gets them (the mail worker sends each at most once)."""
+    store = await harness.listen("email.send")
+    await harness.start([review_worker(harness.settings)])
+    fraud = await make_order(harness, "Fraud", "r-overridden")
+    unscreened = await make_order(harness, "Pending", "r-unscreened")
+    await harness.pool.execute("UPDATE orders SET screening = 'error' WHERE id = $1", unscreened)
+    screened = await make_order(harness, "Pending", "r-screened")  # emails sent by screening
+    assert (await command(harness, fraud, "pending"))["status"] == "Pending"
+    assert (await command(harness, unscreened, "accept"))["status"] == "Active"
+    assert (await command(harness, screened, "accept"))["status"] == "Active"
+    for ref in ("r-overridden", "r-unscreened"):
+        for template in ("order_confirmation", "invoice_created"):
+            mail = await store.wait_for("email.send", lambda b, ref=ref, template=template:
+                                        (b["order_ref"], b["template"]) == (ref, template))
+            assert mail["recipient"] == f"{ref}@shop.example"
+    assert not [b for b in store.bodies("email.send") if b["order_ref"] == "r-screened"]
+
+
 async def test_accept_stores_its_options_and_refuses_while_screening(harness: Harness) -> None:
     store = await harness.listen("order.accepted")
     await harness.start([review_worker(harness.settings)])

@@ -19,9 +19,9 @@ from services.fraud.providers.base import (
     ProviderError,
     Reason,
 )
-from shared.contracts import EmailSend, OrderFraud, OrderPlaced, OrderRescreen, OrderScreened
+from shared.contracts import OrderFraud, OrderPlaced, OrderRescreen, OrderScreened
 from shared.errors import Rejected
-from shared.orders import transition
+from shared.orders import ask_for_order_emails, transition
 from shared.settings import Settings
 from shared.uow import UnitOfWork
 
@@ -145,7 +145,7 @@ class Screener:
             score=verdict.score, threshold=self.settings.fraud_threshold,
             provider=verdict.provider))
         if verdict.screening in ("passed", "skipped"):
-            self._ask_for_emails(uow, order)
+            ask_for_order_emails(uow, order)
         log.info("order screened", extra=log_extra)
 
     def _skip(self, order: asyncpg.Record) -> Verdict | None:
@@ -189,18 +189,6 @@ class Screener:
             return Verdict("skipped", self.provider.name, reasons=(reason,), error=error)
         return Verdict("error", self.provider.name, reasons=(reason,), error=error,
                        fraud=policy == "fraud")
-
-    def _ask_for_emails(self, uow: UnitOfWork, order: asyncpg.Record) -> None:
-        """Confirmation and invoice emails go out only once screening has cleared the order."""
-        templates = []
-        if order["send_confirmation"]:
-            templates.append("order_confirmation")
-        if order["generate_invoice"]:
-            templates.append("invoice_created")
-        for template in templates:
-            uow.emit("email.send", EmailSend(
-                template=template, recipient=order["email"], order_id=order["id"],
-                order_ref=order["order_ref"], dedupe_key=f"{template}:{order['id']}"))
 
 
 def _needs_screening(order: asyncpg.Record, rescreen: bool) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from shared.contracts import ReviewCommand
-from shared.orders import add_history, transition
+from shared.orders import add_history, ask_for_order_emails, transition
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.review")
@@ -46,7 +46,9 @@ class Refused(Exception):
 async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
     operator = uow.context.user_id or cmd.operator
     conn = uow.conn
-    order = await conn.fetchrow("SELECT * FROM orders WHERE id = $1 FOR UPDATE", cmd.order_id)
+    order = await conn.fetchrow(
+        "SELECT o.*, c.email FROM orders o JOIN clients c ON c.id = o.client_id"
+        " WHERE o.id = $1 FOR UPDATE OF o", cmd.order_id)
     try:
         if order is None:
             raise Refused(f"order {cmd.order_id} does not exist")
@@ -97,6 +99,9 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
             # The operator overrides the screening: the order may be set up again.
             await conn.execute("UPDATE orders SET screening_override = true WHERE id = $1",
                                order["id"])
+        if cmd.action in ("pending", "accept") and order["screening"] not in ("passed", "skipped"):
+            # Cleared by the operator, not by screening: the emails screening held back go now.
+            ask_for_order_emails(uow, order)
     else:
         if cmd.action == "delete":
             await conn.execute("UPDATE orders SET deleted_at = now() WHERE id = $1", order["id"])
