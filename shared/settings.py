@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from decimal import Decimal
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -30,7 +31,9 @@ class Settings(BaseSettings):
     # Rules scorer knobs: what counts as a burst and a large first order.
     fraud_velocity_window_minutes: int = Field(60, gt=0)
     fraud_velocity_max_orders: int = Field(3, gt=0)
-    fraud_large_first_order: Decimal = Field(Decimal("500.00"), gt=0)
+    # "500" is in the catalog's default currency; "500,EUR:450,JPY:75000" names others. A
+    # currency without an amount is not checked (500 yen is no large order).
+    fraud_large_first_order: Annotated[dict[str, Decimal], NoDecode] = {"": Decimal("500.00")}
     # When the provider cannot score: keep the order Pending for review (hold), make it
     # Fraud, or let it through unscreened (pass, recorded as such).
     fraud_on_error: Literal["hold", "fraud", "pass"] = "hold"
@@ -109,6 +112,28 @@ class Settings(BaseSettings):
     def _split_lower(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("fraud_large_first_order", mode="before")
+    @classmethod
+    def _amounts_by_currency(cls, value: object) -> object:
+        if not isinstance(value, str | int | Decimal):
+            return value
+        amounts: dict[str, object] = {}
+        for part in str(value).split(","):
+            if part.strip():
+                currency, _, amount = part.strip().rpartition(":")
+                amounts[currency.strip().upper()] = amount.strip()
+        return amounts
+
+    @field_validator("fraud_large_first_order")
+    @classmethod
+    def _positive_amounts(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for currency, amount in value.items():
+            if currency and not re.fullmatch(r"[A-Z]{3}", currency):
+                raise ValueError(f"{currency!r} is not a currency code")
+            if not amount > 0:
+                raise ValueError(f"{amount} is not a positive amount")
         return value
 
     @field_validator("fraud_banned_ips")

@@ -22,14 +22,15 @@ FACTS = OrderFacts(
     first_name="Ann", last_name="Lee", company=None, country="GB", ip_address="203.0.113.9",
     total=Decimal("28.95"), currency="USD", payment_method="stripe",
     cart=(CartLine("product", "starter", Decimal("4.95")),), client_is_new=True,
-    orders_from_ip=1, orders_from_client=1,
+    orders_from_ip=1, orders_from_client=1, default_currency="USD",
 )
 
 
 @pytest.fixture
 def rules() -> RulesProvider:
     return RulesProvider(Settings(fraud_banned_email_domains="spam.example, Bad.Example",
-                                  fraud_banned_ips="192.0.2.1,2001:db8::/32"))
+                                  fraud_banned_ips="192.0.2.1,2001:db8::/32",
+                                  fraud_large_first_order="500,JPY:75000"))
 
 
 @pytest.mark.parametrize(("change", "codes", "score"), [
@@ -50,6 +51,10 @@ def rules() -> RulesProvider:
     ({"orders_from_client": 6}, ["client_velocity"], "25.10"),
     ({"total": Decimal("500.00")}, ["large_first_order"], "15.10"),
     ({"total": Decimal("500.00"), "client_is_new": False}, [], "0.10"),
+    # A bare amount is in the catalog's default currency: 6,600 yen is no large order.
+    ({"total": Decimal("6600"), "currency": "JPY"}, [], "0.10"),
+    ({"total": Decimal("75000"), "currency": "JPY"}, ["large_first_order"], "15.10"),
+    ({"total": Decimal("600"), "currency": "EUR"}, [], "0.10"),
     ({"earlier_fraud_orders": 1, "client_is_new": False}, ["earlier_fraud"], "30.10"),
     ({"email": "x@spam.example", "ip_address": "192.0.2.1"}, ["banned_email_domain", "banned_ip"],
      "99.00"),

@@ -21,6 +21,7 @@ SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
                       AND i.total > 0)))) AS earlier,
   (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
      AND x.status = 'Fraud') AS earlier_fraud,
+  (SELECT value FROM catalog_meta WHERE key = 'default_currency') AS default_currency,
   (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
      AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_ip,
   (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id
@@ -64,7 +65,7 @@ def _facts(row: asyncpg.Record | None) -> tuple[asyncpg.Record, OrderFacts] | No
         client_is_new=row["earlier"] == 0,
         orders_from_ip=row["from_ip"] if row["ip_address"] else 0,
         orders_from_client=row["from_client"],
-        earlier_fraud_orders=row["earlier_fraud"],
+        earlier_fraud_orders=row["earlier_fraud"], default_currency=row["default_currency"],
         placed_at=row["created_at"], address1=row["address1"], address2=row["address2"],
         city=row["city"], state=row["state"], postcode=row["postcode"], phone=row["phone"],
     )

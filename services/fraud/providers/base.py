@@ -46,6 +46,7 @@ class OrderFacts:
     postcode: str | None = None
     phone: str | None = None
     earlier_fraud_orders: int = 0  # this client's earlier orders now Fraud
+    default_currency: str | None = None  # the catalog's
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ class RulesProvider:
         if facts.earlier_fraud_orders:
             yield Reason("earlier_fraud", f"{facts.earlier_fraud_orders} earlier order(s) of this"
                          " client marked Fraud", Decimal("30"))
-        if facts.client_is_new and facts.total >= self.large_first_order:
+        large = self.large_first_order.get(facts.currency)
+        if large is None and facts.currency == facts.default_currency:
+            large = self.large_first_order.get("")  # a bare amount: the default currency's
+        if facts.client_is_new and large is not None and facts.total >= large:
             yield Reason("large_first_order", f"first order of {facts.total} {facts.currency}",
                          Decimal("15"))
