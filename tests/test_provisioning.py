@@ -98,6 +98,44 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert username.startswith("payexam")
 
 
+async def test_a_payment_is_applied_once_however_many_events_find_it_waiting(
+    fast: Harness,
+) -> None:
+    """A payment that arrived before its order waits; every event about the order looks for
+    it. Two such events handled at once (order.screened, order.accepted) both found it and
+    both added it: money that was never paid became client credit."""
+    from datetime import UTC, datetime
+
+    from services.provisioning.handlers import reconcile_paid
+    from services.provisioning.payments import Payments
+    from shared.uow import MessageContext, UnitOfWork
+
+    await fast.start(workers(fast))
+    await pay(fast, "5.95", "early-1", order_ref="early-1")  # before the order exists
+    await fast.publish("order.place", starter("early-1"))
+    order = await fast.screened("early-1")
+
+    async def paid() -> Any:
+        invoice = await invoice_of(fast, order["id"])
+        return invoice if invoice["status"] == "Paid" else None
+    await eventually(paid)
+    payment_id = await fast.pool.fetchval(
+        "SELECT id FROM payments WHERE transaction_id = 'early-1'")
+    # The other event's transaction listed it as waiting before the first one committed.
+    payments = Payments(frozenset(), on_paid=reconcile_paid)
+    async with fast.pool.acquire() as conn, conn.transaction():
+        uow = UnitOfWork(conn, MessageContext(
+            consumer="provisioning", message_id="order-accepted-1", routing_key="order.accepted",
+            received_at=datetime.now(UTC)))
+        assert await payments.apply(uow, payment_id) is False
+    invoice = await invoice_of(fast, order["id"])
+    assert (invoice["amount_paid"], invoice["status"]) == (Decimal("5.95"), "Paid")
+    assert await fast.pool.fetchval("SELECT count(*) FROM client_credit") == 0
+    assert await fast.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE order_id = $1 AND action = 'payment'",
+        order["id"]) == 1
+
+
 async def test_partial_then_full_payment_overpayment_becomes_credit(fast: Harness) -> None:
     await fast.start(workers(fast))
     await fast.publish("order.place", starter("part-1"))

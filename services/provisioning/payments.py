@@ -82,6 +82,10 @@ class Payments:
         """Apply a recorded payment to its invoice if it can be; True when applied."""
         conn = uow.conn
         p = await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
+        if p["status"] == "applied":
+            # Another event about the order applied it since the caller listed it (two events
+            # handled at once, each finding it waiting): counted once, never twice.
+            return False
         target = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
         problem = _application_problem(p, target)
         if problem:
