@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -407,6 +407,7 @@ class Runtime:
             consumer=spec.service, message_id=message_id, routing_key=key,
             received_at=datetime.now(UTC), user_id=message.user_id,
             correlation_id=message.correlation_id, reply_to=message.reply_to,
+            expires_at=_expires_at(message),
         )
         return _Work(message, route_, payload, context, data)
 
@@ -632,6 +633,15 @@ async def _ack(message: AbstractIncomingMessage) -> None:
         # inbox row makes the redelivery a no-op.
         log.warning("ack failed; the message will be redelivered and deduplicated",
                     extra={"message_id": message.message_id, "error": repr(exc)})
+
+
+def _expires_at(message: AbstractIncomingMessage) -> datetime | None:
+    if not message.expiration or message.timestamp is None:
+        return None
+    sent = message.timestamp
+    if sent.tzinfo is None:  # AMQP's timestamp is POSIX seconds: UTC
+        sent = sent.replace(tzinfo=UTC)
+    return sent + timedelta(seconds=float(message.expiration))
 
 
 def _first_line(text: str) -> str:

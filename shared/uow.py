@@ -28,6 +28,9 @@ class MessageContext:
     user_id: str | None = None  # validated by the broker against the connection's user
     correlation_id: str | None = None
     reply_to: str | None = None
+    # A message with an expiration (an operator's command: its sender stops waiting then)
+    # must not be carried out after it; the broker drops it only while it is still queued.
+    expires_at: datetime | None = None
 
 
 Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool]

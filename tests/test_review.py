@@ -202,6 +202,29 @@ async def test_a_command_sent_twice_is_applied_once(harness: Harness) -> None:
         "SELECT count(*) FROM order_history WHERE order_id = $1", order_id) == 1
 
 
+async def test_a_command_held_past_its_expiry_is_not_carried_out_late(harness: Harness) -> None:
+    """The CLI stops waiting and says the command expired unapplied; the broker drops it only
+    while it is queued. One the worker already holds (here: waiting for the order's lock)
+    must not be carried out after that either."""
+    from test_cli import cli
+
+    s = harness.settings
+    await harness.start([review_worker(s)])
+    order_id = await make_order(harness, "Pending", "r-late")
+    async with harness.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order_id)
+        code, _out, err = await cli(s, "cancel", str(order_id), "--timeout", "2")
+    assert code == 1 and err.strip().endswith("the command expired unapplied"), err
+
+    async def answered() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE direct AND body->>'order_id' = $1",
+            str(order_id)) == 1
+    await eventually(answered)  # its (unread) refusal: the command was handled, not applied
+    assert await harness.pool.fetchval(
+        "SELECT status FROM orders WHERE id = $1", order_id) == "Pending"
+
+
 async def test_cli_actions_against_a_review_worker_and_without_one(harness: Harness) -> None:
     from test_cli import cli
 

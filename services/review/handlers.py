@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -50,6 +51,11 @@ async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
         "SELECT o.*, c.email FROM orders o JOIN clients c ON c.id = o.client_id"
         " WHERE o.id = $1 FOR UPDATE OF o", cmd.order_id)
     try:
+        expires_at = uow.context.expires_at
+        if expires_at is not None and datetime.now(UTC) > expires_at:
+            # Its sender stopped waiting and said it expired unapplied (it waited in this
+            # worker's prefetch, or for the order's lock): it is not carried out late.
+            raise Refused("the command expired before it could be applied; nothing changed")
         if order is None:
             raise Refused(f"order {cmd.order_id} does not exist")
         status = await _apply(conn, uow, cmd, order, operator)
