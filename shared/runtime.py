@@ -197,8 +197,8 @@ class Runtime:
         ready: asyncio.Event | None = None,
     ) -> None:
         """Consume until stop() (or SIGTERM via the CLI), then drain in-flight work and close."""
-        if self.pool is None:
-            await self.start()
+        if self.pool is None and not await self._started_unless_stopped():
+            return
         assert self.connection and self.pool and self.exchange
         tasks: list[asyncio.Task[None]] = []
         if relay:
@@ -284,6 +284,25 @@ class Runtime:
             finally:
                 for _ in batch:
                     self._inflight.leave()
+
+    async def _started_unless_stopped(self) -> bool:
+        """Start, waiting (bounded) for servers still coming up; a stop meanwhile (SIGTERM from
+        an orchestrator whose grace period is shorter than the wait) ends it at once."""
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()  # raise a start-up failure
+            return True
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await self.close()
+        log.info("stopped before it had started")
+        return False
 
     def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """A background task (the relay, a sweeper, the job runner, the mail sender) that ends

@@ -434,6 +434,25 @@ async def test_a_broker_lost_while_the_worker_starts_is_waited_for(
         assert process.returncode is None
 
 
+async def test_a_worker_stops_on_sigterm_while_still_waiting_for_the_broker(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    proxy = Proxy(5672)  # never started: the broker is not there yet
+    process = await spawn(harness.settings, log,
+                          AMQP_URL=through(harness.settings.amqp_url, proxy))
+    try:
+        await eventually(lambda: _log_has(log, "Retrying"), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        # Not after its 30 start-up attempts: compose's grace period is 45 s.
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "stopped before it had started" in log.read_text()
+
+
 async def test_a_worker_stops_on_sigterm_while_the_broker_is_away(
     harness: Harness, tmp_path: Path,
 ) -> None:
