@@ -123,6 +123,14 @@ async def test_an_order_cleared_by_an_operator_gets_the_emails_screening_held_ba
     store = await harness.listen("email.send")
     await harness.start([review_worker(harness.settings)])
     fraud = await make_order(harness, "Fraud", "r-overridden")
+    # Marked Fraud by an operator before screening's turn came, then set back to Pending.
+    early = await make_order(harness, "Fraud", "r-early")
+    await harness.pool.execute("UPDATE orders SET screening = 'queued' WHERE id = $1", early)
+    assert (await command(harness, early, "pending"))["status"] == "Pending"
+    overridden = await harness.pool.fetchrow("SELECT * FROM orders WHERE id = $1", early)
+    # Not screened later (screening would undo the operator), and it may be accepted.
+    assert (overridden["screening"], overridden["screening_override"]) == ("skipped", True)
+    assert (await command(harness, early, "accept"))["status"] == "Active"
     unscreened = await make_order(harness, "Pending", "r-unscreened")
     await harness.pool.execute("UPDATE orders SET screening = 'error' WHERE id = $1", unscreened)
     screened = await make_order(harness, "Pending", "r-screened")  # emails sent by screening

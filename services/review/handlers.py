@@ -102,9 +102,13 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
         await transition(conn, order, rule.result, actor=operator, action=cmd.action,
                          detail=body.get("options") and {"options": body["options"]})
         if cmd.action == "pending":
-            # The operator overrides the screening: the order may be set up again.
-            await conn.execute("UPDATE orders SET screening_override = true WHERE id = $1",
-                               order["id"])
+            # The operator overrides the screening: the order may be set up again. One never
+            # screened (Cancelled or Fraud before its turn came) is not screened later either:
+            # screening would undo the operator's decision.
+            await conn.execute(
+                "UPDATE orders SET screening_override = true, screening = CASE"
+                " WHEN screening = 'queued' THEN 'skipped' ELSE screening END WHERE id = $1",
+                order["id"])
         if cmd.action in ("pending", "accept") and order["screening"] not in ("passed", "skipped"):
             # Cleared by the operator, not by screening: the emails screening held back go now.
             ask_for_order_emails(uow, order)
