@@ -74,10 +74,10 @@ async def transition(
         # Set back to Pending: items that followed the order follow it back, an account
         # already terminated stays so; a cancelled invoice not paid in full is reopened.
         await conn.execute(
-            "UPDATE services SET status = 'Pending' WHERE order_id = $1"
-            " AND status IN ('Cancelled', 'Fraud') AND terminated_at IS NULL AND NOT live",
+            "UPDATE services SET status = CASE WHEN live THEN 'Active' ELSE 'Pending' END"
+            " WHERE order_id = $1 AND status IN ('Cancelled', 'Fraud') AND terminated_at IS NULL",
             order_id,
-        )
+        )  # a live account (its termination not yet done) is the order's again: Active
         await conn.execute(
             "UPDATE domains SET status = 'Pending' WHERE order_id = $1"
             " AND status IN ('Cancelled', 'Fraud') AND registered_at IS NULL", order_id,

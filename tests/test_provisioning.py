@@ -371,6 +371,37 @@ async def test_cancel_terminates_a_live_account(fast: Harness) -> None:
     assert service["terminated_at"] is not None
 
 
+async def test_an_order_set_back_to_pending_keeps_the_account_its_cancel_would_terminate(
+    fast: Harness,
+) -> None:
+    """Cancel queues the live account's termination; set back to Pending before it ran, the
+    account is the order's again (Active), and the termination does not run."""
+    from services.provisioning.reconcile import reconcile
+
+    await fast.start(workers(fast, "placement", "fraud"))  # no job runner: nothing races
+    await fast.publish("order.place", order_body("reinstated", items=[
+        {"type": "product", "product": "trial", "billing_cycle": "monthly",
+         "domain": "reinstated.example"}]))
+    order = await fast.screened("reinstated")
+    await fast.pool.execute(  # as the create job leaves it
+        "UPDATE services SET status = 'Active', live = true, username = 'reinsta'"
+        " WHERE order_id = $1", order["id"])
+    for to_status in ("Cancelled", "Pending"):
+        async with fast.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM orders WHERE id = $1 FOR UPDATE", order["id"])
+            await transition(conn, row, to_status, actor="alice", action=to_status.lower())
+            await reconcile(conn, order["id"])
+        if to_status == "Cancelled":
+            assert await fast.pool.fetchval(
+                "SELECT status FROM jobs WHERE order_id = $1 AND kind = 'terminate'",
+                order["id"]) == "pending"
+    service = await fast.pool.fetchrow("SELECT * FROM services WHERE order_id = $1", order["id"])
+    assert (service["status"], service["live"]) == ("Active", True)
+    assert await fast.pool.fetchval(
+        "SELECT status FROM jobs WHERE order_id = $1 AND kind = 'terminate'",
+        order["id"]) == "cancelled"
+
+
 async def test_cli_pay_show_and_failures(fast: Harness) -> None:
     from test_cli import cli
 

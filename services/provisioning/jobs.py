@@ -148,6 +148,10 @@ class JobRunner:
         if job["kind"] == "create" and row["order_status"] in ENDED:
             await self._close(pool, job, "cancelled", detail={"why": "order ended"})
             return
+        if job["kind"] == "terminate" and row["order_status"] not in ENDED:
+            # Set back to Pending (or reinstated) since it was queued: the account stays.
+            await self._close(pool, job, "cancelled", detail={"why": "order no longer ended"})
+            return
         username = row["username"]
         if username is None:  # reconcile saves it with the job; older jobs get it here
             username = username_for(row["domain"], row["slug"], row["id"])

@@ -111,6 +111,10 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
         )
         queued += [f"terminate service {r['service_id']}" for r in rows]
     else:
+        # Set back to Pending before its accounts were terminated: they are the order's again.
+        await conn.execute(
+            "UPDATE jobs SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
+            " AND kind = 'terminate' AND status IN ('pending', 'parked')", order_id)
         # Every item still waiting, services and domains, in one read.
         items = await conn.fetch(
             "SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
