@@ -111,13 +111,13 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
         )
         queued += [f"terminate service {r['service_id']}" for r in rows]
     else:
-        # Set back to Pending before its accounts were terminated: they are the order's again.
-        await conn.execute(
-            "UPDATE jobs SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
-            " AND kind = 'terminate' AND status IN ('pending', 'parked')", order_id)
-        # Every item still waiting, services and domains, in one read.
+        # Every item still waiting, services and domains, in one read; and, in the same
+        # statement, an order set back to Pending before its accounts were terminated keeps
+        # them (its waiting terminations are cancelled).
         items = await conn.fetch(
-            "SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
+            "WITH reinstated AS (UPDATE jobs SET status = 'cancelled', updated_at = now()"
+            "  WHERE order_id = $1 AND kind = 'terminate' AND status IN ('pending', 'parked'))"
+            " SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
             f"  NULL AS action, s.domain, p.slug, p.server_id, {SERVICE_LANE} AS lane"
             "  FROM services s"
             "  JOIN products p ON p.id = s.product_id"
