@@ -19,7 +19,9 @@ log = logging.getLogger("ordermill.topology")
 # `migrate` on, so orders published before the workers start wait there.
 SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
     "placement": ("order.place",),
-    "fraud": ("order.placed", "order.rescreen"),
+    # fraud.redrive: the screening sweeper's own, for an order left `queued` (not a second
+    # order.placed, which storefronts bound to it would take for another order event).
+    "fraud": ("order.placed", "order.rescreen", "fraud.redrive"),
     "provisioning": ("payment.received", "order.screened", "order.fraud",
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
     "review": ("review.command",),

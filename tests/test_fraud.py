@@ -167,8 +167,10 @@ async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> No
     assert await sweeper.sweep(harness.pool) == 1
     assert await sweeper.sweep(harness.pool) == 0  # just re-driven: not again at once
     events = await harness.pool.fetch(
-        "SELECT message_id::text, correlation_id FROM outbox WHERE routing_key = 'order.placed'"
-        " ORDER BY id")
+        "SELECT routing_key, message_id::text, correlation_id FROM outbox"
+        " WHERE routing_key IN ('order.placed', 'fraud.redrive') ORDER BY id")
+    # Storefronts bound to order.placed hear of the order once; the re-drive goes to fraud.
+    assert [e["routing_key"] for e in events] == ["order.placed", "fraud.redrive"]
     assert len({e["message_id"] for e in events}) == 2  # a new id: the first may be dead-lettered
     assert [e["correlation_id"] for e in events] == [order["placed_message_id"]] * 2
     await harness.start([fraud_worker(harness.settings)], relay=False)

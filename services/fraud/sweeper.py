@@ -48,9 +48,10 @@ class QueuedOrderSweeper:
                     " WHERE id = $1", row["id"], redrive,
                 )
                 event = await order_placed_event(conn, row["id"])
-                # A new id, so a consumer that dead-lettered the first one takes it; the
+                # To the fraud queue only (storefronts bound to order.placed are not told
+                # twice); a new id, so a worker that dead-lettered the first one takes it; the
                 # correlation of the first: the order.place message that placed the order.
-                await write_event(conn, "order.placed", event,
+                await write_event(conn, "fraud.redrive", event,
                                   message_id=event_id("sweeper", row["id"], redrive),
                                   correlation_id=row["placed_message_id"])
                 log.warning("order stuck in screening: re-driven", extra={

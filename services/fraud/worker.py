@@ -31,6 +31,8 @@ def worker(settings: Settings) -> WorkerSpec:
         routes={
             "order.placed": route(
                 screener.on_placed, prepare=screener.score_placed if remote else None),
+            "fraud.redrive": route(
+                screener.on_placed, prepare=screener.score_placed if remote else None),
             "order.rescreen": route(
                 screener.on_rescreen, prepare=screener.score_rescreen if remote else None),
         },
