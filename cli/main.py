@@ -32,7 +32,7 @@ from rich.text import Text
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from shared import broker, db, logs
-from shared.contracts import PlaceOrder
+from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
 from shared.orders import ORDER_STATUSES, add_history
 from shared.runtime import Runtime, describe_validation_error
@@ -48,8 +48,7 @@ app.add_typer(catalog_app, name="catalog")
 out = Console()
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Print JSON only.")
-ID_MAX = 2**63 - 1  # ids are PostgreSQL bigints: a larger one is a usage mistake
-OrderIdArg = typer.Argument(..., min=1, max=ID_MAX, show_default=False)
+OrderIdArg = typer.Argument(..., min=1, max=BIGINT_MAX, show_default=False)
 
 
 class UserError(Exception):
@@ -624,7 +623,7 @@ for _name, _action, _help in (
 
 @app.command()
 def rescreen(
-    order_id: int = typer.Argument(None, min=1, max=ID_MAX, help="The order (or --all-errors)."),
+    order_id: int = typer.Argument(None, min=1, max=BIGINT_MAX, help="The order (or --all-errors)."),
     all_errors: bool = typer.Option(
         False, "--all-errors",
         help="Every Pending order whose screening could not complete (after a MaxMind outage)."),
@@ -661,7 +660,7 @@ def rescreen(
 
 @app.command()
 def place(
-    client_id: int = typer.Option(None, "--client-id", min=1, max=ID_MAX,
+    client_id: int = typer.Option(None, "--client-id", min=1, max=BIGINT_MAX,
                                   help="An existing client."),
     email: str = typer.Option(None, "--email", help="A new client's email (or an existing one)."),
     first_name: str = typer.Option("", "--first-name"),
@@ -758,7 +757,7 @@ def place(
 
 @app.command()
 def pay(
-    invoice_id: int = typer.Argument(..., min=1, max=ID_MAX),
+    invoice_id: int = typer.Argument(..., min=1, max=BIGINT_MAX),
     amount: str = typer.Option(..., "--amount", help="A decimal amount, e.g. 12.95."),
     transaction_id: str = typer.Option(..., "--transaction-id"),
     gateway: str = typer.Option("manual", "--gateway"),

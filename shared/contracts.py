@@ -18,7 +18,8 @@ BillingCycle = Literal[
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 Money = Annotated[Decimal, Field(max_digits=12, decimal_places=2)]
 # Every id is a PostgreSQL bigint: a larger number is bad input, not a database error.
-Id = Annotated[int, Field(gt=0, le=2**63 - 1)]
+BIGINT_MAX = 2**63 - 1
+Id = Annotated[int, Field(gt=0, le=BIGINT_MAX)]
 
 _DOMAIN = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 # A mailbox as storefronts send it: no spaces, controls, quotes or the characters that end or
@@ -260,7 +261,7 @@ class PaymentUnapplied(Contract):
     payment_id: Id
     reason: str
     order_ref: str | None = None
-    invoice_id: int | None = None
+    invoice_id: Id | None = None
 
 
 class OrderFraud(Contract):

@@ -5,12 +5,9 @@ on a remote score."""
 from __future__ import annotations
 
 import ipaddress
-from decimal import Decimal
 
-from services.fraud.providers.base import OrderFacts, Reason
+from services.fraud.providers.base import MAX_SCORE, FraudResult, OrderFacts, Reason, rules_result
 from shared.settings import Settings
-
-BANNED_SCORE = Decimal("99")
 
 
 def mail_domain(address: str) -> str:
@@ -37,11 +34,16 @@ class BannedLists:
         # 'mail.spam.example' is banned when 'spam.example' is.
         if any(".".join(labels[i:]) in self.domains for i in range(len(labels) - 1)):
             found.append(Reason("banned_email_domain", f"email domain {domain} is banned",
-                                BANNED_SCORE))
+                                MAX_SCORE))
         if facts.ip_address and self._ip_banned(facts.ip_address):
             found.append(Reason("banned_ip", f"IP address {facts.ip_address} is banned",
-                                BANNED_SCORE))
+                                MAX_SCORE))
         return found
+
+    def result(self, facts: OrderFacts) -> FraudResult | None:
+        """The rules' result for a banned client (99), or None when nothing is banned."""
+        found = self.reasons(facts)
+        return rules_result("rules", found) if found else None
 
     def _ip_banned(self, ip: str) -> bool:
         address = ipaddress.ip_address(ip)

@@ -10,7 +10,7 @@ from functools import cached_property
 
 import asyncpg
 
-from services.fraud.banned import BANNED_SCORE, BannedLists
+from services.fraud.banned import BannedLists
 from services.fraud.facts import lock_with_facts, read_facts
 from services.fraud.providers.base import (
     FraudProvider,
@@ -26,7 +26,6 @@ from shared.settings import Settings
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.fraud")
-CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
@@ -162,20 +161,18 @@ class Screener:
         skip = self._skip(order)
         if skip is not None:
             return skip
-        banned = self.banned.reasons(facts)
-        if banned:  # whatever the provider: a banned client is not let through on its score
-            raw = {"provider": "rules", "risk_score": str(BANNED_SCORE.quantize(CENT)),
-                   "reasons": [r.as_dict() for r in banned]}
-            failed = BANNED_SCORE > self.settings.fraud_threshold
-            return Verdict("failed" if failed else "passed", "rules", BANNED_SCORE.quantize(CENT),
-                           tuple(banned), raw, fraud=failed)
+        banned = self.banned.result(facts)
+        if banned is not None:  # whatever the provider: a banned client is not let through
+            return self._judged("rules", banned)
         if scored is None:  # a local provider, or a remote one whose early look saw no need
             scored = await self._ask(facts)
         if scored.result is None:
             return self._on_error(order, scored.error or "no result")
-        result = scored.result
+        return self._judged(self.provider.name, scored.result)
+
+    def _judged(self, provider: str, result: FraudResult) -> Verdict:
         failed = result.reject or result.score > self.settings.fraud_threshold
-        return Verdict("failed" if failed else "passed", self.provider.name, result.score,
+        return Verdict("failed" if failed else "passed", provider, result.score,
                        result.reasons, result.raw, fraud=failed)
 
     def _on_error(self, order: asyncpg.Record, error: str) -> Verdict:

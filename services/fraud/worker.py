@@ -26,13 +26,12 @@ def worker(settings: Settings) -> WorkerSpec:
         max_redrives=settings.screening_max_redrives,
         every_seconds=max(5.0, settings.screening_stuck_seconds / 4),
     )
+    placed = route(screener.on_placed, prepare=screener.score_placed if remote else None)
     return WorkerSpec(
         service="fraud",
         routes={
-            "order.placed": route(
-                screener.on_placed, prepare=screener.score_placed if remote else None),
-            "fraud.redrive": route(
-                screener.on_placed, prepare=screener.score_placed if remote else None),
+            "order.placed": placed,
+            "fraud.redrive": placed,  # the sweeper's re-drive of an order left queued
             "order.rescreen": route(
                 screener.on_rescreen, prepare=screener.score_rescreen if remote else None),
         },

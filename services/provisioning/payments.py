@@ -15,14 +15,13 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
-from shared.contracts import InvoicePaid, PaymentReceived, PaymentUnapplied, shown
+from shared.contracts import BIGINT_MAX, InvoicePaid, PaymentReceived, PaymentUnapplied, shown
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.payments")
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal(10) ** 10  # payments.amount is numeric(12,2)
-BIGINT_MAX = 2**63 - 1
 # Reasons that may clear up by themselves (the order arrives later); the others need a person.
 WAITING_FOR_ORDER = ["order not placed yet%", "unknown invoice%"]
 # Refused only because the order was ended: an operator setting it back to Pending revives them.

@@ -68,6 +68,20 @@ class FraudResult:
     reject: bool = False
 
 
+MIN_SCORE = Decimal("0.01")
+MAX_SCORE = Decimal("99")
+BASE_SCORE = Decimal("0.10")
+
+
+def rules_result(provider: str, reasons: list[Reason]) -> FraudResult:
+    """The built-in rules' score: a base plus each reason's points, kept to MaxMind's range."""
+    total = BASE_SCORE + sum((r.points for r in reasons), Decimal("0"))
+    score = max(MIN_SCORE, min(MAX_SCORE, total)).quantize(Decimal("0.01"))
+    raw = {"provider": provider, "risk_score": str(score),
+           "reasons": [r.as_dict() for r in reasons]}
+    return FraudResult(score=score, reasons=tuple(reasons), raw=raw)
+
+
 class ProviderError(Exception):
     """The provider could not score the order; screening is `error` and an operator looks."""
 

@@ -5,12 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 from services.fraud.banned import BannedLists, mail_domain
-from services.fraud.providers.base import FraudResult, OrderFacts, Reason
+from services.fraud.providers.base import FraudResult, OrderFacts, Reason, rules_result
 from shared.settings import Settings
-
-MIN_SCORE = Decimal("0.01")
-MAX_SCORE = Decimal("99")
-BASE_SCORE = Decimal("0.10")
 
 FREE_MAIL_DOMAINS = frozenset({
     "gmail.com", "googlemail.com", "yahoo.com", "ymail.com", "hotmail.com", "outlook.com",
@@ -30,12 +26,7 @@ class RulesProvider:
         self.large_first_order = settings.fraud_large_first_order
 
     async def score(self, facts: OrderFacts) -> FraudResult:
-        reasons = list(self._reasons(facts))
-        total = BASE_SCORE + sum((r.points for r in reasons), Decimal("0"))
-        score = max(MIN_SCORE, min(MAX_SCORE, total)).quantize(Decimal("0.01"))
-        raw = {"provider": self.name, "risk_score": str(score),
-               "reasons": [r.as_dict() for r in reasons]}
-        return FraudResult(score=score, reasons=tuple(reasons), raw=raw)
+        return rules_result(self.name, list(self._reasons(facts)))
 
     async def close(self) -> None:
         return None
