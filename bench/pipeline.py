@@ -50,6 +50,7 @@ from cli.demo import make_order
 from cli.main import loop_factory
 from services.registry import WORKERS
 from shared import broker, db
+from shared.parties import amqp_user
 from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
 
@@ -117,6 +118,9 @@ class Bench:
             **os.environ,
             "DATABASE_URL": self.settings.database_url,
             "AMQP_URL": self.settings.amqp_url,
+            # The bench's one RabbitMQ user is every party (closed by default).
+            **dict.fromkeys(("STOREFRONT_USERS", "PAYMENT_PUBLISHERS", "OPERATOR_USERS"),
+                            amqp_user(self.settings.amqp_url) or ""),
             "ORDERMILL_NAMESPACE": self.settings.namespace,
             "LOG_LEVEL": "WARNING",
             # The bench's orders come fast: the velocity rule must not mark them Fraud.
@@ -340,9 +344,10 @@ class Tracker(Awaiting):
 class Publisher:
     exchange: AbstractExchange
     tracker: Tracker
+    user_id: str | None = None  # the connection's user: the workers check who publishes
 
     async def publish(self, ref: str, body: dict[str, Any]) -> None:
-        message = broker.json_message(body, routing_key="order.place")
+        message = broker.json_message(body, routing_key="order.place", user_id=self.user_id)
         self.tracker.sent[ref] = time.perf_counter()
         await broker.publish(self.exchange, "order.place", message)
 
@@ -700,8 +705,8 @@ async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnec
         exchange = await channel.get_exchange(exchange_name)
         await worker.start(connection, queues)
         db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
-        run = PipelineRun(name, worker, tracker, Publisher(exchange, tracker),
-                          CpuMeter(worker.pids, db_name))
+        publisher = Publisher(exchange, tracker, amqp_user(bench.settings.amqp_url))
+        run = PipelineRun(name, worker, tracker, publisher, CpuMeter(worker.pids, db_name))
         run.rss_checkpoints.append({"orders": 0, "rss_mb": round(worker.rss() / 2**20, 1)})
         yield run
     finally:

@@ -62,6 +62,7 @@ from pipeline import (
 from cli.catalog import load_catalog, read_catalog
 from cli.main import loop_factory
 from shared import broker, db
+from shared.parties import amqp_user
 from shared.settings import Settings
 from shared.topology import SERVICE_BINDINGS, Names, declare_topology, delete_topology
 
@@ -185,6 +186,7 @@ class Storefront(Awaiting):
     Times are wall-clock (time.time()) so that they compare with the database's timestamps."""
 
     exchange: AbstractExchange
+    user_id: str | None = None  # the connection's user: the workers check who publishes
     sent: dict[str, float] = field(default_factory=dict)  # order_ref -> last publish for it
     seen: dict[str, dict[str, float]] = field(default_factory=dict)  # routing key -> ref -> time
     _done_keys: tuple[str, ...] = ()
@@ -215,7 +217,8 @@ class Storefront(Awaiting):
 
     async def _publish(self, key: str, ref: str, body: dict[str, Any]) -> None:
         self.sent[ref] = time.time()
-        await broker.publish(self.exchange, key, broker.json_message(body, routing_key=key))
+        await broker.publish(self.exchange, key, broker.json_message(body, routing_key=key,
+                                                                   user_id=self.user_id))
 
     async def place(self, ref: str, product: str) -> None:
         await self._publish("order.place", ref, order_body(ref, product))
@@ -597,7 +600,7 @@ async def bench_provisioning(bench: Bench, connection: AbstractRobustConnection,
     queues = [names.queue(s) for s in SERVICE_BINDINGS]
     env = worker_env(bench, token)
     store = Storefront(exchange=await (await broker.open_publisher(connection)).get_exchange(
-        names.exchange))
+        names.exchange), user_id=amqp_user(bench.settings.amqp_url))
     await store.listen(connection, names.exchange)
     counts = plan(opts)
     setup = WorkerProcess("ordermill run (setup)", [str(ORDERMILL), "run"], env,

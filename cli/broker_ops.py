@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from shared import broker
+from shared.parties import REPLAY_OF_HEADER
 from shared.runtime import REASON_HEADER, REDACTED, SECRET_KEYS, redact
 from shared.topology import Names
 
@@ -131,10 +132,23 @@ class Replay:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def first_publisher(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str | None:
+    """Who published the message first. A worker's dead-letter copy goes out under the
+    worker's own user and names the first publisher in `x-ordermill-user-id`; a message the
+    broker dead-lettered (delivery limit, expiry) keeps its validated user_id. A header on
+    anything else was written by whoever sent it, and is not believed."""
+    if message.user_id in service_users:
+        return _text((message.headers or {}).get("x-ordermill-user-id")) or None
+    return message.user_id
+
+
 async def replay_dead_letters(
-    connection: AbstractRobustConnection, names: Names, which: str | None, *, limit: int
+    connection: AbstractRobustConnection, names: Names, which: str | None, *, limit: int,
+    user_id: str | None = None, service_users: frozenset[str] = frozenset(),
 ) -> Replay:
-    """Publish dead letters back to the exchange with their first routing key and message id."""
+    """Publish dead letters back to the exchange with their first routing key and message id,
+    as `user_id` (an operator) for their first publisher: the worker checks that publisher's
+    rights, not the operator's (a storefront's order replayed is still the storefront's)."""
     result = Replay()
     publisher = await broker.open_publisher(connection)
     exchange = await publisher.get_exchange(names.exchange)
@@ -169,12 +183,14 @@ async def replay_dead_letters(
                                           "x-last-death")):
                         del headers[header]
                 headers["x-ordermill-replays"] = replays
+                if publisher_of := first_publisher(message, service_users):
+                    headers[REPLAY_OF_HEADER] = publisher_of
                 copy = aio_pika.Message(
                     message.body, content_type=message.content_type,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=message.message_id, correlation_id=message.correlation_id,
                     reply_to=message.reply_to, type=key, timestamp=message.timestamp,
-                    headers=headers,
+                    headers=headers, user_id=user_id,
                 )
                 try:
                     await broker.publish(exchange, key, copy)

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared import broker
+from shared.parties import amqp_user
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
 
@@ -123,6 +124,7 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
     names = Names(s.namespace)
     tally = Tally()
     connection = await broker.connect(s.amqp_url, attempts=3)
+    user = amqp_user(s.amqp_url)  # the broker checks it; the workers check who it is
     async with connection:
         channel = await broker.open_publisher(connection)
         await declare_topology(connection, names, delivery_limit=s.queue_delivery_limit)
@@ -144,7 +146,7 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
                                "currency": placed["currency"], "gateway": "demo-gateway",
                                "transaction_id": f"demo-{uuid.uuid4().hex[:12]}"}
                     await broker.publish(exchange, "payment.received", broker.json_message(
-                        payment, routing_key="payment.received"))
+                        payment, routing_key="payment.received", user_id=user))
 
         await events.consume(on_event)
         ring_ip = _random_ip(rng)
@@ -170,7 +172,8 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
                 body = make_order(rng, ref, kind, ring_ip)
                 tally.published[ref] = time.time()
                 await broker.publish(exchange, "order.place",
-                                     broker.json_message(body, routing_key="order.place"))
+                                     broker.json_message(body, routing_key="order.place",
+                                                         user_id=user))
                 progress.update(sent, completed=n + 1)
                 refresh()
                 delay = started + (n + 1) / rate - time.time()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import uuid
@@ -35,6 +36,7 @@ from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
 from shared.orders import ORDER_STATUSES, add_history
+from shared.parties import Party, Publishers
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
@@ -44,6 +46,9 @@ app = typer.Typer(help="Ordermill: the order back office for hosting providers."
                   rich_markup_mode=None, add_completion=False)
 catalog_app = typer.Typer(help="Load and show the catalog.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+broker_app = typer.Typer(help="Least-privilege RabbitMQ users for each party.",
+                         no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
 
 out = Console()
 T = TypeVar("T")
@@ -229,6 +234,68 @@ def catalog_show(as_json: bool = JsonOpt) -> None:
                       p["uses"], p["expires_at"]] for p in data["promotions"]]))
 
 
+# -- broker users ----------------------------------------------------------------------------
+
+
+
+@broker_app.command("users")
+def broker_users(
+    storefront: list[str] = typer.Option([], "--storefront", help="A storefront's user name."),
+    gateway: list[str] = typer.Option([], "--gateway", help="A payment gateway's user name."),
+    operator: list[str] = typer.Option([], "--operator", help="An operator's user name."),
+    console: list[str] = typer.Option([], "--console", help="The web console's user name."),
+    prefix: str = typer.Option(None, help="Service users are PREFIX-SERVICE (default: the"
+                               " namespace)."),
+    vhost: str = typer.Option("/", help="The virtual host Ordermill uses."),
+    out_file: Path = typer.Option(Path("ordermill-broker-definitions.json"), "--out",
+                                  help="Where to write the definitions."),
+    secrets_dir: Path = typer.Option(Path("ordermill-broker-secrets"), "--secrets-dir",
+                                     help="Each user's password goes to NAME.password here"
+                                     " (mode 0600)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write RabbitMQ definitions giving each party exactly the rights it needs; import them
+    with `rabbitmqctl import_definitions FILE`."""
+    import secrets as random
+
+    from cli import broker_users as bu
+
+    s = settings()
+    names = Names(s.namespace)
+    split = {key: [n.strip() for v in values for n in v.split(",") if n.strip()]
+             for key, values in (("storefronts", storefront), ("gateways", gateway),
+                                 ("operators", operator), ("consoles", console))}
+    users = bu.plan_users(names, prefix=prefix or s.namespace, **split)
+    seen: set[str] = set()
+    for user in users:
+        if user.name in seen:
+            raise UserError(f"user {user.name!r} is named twice: each party needs its own user")
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,100}", user.name):
+            raise UserError(f"user name {user.name!r}: use letters, digits and _ . @ - only")
+        seen.add(user.name)
+    passwords = {user.name: random.token_urlsafe(24) for user in users}
+    try:
+        bu.write_secrets(secrets_dir, passwords)
+        out_file.write_text(json.dumps(bu.definitions(users, passwords, vhost=vhost,
+                                                      exchange=names.exchange), indent=2))
+    except OSError as exc:
+        raise UserError(f"cannot write {exc.filename}: {exc.strerror}") from None
+    env = bu.settings_for(users)
+    if as_json:
+        emit_json({"definitions": str(out_file), "secrets_dir": str(secrets_dir),
+                   "users": [{"name": u.name, "party": u.party.value, "service": u.service}
+                             for u in users], "settings": env})
+        return
+    out.print(table("Broker users", ["user", "party", "may publish"],
+                    [[u.name, u.party.value if u.service is None else f"service ({u.service})",
+                      u.topic_write] for u in users]))
+    out.print(f"definitions written to {out_file}; passwords in {secrets_dir}/NAME.password")
+    out.print(f"import them: rabbitmqctl import_definitions {out_file}")
+    out.print("then give every worker these settings (and each its own user in AMQP_URL):")
+    for key, value in env.items():
+        out.print(f"  {key}={value}", markup=False, soft_wrap=True)
+
+
 # -- workers -------------------------------------------------------------------------------
 
 @app.command()
@@ -244,11 +311,12 @@ def run(services: list[str] = typer.Argument(None, help="Services to run (defaul
     logs.configure(s.log_level, s.log_format)
 
     async def go() -> None:
+        runtime = Runtime(s)
         try:
             workers = [WORKERS[name](s) for name in chosen]
+            runtime.check_publishers(workers)  # closed by default: one line, before connecting
         except ConfigurationError as exc:
             raise UserError(str(exc)) from None
-        runtime = Runtime(s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)
@@ -493,10 +561,13 @@ def dead_letters(
     as_json: bool = JsonOpt,
 ) -> None:
     """Inspect dead letters with their reasons, or replay them."""
+    s = settings()
     try:
         if replay:
             result = _with_broker(
-                lambda c, n: broker_ops.replay_dead_letters(c, n, queue, limit=limit))
+                lambda c, n: broker_ops.replay_dead_letters(
+                    c, n, queue, limit=limit, user_id=_amqp_user(s),
+                    service_users=Publishers.from_settings(s).users[Party.SERVICE]))
             if as_json:
                 emit_json({"replayed": result.replayed, "discarded": result.discarded, "failed": [
                     {"message_id": message_id, "error": error} for message_id, error in result.failed]})

@@ -36,11 +36,17 @@ class OutboxRelay:
         linger_seconds: float = 0.0,
         concurrency: int = 4,
         direct: AbstractExchange | None = None,
+        user_id: str | None = None,
+        sources: list[str] | None = None,
     ) -> None:
         self.pool = pool
         self.exchange = exchange
         self.direct = direct  # the default exchange, for replies straight to a queue
         self.database_url = database_url
+        # Events go out with the relay's RabbitMQ user as their validated user_id, and, with a
+        # user per service, only its own services' events (rows of no source: anyone's).
+        self.user_id = user_id
+        self.sources = sources
         self.batch = batch
         self.sweep_seconds = sweep_seconds
         self.linger_seconds = linger_seconds
@@ -106,8 +112,10 @@ class OutboxRelay:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, message_id, routing_key, body, correlation_id, direct FROM outbox"
-                " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                self.batch,
+                " WHERE published_at IS NULL"
+                " AND ($2::text[] IS NULL OR source IS NULL OR source = ANY($2::text[]))"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch, self.sources,
             )
             if not rows:
                 self.last_failed = 0
@@ -151,7 +159,7 @@ class OutboxRelay:
         body = row["body"]
         message = broker.json_message(
             body, routing_key=row["routing_key"], message_id=str(row["message_id"]),
-            correlation_id=row["correlation_id"],
+            correlation_id=row["correlation_id"], user_id=self.user_id,
         )
         exchange = self.direct if row["direct"] and self.direct is not None else self.exchange
         await exchange.publish(message, routing_key=row["routing_key"], mandatory=True)

@@ -34,6 +34,7 @@ from shared.errors import Rejected
 from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
+from shared.parties import INTERNAL, REPLAY_OF_HEADER, Party, Publishers, amqp_user
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
 from shared.uow import MessageContext, UnitOfWork, event_id, flush_events, write_event
@@ -54,10 +55,17 @@ class Route:
     model: type[BaseModel]
     handler: Handler
     prepare: Prepare | None = None
+    # Who may send it (shared/parties.py). Anyone else's message is dead-lettered with the
+    # reason, unread, unless `handle_unauthorized`: the handler then sees
+    # `uow.context.authorized` false and decides (a payment is kept, unapplied, never dropped).
+    publishers: frozenset[Party] = INTERNAL
+    handle_unauthorized: bool = False
 
 
-def route(handler: Handler, *, prepare: Prepare | None = None) -> Route:
-    """A route whose contract is the type of the handler's first parameter.
+def route(handler: Handler, *, prepare: Prepare | None = None,
+          publishers: frozenset[Party] = INTERNAL, handle_unauthorized: bool = False) -> Route:
+    """A route whose contract is the type of the handler's first parameter, sent only by
+    `publishers` (by default Ordermill's own services).
 
     `prepare(message, pool)` runs before the transaction, with no row lock or connection
     held, for work such as a remote API call; its result is the handler's third argument.
@@ -66,7 +74,7 @@ def route(handler: Handler, *, prepare: Prepare | None = None) -> Route:
     first = next(iter(inspect.signature(handler, eval_str=True).parameters.values()))
     if not (isinstance(first.annotation, type) and issubclass(first.annotation, BaseModel)):
         raise TypeError(f"{handler!r}: first parameter must be typed with a contract model")
-    return Route(first.annotation, handler, prepare)
+    return Route(first.annotation, handler, prepare, publishers, handle_unauthorized)
 
 
 @dataclass
@@ -165,6 +173,28 @@ class Runtime:
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._batchers: list[asyncio.Task[None]] = []
         self.database = DatabaseWatch(settings.database_url, self._stop)
+        self.publishers = Publishers.from_settings(settings)
+        self.user = amqp_user(settings.amqp_url)  # the user_id this process publishes with
+        # With a user per service (SERVICE_USERS), a worker may declare only its own queues;
+        # `ordermill migrate`, run by the broker's administrator, declares them all.
+        self._own_queues: list[str] | None = None
+
+    def _relayed_sources(self, workers: Sequence[WorkerSpec]) -> list[str] | None:
+        """With a RabbitMQ user per service (SERVICE_USERS set), a relay publishes only the
+        events of the services it runs: its user may send no others. With one user for all
+        (the all-in-one process, development), any relay publishes any event."""
+        if not self.settings.service_users or not workers:
+            return None
+        return [spec.service for spec in workers]
+
+    def check_publishers(self, workers: Sequence[WorkerSpec]) -> None:
+        """Closed by default: raises UnknownPublishers (one line) for a route nobody may send."""
+        if self.publishers.trust_any:
+            log.warning("TRUST_ANY_PUBLISHER is set: any RabbitMQ user may send any message;"
+                        " for development only")
+        for spec in workers:
+            self.publishers.require(
+                spec.service, [(key, r.publishers) for key, r in spec.routes.items()])
 
     async def start(self) -> None:
         s = self.settings
@@ -180,7 +210,8 @@ class Runtime:
             with attempt:
                 publisher = await broker.open_publisher(self.connection)
                 await declare_topology(self.connection, self.names,
-                                       delivery_limit=s.queue_delivery_limit)
+                                       delivery_limit=s.queue_delivery_limit,
+                                       services=self._own_queues)
                 self.exchange = await publisher.get_exchange(self.names.exchange)
                 self.dead_letter_exchange = await publisher.get_exchange(
                     self.names.dead_letter_exchange)
@@ -197,6 +228,9 @@ class Runtime:
         ready: asyncio.Event | None = None,
     ) -> None:
         """Consume until stop() (or SIGTERM via the CLI), then drain in-flight work and close."""
+        self.check_publishers(workers)
+        if self.settings.service_users and workers:
+            self._own_queues = [spec.service for spec in workers]
         if self.pool is None and not await self._started_unless_stopped():
             return
         assert self.connection and self.pool and self.exchange
@@ -208,6 +242,7 @@ class Runtime:
                 batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
                 linger_seconds=self.settings.relay_linger_ms / 1000,
                 concurrency=self.settings.relay_concurrency,
+                user_id=self.user, sources=self._relayed_sources(workers),
             )
             tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
             keeper = Housekeeper(
@@ -396,6 +431,12 @@ class Runtime:
             route_ = spec.routes.get(key)
             if route_ is None:
                 raise Rejected(f"no handler for routing key {shown(key)} in {spec.service}")
+            replay_of = (message.headers or {}).get(REPLAY_OF_HEADER)
+            verdict = self.publishers.check(
+                message.user_id, route_.publishers,
+                replay_of=replay_of if isinstance(replay_of, str) and replay_of else None)
+            if not (verdict.allowed or route_.handle_unauthorized):
+                raise Rejected(verdict.reason, tell_publisher=False)  # unread, not acted on
             if "\x00" in message_id:
                 message_id = _body_id(message.body)
                 raise Rejected("message_id holds a NUL character")
@@ -424,7 +465,8 @@ class Runtime:
             return None
         context = MessageContext(
             consumer=spec.service, message_id=message_id, routing_key=key,
-            received_at=datetime.now(UTC), user_id=message.user_id,
+            received_at=datetime.now(UTC), user_id=verdict.user, parties=verdict.parties,
+            authorized=verdict.allowed, replayed_by=verdict.replayed_by,
             correlation_id=message.correlation_id, reply_to=message.reply_to,
             expires_at=_expires_at(message),
         )
@@ -595,6 +637,8 @@ class Runtime:
             reply_to=message.reply_to,
             type=message.type,
             timestamp=message.timestamp,
+            # Under the worker's own user: the replay believes its x-ordermill-user-id.
+            user_id=self.user,
             headers={
                 **(message.headers or {}),
                 REASON_HEADER: reason,
@@ -618,7 +662,7 @@ class Runtime:
                         await write_event(
                             conn, spec.rejection_event, {"order_ref": order_ref, "reason": reason},
                             message_id=event_id(spec.service, message_id, "rejected"),
-                            correlation_id=message_id,
+                            correlation_id=message_id, source=spec.service,
                         )
         except Exception as exc:  # the dead letter still goes: it keeps the reason
             log.error("could not record the rejection event; the dead letter keeps the reason",

@@ -78,9 +78,16 @@ class Settings(BaseSettings):
     heartbeat_file: str | None = None
     heartbeat_seconds: float = Field(10, gt=0)
 
+    # Who may publish what (shared/parties.py): RabbitMQ users, comma-separated. A worker
+    # serving a route nobody may send refuses to start, unless trust_any_publisher is set.
+    storefront_users: CommaList = []  # order.place
+    payment_publishers: CommaList = []  # payment.received (gateways)
+    operator_users: CommaList = []  # review.command, order.place (no invoice), replays
+    console_users: CommaList = []  # the web console: as operators, naming who signed in
+    service_users: CommaList = []  # Ordermill's workers (the worker's own user always is)
+    trust_any_publisher: bool = False  # development only: anyone may publish anything
+
     # Payments and provisioning.
-    payment_publishers: CommaList = []  # broker users allowed to publish payments; empty: any
-    operator_users: CommaList = []  # broker users who may place orders without an invoice
     job_max_attempts: int = Field(6, gt=0)
     job_backoff_seconds: float = Field(30.0, gt=0)
     # Longer than the slowest module call (cPanel's createacct may take minutes).
@@ -167,7 +174,8 @@ class Settings(BaseSettings):
             return [part.strip().upper() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("payment_publishers", "operator_users", mode="before")
+    @field_validator("storefront_users", "payment_publishers", "operator_users", "console_users",
+                     "service_users", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

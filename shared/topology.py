@@ -7,6 +7,7 @@ at start, so a message published before the first worker runs is kept.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aio_pika
@@ -26,6 +27,20 @@ SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
     "review": ("review.command",),
     "notify": ("email.send",),
+}
+
+
+# The events and commands each service publishes (its RabbitMQ user may send only these:
+# `ordermill broker users`). A test checks them against the keys the code emits.
+SERVICE_EMITS: dict[str, tuple[str, ...]] = {
+    "placement": ("order.placed", "order.rejected", "invoice.paid", "email.send"),
+    "fraud": ("order.screened", "order.fraud", "fraud.redrive", "email.send"),
+    "provisioning": ("invoice.paid", "payment.unapplied", "service.created",
+                     "service.terminated", "service.failed", "domain.registered",
+                     "domain.failed", "email.send"),
+    "review": ("order.accepted", "order.cancelled", "order.pending", "order.deleted",
+               "order.fraud", "order.retry", "order.rescreen", "email.send"),
+    "notify": (),
 }
 
 
@@ -91,9 +106,11 @@ def dead_queue_arguments() -> dict[str, object]:
 
 
 async def declare_topology(
-    connection: AbstractConnection, names: Names, *, delivery_limit: int
+    connection: AbstractConnection, names: Names, *, delivery_limit: int,
+    services: Sequence[str] | None = None,
 ) -> None:
-    """Declare exchanges, every work queue and its dead-letter queue."""
+    """Declare exchanges, every work queue and its dead-letter queue; or, for a worker
+    with a RabbitMQ user of its own (which may configure nothing else), its own queues."""
     channel = await connection.channel()
     try:
         exchange = await declare_exchange(channel, names)
@@ -101,6 +118,8 @@ async def declare_topology(
             names.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
         for service, keys in SERVICE_BINDINGS.items():
+            if services is not None and service not in services:
+                continue
             queue = await channel.declare_queue(
                 names.queue(service),
                 durable=True,

@@ -10,6 +10,8 @@ from datetime import datetime
 import asyncpg
 from pydantic import BaseModel
 
+from shared.parties import Party
+
 # Event ids derive from the cause, so re-running a handler (a transient retry,
 # a sweeper's re-drive) writes the same event id and consumers dedupe it.
 _EVENT_NS = uuid.UUID("5b0c7a2e-3f5e-4f43-9d55-0f4a8d2b9c11")
@@ -25,7 +27,12 @@ class MessageContext:
     message_id: str
     routing_key: str
     received_at: datetime
-    user_id: str | None = None  # validated by the broker against the connection's user
+    # The publisher it acts for: the user_id RabbitMQ validated against the connection's
+    # user, or, for an operator's replay, the first publisher (shared/parties.py).
+    user_id: str | None = None
+    parties: frozenset[Party] = frozenset()  # what that user is (storefront, operator, ...)
+    authorized: bool = True  # false only on routes that handle unauthorized senders
+    replayed_by: str | None = None  # the operator who replayed it from a dead-letter queue
     correlation_id: str | None = None
     reply_to: str | None = None
     # A message with an expiration (an operator's command: its sender stops waiting then)
@@ -33,13 +40,14 @@ class MessageContext:
     expires_at: datetime | None = None
 
 
-Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool]
-# Events as one statement (message id, routing key, body, correlation id, direct): executemany
-# would run the insert (and the outbox's NOTIFY trigger) once per event.
+# (message id, routing key, body, correlation id, direct, source: the service that wrote it)
+Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool, str | None]
+# Events as one statement: executemany would run the insert (and the outbox's NOTIFY
+# trigger) once per event.
 _INSERT_EVENTS = (
-    "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct)"
-    " SELECT m, k, b::jsonb, c, d"
-    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[]) AS e(m, k, b, c, d)"
+    "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct, source)"
+    " SELECT m, k, b::jsonb, c, d, s FROM unnest($1::uuid[], $2::text[], $3::text[],"
+    " $4::text[], $5::bool[], $6::text[]) AS e(m, k, b, c, d, s)"
     " ON CONFLICT (message_id) DO NOTHING"
 )
 
@@ -47,9 +55,10 @@ _INSERT_EVENTS = (
 async def _insert(conn: asyncpg.Connection, events: list[Event]) -> None:
     if not events:
         return
-    ids, keys, bodies, correlations, direct = zip(*events, strict=True)
+    ids, keys, bodies, correlations, direct, sources = zip(*events, strict=True)
     await conn.execute(_INSERT_EVENTS, list(ids), list(keys),
-                       [json.dumps(body) for body in bodies], list(correlations), list(direct))
+                       [json.dumps(body) for body in bodies], list(correlations), list(direct),
+                       list(sources))
 
 
 def _payload(body: BaseModel | dict[str, object]) -> dict[str, object]:
@@ -63,8 +72,12 @@ async def write_event(
     *,
     message_id: uuid.UUID,
     correlation_id: str | None,
+    source: str | None = None,
 ) -> None:
-    await _insert(conn, [(message_id, routing_key, _payload(body), correlation_id, False)])
+    """An event written outside a handler (a sweeper's, a rejection): `source` is the
+    service whose relay, and RabbitMQ user, publishes it (None: any relay)."""
+    await _insert(conn, [(message_id, routing_key, _payload(body), correlation_id, False,
+                          source)])
 
 
 @dataclass
@@ -83,7 +96,8 @@ class UnitOfWork:
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        self._events.append((message_id, routing_key, _payload(body), ctx.message_id, False))
+        self._events.append((message_id, routing_key, _payload(body), ctx.message_id, False,
+                             ctx.consumer))
         return message_id
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
@@ -92,7 +106,7 @@ class UnitOfWork:
         if not ctx.reply_to:
             return
         self._events.append((event_id(ctx.consumer, ctx.message_id, "reply"), ctx.reply_to,
-                             _payload(body), ctx.correlation_id, True))
+                             _payload(body), ctx.correlation_id, True, ctx.consumer))
 
     def take_events(self) -> list[Event]:
         events, self._events = self._events, []

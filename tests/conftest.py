@@ -32,6 +32,7 @@ import pytest
 
 from cli.catalog import load_catalog, read_catalog
 from shared import broker, db
+from shared.parties import amqp_user
 from shared.runtime import Runtime, WorkerSpec
 from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
 DEFAULT_DB = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DEFAULT_AMQP = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TEST_USER = urlsplit(DEFAULT_AMQP).username or "guest"
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -139,6 +141,8 @@ async def settings(infra: Infra) -> AsyncIterator[Settings]:
         startup_attempts=3,
         transient_attempts=3,
         log_format="text",
+        # Closed by default: the tests' one RabbitMQ user is named for every party.
+        storefront_users=TEST_USER, payment_publishers=TEST_USER, operator_users=TEST_USER,
     )
     yield s
     connection = await aio_pika.connect(infra.amqp_url)
@@ -194,6 +198,9 @@ class Harness:
 
     async def publish(self, key: str, body: Any, *, raw: bytes | None = None,
                       message_id: str | None = None, **props: Any) -> str:
+        """Published as the harness's RabbitMQ user, like a configured party (user_id=None:
+        anonymous)."""
+        props.setdefault("user_id", amqp_user(self.settings.amqp_url))
         message = broker.json_message(body, routing_key=key, message_id=message_id, **props)
         if raw is not None:
             message.body = raw

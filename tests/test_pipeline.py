@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from conftest import Harness, eventually, order_body
+from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 
@@ -275,22 +275,27 @@ async def test_many_items_are_priced_and_invoiced_line_by_line(harness: Harness)
 
 
 async def test_only_operators_may_place_an_order_without_an_invoice(harness: Harness) -> None:
-    settings = harness.settings.model_copy(update={"operator_users": ["desk-operator"]})
-    await harness.start([placement_worker(settings), fraud_worker(settings)])
-    # From a storefront (no user, or a user that is not an operator): invoiced all the same.
+    shop = {"storefront_users": [TEST_USER], "operator_users": ["desk-operator"]}
+    settings = harness.settings.model_copy(update=shop)
+    await harness.start([placement_worker(settings), fraud_worker(settings)], **shop)
+    # From a storefront (a user that is not an operator): invoiced all the same.
     await harness.publish("order.place", order_body("noinv-shop", generate_invoice=False))
-    await harness.publish("order.place", order_body("noinv-guest", generate_invoice=False),
-                          user_id="guest")
-    for ref in ("noinv-shop", "noinv-guest"):
-        order = await harness.screened(ref)
-        assert order["generate_invoice"] is True
-        assert await harness.pool.fetchval(
-            "SELECT count(*) FROM invoices WHERE order_id = $1", order["id"]) == 1
-    operator = settings.model_copy(update={"operator_users": ["guest"]})
+    order = await harness.screened("noinv-shop")
+    assert order["generate_invoice"] is True
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM invoices WHERE order_id = $1", order["id"]) == 1
+    # From nobody the broker vouched for: not placed at all.
+    await harness.publish("order.place", order_body("noinv-anon", generate_invoice=False),
+                          user_id=None)
+    dead = await eventually(lambda: harness.dead_letters("placement"))
+    assert dead[0].headers["x-ordermill-reason"].startswith("publisher unknown: the message has"
+                                                            " no user_id")
+    assert await harness.order("noinv-anon") is None
+    operator = {"operator_users": [TEST_USER]}
     await harness.stop_all()
-    await harness.start([placement_worker(operator), fraud_worker(operator)])
-    await harness.publish("order.place", order_body("noinv-op", generate_invoice=False),
-                          user_id="guest")
+    await harness.start([placement_worker(harness.settings), fraud_worker(harness.settings)],
+                        **operator)
+    await harness.publish("order.place", order_body("noinv-op", generate_invoice=False))
     order = await harness.screened("noinv-op")
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM invoices WHERE order_id = $1", order["id"]) == 0

@@ -28,6 +28,10 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "DATABASE_URL": settings.database_url, "AMQP_URL": settings.amqp_url,
         "ORDERMILL_NAMESPACE": settings.namespace, "LOG_LEVEL": "INFO",
         "RELAY_SWEEP_SECONDS": "0.5", "FRAUD_VELOCITY_MAX_ORDERS": "100000",
+        # Who may publish what: as the test's settings say (closed by default).
+        "STOREFRONT_USERS": ",".join(settings.storefront_users),
+        "PAYMENT_PUBLISHERS": ",".join(settings.payment_publishers),
+        "OPERATOR_USERS": ",".join(settings.operator_users),
     })
     env.update(extra)
     return env

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Harness, eventually, order_body
+from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
@@ -122,7 +122,7 @@ async def test_a_payment_is_applied_once_however_many_events_find_it_waiting(
     payment_id = await fast.pool.fetchval(
         "SELECT id FROM payments WHERE transaction_id = 'early-1'")
     # The other event's transaction listed it as waiting before the first one committed.
-    payments = Payments(frozenset(), on_paid=reconcile_paid)
+    payments = Payments(on_paid=reconcile_paid)
     async with fast.pool.acquire() as conn, conn.transaction():
         uow = UnitOfWork(conn, MessageContext(
             consumer="provisioning", message_id="order-accepted-1", routing_key="order.accepted",
@@ -294,15 +294,15 @@ async def test_payments_that_cannot_be_applied_are_stored_with_their_reason(
 async def test_a_payment_from_a_publisher_that_is_not_a_gateway_is_not_applied(
     fast: Harness,
 ) -> None:
-    settings = fast.settings.model_copy(update={"payment_publishers": ["gateway-stripe"]})
-    await fast.start([placement_worker(settings), fraud_worker(settings),
-                      provisioning_worker(settings)])
+    # The test's user is a storefront here, not a gateway nor an operator.
+    parties = {"payment_publishers": ["gateway-stripe"], "operator_users": ["desk"]}
+    await fast.start(workers(fast), **parties)
     await fast.publish("order.place", starter("pub-1"))
     order = await fast.screened("pub-1")
     invoice = await invoice_of(fast, order["id"])
     # The broker validates user_id against the connection's user (guest here).
-    await pay(fast, "5.95", "pub-guest", invoice_id=invoice["id"], user_id="guest")
-    await pay(fast, "5.95", "pub-anon", invoice_id=invoice["id"])
+    await pay(fast, "5.95", "pub-guest", invoice_id=invoice["id"])
+    await pay(fast, "5.95", "pub-anon", invoice_id=invoice["id"], user_id=None)
 
     async def both() -> list:
         rows = await fast.pool.fetch(
@@ -311,8 +311,20 @@ async def test_a_payment_from_a_publisher_that_is_not_a_gateway_is_not_applied(
     rows = await eventually(both)
     assert [(r["transaction_id"], r["status"], r["reason"], r["publisher"]) for r in rows] == [
         ("pub-anon", "unapplied", "publisher '(none)' is not a configured gateway", None),
-        ("pub-guest", "unapplied", "publisher 'guest' is not a configured gateway", "guest")]
+        ("pub-guest", "unapplied", f"publisher '{TEST_USER}' is not a configured gateway",
+         TEST_USER)]
     assert (await invoice_of(fast, order["id"]))["status"] == "Unpaid"
+    # The storefront's forged payment did not take the gateway's transaction id: the real
+    # payment of that id, from the gateway, is applied.
+    await fast.stop_all()
+    await fast.start(workers(fast), payment_publishers=[TEST_USER], operator_users=["desk"])
+    await pay(fast, "5.95", "pub-guest", invoice_id=invoice["id"])
+
+    async def paid() -> bool:
+        return (await invoice_of(fast, order["id"]))["status"] == "Paid"
+    await eventually(paid)
+    assert await fast.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE transaction_id = 'pub-guest'") == 2
 
 
 async def test_on_order_product_is_set_up_as_soon_as_screening_clears(fast: Harness) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from conftest import Harness, eventually
+from conftest import TEST_USER, Harness, eventually
 from services.review.worker import worker as review_worker
 from shared import broker
 
@@ -57,7 +57,8 @@ async def command(h: Harness, order_id: int, action: str, *, timeout: float = 15
     correlation = str(uuid.uuid4())
     body = {"order_id": order_id, "action": action, "operator": "alice", **extra}
     await broker.publish(h.exchange, "review.command", broker.json_message(
-        body, routing_key="review.command", correlation_id=correlation, reply_to=replies.name))
+        body, routing_key="review.command", correlation_id=correlation, reply_to=replies.name,
+        user_id=TEST_USER))
     async with replies.iterator(timeout=timeout) as messages:
         async for message in messages:
             await message.ack()
@@ -71,7 +72,9 @@ async def command(h: Harness, order_id: int, action: str, *, timeout: float = 15
 @pytest.mark.parametrize("action", list(TABLE))
 async def test_every_action_from_every_status(harness: Harness, action: str, start: str) -> None:
     store = await harness.listen(EVENTS[action])
-    await harness.start([review_worker(harness.settings)])
+    # As the web console would send it: its user vouches for the operator signed in (alice).
+    await harness.start([review_worker(harness.settings)], console_users=[TEST_USER],
+                        operator_users=[])
     order_id = await make_order(harness, start, f"r-{action}-{start}")
     allowed, result = TABLE[action]
     reply = await command(harness, order_id, action)
@@ -198,7 +201,8 @@ async def test_a_command_sent_twice_is_applied_once(harness: Harness) -> None:
     body = {"order_id": order_id, "action": "cancel", "operator": "bob"}
     for _ in range(2):
         message = broker.json_message(body, routing_key="review.command", message_id="cmd-1",
-                                      correlation_id="c-1", reply_to=replies.name)
+                                      correlation_id="c-1", reply_to=replies.name,
+                                      user_id=TEST_USER)
         await broker.publish(harness.exchange, "review.command", message)
 
     async def one_reply() -> aio_pika.abc.AbstractIncomingMessage | None:

@@ -53,7 +53,7 @@ class QueuedOrderSweeper:
                 # correlation of the first: the order.place message that placed the order.
                 await write_event(conn, "fraud.redrive", event,
                                   message_id=event_id("sweeper", row["id"], redrive),
-                                  correlation_id=row["placed_message_id"])
+                                  correlation_id=row["placed_message_id"], source="fraud")
                 log.warning("order stuck in screening: re-driven", extra={
                     "order_id": row["id"], "order_ref": row["order_ref"], "redrive": redrive})
         return len(stuck)

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from services.placement.handlers import place_order
 from shared.contracts import PlaceOrder
+from shared.parties import OPERATORS, PLACERS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 from shared.uow import UnitOfWork
 
 
 def worker(settings: Settings) -> WorkerSpec:
-    operators = frozenset(settings.operator_users)
+    # Development with no operator named (TRUST_ANY_PUBLISHER): anyone is taken at its word.
+    open_desk = settings.trust_any_publisher and not (settings.operator_users
+                                                      or settings.console_users)
 
     async def place(cmd: PlaceOrder, uow: UnitOfWork) -> None:
-        if not cmd.generate_invoice and operators and uow.context.user_id not in operators:
-            # Design section 8: orders from storefronts always get an invoice; only an
-            # operator (a broker-validated user in OPERATOR_USERS) may place one without.
+        if not cmd.generate_invoice and not (open_desk or uow.context.parties & OPERATORS):
+            # Orders from storefronts always get an invoice; only an operator (a
+            # broker-validated user in OPERATOR_USERS or CONSOLE_USERS) may place one without.
             cmd = cmd.model_copy(update={"generate_invoice": True})
         await place_order(cmd, uow)
 
     return WorkerSpec(
         service="placement",
-        routes={"order.place": route(place)},
+        routes={"order.place": route(place, publishers=PLACERS)},
         rejection_event="order.rejected",
     )

@@ -293,8 +293,8 @@ class JobRunner:
         await conn.execute(
             "WITH h AS (INSERT INTO order_history (order_id, actor, action, detail)"
             "  VALUES ($1, 'provisioning', $2, $3))"
-            " INSERT INTO outbox (message_id, routing_key, body, correlation_id)"
-            " SELECT u.*, $7 FROM unnest($4::uuid[], $5::text[], $6::jsonb[]) AS u"
+            " INSERT INTO outbox (message_id, routing_key, body, correlation_id, source)"
+            " SELECT u.*, $7, 'provisioning' FROM unnest($4::uuid[], $5::text[], $6::jsonb[]) AS u"
             " ON CONFLICT (message_id) DO NOTHING",
             job["order_id"], action, detail, [e[0] for e in events], [e[1] for e in events],
             [e[2] for e in events], job["caused_by"])

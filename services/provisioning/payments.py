@@ -33,7 +33,6 @@ OnPaid = Callable[[UnitOfWork, int], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Payments:
-    allowed_publishers: frozenset[str]  # empty: any publisher
     on_paid: OnPaid
 
     async def on_payment(self, payment: PaymentReceived, uow: UnitOfWork) -> None:
@@ -44,13 +43,13 @@ class Payments:
         amount_problem = amount_problem or too_long
         payment_id = await conn.fetchval(
             "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
-            " requested_invoice_id, order_ref, publisher, status, message_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9)"
-            " ON CONFLICT (gateway, transaction_id)"
-            "  WHERE gateway IS NOT NULL AND transaction_id IS NOT NULL DO NOTHING RETURNING id",
+            " requested_invoice_id, order_ref, publisher, status, message_id, trusted)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9, $10)"
+            " ON CONFLICT (gateway, transaction_id) WHERE gateway IS NOT NULL"
+            "  AND transaction_id IS NOT NULL AND trusted DO NOTHING RETURNING id",
             payment.gateway, payment.transaction_id, amount, str(payment.amount),
             payment.currency, requested_invoice, payment.order_ref, uow.context.user_id,
-            uow.context.message_id,
+            uow.context.message_id, uow.context.authorized,
         )
         if payment_id is None:
             log.info("payment already recorded", extra={
@@ -67,7 +66,7 @@ class Payments:
     def _intake_problem(
         self, payment: PaymentReceived, uow: UnitOfWork, invoice_id: int | None
     ) -> str | None:
-        if self.allowed_publishers and uow.context.user_id not in self.allowed_publishers:
+        if not uow.context.authorized:  # kept and shown to operators, never applied
             return f"publisher {uow.context.user_id or '(none)'!r} is not a configured gateway"
         if not payment.gateway or not payment.transaction_id:
             return "no gateway or transaction id"

@@ -6,6 +6,7 @@ from services.provisioning.handlers import OrderEvents, reconcile_paid
 from services.provisioning.jobs import JobPolicy, JobRunner
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
+from shared.parties import PAYERS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 
@@ -18,13 +19,15 @@ def worker(settings: Settings) -> WorkerSpec:
         lane_concurrency=settings.job_lane_concurrency,
         poll_seconds=settings.job_poll_seconds,
     ), settings.database_url)
-    payments = Payments(frozenset(settings.payment_publishers), on_paid=reconcile_paid)
+    payments = Payments(on_paid=reconcile_paid)
     events = OrderEvents(payments)
     reconciling = route(events.on_event)
     return WorkerSpec(
         service="provisioning",
         routes={
-            "payment.received": route(payments.on_payment),
+            # From anyone else a payment is still kept (unapplied, flagged), never dropped.
+            "payment.received": route(payments.on_payment, publishers=PAYERS,
+                                      handle_unauthorized=True),
             "order.screened": reconciling,
             "order.fraud": reconciling,
             "order.accepted": reconciling,

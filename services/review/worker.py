@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from services.review.handlers import on_command
+from shared.parties import OPERATORS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 
 
 def worker(settings: Settings) -> WorkerSpec:
     # Operators wait for the answer: small batches keep each reply prompt.
-    return WorkerSpec(service="review", routes={"review.command": route(on_command)}, batch=4)
+    return WorkerSpec(service="review", batch=4,
+                      routes={"review.command": route(on_command, publishers=OPERATORS)})

@@ -1,0 +1,121 @@
+"""Who may publish what (docs: README "Production deployment"; design section 8).
+
+Every message a worker acts on names its publisher in the AMQP `user_id` property, which
+RabbitMQ checks against the connection's user. Each route declares the parties that may
+send it; the runtime looks the validated user up here before it reads the body, so a
+storefront's forged `review.command`, `email.send` or `order.screened` is dead-lettered
+with the reason instead of being carried out.
+
+Closed by default: a worker whose route no configured user may send refuses to start,
+unless `TRUST_ANY_PUBLISHER` (development only) lets anyone send anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote, urlsplit
+
+from shared.errors import ConfigurationError
+from shared.settings import Settings
+
+# An operator's tool (the CLI's dead-letter replay) republishes a message for its first
+# publisher: the consumer honours this header only from an operator, and then checks the
+# first publisher's own rights (a storefront's replayed order is still a storefront's).
+REPLAY_OF_HEADER = "x-ordermill-replay-of"
+
+
+class Party(StrEnum):
+    STOREFRONT = "storefront"
+    GATEWAY = "gateway"
+    OPERATOR = "operator"
+    CONSOLE = "console"  # the web console's own user: vouches for the operator signed in
+    SERVICE = "service"  # an Ordermill worker
+
+    @property
+    def setting(self) -> str:
+        return _SETTING[self]
+
+
+_SETTING = {
+    Party.STOREFRONT: "STOREFRONT_USERS",
+    Party.GATEWAY: "PAYMENT_PUBLISHERS",
+    Party.OPERATOR: "OPERATOR_USERS",
+    Party.CONSOLE: "CONSOLE_USERS",
+    Party.SERVICE: "SERVICE_USERS",
+}
+
+# The parties a route takes when it names none: Ordermill's own events and commands.
+INTERNAL = frozenset({Party.SERVICE})
+PLACERS = frozenset({Party.STOREFRONT, Party.OPERATOR, Party.CONSOLE})
+OPERATORS = frozenset({Party.OPERATOR, Party.CONSOLE})
+PAYERS = frozenset({Party.GATEWAY, Party.OPERATOR})  # an operator records a payment by hand
+
+
+def amqp_user(amqp_url: str) -> str | None:
+    """The RabbitMQ user of a URL (`ops%40example.com` is the user ops@example.com)."""
+    return unquote(urlsplit(amqp_url).username or "") or None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    user: str | None  # the publisher the message acts for (validated, or vouched for)
+    parties: frozenset[Party]
+    allowed: bool
+    reason: str = ""
+    replayed_by: str | None = None
+
+
+class UnknownPublishers(ConfigurationError):
+    """A worker would serve a route no configured user may send: a one-line start error."""
+
+
+@dataclass(frozen=True)
+class Publishers:
+    users: Mapping[Party, frozenset[str]]
+    trust_any: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Publishers:
+        own = amqp_user(settings.amqp_url)
+        return cls({
+            Party.STOREFRONT: frozenset(settings.storefront_users),
+            Party.GATEWAY: frozenset(settings.payment_publishers),
+            Party.OPERATOR: frozenset(settings.operator_users),
+            Party.CONSOLE: frozenset(settings.console_users),
+            # A worker always trusts its own user: the all-in-one process publishes as one.
+            Party.SERVICE: frozenset(settings.service_users) | ({own} if own else set()),
+        }, trust_any=settings.trust_any_publisher)
+
+    def parties_of(self, user: str | None) -> frozenset[Party]:
+        if user is None:
+            return frozenset()
+        return frozenset(party for party, users in self.users.items() if user in users)
+
+    def check(self, user_id: str | None, allowed: frozenset[Party], *,
+              replay_of: str | None = None) -> Verdict:
+        user, replayed_by = user_id, None
+        if replay_of and Party.OPERATOR in self.parties_of(user_id):
+            user, replayed_by = replay_of, user_id
+        parties = self.parties_of(user)
+        if self.trust_any or parties & allowed:
+            return Verdict(user, parties, True, replayed_by=replayed_by)
+        if user is None:
+            reason = ("publisher unknown: the message has no user_id (publish with user_id set"
+                      " to your RabbitMQ user)")
+        else:
+            who = " or ".join(sorted(p.value for p in allowed))
+            reason = f"publisher {user!r} may not send this: it needs a {who} user"
+        return Verdict(user, parties, False, reason, replayed_by)
+
+    def require(self, service: str, routes: Iterable[tuple[str, frozenset[Party]]]) -> None:
+        """Closed by default: every route needs at least one user who may send it."""
+        if self.trust_any:
+            return
+        for key, allowed in routes:
+            if not any(self.users.get(party) for party in allowed):
+                names = ", ".join(sorted(party.setting for party in allowed))
+                raise UnknownPublishers(
+                    f"{service}: no user may publish {key}: set {names}"
+                    " (comma-separated RabbitMQ users), or TRUST_ANY_PUBLISHER=true for development")
