@@ -533,7 +533,7 @@ async def _send_review(s: Settings, action: str, order_ids: list[int], *, wait_s
     async with connection:
         channel = await broker.open_publisher(connection)
         exchange = await channel.get_exchange(Names(s.namespace).exchange)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        replies = await broker.declare_reply_queue(channel)
         operator = _amqp_user(s)
         waiting: dict[str, int] = {}
         for order_id in order_ids:
