@@ -252,7 +252,10 @@ def run(services: list[str] = typer.Argument(None, help="Services to run (defaul
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)
-        await runtime.serve(workers)
+        try:
+            await runtime.serve(workers)
+        except ConfigurationError as exc:  # a schema this worker may not migrate, and such
+            raise UserError(str(exc)) from None
 
     run_async(go())
 
