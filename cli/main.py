@@ -98,6 +98,13 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
                         "run `ordermill migrate`") from None
     except asyncpg.UndefinedTableError:
         raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        # A permission the broker does not give this user: to publish to the exchange (or
+        # with this routing key, topic permissions), to declare or read a queue.
+        what = _first_line(exc).removeprefix("ACCESS_REFUSED - ")
+        raise UserError(f"RabbitMQ refused user {_amqp_user(s) or 'guest'!r}: {what} (the"
+                        " user's permissions: `rabbitmqctl list_user_permissions` and"
+                        " `list_user_topic_permissions`)") from None
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
         missing = _first_line(exc).split(" - ", 1)[-1].removeprefix("no ")
         raise UserError(f"RabbitMQ has no {missing} (namespace {s.namespace!r}):"
@@ -111,10 +118,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except aiormq.exceptions.InvalidFrameError:
         # A refused virtual host: the broker closes the connection where aiormq waits for
         # Connection.OpenOk, and aiormq keeps not the broker's reason.
-        vhost = urlsplit(s.amqp_url).path.lstrip("/") or "/"
+        vhost = unquote(urlsplit(s.amqp_url).path.lstrip("/")) or "/"
         raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused to open virtual host"
-                        f" {vhost!r}: is it there, and may this user use it?") from None
+                        f" {vhost!r}: is it there, and may user {_amqp_user(s) or 'guest'!r}"
+                        " use it?") from None
     except aiormq.exceptions.AMQPConnectionError as exc:
+        if isinstance(exc, aiormq.exceptions.AuthenticationError | aiormq.exceptions.
+                      ProbableAuthenticationError) or "ACCESS_REFUSED" in _first_line(exc):
+            raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused the login of user"
+                            f" {_amqp_user(s) or 'guest'!r}: check the user and password in"
+                            " AMQP_URL") from None
         # Checked first: aiormq's connection errors are OSErrors too.
         raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
                         f"{_first_line(exc)}") from None
