@@ -26,7 +26,6 @@ from aio_pika.exceptions import PublishError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -103,6 +102,13 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
                         "run `ordermill migrate`") from None
     except asyncpg.UndefinedTableError:
         raise UserError("the database has no Ordermill schema: run `ordermill migrate`") from None
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        # A permission the broker does not give this user: to publish to the exchange (or
+        # with this routing key, topic permissions), to declare or read a queue.
+        what = _first_line(exc).removeprefix("ACCESS_REFUSED - ")
+        raise UserError(f"RabbitMQ refused user {_amqp_user(s) or 'guest'!r}: {what} (the"
+                        " user's permissions: `rabbitmqctl list_user_permissions` and"
+                        " `list_user_topic_permissions`)") from None
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
         missing = _first_line(exc).split(" - ", 1)[-1].removeprefix("no ")
         raise UserError(f"RabbitMQ has no {missing} (namespace {s.namespace!r}):"
@@ -116,10 +122,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except aiormq.exceptions.InvalidFrameError:
         # A refused virtual host: the broker closes the connection where aiormq waits for
         # Connection.OpenOk, and aiormq keeps not the broker's reason.
-        vhost = urlsplit(s.amqp_url).path.lstrip("/") or "/"
+        vhost = unquote(urlsplit(s.amqp_url).path.lstrip("/")) or "/"
         raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused to open virtual host"
-                        f" {vhost!r}: is it there, and may this user use it?") from None
+                        f" {vhost!r}: is it there, and may user {_amqp_user(s) or 'guest'!r}"
+                        " use it?") from None
     except aiormq.exceptions.AMQPConnectionError as exc:
+        if isinstance(exc, aiormq.exceptions.AuthenticationError | aiormq.exceptions.
+                      ProbableAuthenticationError) or "ACCESS_REFUSED" in _first_line(exc):
+            raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused the login of user"
+                            f" {_amqp_user(s) or 'guest'!r}: check the user and password in"
+                            " AMQP_URL") from None
         # Checked first: aiormq's connection errors are OSErrors too.
         raise UserError(f"cannot reach RabbitMQ at {_hide_password(s.amqp_url)}: "
                         f"{_first_line(exc)}") from None
@@ -154,11 +166,12 @@ def emit_json(data: object) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(views.printable(title)), title_justify="left")
     for column in columns:
         t.add_column(column)
-    for row in rows:  # cells as plain text: a client's or a server's words are not markup
-        t.add_row(*(Text("" if v is None else str(v)) for v in row))
+    for row in rows:  # cells as plain text: a client's or a server's words are not markup, and
+        # their control characters are shown escaped (a cell may hold several lines)
+        t.add_row(*(Text(views.printable(v, multiline=True)) for v in row))
     return t
 
 
@@ -188,8 +201,8 @@ def migrate() -> None:
 
     created, applied = run_async(go())
     name = urlsplit(s.database_url).path.lstrip("/")
-    out.print(f"database {name}: {'created, ' if created else ''}"
-              f"{len(applied)} migration(s) applied; topology declared in namespace {s.namespace}")
+    _say(f"database {name}: {'created, ' if created else ''}"
+         f"{len(applied)} migration(s) applied; topology declared in namespace {s.namespace}")
 
 
 @catalog_app.command("load")
@@ -206,7 +219,7 @@ def catalog_load(file: Path) -> None:
             return await load_catalog(conn, catalog)
 
     counts = run_async(go())
-    out.print("catalog loaded: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    _say("catalog loaded: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
 @catalog_app.command("show")
@@ -320,7 +333,10 @@ def run(services: list[str] = typer.Argument(None, help="Services to run (defaul
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)
-        await runtime.serve(workers)
+        try:
+            await runtime.serve(workers)
+        except ConfigurationError as exc:  # a schema this worker may not migrate, and such
+            raise UserError(str(exc)) from None
 
     run_async(go())
 
@@ -394,7 +410,7 @@ def pending(
     if data["queued"]:
         out.print(_orders_table("Still being screened", data["queued"]))
     if data["more"]:
-        out.print(f"{data['more']} more pending order(s): --page {page + 1} or a larger --limit")
+        _say(f"{data['more']} more pending order(s): --page {page + 1} or a larger --limit")
 
 
 @app.command()
@@ -406,18 +422,20 @@ def show(order_id: int = OrderIdArg, as_json: bool = JsonOpt) -> None:
     if as_json:
         return emit_json(data)
     c = data["client"]
-    out.print(f"[bold]Order {data['id']}[/bold]  ref {data['order_ref']}  "
-              f"number {data['order_number']}  status [bold]{data['status']}[/bold]  "
-              f"screening {data['screening']}{' (override)' if data['screening_override'] else ''}"
-              f"{'  [deleted]' if data['deleted'] else ''}")
+    out.print(Text.assemble(
+        (f"Order {data['id']}", "bold"), f"  ref {views.printable(data['order_ref'])}  "
+        f"number {data['order_number']}  status ", (views.printable(data["status"]), "bold"),
+        f"  screening {views.printable(data['screening'])}"
+        f"{' (override)' if data['screening_override'] else ''}"
+        f"{'  [deleted]' if data['deleted'] else ''}"))
     # What the client typed is text, not markup: "[/b]" in an address must not break `show`.
-    out.print(escape(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
-                     f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
-                     f"total {data['total']} {data['currency']}"))
+    _say(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
+         f"{c['country'] or ''}  IP {data['ip_address'] or '-'}  "
+         f"total {data['total']} {data['currency']}")
     address = ", ".join(c[f] for f in ("address1", "address2", "city", "state", "postcode") if c[f])
     if address or c["phone"]:
-        out.print(escape("  ".join(filter(None, [address and f"Address: {address}",
-                                                 c["phone"] and f"phone {c['phone']}"]))))
+        _say("  ".join(filter(None, [address and f"Address: {address}",
+                                     c["phone"] and f"phone {c['phone']}"])))
     out.print(table("Items", ["id", "type", "status", "product", "domain", "cycle/action",
                               "amount", "setup", "attempts", "last error"],
                     [[i["id"], i["type"], i["status"], i["product"], i["domain"],
@@ -447,8 +465,9 @@ def show(order_id: int = OrderIdArg, as_json: bool = JsonOpt) -> None:
 
 
 def _say(text: str) -> None:
-    """Print text that comes from outside (a provider, a client) as it is, never as markup."""
-    out.print(escape(text))
+    """Print a line: what comes from outside (a provider, a client, a server) as plain text,
+    never as markup, its control characters shown escaped (views.printable)."""
+    out.print(Text(views.printable(text)))
 
 
 def _print_maxmind(mm: dict[str, Any]) -> None:
@@ -572,13 +591,13 @@ def dead_letters(
                 emit_json({"replayed": result.replayed, "discarded": result.discarded, "failed": [
                     {"message_id": message_id, "error": error} for message_id, error in result.failed]})
             else:
-                out.print(f"replayed {result.replayed} dead letter(s)")
+                _say(f"replayed {result.replayed} dead letter(s)")
                 if result.discarded:
-                    out.print(f"discarded {len(result.discarded)} expired command(s): their senders"
-                              " were told they expired unapplied")
+                    _say(f"discarded {len(result.discarded)} expired command(s): their senders"
+                         " were told they expired unapplied")
                 for message_id, error in result.failed:
-                    print(f"error: not replayed, left in its queue: {message_id}: {error}",
-                          file=sys.stderr)
+                    print(views.printable(f"error: not replayed, left in its queue: "
+                                          f"{message_id}: {error}"), file=sys.stderr)
             if result.failed:
                 raise typer.Exit(1)
             return
@@ -604,7 +623,7 @@ async def _send_review(s: Settings, action: str, order_ids: list[int], *, wait_s
     async with connection:
         channel = await broker.open_publisher(connection)
         exchange = await channel.get_exchange(Names(s.namespace).exchange)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        replies = await broker.declare_reply_queue(channel)
         operator = _amqp_user(s)
         waiting: dict[str, int] = {}
         for order_id in order_ids:
@@ -655,7 +674,7 @@ def review(action: str, order_id: int, *, timeout: float,
         raise UserError(_unanswered(timeout))
     if not answer.get("ok"):
         raise UserError(answer.get("error", "refused"))
-    out.print(f"order {order_id}: {answer['status']}")
+    _say(f"order {order_id}: {answer['status']}")
 
 
 @app.command()
@@ -715,7 +734,7 @@ def rescreen(
 
     order_ids = run_async(held())
     if not order_ids:
-        out.print("no Pending order has a screening error")
+        _say("no Pending order has a screening error")
         return
     answers = run_async(_send_review(s, "rescreen", order_ids, wait_seconds=timeout))
     refused = 0
@@ -724,7 +743,7 @@ def rescreen(
             refused += 1
             _say(f"order {oid}: {_unanswered(timeout) if answer is None else answer.get('error')}")
         else:
-            out.print(f"order {oid}: screening again")
+            _say(f"order {oid}: screening again")
     if refused:
         raise UserError(f"{refused} of {len(order_ids)} order(s) not re-screened")
 
@@ -821,9 +840,9 @@ def place(
     key, data = run_async(go())
     if key == "order.rejected":
         raise UserError(f"order {body['order_ref']} refused: {data['reason']}")
-    out.print(f"order {data['order_id']} placed: ref {data['order_ref']}, number "
-              f"{data['order_number']}, total {data['total']} {data['currency']}"
-              + (f", invoice {data['invoice_id']}" if data["invoice_id"] else ", no invoice"))
+    _say(f"order {data['order_id']} placed: ref {data['order_ref']}, number "
+         f"{data['order_number']}, total {data['total']} {data['currency']}"
+         + (f", invoice {data['invoice_id']}" if data["invoice_id"] else ", no invoice"))
 
 
 @app.command()
@@ -867,7 +886,7 @@ def pay(
             return message.message_id
 
     message_id = run_async(go())
-    out.print(f"payment of {value} for invoice {invoice_id} published (message {message_id})")
+    _say(f"payment of {value} for invoice {invoice_id} published (message {message_id})")
 
 
 class ReportTag(StrEnum):
@@ -912,8 +931,8 @@ def fraud_report(
             return row["minfraud_id"]
 
     minfraud_id = run_async(go())
-    out.print(f"order {order_id} reported to MaxMind as {tag.value}"
-              + (f" (minFraud transaction {minfraud_id})" if minfraud_id else ""))
+    _say(f"order {order_id} reported to MaxMind as {tag.value}"
+         + (f" (minFraud transaction {minfraud_id})" if minfraud_id else ""))
 
 
 @app.command()
@@ -946,17 +965,18 @@ def main() -> None:
         # One line, as every other mistake: the message and where to read more.
         command = exc.ctx.command_path if exc.ctx else "ordermill"
         message = " ".join(exc.format_message().split())  # click may list choices on lines
-        print(f"error: {message} (see `{command} --help`)", file=sys.stderr)
+        print(f"error: {views.printable(message)} (see `{command} --help`)", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except _click_errors.ClickException as exc:
-        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        print(f"error: {views.printable(' '.join(exc.format_message().split()))}",
+              file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         raise SystemExit(1) from None
     except UserError as exc:
         # Plain print: one line, never wrapped to the terminal's width.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {views.printable(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
     # A command's own Exit (and --help) come back as an exit code.
     raise SystemExit(code if isinstance(code, int) else 0)

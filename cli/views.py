@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+# Characters that act on a terminal instead of showing: C0 and C1 controls (ESC starts a
+# sequence, U+009B is a one-byte CSI), DEL, format characters (the bidi overrides U+202A-E and
+# isolates U+2066-9 reorder what follows, zero-width ones hide), line and paragraph separators
+# and lone surrogates.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(value: object, *, multiline: bool = False) -> str:
+    """Text from outside (a client, a storefront, a provider, a server) as the operator's
+    terminal may show it: every character that would act on the terminal is written as its
+    escape (`\\x1b`, `\\x9b`, `\\u202e`), a newline too unless the field is multi-line.
+    Every line and table cell the CLI prints goes through here (`--json` is exact JSON)."""
+    text = "" if value is None else str(value)
+    if text.isprintable() or (multiline and text.replace("\n", "").isprintable()):
+        return text  # the common case; isprintable() is False for every character below
+    return "".join(_escaped(ch, multiline) for ch in text)
+
+
+def _escaped(ch: str, multiline: bool) -> str:
+    if (ch == "\n" and multiline) or unicodedata.category(ch) not in _UNPRINTABLE:
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(ch, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
 
 # A client's optional billing address, as the PlaceOrder contract names its fields.
 CLIENT_ADDRESS_FIELDS = ("address1", "address2", "city", "state", "postcode", "phone")

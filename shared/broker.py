@@ -92,3 +92,14 @@ async def publish(
 async def open_publisher(connection: AbstractRobustConnection) -> aio_pika.abc.AbstractChannel:
     # on_return_raises: a message no queue takes is an error, not a success.
     return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+
+async def declare_reply_queue(channel: aio_pika.abc.AbstractChannel) -> aio_pika.Queue:
+    """An exclusive, auto-delete queue named by the broker (`amq.gen-...`): where a sender asks
+    for replies (`reply_to`), the only kind of queue, with the direct reply-to pseudo-queue,
+    that Ordermill answers (see UnitOfWork.reply). Declared as a plain queue: aio-pika's
+    robust channel would name it `amq_<hex>` itself, a name anyone may declare."""
+    queue = aio_pika.Queue(channel, None, durable=False, exclusive=True, auto_delete=True,
+                           arguments=None)
+    await queue.declare()
+    return queue

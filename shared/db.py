@@ -16,6 +16,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from shared.errors import ConfigurationError
+
 log = logging.getLogger("ordermill.db")
 
 # Errors that mean "try again": the server is away, restarting or overloaded,
@@ -46,6 +48,11 @@ class ReadOnlyDatabase(ConnectionError):
     """A worker's connection reached a server that takes no writes (a hot standby, or
     `default_transaction_read_only` on): refused like an unreachable server, so the pool never
     keeps a connection that every handler would fail on."""
+
+class SchemaNotReady(ConfigurationError):
+    """The database lacks migrations this code needs and this worker may not (or is told not
+    to) apply them: it refuses to start, in one line, rather than fail on every message."""
+
 
 _MIGRATION_LOCK = 7_311_204_517  # advisory lock key: one migrator at a time
 
@@ -104,8 +111,19 @@ def _split_database(database_url: str) -> tuple[str, str]:
 
 
 async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
-    """Create the database named by the URL if it is missing. True when created."""
+    """Create the database named by the URL if it is missing. True when created.
+
+    The database itself is tried first: a role that may only use it (a worker's DML-only
+    role) finds it there without the `postgres` database or the right to create one."""
     admin_url, name = _split_database(database_url)
+    try:
+        async for attempt in _retrying(attempts):
+            with attempt:
+                conn = await asyncpg.connect(database_url)
+        await conn.close()
+        return False
+    except asyncpg.exceptions.InvalidCatalogNameError:
+        pass  # missing: created below
     async for attempt in _retrying(attempts):
         with attempt:
             conn = await asyncpg.connect(admin_url)
@@ -115,6 +133,11 @@ async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
             return False
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.exceptions.InsufficientPrivilegeError:
+            user = await conn.fetchval("SELECT current_user")
+            raise SchemaNotReady(
+                f"database {name} does not exist and user {user} may not create it:"
+                " run `ordermill migrate` as the database owner") from None
         except (asyncpg.exceptions.DuplicateDatabaseError, asyncpg.exceptions.UniqueViolationError):
             # Another migrator won the race; one still committing shows as a unique violation
             # on pg_database rather than as a duplicate database.
@@ -155,3 +178,36 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied_now
+
+
+async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
+    """The migration files not yet applied to this database (all of them on a new one)."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NULL"):
+        return [version for version, _ in _migration_files()]
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [version for version, _ in _migration_files() if version not in done]
+
+
+async def ensure_schema(pool: asyncpg.Pool, *, migrate_on_start: bool) -> list[str]:
+    """A worker's start: the schema must be current. It only reads `schema_migrations` when
+    it is (no DDL, no lock: a DML-only role starts); it applies what is missing when
+    `migrate_on_start` allows and its role may (the quick start's single user); otherwise it
+    refuses to start with one line telling the operator to run `ordermill migrate` as the
+    database owner. Returns the migrations applied now."""
+    async with pool.acquire() as conn:
+        missing = await pending_migrations(conn)
+        user = await conn.fetchval("SELECT current_user")
+        name = await conn.fetchval("SELECT current_database()")
+    if not missing:
+        return []
+    listed = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+    if not migrate_on_start:
+        raise SchemaNotReady(
+            f"database {name} lacks migration(s) {listed} and MIGRATE_ON_START is off:"
+            " run `ordermill migrate` as the database owner")
+    try:
+        return await migrate(pool)
+    except asyncpg.exceptions.InsufficientPrivilegeError:
+        raise SchemaNotReady(
+            f"database {name} lacks migration(s) {listed} and user {user} may not apply them:"
+            " run `ordermill migrate` as the database owner") from None

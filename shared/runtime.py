@@ -199,11 +199,19 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         log.info("starting", extra={"namespace": s.namespace})
-        await db.ensure_database(s.database_url, attempts=s.startup_attempts)
+        if s.migrate_on_start:
+            await db.ensure_database(s.database_url, attempts=s.startup_attempts)
         self.pool = await db.create_pool(
             s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts, writable=True
         )
-        await db.migrate(self.pool)
+        # Migrations applied only when missing and allowed: a DML-only role starts on a
+        # current schema, and refuses in one line on one that is not.
+        try:
+            await db.ensure_schema(self.pool, migrate_on_start=s.migrate_on_start)
+        except db.SchemaNotReady:
+            await self.pool.close()
+            self.pool = None
+            raise
         self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         # A broker restarting meanwhile is waited for too (see _consume).
         async for attempt in broker.retrying(s.startup_attempts, also=RuntimeError):

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
     startup_attempts: int = Field(30, gt=0)
+    # A worker applies missing migrations at start (the quick start's one user). Off where
+    # workers use a DML-only role: the owner runs `ordermill migrate`, workers only check.
+    migrate_on_start: bool = True
     transient_attempts: int = Field(5, gt=0)
     db_pool_max: int = Field(10, gt=1)
     relay_batch: int = Field(500, gt=0)

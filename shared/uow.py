@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -11,6 +12,17 @@ import asyncpg
 from pydantic import BaseModel
 
 from shared.parties import Party
+
+log = logging.getLogger("ordermill.uow")
+
+# Queues a reply may go to: one the broker named for its sender (an exclusive, auto-delete
+# queue declared without a name: clients cannot declare names under `amq.`), or the direct
+# reply-to pseudo-queue. Never a work queue or anyone else's named queue.
+REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
+
+
+def is_reply_queue(name: str) -> bool:
+    return name.startswith(REPLY_QUEUE_PREFIXES) and len(name) <= 255 and "\x00" not in name
 
 # Event ids derive from the cause, so re-running a handler (a transient retry,
 # a sweeper's re-drive) writes the same event id and consumers dedupe it.
@@ -101,9 +113,23 @@ class UnitOfWork:
         return message_id
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
-        """Answer the message's `reply_to` queue, with its correlation_id, after commit."""
+        """Answer the message's `reply_to` queue, with its correlation_id, after commit.
+
+        Replies go only to the sender's own reply queue (`is_reply_queue`): a server-named
+        `amq.gen-...` queue or the direct reply-to pseudo-queue. A `reply_to` naming any other
+        queue (a work queue such as `<ns>.provisioning`, published to through the default
+        exchange, would take the reply as a message of its own) is not answered: the command
+        is still carried out, as its sender asked, and the refused reply is logged with the
+        reason. (Refusing the command would let a bad reply_to undo an operator's action for
+        nothing; the sender that gave it cannot be answered either way.)"""
         ctx = self.context
         if not ctx.reply_to:
+            return
+        if not is_reply_queue(ctx.reply_to):
+            log.warning("reply not sent: reply_to is not the sender's own reply queue", extra={
+                "consumer": ctx.consumer, "message_id": ctx.message_id,
+                "reply_to": ctx.reply_to[:200], "user_id": ctx.user_id,
+                "reason": "replies go only to amq.gen-* or amq.rabbitmq.reply-to queues"})
             return
         self._events.append((event_id(ctx.consumer, ctx.message_id, "reply"), ctx.reply_to,
                              _payload(body), ctx.correlation_id, True, ctx.consumer))

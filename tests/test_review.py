@@ -53,7 +53,7 @@ async def command(h: Harness, order_id: int, action: str, *, timeout: float = 15
                   **extra: Any) -> dict[str, Any]:
     """Publish a review command and wait for its reply, as the CLI does."""
     channel = await h.connection.channel()
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    replies = await broker.declare_reply_queue(channel)
     correlation = str(uuid.uuid4())
     body = {"order_id": order_id, "action": action, "operator": "alice", **extra}
     await broker.publish(h.exchange, "review.command", broker.json_message(
@@ -197,7 +197,7 @@ async def test_a_command_sent_twice_is_applied_once(harness: Harness) -> None:
     await harness.start([review_worker(harness.settings)])
     order_id = await make_order(harness, "Pending", "r-twice")
     channel = await harness.connection.channel()
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    replies = await broker.declare_reply_queue(channel)
     body = {"order_id": order_id, "action": "cancel", "operator": "bob"}
     for _ in range(2):
         message = broker.json_message(body, routing_key="review.command", message_id="cmd-1",

@@ -391,7 +391,7 @@ async def test_a_batchs_events_are_written_intact_and_once(harness: Harness) -> 
         uows = []
         for message_id in ("m1", "m2"):
             context = MessageContext(consumer="c", message_id=message_id, routing_key="k",
-                                     received_at=datetime.now(UTC), reply_to="replies",
+                                     received_at=datetime.now(UTC), reply_to="amq.gen-replies",
                                      correlation_id="corr")
             uow = UnitOfWork(conn, context)
             uow.emit("x.y", body)
@@ -402,8 +402,8 @@ async def test_a_batchs_events_are_written_intact_and_once(harness: Harness) -> 
     rows = await harness.pool.fetch(
         "SELECT routing_key, body, correlation_id, direct FROM outbox ORDER BY id")
     assert [(r["routing_key"], r["body"], r["correlation_id"], r["direct"]) for r in rows] == [
-        ("x.y", body, "m1", False), ("replies", {"ok": 1}, "corr", True),
-        ("x.y", body, "m2", False), ("replies", {"ok": 1}, "corr", True)]
+        ("x.y", body, "m1", False), ("amq.gen-replies", {"ok": 1}, "corr", True),
+        ("x.y", body, "m2", False), ("amq.gen-replies", {"ok": 1}, "corr", True)]
 
 
 async def test_a_heartbeat_file_is_touched_while_the_worker_can_work(

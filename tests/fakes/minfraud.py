@@ -15,6 +15,8 @@ Faults on demand, consumed one per call in the order queued:
   (AUTHORIZATION_INVALID, INSUFFICIENT_FUNDS, PERMISSION_REQUIRED); 5xx an HTML page.
 - `hang_next(seconds, times)`: wait, then answer (a slow service).
 `requests` keeps every request (path, service, JSON body, authorized), faulty ones too.
+`echo_credentials = True` makes a hostile (or buggy) service: every answer and error body
+repeats the Authorization header it was sent, the account id with the licence key, and the key.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class FakeMinFraud:
         self.answer: dict[str, Any] = {}  # merged into every answer
         self.requests: list[MinFraudRequest] = []
         self._faults: deque[tuple[str, float]] = deque()
+        self.echo_credentials = False
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -109,20 +112,27 @@ class FakeMinFraud:
         except json.JSONDecodeError:
             body = {}
         self.requests.append(MinFraudRequest(request.path, service, body, authorized))
+        echo = (f" (you sent Authorization: {request.headers.get('Authorization')}, that is"
+                f" {ACCOUNT_ID}:{LICENSE_KEY}, key {LICENSE_KEY})" if self.echo_credentials else "")
         if not authorized:
-            return _error(401)
+            return _error(401, echo)
         if self._faults:
             kind, value = self._faults.popleft()
             if kind == "status":
                 status = int(value)
                 if status in _ERRORS:
-                    return _error(status)
+                    return _error(status, echo)
                 return web.Response(status=status, content_type="text/html",
-                                    text="<html><body>Service Unavailable</body></html>")
+                                    text=f"<html><body>Service Unavailable{echo}</body></html>")
             await asyncio.sleep(value)
         if service == "report":
             return web.Response(status=204)
         answer = merge(self.fixtures[service], self.answer)
+        if echo:  # in the fields minFraud fills with its own words
+            answer = merge(answer, {"disposition": {"rule_label": f"rule{echo}"}})
+            answer["warnings"] = [*answer.get("warnings", []), {
+                "code": "INPUT_UNKNOWN", "warning": f"unexpected input{echo}",
+                "input_pointer": f"/{LICENSE_KEY}"}]
         return web.json_response(answer)
 
     async def __aenter__(self) -> FakeMinFraud:
@@ -143,6 +153,6 @@ class FakeMinFraud:
             await self._runner.cleanup()
 
 
-def _error(status: int) -> web.Response:
+def _error(status: int, echo: str = "") -> web.Response:
     code, message = _ERRORS[status]
-    return web.json_response({"code": code, "error": message}, status=status)
+    return web.json_response({"code": code, "error": message + echo}, status=status)

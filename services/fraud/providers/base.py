@@ -83,7 +83,9 @@ def rules_result(provider: str, reasons: list[Reason]) -> FraudResult:
 
 
 class ProviderError(Exception):
-    """The provider could not score the order; screening is `error` and an operator looks."""
+    """The provider could not score the order; screening is `error` and an operator looks.
+    Its text is stored, logged and shown: a provider scrubs its own credentials from it
+    (shared.scrub), as from the raw answer it returns, whatever the remote side echoed."""
 
 
 class FraudProvider(Protocol):

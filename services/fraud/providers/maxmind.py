@@ -26,6 +26,7 @@ from voluptuous import MultipleInvalid
 from services.fraud.providers.base import FraudResult, OrderFacts, ProviderError, Reason
 from services.fraud.providers.rules import FREE_MAIL_DOMAINS
 from shared.errors import ConfigurationError
+from shared.scrub import basic_credentials, scrub, scrub_data
 from shared.settings import Settings
 
 log = logging.getLogger("ordermill.fraud.maxmind")
@@ -45,7 +46,9 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError | TimeoutError)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, secrets: tuple[str, ...]) -> str:
+    """One line for a failed call, without the account's credentials: a hostile or buggy
+    answer (an error page echoing the Authorization header) is quoted in it."""
     match exc:
         case AuthenticationError():
             kind = "authentication failed (check MAXMIND_ACCOUNT_ID and MAXMIND_LICENSE_KEY)"
@@ -64,7 +67,16 @@ def _describe(exc: BaseException) -> str:
         case _:
             kind = "error"
     detail = str(exc) or type(exc).__name__
-    return f"minFraud {kind}: {detail}"
+    return scrub(f"minFraud {kind}: {detail}", secrets)
+
+
+def credentials(settings: Settings) -> tuple[str, ...]:
+    """The provider's own secrets, as an answer could echo them: the licence key, alone and
+    with the account id it is paired with (the Basic credential, in clear and in base64)."""
+    if settings.maxmind_license_key is None:
+        return ()
+    return basic_credentials(settings.maxmind_account_id,
+                             settings.maxmind_license_key.get_secret_value())
 
 
 def client_for(settings: Settings) -> minfraud.AsyncClient:
@@ -178,6 +190,7 @@ class MaxMindProvider:
                 "MAXMIND_REJECT_COUNTRY_MISMATCH and MAXMIND_REJECT_ANONYMOUS_PROXY need"
                 " MAXMIND_SERVICE=insights or factors (Score has no IP location)")
         self.client = client_for(settings)
+        self.secrets = credentials(settings)
         self.backoff = 0.5
 
     async def score(self, facts: OrderFacts) -> FraudResult:
@@ -194,22 +207,27 @@ class MaxMindProvider:
                 retry=retry_if_exception(_transient), reraise=True,
                 before_sleep=lambda state: log.warning("minFraud call failed; will retry", extra={
                     "order_id": facts.order_id, "attempt": state.attempt_number,
-                    "error": _describe(state.outcome.exception())}),
+                    "error": _describe(state.outcome.exception(), self.secrets)}),
             ):
                 with attempt:
                     response = await call(request, hash_email=self.hash_email)
         except (MinFraudError, aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderError(_describe(exc)) from None
-        except (TypeError, ValueError, KeyError) as exc:  # a 200 the package cannot read
-            raise ProviderError(f"minFraud answer not understood: {type(exc).__name__}: {exc}") from None
-        raw = response.to_dict()
+            raise ProviderError(_describe(exc, self.secrets)) from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # a 200
+            # the package cannot read
+            raise ProviderError(scrub(f"minFraud answer not understood: {type(exc).__name__}:"
+                                      f" {exc}", self.secrets)) from None
+        # Scrubbed before anything reads it: the stored raw response, the reasons made of it,
+        # the logs and the CLI never carry the account's credentials, whatever MaxMind echoed.
+        raw = scrub_data(response.to_dict(), self.secrets)
         raw["service"] = self.service
         if left_out:
             raw["ordermill_left_out"] = left_out
         try:
             score = Decimal(str(raw["risk_score"])).quantize(Decimal("0.01"))
         except (KeyError, ArithmeticError) as exc:
-            raise ProviderError(f"minFraud answer has no usable risk_score: {exc}") from None
+            raise ProviderError(scrub(f"minFraud answer has no usable risk_score: {exc}",
+                                      self.secrets)) from None
         rejections = tuple(self._rejections(facts, raw))
         return FraudResult(score=score, reasons=rejections + tuple(_explanations(raw)), raw=raw,
                            reject=bool(rejections))
@@ -267,4 +285,4 @@ async def report(settings: Settings, *, tag: str, ip_address: str | None, minfra
         try:
             await client.report({k: v for k, v in body.items() if v})
         except (MinFraudError, aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderError(_describe(exc)) from None
+            raise ProviderError(_describe(exc, credentials(settings))) from None

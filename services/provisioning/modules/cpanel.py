@@ -32,6 +32,7 @@ import aiohttp
 from yarl import URL
 
 from services.provisioning.modules.base import Account, ModuleResult
+from shared.scrub import scrub_data
 
 log = logging.getLogger("ordermill.modules.cpanel")
 
@@ -247,14 +248,16 @@ class CpanelModule:
         if status != 200:
             raise _CallFailed(f"{where}: unexpected HTTP {status}", transient=False)
         try:
-            payload = json.loads(body)
+            # Scrubbed as a whole: whatever the server echoes (a reason, an account's domain
+            # quoted in a refusal, an IP kept in detail) never carries the token or password.
+            payload = scrub_data(json.loads(body), scrub)
         except ValueError:  # also UnicodeDecodeError: a proxy's error page, a half answer
             raise _CallFailed(f"{where}: invalid JSON in the answer", transient=True) from None
         metadata = payload.get("metadata") if isinstance(payload, dict) else None
         if not isinstance(metadata, dict) or "result" not in metadata:
             raise _CallFailed(f"{where}: unexpected answer (no metadata.result)", transient=True)
         if _int(metadata.get("result")) != 1:
-            reason = _scrub(str(metadata.get("reason") or "no reason given"), scrub)
+            reason = str(metadata.get("reason") or "no reason given")
             raise _CallFailed(f"{where}: {reason}", transient=False, reason=reason)
         data = payload.get("data")
         return data if isinstance(data, dict) else {}
@@ -270,9 +273,3 @@ def _int(value: Any) -> int | None:
     except (TypeError, ValueError):
         return None
 
-
-def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text

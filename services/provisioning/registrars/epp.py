@@ -38,6 +38,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from services.provisioning.registrars.base import DomainOutcome, DomainRequest, RegistrarResult
+from shared.scrub import scrub as _scrub
 
 log = logging.getLogger("ordermill.registrar.epp")
 
@@ -114,7 +115,15 @@ class _Session:
         except ET.ParseError as exc:
             raise _Transient(f"EPP server sent malformed XML: {exc}") from None
         if root.tag != f"{{{EPP_NS}}}epp":
-            raise _Transient(f"EPP server sent an unexpected root element {root.tag}")
+            raise _Transient(_scrub(f"EPP server sent an unexpected root element {root.tag}",
+                                    self._scrub))
+        # Every text the server sent, scrubbed once: what is kept of an answer (a message, a
+        # reason, the server's transaction id in detail) never holds a password it echoed.
+        for element in root.iter():
+            element.text = element.text and _scrub(element.text, self._scrub)
+            element.tail = element.tail and _scrub(element.tail, self._scrub)
+            for name, value in element.attrib.items():
+                element.attrib[name] = _scrub(value, self._scrub)
         return root
 
     async def send(self, xml: str) -> None:
@@ -152,12 +161,6 @@ class _Session:
             raise _Transient(f"{name}: {answer.describe()}")
         return answer
 
-
-def _scrub(text: str, secret_values: tuple[str, ...]) -> str:
-    for value in secret_values:
-        if value:
-            text = text.replace(value, "***")
-    return text
 
 
 def _command_xml(body: str, cltrid: str) -> str:
