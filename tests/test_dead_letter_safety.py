@@ -87,6 +87,9 @@ async def collect_dead(harness: Harness, service: str, count: int) -> dict[str, 
 POISONS = {
     # The attack: unparseable, an overflowing timestamp, a forged routing key and reason.
     "timestamp": "timestamp property is not a valid time",
+    # A time that is valid (pamqp reads it as milliseconds: 9999-12-31) until the expiry is
+    # added to it, which used to happen outside _parse's try: requeued to the delivery limit.
+    "expiry": "timestamp and expiration do not make a valid time: date value out of range",
     "message_id": "message_id is not valid UTF-8",
     "correlation_id": "correlation_id is not valid UTF-8",
     # Refused for its body, with headers that leave less room in a frame than ours take.
@@ -114,6 +117,9 @@ async def test_a_poison_frame_is_dead_lettered_with_its_reason_and_the_connectio
                           timestamp=TIMESTAMP_OVERFLOW, expiration="60000", headers={
                               "x-ordermill-routing-key": "review.command",
                               "x-ordermill-reason": "forged", "x-shop": "mine"})
+    elif poison == "expiry":
+        await publish_raw(raw, ns, "order.place", good, message_id="poison",
+                          timestamp=253_402_300_799_000, expiration="60000")
     elif poison == "message_id":
         await publish_raw(raw, ns, "order.place", good, message_id=Raw(b"id-\xff\xfe"))
     elif poison == "correlation_id":
