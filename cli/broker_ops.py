@@ -51,7 +51,7 @@ def _text(value: object, limit: int = 1000) -> str:
     if isinstance(value, bytes | bytearray):
         text = bytes(value).decode(errors="backslashreplace")
     else:
-        text = str(value or "").encode("utf-8", "backslashreplace").decode("utf-8")
+        text = broker.escaped(str(value or ""))
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -62,6 +62,17 @@ def undecodable(value: object) -> bool:
     return isinstance(value, str) and _SURROGATE.search(value) is not None
 
 
+def escaped(text: str) -> str:
+    """The text with what is not UTF-8 written as escapes (a byte that was not UTF-8 as
+    `\\xff`, a lone surrogate as `\\ud800`): for a header, a log line or a terminal."""
+    if not undecodable(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no undecodable byte gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _short_str(value: bytes) -> tuple[int, str]:
     try:
         length = pamqp_common.Struct.byte.unpack(value[0:1])[0]

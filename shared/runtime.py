@@ -711,7 +711,7 @@ def _expires_at(message: AbstractIncomingMessage) -> datetime | None:
 def _header_text(text: str, limit: int = 255) -> str:
     """A text for a header the runtime writes: encodable (no lone surrogate) and capped, so a
     dead-letter copy always fits a frame."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = broker.escaped(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
