@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -12,8 +13,8 @@ from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from shared import broker
 from shared.parties import REPLAY_OF_HEADER
-from shared.runtime import REASON_HEADER, REDACTED, SECRET_KEYS, redact
-from shared.topology import Names
+from shared.runtime import REASON_HEADER, REDACTED, REPLAYS_HEADER, SECRET_KEYS, redact
+from shared.topology import SERVICE_BINDINGS, Names
 
 
 async def queue_depths(connection: AbstractRobustConnection, names: Names) -> list[dict[str, Any]]:
@@ -45,19 +46,45 @@ def _dead_queues(names: Names, which: str | None) -> list[str]:
     return [names.dead_queue(service)]
 
 
-def _text(value: object) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+def _text(value: object, limit: int = 1000) -> str:
+    """A header's or property's text as an operator may see it: bytes that are not UTF-8 and
+    lone surrogates (how a short string that is not UTF-8 decodes) shown escaped, and capped."""
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode(errors="backslashreplace")
+    else:
+        text = broker.escaped(str(value or ""))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _original_key(message: AbstractIncomingMessage) -> str:
-    """The routing key the message was first published with. A dead letter's own key is its
-    queue's (`x-dead-letter-routing-key`): the runtime records the first in a header; the
-    broker's own dead letters (delivery limit, expiry) keep it in `x-death`."""
-    if key := _text((message.headers or {}).get("x-ordermill-routing-key")):
-        return key
-    if keys := _last_death(message).get("routing-keys"):
-        return _text(keys[0])
-    return _text(message.type) or message.routing_key or ""
+def _broker_dead_lettered(message: AbstractIncomingMessage) -> bool:
+    """Dead-lettered by the broker itself (delivery limit, expiry), not by the runtime: then
+    every header but `x-death` is the publisher's, and none of ours can be trusted. (The
+    runtime's copies carry only the headers it writes: never `x-death`.)"""
+    return isinstance((message.headers or {}).get("x-death"), list)
+
+
+def _claimed_key(message: AbstractIncomingMessage) -> str:
+    """The routing key the message was first published with, as recorded. A dead letter's own
+    key is its queue's (`x-dead-letter-routing-key`): the runtime records the first in a header;
+    the broker's own dead letters (delivery limit, expiry) keep it in `x-death`."""
+    if _broker_dead_lettered(message):
+        keys = _last_death(message).get("routing-keys")
+        return _text(keys[0], 300) if isinstance(keys, list) and keys else ""
+    return _text((message.headers or {}).get("x-ordermill-routing-key"), 300)
+
+
+def _original_key(message: AbstractIncomingMessage, service: str) -> tuple[str | None, str]:
+    """(the key to replay it with, or None and why not). Only a key the service's work queue
+    is bound to: a publisher can write any key into a header (or forge an `x-death` entry that
+    the broker keeps), and a replay publishes as the operator."""
+    claimed = _claimed_key(message)
+    bound = SERVICE_BINDINGS.get(service, ())
+    if claimed in bound:
+        return claimed, ""
+    if not claimed:
+        return None, "no routing key recorded with it"
+    return None, (f"routing key {claimed!r} is not one the {service} queue is bound to"
+                  f" ({', '.join(bound)})")
 
 
 def _last_death(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -68,30 +95,54 @@ def _last_death(message: AbstractIncomingMessage) -> dict[str, Any]:
 
 def _death_reason(message: AbstractIncomingMessage) -> str:
     """Why the broker dead-lettered it (`expired`, `delivery_limit`, ...); empty if it did not."""
-    return (_text(_last_death(message).get("reason"))
-            or _text((message.headers or {}).get("x-first-death-reason")))
+    return _text(_last_death(message).get("reason"), 100)
+
+
+def _reason(message: AbstractIncomingMessage) -> str:
+    if _broker_dead_lettered(message):  # an x-ordermill-reason there is the publisher's
+        return _death_reason(message) or "unknown"
+    return _text((message.headers or {}).get(REASON_HEADER)) or "unknown"
+
+
+def _dead_at(message: AbstractIncomingMessage) -> str | None:
+    if _broker_dead_lettered(message):
+        when = _last_death(message).get("time")
+        return when.isoformat() if isinstance(when, datetime) else None
+    return _text((message.headers or {}).get("x-ordermill-dead-at"), 60) or None
+
+
+def _unsendable(message: AbstractIncomingMessage) -> str | None:
+    """Why the message's properties cannot be published again as they are, if they cannot
+    (a value that decoded marked: see shared.broker)."""
+    if isinstance(message.timestamp, broker.UndecodableTimestamp):
+        return "timestamp property is not a valid time"
+    for name in ("message_id", "correlation_id", "reply_to", "content_type"):
+        if broker.undecodable(getattr(message, name, None)):
+            return f"{name} is not valid UTF-8"
+    return None
 
 
 def _lost_secrets(body: bytes) -> bool:
-    """Whether the runtime blanked a secret of this body when it dead-lettered it."""
+    """Whether the runtime blanked a secret of this body when it dead-lettered it. A body too
+    deep to read was kept as it came (the runtime could not redact it either): none lost."""
     def walk(value: Any) -> bool:
         if isinstance(value, dict):
             return any((k in SECRET_KEYS and v == REDACTED) or walk(v) for k, v in value.items())
         return isinstance(value, list) and any(walk(v) for v in value)
     try:
         return walk(json.loads(body))
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
 def _shown_body(body: bytes) -> str:
-    """The body as an operator may see it: secrets redacted (the message keeps them)."""
+    """The body as an operator may see it: secrets redacted (the message keeps them). One too
+    deep to read is shown raw, cut short."""
     text = body.decode(errors="replace")
     try:
-        data = json.loads(text)
-    except ValueError:
+        return json.dumps(redact(json.loads(text)))[:2000]
+    except (ValueError, RecursionError):
         return text[:2000]
-    return json.dumps(redact(data))[:2000]
 
 
 async def dead_letters(
@@ -103,19 +154,21 @@ async def dead_letters(
         channel = await connection.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
+            service = names.service_of(queue_name) or ""
             for _ in range(limit):
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                headers = message.headers or {}
+                key, why_not = _original_key(message, service)
                 found.append({
                     "queue": queue_name,
-                    "message_id": message.message_id,
-                    "routing_key": _original_key(message),
-                    "reason": _text(headers.get(REASON_HEADER))
-                    or _text(headers.get("x-first-death-reason")) or "unknown",
-                    "dead_at": _text(headers.get("x-ordermill-dead-at")) or None,
+                    "message_id": _text(message.message_id, 300) or None,
+                    # The key a replay would use: only one the queue is bound to.
+                    "routing_key": key,
+                    "reason": _reason(message),
+                    "dead_at": _dead_at(message),
                     "body": _shown_body(message.body),
+                    **({"not_replayable": why_not} if key is None else {}),
                 })
         finally:
             await channel.close()
@@ -156,6 +209,7 @@ async def replay_dead_letters(
         channel = await connection.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
+            service = names.service_of(queue_name) or ""
             # Only those there when the replay began: one the worker dead-letters again while
             # this runs lands at the tail, and would otherwise be replayed round and round.
             present = queue.declaration_result.message_count or 0
@@ -165,24 +219,31 @@ async def replay_dead_letters(
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                if _death_reason(message) == "expired":
+                message_id = _text(message.message_id, 300) or "?"
+                if _broker_dead_lettered(message) and _death_reason(message) == "expired":
                     await message.ack()
-                    result.discarded.append(message.message_id or "?")
+                    result.discarded.append(message_id)
                     continue
+                # Left unacknowledged, each refusal below: back in its queue when the channel
+                # closes (and not fetched again meanwhile: `present` bounds the loop).
                 if _lost_secrets(message.body):
                     # Its secrets (an EPP code) were blanked when it was dead-lettered: replayed,
                     # the transfer would fail at the registrar. Left for an operator to place again.
-                    result.failed.append((message.message_id or "?", "its secrets were redacted when"
+                    result.failed.append((message_id, "its secrets were redacted when"
                                           " it was dead-lettered: place the order again with them"))
                     continue
-                headers = dict(message.headers or {})
-                key = _original_key(message)
-                replays = int(headers.get("x-ordermill-replays") or 0) + 1
-                for header in list(headers):
-                    if header.startswith(("x-ordermill-", "x-death", "x-first-death",
-                                          "x-last-death")):
-                        del headers[header]
-                headers["x-ordermill-replays"] = replays
+                key, why_not = _original_key(message, service)
+                if key is None:
+                    result.failed.append((message_id, why_not))
+                    continue
+                if problem := _unsendable(message):
+                    result.failed.append((message_id, problem))
+                    continue
+                # Only the headers Ordermill writes: the runtime's x-ordermill-* describe the
+                # dead letter, not the message; anything else is the publisher's.
+                replays = (message.headers or {}).get(REPLAYS_HEADER)
+                replays = replays if type(replays) is int and 0 < replays < 1_000_000 else 0
+                headers: dict[str, Any] = {REPLAYS_HEADER: replays + 1}
                 if publisher_of := first_publisher(message, service_users):
                     headers[REPLAY_OF_HEADER] = publisher_of
                 copy = aio_pika.Message(
@@ -196,7 +257,7 @@ async def replay_dead_letters(
                     await broker.publish(exchange, key, copy)
                 except (DeliveryError, PublishError) as exc:  # no queue takes that key
                     # Left unacknowledged: back in its queue when the channel closes.
-                    result.failed.append((message.message_id or "?", f"{key!r}: {exc}"))
+                    result.failed.append((message_id, f"{key!r}: {exc}"))
                     continue
                 await message.ack()
                 result.replayed += 1

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import struct
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection, DeliveryMode
+from pamqp import common as pamqp_common
+from pamqp import decode as pamqp_decode
 from tenacity import (
     AsyncRetrying,
     before_sleep_log,
@@ -20,6 +25,114 @@ from tenacity import (
 )
 
 log = logging.getLogger("ordermill.broker")
+
+
+# -- decoding any message safely ------------------------------------------------------------------
+# pamqp decodes a message's properties inside aiormq's frame reader, where an exception drops the
+# whole connection (every channel and consumer on it), and the message, redelivered, does it again
+# until the broker's delivery limit (aiormq issue #186). Two kinds of value a publisher can send
+# and RabbitMQ passes on did so: a `timestamp` no datetime can hold (2^64-1), and a short string
+# (message_id, correlation_id, reply_to, a header's name, ...) that is not UTF-8. The decoders
+# below read them instead, marked, so the runtime rejects such a message with a reason and the
+# CLI can show it. Installed once, at import of this module (workers and CLI both import it).
+
+
+class UndecodableTimestamp(datetime):
+    """A `timestamp` property (or header) no datetime can hold. It reads as the Unix epoch, so
+    nothing that does arithmetic on it fails; `raw` keeps what was sent. Test for it with
+    `isinstance`: the runtime rejects such a message ("not a valid time")."""
+
+    raw: int
+
+    @classmethod
+    def of(cls, raw: int) -> UndecodableTimestamp:
+        value = cls(1970, 1, 1, tzinfo=UTC)
+        value.raw = raw
+        return value
+
+
+# A short string that is not UTF-8 is decoded with `surrogateescape`: each byte that is not
+# UTF-8 becomes a lone surrogate (U+DC80..U+DCFF), which no valid UTF-8 ever decodes to.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def undecodable(value: object) -> bool:
+    """Whether a property's text came as bytes that are not UTF-8 (or holds a lone surrogate,
+    which no UTF-8 encoder writes: it cannot be published again either)."""
+    return isinstance(value, str) and _SURROGATE.search(value) is not None
+
+
+def escaped(text: str) -> str:
+    """The text with what is not UTF-8 written as escapes (a byte that was not UTF-8 as
+    `\\xff`, a lone surrogate as `\\ud800`): for a header, a log line or a terminal."""
+    if not undecodable(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no undecodable byte gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short_str(value: bytes) -> tuple[int, str]:
+    try:
+        length = pamqp_common.Struct.byte.unpack(value[0:1])[0]
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack short string value") from err
+    return length + 1, value[1:length + 1].decode("utf-8", "surrogateescape")
+
+
+_pamqp_timestamp = pamqp_decode.timestamp
+
+
+def _timestamp(value: bytes) -> tuple[int, datetime]:
+    try:
+        (raw,) = pamqp_common.Struct.timestamp.unpack(value[0:8])
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack timestamp value") from err
+    try:
+        return _pamqp_timestamp(value)  # pamqp's reading (a value past 2106 as milliseconds)
+    except (ValueError, OverflowError, OSError):  # year out of range
+        return 8, UndecodableTimestamp.of(raw)
+
+
+def _field_table(value: bytes) -> tuple[int, dict[str, Any]]:
+    """pamqp's field_table, with a key that is not UTF-8 read like a short string."""
+    try:
+        length = pamqp_common.Struct.integer.unpack(value[0:4])[0]
+        offset = 4
+        data: dict[str, Any] = {}
+        end = offset + length
+        if end > len(value):
+            raise ValueError("Field table length exceeds available data")
+        while offset < end:
+            key_length = pamqp_common.Struct.byte.unpack_from(value, offset)[0]
+            offset += 1
+            if offset + key_length > end:
+                raise ValueError("Field table key length exceeds data")
+            key = value[offset:offset + key_length].decode("utf-8", "surrogateescape")
+            offset += key_length
+            consumed, result = pamqp_decode.embedded_value(value[offset:])
+            offset += consumed
+            data[key] = result
+        return end, data
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack data") from err
+
+
+def install_safe_decoders() -> None:
+    """Replace pamqp's decoders of short strings, timestamps and tables (by_type and the table
+    reader look them up in these mappings on every call). Idempotent."""
+    if getattr(pamqp_decode, "_ordermill_safe", False):
+        return
+    pamqp_decode.METHODS["shortstr"] = _short_str
+    pamqp_decode.METHODS["timestamp"] = _timestamp
+    pamqp_decode.METHODS["table"] = _field_table
+    pamqp_decode.TABLE_MAPPING[b"T"] = _timestamp
+    pamqp_decode.TABLE_MAPPING[b"F"] = _field_table
+    pamqp_decode._ordermill_safe = True  # type: ignore[attr-defined]
+
+
+install_safe_decoders()
 
 TRANSIENT_BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,

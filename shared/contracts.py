@@ -4,6 +4,7 @@ and the events the workers publish. A handler's parameter type is its contract."
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated, Any, Literal
@@ -52,25 +53,67 @@ def _domain(value: str) -> str:
     return value
 
 
+def _texts(value: object) -> Iterator[str]:
+    """Every text in parsed JSON, keys too, walked without recursion: a body nested deeper than
+    Python's recursion limit (JSON allows it) must not turn a check into a RecursionError."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+# A lone surrogate (JSON's "\ud800" without its pair) is not text: it cannot be encoded as
+# UTF-8, so it cannot be stored, serialised or published.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# How JSON writes one: a body without this is passed at a glance (a pair, an emoji, matches too).
+MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def has_nul(value: object) -> bool:
     """Whether a text in parsed JSON holds U+0000, which PostgreSQL's text cannot store."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(has_nul(k) or has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_nul(v) for v in value)
-    return False
+    return any("\x00" in text for text in _texts(value))
 
 
-def _without_nul(value: Any) -> Any:
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a text in parsed JSON holds half a surrogate pair, which is not text."""
+    return any(_LONE_SURROGATE.search(text) for text in _texts(value))
+
+
+def _storable(text: str) -> str:
+    return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
+
+
+def _without_unstorable(value: Any) -> Any:
+    """A copy with every NUL and lone surrogate replaced by U+FFFD, built without recursion."""
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nul(v) for v in value]
-    return value
+        return _storable(value)
+    if not isinstance(value, dict | list):
+        return value
+    root: list[Any] = [None]
+    # (container the copy goes in, its key or index, the original value)
+    stack: list[tuple[Any, Any, Any]] = [(root, 0, value)]
+    while stack:
+        into, where, item = stack.pop()
+        if isinstance(item, dict):
+            copy: Any = {}
+            into[where] = copy
+            for k, v in item.items():
+                key = _storable(k) if isinstance(k, str) else k
+                copy[key] = None
+                stack.append((copy, key, v))
+        elif isinstance(item, list):
+            copy = [None] * len(item)
+            into[where] = copy
+            stack.extend((copy, i, v) for i, v in enumerate(item))
+        else:
+            into[where] = _storable(item) if isinstance(item, str) else item
+    return root[0]
 
 
 class Contract(BaseModel):
@@ -82,6 +125,12 @@ class Contract(BaseModel):
         """A body holding U+0000 (the runtime looks): refused as bad input, not met later as a
         database error that dead-letters the message as a handler failure."""
         raise Rejected("a text value holds a NUL character (\\u0000), which cannot be stored")
+
+    @classmethod
+    def without_lone_surrogates(cls, data: Any) -> Any:
+        """A body holding half a surrogate pair ("\\ud800"): refused as bad input, not met
+        later as a serialisation error that dead-letters it as a handler failure."""
+        raise Rejected("a text value holds a lone surrogate (such as \\ud800), which is not text")
 
 
 class ExistingClient(Contract):
@@ -183,7 +232,12 @@ class PaymentReceived(Contract):
     @classmethod
     def without_nul(cls, data: Any) -> Any:
         # Not refused: a payment is never dropped. U+FFFD marks where the NUL was.
-        return _without_nul(data)
+        return _without_unstorable(data)
+
+    @classmethod
+    def without_lone_surrogates(cls, data: Any) -> Any:
+        # Likewise: U+FFFD marks where the half surrogate pair was.
+        return _without_unstorable(data)
 
 
 ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen"]

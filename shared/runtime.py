@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from shared import broker, db
-from shared.contracts import has_nul, shown
+from shared.contracts import MAYBE_SURROGATE, has_lone_surrogate, has_nul, shown
 from shared.errors import Rejected
 from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
@@ -45,6 +45,7 @@ Handler = Callable[..., Awaitable[None]]  # (message, uow) or (message, uow, pre
 # Work a handler needs done outside its transaction (a remote call), once per delivery.
 Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
 REASON_HEADER = "x-ordermill-reason"
+REPLAYS_HEADER = "x-ordermill-replays"  # written by `dead-letters --replay`
 REASON_LIMIT = 1000  # a reason goes into a log line, a header and order.rejected
 SECRET_KEYS = frozenset({"epp_code", "password", "token", "license_key", "licence_key", "api_key"})
 REDACTED = "[redacted]"
@@ -432,10 +433,19 @@ class Runtime:
 
     async def _parse(self, spec: WorkerSpec, message: AbstractIncomingMessage) -> _Work | None:
         """Parse a message into its handler's type; bad input is dead-lettered at once."""
-        key = message.routing_key or message.type or ""
-        message_id = message.message_id or _body_id(message.body)
+        message_id = _body_id(message.body)  # until its own is known to be one we can use
+        key = ""
         data: Any = None
         try:
+            try:  # any failure to read a property is the message's fault, never the worker's
+                key = message.routing_key or message.type or ""
+                message_id = _checked_message_id(message)
+                expires_at = _checked_properties(message)
+            except Rejected:
+                raise
+            except Exception as exc:
+                raise Rejected(f"message properties could not be read: {type(exc).__name__}:"
+                               f" {_first_line(str(exc))}") from None
             route_ = spec.routes.get(key)
             if route_ is None:
                 raise Rejected(f"no handler for routing key {shown(key)} in {spec.service}")
@@ -445,9 +455,6 @@ class Runtime:
                 replay_of=replay_of if isinstance(replay_of, str) and replay_of else None)
             if not (verdict.allowed or route_.handle_unauthorized):
                 raise Rejected(verdict.reason, tell_publisher=False)  # unread, not acted on
-            if "\x00" in message_id:
-                message_id = _body_id(message.body)
-                raise Rejected("message_id holds a NUL character")
             if len(message.body) > self.settings.max_message_bytes:
                 raise Rejected(f"body of {len(message.body)} bytes is over MAX_MESSAGE_BYTES"
                                f" ({self.settings.max_message_bytes})")
@@ -461,6 +468,8 @@ class Runtime:
             # A NUL in JSON text is always written \\u0000: most bodies are passed at a glance.
             if b"\\u0000" in message.body and has_nul(data):
                 data = route_.model.without_nul(data)
+            if MAYBE_SURROGATE.search(message.body) and has_lone_surrogate(data):
+                data = route_.model.without_lone_surrogates(data)
             try:
                 payload = route_.model.model_validate(data)
             except RecursionError:
@@ -476,7 +485,7 @@ class Runtime:
             received_at=datetime.now(UTC), user_id=verdict.user, parties=verdict.parties,
             authorized=verdict.allowed, replayed_by=verdict.replayed_by,
             correlation_id=message.correlation_id, reply_to=message.reply_to,
-            expires_at=_expires_at(message),
+            expires_at=expires_at,
         )
         return _Work(message, route_, payload, context, data)
 
@@ -618,10 +627,10 @@ class Runtime:
         is also answered with the worker's rejection event: a storefront is told its order
         was refused only when the order is at fault, not when a handler or the database is
         (an operator replays those once fixed)."""
-        reason = reason if len(reason) <= REASON_LIMIT else reason[:REASON_LIMIT] + "..."
+        reason = _header_text(reason, REASON_LIMIT)
         order_ref = data.get("order_ref") if isinstance(data, dict) else None
         if not (isinstance(order_ref, str) and 0 < len(order_ref) <= 200
-                and "\x00" not in order_ref):
+                and "\x00" not in order_ref and not broker.undecodable(order_ref)):
             order_ref = None  # not one a storefront could have sent, nor one we can store
         log.warning("message rejected", extra={
             "service": spec.service, "message_id": message_id, "routing_key": message.routing_key,
@@ -636,25 +645,32 @@ class Runtime:
                 body = json.dumps(redact(data), default=str).encode()
             except RecursionError:  # too deep to redact: kept as it came
                 body = message.body
+        # None of the publisher's headers: a forged x-ordermill-reason or -routing-key must not
+        # pass for ours (a replay trusts them), and theirs with ours could exceed the frame size.
+        headers: dict[str, Any] = {
+            REASON_HEADER: reason,
+            "x-ordermill-routing-key": _header_text(message.routing_key or ""),
+            "x-ordermill-queue": self.names.queue(spec.service),
+            "x-ordermill-user-id": _header_text(message.user_id or ""),
+            "x-ordermill-dead-at": datetime.now(UTC).isoformat(),
+        }
+        # How often `dead-letters --replay` sent it back (the CLI's count; only a number).
+        replays = (message.headers or {}).get(REPLAYS_HEADER)
+        if type(replays) is int and 0 < replays <= 1_000_000:
+            headers[REPLAYS_HEADER] = replays
         copy = aio_pika.Message(
             body,
-            content_type=message.content_type,
+            content_type=_property_text(message.content_type),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            type=message.type,
-            timestamp=message.timestamp,
+            correlation_id=_property_text(message.correlation_id),
+            reply_to=_property_text(message.reply_to),
+            type=_property_text(message.type),
+            timestamp=None if isinstance(message.timestamp, broker.UndecodableTimestamp)
+            else message.timestamp,
             # Under the worker's own user: the replay believes its x-ordermill-user-id.
             user_id=self.user,
-            headers={
-                **(message.headers or {}),
-                REASON_HEADER: reason,
-                "x-ordermill-routing-key": message.routing_key or "",
-                "x-ordermill-queue": self.names.queue(spec.service),
-                "x-ordermill-user-id": message.user_id or "",
-                "x-ordermill-dead-at": datetime.now(UTC).isoformat(),
-            },
+            headers=headers,
         )
         await broker.publish(self.dead_letter_exchange, self.names.queue(spec.service), copy)
         await message.ack()
@@ -706,6 +722,35 @@ async def _ack(message: AbstractIncomingMessage) -> None:
                     extra={"message_id": message.message_id, "error": repr(exc)})
 
 
+def _checked_message_id(message: AbstractIncomingMessage) -> str:
+    """The message's id, or the body's if it has none; one we cannot store or send is bad input."""
+    if not message.message_id:
+        return _body_id(message.body)
+    if broker.undecodable(message.message_id):
+        raise Rejected("message_id is not valid UTF-8")
+    if "\x00" in message.message_id:
+        raise Rejected("message_id holds a NUL character")
+    return message.message_id
+
+
+def _checked_properties(message: AbstractIncomingMessage) -> datetime | None:
+    """The properties a handler or a reply reads, checked as bad input; returns expires_at."""
+    if isinstance(message.timestamp, broker.UndecodableTimestamp):
+        raise Rejected("timestamp property is not a valid time")
+    for name in ("correlation_id", "reply_to", "type", "user_id", "content_type",
+                 "content_encoding", "app_id", "routing_key"):
+        if broker.undecodable(getattr(message, name, None)):
+            raise Rejected(f"{name} is not valid UTF-8")
+    for name in ("correlation_id", "reply_to"):  # stored with the reply in the outbox (text)
+        if "\x00" in (getattr(message, name) or ""):
+            raise Rejected(f"{name} holds a NUL character")
+    try:
+        return _expires_at(message)
+    except (ValueError, OverflowError, TypeError) as exc:
+        raise Rejected(f"timestamp and expiration do not make a valid time:"
+                       f" {_first_line(str(exc))}") from None
+
+
 def _expires_at(message: AbstractIncomingMessage) -> datetime | None:
     if not message.expiration or message.timestamp is None:
         return None
@@ -713,6 +758,20 @@ def _expires_at(message: AbstractIncomingMessage) -> datetime | None:
     if sent.tzinfo is None:  # AMQP's timestamp is POSIX seconds: UTC
         sent = sent.replace(tzinfo=UTC)
     return sent + timedelta(seconds=float(message.expiration))
+
+
+def _header_text(text: str, limit: int = 255) -> str:
+    """A text for a header the runtime writes: encodable (no lone surrogate) and capped, so a
+    dead-letter copy always fits a frame."""
+    text = broker.escaped(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _property_text(value: str | None) -> str | None:
+    """A short-string property copied onto a dead letter, or None if it cannot be sent again."""
+    if not isinstance(value, str) or broker.undecodable(value) or len(value.encode()) > 255:
+        return None
+    return value
 
 
 def _first_line(text: str) -> str:
