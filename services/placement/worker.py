@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.placement.handlers import place_order
 from shared.contracts import PlaceOrder
+from shared.epp_codes import EppCodes, warn_if_plain
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 from shared.uow import UnitOfWork
@@ -11,13 +12,17 @@ from shared.uow import UnitOfWork
 
 def worker(settings: Settings) -> WorkerSpec:
     operators = frozenset(settings.operator_users)
+    epp_codes = EppCodes.from_environ()  # a bad EPP_CODE_KEY stops the worker at start
+    warn_if_plain(epp_codes)
 
     async def place(cmd: PlaceOrder, uow: UnitOfWork) -> None:
         if not cmd.generate_invoice and operators and uow.context.user_id not in operators:
             # Design section 8: orders from storefronts always get an invoice; only an
             # operator (a broker-validated user in OPERATOR_USERS) may place one without.
             cmd = cmd.model_copy(update={"generate_invoice": True})
-        await place_order(cmd, uow)
+        # Storefronts are separate (design section 8): the order's ref and its client are the
+        # publisher's own; an operator may name any client.
+        await place_order(cmd, uow, operators=operators, epp_codes=epp_codes)
 
     return WorkerSpec(
         service="placement",
