@@ -137,6 +137,7 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
     ]
     return {
         "id": o["id"], "order_ref": o["order_ref"], "order_number": o["order_number"],
+        "storefront": o["storefront"],  # the publisher's user ('' for none): refs are per storefront
         "status": o["status"], "screening": o["screening"],
         "screening_override": o["screening_override"], "deleted": o["deleted_at"] is not None,
         "client": {"id": o["client_id"], "email": o["email"], "first_name": o["first_name"],
