@@ -935,6 +935,42 @@ def fraud_report(
          + (f" (minFraud transaction {minfraud_id})" if minfraud_id else ""))
 
 
+# -- clients -------------------------------------------------------------------------------
+
+clients_app = typer.Typer(help="Which storefronts may use a client.", no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
+ClientIdArg = typer.Argument(..., min=1, max=BIGINT_MAX, show_default=False)
+StorefrontArg = typer.Argument(..., help='The storefront\'s RabbitMQ user ("" for none).')
+
+
+@clients_app.command("link")
+def clients_link(client_id: int = ClientIdArg, storefront: str = StorefrontArg) -> None:
+    """Let a storefront place orders for an existing client (by email or by id)."""
+    from cli.clients import LinkError, link
+
+    s = settings()
+    operator = _amqp_user(s) or os.environ.get("USER") or "operator"
+    try:
+        added = _with_db(lambda c: link(c, client_id, storefront, operator))
+    except LinkError as exc:
+        raise UserError(str(exc)) from None
+    out.print(Text(f"client {client_id} {'linked' if added else 'was already linked'}"
+                   f" to storefront {storefront!r}"))
+
+
+@clients_app.command("unlink")
+def clients_unlink(client_id: int = ClientIdArg, storefront: str = StorefrontArg) -> None:
+    """Stop a storefront using a client it did not create (its orders stay)."""
+    from cli.clients import LinkError, unlink
+
+    try:
+        removed = _with_db(lambda c: unlink(c, client_id, storefront))
+    except LinkError as exc:
+        raise UserError(str(exc)) from None
+    out.print(Text(f"client {client_id} {'unlinked from' if removed else 'was not linked to'}"
+                   f" storefront {storefront!r}"))
+
+
 @app.command()
 def demo(
     orders: int = typer.Option(200, min=1, help="How many orders to publish."),

@@ -124,7 +124,7 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
     ]
     payments = [_payment_row(r) for r in await conn.fetch(
         "SELECT p.* FROM payments p LEFT JOIN invoices i ON i.id = p.invoice_id"
-        " WHERE i.order_id = $1 OR p.order_ref = $2"
+        " WHERE i.order_id = $1 OR (p.order_ref = $2 AND p.invoice_id IS NULL)"
         "  OR p.requested_invoice_id = (SELECT id FROM invoices WHERE order_id = $1)"
         " ORDER BY p.id", order_id, o["order_ref"])]
     invoice = None
@@ -165,6 +165,7 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
     ]
     return {
         "id": o["id"], "order_ref": o["order_ref"], "order_number": o["order_number"],
+        "storefront": o["storefront"],  # the publisher's user ('' for none): refs are per storefront
         "status": o["status"], "screening": o["screening"],
         "screening_override": o["screening_override"], "deleted": o["deleted_at"] is not None,
         "client": {"id": o["client_id"], "email": o["email"], "first_name": o["first_name"],

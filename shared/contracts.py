@@ -272,6 +272,9 @@ class OrderPlaced(Contract):
     total: Money
     currency: Currency
     items: list[ItemRef]
+    # The storefront (the publisher's broker user) that placed it; None: no user_id. Two
+    # storefronts may use the same order_ref: a storefront's listener keeps only its own.
+    storefront: str | None = None
 
 
 class OrderRejected(Contract):

@@ -28,6 +28,8 @@ SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
      AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_client,
   (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.status = 'Active')
      AS active_orders,
+  EXISTS (SELECT 1 FROM client_storefronts l WHERE l.storefront = o.storefront
+          AND l.client_id = o.client_id) AS own_client,
   (SELECT coalesce(json_agg(json_build_array(kind, name, amount) ORDER BY kind DESC, id), '[]')
      FROM (SELECT 'product' AS kind, s.id, p.slug AS name, s.amount::text AS amount
              FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = o.id

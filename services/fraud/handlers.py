@@ -151,10 +151,18 @@ class Screener:
         if self.settings.fraud_threshold == 0:
             return Verdict("skipped", "none", reasons=(Reason("disabled", "threshold is 0"),))
         if (self.settings.fraud_skip_existing_clients and order["client_named_by_id"]
-                and order["active_orders"]):
+                and order["active_orders"] and self._own_client(order)):
             return Verdict("skipped", "none", reasons=(
                 Reason("existing_client", f"client has {order['active_orders']} Active order(s)"),))
         return None
+
+    def _own_client(self, order: asyncpg.Record) -> bool:
+        """The order's client is its storefront's own (created by it or linked to it by an
+        operator), or an operator placed it: someone else's client id, whatever its Active
+        orders, is no reason to skip screening (placement refuses one already; this holds for
+        any order stored otherwise)."""
+        return order["own_client"] or (order["placed_by"] is not None
+                                       and order["placed_by"] in self.settings.operator_users)
 
     async def _verdict(self, order: asyncpg.Record, facts: OrderFacts,
                        scored: Scored | None) -> Verdict:

@@ -6,8 +6,10 @@ machine the worker's CPU per database round trip is what limits throughput.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
@@ -21,6 +23,7 @@ from services.placement.pricing import (
     price_items,
 )
 from shared.contracts import ExistingClient, InvoicePaid, ItemRef, OrderPlaced, PlaceOrder
+from shared.epp_codes import EppCodes
 from shared.errors import Rejected
 from shared.uow import UnitOfWork
 
@@ -29,9 +32,26 @@ log = logging.getLogger("ordermill.placement")
 ZERO = Decimal("0.00")
 
 
-async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
+@dataclass(frozen=True)
+class Publisher:
+    """Who placed the order: its storefront (the broker-validated user; '' for none, the shared
+    anonymous storefront) and whether that user is an operator (OPERATOR_USERS)."""
+
+    storefront: str
+    operator: bool = False
+
+    @classmethod
+    def of(cls, uow: UnitOfWork, operators: frozenset[str] = frozenset()) -> Publisher:
+        user = uow.context.user_id
+        return cls(user or "", operator=user is not None and user in operators)
+
+
+async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
+                      operators: frozenset[str] = frozenset(),
+                      epp_codes: EppCodes | None = None) -> None:
     conn = uow.conn
-    existing, client_id = await _order_and_client(conn, cmd)
+    publisher = Publisher.of(uow, operators)
+    existing, client_id, shared_ref = await _order_and_client(conn, cmd, publisher)
     if existing is not None:
         log.info("order already placed", extra={"order_ref": cmd.order_ref, "order_id": existing})
         return
@@ -45,17 +65,21 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
         (d.price for d in domains), ZERO)
     total = subtotal - discount
 
-    stored = await _store_order(conn, cmd, uow, client_id, currency, subtotal, discount, total,
-                                products, domains, promotion)
+    stored = await _store_order(conn, cmd, uow, publisher, client_id, currency, subtotal,
+                                discount, total, products, domains, promotion,
+                                epp_codes or _default_codes())
     if stored is None:  # a concurrent delivery of the same order_ref won
         log.info("order already placed", extra={"order_ref": cmd.order_ref})
         return
     order_id, number, service_ids, domain_ids, invoice_id = stored
+    if shared_ref:
+        await _note_shared_ref(conn, cmd.order_ref, order_id, publisher)
     uow.emit("order.placed", OrderPlaced(
         order_id=order_id, order_number=number, order_ref=cmd.order_ref, client_id=client_id,
         invoice_id=invoice_id, total=total, currency=currency,
         items=[ItemRef(type="product", id=i) for i in service_ids]
         + [ItemRef(type="domain", id=i) for i in domain_ids],
+        storefront=uow.context.user_id,
     ))
     if invoice_id is not None and total == ZERO:
         # Paid at once (design section 1): announced like any invoice paid, so a storefront
@@ -67,39 +91,95 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> None:
                                     "invoice_id": invoice_id})
 
 
-async def _order_and_client(conn: asyncpg.Connection, cmd: PlaceOrder) -> tuple[int | None, int]:
-    """The order already placed under this ref, if any, and the client (found or created)."""
+@functools.cache
+def _default_codes() -> EppCodes:
+    return EppCodes.from_environ()
+
+
+# The order this storefront already placed under the ref, whether other storefronts use the ref
+# too, and the client named by id if this storefront may use it: its creator, a storefront an
+# operator linked it to, or any operator ($4).
+_BY_ID = """
+SELECT (SELECT id FROM orders WHERE order_ref = $1 AND storefront = $3) AS existing,
+  EXISTS (SELECT 1 FROM orders WHERE order_ref = $1 AND storefront <> $3) AS shared_ref,
+  (SELECT c.id FROM clients c WHERE c.id = $2 AND ($4 OR EXISTS (
+     SELECT 1 FROM client_storefronts l WHERE l.storefront = $3 AND l.client_id = c.id)))
+  AS client_id
+"""
+
+# By email: a client of this storefront's with that email (its own first, then one an operator
+# linked to it; for an operator, any), or a new one of its own, linked to it. Insert-or-reuse in
+# one statement, so two orders from one new client race safely; nothing is inserted for an order
+# already placed. A client reused by email keeps the details (name, billing address) stored with
+# it: an order never rewrites them.
+_BY_EMAIL = """
+WITH existing AS (SELECT id FROM orders WHERE order_ref = $6 AND storefront = $13),
+found AS (
+  SELECT c.id FROM clients c WHERE lower(c.email) = lower($1) AND ($14 OR EXISTS (
+    SELECT 1 FROM client_storefronts l WHERE l.storefront = $13 AND l.client_id = c.id))
+  ORDER BY c.storefront = $13 DESC, c.id LIMIT 1
+), ins AS (
+  INSERT INTO clients (email, first_name, last_name, company, country,
+    address1, address2, city, state, postcode, phone, storefront)
+  SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11, $12, $13
+  WHERE NOT EXISTS (SELECT 1 FROM existing) AND NOT EXISTS (SELECT 1 FROM found)
+  ON CONFLICT (storefront, lower(email)) DO NOTHING RETURNING id
+), link AS (
+  INSERT INTO client_storefronts (storefront, client_id) SELECT $13, id FROM ins
+)
+SELECT (SELECT id FROM existing) AS existing,
+  EXISTS (SELECT 1 FROM orders WHERE order_ref = $6 AND storefront <> $13) AS shared_ref,
+  COALESCE((SELECT id FROM found), (SELECT id FROM ins)) AS client_id
+"""
+
+
+async def _order_and_client(
+    conn: asyncpg.Connection, cmd: PlaceOrder, publisher: Publisher
+) -> tuple[int | None, int, bool]:
+    """The order this storefront already placed under this ref, if any; the client (found or
+    created); and whether another storefront uses the ref too."""
     client = cmd.client
     if isinstance(client, ExistingClient):
-        row = await conn.fetchrow(
-            "SELECT (SELECT id FROM orders WHERE order_ref = $1) AS existing,"
-            " (SELECT id FROM clients WHERE id = $2) AS client_id", cmd.order_ref, client.id)
+        row = await conn.fetchrow(_BY_ID, cmd.order_ref, client.id, publisher.storefront,
+                                  publisher.operator)
         if row["existing"] is None and row["client_id"] is None:
+            # The same answer for a client that does not exist and one of another storefront's:
+            # a storefront learns nothing about others' customers.
             raise Rejected(f"unknown client {client.id}")
-        return row["existing"], row["client_id"]
-    # Insert-or-reuse in one statement, so two orders from one new client race safely;
-    # nothing is inserted for an order already placed. A client reused by email keeps the
-    # details (name, billing address) stored with it: an order never rewrites them.
+        return row["existing"], row["client_id"], row["shared_ref"]
     row = await conn.fetchrow(
-        "WITH existing AS (SELECT id FROM orders WHERE order_ref = $6),"
-        " ins AS (INSERT INTO clients (email, first_name, last_name, company, country,"
-        "   address1, address2, city, state, postcode, phone)"
-        "  SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11, $12"
-        "  WHERE NOT EXISTS (SELECT 1 FROM existing)"
-        "  ON CONFLICT (lower(email)) DO NOTHING RETURNING id)"
-        " SELECT (SELECT id FROM existing) AS existing,"
-        " COALESCE((SELECT id FROM ins),"
-        "  (SELECT id FROM clients WHERE lower(email) = lower($1))) AS client_id",
-        client.email, client.first_name, client.last_name, client.company, client.country,
-        cmd.order_ref, client.address1, client.address2, client.city, client.state,
-        client.postcode, client.phone,
+        _BY_EMAIL, client.email, client.first_name, client.last_name, client.company,
+        client.country, cmd.order_ref, client.address1, client.address2, client.city,
+        client.state, client.postcode, client.phone, publisher.storefront, publisher.operator,
     )
     client_id = row["client_id"]
     if client_id is None and row["existing"] is None:
         # The client was created by a transaction that committed after this statement began.
         client_id = await conn.fetchval(
-            "SELECT id FROM clients WHERE lower(email) = lower($1)", client.email)
-    return row["existing"], client_id
+            "SELECT id FROM clients WHERE storefront = $2 AND lower(email) = lower($1)",
+            client.email, publisher.storefront)
+    return row["existing"], client_id, row["shared_ref"]
+
+
+async def _note_shared_ref(conn: asyncpg.Connection, order_ref: str, order_id: int,
+                           publisher: Publisher) -> None:
+    """Another storefront already uses this ref: each has its own order, and a payment naming
+    only the ref is no longer applied (it cannot say whose order it pays). One that was applied
+    before this order came is listed in its history, for an operator to check."""
+    paid = await conn.fetch(
+        "SELECT p.id, o.id AS order_id FROM payments p JOIN invoices i ON i.id = p.invoice_id"
+        " JOIN orders o ON o.id = i.order_id"
+        " WHERE p.order_ref = $1 AND p.requested_invoice_id IS NULL AND o.storefront <> $2"
+        " ORDER BY p.id", order_ref, publisher.storefront)
+    detail = {"order_ref": order_ref,
+              "payments_by_ref_applied_to": [[r["id"], r["order_id"]] for r in paid]}
+    await conn.execute(
+        "INSERT INTO order_history (order_id, actor, action, detail)"
+        " VALUES ($1, 'placement', 'order_ref shared with another storefront', $2)",
+        order_id, detail)
+    log.warning("order_ref used by another storefront too", extra={
+        "order_ref": order_ref, "order_id": order_id, "storefront": publisher.storefront,
+        "payments_by_ref_applied_elsewhere": len(paid)})
 
 
 # The order, its history row, services, domains, invoice and invoice lines in one statement:
@@ -109,8 +189,8 @@ _STORE_ORDER = """
 WITH o AS (
   INSERT INTO orders (order_ref, order_number, client_id, client_named_by_id, currency,
     payment_method, promo_code, ip_address, send_confirmation, generate_invoice, total,
-    placed_by, placed_message_id)
-  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    placed_by, placed_message_id, storefront)
+  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $33)
   ON CONFLICT DO NOTHING RETURNING id
 ), h AS (
   INSERT INTO order_history (order_id, actor, action, to_status, detail)
@@ -149,9 +229,10 @@ FROM o
 
 
 async def _store_order(
-    conn: asyncpg.Connection, cmd: PlaceOrder, uow: UnitOfWork, client_id: int, currency: str,
-    subtotal: Decimal, discount: Decimal, total: Decimal, products: list[PricedProduct],
-    domains: list[PricedDomain], promotion: Promotion | None,
+    conn: asyncpg.Connection, cmd: PlaceOrder, uow: UnitOfWork, publisher: Publisher,
+    client_id: int, currency: str, subtotal: Decimal, discount: Decimal, total: Decimal,
+    products: list[PricedProduct], domains: list[PricedDomain], promotion: Promotion | None,
+    epp_codes: EppCodes,
 ) -> tuple[int, int, list[int], list[int], int | None] | None:
     """Store everything; None when an order with this ref already exists."""
     lines = _invoice_lines(products, domains, promotion, discount)
@@ -168,20 +249,24 @@ async def _store_order(
         # domains
         [d.item.domain for d in domains], [d.tld for d in domains],
         [d.item.action for d in domains], [d.item.years for d in domains],
-        [d.item.epp_code.get_secret_value() if d.item.epp_code else None for d in domains],
+        # A transfer's EPP code, encrypted when EPP_CODE_KEY is set (shared.epp_codes).
+        [epp_codes.seal(d.item.epp_code.get_secret_value()) if d.item.epp_code else None
+         for d in domains],
         [d.price for d in domains],
         # invoice and its lines
         subtotal, discount, *(list(column) for column in zip(*lines, strict=True)),
+        publisher.storefront,
     )
     # WHMCS-style random 10-digit order numbers: not guessable, not a count of sales.
-    # ON CONFLICT without a target covers both the ref and the number.
+    # ON CONFLICT without a target covers both the (ref, storefront) and the number.
     for _ in range(5):
         number = random.randint(1_000_000_000, 9_999_999_999)
         row = await conn.fetchrow(_STORE_ORDER, cmd.order_ref, number, *args)
         if row is not None:
             return (row["id"], number, list(row["service_ids"]), list(row["domain_ids"]),
                     row["invoice_id"])
-        if await conn.fetchval("SELECT 1 FROM orders WHERE order_ref = $1", cmd.order_ref):
+        if await conn.fetchval("SELECT 1 FROM orders WHERE order_ref = $1 AND storefront = $2",
+                               cmd.order_ref, publisher.storefront):
             return None
     raise RuntimeError("could not draw a free order number")
 

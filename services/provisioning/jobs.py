@@ -30,6 +30,7 @@ from services.provisioning.reconcile import ENDED, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
 from shared import db
 from shared.contracts import EmailSend
+from shared.epp_codes import EppCodeError
 from shared.uow import event_id
 from shared.wakeup import Wakeup
 
@@ -220,14 +221,20 @@ class JobRunner:
             await self._close(pool, job, "cancelled", detail={"why": "order ended"})
             return
         registrar = self.providers.registrar(row["registrar"])
+        transfer = job["kind"] == "transfer"
+        try:  # the code is stored sealed; opened only to hand it to the registrar
+            epp_code = self.providers.epp_codes.unseal(row["epp_code"]) if transfer else None
+        except EppCodeError as exc:
+            await self._failed(pool, job, str(exc), transient=False)
+            return
         request = DomainRequest(
             domain_id=row["id"], domain=row["domain"], years=row["years"],
             registrant=Registrant(first_name=row["first_name"], last_name=row["last_name"],
                                   email=row["email"], country=row["country"],
                                   company=row["company"]),
-            epp_code=row["epp_code"],
+            epp_code=epp_code,
         )
-        if job["kind"] == "transfer":
+        if transfer:
             result: RegistrarResult = await registrar.transfer(request)
         else:
             result = await registrar.register(request)
@@ -239,6 +246,10 @@ class JobRunner:
                 await conn.execute(
                     "UPDATE domains SET status = $2, registered_at = now() WHERE id = $1",
                     row["id"], result.status)
+            if transfer and not result.detail.get("manual"):
+                # The registry has the code now: it is not kept longer than needed (the
+                # manual registrar's operator still needs it to transfer by hand).
+                await conn.execute("UPDATE domains SET epp_code = NULL WHERE id = $1", row["id"])
             item = {"domain_id": row["id"], "domain": row["domain"], "status": result.status}
             await self._record(conn, job, f"domain {job['kind']}", item, [
                 self._event(job, "domain.registered", item, state["order_ref"], result.detail)])

@@ -3,6 +3,11 @@
 Money is never dropped: a payment that cannot be applied is stored `unapplied` with the
 reason, announced with `payment.unapplied`, shown by `ordermill failures`, and applied
 later when its order arrives.
+
+A payment naming only an `order_ref` is applied when exactly one order has that ref. Refs are
+unique per storefront (design section 8), and a gateway's payment does not say which storefront
+it pays for: when two storefronts use a ref, a payment by it is kept unapplied with the reason,
+for an operator, never credited to either order.
 """
 
 from __future__ import annotations
@@ -156,9 +161,17 @@ async def _find_invoice(
         if order_id is None:
             return f"unknown invoice {invoice_id}"
     else:
-        order_id = await conn.fetchval("SELECT id FROM orders WHERE order_ref = $1", order_ref)
-        if order_id is None:
+        # A ref is unique per storefront only, and a gateway's payment does not say whose
+        # order it pays: a ref that two storefronts use pays neither (kept unapplied, for an
+        # operator), never the wrong one.
+        orders = await conn.fetch(
+            "SELECT id FROM orders WHERE order_ref = $1 ORDER BY id LIMIT 2", order_ref)
+        if not orders:
             return f"order not placed yet: {order_ref}"
+        if len(orders) > 1:
+            return (f"order_ref {order_ref} is used by more than one storefront: the payment"
+                    " cannot say whose order it pays (it needs an invoice id)")
+        order_id = orders[0]["id"]
     order = await conn.fetchrow(
         "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
     # Read after the order's lock is held: a row joined into the locking statement could be

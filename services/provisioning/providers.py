@@ -12,6 +12,7 @@ import asyncpg
 
 from services.provisioning.modules.base import Account, ModuleResult, ServerModule
 from services.provisioning.registrars.base import DomainRequest, Registrar, RegistrarResult
+from shared.epp_codes import EppCodes
 from shared.settings import Settings
 
 log = logging.getLogger("ordermill.provisioning")
@@ -54,6 +55,8 @@ class Providers:
     def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
+        # Transfer EPP codes are stored sealed (shared.epp_codes); a bad key stops the worker.
+        self.epp_codes = EppCodes.from_environ(self.environ)
         self._modules: dict[tuple[str, int | None], Any] = {}
         self._registrars: dict[str, Any] = {}
 

@@ -27,7 +27,7 @@ class DomainRequest:
     domain: str
     years: int
     registrant: Registrant
-    epp_code: str | None = None  # transfers: a secret, never logged
+    epp_code: str | None = field(default=None, repr=False)  # transfers: a secret, never logged
 
 
 @dataclass(frozen=True)
