@@ -20,7 +20,7 @@ from pamqp import decode, encode, frame
 from pamqp.header import ContentHeader
 from test_cli import cli
 
-from conftest import Harness, eventually, order_body
+from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
@@ -61,6 +61,7 @@ async def raw(harness: Harness, raw_encoders: None) -> AsyncIterator[aiormq.abc.
 async def publish_raw(channel: aiormq.abc.AbstractChannel, exchange: str, key: str, body: bytes,
                       **properties: Any) -> None:
     properties.setdefault("delivery_mode", 2)
+    properties.setdefault("user_id", TEST_USER)  # as a storefront the workers know
     confirm = await channel.basic_publish(body, exchange=exchange, routing_key=key,
                                           properties=spec.Basic.Properties(**properties))
     assert isinstance(confirm, spec.Basic.Ack), confirm

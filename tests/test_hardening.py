@@ -20,7 +20,7 @@ from test_cli import cli
 from test_maxmind import CLEAN
 from test_review import make_order
 
-from conftest import Harness, eventually, order_body
+from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.modules.base import Account
@@ -175,7 +175,8 @@ async def test_a_review_command_naming_a_work_queue_as_reply_to_puts_nothing_in_
     correlation = str(uuid.uuid4())
     await broker.publish(harness.exchange, "review.command", broker.json_message(
         {"order_id": order_id, "action": "cancel", "operator": "alice"},
-        routing_key="review.command", correlation_id=correlation, reply_to=target))
+        routing_key="review.command", correlation_id=correlation, reply_to=target,
+        user_id=TEST_USER))
 
     async def cancelled() -> bool:
         status = await harness.pool.fetchval("SELECT status FROM orders WHERE id = $1", order_id)
@@ -204,7 +205,8 @@ async def test_a_review_command_naming_a_work_queue_as_reply_to_puts_nothing_in_
     assert replies.name.startswith("amq.gen-")
     await broker.publish(harness.exchange, "review.command", broker.json_message(
         {"order_id": order_id, "action": "cancel", "operator": "alice"},
-        routing_key="review.command", correlation_id="c-2", reply_to=replies.name))
+        routing_key="review.command", correlation_id="c-2", reply_to=replies.name,
+        user_id=TEST_USER))
     answer = await eventually(lambda: replies.get(no_ack=True, fail=False))
     assert json.loads(answer.body) == {"ok": True, "order_id": order_id, "status": "Cancelled"}
     await channel.close()

@@ -65,6 +65,14 @@ def users() -> Iterator[tuple[User, User]]:
                            timeout=60)
 
 
+@pytest.fixture
+def settings(settings: Settings, users: tuple[User, User]) -> Settings:
+    """The run's settings, with the two storefront users named as storefronts: a worker
+    takes orders only from the users it is told are storefronts."""
+    return settings.model_copy(update={"storefront_users": [
+        *settings.storefront_users, *(user.name for user in users)]})
+
+
 @dataclass
 class Storefront:
     user: str
