@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     trust_any_publisher: bool = False  # development only: anyone may publish anything
 
     # Payments and provisioning.
+    # How often the provisioning worker takes payments out of its dead-letter queue (broker
+    # expiry, delivery limit) and keeps them as unapplied payments.
+    dead_payment_sweep_seconds: float = Field(30.0, gt=0)
     job_max_attempts: int = Field(6, gt=0)
     job_backoff_seconds: float = Field(30.0, gt=0)
     # Longer than the slowest module call (cPanel's createacct may take minutes).

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from services.provisioning.dead_payments import DeadPayments
 from services.provisioning.handlers import OrderEvents, reconcile_paid
 from services.provisioning.jobs import JobPolicy, JobRunner
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
-from shared.parties import PAYERS
+from shared.parties import PAYERS, Party, Publishers
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
+from shared.topology import Names
 
 
 def worker(settings: Settings) -> WorkerSpec:
@@ -21,6 +23,9 @@ def worker(settings: Settings) -> WorkerSpec:
     ), settings.database_url)
     payments = Payments(on_paid=reconcile_paid)
     events = OrderEvents(payments)
+    dead = DeadPayments(settings.amqp_url, Names(settings.namespace),
+                        Publishers.from_settings(settings).users[Party.SERVICE],
+                        every_seconds=settings.dead_payment_sweep_seconds)
     reconciling = route(events.on_event)
     return WorkerSpec(
         service="provisioning",
@@ -35,6 +40,6 @@ def worker(settings: Settings) -> WorkerSpec:
             "order.pending": reconciling,
             "order.retry": route(events.on_retry),
         },
-        background=(runner.run,),
+        background=(runner.run, dead.run),
         on_stop=(providers.close,),
     )

@@ -1,0 +1,182 @@
+"""A payment is never dropped, not even by the broker.
+
+A payment message can reach the provisioning queue's dead-letter queue without a worker
+ever storing it: its AMQP `expiration` ran out in the queue, it hit the delivery limit
+(a worker crashing on it), or the runtime refused it as not a payment at all. Whatever the
+cause, this keeper takes each payment it finds there and stores it as an unapplied payment
+with the reason (never trusted: it does not take the gateway's transaction id, so the
+gateway's re-send is applied normally), announces it with `payment.unapplied`, and removes
+the dead letter. Other dead letters are left for operators (`ordermill dead-letters`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from services.provisioning.payments import _amount, _int_or_none, _leave_unapplied
+from shared import broker
+from shared.contracts import shown
+from shared.topology import Names
+from shared.uow import MessageContext, UnitOfWork, flush_events
+
+log = logging.getLogger("ordermill.provisioning.dead_payments")
+
+CONSUMER = "provisioning.dead-payments"  # its own inbox rows: each dead letter once
+TEXT_LIMIT = 200  # what a payment's text columns keep of a field here
+BODY_LIMIT = 4000  # what the row keeps of the dead letter's body, for an operator
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def first_key(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str:
+    """The routing key it was first published with: the broker's record (`x-death`) for a
+    message the broker dead-lettered; the worker's header for a copy a worker wrote (under
+    its own user, so the header is the worker's, not the publisher's)."""
+    headers = message.headers or {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        keys = deaths[0].get("routing-keys")
+        if isinstance(keys, list) and keys:
+            return _text(keys[0])
+    if _by_worker(message, service_users):
+        return _text(headers.get("x-ordermill-routing-key"))
+    return _text(message.type)
+
+
+def _by_worker(message: AbstractIncomingMessage, service_users: frozenset[str]) -> bool:
+    """A copy a worker dead-lettered (under its own user, no broker record): its
+    x-ordermill-* headers are the worker's. On anything else they are the publisher's."""
+    return message.user_id in service_users and "x-death" not in (message.headers or {})
+
+
+def why_dead(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str:
+    headers = message.headers or {}
+    if _by_worker(message, service_users) and headers.get("x-ordermill-reason"):
+        return f"refused by the worker: {_text(headers['x-ordermill-reason'])[:500]}"
+    deaths = headers.get("x-death")
+    reason = ""
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = _text(deaths[0].get("reason"))
+    return {
+        "expired": "expired in the queue before a worker took it (AMQP expiration)",
+        "delivery_limit": "reached the queue's delivery limit (redelivered too often)",
+        "maxlen": "dropped by the queue's length limit",
+        "rejected": "rejected by a consumer",
+    }.get(reason, f"dead-lettered ({reason or 'unknown reason'})")
+
+
+def _field(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if isinstance(value, str | int | Decimal) and not isinstance(value, bool):
+        text = str(value).replace("\x00", "\ufffd")
+        return text.encode("utf-8", "replace").decode()[:TEXT_LIMIT]
+    return None
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw, parse_float=Decimal)
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class DeadPayments:
+    def __init__(self, amqp_url: str, names: Names, service_users: frozenset[str], *,
+                 every_seconds: float) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+        self.service_users = service_users
+        self.every_seconds = every_seconds
+        self._connection: AbstractRobustConnection | None = None
+
+    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.every_seconds)
+                    return
+                try:
+                    await self.sweep(pool)
+                except broker.TRANSIENT_BROKER_ERRORS as exc:
+                    log.warning("dead payments not swept; will try again",
+                                extra={"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def sweep(self, pool: asyncpg.Pool) -> int:
+        """Store every payment in the dead-letter queue now; returns how many."""
+        if self._connection is None:
+            self._connection = await broker.connect(self.amqp_url, attempts=3)
+        channel = await self._connection.channel()
+        stored = 0
+        try:
+            queue = await channel.declare_queue(self.names.dead_queue("provisioning"),
+                                                passive=True)
+            for _ in range(queue.declaration_result.message_count or 0):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                if first_key(message, self.service_users) != "payment.received":
+                    continue  # not ours: back in its queue when the channel closes
+                await self._store(pool, message)
+                await message.ack()
+                stored += 1
+        finally:
+            await channel.close()
+        if stored:
+            log.warning("payments taken from the dead-letter queue and kept unapplied",
+                        extra={"count": stored})
+        return stored
+
+    async def _store(self, pool: asyncpg.Pool, message: AbstractIncomingMessage) -> None:
+        message_id = _text(message.message_id)[:TEXT_LIMIT] or (
+            "sha256:" + hashlib.sha256(message.body).hexdigest())
+        data = _body(message.body)
+        reason = f"not handled: {why_dead(message, self.service_users)}"
+        raw_amount = _field(data, "amount") or ""
+        amount, problem = _amount(raw_amount) if raw_amount else (None, None)
+        if problem:
+            reason += f"; {problem}"
+        publisher = (_text((message.headers or {}).get("x-ordermill-user-id"))
+                     if _by_worker(message, self.service_users) else _text(message.user_id))
+        async with pool.acquire() as conn, conn.transaction():
+            fresh = await conn.fetchval(
+                "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true", CONSUMER, message_id)
+            if not fresh:
+                return  # stored before (acked meanwhile lost): only the ack was missing
+            payment_id = await conn.fetchval(
+                "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
+                " requested_invoice_id, order_ref, publisher, status, message_id, trusted,"
+                " dead_letter) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9, false,"
+                " $10) RETURNING id",
+                _field(data, "gateway"), _field(data, "transaction_id"), amount, raw_amount,
+                _field(data, "currency"), _int_or_none(_field(data, "invoice_id")),
+                _field(data, "order_ref"), publisher or None, message_id,
+                message.body.decode(errors="replace").replace("\x00", "\ufffd")[:BODY_LIMIT])
+            uow = UnitOfWork(conn, MessageContext(
+                consumer="provisioning", message_id=f"dead:{message_id}",
+                routing_key="payment.received", received_at=datetime.now(UTC),
+                user_id=publisher or None, authorized=False))
+            await _leave_unapplied(uow, payment_id, reason)
+            await flush_events(conn, [uow])
+        log.warning("payment kept from the dead-letter queue", extra={
+            "payment_id": payment_id, "message_id": shown(message_id), "reason": reason})
