@@ -33,7 +33,7 @@ STOREFRONT_EVENTS = (r"order\.(placed|rejected|screened|fraud|accepted|cancelled
 @dataclass(frozen=True)
 class BrokerUser:
     name: str
-    party: Party
+    party: Party | None  # None: the administrator that runs `ordermill migrate`
     configure: str
     write: str
     read: str
@@ -51,7 +51,8 @@ def _keys(keys: tuple[str, ...]) -> str:
 
 
 def plan_users(names: Names, *, storefronts: list[str], gateways: list[str],
-               operators: list[str], consoles: list[str], prefix: str) -> list[BrokerUser]:
+               operators: list[str], consoles: list[str], prefix: str,
+               admin: str | None = None) -> list[BrokerUser]:
     ns, dlx = re.escape(names.exchange), re.escape(names.dead_letter_exchange)
     dead = re.escape(names.namespace) + r"\.[^.]+\.dead"
     users = [
@@ -73,6 +74,12 @@ def plan_users(names: Names, *, storefronts: list[str], gateways: list[str],
         users.append(BrokerUser(
             f"{prefix}-{service}", Party.SERVICE, _any(ns, dlx, *queues), _any(*writes),
             _any(ns, dlx, *queues), _keys(SERVICE_EMITS[service]), _keys(keys), service))
+    if admin:
+        # `ordermill migrate` declares every queue and exchange of the namespace; nothing else
+        # runs as this user.
+        ours = re.escape(names.namespace) + r"(\..*)?"
+        users.append(BrokerUser(admin, None, _any(ours), _any(ours), _any(ours), NOTHING,
+                                NOTHING))
     return users
 
 

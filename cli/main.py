@@ -257,6 +257,8 @@ def broker_users(
     gateway: list[str] = typer.Option([], "--gateway", help="A payment gateway's user name."),
     operator: list[str] = typer.Option([], "--operator", help="An operator's user name."),
     console: list[str] = typer.Option([], "--console", help="The web console's user name."),
+    admin: str = typer.Option(None, "--admin", help="A user for `ordermill migrate` only:"
+                              " declares the namespace's queues and exchanges."),
     prefix: str = typer.Option(None, help="Service users are PREFIX-SERVICE (default: the"
                                " namespace)."),
     vhost: str = typer.Option("/", help="The virtual host Ordermill uses."),
@@ -278,7 +280,7 @@ def broker_users(
     split = {key: [n.strip() for v in values for n in v.split(",") if n.strip()]
              for key, values in (("storefronts", storefront), ("gateways", gateway),
                                  ("operators", operator), ("consoles", console))}
-    users = bu.plan_users(names, prefix=prefix or s.namespace, **split)
+    users = bu.plan_users(names, prefix=prefix or s.namespace, admin=admin, **split)
     seen: set[str] = set()
     for user in users:
         if user.name in seen:
@@ -296,12 +298,13 @@ def broker_users(
     env = bu.settings_for(users)
     if as_json:
         emit_json({"definitions": str(out_file), "secrets_dir": str(secrets_dir),
-                   "users": [{"name": u.name, "party": u.party.value, "service": u.service}
-                             for u in users], "settings": env})
+                   "users": [{"name": u.name, "party": u.party.value if u.party else "admin",
+                              "service": u.service} for u in users], "settings": env})
         return
     out.print(table("Broker users", ["user", "party", "may publish"],
-                    [[u.name, u.party.value if u.service is None else f"service ({u.service})",
-                      u.topic_write] for u in users]))
+                    [[u.name, f"service ({u.service})" if u.service
+                      else u.party.value if u.party else "admin (migrate)", u.topic_write]
+                     for u in users]))
     out.print(f"definitions written to {out_file}; passwords in {secrets_dir}/NAME.password")
     out.print(f"import them: rabbitmqctl import_definitions {out_file}")
     out.print("then give every worker these settings (and each its own user in AMQP_URL):")

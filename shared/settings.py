@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -20,6 +21,9 @@ class Settings(BaseSettings):
                                       env_ignore_empty=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The AMQP password from a file (a Docker or Kubernetes secret), put into AMQP_URL: a
+    # password in the environment shows in `docker inspect` and process listings.
+    amqp_password_file: str | None = None
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"
     ordermill_namespace: str = Field("ordermill", pattern=r"^[A-Za-z0-9_.-]+$")
 
@@ -187,6 +191,27 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("amqp_password_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Path(value).read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read {value!r} ({exc.strerror})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> Settings:
+        if self.amqp_password_file:
+            password = Path(self.amqp_password_file).read_text().strip()
+            parts = urlsplit(self.amqp_url)
+            user = parts.username or ""
+            host = parts.netloc.rpartition("@")[2]
+            netloc = f"{user}:{quote(password, safe='')}@{host}"
+            object.__setattr__(self, "amqp_url", urlunsplit(parts._replace(netloc=netloc)))
+        return self
 
     @property
     def namespace(self) -> str:

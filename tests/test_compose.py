@@ -558,3 +558,70 @@ def test_dockerfile_installs_every_package_without_test_extras() -> None:
 def test_build_context_leaves_out_the_virtualenv_and_git() -> None:
     for rel in (".venv/bin/python", ".git/config", "ordermill.egg-info/PKG-INFO"):
         assert ignored(rel), f".dockerignore should leave out {rel.split('/')[0]}"
+
+
+# -- the production overlay: a RabbitMQ user per party ------------------------------------------
+
+def _merged(base: Any, extra: Any) -> Any:
+    """Compose's merge of a second file: mappings merged key by key, sequences appended."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        return {k: _merged(base[k], extra[k]) if k in base and k in extra else
+                extra.get(k, base.get(k)) for k in {**base, **extra}}
+    if isinstance(base, list) and isinstance(extra, list):
+        return base + extra
+    return extra
+
+
+def test_the_production_overlay_runs_each_worker_as_its_own_broker_user(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from cli.broker_users import plan_users
+    from shared.parties import Party, Publishers, UnknownPublishers
+    from shared.runtime import Runtime
+    from shared.topology import Names
+
+    overlay = yaml.safe_load((ROOT / "docker-compose.prod.yml").read_text())
+    merged = _merged(compose(), overlay)["services"]
+    # The users the overlay's own instructions make (`ordermill broker users --admin ...`).
+    planned = {u.service or ("admin" if u.party is None else u.name): u.name for u in plan_users(
+        Names("ordermill"), prefix="ordermill", admin="ordermill-admin", storefronts=["shop1"],
+        gateways=["stripe"], operators=["alice"], consoles=[])}
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    containers = {**{name: run[0] for name, run in worker_containers().items()},
+                  migrate_service(): "admin"}
+    assert set(WORKERS) <= set(containers.values())
+    for name, role in containers.items():
+        svc, user = merged[name], planned[role]
+        env = environment(svc)
+        assert urlsplit(env["AMQP_URL"]).username == user, name
+        assert urlsplit(env["AMQP_URL"]).password is None, f"{name}: a password in AMQP_URL"
+        assert env["AMQP_PASSWORD_FILE"] == f"/run/secrets/{user}" and user in svc["secrets"]
+        # The secret is the file `broker users --secrets-dir deploy/broker/secrets` writes.
+        assert overlay["secrets"][user]["file"] == f"./deploy/broker/secrets/{user}.password"
+        monkeypatch.setenv("AMQP_PASSWORD_FILE", str(password))
+        s = settings_of({"environment": {**env, "AMQP_PASSWORD_FILE": str(password)}},
+                        monkeypatch)
+        assert urlsplit(s.amqp_url).username == user
+        assert unquote(urlsplit(s.amqp_url).password or "") == "s3cret"
+        if role == "admin":
+            continue
+        assert Publishers.from_settings(s).users[Party.SERVICE] == {
+            v for k, v in planned.items() if k in WORKERS}
+        runtime, spec = Runtime(s), WORKERS[role](s)
+        if role in ("placement", "review", "provisioning"):
+            # The host named no storefront, gateway or operator: closed, one line.
+            with pytest.raises(UnknownPublishers, match=r"STOREFRONT_USERS|OPERATOR_USERS|"
+                               r"PAYMENT_PUBLISHERS"):
+                runtime.check_publishers([spec])
+        runtime = Runtime(s.model_copy(update={"storefront_users": ["shop1"],
+                                               "payment_publishers": ["stripe"],
+                                               "operator_users": ["alice"]}))
+        runtime.check_publishers([spec])
+    # RabbitMQ loads the mounted definitions at boot.
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in merged["rabbitmq"]["volumes"]
+              if m.startswith("./")}
+    conf = mounts["/etc/rabbitmq/conf.d/20-ordermill.conf"]
+    loaded = re.search(r"^load_definitions\s*=\s*(\S+)", (ROOT / conf).read_text(), re.M)
+    assert loaded and mounts[loaded.group(1)] == "./deploy/broker/definitions.json"
+    assert "deploy/broker/" in (ROOT / ".gitignore").read_text().splitlines()
