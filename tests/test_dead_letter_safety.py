@@ -389,3 +389,45 @@ async def test_a_dead_letter_nested_too_deep_is_listed_and_replayed(harness: Har
         (message_id, "body is not JSON we take: nested too deeply", "[" * 2000)]
     code, out, err = await cli(s, "dead-letters", "placement", "--replay", "--json")
     assert (code, json.loads(out)) == (0, {"replayed": 1, "discarded": [], "failed": []}), err
+
+
+async def test_poisons_among_a_hundred_orders_and_fifty_payments_lose_nothing(
+    harness: Harness, raw: aiormq.abc.AbstractChannel,
+) -> None:
+    """The issue's run: poisons in the middle of real traffic. Every good order is screened,
+    every payment applied, each poison dead-lettered with its reason, and the shared
+    connection never drops (it used to, with good messages in its prefetch window going to
+    the delivery limit without a reason, and payments lost)."""
+    s = harness.settings.model_copy(update={"fraud_velocity_max_orders": 100_000})  # one IP
+    runtime = await harness.start([placement_worker(s), fraud_worker(s), provisioning_worker(s)])
+    assert runtime.connection is not None
+    transport = runtime.connection.transport
+    reconnects = watch_connection(runtime)
+    ns = harness.names.exchange
+    for n in range(100):
+        await harness.publish("order.place", order_body(f"crowd-{n}"))
+        if n == 30:
+            await publish_raw(raw, ns, "order.place", b"{}", message_id="poison-order",
+                              timestamp=TIMESTAMP_OVERFLOW)
+    for n in range(100):
+        assert (await harness.screened(f"crowd-{n}", timeout=60))["status"] == "Pending"
+    invoices = await harness.pool.fetch(
+        "SELECT i.id, i.total FROM invoices i JOIN orders o ON o.id = i.order_id"
+        " WHERE o.order_ref LIKE 'crowd-%' ORDER BY o.id LIMIT 50")
+    for n, invoice in enumerate(invoices):
+        body = json.dumps({"invoice_id": invoice["id"], "amount": str(invoice["total"]),
+                           "currency": "USD", "gateway": "stripe",
+                           "transaction_id": f"crowd-pay-{n}"}).encode()
+        await publish_raw(raw, ns, "payment.received", body, message_id=f"crowd-pay-{n}")
+        if n == 20:
+            await publish_raw(raw, ns, "payment.received", body, message_id=Raw(b"pay-\xff"))
+
+    async def all_paid() -> bool:
+        return await harness.pool.fetchval(
+            "SELECT count(*) FROM invoices WHERE id = ANY($1) AND status = 'Paid'",
+            [i["id"] for i in invoices]) == 50
+    await eventually(all_paid, timeout=60)
+    assert set(await collect_dead(harness, "placement", 1)) == {POISONS["timestamp"]}
+    assert set(await collect_dead(harness, "provisioning", 1)) == {POISONS["message_id"]}
+    assert await harness.pool.fetchval("SELECT count(*) FROM orders") == 100
+    assert reconnects == [] and runtime.connection.transport is transport
