@@ -20,7 +20,7 @@ P, A, C, F = OrderStatus.PENDING, OrderStatus.ACTIVE, OrderStatus.CANCELLED, Ord
 
 # The one transition table: every status change an order may make, and the actions that may
 # make it (the operator actions of the design's table, and `screening`, the fraud service's
-# verdict). `transition` refuses anything else; review's allowed actions derive from it.
+# verdict). `transition` refuses any other change; review's allowed actions derive from it.
 TRANSITIONS: Mapping[tuple[OrderStatus, OrderStatus], frozenset[str]] = MappingProxyType({
     (P, A): frozenset({"accept"}),
     (P, C): frozenset({"deny", "cancel"}),
@@ -74,9 +74,10 @@ async def transition(
     actor: str, action: str, detail: dict[str, Any] | None = None,
 ) -> None:
     """Move a locked order to `to_status`, with its items and invoice. Raises TransitionRefused
-    unless the transition table lets `action` make that change."""
+    for a change the transition table does not have. (Which action may make it, deny only from
+    Pending, is the caller's to check: review derives that from the same table.)"""
     current = OrderStatus(order["status"])
-    if action not in TRANSITIONS.get((current, to_status), ()):
+    if (current, to_status) not in TRANSITIONS:
         raise TransitionRefused(f"order {order['id']} is {current}; {action} cannot make it {to_status}")
     order_id = order["id"]
     await conn.execute(
