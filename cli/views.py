@@ -8,6 +8,8 @@ from typing import Any
 
 import asyncpg
 
+from shared.states import Screening
+
 # Characters that act on a terminal instead of showing: C0 and C1 controls (ESC starts a
 # sequence, U+009B is a one-byte CSI), DEL, format characters (the bidi overrides U+202A-E and
 # isolates U+2066-9 reorder what follows, zero-width ones hide), line and paragraph separators
@@ -87,9 +89,9 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
         " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1 OFFSET $2",
         limit, offset,
     )
-    orders = [_order_row(r) | {"flagged": r["screening"] == "error"}
-              for r in rows if r["screening"] != "queued"]
-    queued = [_order_row(r) for r in rows if r["screening"] == "queued"]
+    orders = [_order_row(r) | {"flagged": r["screening"] == Screening.ERROR}
+              for r in rows if r["screening"] != Screening.QUEUED]
+    queued = [_order_row(r) for r in rows if r["screening"] == Screening.QUEUED]
     more = max(0, rows[0]["listed"] - offset - len(rows)) if rows else 0
     return {"pending": orders, "queued": queued, "more": more}
 

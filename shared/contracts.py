@@ -7,11 +7,12 @@ import re
 from collections.abc import Iterator
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.errors import Rejected
+from shared.states import DomainStatus, OrderStatus, Screening
 
 BillingCycle = Literal[
     "monthly", "quarterly", "semiannually", "annually", "biennially", "triennially", "onetime"
@@ -257,13 +258,47 @@ class ReviewCommand(Contract):
 
 
 # Events published by the workers ------------------------------------------------------------
+#
+# Every event on the exchange has a class here, and the class names its routing key:
+# `uow.emit(OrderPlaced(...))` publishes `order.placed`. EVENTS maps each key to its class.
+
+EVENTS: dict[str, type[Event]] = {}
+
+
+class Event(Contract):
+    """A body the workers publish on the exchange (or answer with, for a reply)."""
+
+    # The routing key it is published with; a class without one (a base, a consumer's view
+    # such as OrderEvent) cannot be emitted.
+    routing_key: ClassVar[str]
+    # Optional fields left out of the body unless given: one event, two publishers (review's
+    # order.fraud has an operator and no score; fraud's has a score and no operator).
+    omit_unset: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        key = cls.__dict__.get("routing_key")
+        if key is not None:
+            if key in EVENTS:
+                raise TypeError(f"{key} has two contract classes: {EVENTS[key].__name__}, "
+                                f"{cls.__name__}")
+            EVENTS[key] = cls
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON body, as written to the outbox."""
+        omitted = {name for name in self.omit_unset if name not in self.model_fields_set}
+        return self.model_dump(mode="json", exclude=omitted or None)
+
 
 class ItemRef(Contract):
     type: Literal["product", "domain"]
     id: Id
 
 
-class OrderPlaced(Contract):
+class OrderPlaced(Event):
+    routing_key = "order.placed"
+
     order_id: Id
     order_number: Id
     order_ref: str
@@ -277,58 +312,154 @@ class OrderPlaced(Contract):
     storefront: str | None = None
 
 
-class OrderRejected(Contract):
+class FraudRedrive(OrderPlaced):
+    """order.placed again, to the fraud queue only: the sweeper's re-drive of an order left
+    `queued` (storefronts bound to order.placed are not told twice)."""
+
+    routing_key = "fraud.redrive"
+
+
+class OrderRejected(Event):
+    routing_key = "order.rejected"
+
     order_ref: str
     reason: str
 
 
-class OrderRescreen(Contract):
-    order_id: Id
-    order_ref: str
-    operator: str = "operator"
-
-
-ScreeningResult = Literal["passed", "failed", "skipped", "error"]
-
-
-class OrderScreened(Contract):
-    order_id: Id
-    order_ref: str
-    screening: Literal["passed", "skipped", "error"]
-    score: Decimal | None
-    threshold: Decimal
-    provider: str
-
-
-class OrderEvent(Contract):
+class OrderEvent(Event):
     """Any event about an order: what a consumer that re-reads the order's state needs."""
 
     order_id: Id
     order_ref: str
 
 
-class InvoicePaid(Contract):
+class OperatorAction(OrderEvent):
+    """An operator's action on an order (review)."""
+
+    operator: str = "operator"
+
+
+class OrderAccepted(OperatorAction):
+    routing_key = "order.accepted"
+
+    options: AcceptOptions
+
+
+class OrderCancelled(OperatorAction):
+    """Denied or cancelled."""
+
+    routing_key = "order.cancelled"
+
+
+class OrderSetPending(OperatorAction):
+    routing_key = "order.pending"
+
+
+class OrderDeleted(OperatorAction):
+    routing_key = "order.deleted"
+
+
+class OrderRetry(OperatorAction):
+    routing_key = "order.retry"
+
+
+class OrderRescreen(OperatorAction):
+    routing_key = "order.rescreen"
+
+
+class OrderScreened(Event):
+    routing_key = "order.screened"
+
+    order_id: Id
+    order_ref: str
+    screening: Literal[Screening.PASSED, Screening.SKIPPED, Screening.ERROR]
+    score: Decimal | None
+    threshold: Decimal
+    provider: str
+
+
+class OrderFraud(Event):
+    routing_key = "order.fraud"
+    omit_unset = frozenset({"operator", "score"})
+
+    order_id: Id
+    order_ref: str
+    # From review: the operator (no score); from screening: the score (no operator).
+    operator: str | None = None
+    source: Literal["screening", "operator"]
+    score: Decimal | None = None
+
+
+class InvoicePaid(Event):
+    routing_key = "invoice.paid"
+
     invoice_id: Id
     order_id: Id
     order_ref: str
     amount: Money
 
 
-class PaymentUnapplied(Contract):
+class PaymentUnapplied(Event):
+    routing_key = "payment.unapplied"
+
     payment_id: Id
     reason: str
     order_ref: str | None = None
     invoice_id: Id | None = None
 
 
-class OrderFraud(Contract):
+# The job runner's events (services/provisioning/jobs.py): the item, its order, the job, and
+# what the module or registrar answered (`detail`; on a failure, `{"error": ...}`).
+
+class ServiceEvent(Event):
+    service_id: Id
     order_id: Id
     order_ref: str
-    source: Literal["screening", "operator"]
-    score: Decimal | None = None
+    job_id: Id
+    detail: dict[str, Any] = {}
 
 
-class EmailSend(Contract):
+class ServiceCreated(ServiceEvent):
+    routing_key = "service.created"
+
+
+class ServiceTerminated(ServiceEvent):
+    routing_key = "service.terminated"
+
+
+class ServiceFailed(ServiceEvent):
+    """A create or termination parked after its retries: an operator must look."""
+
+    routing_key = "service.failed"
+
+
+class DomainRegistered(Event):
+    """Registered or transferred (or submitted: `Pending Registration`, `Pending Transfer`)."""
+
+    routing_key = "domain.registered"
+
+    domain_id: Id
+    domain: str
+    status: DomainStatus
+    order_id: Id
+    order_ref: str
+    job_id: Id
+    detail: dict[str, Any] = {}
+
+
+class DomainFailed(Event):
+    routing_key = "domain.failed"
+
+    domain_id: Id
+    order_id: Id
+    order_ref: str
+    job_id: Id
+    detail: dict[str, Any] = {}
+
+
+class EmailSend(Event):
+    routing_key = "email.send"
+
     template: str
     recipient: str
     # Any service may ask for a mail: the address becomes a header line, so it is checked here.
@@ -336,3 +467,16 @@ class EmailSend(Contract):
     order_id: Id
     order_ref: str
     dedupe_key: str
+
+
+class ReviewReply(Event):
+    """The answer to a review command, sent to its `reply_to` queue (not on the exchange):
+    `{"ok": true, "order_id": 42, "status": "Active"}` or
+    `{"ok": false, "order_id": 42, "error": "..."}`."""
+
+    omit_unset = frozenset({"status", "error"})
+
+    ok: bool
+    order_id: int
+    status: OrderStatus | None = None
+    error: str | None = None

@@ -7,10 +7,12 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
 
+from shared.contracts import Event as EventBody
 from shared.parties import Party
 
 log = logging.getLogger("ordermill.uow")
@@ -74,13 +76,31 @@ async def _insert(conn: asyncpg.Connection, events: list[Event]) -> None:
 
 
 def _payload(body: BaseModel | dict[str, object]) -> dict[str, object]:
+    if isinstance(body, EventBody):
+        return body.payload()
     return body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+
+
+def _key_and_body(event: EventBody | str, body: BaseModel | dict[str, object] | None
+                  ) -> tuple[str, dict[str, object]]:
+    """An event's routing key (from its class) and body. The older form, a key and a body,
+    is still read while callers move over; Ordermill's own code emits contract classes."""
+    if isinstance(event, str):
+        if body is None:
+            raise TypeError(f"{event}: an event needs a body")
+        return event, _payload(body)
+    if body is not None:
+        raise TypeError("an event's class names its routing key: pass the event alone")
+    key = getattr(type(event), "routing_key", None)
+    if key is None:
+        raise TypeError(f"{type(event).__name__} has no routing key: it cannot be emitted")
+    return key, event.payload()
 
 
 async def write_event(
     conn: asyncpg.Connection,
-    routing_key: str,
-    body: BaseModel | dict[str, object],
+    event: EventBody | str,
+    body: BaseModel | dict[str, object] | None = None,
     *,
     message_id: uuid.UUID,
     correlation_id: str | None,
@@ -88,8 +108,8 @@ async def write_event(
 ) -> None:
     """An event written outside a handler (a sweeper's, a rejection): `source` is the
     service whose relay, and RabbitMQ user, publishes it (None: any relay)."""
-    await _insert(conn, [(message_id, routing_key, _payload(body), correlation_id, False,
-                          source)])
+    routing_key, payload = _key_and_body(event, body)
+    await _insert(conn, [(message_id, routing_key, payload, correlation_id, False, source)])
 
 
 @dataclass
@@ -103,14 +123,28 @@ class UnitOfWork:
     def actor(self) -> str:
         return self.context.user_id or self.context.consumer
 
-    def emit(self, routing_key: str, body: BaseModel | dict[str, object]) -> uuid.UUID:
-        """Add an event to this transaction's outbox rows; the relay publishes it after commit."""
+    def emit(self, event: EventBody | str,
+             body: BaseModel | dict[str, object] | None = None) -> uuid.UUID:
+        """Add an event to this transaction's outbox rows; the relay publishes it after commit.
+        Its routing key is its class's (`uow.emit(OrderPlaced(...))`)."""
+        routing_key, payload = _key_and_body(event, body)
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        self._events.append((message_id, routing_key, _payload(body), ctx.message_id, False,
+        self._events.append((message_id, routing_key, payload, ctx.message_id, False,
                              ctx.consumer))
         return message_id
+
+    async def history(self, order_id: int, action: str, *,
+                      detail: dict[str, Any] | None = None,
+                      from_status: str | None = None, to_status: str | None = None,
+                      actor: str | None = None) -> None:
+        """A row of the order's history, in this transaction; by this message's actor unless
+        named."""
+        from shared.orders import add_history  # orders builds on this module
+
+        await add_history(self.conn, order_id, actor=actor or self.actor, action=action,
+                          from_status=from_status, to_status=to_status, detail=detail)
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
         """Answer the message's `reply_to` queue, with its correlation_id, after commit.

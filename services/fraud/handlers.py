@@ -23,6 +23,7 @@ from shared.contracts import OrderFraud, OrderPlaced, OrderRescreen, OrderScreen
 from shared.errors import Rejected
 from shared.orders import ask_for_order_emails, transition
 from shared.settings import Settings
+from shared.states import CLEARED, OrderStatus, Screening
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.fraud")
@@ -30,7 +31,7 @@ log = logging.getLogger("ordermill.fraud")
 
 @dataclass(frozen=True)
 class Verdict:
-    screening: str  # passed, failed, skipped, error
+    screening: Screening
     provider: str
     score: Decimal | None = None
     reasons: tuple[Reason, ...] = ()
@@ -131,28 +132,29 @@ class Screener:
                      "provider": verdict.provider,
                      "reasons": [r.code for r in verdict.reasons]}
         if failed:
-            await transition(conn, order, "Fraud", actor=uow.actor, action="screening",
+            await transition(conn, order, OrderStatus.FRAUD, actor=uow.actor, action="screening",
                              detail={"score": str(verdict.score), "error": verdict.error,
                                      "reasons": [r.code for r in verdict.reasons]})
-            uow.emit("order.fraud", OrderFraud(
+            uow.emit(OrderFraud(
                 order_id=order_id, order_ref=order["order_ref"], source="screening",
                 score=verdict.score))
             log.warning("order is Fraud", extra=log_extra)
             return
-        uow.emit("order.screened", OrderScreened(
+        uow.emit(OrderScreened(
             order_id=order_id, order_ref=order["order_ref"], screening=verdict.screening,
             score=verdict.score, threshold=self.settings.fraud_threshold,
             provider=verdict.provider))
-        if verdict.screening in ("passed", "skipped"):
+        if verdict.screening in CLEARED:
             ask_for_order_emails(uow, order)
         log.info("order screened", extra=log_extra)
 
     def _skip(self, order: asyncpg.Record) -> Verdict | None:
         if self.settings.fraud_threshold == 0:
-            return Verdict("skipped", "none", reasons=(Reason("disabled", "threshold is 0"),))
+            return Verdict(Screening.SKIPPED, "none",
+                           reasons=(Reason("disabled", "threshold is 0"),))
         if (self.settings.fraud_skip_existing_clients and order["client_named_by_id"]
                 and order["active_orders"] and self._own_client(order)):
-            return Verdict("skipped", "none", reasons=(
+            return Verdict(Screening.SKIPPED, "none", reasons=(
                 Reason("existing_client", f"client has {order['active_orders']} Active order(s)"),))
         return None
 
@@ -180,7 +182,7 @@ class Screener:
 
     def _judged(self, provider: str, result: FraudResult) -> Verdict:
         failed = result.reject or result.score > self.settings.fraud_threshold
-        return Verdict("failed" if failed else "passed", provider, result.score,
+        return Verdict(Screening.FAILED if failed else Screening.PASSED, provider, result.score,
                        result.reasons, result.raw, fraud=failed)
 
     def _on_error(self, order: asyncpg.Record, error: str) -> Verdict:
@@ -191,10 +193,11 @@ class Screener:
             "policy": policy})
         reason = Reason("screening_error", f"could not be screened (FRAUD_ON_ERROR={policy})")
         if policy == "pass":
-            return Verdict("skipped", self.provider.name, reasons=(reason,), error=error)
-        return Verdict("error", self.provider.name, reasons=(reason,), error=error,
+            return Verdict(Screening.SKIPPED, self.provider.name, reasons=(reason,), error=error)
+        return Verdict(Screening.ERROR, self.provider.name, reasons=(reason,), error=error,
                        fraud=policy == "fraud")
 
 
 def _needs_screening(order: asyncpg.Record, rescreen: bool) -> bool:
-    return order["status"] == "Pending" and (rescreen or order["screening"] == "queued")
+    return order["status"] == OrderStatus.PENDING and (
+        rescreen or order["screening"] == Screening.QUEUED)

@@ -9,7 +9,7 @@ import logging
 import asyncpg
 
 from shared import db
-from shared.contracts import ItemRef, OrderPlaced
+from shared.contracts import FraudRedrive, ItemRef
 from shared.uow import event_id, write_event
 
 log = logging.getLogger("ordermill.fraud.sweeper")
@@ -35,6 +35,8 @@ class QueuedOrderSweeper:
         async with pool.acquire() as conn, conn.transaction():
             stuck = await conn.fetch(
                 "SELECT id, order_ref, screening_redrives, placed_message_id FROM orders"
+                # 'queued' as a literal: it is the partial index's predicate (orders_queued_idx),
+                # which a parameter would not match in a generic plan.
                 " WHERE screening = 'queued' AND status = 'Pending' AND deleted_at IS NULL"
                 " AND screening_driven_at < now() - make_interval(secs => $1)"
                 " AND screening_redrives < $2"
@@ -47,11 +49,11 @@ class QueuedOrderSweeper:
                     "UPDATE orders SET screening_redrives = $2, screening_driven_at = now()"
                     " WHERE id = $1", row["id"], redrive,
                 )
-                event = await order_placed_event(conn, row["id"])
+                event = await redrive_event(conn, row["id"])
                 # To the fraud queue only (storefronts bound to order.placed are not told
                 # twice); a new id, so a worker that dead-lettered the first one takes it; the
                 # correlation of the first: the order.place message that placed the order.
-                await write_event(conn, "fraud.redrive", event,
+                await write_event(conn, event,
                                   message_id=event_id("sweeper", row["id"], redrive),
                                   correlation_id=row["placed_message_id"], source="fraud")
                 log.warning("order stuck in screening: re-driven", extra={
@@ -59,8 +61,8 @@ class QueuedOrderSweeper:
         return len(stuck)
 
 
-async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPlaced:
-    """The `order.placed` body again, read from the database."""
+async def redrive_event(conn: asyncpg.Connection, order_id: int) -> FraudRedrive:
+    """The `order.placed` body again, read from the database, for `fraud.redrive`."""
     row = await conn.fetchrow(
         "SELECT o.id, o.order_number, o.order_ref, o.client_id, o.total, o.currency,"
         " (SELECT id FROM invoices WHERE order_id = o.id) AS invoice_id,"
@@ -71,7 +73,7 @@ async def order_placed_event(conn: asyncpg.Connection, order_id: int) -> OrderPl
     )
     items = [ItemRef(type="product", id=i) for i in row["service_ids"]]
     items += [ItemRef(type="domain", id=i) for i in row["domain_ids"]]
-    return OrderPlaced(
+    return FraudRedrive(
         order_id=row["id"], order_number=row["order_number"], order_ref=row["order_ref"],
         client_id=row["client_id"], invoice_id=row["invoice_id"], total=row["total"],
         currency=row["currency"], items=items,

@@ -18,6 +18,7 @@ import asyncpg
 
 from services.notify.mail import order_contexts, render
 from shared import db
+from shared.states import EmailStatus
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
@@ -281,7 +282,7 @@ class MailSender:
         await pool.execute(
             "UPDATE emails SET status = $3, last_error = $4, lease_until = NULL,"
             " next_attempt_at = now() + $5::interval" + _WHILE_CLAIMED,
-            email["id"], email["attempts"], "parked" if park else "pending",
+            email["id"], email["attempts"], EmailStatus.PARKED if park else EmailStatus.PENDING,
             f"{type(exc).__name__}: {exc}", delay)
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={

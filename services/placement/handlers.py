@@ -74,7 +74,7 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
     order_id, number, service_ids, domain_ids, invoice_id = stored
     if shared_ref:
         await _note_shared_ref(conn, cmd.order_ref, order_id, publisher)
-    uow.emit("order.placed", OrderPlaced(
+    uow.emit(OrderPlaced(
         order_id=order_id, order_number=number, order_ref=cmd.order_ref, client_id=client_id,
         invoice_id=invoice_id, total=total, currency=currency,
         items=[ItemRef(type="product", id=i) for i in service_ids]
@@ -84,7 +84,7 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
     if invoice_id is not None and total == ZERO:
         # Paid at once (design section 1): announced like any invoice paid, so a storefront
         # bound to invoice.paid hears of it; no payment will ever come for it.
-        uow.emit("invoice.paid", InvoicePaid(
+        uow.emit(InvoicePaid(
             invoice_id=invoice_id, order_id=order_id, order_ref=cmd.order_ref, amount=ZERO))
     log.info("order placed", extra={"order_id": order_id, "order_ref": cmd.order_ref,
                                     "total": str(total), "currency": currency,

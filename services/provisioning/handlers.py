@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from services.provisioning.payments import Payments
 from services.provisioning.reconcile import reconcile, retry_parked
-from shared.contracts import OrderEvent
+from shared.contracts import OrderEvent, OrderSetPending
 from shared.uow import UnitOfWork
 
 
@@ -17,7 +17,7 @@ class OrderEvents:
 
     async def on_event(self, event: OrderEvent, uow: UnitOfWork) -> None:
         """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
-        reopened = uow.context.routing_key == "order.pending"
+        reopened = uow.context.routing_key == OrderSetPending.routing_key
         await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
         await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id)
 

@@ -31,6 +31,7 @@ from services.provisioning.registrars.base import DomainRequest, Registrant, Reg
 from shared import db
 from shared.contracts import EmailSend
 from shared.epp_codes import EppCodeError
+from shared.states import JobStatus
 from shared.uow import event_id
 from shared.wakeup import Wakeup
 
@@ -147,11 +148,11 @@ class JobRunner:
             " WHERE s.id = $1", job["service_id"],
         )
         if job["kind"] == "create" and row["order_status"] in ENDED:
-            await self._close(pool, job, "cancelled", detail={"why": "order ended"})
+            await self._close(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
             return
         if job["kind"] == "terminate" and row["order_status"] not in ENDED:
             # Set back to Pending (or reinstated) since it was queued: the account stays.
-            await self._close(pool, job, "cancelled", detail={"why": "order no longer ended"})
+            await self._close(pool, job, JobStatus.CANCELLED, detail={"why": "order no longer ended"})
             return
         username = row["username"]
         if username is None:  # reconcile saves it with the job; older jobs get it here
@@ -218,7 +219,7 @@ class JobRunner:
             " JOIN clients c ON c.id = o.client_id WHERE d.id = $1", job["domain_id"],
         )
         if row["order_status"] in ENDED:
-            await self._close(pool, job, "cancelled", detail={"why": "order ended"})
+            await self._close(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
             return
         registrar = self.providers.registrar(row["registrar"])
         transfer = job["kind"] == "transfer"
@@ -288,7 +289,7 @@ class JobRunner:
             job["order_id"], job["id"], self.worker_id, detail)
         return state if state["mine"] else None
 
-    async def _close(self, pool: asyncpg.Pool, job: asyncpg.Record, status: str, *,
+    async def _close(self, pool: asyncpg.Pool, job: asyncpg.Record, status: JobStatus, *,
                      detail: dict[str, Any]) -> bool:
         """End the job if this runner still holds it. False when the lease was lost."""
         done = await pool.fetchval(
@@ -326,7 +327,7 @@ class JobRunner:
                 "UPDATE jobs SET status = $2, last_error = $3, lease_until = NULL,"
                 " next_attempt_at = now() + $5::interval, updated_at = now()"
                 " WHERE id = $1 AND status = 'running' AND leased_by = $4 RETURNING true",
-                job["id"], "parked" if park else "pending", error[:2000], self.worker_id,
+                job["id"], JobStatus.PARKED if park else JobStatus.PENDING, error[:2000], self.worker_id,
                 timedelta(0) if park else self.policy.backoff(job["attempts"]))
             if not still_mine:
                 return

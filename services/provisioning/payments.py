@@ -21,16 +21,23 @@ from decimal import Decimal, InvalidOperation
 import asyncpg
 
 from shared.contracts import BIGINT_MAX, InvoicePaid, PaymentReceived, PaymentUnapplied, shown
+from shared.states import ENDED, InvoiceStatus, OrderStatus, PaymentStatus, WaitingFor
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.payments")
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal(10) ** 10  # payments.amount is numeric(12,2)
-# Reasons that may clear up by themselves (the order arrives later); the others need a person.
-WAITING_FOR_ORDER = ["order not placed yet%", "unknown invoice%"]
-# Refused only because the order was ended: an operator setting it back to Pending revives them.
-WAITING_FOR_REVIEW = ["order % is Cancelled", "order % is Fraud", "invoice % is Cancelled"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a payment is not applied, and what it waits for (payments.waiting_for): its order
+    to arrive (ORDER), an operator to set its ended order back to Pending (REVIEW), or
+    nothing that will come by itself (None: a person must look)."""
+
+    reason: str
+    waiting_for: WaitingFor | None = None
 
 # Called with the locked order after its invoice became Paid (the reconcile step).
 OnPaid = Callable[[UnitOfWork, int], Awaitable[None]]
@@ -49,12 +56,12 @@ class Payments:
         payment_id = await conn.fetchval(
             "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
             " requested_invoice_id, order_ref, publisher, status, message_id, trusted)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9, $10)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $11, $9, $10)"
             " ON CONFLICT (gateway, transaction_id) WHERE gateway IS NOT NULL"
             "  AND transaction_id IS NOT NULL AND trusted DO NOTHING RETURNING id",
             payment.gateway, payment.transaction_id, amount, str(payment.amount),
             payment.currency, requested_invoice, payment.order_ref, uow.context.user_id,
-            uow.context.message_id, uow.context.authorized,
+            uow.context.message_id, uow.context.authorized, PaymentStatus.UNAPPLIED,
         )
         if payment_id is None:
             log.info("payment already recorded", extra={
@@ -64,7 +71,9 @@ class Payments:
         if problem is None and requested_invoice is None and payment.invoice_id is not None:
             problem = f"invoice id {shown(str(payment.invoice_id))} is not an invoice id"
         if problem:
-            await _leave_unapplied(uow, payment_id, problem)
+            # Nothing at intake clears up by itself: such a payment waits for nothing (one from
+            # a publisher that is not a gateway above all: it is never applied).
+            await _leave_unapplied(uow, payment_id, Problem(problem))
             return
         await self.apply(uow, payment_id)
 
@@ -85,9 +94,10 @@ class Payments:
         """Apply a recorded payment to its invoice if it can be; True when applied."""
         conn = uow.conn
         p = await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
-        if p["status"] == "applied":
+        if p["status"] == PaymentStatus.APPLIED or not p["trusted"]:
             # Another event about the order applied it since the caller listed it (two events
-            # handled at once, each finding it waiting): counted once, never twice.
+            # handled at once, each finding it waiting): counted once, never twice. One from a
+            # publisher that is not a gateway is never applied.
             return False
         target = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
         problem = _application_problem(p, target)
@@ -97,19 +107,19 @@ class Payments:
         assert target is not None
         paid_before = target["amount_paid"]
         paid_now = paid_before + p["amount"]
-        newly_paid = target["status"] == "Unpaid" and paid_now >= target["total"]
+        newly_paid = target["status"] == InvoiceStatus.UNPAID and paid_now >= target["total"]
         # What goes over the total becomes client credit (all of it, on an invoice already paid).
         credit = max(Decimal("0.00"), paid_now - max(target["total"], paid_before))
         await conn.execute(
             "UPDATE invoices SET amount_paid = $2,"
-            " status = CASE WHEN $3 THEN 'Paid' ELSE status END,"
+            " status = CASE WHEN $3 THEN $4 ELSE status END,"
             " paid_at = CASE WHEN $3 THEN now() ELSE paid_at END WHERE id = $1",
-            target["id"], paid_now, newly_paid,
+            target["id"], paid_now, newly_paid, InvoiceStatus.PAID,
         )
         await conn.execute(
-            "UPDATE payments SET status = 'applied', reason = NULL, invoice_id = $2,"
-            " credit = $3, applied_at = now() WHERE id = $1",
-            payment_id, target["id"], credit,
+            "UPDATE payments SET status = $4, reason = NULL, waiting_for = NULL,"
+            " invoice_id = $2, credit = $3, applied_at = now() WHERE id = $1",
+            payment_id, target["id"], credit, PaymentStatus.APPLIED,
         )
         if credit:
             await conn.execute(
@@ -118,18 +128,15 @@ class Payments:
                 " UPDATE clients SET credit = credit + $2 WHERE id = $1",
                 target["client_id"], credit, p["currency"], payment_id,
             )
-        await conn.execute(
-            "INSERT INTO order_history (order_id, actor, action, detail) VALUES ($1, $2, $3, $4)",
-            target["order_id"], uow.actor, "payment",
-            {"payment_id": payment_id, "amount": str(p["amount"]), "gateway": p["gateway"],
-             "transaction_id": p["transaction_id"], "credit": str(credit)},
-        )
+        await uow.history(target["order_id"], "payment", detail={
+            "payment_id": payment_id, "amount": str(p["amount"]), "gateway": p["gateway"],
+            "transaction_id": p["transaction_id"], "credit": str(credit)})
         log.info("payment applied", extra={
             "payment_id": payment_id, "invoice_id": target["id"], "order_id": target["order_id"],
             "order_ref": target["order_ref"], "amount": str(p["amount"]),
             "invoice_paid": newly_paid})
         if newly_paid:
-            uow.emit("invoice.paid", InvoicePaid(
+            uow.emit(InvoicePaid(
                 invoice_id=target["id"], order_id=target["order_id"],
                 order_ref=target["order_ref"], amount=target["total"]))
             await self.on_paid(uow, target["order_id"])
@@ -140,26 +147,27 @@ class Payments:
         """Payments that arrived before their order are applied once it exists (called with
         every event about the order, in its transaction); `reopened` (the order was set back
         to Pending) also retries those refused because the order had ended."""
-        patterns = WAITING_FOR_ORDER + (WAITING_FOR_REVIEW if reopened else [])
-        waiting = await uow.conn.fetch(
+        waiting = [WaitingFor.ORDER, WaitingFor.REVIEW] if reopened else [WaitingFor.ORDER]
+        # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
+        rows = await uow.conn.fetch(
             "SELECT p.id FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
-            " JOIN payments p ON p.status = 'unapplied'"
+            " JOIN payments p ON p.waiting_for IS NOT NULL"
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
-            " WHERE o.id = $1 AND p.reason LIKE ANY($2::text[]) ORDER BY p.id",
-            order_id, patterns,
+            " WHERE o.id = $1 AND p.waiting_for = ANY($2::text[]) ORDER BY p.id",
+            order_id, waiting,
         )
-        for row in waiting:
+        for row in rows:
             await self.apply(uow, row["id"])
 
 
 async def _find_invoice(
     conn: asyncpg.Connection, invoice_id: int | None, order_ref: str | None
-) -> asyncpg.Record | str:
+) -> asyncpg.Record | Problem:
     """The invoice, locked with its order (order first: the lock order everyone uses)."""
     if invoice_id is not None:
         order_id = await conn.fetchval("SELECT order_id FROM invoices WHERE id = $1", invoice_id)
         if order_id is None:
-            return f"unknown invoice {invoice_id}"
+            return Problem(f"unknown invoice {invoice_id}", WaitingFor.ORDER)
     else:
         # A ref is unique per storefront only, and a gateway's payment does not say whose
         # order it pays: a ref that two storefronts use pays neither (kept unapplied, for an
@@ -167,10 +175,10 @@ async def _find_invoice(
         orders = await conn.fetch(
             "SELECT id FROM orders WHERE order_ref = $1 ORDER BY id LIMIT 2", order_ref)
         if not orders:
-            return f"order not placed yet: {order_ref}"
+            return Problem(f"order not placed yet: {order_ref}", WaitingFor.ORDER)
         if len(orders) > 1:
-            return (f"order_ref {order_ref} is used by more than one storefront: the payment"
-                    " cannot say whose order it pays (it needs an invoice id)")
+            return Problem(f"order_ref {order_ref} is used by more than one storefront: the"
+                           " payment cannot say whose order it pays (it needs an invoice id)")
         order_id = orders[0]["id"]
     order = await conn.fetchrow(
         "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
@@ -180,37 +188,44 @@ async def _find_invoice(
         "SELECT i.*, $2::text AS order_status, $3::text AS order_ref FROM invoices i"
         " WHERE i.order_id = $1 FOR UPDATE", order_id, order["status"], order["order_ref"])
     if row is None:
-        return f"order {order['order_ref']} has no invoice"
+        return Problem(f"order {order['order_ref']} has no invoice")
     return row
 
 
-def _application_problem(p: asyncpg.Record, target: asyncpg.Record | str) -> str | None:
-    if isinstance(target, str):
+def _application_problem(p: asyncpg.Record, target: asyncpg.Record | Problem) -> Problem | None:
+    if isinstance(target, Problem):
         return target
     if p["requested_invoice_id"] is not None and p["order_ref"] and \
             p["order_ref"] != target["order_ref"]:
-        return f"invoice {target['id']} belongs to order {target['order_ref']}, not {p['order_ref']}"
+        return Problem(f"invoice {target['id']} belongs to order {target['order_ref']},"
+                       f" not {p['order_ref']}")
     if p["currency"] != target["currency"]:
-        return f"currency {p['currency']} does not match invoice {target['id']} in {target['currency']}"
-    if target["order_status"] in ("Cancelled", "Fraud"):
-        return f"order {target['order_ref']} is {target['order_status']}"
-    if target["status"] == "Cancelled":
-        return f"invoice {target['id']} is Cancelled"
+        return Problem(f"currency {p['currency']} does not match invoice {target['id']}"
+                       f" in {target['currency']}")
+    # Refused only because the order was ended: an operator setting it back to Pending
+    # revives it.
+    if target["order_status"] in ENDED:
+        return Problem(f"order {target['order_ref']} is {OrderStatus(target['order_status'])}",
+                       WaitingFor.REVIEW)
+    if target["status"] == InvoiceStatus.CANCELLED:
+        return Problem(f"invoice {target['id']} is Cancelled", WaitingFor.REVIEW)
     return None
 
 
-async def _leave_unapplied(uow: UnitOfWork, payment_id: int, reason: str) -> None:
+async def _leave_unapplied(uow: UnitOfWork, payment_id: int, problem: Problem) -> None:
     # The order's ref, when the payment named only its invoice: the storefront listens by ref.
     row = await uow.conn.fetchrow(
-        "UPDATE payments p SET status = 'unapplied', reason = $2 WHERE id = $1"
+        "UPDATE payments p SET status = $4, reason = $2, waiting_for = $3 WHERE id = $1"
         " RETURNING coalesce(order_ref, (SELECT o.order_ref FROM invoices i"
         "  JOIN orders o ON o.id = i.order_id WHERE i.id = p.requested_invoice_id)) AS order_ref,"
-        " requested_invoice_id", payment_id, reason,
+        " requested_invoice_id", payment_id, problem.reason, problem.waiting_for,
+        PaymentStatus.UNAPPLIED,
     )
-    uow.emit("payment.unapplied", PaymentUnapplied(
-        payment_id=payment_id, reason=reason, order_ref=row["order_ref"],
+    uow.emit(PaymentUnapplied(
+        payment_id=payment_id, reason=problem.reason, order_ref=row["order_ref"],
         invoice_id=row["requested_invoice_id"]))
-    log.warning("payment not applied", extra={"payment_id": payment_id, "reason": reason,
+    log.warning("payment not applied", extra={"payment_id": payment_id, "reason": problem.reason,
+                                              "waiting_for": problem.waiting_for,
                                               "order_ref": row["order_ref"]})
 
 

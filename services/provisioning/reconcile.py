@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from shared.states import CLEARED, ENDED, InvoiceStatus, OrderStatus
+
 log = logging.getLogger("ordermill.provisioning")
 
 
@@ -31,7 +33,6 @@ def _base36(n: int) -> str:
         if n == 0:
             return out
 
-ENDED = ("Cancelled", "Fraud")
 # A service's lane: its module and, when it has one, its server (`s` services, `p` products).
 SERVICE_LANE = "p.module || coalesce(':' || coalesce(s.server_id, p.server_id), '')"
 
@@ -40,7 +41,7 @@ SERVICE_LANE = "p.module || coalesce(':' || coalesce(s.server_id, p.server_id), 
 class OrderState:
     id: int
     order_ref: str
-    status: str
+    status: OrderStatus
     cleared: bool  # screening passed or skipped, or an operator overrode it
     has_invoice: bool
     paid: bool
@@ -51,12 +52,12 @@ class OrderState:
     @classmethod
     def of(cls, row: asyncpg.Record) -> OrderState:
         options = row["accept_options"] or {}
-        accepted = row["status"] == "Active"
+        accepted = row["status"] == OrderStatus.ACTIVE
         return cls(
-            id=row["id"], order_ref=row["order_ref"], status=row["status"],
-            cleared=row["screening"] in ("passed", "skipped") or row["screening_override"],
+            id=row["id"], order_ref=row["order_ref"], status=OrderStatus(row["status"]),
+            cleared=row["screening"] in CLEARED or row["screening_override"],
             has_invoice=row["invoice_status"] is not None,
-            paid=row["invoice_status"] == "Paid",
+            paid=row["invoice_status"] == InvoiceStatus.PAID,
             accepted=accepted,
             run_module_create=accepted and options.get("run_module_create", True),
             register_domains=accepted and options.get("register_domains", True),

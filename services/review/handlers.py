@@ -15,32 +15,55 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from shared.contracts import ReviewCommand
-from shared.orders import add_history, ask_for_order_emails, transition
+from shared.contracts import (
+    AcceptOptions,
+    OperatorAction,
+    OrderAccepted,
+    OrderCancelled,
+    OrderDeleted,
+    OrderFraud,
+    OrderRescreen,
+    OrderRetry,
+    OrderSetPending,
+    ReviewCommand,
+    ReviewReply,
+)
+from shared.orders import allowed_from, ask_for_order_emails, transition
 from shared.parties import Party
+from shared.states import CLEARED, JobStatus, OrderStatus, Screening
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.review")
 
 
 @dataclass(frozen=True)
-class Rule:
-    allowed: frozenset[str]  # statuses the action may start from
-    result: str | None  # the status it leads to (None: the status does not change)
-    event: str
+class Action:
+    """What an operator action leads to; where it may start from is the transition table's
+    to say (shared/orders.py), so the two cannot disagree."""
+
+    event: type[OperatorAction] | type[OrderFraud]
+    result: OrderStatus | None = None  # the status it leads to (None: the status stays)
+
+    def allowed(self, name: str) -> frozenset[OrderStatus]:
+        return allowed_from(name, self.result)
 
 
-ANY = frozenset({"Pending", "Active", "Cancelled", "Fraud"})
-RULES: dict[str, Rule] = {
-    "accept": Rule(frozenset({"Pending"}), "Active", "order.accepted"),
-    "deny": Rule(frozenset({"Pending"}), "Cancelled", "order.cancelled"),
-    "cancel": Rule(frozenset({"Pending", "Active"}), "Cancelled", "order.cancelled"),
-    "fraud": Rule(frozenset({"Pending", "Active", "Cancelled"}), "Fraud", "order.fraud"),
-    "pending": Rule(frozenset({"Cancelled", "Fraud"}), "Pending", "order.pending"),
-    "delete": Rule(frozenset({"Cancelled", "Fraud"}), None, "order.deleted"),
-    "retry": Rule(ANY, None, "order.retry"),
-    "rescreen": Rule(frozenset({"Pending"}), None, "order.rescreen"),
+ACTIONS: dict[str, Action] = {
+    "accept": Action(OrderAccepted, OrderStatus.ACTIVE),
+    "deny": Action(OrderCancelled, OrderStatus.CANCELLED),
+    "cancel": Action(OrderCancelled, OrderStatus.CANCELLED),
+    "fraud": Action(OrderFraud, OrderStatus.FRAUD),
+    "pending": Action(OrderSetPending, OrderStatus.PENDING),
+    "delete": Action(OrderDeleted),
+    "retry": Action(OrderRetry),
+    "rescreen": Action(OrderRescreen),
 }
+
+
+def action_table() -> dict[str, tuple[frozenset[OrderStatus], OrderStatus | None]]:
+    """action -> (the statuses it may start from, the status it leads to): the design's
+    operator actions table, as the code derives it."""
+    return {name: (action.allowed(name), action.result) for name, action in ACTIONS.items()}
 
 
 class Refused(Exception):
@@ -72,63 +95,72 @@ async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
             raise Refused(f"order {cmd.order_id} does not exist")
         status = await _apply(conn, uow, cmd, order, operator)
     except Refused as refusal:
-        uow.reply({"ok": False, "order_id": cmd.order_id, "error": str(refusal)})
+        uow.reply(ReviewReply(ok=False, order_id=cmd.order_id, error=str(refusal)))
         log.info("operator action refused", extra={
             "order_id": cmd.order_id, "action": cmd.action, "operator": operator,
             "reason": str(refusal)})
         return
-    uow.reply({"ok": True, "order_id": cmd.order_id, "status": status})
+    uow.reply(ReviewReply(ok=True, order_id=cmd.order_id, status=status))
     log.info("operator action", extra={"order_id": cmd.order_id, "order_ref": order["order_ref"],
                                        "action": cmd.action, "operator": operator,
                                        "status": status})
 
 
 async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
-                 order: asyncpg.Record, operator: str) -> str:
-    rule = RULES[cmd.action]
-    current = order["status"]
+                 order: asyncpg.Record, operator: str) -> OrderStatus:
+    action = ACTIONS[cmd.action]
+    current = OrderStatus(order["status"])
     if order["deleted_at"] is not None:
         if cmd.action == "delete":
             return current  # already what was asked
         raise Refused(f"order {order['id']} is deleted")
-    if rule.result is not None and current == rule.result:
+    if action.result is not None and current == action.result:
         return current  # the status it already has: nothing changes
-    if current not in rule.allowed:
-        needs = " or ".join(sorted(rule.allowed))
+    allowed = action.allowed(cmd.action)
+    if current not in allowed:
+        needs = " or ".join(sorted(allowed))
         raise Refused(f"order {order['id']} is {current}; {cmd.action} needs {needs}")
-    body: dict[str, object] = {"order_id": order["id"], "order_ref": order["order_ref"],
-                               "operator": operator}
+    screening = Screening(order["screening"])
+    options: dict[str, bool] | None = None
     if cmd.action == "accept":
-        if order["screening"] == "queued":
+        if screening == Screening.QUEUED:
             raise Refused(f"order {order['id']} is still being screened; accept needs it finished")
         options = cmd.options.model_dump()
         await conn.execute("UPDATE orders SET accept_options = $2 WHERE id = $1", order["id"],
                            options)
-        body["options"] = options
     if cmd.action == "retry":
         parked = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE order_id = $1 AND status = 'parked'", order["id"])
+            "SELECT count(*) FROM jobs WHERE order_id = $1 AND status = $2", order["id"],
+            JobStatus.PARKED)
         if not parked:
             raise Refused(f"order {order['id']} has no parked setup; retry needs one")
-    if rule.result is not None:
-        await transition(conn, order, rule.result, actor=operator, action=cmd.action,
-                         detail=body.get("options") and {"options": body["options"]})
+    if action.result is not None:
+        await transition(conn, order, action.result, actor=operator, action=cmd.action,
+                         detail=options and {"options": options})
         if cmd.action == "pending":
             # The operator overrides the screening: the order may be set up again. One never
             # screened (Cancelled or Fraud before its turn came) is not screened later either:
             # screening would undo the operator's decision.
             await conn.execute(
                 "UPDATE orders SET screening_override = true, screening = CASE"
-                " WHEN screening = 'queued' THEN 'skipped' ELSE screening END WHERE id = $1",
-                order["id"])
-        if cmd.action in ("pending", "accept") and order["screening"] not in ("passed", "skipped"):
+                " WHEN screening = $2 THEN $3 ELSE screening END WHERE id = $1",
+                order["id"], Screening.QUEUED, Screening.SKIPPED)
+        if cmd.action in ("pending", "accept") and screening not in CLEARED:
             # Cleared by the operator, not by screening: the emails screening held back go now.
             ask_for_order_emails(uow, order)
     else:
         if cmd.action == "delete":
             await conn.execute("UPDATE orders SET deleted_at = now() WHERE id = $1", order["id"])
-        await add_history(conn, order["id"], actor=operator, action=cmd.action)
-    if cmd.action == "fraud":
-        body["source"] = "operator"
-    uow.emit(rule.event, body)
-    return rule.result or current
+        await uow.history(order["id"], cmd.action, actor=operator)
+    uow.emit(_event(action, order, operator, options))
+    return action.result or current
+
+
+def _event(action: Action, order: asyncpg.Record, operator: str,
+           options: dict[str, bool] | None) -> OperatorAction | OrderFraud:
+    ids = {"order_id": order["id"], "order_ref": order["order_ref"], "operator": operator}
+    if action.event is OrderFraud:
+        return OrderFraud(**ids, source="operator")
+    if action.event is OrderAccepted:
+        return OrderAccepted(**ids, options=AcceptOptions.model_validate(options))
+    return action.event(**ids)

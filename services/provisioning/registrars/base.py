@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-DomainOutcome = Literal["Active", "Pending Registration", "Pending Transfer"]
+from shared.states import DomainStatus
+
+# What a registrar's success leaves the domain as.
+DomainOutcome = Literal[
+    DomainStatus.ACTIVE, DomainStatus.PENDING_REGISTRATION, DomainStatus.PENDING_TRANSFER]
 
 
 @dataclass(frozen=True)

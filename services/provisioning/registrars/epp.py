@@ -39,6 +39,7 @@ from xml.sax.saxutils import escape
 
 from services.provisioning.registrars.base import DomainOutcome, DomainRequest, RegistrarResult
 from shared.scrub import scrub as _scrub
+from shared.states import DomainStatus
 
 log = logging.getLogger("ordermill.registrar.epp")
 
@@ -254,7 +255,8 @@ class EppRegistrar:
             f"<domain:registrant>{escape(self.registrant_id)}</domain:registrant>{contacts}"
             f"{_authinfo(authinfo)}</domain:create></create>"))
         if answer.code in (1000, 1001):
-            status: DomainOutcome = "Active" if answer.code == 1000 else "Pending Registration"
+            status: DomainOutcome = (DomainStatus.ACTIVE if answer.code == 1000
+                                     else DomainStatus.PENDING_REGISTRATION)
             return RegistrarResult.success(status, **_detail(answer, "domain:creData"))
         if answer.code != 2302:
             raise _Definitive(f"registration of {name} failed: {answer.describe()}")
@@ -263,7 +265,8 @@ class EppRegistrar:
         if info is None or info.findtext("domain:clID", namespaces=_NS) != self.client_id:
             raise _Definitive(f"domain {name} is registered to someone else")
         statuses = {el.get("s") for el in info.findall("domain:status", _NS)}
-        status = "Pending Registration" if "pendingCreate" in statuses else "Active"
+        status = (DomainStatus.PENDING_REGISTRATION if "pendingCreate" in statuses
+                  else DomainStatus.ACTIVE)
         expires = info.findtext("domain:exDate", namespaces=_NS)
         return RegistrarResult.success(status, adopted=True, result_code=answer.code,
                                        **({"expires": expires} if expires else {}))
@@ -276,7 +279,8 @@ class EppRegistrar:
             f'<domain:period unit="y">{int(request.years)}</domain:period>'
             f"{_authinfo(epp_code)}</domain:transfer></transfer>"))
         if answer.code in (1000, 1001):
-            status: DomainOutcome = "Active" if answer.code == 1000 else "Pending Transfer"
+            status: DomainOutcome = (DomainStatus.ACTIVE if answer.code == 1000
+                                     else DomainStatus.PENDING_TRANSFER)
             return RegistrarResult.success(status, **_detail(answer, "domain:trnData"))
         if answer.code in AUTH_ERROR_CODES:
             raise _Definitive(f"transfer refused: {answer.describe()}")
@@ -289,7 +293,7 @@ class EppRegistrar:
             trn = data.find("domain:trnData", _NS) if data is not None else None
             if (trn is not None and trn.findtext("domain:reID", namespaces=_NS) == self.client_id
                     and trn.findtext("domain:trStatus", namespaces=_NS) == "pending"):
-                return RegistrarResult.success("Pending Transfer", adopted=True,
+                return RegistrarResult.success(DomainStatus.PENDING_TRANSFER, adopted=True,
                                                result_code=answer.code)
             raise _Definitive(f"transfer refused: {answer.describe()}")
         # Refused otherwise (not eligible, ...): already ours, transferred by an earlier attempt?
@@ -298,7 +302,8 @@ class EppRegistrar:
         except _Definitive:  # e.g. 2303: no such domain; the refusal says more than the info
             info = None
         if info is not None and info.findtext("domain:clID", namespaces=_NS) == self.client_id:
-            return RegistrarResult.success("Active", adopted=True, result_code=answer.code)
+            return RegistrarResult.success(DomainStatus.ACTIVE, adopted=True,
+                                           result_code=answer.code)
         raise _Definitive(f"transfer refused: {answer.describe()}")
 
     async def _info(self, session: _Session, name: str) -> ET.Element | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from services.provisioning.registrars.base import DomainRequest, RegistrarResult
+from shared.states import DomainStatus
 
 log = logging.getLogger("ordermill.registrar.manual")
 
@@ -20,13 +21,13 @@ class ManualRegistrar:
     async def register(self, request: DomainRequest) -> RegistrarResult:
         log.info("domain awaits manual registration",
                  extra={"domain_id": request.domain_id, "domain": request.domain})
-        return RegistrarResult.success("Pending Registration", manual=True)
+        return RegistrarResult.success(DomainStatus.PENDING_REGISTRATION, manual=True)
 
     async def transfer(self, request: DomainRequest) -> RegistrarResult:
         # The EPP code is a secret: the operator reads it from the order, it is never logged.
         log.info("domain awaits manual transfer",
                  extra={"domain_id": request.domain_id, "domain": request.domain})
-        return RegistrarResult.success("Pending Transfer", manual=True)
+        return RegistrarResult.success(DomainStatus.PENDING_TRANSFER, manual=True)
 
     async def close(self) -> None:
         return None

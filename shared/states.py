@@ -1,0 +1,101 @@
+"""Every state Ordermill stores, as a type.
+
+The values are contract words (design section 1, "Statuses"): operators read them, events
+carry them, the tables' CHECK constraints hold them. A value is never changed; a member is
+only ever added (with a migration that widens its CHECK). A test compares each enum with
+its table's CHECK constraint.
+
+StrEnum members are `str`: they compare equal to the text read from PostgreSQL, pass as
+query parameters and serialise to JSON as their value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class OrderStatus(StrEnum):
+    PENDING = "Pending"
+    ACTIVE = "Active"
+    CANCELLED = "Cancelled"
+    FRAUD = "Fraud"
+
+
+# An ended order: nothing of it is set up, what is live is terminated, a payment waits for
+# an operator to set it back to Pending.
+ENDED = frozenset({OrderStatus.CANCELLED, OrderStatus.FRAUD})
+
+
+class ServiceStatus(StrEnum):
+    """A product item (a hosting account or other service)."""
+
+    PENDING = "Pending"
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"
+    TERMINATED = "Terminated"
+    CANCELLED = "Cancelled"
+    FRAUD = "Fraud"
+
+
+class DomainStatus(StrEnum):
+    PENDING = "Pending"
+    PENDING_REGISTRATION = "Pending Registration"
+    PENDING_TRANSFER = "Pending Transfer"
+    ACTIVE = "Active"
+    CANCELLED = "Cancelled"
+    FRAUD = "Fraud"
+
+
+class InvoiceStatus(StrEnum):
+    UNPAID = "Unpaid"
+    PAID = "Paid"
+    CANCELLED = "Cancelled"
+
+
+class Screening(StrEnum):
+    """An order's fraud screening: `queued` until scored."""
+
+    QUEUED = "queued"
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+
+# Screening that lets the order be set up automatically (or an operator's override).
+CLEARED = frozenset({Screening.PASSED, Screening.SKIPPED})
+
+
+class JobStatus(StrEnum):
+    """A provisioning job (module create, termination, registration, transfer)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    PARKED = "parked"
+    CANCELLED = "cancelled"
+
+
+# Jobs that may still run: what reconcile cancels, what an operator's retry looks at.
+WAITING_JOBS = frozenset({JobStatus.PENDING, JobStatus.PARKED})
+
+
+class EmailStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    PARKED = "parked"
+
+
+class PaymentStatus(StrEnum):
+    APPLIED = "applied"
+    UNAPPLIED = "unapplied"
+
+
+class WaitingFor(StrEnum):
+    """What an unapplied payment waits for (payments.waiting_for; NULL: nothing, a person
+    must look): its order to be placed, or an operator to set its ended order back to
+    Pending."""
+
+    ORDER = "order"
+    REVIEW = "review"
