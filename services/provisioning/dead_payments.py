@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from services.provisioning.payments import _amount, _int_or_none, _leave_unapplied
+from services.provisioning.payments import Problem, _amount, _int_or_none, _leave_unapplied
 from shared import broker
 from shared.contracts import shown
 from shared.topology import Names
@@ -176,7 +176,7 @@ class DeadPayments:
                 consumer="provisioning", message_id=f"dead:{message_id}",
                 routing_key="payment.received", received_at=datetime.now(UTC),
                 user_id=publisher or None, authorized=False))
-            await _leave_unapplied(uow, payment_id, reason)
+            await _leave_unapplied(uow, payment_id, Problem(reason))  # waits for a person
             await flush_events(conn, [uow])
         log.warning("payment kept from the dead-letter queue", extra={
             "payment_id": payment_id, "message_id": shown(message_id), "reason": reason})
