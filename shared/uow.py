@@ -7,6 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
@@ -96,6 +97,9 @@ async def write_event(
 class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
+    # The message its events trace back to (their correlation_id), when not the one handled:
+    # a job's events trace back to the message that made the job needed.
+    caused_by: str | None = None
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
 
@@ -108,9 +112,17 @@ class UnitOfWork:
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        self._events.append((message_id, routing_key, _payload(body), ctx.message_id, False,
-                             ctx.consumer))
+        self._events.append((message_id, routing_key, _payload(body),
+                             self.caused_by or ctx.message_id, False, ctx.consumer))
         return message_id
+
+    async def history(self, order_id: int, action: str, detail: dict[str, Any] | None = None,
+                      **statuses: str | None) -> None:
+        """A row of the order's history, by this unit of work's actor."""
+        from shared.orders import add_history  # shared.orders imports this module
+
+        await add_history(self.conn, order_id, actor=self.actor, action=action, detail=detail,
+                          **statuses)
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
         """Answer the message's `reply_to` queue, with its correlation_id, after commit.
