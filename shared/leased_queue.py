@@ -106,12 +106,11 @@ class LeasedQueue:
         touch = f", {t.touch}" if t.touch else ""
         self._due = (f"((status = '{t.pending}' AND next_attempt_at <= now())"
                      f" OR (status = '{t.claimed}' AND lease_until < now()))")
-        lane = f"{t.lane} = $4 AND " if t.lane else ""
         self._claim = (
             f"UPDATE {t.name} SET status = '{t.claimed}', attempts = attempts + 1,"
             " leased_by = $1 || '/' || left(md5(random()::text), 8),"
             f" lease_until = now() + $2::interval{touch}"
-            f" WHERE id IN (SELECT id FROM {t.name} WHERE {lane}{self._due}"
+            f" WHERE id IN (SELECT id FROM {t.name} WHERE {{}}{self._due}"
             f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING *")
         many = (f" FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
                 f" AND q.leased_by = c.token AND q.status = '{t.claimed}'")
@@ -133,9 +132,11 @@ class LeasedQueue:
 
     async def claim(self, conn: asyncpg.Pool | asyncpg.Connection, limit: int, *,
                     lane: str | None = None) -> list[asyncpg.Record]:
-        """Up to `limit` due rows (of `lane`, on a table with lanes), claimed for this runner."""
-        args = (self.runner_id, self.lease, limit) + ((lane,) if self.table.lane else ())
-        return await conn.fetch(self._claim, *args)
+        """Up to `limit` due rows (of one lane, if given), claimed for this runner."""
+        if lane is None:
+            return await conn.fetch(self._claim.format(""), self.runner_id, self.lease, limit)
+        return await conn.fetch(self._claim.format(f"{self.table.lane} = $4 AND "),
+                                self.runner_id, self.lease, limit, lane)
 
     @contextlib.asynccontextmanager
     async def hold(self, pool: asyncpg.Pool, rows: Iterable[asyncpg.Record]) -> AsyncIterator[None]:
