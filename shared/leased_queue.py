@@ -297,6 +297,8 @@ class Runner:
                 await asyncio.wait(self._running, timeout=self.stop_timeout)
             for task in self._running:
                 task.cancel()  # its lease runs out; another runner takes the row
+            if self._running:
+                await asyncio.wait(self._running, timeout=5)
             await self.queue.close()
 
     async def _start_due(self, pool: asyncpg.Pool) -> bool:
