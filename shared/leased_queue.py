@@ -145,8 +145,9 @@ class LeasedQueue:
         keys = [_key(r) for r in rows]
         for key in keys:
             self._held.setdefault(key, asyncio.Event())
-        self._none_held.clear()
-        if self._held and (self._heartbeat is None or self._heartbeat.done()):
+        if keys:
+            self._none_held.clear()
+        if keys and (self._heartbeat is None or self._heartbeat.done()):
             self._heartbeat = asyncio.create_task(self._beat(pool), name=f"{self.table.name}-lease")
         try:
             yield
