@@ -100,8 +100,9 @@ class Settings(BaseSettings):
     dead_payment_sweep_seconds: float = Field(30.0, gt=0)
     job_max_attempts: int = Field(6, gt=0)
     job_backoff_seconds: float = Field(30.0, gt=0)
-    # Longer than the slowest module call (cPanel's createacct may take minutes).
-    job_lease_seconds: float = Field(300.0, gt=0)
+    # Renewed every third of it while the call runs (however long), so a dead runner's jobs
+    # and mails are taken over within this (plus a poll). Also the mail sender's lease.
+    job_lease_seconds: float = Field(30.0, gt=0)
     job_concurrency: int = Field(64, gt=0, le=1000)
     job_lane_concurrency: int = Field(8, gt=0, le=1000)  # per server
     job_poll_seconds: float = Field(5.0, gt=0)

@@ -116,6 +116,9 @@ async def write_event(
 class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
+    # The message its events trace back to (their correlation_id), when not the one handled:
+    # a job's events trace back to the message that made the job needed.
+    caused_by: str | None = None
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
 
@@ -131,8 +134,8 @@ class UnitOfWork:
         self._emitted += 1
         ctx = self.context
         message_id = event_id(ctx.consumer, ctx.message_id, routing_key, self._emitted)
-        self._events.append((message_id, routing_key, payload, ctx.message_id, False,
-                             ctx.consumer))
+        self._events.append((message_id, routing_key, payload, self.caused_by or ctx.message_id,
+                             False, ctx.consumer))
         return message_id
 
     async def history(self, order_id: int, action: str, *,

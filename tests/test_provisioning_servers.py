@@ -153,10 +153,11 @@ async def test_marking_fraud_terminates_the_live_account(harness: Harness, whm: 
     await harness.publish("order.fraud", {"order_id": order["id"], "order_ref": "whm-fraud",
                                           "source": "operator"})
 
-    async def gone() -> bool:
-        return whm.calls["removeacct"] == 1 and not whm.accounts
-    await eventually(gone, timeout=30)
-    row = await service(harness, order["id"])
+    async def gone() -> dict[str, Any] | None:
+        # The server answers before the runner commits: wait for the commit too.
+        row = await service(harness, order["id"])
+        return row if whm.calls["removeacct"] == 1 and not whm.accounts and not row["live"] else None
+    row = await eventually(gone, timeout=30)
     assert (row["status"], row["live"]) == ("Fraud", False)
 
 

@@ -1,5 +1,6 @@
-"""The mail sender: claims pending emails with a lease, sends them over SMTP, marks them
-sent; SMTP failures are retried with backoff and then parked for an operator."""
+"""The mail sender: claims due emails from the leased queue (shared/leased_queue.py), sends
+them over SMTP, marks them sent; SMTP failures are retried with backoff and then parked for
+an operator. A claim's lease is renewed while a slow server takes its time."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import aiosmtplib
@@ -18,7 +20,7 @@ import asyncpg
 
 from services.notify.mail import order_contexts, render
 from shared import db
-from shared.states import EmailStatus
+from shared.leased_queue import NOW, Backoff, LeasedQueue, Table, wake_loop
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
@@ -27,22 +29,7 @@ _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 # UnicodeEncodeError), possibly after MAIL FROM went: the envelope is reset like a refusal's.
 _MAIL_ERRORS = (*_SMTP_ERRORS, ValueError)
 
-# The lease of a connection's mails still to go, renewed when due.
-_RENEW = ("UPDATE emails SET lease_until = now() + $2::interval"
-          " WHERE id = ANY($1::bigint[]) AND status = 'sending'")
-# A mail's outcome is written only while our claim on it holds: a sender whose lease ran out
-# never overwrites the one that took the mail over.
-_WHILE_CLAIMED = " WHERE id = $1 AND status = 'sending' AND attempts = $2"
-
-_CLAIM = """
-UPDATE emails SET status = 'sending', attempts = attempts + 1,
-  lease_until = now() + $1::interval
-WHERE id IN (SELECT id FROM emails
-  WHERE (status = 'pending' AND next_attempt_at <= now())
-     OR (status = 'sending' AND lease_until < now())
-  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-RETURNING *
-"""
+EMAILS = Table(name="emails", channel="ordermill_emails", claimed="sending", order="id")
 
 
 @dataclass(frozen=True)
@@ -54,22 +41,6 @@ class SmtpConfig:
     password: str | None = None
     security: str = "none"  # none, starttls, tls
     timeout: float = 10.0
-
-
-class _Renewal:
-    """When the mails still to go on a connection get their lease renewed: once half of it
-    has passed. A fast server never needs it; renewing after every mail rewrote each of
-    a connection's waiting rows once per mail sent before it."""
-
-    def __init__(self, lease: timedelta, since: float) -> None:
-        self._half = lease.total_seconds() / 2
-        self._at = since  # when the lease was set: the claim, not the connection
-
-    def due(self, waiting: Sequence[asyncpg.Record]) -> list[int]:
-        if not waiting or time.monotonic() - self._at < self._half:
-            return []
-        self._at = time.monotonic()
-        return [e["id"] for e in waiting]
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> bool:
@@ -84,11 +55,13 @@ async def _reset(smtp: aiosmtplib.SMTP) -> bool:
 
 class MailSender:
     def __init__(self, smtp: SmtpConfig, database_url: str, *, max_attempts: int,
-                 backoff_seconds: float, poll_seconds: float) -> None:
+                 backoff_seconds: float, poll_seconds: float, lease_seconds: float = 30.0) -> None:
         self.smtp = smtp
-        self._wakeup = Wakeup(database_url, "ordermill_emails")
-        self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
+        self._wakeup = Wakeup(database_url, EMAILS.channel)
+        # A claim's lease is renewed every third of it while its connection goes (however
+        # slow the server), so it can be short: a dead sender's mails go out soon after.
+        self.queue = LeasedQueue(EMAILS, lease=timedelta(seconds=lease_seconds),
+                                 backoff=Backoff(max_attempts, backoff_seconds))
         self.poll_seconds = poll_seconds
         self.connections = 4  # SMTP connections at once, each sending several mails
         self.batch = 64  # mails claimed by one pass
@@ -104,43 +77,35 @@ class MailSender:
         # A kept connection idle for longer than this is checked (NOOP) before it is used.
         self.check_after_seconds = 1.0
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
-        # Long enough to connect (greeting, EHLO, STARTTLS, EHLO, AUTH) and send one mail
-        # (MAIL, RCPT, DATA, the body), each step bounded by the timeout; the mails still to
-        # go on a connection get it again once half of it has passed.
-        self.lease = timedelta(seconds=smtp.timeout * 10)
         # aiosmtplib looks up the FQDN in a thread on every connection (and a broken
         # resolver makes that slow): once per process is enough.
         self._local_hostname: str | None = None
 
+    @property
+    def lease(self) -> timedelta:
+        return self.queue.lease
+
+    @lease.setter
+    def lease(self, lease: timedelta) -> None:
+        self.queue.lease = lease
+
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        """Send what is due; woken when a request is recorded, and by the timer for retries."""
+        """Send what is due; woken when a request is recorded (then lingering a moment, to
+        send the next few with it), and by the timer for retries and idle connections."""
         try:
-            while not stop.is_set():
-                await self._wakeup.ensure()
-                self._wakeup.event.clear()
-                try:
-                    sent = await self.send_due(pool)
-                except db.TRANSIENT_DB_ERRORS as exc:
-                    log.warning("mail pass failed; will retry", extra={"error": str(exc)})
-                    sent = 0
-                except Exception:  # never lose the sender; the leases bring the mails back
-                    log.exception("mail pass failed; will retry")
-                    sent = 0
-                await self._close_idle(self.keepalive_seconds)
-                if sent >= self.batch:
-                    continue  # a backlog: the next pass at once
-                waiting = [asyncio.create_task(self._wakeup.event.wait()),
-                           asyncio.create_task(stop.wait())]
-                await asyncio.wait(waiting, timeout=min(self.poll_seconds, self.keepalive_seconds),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for task in waiting:
-                    task.cancel()
-                if self._wakeup.event.is_set() and not stop.is_set():
-                    # Woken by a new request: let the next few arrive, to send them together.
-                    await asyncio.sleep(self.linger_seconds)
+            await wake_loop(self._wakeup, stop, partial(self._pass, pool),
+                            poll_seconds=min(self.poll_seconds, self.keepalive_seconds),
+                            linger_seconds=self.linger_seconds)
         finally:
             await self.close()
-            await self._wakeup.close()
+            await self.queue.close()
+
+    async def _pass(self, pool: asyncpg.Pool) -> bool:
+        try:
+            sent = await self.send_due(pool)
+        finally:
+            await self._close_idle(self.keepalive_seconds)
+        return sent >= self.batch  # a backlog: the next pass at once
 
     async def close(self) -> None:
         """Say QUIT on every connection kept open."""
@@ -149,10 +114,14 @@ class MailSender:
     async def send_due(self, pool: asyncpg.Pool) -> int:
         """Claim what is due and send it over a few SMTP connections, each carrying several
         mails: a connection's greeting, EHLO, TLS and login cost more than a mail."""
-        claimed_at = time.monotonic()  # before the claim: the lease was set no earlier
-        emails = await pool.fetch(_CLAIM, self.lease, self.batch)
+        emails = await self.queue.claim(pool, self.batch)
         if not emails:
             return 0
+        async with self.queue.hold(pool, emails):
+            await self._send(pool, emails)
+        return len(emails)
+
+    async def _send(self, pool: asyncpg.Pool, emails: list[asyncpg.Record]) -> None:
         if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         try:
@@ -162,16 +131,14 @@ class MailSender:
             # Nothing was sent: the claim goes back at once, no attempt spent (or, if the
             # database is away, when its lease runs out).
             with contextlib.suppress(*db.TRANSIENT_DB_ERRORS):
-                await self._release(pool, emails)
+                await self.queue.release(pool, emails)
             raise
         chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
-        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts,
-                                                                       claimed_at)
+        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts)
                                          for chunk in chunks), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the others finished; a lease brings these back
-        return len(emails)
 
     async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """A kept connection that still answers, or a new one."""
@@ -207,9 +174,7 @@ class MailSender:
                     smtp.close()
 
     async def _send_over_one_connection(self, pool: asyncpg.Pool, emails: list[asyncpg.Record],
-                                        contexts: Mapping[int, dict[str, Any]],
-                                        claimed_at: float) -> None:
-        renewal = _Renewal(self.lease, claimed_at)
+                                        contexts: Mapping[int, dict[str, Any]]) -> None:
         try:
             smtp, reused = await self._connection()
         except _SMTP_ERRORS as exc:
@@ -219,10 +184,8 @@ class MailSender:
         kept = False
         try:
             for n, email in enumerate(emails):
-                # Before each mail, not after: the connect (or NOOP) and this mail must both
-                # fit in what is left of the lease.
-                if renew := renewal.due(emails[n:]):
-                    await pool.execute(_RENEW, renew, self.lease)
+                if self.queue.lost(email):
+                    continue  # taken over by another sender (this one was too slow): its to send
                 try:
                     mail = render(email["template"], email["recipient"], self.smtp.sender,
                                   email["message_id"], contexts[email["order_id"]])
@@ -240,17 +203,17 @@ class MailSender:
                             continue
                         # The server would not clear the refused envelope: the mails not
                         # yet tried go to a fresh connection, no attempt spent.
-                        await self._release(pool, emails[n + 1:])
+                        await self.queue.release(pool, emails[n + 1:])
                         return
                     # The connection is gone (a drop, a timeout, a 421). Mails not yet tried
                     # are not at fault: back to pending at once, no attempt spent; nor is this
                     # one when the connection was a kept one (a stale connection, a server's
                     # per-connection limit).
                     if reused:
-                        await self._release(pool, emails[n:])
+                        await self.queue.release(pool, emails[n:])
                     else:
                         await self._failed(pool, email, exc)
-                        await self._release(pool, emails[n + 1:])
+                        await self.queue.release(pool, emails[n + 1:])
                     return
                 await self._sent(pool, email)
             if smtp.is_connected:
@@ -260,30 +223,16 @@ class MailSender:
             if not kept:
                 smtp.close()  # never leaked: a DB error or a cancellation closes it too
 
-    async def _release(self, pool: asyncpg.Pool, emails: Sequence[asyncpg.Record]) -> None:
-        if emails:
-            await pool.execute(
-                "UPDATE emails e SET status = 'pending', attempts = e.attempts - 1,"
-                " lease_until = NULL, next_attempt_at = now()"
-                " FROM unnest($1::bigint[], $2::int[]) AS c(id, attempts)"
-                " WHERE e.id = c.id AND e.status = 'sending' AND e.attempts = c.attempts",
-                [e["id"] for e in emails], [e["attempts"] for e in emails])
-
     async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
-        await pool.execute(
-            "UPDATE emails SET status = 'sent', sent_at = now(), lease_until = NULL,"
-            " last_error = NULL" + _WHILE_CLAIMED, email["id"], email["attempts"])
+        await self.queue.finish(pool, email, "sent", sent_at=NOW, last_error=None)
         log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
                                       "order_id": email["order_id"]})
 
     async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
-        park = email["attempts"] >= self.max_attempts
-        delay = timedelta(seconds=self.backoff_seconds * 2 ** (email["attempts"] - 1))
-        await pool.execute(
-            "UPDATE emails SET status = $3, last_error = $4, lease_until = NULL,"
-            " next_attempt_at = now() + $5::interval" + _WHILE_CLAIMED,
-            email["id"], email["attempts"], EmailStatus.PARKED if park else EmailStatus.PENDING,
-            f"{type(exc).__name__}: {exc}", delay)
+        status = await self.queue.fail(pool, email, f"{type(exc).__name__}: {exc}")
+        if status is None:
+            return  # no longer ours: the sender that took it over decides
+        park = status == EMAILS.parked
         (log.error if park else log.warning)(
             "email not sent" + ("; parked" if park else "; will retry"), extra={
                 "email_id": email["id"], "template": email["template"],

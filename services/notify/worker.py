@@ -33,7 +33,7 @@ def worker(settings: Settings) -> WorkerSpec:
                    security=settings.smtp_security, timeout=settings.module_timeout_seconds),
         settings.database_url, max_attempts=settings.job_max_attempts,
         backoff_seconds=settings.job_backoff_seconds,
-        poll_seconds=settings.job_poll_seconds)
+        poll_seconds=settings.job_poll_seconds, lease_seconds=settings.job_lease_seconds)
     domain = settings.mail_from.rpartition("@")[2].strip(">") or "ordermill.local"
 
     async def handle(request: EmailSend, uow: UnitOfWork) -> None:

@@ -1,0 +1,338 @@
+"""One leased queue in PostgreSQL: rows of work that are claimed, kept, finished, retried, parked.
+
+The job runner (services/provisioning/jobs.py) and the mail sender
+(services/notify/sender.py) use it, each on its own table, described by a `Table`. The
+model is arq's: a row is due when it waits and its `next_attempt_at` has come, or when it
+is claimed but its lease ran out (the runner that held it died).
+
+- `claim` takes due rows (FOR UPDATE SKIP LOCKED: any number of runners share a table),
+  counts an attempt and writes a fresh token into `leased_by`. Every later write checks
+  that token: only the holder of a claim finishes, fails or releases its row.
+- `hold` keeps claims alive while their work runs: a heartbeat, every third of the lease,
+  extends the lease of every claim this process holds, in one statement, and only where
+  the token still matches. A claim it finds lost (taken over, reset by an operator) is
+  marked; `guard` cancels the work of a lost claim, and `finish` refuses to record it.
+- `fail` schedules the next attempt with exponential backoff and jitter, or parks the row
+  once its attempts are spent (or the failure is definitive); `release` hands a claim
+  back at once, no attempt spent.
+- `Runner` runs one task per claimed row, at most `concurrency` at once and
+  `lane_concurrency` per lane (a server: a slow one fills only its own lane), woken by
+  NOTIFY (`wake_loop`) and by a timer as well.
+
+    queue = LeasedQueue(JOBS, lease=timedelta(seconds=30), backoff=Backoff(max_attempts=6))
+    rows = await queue.claim(pool, 10)
+    async with queue.hold(pool, rows):
+        result = await queue.guard(rows[0], call())  # raises ClaimLost if taken over
+        async with pool.acquire() as conn, conn.transaction():
+            if await queue.finish(conn, rows[0], "done"):  # False: no longer ours
+                ...  # record the result in the same transaction
+
+A table needs `id bigint`, `status text`, `attempts int`, `next_attempt_at`,
+`lease_until`, `leased_by text` and `last_error text`; its other columns are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import asyncpg
+
+from shared import db
+from shared.wakeup import Wakeup
+
+log = logging.getLogger("ordermill.queue")
+T = TypeVar("T")
+NOW = object()  # a `finish` value: the database's now()
+
+
+class ClaimLost(Exception):
+    """The claim on a row was lost while its work ran: another runner has the row now."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """What the queue needs to know of a table: its name, its status values, its lane."""
+
+    name: str
+    channel: str  # the NOTIFY channel a new (or rescheduled) row wakes runners on
+    pending: str = "pending"
+    claimed: str = "running"
+    parked: str = "parked"
+    lane: str | None = None  # SQL expression: rows of one lane share a concurrency cap
+    order: str = "next_attempt_at"
+    touch: str = ""  # set on every write as well, e.g. "updated_at = now()"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    max_attempts: int = 6
+    base_seconds: float = 30.0
+    max_seconds: float = 3600.0
+    jitter: float = 0.1  # +-10 %: rows that failed together do not come back together
+
+    def spent(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts
+
+    def delay(self, attempts: int) -> timedelta:
+        seconds = min(self.max_seconds, self.base_seconds * 2 ** (attempts - 1))
+        return timedelta(seconds=seconds * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+
+def _key(row: asyncpg.Record) -> tuple[int, str]:
+    return row["id"], row["leased_by"]
+
+
+class LeasedQueue:
+    def __init__(self, table: Table, *, lease: timedelta = timedelta(seconds=30),
+                 backoff: Backoff = Backoff(), runner_id: str | None = None) -> None:
+        self.table = table
+        self.lease = lease
+        self.backoff = backoff
+        self.runner_id = runner_id or uuid.uuid4().hex[:12]
+        self._held: dict[tuple[int, str], asyncio.Event] = {}  # claim -> set when lost
+        self._none_held = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        t, mine = table, f"status = '{table.claimed}' AND leased_by = $2"
+        touch = f", {t.touch}" if t.touch else ""
+        self._due = (f"((status = '{t.pending}' AND next_attempt_at <= now())"
+                     f" OR (status = '{t.claimed}' AND lease_until < now()))")
+        self._claim = (
+            f"UPDATE {t.name} SET status = '{t.claimed}', attempts = attempts + 1,"
+            " leased_by = $1 || '/' || left(md5(random()::text), 8),"
+            f" lease_until = now() + $2::interval{touch}"
+            f" WHERE id IN (SELECT id FROM {t.name} WHERE {{}}{self._due}"
+            f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING *")
+        many = (f" FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
+                f" AND q.leased_by = c.token AND q.status = '{t.claimed}'")
+        self._renew = (f"UPDATE {t.name} q SET lease_until = now() + $3::interval{many}"
+                       " RETURNING q.id, q.leased_by")
+        self._release = (f"UPDATE {t.name} q SET status = '{t.pending}', attempts = q.attempts - 1,"
+                         f" lease_until = NULL, next_attempt_at = now(){touch}{many}")
+        self._fail = (f"UPDATE {t.name} SET status = $3, last_error = $4, lease_until = NULL,"
+                      f" next_attempt_at = now() + $5::interval{touch} WHERE id = $1 AND {mine}"
+                      " RETURNING status")
+        self._finish = (f"UPDATE {t.name} SET status = $3, lease_until = NULL{touch}{{}}"
+                        f" WHERE id = $1 AND {mine} RETURNING true")
+
+    # -- claims -------------------------------------------------------------------------------
+
+    async def due_lanes(self, conn: asyncpg.Pool | asyncpg.Connection) -> list[str]:
+        return [r[0] for r in await conn.fetch(
+            f"SELECT DISTINCT {self.table.lane} FROM {self.table.name} WHERE {self._due}")]
+
+    async def claim(self, conn: asyncpg.Pool | asyncpg.Connection, limit: int, *,
+                    lane: str | None = None) -> list[asyncpg.Record]:
+        """Up to `limit` due rows (of one lane, if given), claimed for this runner."""
+        if lane is None:
+            return await conn.fetch(self._claim.format(""), self.runner_id, self.lease, limit)
+        return await conn.fetch(self._claim.format(f"{self.table.lane} = $4 AND "),
+                                self.runner_id, self.lease, limit, lane)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pool: asyncpg.Pool, rows: Iterable[asyncpg.Record]) -> AsyncIterator[None]:
+        """Renew these claims' leases until the block ends (or each is finished, failed or
+        released); the lease of a row still claimed then runs out, and another runner takes it."""
+        keys = [_key(r) for r in rows]
+        for key in keys:
+            self._held.setdefault(key, asyncio.Event())
+        if keys:
+            self._none_held.clear()
+        if keys and (self._heartbeat is None or self._heartbeat.done()):
+            self._heartbeat = asyncio.create_task(self._beat(pool), name=f"{self.table.name}-lease")
+        try:
+            yield
+        finally:
+            self._drop(keys)
+
+    def lost(self, row: asyncpg.Record) -> bool:
+        event = self._held.get(_key(row))
+        return event is not None and event.is_set()
+
+    async def guard(self, row: asyncpg.Record, work: Awaitable[T]) -> T:
+        """Await `work`, cancelled (ClaimLost) if the heartbeat finds the row's claim lost."""
+        lost = self._held.get(_key(row)) or asyncio.Event()
+        task, watch = asyncio.ensure_future(work), asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if lost.is_set():
+            raise ClaimLost(f"{self.table.name} {row['id']}: claim lost while its work ran")
+        return task.result()
+
+    def _drop(self, keys: Iterable[tuple[int, str]]) -> None:
+        for key in keys:
+            self._held.pop(key, None)
+        if not self._held:
+            self._none_held.set()
+
+    async def _beat(self, pool: asyncpg.Pool) -> None:
+        every = self.lease.total_seconds() / 3
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_held.wait(), every)
+            if not self._held:
+                return
+            await self.renew(pool)
+
+    async def renew(self, pool: asyncpg.Pool) -> None:
+        """Extend the lease of every claim held here that is still ours; mark the others lost."""
+        keys = list(self._held)
+        try:
+            rows = await pool.fetch(self._renew, [k[0] for k in keys], [k[1] for k in keys],
+                                    self.lease)
+        except Exception as exc:  # the next beat tries again; the lease has two more thirds
+            log.warning("lease renewal failed; will retry", extra={
+                "table": self.table.name, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        kept = {_key(r) for r in rows}
+        for key in keys:
+            if key not in kept and (lost := self._held.get(key)) is not None:
+                log.warning("claim lost: another runner has the row; its result is not recorded",
+                            extra={"table": self.table.name, "row_id": key[0]})
+                lost.set()
+
+    async def close(self) -> None:
+        """Stop renewing (the leases of rows still claimed run out)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.wait({self._heartbeat})
+
+    # -- outcomes: each written only while the claim holds ----------------------------------
+
+    async def finish(self, conn: asyncpg.Pool | asyncpg.Connection, row: asyncpg.Record,
+                     status: str, **values: Any) -> bool:
+        """End the claim with `status` (and these columns; NOW is now()). False if it was lost."""
+        self._drop([_key(row)])
+        sets, args = "", [row["id"], row["leased_by"], status]
+        for column, value in values.items():
+            if value is NOW:
+                sets += f", {column} = now()"
+            else:
+                args.append(value)
+                sets += f", {column} = ${len(args)}"
+        return bool(await conn.fetchval(self._finish.format(sets), *args))
+
+    async def fail(self, conn: asyncpg.Pool | asyncpg.Connection, row: asyncpg.Record, error: str,
+                   *, transient: bool = True) -> str | None:
+        """Retry later (backoff), or park: definitive, or attempts spent. The new status, or
+        None if the claim was lost."""
+        self._drop([_key(row)])
+        park = not transient or self.backoff.spent(row["attempts"])
+        return await conn.fetchval(
+            self._fail, row["id"], row["leased_by"],
+            self.table.parked if park else self.table.pending, error[:2000],
+            timedelta(0) if park else self.backoff.delay(row["attempts"]))
+
+    async def release(self, conn: asyncpg.Pool | asyncpg.Connection,
+                      rows: Sequence[asyncpg.Record]) -> None:
+        """Hand claims back at once, no attempt spent (the work was not at fault)."""
+        if rows:
+            self._drop(_key(r) for r in rows)
+            await conn.execute(self._release, [r["id"] for r in rows],
+                               [r["leased_by"] for r in rows])
+
+
+async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awaitable[bool]], *,
+                    poll_seconds: float, linger_seconds: float = 0.0) -> None:
+    """Run `step` when NOTIFY wakes the loop, on a timer as well, and again at once while it
+    returns True (a backlog). A failing step is logged and tried again: leases bring back
+    whatever it had claimed."""
+    try:
+        while not stop.is_set():
+            await wakeup.ensure()
+            wakeup.event.clear()
+            try:
+                if await step():
+                    continue
+            except db.TRANSIENT_DB_ERRORS as exc:
+                log.warning("queue pass failed; will retry", extra={
+                    "channel": wakeup.channel, "error": f"{type(exc).__name__}: {exc}"})
+            except Exception:
+                log.exception("queue pass failed; will retry", extra={"channel": wakeup.channel})
+            waiting = [asyncio.create_task(wakeup.event.wait()), asyncio.create_task(stop.wait())]
+            await asyncio.wait(waiting, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+            for task in waiting:
+                task.cancel()
+            if linger_seconds and wakeup.event.is_set() and not stop.is_set():
+                await asyncio.sleep(linger_seconds)  # let the next few arrive, to take them together
+    finally:
+        await wakeup.close()
+
+
+class Runner:
+    """Each claimed row's `work(pool, row)` in a task of its own, under the row's claim (held
+    and guarded by the caller's `queue.guard`), at most `concurrency` at once and
+    `lane_concurrency` per lane."""
+
+    def __init__(self, queue: LeasedQueue,
+                 work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
+                 database_url: str, concurrency: int, lane_concurrency: int,
+                 poll_seconds: float, stop_timeout: float = 30.0) -> None:
+        self.queue, self.work = queue, work
+        self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
+        self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
+        self._wakeup = Wakeup(database_url, queue.table.channel)
+        self._running: set[asyncio.Task[None]] = set()
+        self._lane_load: Counter[str] = Counter()
+
+    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        try:
+            await wake_loop(self._wakeup, stop, partial(self._start_due, pool),
+                            poll_seconds=self.poll_seconds)
+        finally:
+            if self._running:  # work in flight finishes (bounded), still renewing its leases
+                await asyncio.wait(self._running, timeout=self.stop_timeout)
+            for task in self._running:
+                task.cancel()  # its lease runs out; another runner takes the row
+            if self._running:
+                await asyncio.wait(self._running, timeout=5)
+            await self.queue.close()
+
+    async def _start_due(self, pool: asyncpg.Pool) -> bool:
+        free = self.concurrency - len(self._running)
+        for row in await self.claim(pool, free) if free > 0 else []:
+            lane = row[self.queue.table.lane] if self.queue.table.lane else ""
+            self._lane_load[lane] += 1
+            task = asyncio.create_task(self._execute(pool, row))
+            self._running.add(task)
+            task.add_done_callback(partial(self._finished, lane))
+        return False
+
+    async def claim(self, pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
+        """Due rows, lane by lane, each lane up to its share: a slow lane holds back only itself."""
+        if not self.queue.table.lane:
+            return await self.queue.claim(pool, limit)
+        lanes = await self.queue.due_lanes(pool)
+        random.shuffle(lanes)  # no lane waits behind the others when the runner is full
+        claimed: list[asyncpg.Record] = []
+        for lane in lanes:
+            free = min(limit - len(claimed), self.lane_concurrency - self._lane_load[lane])
+            if free > 0:
+                claimed += await self.queue.claim(pool, free, lane=lane)
+        return claimed
+
+    async def _execute(self, pool: asyncpg.Pool, row: asyncpg.Record) -> None:
+        try:
+            async with self.queue.hold(pool, [row]):
+                await self.work(pool, row)
+        except Exception:  # `work` handles its failures; this is a bug: the lease brings it back
+            log.exception("work failed", extra={"table": self.queue.table.name, "row_id": row["id"]})
+
+    def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._lane_load[lane] -= 1
+        self._wakeup.event.set()  # a slot is free

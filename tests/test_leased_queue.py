@@ -1,0 +1,191 @@
+"""The leased queue (shared/leased_queue.py) on a table of its own, in a real database:
+claims, takeover of expired leases, backoff and parking, release, lanes, and the heartbeat
+that keeps a claim while its work runs and tells the work when the claim is lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from conftest import eventually
+from shared import db
+from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
+from shared.settings import Settings
+
+# Status words of its own, to show the queue takes them from the description.
+WORK = Table(name="work", channel="test_work", pending="waiting", claimed="busy",
+             parked="stuck", lane="lane", order="id")
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(settings.database_url, max_size=4, attempts=3)
+    await pool.execute(
+        "CREATE TABLE work (id bigserial PRIMARY KEY, status text NOT NULL DEFAULT 'waiting',"
+        " attempts int NOT NULL DEFAULT 0, next_attempt_at timestamptz NOT NULL DEFAULT now(),"
+        " lease_until timestamptz, leased_by text, last_error text,"
+        " lane text NOT NULL DEFAULT '', done_at timestamptz, result text)")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def queue(lease: float = 30.0, **backoff: float) -> LeasedQueue:
+    return LeasedQueue(WORK, lease=timedelta(seconds=lease),
+                       backoff=Backoff(**{"max_attempts": 3, "base_seconds": 60.0, **backoff}))
+
+
+async def add(pool: asyncpg.Pool, n: int = 1, *, lane: str = "", later: float = 0.0) -> list[int]:
+    return [r["id"] for r in await pool.fetch(
+        "INSERT INTO work (lane, next_attempt_at) SELECT $1, now() + $2::interval"
+        " FROM generate_series(1, $3) RETURNING id", lane, timedelta(seconds=later), n)]
+
+
+async def row(pool: asyncpg.Pool, id_: int) -> asyncpg.Record:
+    return await pool.fetchrow("SELECT * FROM work WHERE id = $1", id_)
+
+
+async def test_a_claim_takes_due_rows_once_and_an_expired_lease_is_taken_over(pool) -> None:
+    first, second = queue(), queue()
+    due = await add(pool, 2)
+    await add(pool, later=3600)  # not due yet
+    claimed = await first.claim(pool, 10)
+    assert [r["id"] for r in claimed] == due
+    assert {(r["status"], r["attempts"]) for r in claimed} == {("busy", 1)}
+    assert all(r["leased_by"].startswith(first.runner_id + "/") for r in claimed)
+    assert len({r["leased_by"] for r in claimed}) == 2  # a token per claim
+    assert await second.claim(pool, 10) == []  # leased: nobody else's
+    # The first runner died: once its lease runs out, the row is due again.
+    await pool.execute("UPDATE work SET lease_until = now() - interval '1 second'"
+                       " WHERE id = $1", due[0])
+    [taken] = await second.claim(pool, 10)
+    assert (taken["id"], taken["attempts"]) == (due[0], 2)
+    assert not await first.finish(pool, claimed[0], "done")  # its claim is gone
+    assert await second.finish(pool, taken, "done", done_at=NOW, result="ok")
+    done = await row(pool, due[0])
+    assert (done["status"], done["result"], done["lease_until"]) == ("done", "ok", None)
+    assert done["done_at"] is not None
+
+
+async def test_concurrent_claims_never_share_a_row(pool) -> None:
+    await add(pool, 40)
+    runners = [queue() for _ in range(4)]
+    batches = await asyncio.gather(*(q.claim(pool, 15) for q in runners))
+    ids = [r["id"] for batch in batches for r in batch]
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_a_failure_backs_off_then_parks_and_a_definitive_one_parks_at_once(pool) -> None:
+    q = queue()
+    [id_] = await add(pool)
+    for attempt in (1, 2):
+        [claimed] = await q.claim(pool, 1)
+        assert claimed["attempts"] == attempt
+        assert await q.fail(pool, claimed, "503 from the server") == "waiting"
+        waiting = await row(pool, id_)
+        wait = (waiting["next_attempt_at"] - await pool.fetchval("SELECT now()")).total_seconds()
+        expected = 60 * 2 ** (attempt - 1)  # exponential, with +-10 % jitter
+        assert expected * 0.85 < wait <= expected * 1.1
+        assert (waiting["status"], waiting["last_error"]) == ("waiting", "503 from the server")
+        await pool.execute("UPDATE work SET next_attempt_at = now() WHERE id = $1", id_)
+    [claimed] = await q.claim(pool, 1)
+    assert await q.fail(pool, claimed, "503 again") == "stuck"  # attempts spent: parked
+    assert await q.claim(pool, 1) == []
+    [other] = await add(pool)
+    [claimed] = await q.claim(pool, 1)
+    assert await q.fail(pool, claimed, "no such package", transient=False) == "stuck"
+    assert (await row(pool, other))["attempts"] == 1
+    # A claim that was lost fails nothing.
+    [third] = await add(pool)
+    [claimed] = await q.claim(pool, 1)
+    await pool.execute("UPDATE work SET leased_by = 'someone-else' WHERE id = $1", third)
+    assert await q.fail(pool, claimed, "late") is None
+    assert (await row(pool, third))["status"] == "busy"
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    backoff = Backoff(max_attempts=20, base_seconds=30, max_seconds=3600, jitter=0.1)
+    for attempts, base in ((1, 30), (2, 60), (5, 480), (12, 3600)):
+        delays = {backoff.delay(attempts).total_seconds() for _ in range(20)}
+        assert all(base * 0.9 <= d <= base * 1.1 for d in delays)
+        assert len(delays) > 1  # not all at once
+    assert not backoff.spent(19) and backoff.spent(20)
+
+
+async def test_a_release_hands_the_row_back_at_once_without_an_attempt(pool) -> None:
+    q = queue()
+    [id_] = await add(pool)
+    claimed = await q.claim(pool, 1)
+    await q.release(pool, claimed)
+    back = await row(pool, id_)
+    assert (back["status"], back["attempts"], back["lease_until"]) == ("waiting", 0, None)
+    assert [r["id"] for r in await q.claim(pool, 1)] == [id_]
+
+
+async def test_lanes_cap_what_one_runner_claims_per_lane(pool, settings: Settings) -> None:
+    await add(pool, 5, lane="slow-server")
+    await add(pool, 2, lane="other-server")
+    runner = Runner(queue(), lambda pool, row: asyncio.sleep(0), database_url=settings.database_url,
+                    concurrency=10, lane_concurrency=2, poll_seconds=1)
+    claimed = await runner.claim(pool, 10)
+    lanes = sorted(r["lane"] for r in claimed)
+    assert lanes == ["other-server"] * 2 + ["slow-server"] * 2
+    assert [r["lane"] for r in await queue().claim(pool, 10, lane="other-server")] == []
+
+
+async def test_the_heartbeat_keeps_a_claim_longer_than_its_lease(pool) -> None:
+    q, other = queue(lease=0.6), queue(lease=0.6)
+    [id_] = await add(pool)
+    [claimed] = await q.claim(pool, 1)
+    async with q.hold(pool, [claimed]):
+        taken = 0
+        for _ in range(15):  # 1.5 s: 2.5 leases
+            await asyncio.sleep(0.1)
+            taken += len(await other.claim(pool, 1))
+        assert taken == 0
+        assert await q.guard(claimed, asyncio.sleep(0, "result")) == "result"
+        assert await q.finish(pool, claimed, "done")
+    assert (await row(pool, id_))["status"] == "done"
+    await q.close()
+
+
+async def test_a_claim_found_lost_cancels_the_work_and_commits_nothing(pool) -> None:
+    q = queue(lease=0.6)
+    [id_] = await add(pool)
+    [claimed] = await q.claim(pool, 1)
+    cancelled = asyncio.Event()
+
+    async def slow_call() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "created"
+
+    async with q.hold(pool, [claimed]):
+        # Another runner took it over (its lease had run out under a stalled loop, say).
+        await pool.execute("UPDATE work SET leased_by = 'another/runner' WHERE id = $1", id_)
+        with pytest.raises(ClaimLost):
+            await asyncio.wait_for(q.guard(claimed, slow_call()), timeout=10)
+        assert cancelled.is_set() and q.lost(claimed)
+        # Work that finished anyway records nothing: its claim no longer holds.
+        assert not await q.finish(pool, claimed, "done", result="created")
+    lost = await row(pool, id_)
+    assert (lost["status"], lost["leased_by"], lost["result"]) == ("busy", "another/runner", None)
+    await q.close()
+
+
+async def test_the_heartbeat_stops_once_nothing_is_held(pool) -> None:
+    q = queue(lease=30)
+    await add(pool)
+    claimed = await q.claim(pool, 1)
+    async with q.hold(pool, claimed):
+        beat = q._heartbeat
+        assert beat is not None and not beat.done()
+    await eventually(lambda: asyncio.sleep(0, beat.done()), timeout=2)
