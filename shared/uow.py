@@ -7,6 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from pydantic import BaseModel
@@ -96,6 +97,7 @@ async def write_event(
 class UnitOfWork:
     conn: asyncpg.Connection
     context: MessageContext
+    prepared: Any = None  # what the route's prepare step returned (a remote score), if any
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
 
