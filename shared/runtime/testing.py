@@ -35,6 +35,8 @@ from shared.settings import Settings
 from shared.topology import Names
 
 _DEFAULT = object()
+_SET_AFTER = frozenset({"timestamp", "type", "content_type", "content_encoding",
+                        "app_id"})
 
 
 @dataclass(eq=False)
@@ -171,8 +173,12 @@ class InMemoryFlow:
         """As a publisher would send it (by default as the harness's user, like the broker
         harness): JSON, persistent, typed by its key."""
         user = self.user if user_id is _DEFAULT else user_id
+        # Properties json_message sets itself (timestamp, type, ...) are overridden after.
+        later = {name: props.pop(name) for name in list(props) if name in _SET_AFTER}
         message = broker.json_message(body, routing_key=key, message_id=message_id,
                                       user_id=user, **props)
+        for name, value in later.items():
+            setattr(message, name, value)
         if raw is not None:
             message.body = raw
         return MemoryMessage.of(message, key)
