@@ -120,15 +120,15 @@ class MemoryTransport:
     def __init__(self) -> None:
         self.dead_letters: list[DeadLetter] = []
 
-    async def ack(self, message: MemoryMessage) -> None:  # type: ignore[override]
+    async def ack(self, message: MemoryMessage) -> None:
         await message.ack()
 
-    async def requeue(self, messages: Sequence[MemoryMessage]) -> None:  # type: ignore[override]
+    async def requeue(self, messages: Sequence[MemoryMessage]) -> None:
         for message in messages:
             if not message.processed:
                 await message.nack(requeue=True)
 
-    async def dead_letter(self, queue: str, message: MemoryMessage,  # type: ignore[override]
+    async def dead_letter(self, queue: str, message: MemoryMessage,
                           copy: aio_pika.Message) -> None:
         dead = DeadLetter(queue, copy.message_id, copy)
         self.dead_letters.append(dead)
