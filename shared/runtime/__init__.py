@@ -5,7 +5,8 @@ middleware, each in its own small module.
     process.py      Runtime: one process's pool and connection, its workers' start and clean stop
     transport.py    AmqpTransport: consume, prefetch, ack, requeue, dead-letter a copy
     batching.py     batchers: one message when idle, many under load
-    pipeline.py     Pipeline: the middleware chain and a failed batch's fallback to one by one
+    chain.py        Middleware and Chain: the onion every concern is written against
+    pipeline.py     Pipeline: the declared order, and a failed batch's fallback to one by one
     middleware/     one concern each: property checks, routing, publisher check, parse,
                     dead letter, outage hold, transient retry, prepare, transaction,
                     inbox dedupe, outbox flush, handler
@@ -14,7 +15,8 @@ middleware, each in its own small module.
     testing.py      a broker-free harness: the same pipeline, in memory, on a real database
 """
 
-from shared.runtime.pipeline import Middleware, Pipeline
+from shared.runtime.chain import Middleware
+from shared.runtime.pipeline import Pipeline
 from shared.runtime.process import Runtime
 from shared.runtime.routes import Handler, Prepare, Route, WorkerSpec, route
 from shared.runtime.text import (

@@ -20,51 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared.health import DatabaseWatch
 from shared.parties import Publishers
+from shared.runtime import middleware as m
+from shared.runtime.chain import Chain, Middleware
 from shared.runtime.routes import WorkerSpec
 from shared.runtime.work import Batch, Transport, Work
 from shared.settings import Settings
 from shared.topology import Names
 
 log = logging.getLogger("ordermill.runtime")
-
-Next = Callable[[Batch], Awaitable[None]]
-
-
-class Middleware:
-    """One cross-cutting concern. The default passes the batch on unchanged."""
-
-    async def __call__(self, batch: Batch, call_next: Next) -> None:
-        await call_next(batch)
-
-
-async def _nothing(batch: Batch) -> None:
-    return None
-
-
-class Chain:
-    """Middleware in order; the last one's `call_next` does nothing."""
-
-    def __init__(self, middleware: Sequence[Middleware]) -> None:
-        self.middleware = tuple(middleware)
-
-    async def __call__(self, batch: Batch) -> None:
-        await self._at(0, batch)
-
-    async def _at(self, index: int, batch: Batch) -> None:
-        if index == len(self.middleware):
-            return
-        await self.middleware[index](batch, lambda b: self._at(index + 1, b))
-
-    def __repr__(self) -> str:
-        return " > ".join(type(m).__name__ for m in self.middleware)
-
 
 class Pipeline:
     """One worker's chains, built from its spec and the process's shared resources."""
@@ -73,8 +43,6 @@ class Pipeline:
                  transport: Transport, database: DatabaseWatch, publishers: Publishers,
                  user: str | None, in_flight: Callable[[], int] = lambda: 0,
                  extra: Sequence[Middleware] = ()) -> None:
-        from shared.runtime import middleware as m  # the steps import this module's base
-
         self.spec = spec
         self.transport = transport
         self.database = database

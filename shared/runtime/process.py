@@ -20,7 +20,8 @@ from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
 from shared.parties import Publishers, amqp_user
 from shared.runtime.batching import InFlight, batcher
-from shared.runtime.pipeline import Middleware, Pipeline
+from shared.runtime.chain import Middleware
+from shared.runtime.pipeline import Pipeline
 from shared.runtime.routes import WorkerSpec
 from shared.runtime.transport import AmqpTransport
 from shared.settings import Settings

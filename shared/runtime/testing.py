@@ -28,7 +28,8 @@ from aio_pika.message import decode_expiration, encode_expiration
 from shared import broker
 from shared.health import DatabaseWatch
 from shared.parties import Publishers, amqp_user
-from shared.runtime.pipeline import Middleware, Pipeline
+from shared.runtime.chain import Middleware
+from shared.runtime.pipeline import Pipeline
 from shared.runtime.routes import WorkerSpec
 from shared.runtime.text import REASON_HEADER
 from shared.settings import Settings

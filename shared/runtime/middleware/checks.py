@@ -9,7 +9,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from shared import broker
 from shared.errors import Rejected
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.text import body_id, first_line
 from shared.runtime.work import Batch
 

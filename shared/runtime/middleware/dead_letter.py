@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from shared import broker, db
 from shared.errors import Rejected
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.middleware.retry import transient_retrying
-from shared.runtime.pipeline import Middleware, Next
 from shared.runtime.routes import WorkerSpec
 from shared.runtime.text import (
     REASON_HEADER,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 from shared.uow import UnitOfWork
 

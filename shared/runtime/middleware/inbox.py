@@ -8,7 +8,7 @@ import asyncpg
 
 from shared.contracts import shown
 from shared.errors import Rejected
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
 

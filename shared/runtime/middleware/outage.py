@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from shared.errors import Rejected
 from shared.health import DatabaseWatch
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch, Transport
 
 

@@ -3,7 +3,7 @@ their transaction, after every handler of the batch returned (shared/uow.py)."""
 
 from __future__ import annotations
 
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 from shared.uow import flush_events
 

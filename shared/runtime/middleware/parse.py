@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from shared.contracts import MAYBE_SURROGATE, has_lone_surrogate, has_nul
 from shared.errors import Rejected
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.text import describe_validation_error, first_line
 from shared.runtime.work import Batch, Work
 from shared.uow import MessageContext

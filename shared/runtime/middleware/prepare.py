@@ -11,7 +11,7 @@ import asyncpg
 
 from shared import db
 from shared.errors import Rejected
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch, StepFailed, Work
 
 log = logging.getLogger("ordermill.runtime")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from shared.errors import Rejected
 from shared.parties import REPLAY_OF_HEADER, Publishers
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
 

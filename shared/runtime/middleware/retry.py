@@ -9,7 +9,7 @@ import asyncio
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from shared import db
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.contracts import shown
 from shared.errors import Rejected
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from shared.runtime.pipeline import Middleware, Next
+from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
 
