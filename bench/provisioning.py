@@ -258,7 +258,7 @@ COMPONENTS = (
                          "(services/provisioning/handlers.py")),
     ("placement, fraud", ("(services/placement/", "(services/fraud/")),
     ("outbox relay", ("(shared/outbox.py",)),
-    ("runtime (consume, transaction, ack)", ("(shared/runtime.py",)),
+    ("runtime (consume, transaction, ack)", ("(shared/runtime/",)),
 )
 # Samples with no frame of ours: the AMQP client's own tasks, or the event loop itself (its
 # native code: polling, socket reads and writes, callbacks), the outermost frame of every stack.

@@ -119,6 +119,7 @@ class UnitOfWork:
     # The message its events trace back to (their correlation_id), when not the one handled:
     # a job's events trace back to the message that made the job needed.
     caused_by: str | None = None
+    prepared: Any = None  # what the route's prepare step returned (a remote score), if any
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
 

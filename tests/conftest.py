@@ -34,6 +34,7 @@ from cli.catalog import load_catalog, read_catalog
 from shared import broker, db
 from shared.parties import amqp_user
 from shared.runtime import Runtime, WorkerSpec
+from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
 
@@ -68,7 +69,9 @@ class Infra:
 def infra() -> Iterator[Infra]:
     stack = contextlib.ExitStack()
     database_url, amqp_url = DEFAULT_DB, DEFAULT_AMQP
-    if not (_reachable(database_url, 5432) and _reachable(amqp_url, 5672)):
+    broker_needed = not os.environ.get("ORDERMILL_TESTS_WITHOUT_BROKER")  # the fast tier
+    if not (_reachable(database_url, 5432)
+            and (not broker_needed or _reachable(amqp_url, 5672))):
         database_url, amqp_url = _containers(stack)
     template = f"om_{RUN_ID}_tpl"
 
@@ -122,8 +125,18 @@ async def _drop_run_databases(database_url: str) -> None:
 _counter = iter(range(1, 1_000_000))
 
 
-@pytest.fixture
-async def settings(infra: Infra) -> AsyncIterator[Settings]:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tiers: `broker` for tests that need RabbitMQ (every test on the `settings` fixture:
+    it declares and deletes a namespace), `slow` for those that spawn worker processes. The
+    fast tier (`./scripts/test --fast`) is what is neither: pure functions, and workers run
+    through the broker-free harness (`flow`) on a real database."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "settings" in names:
+            item.add_marker(pytest.mark.broker)
+
+
+async def _database(infra: Infra) -> tuple[int, str]:
     n = next(_counter)
     name = f"om_{RUN_ID}_{n}"
     admin = await asyncpg.connect(_with_db(infra.database_url, "postgres"))
@@ -131,7 +144,19 @@ async def settings(infra: Infra) -> AsyncIterator[Settings]:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{infra.template}"')
     finally:
         await admin.close()
-    s = Settings(
+    return n, name
+
+
+async def _drop_database(infra: Infra, name: str) -> None:
+    admin = await asyncpg.connect(_with_db(infra.database_url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _test_settings(infra: Infra, n: int, name: str) -> Settings:
+    return Settings(
         database_url=_with_db(infra.database_url, name),
         amqp_url=infra.amqp_url,
         ordermill_namespace=f"test.{RUN_ID}.{n}",
@@ -144,15 +169,36 @@ async def settings(infra: Infra) -> AsyncIterator[Settings]:
         # Closed by default: the tests' one RabbitMQ user is named for every party.
         storefront_users=TEST_USER, payment_publishers=TEST_USER, operator_users=TEST_USER,
     )
+
+
+@pytest.fixture
+async def settings(infra: Infra) -> AsyncIterator[Settings]:
+    """A database of its own and a namespace of its own on the broker (deleted after)."""
+    n, name = await _database(infra)
+    s = _test_settings(infra, n, name)
     yield s
     connection = await aio_pika.connect(infra.amqp_url)
     async with connection:
         await delete_topology(await connection.channel(), Names(s.namespace))
-    admin = await asyncpg.connect(_with_db(infra.database_url, "postgres"))
+    await _drop_database(infra, name)
+
+
+@pytest.fixture
+async def db_settings(infra: Infra) -> AsyncIterator[Settings]:
+    """A database of its own and no broker: for the broker-free harness (the fast tier)."""
+    n, name = await _database(infra)
+    yield _test_settings(infra, n, name)
+    await _drop_database(infra, name)
+
+
+@pytest.fixture
+async def flow(db_settings: Settings) -> AsyncIterator[InMemoryFlow]:
+    """Workers joined by their outbox, through the same pipeline, without RabbitMQ."""
+    pool = await db.create_pool(db_settings.database_url, max_size=4, attempts=3)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield InMemoryFlow(db_settings, pool)
     finally:
-        await admin.close()
+        await pool.close()
 
 
 async def eventually(

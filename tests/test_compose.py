@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPT = "ordermill"
 AMQP_PORT, POSTGRES_PORT = 5672, 5432
-# shared/runtime.py, Runtime._shutdown: in-flight messages get 30 s, background tasks 10 s more.
+# shared/runtime/process.py, Runtime._shutdown: in-flight messages get 30 s, background tasks 10 s more.
 DRAIN_SECONDS = 30 + 10
 
 

@@ -18,7 +18,7 @@ from shared import db
 from shared.contracts import OrderRejected
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
-from shared.runtime import Runtime, WorkerSpec, redact, route
+from shared.runtime import Middleware, Runtime, WorkerSpec, redact, route
 from shared.settings import Settings
 from shared.topology import (
     SERVICE_BINDINGS,
@@ -342,17 +342,17 @@ async def test_housekeeping_deletes_old_published_events_and_old_inbox_rows(
         "new"]
 
 
-class _FlakyPrepareRuntime(Runtime):
-    """Our runtime with one failure where no handler can catch it (as a database blip in the
-    inbox look-up was): the batch must not be left unacknowledged."""
+class _FailOnce(Middleware):
+    """A failure where no handler can catch it (as a database blip in the inbox look-up
+    was), first in the pipeline: the batch must not be left unacknowledged."""
 
     failures = 1
 
-    async def _run_prepare(self, spec, items):
+    async def __call__(self, batch, call_next):
         if self.failures:
             self.failures -= 1
             raise asyncpg.ConnectionDoesNotExistError("connection was closed (test)")
-        return await super()._run_prepare(spec, items)
+        await call_next(batch)
 
 
 async def test_a_batch_that_fails_outside_any_handler_is_requeued_not_held(
@@ -364,11 +364,12 @@ async def test_a_batch_that_fails_outside_any_handler_is_requeued_not_held(
         prepared.append(event.order_ref)
         return event.order_ref.upper()
 
-    async def handle(event: OrderRejected, uow: UnitOfWork, looked_up: str) -> None:
-        uow.emit("order.checked", {"order_ref": event.order_ref, "looked_up": looked_up})
+    async def handle(event: OrderRejected, uow: UnitOfWork) -> None:
+        uow.emit("order.checked", {"order_ref": event.order_ref, "looked_up": uow.prepared})
 
     store = await harness.listen("order.checked")
-    runtime = _FlakyPrepareRuntime(harness.settings)
+    fault = _FailOnce()
+    runtime = Runtime(harness.settings, middleware=[fault])
     spec = WorkerSpec(service="placement",
                       routes={"order.place": route(handle, prepare=look_up)})
     task = asyncio.create_task(runtime.serve([spec]))
@@ -376,7 +377,7 @@ async def test_a_batch_that_fails_outside_any_handler_is_requeued_not_held(
         await harness.publish("order.place", {"order_ref": "blip", "reason": "x"})
         event = await store.wait_for("order.checked", lambda b: b["order_ref"] == "blip")
         assert event["looked_up"] == "BLIP"
-        assert runtime.failures == 0 and prepared == ["blip"]
+        assert fault.failures == 0 and prepared == ["blip"]
         assert await harness.dead_letters("placement") == []
     finally:
         runtime.stop()

@@ -61,15 +61,12 @@ class Screener:
     def _window(self) -> timedelta:
         return timedelta(minutes=self.settings.fraud_velocity_window_minutes)
 
-    async def on_placed(
-        self, event: OrderPlaced, uow: UnitOfWork, scored: Scored | None = None
-    ) -> None:
-        await self.screen(uow, event.order_id, rescreen=False, scored=scored)
+    # With a remote provider, `uow.prepared` is what score_* asked it before the transaction.
+    async def on_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
+        await self.screen(uow, event.order_id, rescreen=False, scored=uow.prepared)
 
-    async def on_rescreen(
-        self, event: OrderRescreen, uow: UnitOfWork, scored: Scored | None = None
-    ) -> None:
-        await self.screen(uow, event.order_id, rescreen=True, scored=scored)
+    async def on_rescreen(self, event: OrderRescreen, uow: UnitOfWork) -> None:
+        await self.screen(uow, event.order_id, rescreen=True, scored=uow.prepared)
 
     async def score_placed(self, event: OrderPlaced, pool: asyncpg.Pool) -> Scored | None:
         return await self._score_outside(pool, event.order_id, rescreen=False)

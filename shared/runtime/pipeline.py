@@ -1,0 +1,108 @@
+"""The pipeline: every delivery of a worker goes through the same middleware, broker or not.
+
+Each middleware is a small class with one job (shared/runtime/middleware/). A middleware is
+called with the batch and the rest of the chain: what it does before `call_next` runs on
+the way in, in the declared order; what it does after, or in an `except`, runs on the way
+out, in reverse (dramatiq's before/after hooks, as one coroutine):
+
+    dead letter > property checks > routing > publisher check > parse      (intake, one by one)
+    dead letter > outage hold > transient retry > prepare
+        > transaction > inbox dedupe > outbox flush > handler              (work)
+
+so a handler's failure meets, on its way out, the outbox (not flushed), the transaction
+(rolled back), the transient retry (again), the outage hold (wait for the database) and
+the dead letter (with its reason). Under load, several deliveries share one transaction
+(from the transaction inward); if that batch fails, each goes through the chain alone, so
+one bad message never takes the others with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from shared.health import DatabaseWatch
+from shared.parties import Publishers
+from shared.runtime import middleware as m
+from shared.runtime.chain import Chain, Middleware
+from shared.runtime.routes import WorkerSpec
+from shared.runtime.work import Batch, Transport, Work
+from shared.settings import Settings
+from shared.topology import Names
+
+log = logging.getLogger("ordermill.runtime")
+
+class Pipeline:
+    """One worker's chains, built from its spec and the process's shared resources."""
+
+    def __init__(self, spec: WorkerSpec, *, settings: Settings, names: Names, pool: asyncpg.Pool,
+                 transport: Transport, database: DatabaseWatch, publishers: Publishers,
+                 user: str | None, in_flight: Callable[[], int] = lambda: 0,
+                 extra: Sequence[Middleware] = ()) -> None:
+        self.spec = spec
+        self.transport = transport
+        self.database = database
+        dead_letter = m.DeadLetter(spec, names=names, pool=pool, transport=transport,
+                                   user=user, attempts=settings.transient_attempts)
+        retry = m.TransientRetry(settings.transient_attempts)
+        # Intake: what is checked before the message is worth a transaction. The publisher is
+        # checked before the body is read: a message nobody may send is not even parsed.
+        self.intake = Chain([dead_letter.bad_input_only(), m.PropertyChecks(), m.Routing(),
+                             m.PublisherCheck(publishers),
+                             m.Parse(settings.max_message_bytes)])
+        core = [m.Transaction(pool), m.InboxDedupe(), m.OutboxFlush(), m.CallHandler()]
+        self.core = Chain(core)  # a batch under load, all or nothing
+        hold = m.OutageHold(spec.service, database, transport, in_flight)
+        self.preparing = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool)])
+        self.single = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool), *core])
+
+    async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Settle every message: acked once its effects are committed, dead-lettered with the
+        reason, or requeued (stopping while the database is away)."""
+        items = []
+        for message in messages:
+            item = Work.of(message, self.spec)
+            await self.intake(Batch([item]))
+            if not item.settled:
+                items.append(item)
+        if not items:
+            return
+        if not await self.database.through():  # stopping while the database is away
+            await self.transport.requeue([item.message for item in items])
+            return
+        if len(items) > 1 and await self._as_one(items):
+            return
+        for item in items:
+            await self.single(Batch([item]))
+            if not item.settled:
+                await self.transport.ack(item.message)
+
+    async def _as_one(self, items: list[Work]) -> bool:
+        """Prepare each (concurrently), then one transaction for all: True if it committed."""
+        preparing = [item for item in items if item.route and item.route.prepare]
+        results = await asyncio.gather(*(self.preparing(Batch([item])) for item in preparing),
+                                       return_exceptions=True)
+        for item, result in zip(preparing, results, strict=True):
+            if isinstance(result, BaseException):  # not even dead-lettered: try again later
+                log.error("message left for redelivery", extra={
+                    "service": self.spec.service, "message_id": item.message_id,
+                    "error": f"{type(result).__name__}: {result}"})
+                await self.transport.requeue([item.message])
+                item.settled = True
+        items[:] = [item for item in items if not item.settled]
+        if len(items) < 2:
+            return False
+        try:
+            await self.core(Batch(items))
+        except Exception as exc:
+            log.info("batch rolled back; handling its messages one by one",
+                     extra={"service": self.spec.service, "size": len(items),
+                            "error": f"{type(exc).__name__}: {exc}"})
+            return False
+        for item in items:
+            await self.transport.ack(item.message)
+        return True

@@ -1,0 +1,254 @@
+"""The Runtime: one process's shared resources (pool, connection, exchanges) and its workers'
+life: start (waiting for servers still coming up), consume through each worker's pipeline,
+supervise background tasks, stop cleanly (no new messages, in-flight work finished, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import asyncpg
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+
+from shared import broker, db
+from shared.health import DatabaseWatch, heartbeat
+from shared.housekeeping import Housekeeper
+from shared.outbox import OutboxRelay
+from shared.parties import Publishers, amqp_user
+from shared.runtime.batching import InFlight, batcher
+from shared.runtime.chain import Middleware
+from shared.runtime.pipeline import Pipeline
+from shared.runtime.routes import WorkerSpec
+from shared.runtime.transport import AmqpTransport
+from shared.settings import Settings
+from shared.topology import Names, declare_topology
+
+log = logging.getLogger("ordermill.runtime")
+
+
+class Runtime:
+    """Shared resources for the workers of one process, handed to them, never global.
+
+    `middleware` runs first in every worker's pipeline (metrics, tracing, a test's fault)."""
+
+    def __init__(self, settings: Settings, *, middleware: Sequence[Middleware] = ()) -> None:
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.middleware = tuple(middleware)
+        self.pool: asyncpg.Pool | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self.exchange: AbstractExchange | None = None
+        self.dead_letter_exchange: AbstractExchange | None = None
+        self.direct_exchange: AbstractExchange | None = None
+        self.transport: AmqpTransport | None = None
+        self._stop = asyncio.Event()
+        self._inflight = InFlight()
+        self._batchers: list[asyncio.Task[None]] = []
+        self.database = DatabaseWatch(settings.database_url, self._stop)
+        self.publishers = Publishers.from_settings(settings)
+        self.user = amqp_user(settings.amqp_url)  # the user_id this process publishes with
+        # With a user per service (SERVICE_USERS), a worker may declare only its own queues;
+        # `ordermill migrate`, run by the broker's administrator, declares them all.
+        self._own_queues: list[str] | None = None
+
+    def _relayed_sources(self, workers: Sequence[WorkerSpec]) -> list[str] | None:
+        """With a RabbitMQ user per service (SERVICE_USERS set), a relay publishes only the
+        events of the services it runs: its user may send no others. With one user for all
+        (the all-in-one process, development), any relay publishes any event."""
+        if not self.settings.service_users or not workers:
+            return None
+        return [spec.service for spec in workers]
+
+    def check_publishers(self, workers: Sequence[WorkerSpec]) -> None:
+        """Closed by default: raises UnknownPublishers (one line) for a route nobody may send."""
+        if self.publishers.trust_any:
+            log.warning("TRUST_ANY_PUBLISHER is set: any RabbitMQ user may send any message;"
+                        " for development only")
+        for spec in workers:
+            self.publishers.require(
+                spec.service, [(key, r.publishers) for key, r in spec.routes.items()])
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("starting", extra={"namespace": s.namespace})
+        if s.migrate_on_start:
+            await db.ensure_database(s.database_url, attempts=s.startup_attempts)
+        self.pool = await db.create_pool(
+            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts, writable=True
+        )
+        # Migrations applied only when missing and allowed: a DML-only role starts on a
+        # current schema, and refuses in one line on one that is not.
+        try:
+            await db.ensure_schema(self.pool, migrate_on_start=s.migrate_on_start)
+        except db.SchemaNotReady:
+            await self.pool.close()
+            self.pool = None
+            raise
+        self.connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
+        # A broker restarting meanwhile is waited for too (see AmqpTransport.consume).
+        async for attempt in broker.retrying(s.startup_attempts, also=RuntimeError):
+            with attempt:
+                publisher = await broker.open_publisher(self.connection)
+                await declare_topology(self.connection, self.names,
+                                       delivery_limit=s.queue_delivery_limit,
+                                       services=self._own_queues)
+                self.exchange = await publisher.get_exchange(self.names.exchange)
+                self.dead_letter_exchange = await publisher.get_exchange(
+                    self.names.dead_letter_exchange)
+        self.direct_exchange = publisher.default_exchange
+        self.transport = AmqpTransport(self.connection, self.dead_letter_exchange,
+                                       startup_attempts=s.startup_attempts)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def pipeline(self, spec: WorkerSpec) -> Pipeline:
+        assert self.pool and self.transport
+        return Pipeline(spec, settings=self.settings, names=self.names, pool=self.pool,
+                        transport=self.transport, database=self.database,
+                        publishers=self.publishers, user=self.user,
+                        in_flight=lambda: self._inflight.count, extra=self.middleware)
+
+    async def serve(
+        self,
+        workers: Sequence[WorkerSpec],
+        *,
+        relay: bool = True,
+        ready: asyncio.Event | None = None,
+    ) -> None:
+        """Consume until stop() (or SIGTERM via the CLI), then drain in-flight work and close."""
+        self.check_publishers(workers)
+        if self.settings.service_users and workers:
+            self._own_queues = [spec.service for spec in workers]
+        if self.pool is None and not await self._started_unless_stopped():
+            return
+        assert self.connection and self.pool and self.exchange
+        tasks: list[asyncio.Task[None]] = []
+        if relay:
+            outbox = OutboxRelay(
+                self.pool, self.exchange, self.settings.database_url,
+                direct=self.direct_exchange,
+                batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
+                linger_seconds=self.settings.relay_linger_ms / 1000,
+                concurrency=self.settings.relay_concurrency,
+                user_id=self.user, sources=self._relayed_sources(workers),
+            )
+            tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
+            keeper = Housekeeper(
+                outbox_hours=self.settings.outbox_retention_hours,
+                inbox_days=self.settings.inbox_retention_days,
+                every_seconds=self.settings.housekeeping_seconds,
+            )
+            tasks.append(self._supervised("housekeeping", partial(keeper.run, self.pool, self._stop)))
+        tasks += [
+            self._supervised(f"{spec.service}-background", partial(job, self.pool, self._stop))
+            for spec in workers for job in spec.background
+        ]
+        for spec in workers:
+            await self._consume(spec)
+        log.info("workers running", extra={"workers": [w.service for w in workers]})
+        if self.settings.heartbeat_file:  # alive once consuming, not before
+            tasks.append(asyncio.create_task(heartbeat(
+                Path(self.settings.heartbeat_file), self.settings.heartbeat_seconds, self._stop,
+                self.connection, self.database), name="heartbeat"))
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(workers, tasks)
+
+    async def _consume(self, spec: WorkerSpec) -> None:
+        """The worker's pipeline, its batchers, and its consumer feeding them."""
+        assert self.transport
+        pipeline = self.pipeline(spec)
+        waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inflight.enter()
+            waiting.put_nowait(message)
+
+        await self.transport.consume(self.names.queue(spec.service),
+                                     spec.prefetch or self.settings.worker_prefetch, on_message)
+        for n in range(spec.concurrency or self.settings.worker_concurrency):
+            self._batchers.append(asyncio.create_task(batcher(
+                spec.service, waiting, limit=spec.batch or self.settings.worker_batch,
+                linger=spec.linger, handle=pipeline.handle, requeue=self.transport.requeue,
+                in_flight=self._inflight), name=f"{spec.service}-batcher-{n}"))
+
+    async def _started_unless_stopped(self) -> bool:
+        """Start, waiting (bounded) for servers still coming up; a stop meanwhile (SIGTERM from
+        an orchestrator whose grace period is shorter than the wait) ends it at once."""
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()  # raise a start-up failure
+            return True
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await self.close()
+        log.info("stopped before it had started")
+        return False
+
+    def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        return supervised(name, run, self._stop)
+
+    async def _shutdown(self, workers: Sequence[WorkerSpec], tasks: list[asyncio.Task[None]]) -> None:
+        log.info("stopping: no new messages, finishing in-flight work",
+                 extra={"in_flight": self._inflight.count})
+        if self.transport is not None:
+            await self.transport.cancel()
+        try:
+            await asyncio.wait_for(self._inflight.idle.wait(), timeout=30)
+        except TimeoutError:
+            log.error("in-flight work did not finish in 30 s; it will be redelivered")
+        for task in self._batchers:
+            task.cancel()
+        self._batchers.clear()
+        self._stop.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        for spec in workers:
+            for hook in spec.on_stop:
+                await hook()
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+
+def supervised(name: str, run: Callable[[], Awaitable[None]],
+               stop: asyncio.Event) -> asyncio.Task[None]:
+    """A background task (the relay, a sweeper, the job runner, the mail sender) that ends
+    with an error is logged and started again: one that stayed dead would leave events
+    unpublished and jobs undone while the worker went on consuming and looking healthy."""
+
+    async def supervise() -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await run()
+                return
+            except Exception:
+                log.exception("background task failed; starting it again",
+                              extra={"task": name, "in_seconds": delay})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30.0)
+
+    return asyncio.create_task(supervise(), name=name)

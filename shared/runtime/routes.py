@@ -1,0 +1,71 @@
+"""What a worker serves: its routes (contract type, handler, who may send it) and its spec."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from shared.parties import INTERNAL, Party
+from shared.uow import UnitOfWork
+
+Handler = Callable[[Any, UnitOfWork], Awaitable[None]]  # (message, uow)
+# Work a handler needs done outside its transaction (a remote call), once per delivery.
+Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    model: type[BaseModel]
+    handler: Handler
+    prepare: Prepare | None = None
+    # Who may send it (shared/parties.py). Anyone else's message is dead-lettered with the
+    # reason, unread, unless `handle_unauthorized`: the handler then sees
+    # `uow.context.authorized` false and decides (a payment is kept, unapplied, never dropped).
+    publishers: frozenset[Party] = INTERNAL
+    handle_unauthorized: bool = False
+
+
+def route(handler: Handler, *, prepare: Prepare | None = None,
+          publishers: frozenset[Party] = INTERNAL, handle_unauthorized: bool = False) -> Route:
+    """A route whose contract is the type of the handler's first parameter, sent only by
+    `publishers` (by default Ordermill's own services). Every handler takes (message, uow).
+
+    `prepare(message, pool)` runs before the transaction, with no row lock or connection
+    held, for work such as a remote API call; its result is `uow.prepared` in the handler.
+    It runs once per delivery: a batch that falls back to one by one, or a transaction
+    retried after a deadlock, reuses it."""
+    params = [p for p in inspect.signature(handler, eval_str=True).parameters.values()
+              if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) != 2:
+        raise TypeError(f"{handler!r}: a handler takes (message, uow); a prepared result is"
+                        " uow.prepared")
+    first = params[0]
+    if not (isinstance(first.annotation, type) and issubclass(first.annotation, BaseModel)):
+        raise TypeError(f"{handler!r}: first parameter must be typed with a contract model")
+    return Route(first.annotation, handler, prepare, publishers, handle_unauthorized)
+
+
+@dataclass
+class WorkerSpec:
+    """One place for a worker's queue, routes, prefetch and shutdown (arq's WorkerSettings)."""
+
+    service: str
+    routes: Mapping[str, Route]
+    prefetch: int | None = None
+    # How many transactions at once, and how many messages at most in one (under load).
+    concurrency: int | None = None
+    batch: int | None = None
+    # How long a batch may wait to fill once its first message is in (seconds). For work off
+    # the order's critical path (mail): a few ms of latency for fewer, larger transactions.
+    linger: float = 0.0
+    # When a message is rejected and names an order_ref, tell its publisher with this event.
+    rejection_event: str | None = None
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Periodic jobs of this service (sweepers), run until the stop event is set.
+    background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()

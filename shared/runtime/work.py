@@ -1,0 +1,85 @@
+"""What travels through the pipeline: one delivery (`Work`), a batch of them, and what the
+pipeline needs from a transport (`Transport`): the broker's side of settling a message."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel
+
+from shared.parties import Verdict
+from shared.runtime.routes import Route, WorkerSpec
+from shared.runtime.text import body_id
+from shared.uow import MessageContext, UnitOfWork
+
+
+class Transport(Protocol):
+    """Settling a delivery: the pipeline decides, the transport does it (AMQP or in memory)."""
+
+    async def ack(self, message: AbstractIncomingMessage) -> None: ...
+
+    async def requeue(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Back to the queue, unsettled messages only, never raising."""
+
+    async def dead_letter(self, queue: str, message: AbstractIncomingMessage,
+                          copy: aio_pika.Message) -> None:
+        """Publish `copy` to the dead-letter exchange with confirms, then ack `message`."""
+
+
+class StepFailed(Exception):
+    """A step outside the handler failed (a prepare call): dead-lettered with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Work:
+    """One delivery, filled in as it passes the middleware: its id and properties, its route,
+    the publisher's verdict, the parsed message, the prepared result."""
+
+    message: AbstractIncomingMessage
+    spec: WorkerSpec
+    message_id: str  # the body's until the message's own is known to be one we can use
+    key: str = ""
+    route: Route | None = None
+    verdict: Verdict | None = None
+    expires_at: datetime | None = None
+    data: Any = None  # the JSON as read, for the dead letter and the rejection event
+    payload: BaseModel | None = None
+    context: MessageContext | None = None
+    prepared: Any = None
+    has_prepared: bool = False
+    settled: bool = False  # dead-lettered or requeued: nothing more to do with it
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage, spec: WorkerSpec) -> Work:
+        return cls(message, spec, body_id(message.body))
+
+    @property
+    def body_hash(self) -> bytes:
+        """Of what the handler reads, not of the bytes: a re-send formatted otherwise, or with
+        fields the contract ignores (a storefront's `sent_at`), is the same message."""
+        assert self.payload is not None
+        return hashlib.blake2b(self.payload.model_dump_json().encode(), digest_size=16).digest()
+
+
+@dataclass(eq=False)
+class Batch:
+    """Deliveries sharing one transaction (one, unless under load)."""
+
+    items: list[Work]
+    conn: asyncpg.Connection | None = None
+    todo: list[Work] = field(default_factory=list)  # not handled before (the inbox says)
+    uows: list[UnitOfWork] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[AbstractIncomingMessage]:
+        return [item.message for item in self.items]
