@@ -13,12 +13,19 @@ import pytest
 
 from services.fraud.banned import mail_domain
 from services.placement.pricing import PricedProduct, Promotion
-from services.provisioning.payments import _amount, _application_problem, _fitted, _int_or_none
+from services.provisioning.payments import (
+    Problem,
+    _amount,
+    _application_problem,
+    _fitted,
+    _int_or_none,
+)
 from services.provisioning.reconcile import OrderState, username_for
 from shared.contracts import PaymentReceived, ProductItem
 from shared.errors import Rejected
 from shared.orders import ORDER_STATUSES, TRANSITIONS, TransitionRefused, transition
 from shared.runtime.middleware.checks import checked_message_id, checked_properties
+from shared.states import WaitingFor
 
 # -- pricing ----------------------------------------------------------------------------------
 
@@ -56,8 +63,13 @@ ACTIONS = {  # action: (allowed from, result)
 
 
 def test_the_transition_table_is_the_operator_actions_table() -> None:
-    from_actions = {(start, to) for starts, to in ACTIONS.values() for start in starts}
-    assert from_actions == TRANSITIONS
+    by_operators = {(start, to, action) for (start, to), actions in TRANSITIONS.items()
+                    for action in actions if action != "screening"}
+    assert by_operators == {(start, to, action) for action, (starts, to) in ACTIONS.items()
+                            for start in starts}
+    # Screening's only move: a Pending order found to be fraud.
+    assert {pair for pair, actions in TRANSITIONS.items() if "screening" in actions} == {
+        ("Pending", "Fraud")}
     assert {s for pair in TRANSITIONS for s in pair} == set(ORDER_STATUSES)
     assert not any(start == to for start, to in TRANSITIONS)  # "already so" is answered ok
 
@@ -137,18 +149,23 @@ def invoice(**overrides: Any) -> dict[str, Any]:
             "status": "Unpaid"} | overrides
 
 
+REVIEW = WaitingFor.REVIEW  # applied if an operator sets the order back to Pending
+
+
 @pytest.mark.parametrize(("p", "target", "problem"), [
     (payment(), invoice(), None),
-    (payment(), "unknown invoice 17", "unknown invoice 17"),
-    (payment(order_ref="shop-2"), invoice(), "invoice 17 belongs to order shop-1, not shop-2"),
+    (payment(), Problem("unknown invoice 17", WaitingFor.ORDER),
+     Problem("unknown invoice 17", WaitingFor.ORDER)),
+    (payment(order_ref="shop-2"), invoice(),
+     Problem("invoice 17 belongs to order shop-1, not shop-2")),
     (payment(requested_invoice_id=None, order_ref="shop-1"), invoice(), None),
-    (payment(currency="EUR"), invoice(), "currency EUR does not match invoice 17 in USD"),
-    (payment(), invoice(order_status="Fraud"), "order shop-1 is Fraud"),
-    (payment(), invoice(order_status="Cancelled"), "order shop-1 is Cancelled"),
-    (payment(), invoice(status="Cancelled"), "invoice 17 is Cancelled"),
+    (payment(currency="EUR"), invoice(), Problem("currency EUR does not match invoice 17 in USD")),
+    (payment(), invoice(order_status="Fraud"), Problem("order shop-1 is Fraud", REVIEW)),
+    (payment(), invoice(order_status="Cancelled"), Problem("order shop-1 is Cancelled", REVIEW)),
+    (payment(), invoice(status="Cancelled"), Problem("invoice 17 is Cancelled", REVIEW)),
 ])
 def test_a_payment_applies_to_its_invoice_or_says_why_not(p: dict, target: Any,
-                                                          problem: str | None) -> None:
+                                                          problem: Problem | None) -> None:
     assert _application_problem(p, target) == problem  # type: ignore[arg-type]
 
 
