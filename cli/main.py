@@ -987,6 +987,27 @@ def demo(
     run_async(run_demo(s, out, orders=orders, rate=rate, wait_seconds=timeout))
 
 
+@app.command()
+def contract(
+    out_dir: Path = typer.Option(None, "--out", file_okay=False,
+                                 help="Write asyncapi.json and schemas/<routing-key>.json here."),
+    yaml: bool = typer.Option(False, "--yaml", help="AsyncAPI as YAML (needs PyYAML)."),
+    namespace: str = typer.Option("ordermill", envvar="ORDERMILL_NAMESPACE",
+                                  help="The exchange's name (the namespace)."),
+) -> None:
+    """The message contract as AsyncAPI 3.0 (stdout) and JSON Schemas (docs/contract.md)."""
+    from cli import contract as spec
+
+    try:
+        if out_dir is None:
+            sys.stdout.write(spec.render(spec.asyncapi(namespace), yaml=yaml))
+            return
+        for path in spec.write(out_dir, namespace, yaml=yaml):
+            print(path)
+    except (RuntimeError, OSError) as exc:
+        raise UserError(str(exc)) from None
+
+
 # Click's exceptions, whether typer vendors click or uses the package.
 _click_errors = sys.modules[typer.BadParameter.__module__]
 
