@@ -18,7 +18,19 @@ from typer.testing import CliRunner
 
 from cli import contract as spec
 from cli.main import app
+from services.review.handlers import action_table
 from shared.contracts import EVENTS
+from shared.states import (
+    DomainStatus,
+    EmailStatus,
+    InvoiceStatus,
+    JobStatus,
+    OrderStatus,
+    PaymentStatus,
+    Screening,
+    ServiceStatus,
+    WaitingFor,
+)
 from shared.topology import SERVICE_BINDINGS, SERVICE_EMITS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -173,3 +185,45 @@ def resolve(document: Any, ref: str) -> Any:
         assert isinstance(node, dict) and part in node, f"{ref} does not resolve (at {part!r})"
         node = node[part]
     return node
+
+
+# -- docs/contract.md against the code -------------------------------------------------------
+
+CONTRACT_MD = DOCS / "contract.md"
+
+
+def _section(title: str) -> str:
+    text = CONTRACT_MD.read_text(encoding="utf-8")
+    start = text.index(title)
+    end = text.find("\n#", start + len(title))
+    return text[start:end if end != -1 else None]
+
+
+def test_the_page_names_every_routing_key_and_status() -> None:
+    keys_table = _section("### Routing keys")
+    for key in spec.routing_keys():
+        assert f"`{key}`" in keys_table, f"docs/contract.md's routing keys table lacks {key}"
+    statuses = _section("### Statuses")
+    for enum in (OrderStatus, Screening, ServiceStatus, DomainStatus, InvoiceStatus, JobStatus,
+                 EmailStatus, PaymentStatus, WaitingFor):
+        for member in enum:
+            assert f"`{member.value}`" in statuses, f"docs/contract.md lacks {enum.__name__} {member}"
+
+
+def test_the_pages_operator_actions_are_the_transition_tables() -> None:
+    rows = {}
+    for line in _section("### Operator actions").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    table = action_table()
+    assert set(rows) == set(table)
+    for action, (allowed, result) in table.items():
+        written_from, written_result = rows[action]
+        if result is not None:
+            assert written_result == result.value, action
+        if allowed == frozenset(OrderStatus):
+            assert written_from.startswith("any"), action
+        else:
+            named = {word.strip(" ,") for word in written_from.split(",")[0:len(allowed)]}
+            assert {s.value for s in allowed} == {n.split()[0] for n in named}, action
