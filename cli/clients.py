@@ -1,4 +1,4 @@
-"""`ordermill clients link/unlink`: which storefronts may use a client (design section 8).
+"""`ordermill clients link/unlink`: which storefronts may use a client (docs/contract.md, section 8).
 
 A storefront reuses a client (by email or by id) only if it created that client or an operator
 linked it; these commands are the operator's link. The anonymous storefront (orders published

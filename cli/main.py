@@ -1,4 +1,4 @@
-"""`ordermill`: the operator's tool (design section 5). Read commands take --json."""
+"""`ordermill`: the operator's tool (docs/contract.md, section 5). Read commands take --json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Message contracts (design section 3): the bodies storefronts, gateways and operators send,
+"""Message contracts (docs/contract.md, section 3): the bodies storefronts, gateways and operators send,
 and the events the workers publish. A handler's parameter type is its contract."""
 
 from __future__ import annotations

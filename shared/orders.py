@@ -1,5 +1,6 @@
-"""The one place that changes an order's status (design rule 8): allowed transitions,
-items and invoice following along, history written, all under the order's row lock."""
+"""The one place that changes an order's status (docs/contract.md, section 4, rule 8):
+allowed transitions, items and invoice following along, history written, all under the
+order's row lock."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ ORDER_STATUSES = tuple(status.value for status in OrderStatus)
 P, A, C, F = OrderStatus.PENDING, OrderStatus.ACTIVE, OrderStatus.CANCELLED, OrderStatus.FRAUD
 
 # The one transition table: every status change an order may make, and the actions that may
-# make it (the operator actions of the design's table, and `screening`, the fraud service's
-# verdict). `transition` refuses any other change; review's allowed actions derive from it.
+# make it (the operator actions of docs/contract.md, section 1, and `screening`, the fraud
+# service's verdict). `transition` refuses any other change; review's allowed actions derive
+# from it.
 TRANSITIONS: Mapping[tuple[OrderStatus, OrderStatus], frozenset[str]] = MappingProxyType({
     (P, A): frozenset({"accept"}),
     (P, C): frozenset({"deny", "cancel"}),

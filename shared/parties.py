@@ -1,4 +1,4 @@
-"""Who may publish what (docs: README "Production deployment"; design section 8).
+"""Who may publish what (docs/contract.md, section 8; README "Production deployment").
 
 Every message a worker acts on names its publisher in the AMQP `user_id` property, which
 RabbitMQ checks against the connection's user. Each route declares the parties that may

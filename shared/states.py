@@ -1,6 +1,6 @@
 """Every state Ordermill stores, as a type.
 
-The values are contract words (design section 1, "Statuses"): operators read them, events
+The values are contract words (docs/contract.md, section 1 "Statuses"): operators read them, events
 carry them, the tables' CHECK constraints hold them. A value is never changed; a member is
 only ever added (with a migration that widens its CHECK). A test compares each enum with
 its table's CHECK constraint.

@@ -1,4 +1,4 @@
-"""Broker topology (design section 3): names, queue arguments and declaration.
+"""Broker topology (docs/contract.md, section 3): names, queue arguments and declaration.
 
 Everything is declared idempotently, by `ordermill migrate` and by every worker
 at start, so a message published before the first worker runs is kept.

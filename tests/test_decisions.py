@@ -51,7 +51,7 @@ def test_a_promotion_discounts_its_products_lines_up_to_their_price(
     assert promotion.discount(line("starter", price)) == Decimal(off)
 
 
-# -- the transition table (design section 1, operator actions) ----------------------------------
+# -- the transition table (docs/contract.md, section 1, operator actions) ----------------------------------
 
 ACTIONS = {  # action: (allowed from, result)
     "accept": ({"Pending"}, "Active"),
@@ -86,7 +86,7 @@ async def test_a_transition_not_in_the_table_is_refused_before_any_write(
         await transition(None, {"id": 7, "status": start}, to, actor="a", action="x")  # type: ignore[arg-type]
 
 
-# -- reconcile's item decisions (design section 1, the auto-setup table) -----------------------
+# -- reconcile's item decisions (docs/contract.md, section 1, the auto-setup table) -----------------------
 
 def state(**overrides: Any) -> OrderState:
     row = {"id": 1, "order_ref": "r", "status": "Pending", "screening": "passed",

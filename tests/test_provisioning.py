@@ -89,7 +89,7 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert created["order_id"] == order["id"]
     welcome = await store.wait_for("email.send", lambda b: b["template"] == "hosting_welcome")
     assert welcome["recipient"] == "pay-1@shop.example"
-    # The setup's events name the payment that caused it (design section 3).
+    # The setup's events name the payment that caused it (docs/contract.md, section 3).
     assert {m.correlation_id for key, body, m in store.received
             if (body.get("order_ref") == "pay-1" and key != "email.send")
             or body.get("template") == "hosting_welcome"} == {payment}

@@ -1,4 +1,4 @@
-"""Operator review: every action from every status, as the design's table says."""
+"""Operator review: every action from every status, as docs/contract.md's table (section 1) says."""
 
 from __future__ import annotations
 

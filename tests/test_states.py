@@ -43,7 +43,7 @@ from shared.topology import SERVICE_BINDINGS, SERVICE_EMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The design's operator actions table (contract): action -> (allowed from, result).
+# The operator actions table of docs/contract.md, section 1: action -> (allowed from, result).
 CONTRACT_ACTIONS = {
     "accept": ({"Pending"}, "Active"),
     "deny": ({"Pending"}, "Cancelled"),
@@ -75,7 +75,7 @@ def test_the_transition_table_names_only_known_actions_and_no_dead_ends() -> Non
 
 
 def test_enum_values_are_the_contract_words() -> None:
-    # design section 1, "Statuses": the words operators see and events carry.
+    # docs/contract.md, section 1 "Statuses": the words operators see and events carry.
     assert [s.value for s in OrderStatus] == ["Pending", "Active", "Cancelled", "Fraud"]
     assert [s.value for s in Screening] == ["queued", "passed", "failed", "skipped", "error"]
     assert [s.value for s in ServiceStatus] == [

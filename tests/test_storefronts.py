@@ -1,4 +1,4 @@
-"""Storefronts are separate (design section 8, issue 11): order_ref and clients per storefront,
+"""Storefronts are separate (docs/contract.md, section 8; issue 11): order_ref and clients per storefront,
 payments by an ambiguous ref kept unapplied, and EPP codes at rest. Real broker and database;
 each storefront publishes as its own RabbitMQ user (made here, removed after), which the broker
 checks the message's user_id against."""

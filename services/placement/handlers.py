@@ -82,7 +82,7 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
         storefront=uow.context.user_id,
     ))
     if invoice_id is not None and total == ZERO:
-        # Paid at once (design section 1): announced like any invoice paid, so a storefront
+        # Paid at once (docs/contract.md, section 1): announced like any invoice paid, so a storefront
         # bound to invoice.paid hears of it; no payment will ever come for it.
         uow.emit(InvoicePaid(
             invoice_id=invoice_id, order_id=order_id, order_ref=cmd.order_ref, amount=ZERO))

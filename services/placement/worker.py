@@ -25,7 +25,7 @@ def worker(settings: Settings) -> WorkerSpec:
             # Orders from storefronts always get an invoice; only an operator (a
             # broker-validated user in OPERATOR_USERS or CONSOLE_USERS) may place one without.
             cmd = cmd.model_copy(update={"generate_invoice": True})
-        # Storefronts are separate (design section 8): the order's ref and its client are the
+        # Storefronts are separate (docs/contract.md, section 8): the order's ref and its client are the
         # publisher's own; an operator may name any client.
         await place_order(cmd, uow, operators=operators, epp_codes=epp_codes)
 

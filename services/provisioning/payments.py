@@ -5,7 +5,7 @@ reason, announced with `payment.unapplied`, shown by `ordermill failures`, and a
 later when its order arrives.
 
 A payment naming only an `order_ref` is applied when exactly one order has that ref. Refs are
-unique per storefront (design section 8), and a gateway's payment does not say which storefront
+unique per storefront (docs/contract.md, section 8), and a gateway's payment does not say which storefront
 it pays for: when two storefronts use a ref, a payment by it is kept unapplied with the reason,
 for an operator, never credited to either order.
 """

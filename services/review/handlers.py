@@ -1,4 +1,4 @@
-"""review.command: the operator actions of the design's table, answered on `reply_to`.
+"""review.command: the operator actions of docs/contract.md (section 1), answered on `reply_to`.
 
 Every action runs under the order's row lock, through the one transition function, and is
 written to the order's history with the operator: the broker-validated user_id of an
@@ -61,8 +61,8 @@ ACTIONS: dict[str, Action] = {
 
 
 def action_table() -> dict[str, tuple[frozenset[OrderStatus], OrderStatus | None]]:
-    """action -> (the statuses it may start from, the status it leads to): the design's
-    operator actions table, as the code derives it."""
+    """action -> (the statuses it may start from, the status it leads to): the operator
+    actions table of docs/contract.md (section 1), as the code derives it."""
     return {name: (action.allowed(name), action.result) for name, action in ACTIONS.items()}
 
 

@@ -5,7 +5,7 @@ Every call is `/json-api/<function>?api.version=1&...` with the header
 `{"metadata": {"version": 1, "result": 1|0, "reason": "...", "command": "..."}, "data": {...}}`
 and only `metadata.result == 1` is a success.
 
-Reliability (design section 4, rules 4 and 5):
+Reliability (docs/contract.md, section 4, rules 4 and 5):
 - `create` looks first (`accountsummary`): an account with our username, domain and contact
   email is ours and is adopted, not created again, so a retry after a crash or a timeout
   between WHM's create and our commit converges. An account with our username that is not
