@@ -34,6 +34,7 @@ from shared.states import (
 from shared.topology import SERVICE_BINDINGS, SERVICE_EMITS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,23 @@ def test_each_key_is_sent_and_received_by_whom_the_code_says(document: dict[str,
             assert key in SERVICE_EMITS[owner], name
     reply = operations["review.receive.review.command"]["reply"]
     assert resolve(document, reply["channel"]["$ref"])["address"] is None
+
+
+def test_the_document_is_valid_against_the_asyncapi_3_schema(document: dict[str, Any]) -> None:
+    """tests/fixtures/asyncapi-3.0.0.schema.json is the official AsyncAPI 3.0.0 JSON Schema
+    (asyncapi/spec-json-schemas, `schemas/3.0.0-without-$id.json`, Apache-2.0, minified): it
+    checks the document, its AMQP bindings and its payloads in the AsyncAPI Schema dialect."""
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((FIXTURES / "asyncapi-3.0.0.schema.json").read_text(encoding="utf-8"))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+              for e in Draft7Validator(schema).iter_errors(document)]
+    assert not errors, errors[:10]
+    # The check bites: a wrong action or binding value is an error.
+    wrong = json.loads(json.dumps(document))
+    wrong["operations"]["placement.receive.order.place"]["action"] = "publish"
+    wrong["channels"]["order.place"]["bindings"]["amqp"]["exchange"]["type"] = "bogus"
+    assert len(list(Draft7Validator(schema).iter_errors(wrong))) == 2
 
 
 def test_every_operation_names_messages_of_its_own_channel(document: dict[str, Any]) -> None:
@@ -227,3 +245,16 @@ def test_the_pages_operator_actions_are_the_transition_tables() -> None:
         else:
             named = {word.strip(" ,") for word in written_from.split(",")[0:len(allowed)]}
             assert {s.value for s in allowed} == {n.split()[0] for n in named}, action
+
+
+def test_the_schemas_are_json_schemas_and_the_pages_examples_fit_them() -> None:
+    from jsonschema import Draft202012Validator
+
+    for key in [*spec.routing_keys(), spec.REPLY_CHANNEL]:
+        Draft202012Validator.check_schema(spec.json_schema(key))
+    for title, key in (("### PlaceOrder", "order.place"), ("### PaymentReceived", "payment.received"),
+                       ("### ReviewCommand", "review.command")):
+        example = json.loads(_section(title).split("```json")[1].split("```")[0])
+        validator = Draft202012Validator(spec.json_schema(key))
+        assert not [e.message for e in validator.iter_errors(example)], key
+        spec.model_of(key).model_validate(example)  # and the class reads it
