@@ -13,6 +13,7 @@ import asyncpg
 from shared.contracts import EmailSend
 from shared.states import ENDED, DomainStatus, InvoiceStatus, OrderStatus, ServiceStatus
 from shared.uow import UnitOfWork
+from shared.uow import write_history as add_history  # the CLI's name for it
 
 # The statuses as text (the CLI's --status choices).
 ORDER_STATUSES = tuple(status.value for status in OrderStatus)
@@ -57,18 +58,6 @@ _ENDED_DOMAIN = (DomainStatus.CANCELLED, DomainStatus.FRAUD)
 
 class TransitionRefused(Exception):
     pass
-
-
-async def add_history(
-    conn: asyncpg.Connection, order_id: int, *, actor: str, action: str,
-    from_status: str | None = None, to_status: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    await conn.execute(
-        "INSERT INTO order_history (order_id, actor, action, from_status, to_status, detail)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        order_id, actor, action, from_status, to_status, detail or {},
-    )
 
 
 async def transition(

@@ -112,6 +112,20 @@ async def write_event(
     await _insert(conn, [(message_id, routing_key, payload, correlation_id, False, source)])
 
 
+async def write_history(
+    conn: asyncpg.Connection, order_id: int, *, actor: str, action: str,
+    from_status: str | None = None, to_status: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """The one statement that writes an order's history (handlers go through
+    `UnitOfWork.history`; the state machine and the CLI call it with their connection)."""
+    await conn.execute(
+        "INSERT INTO order_history (order_id, actor, action, from_status, to_status, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        order_id, actor, action, from_status, to_status, detail or {},
+    )
+
+
 @dataclass
 class UnitOfWork:
     conn: asyncpg.Connection
@@ -145,9 +159,7 @@ class UnitOfWork:
                       actor: str | None = None) -> None:
         """A row of the order's history, in this transaction; by this message's actor unless
         named."""
-        from shared.orders import add_history  # orders builds on this module
-
-        await add_history(self.conn, order_id, actor=actor or self.actor, action=action,
+        await write_history(self.conn, order_id, actor=actor or self.actor, action=action,
                           from_status=from_status, to_status=to_status, detail=detail)
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
