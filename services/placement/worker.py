@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.placement.handlers import place_order
-from shared.contracts import PlaceOrder
+from shared.contracts import OrderRejected, PlaceOrder
 from shared.epp_codes import EppCodes, warn_if_plain
 from shared.parties import OPERATORS, PLACERS
 from shared.runtime import WorkerSpec, route
@@ -32,5 +32,5 @@ def worker(settings: Settings) -> WorkerSpec:
     return WorkerSpec(
         service="placement",
         routes={"order.place": route(place, publishers=PLACERS)},
-        rejection_event="order.rejected",
+        rejection_event=OrderRejected,
     )

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
+from shared.contracts import OrderRejected
 from shared.parties import INTERNAL, Party
 from shared.uow import UnitOfWork
 
@@ -64,8 +65,9 @@ class WorkerSpec:
     # How long a batch may wait to fill once its first message is in (seconds). For work off
     # the order's critical path (mail): a few ms of latency for fewer, larger transactions.
     linger: float = 0.0
-    # When a message is rejected and names an order_ref, tell its publisher with this event.
-    rejection_event: str | None = None
+    # When a message is rejected and names an order_ref, tell its publisher with this event
+    # (a contract class of `order_ref` and `reason`: OrderRejected).
+    rejection_event: type[OrderRejected] | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()

@@ -104,8 +104,7 @@ class DeadLetter(Middleware):
                 with attempt:
                     async with self.pool.acquire() as conn:
                         await write_event(
-                            conn, self.spec.rejection_event,
-                            {"order_ref": order_ref, "reason": reason},
+                            conn, self.spec.rejection_event(order_ref=order_ref, reason=reason),
                             message_id=event_id(self.spec.service, message_id, "rejected"),
                             correlation_id=message_id, source=self.spec.service,
                         )
