@@ -27,7 +27,14 @@ from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import ENDED, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
-from shared.contracts import EmailSend
+from shared.contracts import (
+    DomainFailed,
+    DomainRegistered,
+    EmailSend,
+    ServiceCreated,
+    ServiceFailed,
+    ServiceTerminated,
+)
 from shared.epp_codes import EppCodeError
 from shared.leased_queue import Backoff, ClaimLost, LeasedQueue, Runner, Table
 from shared.states import JobStatus
@@ -119,7 +126,7 @@ class JobRunner:
                 "UPDATE services SET live = false, terminated_at = now() WHERE id = $1", row["id"])
             item = {"service_id": row["id"]}
             await uow.history(job["order_id"], "service terminated", detail=item)
-            uow.emit("service.terminated", _body(job, item, state["order_ref"], result.detail))
+            uow.emit(ServiceTerminated(**_body(job, item, state["order_ref"], result.detail)))
             log.info("account terminated", extra={
                 "service_id": row["id"], "order_id": job["order_id"],
                 "order_ref": state["order_ref"], "username": username})
@@ -135,10 +142,10 @@ class JobRunner:
             " WHERE id = $1", row["id"], ended)
         await uow.history(job["order_id"], "service created",
                           detail={"service_id": row["id"], "username": username, **result.detail})
-        uow.emit("service.created", _body(job, {"service_id": row["id"]}, state["order_ref"],
-                                          result.detail))
+        uow.emit(ServiceCreated(**_body(job, {"service_id": row["id"]}, state["order_ref"],
+                                        result.detail)))
         if not ended and (state["accept_options"] or {}).get("send_welcome_email", True):
-            uow.emit("email.send", EmailSend(
+            uow.emit(EmailSend(
                 template="hosting_welcome", recipient=row["email"], order_id=job["order_id"],
                 order_ref=state["order_ref"], dedupe_key=f"hosting_welcome:{row['id']}"))
         log.info("account created", extra={
@@ -192,7 +199,7 @@ class JobRunner:
                                        row["id"])
             item = {"domain_id": row["id"], "domain": row["domain"], "status": result.status}
             await uow.history(job["order_id"], f"domain {job['kind']}", detail=item)
-            uow.emit("domain.registered", _body(job, item, state["order_ref"], result.detail))
+            uow.emit(DomainRegistered(**_body(job, item, state["order_ref"], result.detail)))
             log.info("domain done", extra={**item, "order_id": job["order_id"],
                                            "order_ref": state["order_ref"]})
 
@@ -237,8 +244,8 @@ class JobRunner:
             uow = _unit_of_work(conn, job)
             await uow.history(job["order_id"], f"{job['kind']} failed",
                               detail={**item, "error": error})
-            uow.emit("service.failed" if job["service_id"] is not None else "domain.failed",
-                     _body(job, item, order_ref, {"error": error}))
+            failed = ServiceFailed if job["service_id"] is not None else DomainFailed
+            uow.emit(failed(**_body(job, item, order_ref, {"error": error})))
             await flush_events(conn, [uow])
             log.error("job parked: an operator must look", extra=extra)
 
