@@ -923,7 +923,7 @@ def fraud_report(
             if row is None:
                 raise UserError(f"order {order_id} does not exist")
             try:
-                await report(s, tag=tag.value, transaction_id=str(row["order_number"]),
+                await report(s.maxmind, tag=tag.value, transaction_id=str(row["order_number"]),
                              ip_address=str(row["ip_address"]) if row["ip_address"] else None,
                              minfraud_id=row["minfraud_id"], notes=notes)
             except ProviderError as exc:
