@@ -589,7 +589,7 @@ def dead_letters(
             result = _with_broker(
                 lambda c, n: broker_ops.replay_dead_letters(
                     c, n, queue, limit=limit, user_id=_amqp_user(s),
-                    service_users=Publishers.from_settings(s).users[Party.SERVICE]))
+                    service_users=Publishers.from_settings(s.publishers).users[Party.SERVICE]))
             if as_json:
                 emit_json({"replayed": result.replayed, "discarded": result.discarded, "failed": [
                     {"message_id": message_id, "error": error} for message_id, error in result.failed]})
