@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_username: str | None = None
-    smtp_password: str | None = None  # a secret: from the environment only
+    smtp_password: SecretStr | None = None  # a secret: from the environment only
     smtp_security: Literal["none", "starttls", "tls"] = "none"
     mail_from: str = "Ordermill <billing@ordermill.local>"
 

@@ -69,6 +69,7 @@ def test_no_secret_shows_in_a_parts_repr() -> None:
     smtp = s.mail.smtp
     assert isinstance(smtp.password, SecretStr) and smtp.password.get_secret_value() == "smtp-s3cret"
     assert s.broker.amqp_url == SECRETS["amqp_url"]
+    assert "smtp-s3cret" not in repr(s) and "lk-s3cret" not in repr(s)  # SecretStr in Settings too
     for name in PARTS:
         part = getattr(s, name)
         for shown in (repr(part), str(part)):
