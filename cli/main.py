@@ -589,7 +589,7 @@ def dead_letters(
             result = _with_broker(
                 lambda c, n: broker_ops.replay_dead_letters(
                     c, n, queue, limit=limit, user_id=_amqp_user(s),
-                    service_users=Publishers.from_settings(s).users[Party.SERVICE]))
+                    service_users=Publishers.from_settings(s.publishers).users[Party.SERVICE]))
             if as_json:
                 emit_json({"replayed": result.replayed, "discarded": result.discarded, "failed": [
                     {"message_id": message_id, "error": error} for message_id, error in result.failed]})
@@ -923,7 +923,7 @@ def fraud_report(
             if row is None:
                 raise UserError(f"order {order_id} does not exist")
             try:
-                await report(s, tag=tag.value, transaction_id=str(row["order_number"]),
+                await report(s.maxmind, tag=tag.value, transaction_id=str(row["order_number"]),
                              ip_address=str(row["ip_address"]) if row["ip_address"] else None,
                              minfraud_id=row["minfraud_id"], notes=notes)
             except ProviderError as exc:

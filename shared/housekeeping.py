@@ -10,6 +10,7 @@ import logging
 import asyncpg
 
 from shared import db
+from shared.settings_parts import HousekeepingSettings
 
 log = logging.getLogger("ordermill.housekeeping")
 
@@ -17,10 +18,10 @@ _BATCH = 5000
 
 
 class Housekeeper:
-    def __init__(self, *, outbox_hours: float, inbox_days: float, every_seconds: float) -> None:
-        self.outbox_hours = outbox_hours
-        self.inbox_days = inbox_days
-        self.every_seconds = every_seconds
+    def __init__(self, settings: HousekeepingSettings) -> None:
+        self.outbox_hours = settings.outbox_retention_hours
+        self.inbox_days = settings.inbox_retention_days
+        self.every_seconds = settings.every_seconds
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from shared import db
+from shared.settings_parts import QueueSettings
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.queue")
@@ -93,6 +94,12 @@ def _key(row: asyncpg.Record) -> tuple[int, str]:
 
 
 class LeasedQueue:
+    @classmethod
+    def from_settings(cls, table: Table, queue: QueueSettings) -> LeasedQueue:
+        """A queue with the JOB_* policy: lease, attempts before parking, backoff base."""
+        return cls(table, lease=timedelta(seconds=queue.lease_seconds),
+                   backoff=Backoff(queue.max_attempts, queue.backoff_seconds))
+
     def __init__(self, table: Table, *, lease: timedelta = timedelta(seconds=30),
                  backoff: Backoff = Backoff(), runner_id: str | None = None) -> None:
         self.table = table

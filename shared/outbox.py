@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import PublishError
 
 from shared import broker, db
+from shared.settings_parts import RelaySettings
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.outbox")
@@ -30,11 +31,8 @@ class OutboxRelay:
         pool: asyncpg.Pool,
         exchange: AbstractExchange,
         database_url: str,
+        settings: RelaySettings,
         *,
-        batch: int = 500,
-        sweep_seconds: float = 5.0,
-        linger_seconds: float = 0.0,
-        concurrency: int = 4,
         direct: AbstractExchange | None = None,
         user_id: str | None = None,
         sources: list[str] | None = None,
@@ -47,12 +45,12 @@ class OutboxRelay:
         # user per service, only its own services' events (rows of no source: anyone's).
         self.user_id = user_id
         self.sources = sources
-        self.batch = batch
-        self.sweep_seconds = sweep_seconds
-        self.linger_seconds = linger_seconds
+        self.batch = settings.batch
+        self.sweep_seconds = settings.sweep_seconds
+        self.linger_seconds = settings.linger_seconds
         self.published = 0
         self.last_failed = 0
-        self.concurrency = concurrency
+        self.concurrency = settings.concurrency
         self._failures = 0
         self._wakeup = Wakeup(database_url, CHANNEL)
         self._wake = self._wakeup.event

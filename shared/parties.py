@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import unquote, urlsplit
 
 from shared.errors import ConfigurationError
-from shared.settings import Settings
+from shared.settings_parts import PublisherSettings
+from shared.settings_parts import amqp_user as amqp_user  # its home before the parts
 
 # An operator's tool (the CLI's dead-letter replay) republishes a message for its first
 # publisher: the consumer honours this header only from an operator, and then checks the
@@ -53,11 +53,6 @@ OPERATORS = frozenset({Party.OPERATOR, Party.CONSOLE})
 PAYERS = frozenset({Party.GATEWAY, Party.OPERATOR})  # an operator records a payment by hand
 
 
-def amqp_user(amqp_url: str) -> str | None:
-    """The RabbitMQ user of a URL (`ops%40example.com` is the user ops@example.com)."""
-    return unquote(urlsplit(amqp_url).username or "") or None
-
-
 @dataclass(frozen=True)
 class Verdict:
     user: str | None  # the publisher the message acts for (validated, or vouched for)
@@ -77,8 +72,8 @@ class Publishers:
     trust_any: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Publishers:
-        own = amqp_user(settings.amqp_url)
+    def from_settings(cls, settings: PublisherSettings) -> Publishers:
+        own = settings.own_user
         return cls({
             Party.STOREFRONT: frozenset(settings.storefront_users),
             Party.GATEWAY: frozenset(settings.payment_publishers),

@@ -1,4 +1,10 @@
-"""Settings from the environment, with working local defaults (design section 6)."""
+"""Settings from the environment, with working local defaults (design section 6).
+
+`Settings` reads the environment, flat: its field names are the variable names, the
+operators' contract. Components never take it whole: each takes its part, a small frozen
+model built here (`settings.fraud`, `settings.maxmind`, `settings.jobs`, ...; see
+shared/settings_parts.py). Only the worker factories (`services/*/worker.py`), the Runtime,
+the test harness and the CLI hold the whole of it, to hand the parts out."""
 
 from __future__ import annotations
 
@@ -11,6 +17,28 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.settings_parts import (
+    BannedSettings,
+    BrokerSettings,
+    DeadPaymentsSettings,
+    EppSettings,
+    FraudSettings,
+    HousekeepingSettings,
+    JobSettings,
+    MailSettings,
+    MaxMindSettings,
+    PipelineSettings,
+    ProvidersSettings,
+    PublisherSettings,
+    QueueSettings,
+    RelaySettings,
+    RulesSettings,
+    ScreeningSweepSettings,
+    SmtpSettings,
+    WhmSettings,
+    amqp_user,
+)
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -118,7 +146,7 @@ class Settings(BaseSettings):
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_username: str | None = None
-    smtp_password: str | None = None  # a secret: from the environment only
+    smtp_password: SecretStr | None = None  # a secret: from the environment only
     smtp_security: Literal["none", "starttls", "tls"] = "none"
     mail_from: str = "Ordermill <billing@ordermill.local>"
 
@@ -217,3 +245,105 @@ class Settings(BaseSettings):
     @property
     def namespace(self) -> str:
         return self.ordermill_namespace
+
+    # The parts. Plain properties, built when asked (at a component's construction): a
+    # cached one would survive `model_copy(update=...)` and hand out stale values.
+
+    @property
+    def broker(self) -> BrokerSettings:
+        return BrokerSettings(amqp_url=self.amqp_url, namespace=self.namespace,
+                              startup_attempts=self.startup_attempts)
+
+    @property
+    def publishers(self) -> PublisherSettings:
+        return PublisherSettings(
+            storefront_users=frozenset(self.storefront_users),
+            payment_publishers=frozenset(self.payment_publishers),
+            operator_users=frozenset(self.operator_users),
+            console_users=frozenset(self.console_users),
+            service_users=frozenset(self.service_users),
+            trust_any_publisher=self.trust_any_publisher, own_user=amqp_user(self.amqp_url))
+
+    @property
+    def pipeline(self) -> PipelineSettings:
+        return PipelineSettings(transient_attempts=self.transient_attempts,
+                                max_message_bytes=self.max_message_bytes)
+
+    @property
+    def relay(self) -> RelaySettings:
+        return RelaySettings(batch=self.relay_batch, sweep_seconds=self.relay_sweep_seconds,
+                             linger_seconds=self.relay_linger_ms / 1000,
+                             concurrency=self.relay_concurrency)
+
+    @property
+    def housekeeping(self) -> HousekeepingSettings:
+        return HousekeepingSettings(outbox_retention_hours=self.outbox_retention_hours,
+                                    inbox_retention_days=self.inbox_retention_days,
+                                    every_seconds=self.housekeeping_seconds)
+
+    @property
+    def banned(self) -> BannedSettings:
+        return BannedSettings(email_domains=tuple(self.fraud_banned_email_domains),
+                              ips=tuple(self.fraud_banned_ips))
+
+    @property
+    def fraud(self) -> FraudSettings:
+        return FraudSettings(
+            provider=self.fraud_provider, threshold=self.fraud_threshold,
+            skip_existing_clients=self.fraud_skip_existing_clients,
+            on_error=self.fraud_on_error,
+            velocity_window_minutes=self.fraud_velocity_window_minutes,
+            operator_users=frozenset(self.operator_users), banned=self.banned)
+
+    @property
+    def screening_sweep(self) -> ScreeningSweepSettings:
+        return ScreeningSweepSettings(stuck_seconds=self.screening_stuck_seconds,
+                                      max_redrives=self.screening_max_redrives)
+
+    @property
+    def rules(self) -> RulesSettings:
+        return RulesSettings(velocity_max_orders=self.fraud_velocity_max_orders,
+                             large_first_order=self.fraud_large_first_order, banned=self.banned)
+
+    @property
+    def maxmind(self) -> MaxMindSettings:
+        return MaxMindSettings(
+            account_id=self.maxmind_account_id, license_key=self.maxmind_license_key,
+            service=self.maxmind_service, host=self.maxmind_host, timeout=self.maxmind_timeout,
+            attempts=self.maxmind_attempts, hash_email=self.maxmind_hash_email,
+            reject_free_email=self.maxmind_reject_free_email,
+            reject_country_mismatch=self.maxmind_reject_country_mismatch,
+            reject_anonymous_proxy=self.maxmind_reject_anonymous_proxy,
+            high_risk_countries=frozenset(self.maxmind_high_risk_countries))
+
+    @property
+    def leased_queue(self) -> QueueSettings:
+        return QueueSettings(max_attempts=self.job_max_attempts,
+                             backoff_seconds=self.job_backoff_seconds,
+                             lease_seconds=self.job_lease_seconds,
+                             poll_seconds=self.job_poll_seconds)
+
+    @property
+    def jobs(self) -> JobSettings:
+        return JobSettings(queue=self.leased_queue, concurrency=self.job_concurrency,
+                           lane_concurrency=self.job_lane_concurrency)
+
+    @property
+    def providers(self) -> ProvidersSettings:
+        return ProvidersSettings(
+            whm=WhmSettings(scheme=self.whm_scheme, timeout=self.module_timeout_seconds),
+            epp=EppSettings(host=self.epp_host, port=self.epp_port,
+                            client_id=self.epp_client_id, registrant_id=self.epp_registrant_id,
+                            cafile=self.epp_cafile, timeout=self.module_timeout_seconds))
+
+    @property
+    def dead_payments(self) -> DeadPaymentsSettings:
+        return DeadPaymentsSettings(broker=self.broker, publishers=self.publishers,
+                                    sweep_seconds=self.dead_payment_sweep_seconds)
+
+    @property
+    def mail(self) -> MailSettings:
+        return MailSettings(smtp=SmtpSettings(
+            host=self.smtp_host, port=self.smtp_port, username=self.smtp_username,
+            password=self.smtp_password, security=self.smtp_security, sender=self.mail_from,
+            timeout=self.module_timeout_seconds), queue=self.leased_queue)

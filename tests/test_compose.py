@@ -606,7 +606,7 @@ def test_the_production_overlay_runs_each_worker_as_its_own_broker_user(
         assert unquote(urlsplit(s.amqp_url).password or "") == "s3cret"
         if role == "admin":
             continue
-        assert Publishers.from_settings(s).users[Party.SERVICE] == {
+        assert Publishers.from_settings(s.publishers).users[Party.SERVICE] == {
             v for k, v in planned.items() if k in WORKERS}
         runtime, spec = Runtime(s), WORKERS[role](s)
         if role in ("placement", "review", "provisioning"):

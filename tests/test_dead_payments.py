@@ -10,13 +10,11 @@ from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.dead_payments import DeadPayments
 from services.provisioning.worker import worker as provisioning_worker
-from shared.parties import Party, Publishers
 
 
 def keeper(h: Harness) -> DeadPayments:
-    return DeadPayments(h.settings.amqp_url, h.names,
-                        Publishers.from_settings(h.settings).users[Party.SERVICE],
-                        every_seconds=3600)
+    return DeadPayments(h.settings.model_copy(
+        update={"dead_payment_sweep_seconds": 3600}).dead_payments)
 
 
 async def test_payments_in_the_dead_letter_queue_are_kept_unapplied(harness: Harness) -> None:

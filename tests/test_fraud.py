@@ -30,7 +30,7 @@ FACTS = OrderFacts(
 def rules() -> RulesProvider:
     return RulesProvider(Settings(fraud_banned_email_domains="spam.example, Bad.Example",
                                   fraud_banned_ips="192.0.2.1,2001:db8::/32",
-                                  fraud_large_first_order="500,JPY:75000"))
+                                  fraud_large_first_order="500,JPY:75000").rules)
 
 
 @pytest.mark.parametrize(("change", "codes", "score"), [
@@ -87,7 +87,7 @@ class Unavailable:
 async def test_a_provider_that_cannot_score_leaves_the_order_pending_flagged(
     harness: Harness,
 ) -> None:
-    screener = Screener(harness.settings, Unavailable())
+    screener = Screener(harness.settings.fraud, Unavailable())
     fraud = WorkerSpec(service="fraud", routes={"order.placed": route(screener.on_placed)})
     store = await harness.listen("order.screened", "email.send")
     await harness.start([placement_worker(harness.settings), fraud])
@@ -159,7 +159,8 @@ async def test_sweeper_redrives_an_order_stuck_in_queued(harness: Harness) -> No
     channel = await harness.connection.channel()
     purged = await (await channel.get_queue(harness.names.queue("fraud"))).purge()
     assert purged.message_count == 1
-    sweeper = QueuedOrderSweeper(stuck_seconds=60, max_redrives=2, every_seconds=1)
+    sweeper = QueuedOrderSweeper(
+        Settings(screening_stuck_seconds=60, screening_max_redrives=2).screening_sweep)
     assert await sweeper.sweep(harness.pool) == 0  # not stuck long enough yet
     await harness.pool.execute(
         "UPDATE orders SET screening_driven_at = now() - interval '2 minutes' WHERE id=$1",

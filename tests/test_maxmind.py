@@ -402,10 +402,11 @@ async def test_ordermill_run_refuses_settings_that_cannot_work_in_one_line(
 
 def test_settings_that_cannot_work_refuse_to_start() -> None:
     with pytest.raises(Misconfigured, match="MAXMIND_ACCOUNT_ID"):
-        MaxMindProvider(Settings(fraud_provider="maxmind"))
+        MaxMindProvider(Settings(fraud_provider="maxmind").maxmind)
     with pytest.raises(Misconfigured, match="insights or factors"):
         MaxMindProvider(Settings(fraud_provider="maxmind", maxmind_account_id=1,
-                                 maxmind_license_key="k", maxmind_reject_anonymous_proxy=True))
+                                 maxmind_license_key="k", maxmind_reject_anonymous_proxy=True
+                                 ).maxmind)
 
 
 async def ordermill(settings: Settings, fake: FakeMinFraud, *args: str,

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import AuthResult
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.notify.mail import order_context, render
-from services.notify.sender import MailSender, SmtpConfig
+from services.notify.sender import MailSender
 from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
 
@@ -63,10 +63,13 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
 
 def mail_sender(harness: Harness, port: int, *, connections: int = 4,
                 **smtp: str) -> MailSender:
-    """A sender to the test's SMTP server; the test calls send_due itself."""
-    sender = MailSender(SmtpConfig(host="127.0.0.1", port=port, sender="shop@host.example", **smtp),
-                        harness.settings.database_url, max_attempts=3, backoff_seconds=60,
-                        poll_seconds=1)
+    """A sender to the test's SMTP server; the test calls send_due itself. It is built
+    from its part of the settings (`smtp` names SMTP_* settings: username, password, ...)."""
+    s = harness.settings.model_copy(update={
+        "smtp_host": "127.0.0.1", "smtp_port": port, "mail_from": "shop@host.example",
+        "job_max_attempts": 3, "job_backoff_seconds": 60, "job_poll_seconds": 1,
+        "job_lease_seconds": 30.0, **{f"smtp_{name}": value for name, value in smtp.items()}})
+    sender = MailSender(s.mail, s.database_url)
     sender.connections = connections
     return sender
 

@@ -252,7 +252,8 @@ async def test_relays_racing_publish_each_event_once(harness: Harness) -> None:
         for n in range(300):
             await write_event(conn, "race.event", {"n": n}, message_id=event_id("race", n),
                               correlation_id=None)
-    relays = [OutboxRelay(harness.pool, harness.exchange, harness.settings.database_url, batch=25)
+    relay = harness.settings.model_copy(update={"relay_batch": 25}).relay
+    relays = [OutboxRelay(harness.pool, harness.exchange, harness.settings.database_url, relay)
               for _ in range(3)]
 
     async def drain(relay: OutboxRelay) -> None:
@@ -334,7 +335,8 @@ async def test_housekeeping_deletes_old_published_events_and_old_inbox_rows(
                                event_id("hk", n))
         await conn.execute("INSERT INTO inbox (consumer, message_id, processed_at) VALUES"
                            " ('fraud', 'old', now() - interval '40 days'), ('fraud', 'new', now())")
-    keeper = Housekeeper(outbox_hours=72, inbox_days=30, every_seconds=600)
+    keeper = Housekeeper(Settings(outbox_retention_hours=72, inbox_retention_days=30,
+                                  housekeeping_seconds=600).housekeeping)
     assert await keeper.once(harness.pool) == {"outbox": 1, "inbox": 1}
     left = await harness.pool.fetch("SELECT body->>'n' AS n FROM outbox ORDER BY id")
     assert [r["n"] for r in left] == ["1", "2"]  # the unpublished one is never thrown away

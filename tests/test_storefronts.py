@@ -290,7 +290,7 @@ def test_screening_skips_only_when_the_orders_storefront_may_use_its_client(
     storefront's own is screened, unless an operator placed it."""
     s = settings.model_copy(update={"fraud_skip_existing_clients": True,
                                     "operator_users": ["desk"]})
-    screener = Screener(s, RulesProvider(s))
+    screener = Screener(s.fraud, RulesProvider(s.rules))
     order = {"client_named_by_id": True, "active_orders": 1, "own_client": False,
              "placed_by": "shop-b"}
     assert screener._skip(order) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 
 from services.fraud.providers.base import MAX_SCORE, FraudResult, OrderFacts, Reason, rules_result
-from shared.settings import Settings
+from shared.settings_parts import BannedSettings
 
 
 def mail_domain(address: str) -> str:
@@ -22,10 +22,10 @@ def mail_domain(address: str) -> str:
 
 
 class BannedLists:
-    def __init__(self, settings: Settings) -> None:
-        self.domains = frozenset(mail_domain(d) for d in settings.fraud_banned_email_domains)
+    def __init__(self, banned: BannedSettings) -> None:
+        self.domains = frozenset(mail_domain(d) for d in banned.email_domains)
         self.networks = tuple(
-            ipaddress.ip_network(entry, strict=False) for entry in settings.fraud_banned_ips)
+            ipaddress.ip_network(entry, strict=False) for entry in banned.ips)
 
     def reasons(self, facts: OrderFacts) -> list[Reason]:
         found = []

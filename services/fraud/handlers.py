@@ -22,7 +22,7 @@ from services.fraud.providers.base import (
 from shared.contracts import OrderFraud, OrderPlaced, OrderRescreen, OrderScreened
 from shared.errors import Rejected
 from shared.orders import ask_for_order_emails, transition
-from shared.settings import Settings
+from shared.settings_parts import FraudSettings
 from shared.states import CLEARED, OrderStatus, Screening
 from shared.uow import UnitOfWork
 
@@ -50,16 +50,16 @@ class Scored:
 
 @dataclass(frozen=True)
 class Screener:
-    settings: Settings
+    settings: FraudSettings
     provider: FraudProvider
 
     @cached_property
     def banned(self) -> BannedLists:
-        return BannedLists(self.settings)
+        return BannedLists(self.settings.banned)
 
     @property
     def _window(self) -> timedelta:
-        return timedelta(minutes=self.settings.fraud_velocity_window_minutes)
+        return timedelta(minutes=self.settings.velocity_window_minutes)
 
     # With a remote provider, `uow.prepared` is what score_* asked it before the transaction.
     async def on_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
@@ -119,7 +119,7 @@ class Screener:
             " INSERT INTO order_history (order_id, actor, action, detail)"
             " SELECT $1, $9, $10, $11 WHERE NOT $12",
             order_id, verdict.provider, verdict.screening, verdict.score,
-            self.settings.fraud_threshold, [r.as_dict() for r in verdict.reasons], verdict.raw,
+            self.settings.threshold, [r.as_dict() for r in verdict.reasons], verdict.raw,
             verdict.error, uow.actor, "rescreened" if rescreen else "screened",
             {"screening": verdict.screening, "score": str(verdict.score), "error": verdict.error},
             failed,
@@ -139,17 +139,17 @@ class Screener:
             return
         uow.emit(OrderScreened(
             order_id=order_id, order_ref=order["order_ref"], screening=verdict.screening,
-            score=verdict.score, threshold=self.settings.fraud_threshold,
+            score=verdict.score, threshold=self.settings.threshold,
             provider=verdict.provider))
         if verdict.screening in CLEARED:
             ask_for_order_emails(uow, order)
         log.info("order screened", extra=log_extra)
 
     def _skip(self, order: asyncpg.Record) -> Verdict | None:
-        if self.settings.fraud_threshold == 0:
+        if self.settings.threshold == 0:
             return Verdict(Screening.SKIPPED, "none",
                            reasons=(Reason("disabled", "threshold is 0"),))
-        if (self.settings.fraud_skip_existing_clients and order["client_named_by_id"]
+        if (self.settings.skip_existing_clients and order["client_named_by_id"]
                 and order["active_orders"] and self._own_client(order)):
             return Verdict(Screening.SKIPPED, "none", reasons=(
                 Reason("existing_client", f"client has {order['active_orders']} Active order(s)"),))
@@ -178,13 +178,13 @@ class Screener:
         return self._judged(self.provider.name, scored.result)
 
     def _judged(self, provider: str, result: FraudResult) -> Verdict:
-        failed = result.reject or result.score > self.settings.fraud_threshold
+        failed = result.reject or result.score > self.settings.threshold
         return Verdict(Screening.FAILED if failed else Screening.PASSED, provider, result.score,
                        result.reasons, result.raw, fraud=failed)
 
     def _on_error(self, order: asyncpg.Record, error: str) -> Verdict:
         """FRAUD_ON_ERROR: hold for review (the default), Fraud, or let it through unscreened."""
-        policy = self.settings.fraud_on_error
+        policy = self.settings.on_error
         log.error("order could not be screened", extra={
             "order_id": order["id"], "order_ref": order["order_ref"], "error": error,
             "policy": policy})

@@ -10,16 +10,17 @@ import asyncpg
 
 from shared import db
 from shared.contracts import FraudRedrive, ItemRef
+from shared.settings_parts import ScreeningSweepSettings
 from shared.uow import event_id, write_event
 
 log = logging.getLogger("ordermill.fraud.sweeper")
 
 
 class QueuedOrderSweeper:
-    def __init__(self, *, stuck_seconds: int, max_redrives: int, every_seconds: float) -> None:
-        self.stuck_seconds = stuck_seconds
-        self.max_redrives = max_redrives
-        self.every_seconds = every_seconds
+    def __init__(self, sweep: ScreeningSweepSettings) -> None:
+        self.stuck_seconds = sweep.stuck_seconds
+        self.max_redrives = sweep.max_redrives
+        self.every_seconds = max(5.0, sweep.stuck_seconds / 4)
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -1,4 +1,8 @@
-"""The fraud worker: its queue, routes, provider and sweeper."""
+"""The fraud worker: its queue, routes, provider and sweeper.
+
+The factory takes the whole Settings (it is what `ordermill run` and the registry have) and
+hands each component only its part: the Screener `settings.fraud`, the provider
+`settings.rules` or `settings.maxmind`, the sweeper `settings.screening_sweep`."""
 
 from __future__ import annotations
 
@@ -12,20 +16,16 @@ from shared.settings import Settings
 
 
 def make_provider(settings: Settings) -> FraudProvider:
-    if settings.fraud_provider == "maxmind":
-        return MaxMindProvider(settings)
-    return RulesProvider(settings)
+    if settings.fraud.provider == "maxmind":
+        return MaxMindProvider(settings.maxmind)
+    return RulesProvider(settings.rules)
 
 
 def worker(settings: Settings) -> WorkerSpec:
     provider = make_provider(settings)
-    screener = Screener(settings, provider)
+    screener = Screener(settings.fraud, provider)
     remote = provider.remote  # a local scorer needs no step outside the transaction
-    sweeper = QueuedOrderSweeper(
-        stuck_seconds=settings.screening_stuck_seconds,
-        max_redrives=settings.screening_max_redrives,
-        every_seconds=max(5.0, settings.screening_stuck_seconds / 4),
-    )
+    sweeper = QueuedOrderSweeper(settings.screening_sweep)
     placed = route(screener.on_placed, prepare=screener.score_placed if remote else None)
     return WorkerSpec(
         service="fraud",

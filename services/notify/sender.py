@@ -10,7 +10,6 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -20,7 +19,8 @@ import asyncpg
 
 from services.notify.mail import order_contexts, render
 from shared import db
-from shared.leased_queue import NOW, Backoff, LeasedQueue, Table, wake_loop
+from shared.leased_queue import NOW, LeasedQueue, Table, wake_loop
+from shared.settings_parts import MailSettings
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("ordermill.notify")
@@ -30,17 +30,6 @@ _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 _MAIL_ERRORS = (*_SMTP_ERRORS, ValueError)
 
 EMAILS = Table(name="emails", channel="ordermill_emails", claimed="sending", order="id")
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    host: str
-    port: int
-    sender: str
-    username: str | None = None
-    password: str | None = None
-    security: str = "none"  # none, starttls, tls
-    timeout: float = 10.0
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> bool:
@@ -54,15 +43,15 @@ async def _reset(smtp: aiosmtplib.SMTP) -> bool:
 
 
 class MailSender:
-    def __init__(self, smtp: SmtpConfig, database_url: str, *, max_attempts: int,
-                 backoff_seconds: float, poll_seconds: float, lease_seconds: float = 30.0) -> None:
-        self.smtp = smtp
+    def __init__(self, mail: MailSettings, database_url: str) -> None:
+        """`mail` is the sender's part of the settings (SMTP_*, MAIL_FROM and the JOB_*
+        queue policy); the database URL is for its wake-up connection (LISTEN)."""
+        self.smtp = mail.smtp
         self._wakeup = Wakeup(database_url, EMAILS.channel)
         # A claim's lease is renewed every third of it while its connection goes (however
         # slow the server), so it can be short: a dead sender's mails go out soon after.
-        self.queue = LeasedQueue(EMAILS, lease=timedelta(seconds=lease_seconds),
-                                 backoff=Backoff(max_attempts, backoff_seconds))
-        self.poll_seconds = poll_seconds
+        self.queue = LeasedQueue.from_settings(EMAILS, mail.queue)
+        self.poll_seconds = mail.queue.poll_seconds
         self.connections = 4  # SMTP connections at once, each sending several mails
         self.batch = 64  # mails claimed by one pass
         # An open connection is kept this long for the next mails (Postfix's connection cache
@@ -155,7 +144,8 @@ class MailSender:
             return smtp, True
         smtp = aiosmtplib.SMTP(
             hostname=self.smtp.host, port=self.smtp.port, username=self.smtp.username,
-            password=self.smtp.password, use_tls=self.smtp.security == "tls",
+            password=self.smtp.password and self.smtp.password.get_secret_value(),
+            use_tls=self.smtp.security == "tls",
             start_tls=self.smtp.security == "starttls", timeout=self.smtp.timeout,
             local_hostname=self._local_hostname)
         await smtp.connect()

@@ -1,9 +1,12 @@
-"""The mail worker: email.send requests are recorded once (by dedupe key), then sent."""
+"""The mail worker: email.send requests are recorded once (by dedupe key), then sent.
+
+The factory takes the whole Settings (what `ordermill run` and the registry have); the
+sender gets only `settings.mail` (SMTP and its queue's policy)."""
 
 from __future__ import annotations
 
 from services.notify.mail import SUBJECTS, message_id_for
-from services.notify.sender import MailSender, SmtpConfig
+from services.notify.sender import MailSender
 from shared.contracts import EmailSend
 from shared.errors import Rejected
 from shared.runtime import WorkerSpec, route
@@ -27,14 +30,9 @@ async def on_email(request: EmailSend, uow: UnitOfWork, *, domain: str) -> None:
 
 
 def worker(settings: Settings) -> WorkerSpec:
-    sender = MailSender(
-        SmtpConfig(host=settings.smtp_host, port=settings.smtp_port, sender=settings.mail_from,
-                   username=settings.smtp_username, password=settings.smtp_password,
-                   security=settings.smtp_security, timeout=settings.module_timeout_seconds),
-        settings.database_url, max_attempts=settings.job_max_attempts,
-        backoff_seconds=settings.job_backoff_seconds,
-        poll_seconds=settings.job_poll_seconds, lease_seconds=settings.job_lease_seconds)
-    domain = settings.mail_from.rpartition("@")[2].strip(">") or "ordermill.local"
+    mail = settings.mail
+    sender = MailSender(mail, settings.database_url)
+    domain = mail.domain
 
     async def handle(request: EmailSend, uow: UnitOfWork) -> None:
         await on_email(request, uow, domain=domain)

@@ -26,6 +26,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from services.provisioning.payments import Problem, _amount, _int_or_none, _leave_unapplied
 from shared import broker
 from shared.contracts import shown
+from shared.parties import Party, Publishers
+from shared.settings_parts import DeadPaymentsSettings
 from shared.topology import Names
 from shared.uow import MessageContext, UnitOfWork, flush_events
 
@@ -94,12 +96,12 @@ def _body(raw: bytes) -> dict[str, Any]:
 
 
 class DeadPayments:
-    def __init__(self, amqp_url: str, names: Names, service_users: frozenset[str], *,
-                 every_seconds: float) -> None:
-        self.amqp_url = amqp_url
-        self.names = names
-        self.service_users = service_users
-        self.every_seconds = every_seconds
+    def __init__(self, settings: DeadPaymentsSettings) -> None:
+        self.amqp_url = settings.broker.amqp_url  # a connection of its own
+        self.names = Names(settings.broker.namespace)
+        # Ordermill's own users: a payment a worker dead-lettered is still the gateway's.
+        self.service_users = Publishers.from_settings(settings.publishers).users[Party.SERVICE]
+        self.every_seconds = settings.sweep_seconds
         self._connection: AbstractRobustConnection | None = None
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:

@@ -17,8 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -36,7 +35,8 @@ from shared.contracts import (
     ServiceTerminated,
 )
 from shared.epp_codes import EppCodeError
-from shared.leased_queue import Backoff, ClaimLost, LeasedQueue, Runner, Table
+from shared.leased_queue import ClaimLost, LeasedQueue, Runner, Table
+from shared.settings_parts import JobSettings
 from shared.states import JobStatus
 from shared.uow import MessageContext, UnitOfWork, flush_events
 
@@ -46,27 +46,17 @@ JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lan
              touch="updated_at = now()")
 
 
-@dataclass(frozen=True)
-class JobPolicy:
-    max_attempts: int = 6
-    backoff_seconds: float = 30.0
-    backoff_max_seconds: float = 3600.0
-    lease_seconds: float = 30.0  # renewed every third of it while the call runs
-    concurrency: int = 64  # calls in flight in this runner
-    lane_concurrency: int = 8  # calls in flight per server (per module or registrar without one)
-    poll_seconds: float = 5.0
-
-
 class JobRunner:
-    def __init__(self, providers: Providers, policy: JobPolicy, database_url: str) -> None:
+    """Its policy is its part of the settings (JobSettings: the JOB_* variables); the
+    database URL is for its wake-up connection (LISTEN), not a setting of its own."""
+
+    def __init__(self, providers: Providers, jobs: JobSettings, database_url: str) -> None:
         self.providers = providers
-        self.queue = LeasedQueue(JOBS, lease=timedelta(seconds=policy.lease_seconds),
-                                 backoff=Backoff(policy.max_attempts, policy.backoff_seconds,
-                                                 policy.backoff_max_seconds))
+        self.queue = LeasedQueue.from_settings(JOBS, jobs.queue)
         self.runner = Runner(self.queue, self.execute, database_url=database_url,
-                             concurrency=policy.concurrency,
-                             lane_concurrency=policy.lane_concurrency,
-                             poll_seconds=policy.poll_seconds)
+                             concurrency=jobs.concurrency,
+                             lane_concurrency=jobs.lane_concurrency,
+                             poll_seconds=jobs.queue.poll_seconds)
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         await self.runner.run(pool, stop)

@@ -13,7 +13,7 @@ import asyncpg
 from services.provisioning.modules.base import Account, ModuleResult, ServerModule
 from services.provisioning.registrars.base import DomainRequest, Registrar, RegistrarResult
 from shared.epp_codes import EppCodes
-from shared.settings import Settings
+from shared.settings_parts import ProvidersSettings
 
 log = logging.getLogger("ordermill.provisioning")
 
@@ -52,7 +52,8 @@ class Misconfigured:
 
 
 class Providers:
-    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: ProvidersSettings,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
         # Transfer EPP codes are stored sealed (shared.epp_codes); a bad key stops the worker.
@@ -91,14 +92,11 @@ class Providers:
                                            f"{server['token_env'] or '(token_env unset)'} is not set")
             from services.provisioning.modules.cpanel import CpanelModule
 
-            return CpanelModule(**self._cpanel_options(server, token))
+            host, _, port = (server["hostname"] or "").partition(":")
+            return CpanelModule.for_server(self.settings.whm, hostname=host,
+                                           port=int(port or 2087),
+                                           username=server["username"], token=token)
         return Misconfigured(name, f"unknown server module {name!r}")
-
-    def _cpanel_options(self, server: asyncpg.Record, token: str) -> dict[str, Any]:
-        host, _, port = (server["hostname"] or "").partition(":")
-        return {"hostname": host, "port": int(port or 2087), "username": server["username"],
-                "token": token, "timeout": self.settings.module_timeout_seconds,
-                **({"scheme": self.settings.whm_scheme} if self.settings.whm_scheme else {})}
 
     def _build_registrar(self, name: str) -> Any:
         if name == "manual":
@@ -106,18 +104,12 @@ class Providers:
 
             return ManualRegistrar()
         if name == "epp":
-            s = self.settings
+            epp = self.settings.epp
             password = self.environ.get("EPP_PASSWORD")
-            if not (s.epp_host and s.epp_client_id and s.epp_registrant_id and password):
+            if not (epp.host and epp.client_id and epp.registrant_id and password):
                 return Misconfigured(name, "EPP registrar needs EPP_HOST, EPP_CLIENT_ID, "
                                            "EPP_REGISTRANT_ID and EPP_PASSWORD")
             from services.provisioning.registrars.epp import EppRegistrar
 
-            return EppRegistrar(**self._epp_options(password))
+            return EppRegistrar.from_settings(epp, password)
         return Misconfigured(name, f"unknown registrar {name!r}")
-
-    def _epp_options(self, password: str) -> dict[str, Any]:
-        s = self.settings
-        return {"host": s.epp_host, "port": s.epp_port, "client_id": s.epp_client_id,
-                "password": password, "registrant_id": s.epp_registrant_id,
-                "timeout": s.module_timeout_seconds, "cafile": s.epp_cafile}

@@ -1,31 +1,27 @@
-"""The provisioning worker: payments, the reconcile step per order, and the job runner."""
+"""The provisioning worker: payments, the reconcile step per order, and the job runner.
+
+The factory takes the whole Settings (what `ordermill run` and the registry have) and hands
+each component its part: modules and registrars `settings.providers`, the job runner
+`settings.jobs`, the dead-payment keeper `settings.dead_payments`."""
 
 from __future__ import annotations
 
 from services.provisioning.dead_payments import DeadPayments
 from services.provisioning.handlers import OrderEvents, reconcile_paid
-from services.provisioning.jobs import JobPolicy, JobRunner
+from services.provisioning.jobs import JobRunner
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
-from shared.parties import PAYERS, Party, Publishers
+from shared.parties import PAYERS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
-from shared.topology import Names
 
 
 def worker(settings: Settings) -> WorkerSpec:
-    providers = Providers(settings)
-    runner = JobRunner(providers, JobPolicy(
-        max_attempts=settings.job_max_attempts, backoff_seconds=settings.job_backoff_seconds,
-        lease_seconds=settings.job_lease_seconds, concurrency=settings.job_concurrency,
-        lane_concurrency=settings.job_lane_concurrency,
-        poll_seconds=settings.job_poll_seconds,
-    ), settings.database_url)
+    providers = Providers(settings.providers)
+    runner = JobRunner(providers, settings.jobs, settings.database_url)
     payments = Payments(on_paid=reconcile_paid)
     events = OrderEvents(payments)
-    dead = DeadPayments(settings.amqp_url, Names(settings.namespace),
-                        Publishers.from_settings(settings).users[Party.SERVICE],
-                        every_seconds=settings.dead_payment_sweep_seconds)
+    dead = DeadPayments(settings.dead_payments)
     reconciling = route(events.on_event)
     return WorkerSpec(
         service="provisioning",

@@ -31,7 +31,7 @@ from shared.runtime import middleware as m
 from shared.runtime.chain import Chain, Middleware
 from shared.runtime.routes import WorkerSpec
 from shared.runtime.work import Batch, Transport, Work
-from shared.settings import Settings
+from shared.settings_parts import PipelineSettings
 from shared.topology import Names
 
 log = logging.getLogger("ordermill.runtime")
@@ -39,7 +39,7 @@ log = logging.getLogger("ordermill.runtime")
 class Pipeline:
     """One worker's chains, built from its spec and the process's shared resources."""
 
-    def __init__(self, spec: WorkerSpec, *, settings: Settings, names: Names, pool: asyncpg.Pool,
+    def __init__(self, spec: WorkerSpec, *, settings: PipelineSettings, names: Names, pool: asyncpg.Pool,
                  transport: Transport, database: DatabaseWatch, publishers: Publishers,
                  user: str | None, in_flight: Callable[[], int] = lambda: 0,
                  extra: Sequence[Middleware] = ()) -> None:

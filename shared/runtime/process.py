@@ -33,7 +33,12 @@ log = logging.getLogger("ordermill.runtime")
 class Runtime:
     """Shared resources for the workers of one process, handed to them, never global.
 
-    `middleware` runs first in every worker's pipeline (metrics, tracing, a test's fault)."""
+    `middleware` runs first in every worker's pipeline (metrics, tracing, a test's fault).
+
+    It takes the whole Settings, as the worker factories do: it is the process that owns the
+    pool, the connection and the background tasks, and hands each of them its part (the
+    pipelines `settings.pipeline`, the relay `settings.relay`, the housekeeper
+    `settings.housekeeping`, the publisher check `settings.publishers`)."""
 
     def __init__(self, settings: Settings, *, middleware: Sequence[Middleware] = ()) -> None:
         self.settings = settings
@@ -49,7 +54,7 @@ class Runtime:
         self._inflight = InFlight()
         self._batchers: list[asyncio.Task[None]] = []
         self.database = DatabaseWatch(settings.database_url, self._stop)
-        self.publishers = Publishers.from_settings(settings)
+        self.publishers = Publishers.from_settings(settings.publishers)
         self.user = amqp_user(settings.amqp_url)  # the user_id this process publishes with
         # With a user per service (SERVICE_USERS), a worker may declare only its own queues;
         # `ordermill migrate`, run by the broker's administrator, declares them all.
@@ -108,7 +113,7 @@ class Runtime:
 
     def pipeline(self, spec: WorkerSpec) -> Pipeline:
         assert self.pool and self.transport
-        return Pipeline(spec, settings=self.settings, names=self.names, pool=self.pool,
+        return Pipeline(spec, settings=self.settings.pipeline, names=self.names, pool=self.pool,
                         transport=self.transport, database=self.database,
                         publishers=self.publishers, user=self.user,
                         in_flight=lambda: self._inflight.count, extra=self.middleware)
@@ -130,19 +135,11 @@ class Runtime:
         tasks: list[asyncio.Task[None]] = []
         if relay:
             outbox = OutboxRelay(
-                self.pool, self.exchange, self.settings.database_url,
-                direct=self.direct_exchange,
-                batch=self.settings.relay_batch, sweep_seconds=self.settings.relay_sweep_seconds,
-                linger_seconds=self.settings.relay_linger_ms / 1000,
-                concurrency=self.settings.relay_concurrency,
-                user_id=self.user, sources=self._relayed_sources(workers),
+                self.pool, self.exchange, self.settings.database_url, self.settings.relay,
+                direct=self.direct_exchange, user_id=self.user, sources=self._relayed_sources(workers),
             )
             tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
-            keeper = Housekeeper(
-                outbox_hours=self.settings.outbox_retention_hours,
-                inbox_days=self.settings.inbox_retention_days,
-                every_seconds=self.settings.housekeeping_seconds,
-            )
+            keeper = Housekeeper(self.settings.housekeeping)
             tasks.append(self._supervised("housekeeping", partial(keeper.run, self.pool, self._stop)))
         tasks += [
             self._supervised(f"{spec.service}-background", partial(job, self.pool, self._stop))

@@ -146,7 +146,7 @@ class InMemoryFlow:
         self.pool = pool
         self.names = Names(settings.namespace)
         self.transport = MemoryTransport()
-        self.publishers = Publishers.from_settings(settings)
+        self.publishers = Publishers.from_settings(settings.publishers)
         self.user = amqp_user(settings.amqp_url)  # the workers' own user, as the relay's
         self.database = DatabaseWatch(settings.database_url, asyncio.Event())
         self.middleware = tuple(middleware)
@@ -159,7 +159,7 @@ class InMemoryFlow:
             self.publishers.require(  # closed by default, as `Runtime.serve` checks
                 spec.service, [(key, r.publishers) for key, r in spec.routes.items()])
             self.pipelines[spec.service] = Pipeline(
-                spec, settings=self.settings, names=self.names, pool=self.pool,
+                spec, settings=self.settings.pipeline, names=self.names, pool=self.pool,
                 transport=self.transport, database=self.database, publishers=self.publishers,
                 user=self.user, extra=self.middleware)
         return self

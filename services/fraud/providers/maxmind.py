@@ -27,7 +27,7 @@ from services.fraud.providers.base import FraudResult, OrderFacts, ProviderError
 from services.fraud.providers.rules import FREE_MAIL_DOMAINS
 from shared.errors import ConfigurationError
 from shared.scrub import basic_credentials, scrub, scrub_data
-from shared.settings import Settings
+from shared.settings_parts import MaxMindSettings
 
 log = logging.getLogger("ordermill.fraud.maxmind")
 
@@ -70,21 +70,20 @@ def _describe(exc: BaseException, secrets: tuple[str, ...]) -> str:
     return scrub(f"minFraud {kind}: {detail}", secrets)
 
 
-def credentials(settings: Settings) -> tuple[str, ...]:
+def credentials(settings: MaxMindSettings) -> tuple[str, ...]:
     """The provider's own secrets, as an answer could echo them: the licence key, alone and
     with the account id it is paired with (the Basic credential, in clear and in base64)."""
-    if settings.maxmind_license_key is None:
+    if settings.license_key is None:
         return ()
-    return basic_credentials(settings.maxmind_account_id,
-                             settings.maxmind_license_key.get_secret_value())
+    return basic_credentials(settings.account_id, settings.license_key.get_secret_value())
 
 
-def client_for(settings: Settings) -> minfraud.AsyncClient:
-    if settings.maxmind_account_id is None or settings.maxmind_license_key is None:
+def client_for(settings: MaxMindSettings) -> minfraud.AsyncClient:
+    if settings.account_id is None or settings.license_key is None:
         raise Misconfigured("FRAUD_PROVIDER=maxmind needs MAXMIND_ACCOUNT_ID and MAXMIND_LICENSE_KEY")
     return minfraud.AsyncClient(
-        settings.maxmind_account_id, settings.maxmind_license_key.get_secret_value(),
-        host=settings.maxmind_host, timeout=settings.maxmind_timeout,
+        settings.account_id, settings.license_key.get_secret_value(),
+        host=settings.host, timeout=settings.timeout,
     )
 
 
@@ -177,14 +176,14 @@ class MaxMindProvider:
     name = "maxmind"
     remote = True  # score before the transaction: no row lock held while MaxMind answers
 
-    def __init__(self, settings: Settings) -> None:
-        self.service = settings.maxmind_service
-        self.hash_email = settings.maxmind_hash_email
-        self.attempts = settings.maxmind_attempts
-        self.reject_free_email = settings.maxmind_reject_free_email
-        self.reject_country_mismatch = settings.maxmind_reject_country_mismatch
-        self.reject_anonymous_proxy = settings.maxmind_reject_anonymous_proxy
-        self.high_risk_countries = frozenset(settings.maxmind_high_risk_countries)
+    def __init__(self, settings: MaxMindSettings) -> None:
+        self.service = settings.service
+        self.hash_email = settings.hash_email
+        self.attempts = settings.attempts
+        self.reject_free_email = settings.reject_free_email
+        self.reject_country_mismatch = settings.reject_country_mismatch
+        self.reject_anonymous_proxy = settings.reject_anonymous_proxy
+        self.high_risk_countries = settings.high_risk_countries
         if self.service == "score" and (self.reject_country_mismatch or self.reject_anonymous_proxy):
             raise Misconfigured(
                 "MAXMIND_REJECT_COUNTRY_MISMATCH and MAXMIND_REJECT_ANONYMOUS_PROXY need"
@@ -276,7 +275,7 @@ def _explanations(raw: dict[str, Any]) -> Iterator[Reason]:
         yield Reason(reason.get("code", "UNKNOWN"), reason.get("reason", ""))
 
 
-async def report(settings: Settings, *, tag: str, ip_address: str | None, minfraud_id: str | None,
+async def report(settings: MaxMindSettings, *, tag: str, ip_address: str | None, minfraud_id: str | None,
                  transaction_id: str, notes: str | None = None) -> None:
     """Report an order's outcome to minFraud's report-transactions endpoint."""
     body = {"tag": tag, "transaction_id": transaction_id, "ip_address": ip_address,

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from services.fraud.banned import BannedLists, mail_domain
 from services.fraud.providers.base import FraudResult, OrderFacts, Reason, rules_result
-from shared.settings import Settings
+from shared.settings_parts import RulesSettings
 
 FREE_MAIL_DOMAINS = frozenset({
     "gmail.com", "googlemail.com", "yahoo.com", "ymail.com", "hotmail.com", "outlook.com",
@@ -20,10 +20,10 @@ class RulesProvider:
     name = "rules"
     remote = False
 
-    def __init__(self, settings: Settings) -> None:
-        self.banned = BannedLists(settings)
-        self.velocity_max = settings.fraud_velocity_max_orders
-        self.large_first_order = settings.fraud_large_first_order
+    def __init__(self, rules: RulesSettings) -> None:
+        self.banned = BannedLists(rules.banned)
+        self.velocity_max = rules.velocity_max_orders
+        self.large_first_order = rules.large_first_order
 
     async def score(self, facts: OrderFacts) -> FraudResult:
         return rules_result(self.name, list(self._reasons(facts)))

@@ -33,6 +33,7 @@ from yarl import URL
 
 from services.provisioning.modules.base import Account, ModuleResult
 from shared.scrub import scrub_data
+from shared.settings_parts import WhmSettings
 
 log = logging.getLogger("ordermill.modules.cpanel")
 
@@ -94,6 +95,14 @@ class CpanelModule:
         self._verify = verify
         self._base = URL.build(scheme=scheme, host=hostname, port=port, path="/json-api/")
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def for_server(cls, whm: WhmSettings, *, hostname: str, port: int, username: str,
+                   token: str) -> CpanelModule:
+        """A catalog server's module with the WHM settings (WHM_SCHEME, the module timeout);
+        the token comes from the environment variable the server names."""
+        return cls(hostname, username, token, port=port, timeout=whm.timeout,
+                   **({"scheme": whm.scheme} if whm.scheme else {}))
 
     def __repr__(self) -> str:  # never the token
         return f"CpanelModule({self.username}@{self.hostname}:{self.port})"

@@ -39,6 +39,7 @@ from xml.sax.saxutils import escape
 
 from services.provisioning.registrars.base import DomainOutcome, DomainRequest, RegistrarResult
 from shared.scrub import scrub as _scrub
+from shared.settings_parts import EppSettings
 from shared.states import DomainStatus
 
 log = logging.getLogger("ordermill.registrar.epp")
@@ -221,6 +222,15 @@ class EppRegistrar:
         self.contacts = dict(contacts or {})
         self._ssl = ssl_context
         self.timeout = timeout
+
+    @classmethod
+    def from_settings(cls, epp: EppSettings, password: str) -> EppRegistrar:
+        """The registrar EPP_HOST, EPP_CLIENT_ID and EPP_REGISTRANT_ID name; EPP_PASSWORD is
+        no setting (the caller reads it from the environment when it is needed)."""
+        if not (epp.host and epp.client_id and epp.registrant_id):
+            raise ValueError("EPP registrar needs EPP_HOST, EPP_CLIENT_ID and EPP_REGISTRANT_ID")
+        return cls(epp.host, epp.port, client_id=epp.client_id, password=password,
+                   registrant_id=epp.registrant_id, cafile=epp.cafile, timeout=epp.timeout)
 
     def __repr__(self) -> str:  # no password
         return f"EppRegistrar({self.host}:{self.port}, client_id={self.client_id!r})"

@@ -1,0 +1,202 @@
+"""Each component's part of the settings: small, typed, frozen models built from `Settings`.
+
+`Settings` (shared/settings.py) stays the one flat reader of the environment: its variable
+names are the operators' contract. A component is handed only its part (`settings.maxmind`,
+`settings.jobs`, ...), so what it may read is written in its signature, a test builds it from
+a few fields, and a secret reaches only the component that uses it. A part has no defaults of
+its own: `Settings` holds them, once.
+
+Secrets stay `SecretStr` (their repr is masked); a URL that may carry a password (AMQP_URL,
+filled from AMQP_PASSWORD_FILE) is left out of a part's repr. EPP_PASSWORD and the servers'
+tokens are no part at all: they are read from the environment where they are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+def amqp_user(amqp_url: str) -> str | None:
+    """The RabbitMQ user of a URL (`ops%40example.com` is the user ops@example.com)."""
+    return unquote(urlsplit(amqp_url).username or "") or None
+
+
+class Part(BaseModel):
+    """A frozen part: nothing but its own fields (extra ones are an error, not ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# The broker and who may publish.
+
+class BrokerSettings(Part):
+    """How to reach RabbitMQ, for a component with a connection of its own."""
+
+    amqp_url: str = Field(repr=False)  # may carry the password (AMQP_PASSWORD_FILE)
+    namespace: str
+    startup_attempts: int
+
+
+class PublisherSettings(Part):
+    """Who may publish what (shared/parties.py): RabbitMQ users by party."""
+
+    storefront_users: frozenset[str]
+    payment_publishers: frozenset[str]
+    operator_users: frozenset[str]
+    console_users: frozenset[str]
+    service_users: frozenset[str]
+    trust_any_publisher: bool
+    own_user: str | None  # the user of AMQP_URL: a worker always trusts its own user
+
+
+# The runtime's pieces (the Runtime itself takes the whole Settings and hands these out).
+
+class PipelineSettings(Part):
+    transient_attempts: int
+    max_message_bytes: int
+
+
+class RelaySettings(Part):
+    """The outbox relay (shared/outbox.py)."""
+
+    batch: int
+    sweep_seconds: float
+    linger_seconds: float
+    concurrency: int
+
+
+class HousekeepingSettings(Part):
+    outbox_retention_hours: float
+    inbox_retention_days: float
+    every_seconds: float
+
+
+# Fraud.
+
+class BannedSettings(Part):
+    """FRAUD_BANNED_EMAIL_DOMAINS and FRAUD_BANNED_IPS, checked before any provider."""
+
+    email_domains: tuple[str, ...]
+    ips: tuple[str, ...]
+
+
+class FraudSettings(Part):
+    """The Screener's: the threshold and what it does around the provider it is given."""
+
+    provider: Literal["rules", "maxmind"]
+    threshold: Decimal
+    skip_existing_clients: bool
+    on_error: Literal["hold", "fraud", "pass"]
+    velocity_window_minutes: int
+    operator_users: frozenset[str]  # an operator's order may skip screening for its client
+    banned: BannedSettings
+
+
+class ScreeningSweepSettings(Part):
+    """The sweeper of orders left `queued` (services/fraud/sweeper.py)."""
+
+    stuck_seconds: int
+    max_redrives: int
+
+
+class RulesSettings(Part):
+    """The built-in rules scorer."""
+
+    velocity_max_orders: int
+    large_first_order: Mapping[str, Decimal]  # by currency; "" is the catalog's default one
+    banned: BannedSettings
+
+
+class MaxMindSettings(Part):
+    """MaxMind minFraud (FRAUD_PROVIDER=maxmind)."""
+
+    account_id: int | None
+    license_key: SecretStr | None
+    service: Literal["score", "insights", "factors"]
+    host: str
+    timeout: float
+    attempts: int
+    hash_email: bool
+    reject_free_email: bool
+    reject_country_mismatch: bool
+    reject_anonymous_proxy: bool
+    high_risk_countries: frozenset[str]
+
+
+# Leased work: provisioning jobs and mail.
+
+class QueueSettings(Part):
+    """A leased queue's policy (shared/leased_queue.py): JOB_* for jobs and mail alike."""
+
+    max_attempts: int
+    backoff_seconds: float
+    lease_seconds: float  # renewed every third of it while the work runs
+    poll_seconds: float
+
+
+class JobSettings(Part):
+    """The provisioning job runner."""
+
+    queue: QueueSettings
+    concurrency: int  # calls in flight in this runner
+    lane_concurrency: int  # calls in flight per server
+
+
+class WhmSettings(Part):
+    """cPanel & WHM servers; their tokens come from the environment (each server's token_env)."""
+
+    scheme: Literal["https", "http"] | None  # http only for a local test server
+    timeout: float
+
+
+class EppSettings(Part):
+    """The EPP registrar; EPP_PASSWORD is read from the environment when needed."""
+
+    host: str | None
+    port: int
+    client_id: str | None
+    registrant_id: str | None
+    cafile: str | None
+    timeout: float
+
+
+class ProvidersSettings(Part):
+    """Server modules and registrars (services/provisioning/providers.py)."""
+
+    whm: WhmSettings
+    epp: EppSettings
+
+
+class DeadPaymentsSettings(Part):
+    """The keeper of payments dead-lettered by the broker (its own connection)."""
+
+    broker: BrokerSettings
+    publishers: PublisherSettings  # a dead payment republished by a worker is still a payment
+    sweep_seconds: float
+
+
+class SmtpSettings(Part):
+    host: str
+    port: int
+    username: str | None
+    password: SecretStr | None
+    security: Literal["none", "starttls", "tls"]
+    sender: str  # MAIL_FROM
+    timeout: float
+
+
+class MailSettings(Part):
+    """The mail sender (services/notify/sender.py)."""
+
+    smtp: SmtpSettings
+    queue: QueueSettings
+
+    @property
+    def domain(self) -> str:
+        """MAIL_FROM's domain, for Message-IDs."""
+        return self.smtp.sender.rpartition("@")[2].strip(">") or "ordermill.local"
