@@ -1,4 +1,4 @@
-"""Settings from the environment, with working local defaults (design section 6).
+"""Settings from the environment, with working local defaults (docs/contract.md, section 6).
 
 `Settings` reads the environment, flat: its field names are the variable names, the
 operators' contract. Components never take it whole: each takes its part, a small frozen
