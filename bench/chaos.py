@@ -66,6 +66,7 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 from fakes.whm import FakeWhm, _Answer  # noqa: E402
+
 from test_processes import Proxy, through  # noqa: E402
 
 CPANEL, AUTORELEASE = "business", "starter"
@@ -490,8 +491,8 @@ async def wait_for_consumers(connection: AbstractRobustConnection, names: Names,
     raise RuntimeError("the workers did not start consuming within 90 s")
 
 
-async def wait_until(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+async def wait_until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
             return True
@@ -672,9 +673,11 @@ def verdict(d: dict[str, Any]) -> list[str]:
     if after is not None and after > 60:
         problems.append(f"the last setup completed {after:g} s after the last kill (target 60 s)")
     if w["created_twice_usernames"] or w["created_twice_domains"]:
-        problems.append(f"accounts created twice: {w['created_twice_usernames'] or w['created_twice_domains']}")
+        twice = w["created_twice_usernames"] or w["created_twice_domains"]
+        problems.append(f"accounts created twice: {twice}")
     if w["createacct_refused"]:
-        problems.append(f"{len(w['createacct_refused'])} createacct refused, e.g. {w['createacct_refused'][:2]}")
+        refused = w["createacct_refused"]
+        problems.append(f"{len(refused)} createacct refused, e.g. {refused[:2]}")
     if w["accounts_without_service"]:
         problems.append(f"accounts with no service: {w['accounts_without_service'][:5]}")
     if any(d["dead_letters"].values()):
@@ -689,7 +692,8 @@ def print_report(d: dict[str, Any]) -> None:
     t, o, st, w, dr = d["timeline"], d["orders"], d["setups"], d["whm"], d["dead_runner_claims"]
     print(f"\nOrdermill chaos case {d['run_id']} ({d['at']}, {d['commit']}), {d['machine']['cpus']} CPUs, "
           f"{d['elapsed_seconds']:.0f} s in all")
-    print(f"  {o['placed']} orders placed at {d['options']['rate']:g}/s (published by {t['orders_published']} s); "
+    print(f"  {o['placed']} orders placed at {d['options']['rate']:g}/s "
+          f"(published by {t['orders_published']} s); "
           f"{d['payments']['published']} paid; {t['kills']} SIGKILLs from {t['first_kill']} s to "
           f"{t['last_kill']} s; outages: "
           + ", ".join(f"{x['what']} {x['down']}-{x['up']} s" for x in t["outages"]))
@@ -708,9 +712,11 @@ def print_report(d: dict[str, Any]) -> None:
     sat = dr["sat_after_kill_s"]
     print(f"  claims held by a dead runner: {dr['count']} of {dr['claims_seen']} claims seen"
           + (f", taken over {sat['mean']} s after the kill on average, {sat['max']} s at most"
-             f" (lease {d['settings']['job_lease_seconds']:g} s, poll {d['settings']['job_poll_seconds']:g} s)"
+             f" (lease {d['settings']['job_lease_seconds']:g} s,"
+             f" poll {d['settings']['job_poll_seconds']:g} s)"
              if sat else ""))
-    print(f"  dead letters {d['dead_letters']}; outbox unpublished at the end {d['outbox_unpublished_at_end']}; "
+    print(f"  dead letters {d['dead_letters']}; outbox unpublished at the end "
+          f"{d['outbox_unpublished_at_end']}; "
           f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink)")
     problems = verdict(d)
     d["problems"] = problems
