@@ -127,3 +127,32 @@ async def test_a_runner_killed_during_a_slow_create_is_taken_over_within_the_lea
     assert (row["job_status"], row["attempts"]) == ("done", 2)
     assert len(whm.accounts) == 1 and whm.calls["createacct"] == 2
     assert await outcome(harness, order["id"]) == {"history": 1, "events": 1}
+
+
+async def test_a_connection_dropped_while_recording_a_create_is_retried_in_process(
+    harness: Harness, whm: FakeWhm, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The account is created, then the transaction that records it loses its database
+    connection (a PostgreSQL restart; seen in bench/chaos.py). The runner writes the outcome
+    again at once on a fresh connection, as a transient error is retried everywhere else: no
+    attempt spent, no second call to the server, no wait for a backoff or for its own lease."""
+    s = harness.settings
+    provisioning = provisioning_worker(s)
+    runner: JobRunner = provisioning.background[0].__self__
+    finish, dropped = runner.queue.finish, []
+
+    async def finish_once_cut(conn: Any, row: Any, status: str, **values: Any) -> bool:
+        if status == "done" and not dropped:
+            dropped.append(row["id"])  # this session ends: the server "restarts" under it
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return await finish(conn, row, status, **values)
+
+    monkeypatch.setattr(runner.queue, "finish", finish_once_cut)
+    await harness.start([placement_worker(s), fraud_worker(s), provisioning])
+    order = await place_and_pay(harness, "drop-on-record")
+    row = await eventually(lambda: active(harness, order["id"]), timeout=60)
+    assert dropped, "the outcome was recorded without meeting the dropped connection"
+    assert (row["job_status"], row["attempts"]) == ("done", 1)
+    assert whm.calls["createacct"] == 1 and whm.calls["accountsummary"] == 1
+    assert len(whm.accounts) == 1
+    assert await outcome(harness, order["id"]) == {"history": 1, "events": 1}

@@ -36,11 +36,20 @@ from shared.contracts import (
 )
 from shared.epp_codes import EppCodeError
 from shared.leased_queue import ClaimLost, LeasedQueue, Runner, Table
+from shared.runtime.middleware.retry import transient_retrying
 from shared.settings_parts import JobSettings
 from shared.states import JobStatus
 from shared.uow import MessageContext, UnitOfWork, flush_events
 
 log = logging.getLogger("ordermill.jobs")
+
+# A transient database error (a dropped connection, a deadlock) while a call's outcome is
+# recorded is tried again in process, each time in a fresh transaction, as everywhere else
+# (contract rule 5): the call is not made again and no attempt is spent. About 9 s in all
+# (waits from 0.1 s doubling, at most 3 s), well within the lease. The claim's token still
+# guards the write: if a commit went through before its connection dropped, the next try
+# finds the claim ended and records nothing twice.
+OUTCOME_WRITE_ATTEMPTS = 8
 
 JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lane",
              touch="updated_at = now()")
@@ -208,36 +217,45 @@ class JobRunner:
         if not result.ok:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
-        async with pool.acquire() as conn, conn.transaction():
-            state = await conn.fetchrow("SELECT status, order_ref, accept_options FROM orders"
-                                        " WHERE id = $1 FOR UPDATE", job["order_id"])
-            if await self.queue.finish(conn, job, JobStatus.DONE, detail=result.detail):
-                uow = _unit_of_work(conn, job)
-                await done(uow, state)
-                await flush_events(conn, [uow])
+        async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+            with attempt:
+                async with pool.acquire() as conn, conn.transaction():
+                    state = await conn.fetchrow(
+                        "SELECT status, order_ref, accept_options FROM orders"
+                        " WHERE id = $1 FOR UPDATE", job["order_id"])
+                    if await self.queue.finish(conn, job, JobStatus.DONE, detail=result.detail):
+                        uow = _unit_of_work(conn, job)
+                        await done(uow, state)
+                        await flush_events(conn, [uow])
 
     async def _failed(self, pool: asyncpg.Pool, job: asyncpg.Record, error: str, *,
                       transient: bool) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            order_ref = await conn.fetchval(
-                "SELECT order_ref FROM orders WHERE id = $1 FOR UPDATE", job["order_id"])
-            status = await self.queue.fail(conn, job, error, transient=transient)
-            if status is None:  # no longer ours: the runner that took it over decides
-                return
-            extra = {"job_id": job["id"], "kind": job["kind"], "order_id": job["order_id"],
-                     "order_ref": order_ref, "attempt": job["attempts"], "error": error}
-            if status != JOBS.parked:
-                log.warning("job failed; will retry", extra=extra)
-                return
-            item = ({"service_id": job["service_id"]} if job["service_id"] is not None
-                    else {"domain_id": job["domain_id"]})
-            uow = _unit_of_work(conn, job)
-            await uow.history(job["order_id"], f"{job['kind']} failed",
-                              detail={**item, "error": error})
-            failed = ServiceFailed if job["service_id"] is not None else DomainFailed
-            uow.emit(failed(**_body(job, item, order_ref, {"error": error})))
-            await flush_events(conn, [uow])
-            log.error("job parked: an operator must look", extra=extra)
+        async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+            with attempt:
+                async with pool.acquire() as conn, conn.transaction():
+                    await self._record_failure(conn, job, error, transient=transient)
+
+    async def _record_failure(self, conn: asyncpg.Connection, job: asyncpg.Record, error: str, *,
+                              transient: bool) -> None:
+        order_ref = await conn.fetchval(
+            "SELECT order_ref FROM orders WHERE id = $1 FOR UPDATE", job["order_id"])
+        status = await self.queue.fail(conn, job, error, transient=transient)
+        if status is None:  # no longer ours: the runner that took it over decides
+            return
+        extra = {"job_id": job["id"], "kind": job["kind"], "order_id": job["order_id"],
+                 "order_ref": order_ref, "attempt": job["attempts"], "error": error}
+        if status != JOBS.parked:
+            log.warning("job failed; will retry", extra=extra)
+            return
+        item = ({"service_id": job["service_id"]} if job["service_id"] is not None
+                else {"domain_id": job["domain_id"]})
+        uow = _unit_of_work(conn, job)
+        await uow.history(job["order_id"], f"{job['kind']} failed",
+                          detail={**item, "error": error})
+        failed = ServiceFailed if job["service_id"] is not None else DomainFailed
+        uow.emit(failed(**_body(job, item, order_ref, {"error": error})))
+        await flush_events(conn, [uow])
+        log.error("job parked: an operator must look", extra=extra)
 
 
 def _unit_of_work(conn: asyncpg.Connection, job: asyncpg.Record) -> UnitOfWork:

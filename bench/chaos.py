@@ -1,0 +1,768 @@
+"""Ordermill chaos case: two `ordermill run` processes, one SIGKILLed every few seconds, the
+broker and the database "restarted" once each, while orders are placed and paid.
+
+One run, in its own database (om_bench_<hex>) and broker namespace (bench.<hex>), both removed at
+the end; the machine's RabbitMQ and PostgreSQL are never restarted (others use them).
+
+- Two `ordermill run` processes (every service in each) reach RabbitMQ and PostgreSQL through
+  two TCP proxies this bench owns (tests/test_processes.py's `Proxy`). "Restarting" a server is
+  taking its proxy down for --outage seconds: every open connection of both workers drops and
+  new ones are refused, then it comes back. The storefront and the bench's own checks connect
+  directly.
+- A fake WHM (tests/fakes/whm.py) answers every call after 20-250 ms (uniformly at random).
+- A storefront places --orders orders at --rate (half `business`, a cPanel product on the fake
+  WHM, half `starter`, autorelease; both set up on payment) and pays each one as soon as its
+  `order.placed` tells the invoice.
+- While orders go out, a random one of the two workers is SIGKILLed every --kill-min to
+  --kill-max seconds and started again at once. The broker's proxy goes down at a third of the
+  placing, the database's at two thirds.
+- Then the kills stop and the bench waits (up to --settle s) for every paid setup.
+
+Measured, from the bench's database, the fake WHM and a sampler of the `jobs` table (every
+0.25 s, direct connection): every paid setup complete, and when the last one completed after
+the last kill; accounts created twice on the WHM; orders lost or screened twice; claims that sat
+`running` under a dead runner's lease, and for how long. A claim is a dead runner's when its
+lease ran out while it was still `running` (a live runner renews it every third of the lease),
+or when it stayed `running` longer than the lease's renewal period with its lease never renewed.
+
+Run: PYTHONPATH=$PWD .venv/bin/python bench/chaos.py [--orders N] [--rate R] ...
+The report is printed and written as JSON to bench/results/chaos.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import psutil
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from pipeline import Bench, MailSink, _git_commit, drop_database
+from provisioning import ORDERMILL, RESULTS, ROOT, TOKEN_ENV, Storefront, remove_topology
+
+from cli.catalog import load_catalog, read_catalog
+from cli.main import loop_factory
+from shared import broker, db
+from shared.parties import amqp_user
+from shared.settings import Settings
+from shared.topology import SERVICE_BINDINGS, Names, declare_topology
+
+CATALOG = ROOT / "catalog.example.toml"
+TESTS = str(ROOT / "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+from fakes.whm import FakeWhm, _Answer  # noqa: E402
+
+from test_processes import Proxy, through  # noqa: E402
+
+CPANEL, AUTORELEASE = "business", "starter"
+SAMPLE_SECONDS = 0.25
+
+
+# -- the fake cPanel server: 20-250 ms an answer, every createacct outcome kept -------------------
+
+
+class JitteryWhm(FakeWhm):
+    """FakeWhm answering each call after a random delay in [low, high] s; keeps what each
+    createacct did (created, or refused and why), by username and by domain."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+        self.created: Counter[str] = Counter()  # username -> accounts created
+        self.created_domains: Counter[str] = Counter()
+        self.refused: list[dict[str, str]] = []
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def delay(self) -> float:
+        return random.uniform(self.low, self.high)
+
+    @delay.setter
+    def delay(self, value: float) -> None:
+        pass  # FakeWhm.__init__ sets it; the range stands
+
+    def _createacct(self, params: dict[str, str]) -> _Answer:
+        answer = super()._createacct(params)
+        user, domain = params.get("username", "").lower(), params.get("domain", "").lower()
+        if answer.result == 1:
+            self.created[user] += 1
+            self.created_domains[domain] += 1
+        else:
+            self.refused.append({"username": user, "domain": domain, "reason": answer.reason})
+        return answer
+
+
+# -- the bench database -------------------------------------------------------------------------
+
+
+async def create_database(s: Settings, whm_port: int) -> None:
+    """Migrated, the sample catalog loaded, web1 on the fake WHM (room for every account)."""
+    await db.ensure_database(s.database_url, attempts=3)
+    pool = await db.create_pool(s.database_url, max_size=2, attempts=3)
+    try:
+        await db.migrate(pool)
+        async with pool.acquire() as conn, conn.transaction():
+            await load_catalog(conn, read_catalog(CATALOG))
+            await conn.execute(
+                "UPDATE servers SET hostname = $1, token_env = $2, max_accounts = 100000"
+                " WHERE name = 'web1'", f"127.0.0.1:{whm_port}", TOKEN_ENV)
+    finally:
+        await pool.close()
+
+
+# -- the two workers --------------------------------------------------------------------------------
+
+
+class Worker:
+    """One `ordermill run` (every service), killed and started again at will; its stderr is
+    appended to one log across its lives."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lives: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        self._log.write(f"--- {self.name} started at {time.time():.3f}\n".encode())
+        self._log.flush()
+        self.proc = await asyncio.create_subprocess_exec(
+            str(ORDERMILL), "run", env=self.env, stdout=self._log, stderr=self._log)
+        self.lives.append({"pid": self.proc.pid, "started": time.time(), "ended": None, "how": None})
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill(self) -> float:
+        """SIGKILL: no chance to finish, release or renew anything. Returns when it was sent."""
+        assert self.proc is not None
+        at = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        self.lives[-1].update(ended=at, how="SIGKILL")
+        return at
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=45)
+                how = f"SIGTERM, exit {self.proc.returncode}"
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+                how = "SIGTERM ignored for 45 s: SIGKILL"
+            self.lives[-1].update(ended=time.time(), how=how)
+        self._log.close()
+
+    def exited_by_itself(self) -> list[dict[str, Any]]:
+        return [life for life in self.lives if life["how"] and life["how"].startswith("exited")]
+
+
+# -- the storefront: places orders, pays each once its invoice is known -----------------------------
+
+
+def order_body(ref: str, product: str) -> dict[str, Any]:
+    return {
+        "order_ref": ref,
+        "client": {"email": f"{ref}@chaos.example", "first_name": "Chaos", "last_name": "Client",
+                   "country": "GB", "company": None},
+        "items": [{"type": "product", "product": product, "billing_cycle": "monthly",
+                   "domain": f"{ref}.example"}],
+        "currency": "USD", "payment_method": "stripe", "promo_code": None,
+        "ip_address": "192.0.2.1", "send_confirmation": True, "generate_invoice": True,
+    }
+
+
+@dataclass
+class Shop(Storefront):
+    """bench/provisioning.py's Storefront, also hearing order.placed: each order is paid (once)
+    as soon as its invoice is known, as a customer at a checkout would."""
+
+    placed: dict[str, dict[str, Any]] = field(default_factory=dict)  # ref -> order.placed body
+    paid: dict[str, float] = field(default_factory=dict)  # ref -> payment confirmed
+    heard: Counter[str] = field(default_factory=Counter)  # routing key -> events (duplicates too)
+    payments: set[asyncio.Task[None]] = field(default_factory=set)
+    pay_errors: list[str] = field(default_factory=list)
+
+    async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
+        await super().listen(connection, exchange_name)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange_name, routing_key="order.placed")
+        await queue.consume(self._on_placed, no_ack=True)
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        self.heard[message.routing_key or ""] += 1
+        await super()._on_event(message)
+
+    async def _on_placed(self, message: AbstractIncomingMessage) -> None:
+        body = json.loads(message.body)
+        ref = body.get("order_ref")
+        self.heard["order.placed"] += 1
+        if ref not in self.sent or ref in self.placed:
+            return  # not ours, or heard again (an event republished after a kill)
+        self.placed[ref] = body
+        task = asyncio.create_task(self._pay(ref, body))
+        self.payments.add(task)
+        task.add_done_callback(self.payments.discard)
+
+    async def _pay(self, ref: str, body: dict[str, Any]) -> None:
+        message = broker.json_message(
+            {"invoice_id": body["invoice_id"], "amount": str(body["total"]),
+             "currency": body["currency"], "gateway": "chaos", "transaction_id": f"chaos-{ref}"},
+            routing_key="payment.received", user_id=self.user_id)
+        try:
+            await broker.publish(self.exchange, "payment.received", message)
+            self.paid[ref] = time.time()
+        except Exception as exc:  # reported; the bench's own connection is not cut
+            self.pay_errors.append(f"{ref}: {exc!r}")
+
+
+# -- the jobs sampler: who holds which claim, and for how long ---------------------------------------
+
+
+@dataclass
+class Claim:
+    job_id: int
+    token: str  # leased_by: runner id / claim nonce
+    kind: str
+    first_seen: float
+    last_seen: float
+    lease_until: float  # the latest seen
+    renewed: bool = False
+    expired_seen: bool = False  # seen `running` with its lease run out
+    gone: float | None = None  # first sample without it (finished, failed or taken over)
+
+
+class JobSampler:
+    """Every SAMPLE_SECONDS, the `running` jobs with their claim token and lease, read on a
+    connection of the bench's own (not through the proxy)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.claims: dict[tuple[int, str], Claim] = {}
+        self.samples = 0
+        self.errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self.database_url)
+                    await self._sample(conn)
+                except (OSError, asyncpg.PostgresError):
+                    self.errors += 1
+                    conn = None
+                await asyncio.sleep(SAMPLE_SECONDS)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _sample(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM clock_timestamp())::float8 AS now, id, kind, leased_by,"
+            " extract(epoch FROM lease_until)::float8 AS lease_until"
+            " FROM jobs WHERE status = 'running'")
+        now = rows[0]["now"] if rows else time.time()
+        self.samples += 1
+        seen = set()
+        for r in rows:
+            key = (r["id"], r["leased_by"])
+            seen.add(key)
+            claim = self.claims.get(key)
+            if claim is None:
+                claim = self.claims[key] = Claim(r["id"], r["leased_by"], r["kind"], now, now,
+                                                 r["lease_until"])
+            claim.last_seen = now
+            if r["lease_until"] > claim.lease_until + 0.001:
+                claim.renewed = True
+            claim.lease_until = r["lease_until"]
+            if r["lease_until"] < now:
+                claim.expired_seen = True
+        for key, claim in self.claims.items():
+            if claim.gone is None and key not in seen:
+                claim.gone = now
+
+    def dead(self, lease: float) -> list[Claim]:
+        """Claims a dead runner held: seen expired while running, or running longer than a
+        renewal period (a third of the lease, and some) without ever being renewed."""
+        return [c for c in self.claims.values() if c.expired_seen
+                or (not c.renewed and c.last_seen - c.first_seen > lease / 3 + 2)]
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    orders: int
+    rate: float
+    kill_min: float
+    kill_max: float
+    outage: float
+    settle: float
+    cpanel_share: float
+    whm_low: float
+    whm_high: float
+    seed: int
+
+
+@dataclass
+class Chaos:
+    kills: list[dict[str, Any]] = field(default_factory=list)
+    outages: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def kill_loop(workers: list[Worker], chaos: Chaos, opts: Options, rng: random.Random,
+                    stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=rng.uniform(opts.kill_min, opts.kill_max))
+        if stop.is_set():
+            return
+        worker = rng.choice(workers)
+        if not worker.alive():  # it exited by itself: a finding, reported; started again
+            worker.lives[-1].update(ended=time.time(), how=f"exited {worker.proc.returncode}")
+        else:
+            at = await worker.kill()
+            chaos.kills.append({"worker": worker.name, "pid": worker.lives[-1]["pid"], "at": at,
+                                "lived": round(at - worker.lives[-1]["started"], 1)})
+            print(f"  {at - START:6.1f} s  SIGKILL {worker.name} (pid {worker.lives[-1]['pid']})",
+                  flush=True)
+        await worker.start()
+
+
+async def outage(proxy: Proxy, what: str, at: float, seconds: float, chaos: Chaos) -> None:
+    await asyncio.sleep(max(0.0, at - time.time()))
+    down = time.time()
+    dropped = len(proxy.writers)
+    proxy.down()
+    print(f"  {down - START:6.1f} s  {what} down ({dropped} connection ends dropped)", flush=True)
+    await asyncio.sleep(seconds)
+    proxy.up()
+    print(f"  {time.time() - START:6.1f} s  {what} up", flush=True)
+    chaos.outages.append({"what": what, "down": down, "up": time.time(), "connections_dropped": dropped})
+
+
+START = time.time()
+
+
+async def setups_done(s: Settings) -> tuple[int, int]:
+    """(services of paid invoices, of them Active)."""
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS paid, count(*) FILTER (WHERE sv.status = 'Active') AS active"
+            " FROM services sv JOIN invoices i ON i.order_id = sv.order_id WHERE i.status = 'Paid'")
+    finally:
+        await conn.close()
+    return row["paid"], row["active"]
+
+
+async def run_chaos(bench: Bench, opts: Options) -> dict[str, Any]:
+    global START
+    s = bench.settings
+    rng = random.Random(opts.seed)
+    whm = JitteryWhm(opts.whm_low, opts.whm_high)
+    mq, pg = Proxy(5672), Proxy(5432)
+    connection: AbstractRobustConnection | None = None
+    workers: list[Worker] = []
+    chaos = Chaos()
+    sampler = JobSampler(s.database_url)
+    print(f"chaos run {bench.run_id}: database {s.database_url.rsplit('/', 1)[1]}, namespace "
+          f"{s.namespace}; {opts.orders} orders at {opts.rate:g}/s", flush=True)
+    with MailSink(s.smtp_port) as mail:
+        try:
+            await whm.start()
+            await mq.start()
+            await pg.start()
+            await create_database(s, whm.port)
+            connection = await broker.connect(s.amqp_url, attempts=3)
+            await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
+            env = {**bench.env(), "WHM_SCHEME": "http", TOKEN_ENV: whm.token,
+                   "AMQP_URL": through(s.amqp_url, mq), "DATABASE_URL": through(s.database_url, pg)}
+            lease = float(env.get("JOB_LEASE_SECONDS", s.job_lease_seconds))
+            shop = Shop(exchange=await (await broker.open_publisher(connection)).get_exchange(
+                bench.names.exchange), user_id=amqp_user(s.amqp_url))
+            await shop.listen(connection, bench.names.exchange)
+            workers = [Worker(f"worker-{n}", env, RESULTS / f"chaos-worker-{n}.log") for n in (1, 2)]
+            for w in workers:
+                await w.start()
+            await wait_for_consumers(connection, bench.names, workers)
+            sampler.start()
+
+            refs = [(f"chaos-{bench.run_id}-{n:05d}",
+                     CPANEL if rng.random() < opts.cpanel_share else AUTORELEASE)
+                    for n in range(opts.orders)]
+            for ref, _ in refs:
+                shop.sent[ref] = 0.0
+            placing = opts.orders / opts.rate
+            START = time.time()
+            stop_kills = asyncio.Event()
+            killer = asyncio.create_task(kill_loop(workers, chaos, opts, rng, stop_kills))
+            outages = [asyncio.create_task(outage(mq, "RabbitMQ (proxy)", START + placing / 3,
+                                                  opts.outage, chaos)),
+                       asyncio.create_task(outage(pg, "PostgreSQL (proxy)", START + 2 * placing / 3,
+                                                  opts.outage, chaos))]
+            await shop.steady(lambda r: shop.place(r[0], r[1]), refs, opts.rate)
+            placed_at = time.time()
+            print(f"  {placed_at - START:6.1f} s  {len(refs)} orders published", flush=True)
+            await asyncio.gather(*outages)
+            # Kills go on until every order has been paid (or no more order.placed comes).
+            await wait_until(lambda: len(shop.paid) + len(shop.pay_errors) >= len(refs), 60)
+            while shop.payments:
+                await asyncio.gather(*list(shop.payments))
+            stop_kills.set()
+            await killer
+            last_kill = chaos.kills[-1]["at"] if chaos.kills else time.time()
+            print(f"  {time.time() - START:6.1f} s  {len(shop.paid)} payments published; kills "
+                  f"stopped ({len(chaos.kills)} in all)", flush=True)
+            settled = await settle(s, shop, last_kill, opts.settle)
+            sampler_stop_at = time.time()
+            await sampler.stop()
+            for w in workers:
+                await w.stop()
+            report = await gather_report(bench, opts, shop, whm, chaos, sampler, workers, lease,
+                                         last_kill, settled, placed_at, connection)
+            report["timeline"]["sampler_stopped"] = round(sampler_stop_at - START, 1)
+        finally:
+            await sampler.stop()
+            for w in workers:
+                with contextlib.suppress(Exception):
+                    await w.stop()
+            mq.close()
+            pg.close()
+            await whm.stop()
+            if connection is not None:
+                await remove_topology(connection, bench.names)
+                await connection.close()
+            await drop_database(s)
+    report["emails_delivered"] = mail.received
+    return report
+
+
+async def wait_for_consumers(connection: AbstractRobustConnection, names: Names,
+                             workers: list[Worker]) -> None:
+    """Both workers consuming every work queue (two consumers each) before the chaos starts."""
+    channel = await connection.channel()
+    try:
+        queues = [await channel.declare_queue(names.queue(svc), passive=True) for svc in SERVICE_BINDINGS]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            for w in workers:
+                if not w.alive():
+                    raise RuntimeError(f"{w.name} exited at start: see {w.log_path}")
+            counts = [(await q.declare()).consumer_count for q in queues]
+            if all(n >= len(workers) for n in counts):
+                return
+            await asyncio.sleep(0.3)
+    finally:
+        await channel.close()
+    raise RuntimeError("the workers did not start consuming within 90 s")
+
+
+async def wait_until(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.2)
+    return condition()
+
+
+async def settle(s: Settings, shop: Shop, last_kill: float, limit: float) -> dict[str, Any]:
+    """Wait for every paid setup (service Active) or `limit` s after the last kill; then a little
+    longer for the tail (events, mails) to go out."""
+    paid = active = 0
+    while time.time() - last_kill < limit:
+        paid, active = await setups_done(s)
+        if paid >= len(shop.paid) and active >= paid:
+            break
+        await asyncio.sleep(0.5)
+    done = time.time()
+    await asyncio.sleep(3)
+    print(f"  {done - START:6.1f} s  {active}/{paid} paid setups Active", flush=True)
+    return {"paid": paid, "active": active, "waited_until": done,
+            "all_done": paid >= len(shop.paid) and active >= paid}
+
+
+# -- the findings --------------------------------------------------------------------------------------
+
+
+async def dead_letter_depths(connection: AbstractRobustConnection, names: Names) -> dict[str, int]:
+    channel = await connection.channel()
+    try:
+        return {svc: (await channel.declare_queue(f"{names.queue(svc)}.dead", passive=True))
+                .declaration_result.message_count for svc in SERVICE_BINDINGS}
+    finally:
+        await channel.close()
+
+
+async def gather_report(bench: Bench, opts: Options, shop: Shop, whm: JitteryWhm, chaos: Chaos,
+                        sampler: JobSampler, workers: list[Worker], lease: float, last_kill: float,
+                        settled: dict[str, Any], placed_at: float,
+                        connection: AbstractRobustConnection) -> dict[str, Any]:
+    s = bench.settings
+    refs = list(shop.sent)
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        orders = await conn.fetch(
+            "SELECT o.order_ref, o.id, o.status, o.screening::text AS screening,"
+            " (SELECT count(*) FROM fraud_checks f WHERE f.order_id = o.id) AS checks,"
+            " (SELECT count(*) FROM order_history h WHERE h.order_id = o.id AND h.action = 'placed')"
+            "   AS placed_rows"
+            " FROM orders o WHERE o.order_ref = ANY($1::text[])", refs)
+        by_ref: dict[str, list[asyncpg.Record]] = {}
+        for r in orders:
+            by_ref.setdefault(r["order_ref"], []).append(r)
+        services = await conn.fetch(
+            "SELECT o.order_ref, p.slug AS product, sv.id, sv.status, sv.username, sv.domain,"
+            " i.status AS invoice,"
+            " extract(epoch FROM (SELECT max(j.updated_at) FROM jobs j WHERE j.service_id = sv.id"
+            "   AND j.kind = 'create' AND j.status = 'done'))::float8 AS done_at,"
+            " (SELECT max(j.attempts) FROM jobs j WHERE j.service_id = sv.id AND j.kind = 'create')"
+            "   AS attempts,"
+            " (SELECT string_agg(j.status || coalesce(': ' || left(j.last_error, 160), ''), '; ')"
+            "   FROM jobs j WHERE j.service_id = sv.id) AS jobs"
+            " FROM services sv JOIN orders o ON o.id = sv.order_id JOIN products p ON p.id = sv.product_id"
+            " LEFT JOIN invoices i ON i.order_id = o.id WHERE o.order_ref = ANY($1::text[])", refs)
+        payments = await conn.fetch(
+            "SELECT status::text AS status, count(*) AS n FROM payments GROUP BY 1")
+        unapplied = await conn.fetch(
+            "SELECT reason, count(*) AS n FROM payments WHERE status <> 'applied' GROUP BY 1")
+        history = await conn.fetch(
+            "SELECT action, count(*) AS n, count(DISTINCT order_id) AS orders FROM order_history"
+            " WHERE action IN ('service created', 'placed') GROUP BY 1")
+        unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        emails = await conn.fetch("SELECT status::text AS status, count(*) AS n FROM emails GROUP BY 1")
+    finally:
+        await conn.close()
+
+    missing = [ref for ref in refs if ref not in by_ref]
+    duplicated_orders = [ref for ref, rows in by_ref.items() if len(rows) > 1]
+    screened_twice = [r["order_ref"] for r in orders if r["checks"] > 1 or r["placed_rows"] > 1]
+    not_screened = [r["order_ref"] for r in orders if r["screening"] == "queued"]
+    paid_services = [r for r in services if r["invoice"] == "Paid"]
+    not_active = [dict(r) for r in paid_services if r["status"] != "Active"]
+    done_times = [r["done_at"] for r in paid_services if r["done_at"] is not None]
+    last_done = max(done_times) if done_times else None
+    heard_created = [t for ref in refs if (t := shop.at("service.created", ref))]
+
+    cpanel_active = {r["username"] for r in paid_services
+                     if r["product"] == CPANEL and r["status"] == "Active"}
+    twice = {u: n for u, n in whm.created.items() if n > 1}
+    twice_domains = {d: n for d, n in whm.created_domains.items() if n > 1}
+    strangers = sorted(set(whm.accounts) - {r["username"] for r in services if r["username"]})
+
+    dead = sampler.dead(lease)
+    kills = [k["at"] for k in chaos.kills]
+    dead_rows = []
+    for c in dead:
+        since = c.lease_until - lease  # its last claim or renewal, made by a live runner
+        killed = min((k for k in kills if k >= since - 1), default=None)
+        ended = c.gone or c.last_seen
+        dead_rows.append({
+            "job_id": c.job_id, "kind": c.kind, "runner": c.token.split("/")[0],
+            "claimed_or_renewed": round(since - START, 1),
+            "holder_killed": round(killed - START, 1) if killed else None,
+            "lease_ran_out": round(c.lease_until - START, 1), "taken_over": round(ended - START, 1),
+            "sat_after_kill_s": round(ended - killed, 1) if killed else None,
+            "after_lease_ran_out_s": round(ended - c.lease_until, 1)})
+    sat = [r["sat_after_kill_s"] for r in dead_rows if r["sat_after_kill_s"] is not None]
+
+    return {
+        "run_id": bench.run_id,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "options": opts.__dict__,
+        "method": ("two `ordermill run` processes (all services) reach RabbitMQ and PostgreSQL "
+                   "through TCP proxies owned by the bench; a 'restart' is the proxy down (open "
+                   "connections dropped, new ones refused) for options.outage seconds"),
+        "settings": {"job_lease_seconds": lease,
+                     "job_poll_seconds": float(os.environ.get("JOB_POLL_SECONDS", s.job_poll_seconds)),
+                     "job_backoff_seconds": s.job_backoff_seconds},
+        "timeline": {
+            "orders_published": round(placed_at - START, 1),
+            "kills": len(chaos.kills), "first_kill": round(kills[0] - START, 1) if kills else None,
+            "last_kill": round(last_kill - START, 1),
+            "outages": [{**o, "down": round(o["down"] - START, 1), "up": round(o["up"] - START, 1)}
+                        for o in chaos.outages],
+            "last_setup_done": round(last_done - START, 1) if last_done else None,
+        },
+        "orders": {"placed": len(refs), "in_database": len(by_ref), "lost": missing,
+                   "duplicated": duplicated_orders, "screened_twice": screened_twice,
+                   "not_screened": not_screened,
+                   "statuses": dict(Counter(r["status"] for r in orders)),
+                   "screening": dict(Counter(r["screening"] for r in orders)),
+                   "history": {r["action"]: {"rows": r["n"], "orders": r["orders"]} for r in history}},
+        "payments": {"published": len(shop.paid), "publish_errors": shop.pay_errors,
+                     "by_status": {r["status"]: r["n"] for r in payments},
+                     "not_applied": {r["reason"]: r["n"] for r in unapplied}},
+        "setups": {
+            "paid": len(paid_services), "active": len(paid_services) - len(not_active),
+            "by_product": {p: dict(Counter(r["status"] for r in paid_services if r["product"] == p))
+                           for p in (CPANEL, AUTORELEASE)},
+            "not_active": not_active[:50],
+            "retried": sum(1 for r in paid_services if (r["attempts"] or 0) > 1),
+            "all_done_within_settle": settled["all_done"],
+            "last_done_after_last_kill_s": round(last_done - last_kill, 1) if last_done else None,
+            "last_service_created_heard_after_last_kill_s":
+                round(max(heard_created) - last_kill, 1) if heard_created else None,
+        },
+        "whm": {"calls": dict(whm.calls), "accounts": len(whm.accounts),
+                "cpanel_services_active": len(cpanel_active),
+                "created_twice_usernames": twice, "created_twice_domains": twice_domains,
+                "createacct_refused": whm.refused[:50], "accounts_without_service": strangers[:50]},
+        "dead_runner_claims": {
+            "count": len(dead_rows), "claims_seen": len(sampler.claims), "samples": sampler.samples,
+            "sampler_errors": sampler.errors,
+            "sat_after_kill_s": {"max": max(sat), "mean": round(sum(sat) / len(sat), 1)} if sat else None,
+            "claims": dead_rows},
+        "events_heard": dict(shop.heard),
+        "outbox_unpublished_at_end": unpublished,
+        "dead_letters": await dead_letter_depths(connection, bench.names),
+        "emails": {r["status"]: r["n"] for r in emails},
+        "workers": {w.name: {"lives": len(w.lives), "log": str(w.log_path.relative_to(ROOT)),
+                             "exited_by_itself": w.exited_by_itself()} for w in workers},
+    }
+
+
+def verdict(d: dict[str, Any]) -> list[str]:
+    problems = []
+    o, st, w = d["orders"], d["setups"], d["whm"]
+    for key in ("lost", "duplicated", "screened_twice", "not_screened"):
+        if o[key]:
+            problems.append(f"orders {key.replace('_', ' ')}: {len(o[key])}, e.g. {o[key][:3]}")
+    if st["active"] < st["paid"]:
+        problems.append(f"{st['paid'] - st['active']} paid setup(s) not Active")
+    if st["paid"] < d["payments"]["published"]:
+        problems.append(f"{d['payments']['published'] - st['paid']} paid order(s) without a Paid invoice")
+    after = st["last_done_after_last_kill_s"]
+    if after is not None and after > 60:
+        problems.append(f"the last setup completed {after:g} s after the last kill (target 60 s)")
+    if w["created_twice_usernames"] or w["created_twice_domains"]:
+        twice = w["created_twice_usernames"] or w["created_twice_domains"]
+        problems.append(f"accounts created twice: {twice}")
+    if w["createacct_refused"]:
+        refused = w["createacct_refused"]
+        problems.append(f"{len(refused)} createacct refused, e.g. {refused[:2]}")
+    if w["accounts_without_service"]:
+        problems.append(f"accounts with no service: {w['accounts_without_service'][:5]}")
+    if any(d["dead_letters"].values()):
+        problems.append(f"dead letters: {d['dead_letters']}")
+    for name, info in d["workers"].items():
+        if info["exited_by_itself"]:
+            problems.append(f"{name} exited by itself: {info['exited_by_itself']}")
+    return problems
+
+
+def print_report(d: dict[str, Any]) -> None:
+    t, o, st, w, dr = d["timeline"], d["orders"], d["setups"], d["whm"], d["dead_runner_claims"]
+    print(f"\nOrdermill chaos case {d['run_id']} ({d['at']}, {d['commit']}), {d['machine']['cpus']} CPUs, "
+          f"{d['elapsed_seconds']:.0f} s in all")
+    print(f"  {o['placed']} orders placed at {d['options']['rate']:g}/s "
+          f"(published by {t['orders_published']} s); "
+          f"{d['payments']['published']} paid; {t['kills']} SIGKILLs from {t['first_kill']} s to "
+          f"{t['last_kill']} s; outages: "
+          + ", ".join(f"{x['what']} {x['down']}-{x['up']} s" for x in t["outages"]))
+    print(f"  orders: {o['in_database']} in the database, lost {len(o['lost'])}, duplicated "
+          f"{len(o['duplicated'])}, screened twice {len(o['screened_twice'])}, not screened "
+          f"{len(o['not_screened'])}; statuses {o['statuses']}, screening {o['screening']}")
+    print(f"  payments: {d['payments']['by_status']}" + (f", not applied {d['payments']['not_applied']}"
+                                                          if d["payments"]["not_applied"] else ""))
+    print(f"  paid setups: {st['active']}/{st['paid']} Active ({st['by_product']}); {st['retried']} "
+          f"needed more than one attempt; the last completed {st['last_done_after_last_kill_s']} s "
+          f"after the last kill (its service.created heard at "
+          f"{st['last_service_created_heard_after_last_kill_s']} s)")
+    print(f"  fake WHM: {w['accounts']} accounts for {w['cpanel_services_active']} Active cPanel services; "
+          f"created twice: {len(w['created_twice_usernames']) + len(w['created_twice_domains'])}; "
+          f"createacct refused: {len(w['createacct_refused'])}; calls {w['calls']}")
+    sat = dr["sat_after_kill_s"]
+    print(f"  claims held by a dead runner: {dr['count']} of {dr['claims_seen']} claims seen"
+          + (f", taken over {sat['mean']} s after the kill on average, {sat['max']} s at most"
+             f" (lease {d['settings']['job_lease_seconds']:g} s,"
+             f" poll {d['settings']['job_poll_seconds']:g} s)"
+             if sat else ""))
+    print(f"  dead letters {d['dead_letters']}; outbox unpublished at the end "
+          f"{d['outbox_unpublished_at_end']}; "
+          f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink)")
+    problems = verdict(d)
+    d["problems"] = problems
+    print("  verdict: " + ("PASS" if not problems else "FAIL"))
+    for p in problems:
+        print(f"    - {p}")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--orders", type=int, default=1200)
+    p.add_argument("--rate", type=float, default=10.0, help="orders placed per second")
+    p.add_argument("--kill-min", type=float, default=3.0, help="seconds between kills, at least")
+    p.add_argument("--kill-max", type=float, default=7.0, help="seconds between kills, at most")
+    p.add_argument("--outage", type=float, default=5.0, help="seconds each proxy stays down")
+    p.add_argument("--settle", type=float, default=180.0,
+                   help="seconds after the last kill to wait for every paid setup")
+    p.add_argument("--cpanel-share", type=float, default=0.5, help="share of cPanel orders")
+    p.add_argument("--whm-low", type=float, default=0.02)
+    p.add_argument("--whm-high", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=12)
+    a = p.parse_args(argv)
+    return Options(a.orders, a.rate, a.kill_min, a.kill_max, a.outage, a.settle, a.cpanel_share,
+                   a.whm_low, a.whm_high, a.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            data = runner.run(run_chaos(Bench.create(), opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: workers stopped, bench database and queues removed", file=sys.stderr)
+        raise SystemExit(130) from None
+    data["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    print_report(data)
+    path = RESULTS / "chaos.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"\nwritten to {path.relative_to(ROOT)}")
+    raise SystemExit(1 if data["problems"] else 0)
+
+
+if __name__ == "__main__":
+    main()
