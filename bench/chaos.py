@@ -179,18 +179,6 @@ class Worker:
 # -- the storefront: places orders, pays each once its invoice is known -----------------------------
 
 
-def order_body(ref: str, product: str) -> dict[str, Any]:
-    return {
-        "order_ref": ref,
-        "client": {"email": f"{ref}@chaos.example", "first_name": "Chaos", "last_name": "Client",
-                   "country": "GB", "company": None},
-        "items": [{"type": "product", "product": product, "billing_cycle": "monthly",
-                   "domain": f"{ref}.example"}],
-        "currency": "USD", "payment_method": "stripe", "promo_code": None,
-        "ip_address": "192.0.2.1", "send_confirmation": True, "generate_invoice": True,
-    }
-
-
 @dataclass
 class Shop(Storefront):
     """bench/provisioning.py's Storefront, also hearing order.placed: each order is paid (once)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -12,8 +11,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from shared import broker
+from shared import dead_letters as dl
 from shared.parties import REPLAY_OF_HEADER
-from shared.runtime import REASON_HEADER, REDACTED, REPLAYS_HEADER, SECRET_KEYS, redact
+from shared.runtime import REDACTED, REPLAYS_HEADER, SECRET_KEYS, redact
 from shared.topology import SERVICE_BINDINGS, Names
 
 
@@ -46,38 +46,11 @@ def _dead_queues(names: Names, which: str | None) -> list[str]:
     return [names.dead_queue(service)]
 
 
-def _text(value: object, limit: int = 1000) -> str:
-    """A header's or property's text as an operator may see it: bytes that are not UTF-8 and
-    lone surrogates (how a short string that is not UTF-8 decodes) shown escaped, and capped."""
-    if isinstance(value, bytes | bytearray):
-        text = bytes(value).decode(errors="backslashreplace")
-    else:
-        text = broker.escaped(str(value or ""))
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _broker_dead_lettered(message: AbstractIncomingMessage) -> bool:
-    """Dead-lettered by the broker itself (delivery limit, expiry), not by the runtime: then
-    every header but `x-death` is the publisher's, and none of ours can be trusted. (The
-    runtime's copies carry only the headers it writes: never `x-death`.)"""
-    return isinstance((message.headers or {}).get("x-death"), list)
-
-
-def _claimed_key(message: AbstractIncomingMessage) -> str:
-    """The routing key the message was first published with, as recorded. A dead letter's own
-    key is its queue's (`x-dead-letter-routing-key`): the runtime records the first in a header;
-    the broker's own dead letters (delivery limit, expiry) keep it in `x-death`."""
-    if _broker_dead_lettered(message):
-        keys = _last_death(message).get("routing-keys")
-        return _text(keys[0], 300) if isinstance(keys, list) and keys else ""
-    return _text((message.headers or {}).get("x-ordermill-routing-key"), 300)
-
-
 def _original_key(message: AbstractIncomingMessage, service: str) -> tuple[str | None, str]:
     """(the key to replay it with, or None and why not). Only a key the service's work queue
     is bound to: a publisher can write any key into a header (or forge an `x-death` entry that
     the broker keeps), and a replay publishes as the operator."""
-    claimed = _claimed_key(message)
+    claimed = dl.claimed_key(message)
     bound = SERVICE_BINDINGS.get(service, ())
     if claimed in bound:
         return claimed, ""
@@ -85,30 +58,6 @@ def _original_key(message: AbstractIncomingMessage, service: str) -> tuple[str |
         return None, "no routing key recorded with it"
     return None, (f"routing key {claimed!r} is not one the {service} queue is bound to"
                   f" ({', '.join(bound)})")
-
-
-def _last_death(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """The broker's record of the latest time it dead-lettered the message (`x-death`)."""
-    deaths = (message.headers or {}).get("x-death")
-    return deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-
-
-def _death_reason(message: AbstractIncomingMessage) -> str:
-    """Why the broker dead-lettered it (`expired`, `delivery_limit`, ...); empty if it did not."""
-    return _text(_last_death(message).get("reason"), 100)
-
-
-def _reason(message: AbstractIncomingMessage) -> str:
-    if _broker_dead_lettered(message):  # an x-ordermill-reason there is the publisher's
-        return _death_reason(message) or "unknown"
-    return _text((message.headers or {}).get(REASON_HEADER)) or "unknown"
-
-
-def _dead_at(message: AbstractIncomingMessage) -> str | None:
-    if _broker_dead_lettered(message):
-        when = _last_death(message).get("time")
-        return when.isoformat() if isinstance(when, datetime) else None
-    return _text((message.headers or {}).get("x-ordermill-dead-at"), 60) or None
 
 
 def _unsendable(message: AbstractIncomingMessage) -> str | None:
@@ -162,11 +111,11 @@ async def dead_letters(
                 key, why_not = _original_key(message, service)
                 found.append({
                     "queue": queue_name,
-                    "message_id": _text(message.message_id, 300) or None,
+                    "message_id": dl.text(message.message_id, 300) or None,
                     # The key a replay would use: only one the queue is bound to.
                     "routing_key": key,
-                    "reason": _reason(message),
-                    "dead_at": _dead_at(message),
+                    "reason": dl.reason(message),
+                    "dead_at": dl.dead_at(message),
                     "body": _shown_body(message.body),
                     **({"not_replayable": why_not} if key is None else {}),
                 })
@@ -183,16 +132,6 @@ class Replay:
     discarded: list[str] = field(default_factory=list)
     # (message id, why): left in their dead-letter queue, the others replayed all the same
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def first_publisher(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str | None:
-    """Who published the message first. A worker's dead-letter copy goes out under the
-    worker's own user and names the first publisher in `x-ordermill-user-id`; a message the
-    broker dead-lettered (delivery limit, expiry) keeps its validated user_id. A header on
-    anything else was written by whoever sent it, and is not believed."""
-    if message.user_id in service_users:
-        return _text((message.headers or {}).get("x-ordermill-user-id")) or None
-    return message.user_id
 
 
 async def replay_dead_letters(
@@ -219,8 +158,8 @@ async def replay_dead_letters(
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                message_id = _text(message.message_id, 300) or "?"
-                if _broker_dead_lettered(message) and _death_reason(message) == "expired":
+                message_id = dl.text(message.message_id, 300) or "?"
+                if dl.by_broker(message) and dl.death_reason(message) == "expired":
                     await message.ack()
                     result.discarded.append(message_id)
                     continue
@@ -244,7 +183,8 @@ async def replay_dead_letters(
                 replays = (message.headers or {}).get(REPLAYS_HEADER)
                 replays = replays if type(replays) is int and 0 < replays < 1_000_000 else 0
                 headers: dict[str, Any] = {REPLAYS_HEADER: replays + 1}
-                if publisher_of := first_publisher(message, service_users):
+                publisher_of = dl.first_publisher(message, service_users)
+                if publisher_of and publisher_of != user_id:  # for someone else: say whom
                     headers[REPLAY_OF_HEADER] = publisher_of
                 copy = aio_pika.Message(
                     message.body, content_type=message.content_type,

@@ -83,6 +83,15 @@ def plan_users(names: Names, *, storefronts: list[str], gateways: list[str],
     return users
 
 
+def readable_keys(pattern: str) -> str:
+    """A topic permission as an operator reads it: the routing keys, not the regex."""
+    if pattern == ".*":
+        return "any key"
+    if pattern == NOTHING:
+        return "nothing"
+    return pattern.removeprefix("^(").removesuffix(")$").replace("\\.", ".").replace("|", ", ")
+
+
 def password_hash(password: str) -> str:
     """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password))."""
     salt = secrets.token_bytes(4)

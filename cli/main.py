@@ -35,7 +35,7 @@ from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
 from shared.orders import ORDER_STATUSES, add_history
-from shared.parties import Party, Publishers
+from shared.parties import Party, Publishers, amqp_user
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
 from shared.topology import Names, declare_topology
@@ -86,8 +86,8 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def _amqp_user(s: Settings) -> str | None:
     """The RabbitMQ user the CLI logs in as: what the broker checks a message's user_id
-    against (`ops%40example.com` in the URL is the user ops@example.com)."""
-    return unquote(urlsplit(s.amqp_url).username or "") or None
+    against."""
+    return amqp_user(s.amqp_url)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -303,10 +303,11 @@ def broker_users(
         return
     out.print(table("Broker users", ["user", "party", "may publish"],
                     [[u.name, f"service ({u.service})" if u.service
-                      else u.party.value if u.party else "admin (migrate)", u.topic_write]
-                     for u in users]))
+                      else u.party.value if u.party else "admin (migrate)",
+                      bu.readable_keys(u.topic_write)] for u in users]))
     out.print(f"definitions written to {out_file}; passwords in {secrets_dir}/NAME.password")
-    out.print(f"import them: rabbitmqctl import_definitions {out_file}")
+    # The broker reads the file itself: an absolute path, readable by its system user.
+    out.print(f"import them: rabbitmqctl import_definitions {out_file.resolve()}")
     out.print("then give every worker these settings (and each its own user in AMQP_URL):")
     for key, value in env.items():
         out.print(f"  {key}={value}", markup=False, soft_wrap=True)

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from services.provisioning.payments import Problem, _amount, _int_or_none, _leave_unapplied
 from shared import broker
+from shared import dead_letters as dl
 from shared.contracts import shown
 from shared.parties import Party, Publishers
 from shared.settings_parts import DeadPaymentsSettings
@@ -38,45 +39,20 @@ TEXT_LIMIT = 200  # what a payment's text columns keep of a field here
 BODY_LIMIT = 4000  # what the row keeps of the dead letter's body, for an operator
 
 
-def _text(value: object) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+# What the broker's own dead-lettering means, for the payment's reason.
+_BROKER_REASONS = {
+    "expired": "expired in the queue before a worker took it (AMQP expiration)",
+    "delivery_limit": "reached the queue's delivery limit (redelivered too often)",
+    "maxlen": "dropped by the queue's length limit",
+    "rejected": "rejected by a consumer",
+}
 
 
-def first_key(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str:
-    """The routing key it was first published with: the broker's record (`x-death`) for a
-    message the broker dead-lettered; the worker's header for a copy a worker wrote (under
-    its own user, so the header is the worker's, not the publisher's)."""
-    headers = message.headers or {}
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        keys = deaths[0].get("routing-keys")
-        if isinstance(keys, list) and keys:
-            return _text(keys[0])
-    if _by_worker(message, service_users):
-        return _text(headers.get("x-ordermill-routing-key"))
-    return _text(message.type)
-
-
-def _by_worker(message: AbstractIncomingMessage, service_users: frozenset[str]) -> bool:
-    """A copy a worker dead-lettered (under its own user, no broker record): its
-    x-ordermill-* headers are the worker's. On anything else they are the publisher's."""
-    return message.user_id in service_users and "x-death" not in (message.headers or {})
-
-
-def why_dead(message: AbstractIncomingMessage, service_users: frozenset[str]) -> str:
-    headers = message.headers or {}
-    if _by_worker(message, service_users) and headers.get("x-ordermill-reason"):
-        return f"refused by the worker: {_text(headers['x-ordermill-reason'])[:500]}"
-    deaths = headers.get("x-death")
-    reason = ""
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        reason = _text(deaths[0].get("reason"))
-    return {
-        "expired": "expired in the queue before a worker took it (AMQP expiration)",
-        "delivery_limit": "reached the queue's delivery limit (redelivered too often)",
-        "maxlen": "dropped by the queue's length limit",
-        "rejected": "rejected by a consumer",
-    }.get(reason, f"dead-lettered ({reason or 'unknown reason'})")
+def why_dead(message: AbstractIncomingMessage) -> str:
+    if not dl.by_broker(message):
+        return f"refused by the worker: {dl.reason(message)[:500]}"
+    code = dl.death_reason(message)
+    return _BROKER_REASONS.get(code, f"dead-lettered ({code or 'unknown reason'})")
 
 
 def _field(data: dict[str, Any], name: str) -> str | None:
@@ -136,7 +112,7 @@ class DeadPayments:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                if first_key(message, self.service_users) != "payment.received":
+                if dl.claimed_key(message) != "payment.received":
                     continue  # not ours: back in its queue when the channel closes
                 await self._store(pool, message)
                 await message.ack()
@@ -149,16 +125,15 @@ class DeadPayments:
         return stored
 
     async def _store(self, pool: asyncpg.Pool, message: AbstractIncomingMessage) -> None:
-        message_id = _text(message.message_id)[:TEXT_LIMIT] or (
+        message_id = dl.text(message.message_id, TEXT_LIMIT) or (
             "sha256:" + hashlib.sha256(message.body).hexdigest())
         data = _body(message.body)
-        reason = f"not handled: {why_dead(message, self.service_users)}"
+        reason = f"not handled: {why_dead(message)}"
         raw_amount = _field(data, "amount") or ""
         amount, problem = _amount(raw_amount) if raw_amount else (None, None)
         if problem:
             reason += f"; {problem}"
-        publisher = (_text((message.headers or {}).get("x-ordermill-user-id"))
-                     if _by_worker(message, self.service_users) else _text(message.user_id))
+        publisher = dl.first_publisher(message, self.service_users)
         async with pool.acquire() as conn, conn.transaction():
             fresh = await conn.fetchval(
                 "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)"
