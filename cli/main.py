@@ -31,6 +31,7 @@ from rich.text import Text
 
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
+from cli.sandbox import sandbox_app
 from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
@@ -48,6 +49,7 @@ app.add_typer(catalog_app, name="catalog")
 broker_app = typer.Typer(help="Least-privilege RabbitMQ users for each party.",
                          no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console()
 T = TypeVar("T")
