@@ -1,4 +1,10 @@
-"""`ordermill demo`: a storefront simulator publishing a realistic stream of orders."""
+"""`ordermill demo`: a storefront simulator publishing a realistic stream of orders.
+
+Like a storefront it publishes orders and pays most invoices (as its gateway); like an
+operator, once setups go quiet, it cancels a few orders whose accounts were created (review
+commands, so the accounts are terminated on their server). Its summary says which setups
+were parked on purpose by the sandbox (`ordermill sandbox`) and how to retry them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Any
 
 import aio_pika
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,6 +38,8 @@ PRODUCTS = [("starter", "monthly", 5), ("starter", "annually", 3), ("business", 
             ("trial", "monthly", 1), ("reseller", "monthly", 1), ("dedicated", "monthly", 1)]
 TLDS = ["com", "net", "example"]
 FREE_MAIL = ["gmail.com", "yahoo.com", "outlook.com"]
+# What the sandbox's deliberate failures say (sandbox/failures.py): the demo counts them apart.
+SANDBOX_MARK = "failed on purpose"
 EVENTS = ("order.placed", "order.rejected", "order.screened", "order.fraud", "invoice.paid",
           "payment.unapplied", "service.created", "service.failed", "service.terminated",
           "domain.registered", "domain.failed")
@@ -85,6 +94,9 @@ class Tally:
     setup_ms: list[float] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # parked setups, by reason
+    created_orders: dict[str, int] = field(default_factory=dict)  # ref -> id, an account created
+    cancelled: list[int] = field(default_factory=list)  # cancelled by the demo, as an operator
+    parked_orders: dict[str, set[int]] = field(default_factory=dict)  # reason -> order ids
     last_event: float = field(default_factory=time.time)
 
     def record(self, key: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -97,9 +109,13 @@ class Tally:
             self.counts[key] = self.counts.get(key, 0) + 1
             if key == "service.created" and ref in self.paid_at:
                 self.setup_ms.append((time.time() - self.paid_at[ref]) * 1000)
+            if key == "service.created" and isinstance(body.get("order_id"), int):
+                self.created_orders[ref] = body["order_id"]
             if key.endswith(".failed"):
                 reason = str(body.get("detail", {}).get("error", "unknown"))
                 self.failures[reason] = self.failures.get(reason, 0) + 1
+                if isinstance(body.get("order_id"), int):
+                    self.parked_orders.setdefault(reason, set()).add(body["order_id"])
             return None
         if key == "order.placed":
             self.placed += 1
@@ -118,7 +134,7 @@ class Tally:
 
 
 async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
-                   wait_seconds: float, pay_share: float = 0.85) -> None:
+                   wait_seconds: float, pay_share: float = 0.85, cancel: int = 3) -> None:
     rng = random.Random()
     run_id = uuid.uuid4().hex[:6]
     names = Names(s.namespace)
@@ -187,10 +203,55 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
                 await asyncio.sleep(0.2)
             refresh()
         elapsed = time.time() - started
+        if cancel:
+            await _cancel_some(connection, exchange, user, tally, console, cancel,
+                               wait_seconds=min(wait_seconds, 30.0))
     _summary(console, tally, orders, elapsed)
     if len(tally.outcome) < orders:
         console.print(f"[yellow]{orders - len(tally.outcome)} order(s) not screened within "
                       f"{wait_seconds:.0f} s: are the workers running (`ordermill run`)?[/yellow]")
+
+
+async def _cancel_some(connection: aio_pika.abc.AbstractConnection,
+                       exchange: aio_pika.abc.AbstractExchange, user: str | None, tally: Tally,
+                       console: Console, how_many: int, *, wait_seconds: float) -> None:
+    """Cancel a few orders whose accounts were created, as an operator would (review.command),
+    and wait for their accounts' terminations."""
+    parked = {oid for ids in tally.parked_orders.values() for oid in ids}
+    order_ids = [oid for oid in tally.created_orders.values() if oid not in parked][:how_many]
+    if not order_ids:
+        return
+    channel = await connection.channel()
+    replies = await broker.declare_reply_queue(channel)
+    waiting: dict[str, int] = {}
+    for order_id in order_ids:
+        correlation = uuid.uuid4().hex
+        waiting[correlation] = order_id
+        body = {"order_id": order_id, "action": "cancel", "operator": user or "demo"}
+        await broker.publish(exchange, "review.command", broker.json_message(
+            body, routing_key="review.command", correlation_id=correlation,
+            reply_to=replies.name, user_id=user, expiration=wait_seconds))
+    cancelled: list[int] = []
+    try:
+        async with replies.iterator(timeout=wait_seconds) as incoming:
+            async for reply in incoming:
+                await reply.ack()
+                order_id = waiting.pop(reply.correlation_id or "", None)
+                if order_id is not None and json.loads(reply.body).get("ok"):
+                    cancelled.append(order_id)
+                if not waiting:
+                    break
+    except TimeoutError:
+        pass
+    if waiting:
+        console.print(f"[yellow]{len(waiting)} cancellation(s) unanswered: is the demo's RabbitMQ "
+                      f"user {user or 'guest'!r} in OPERATOR_USERS?[/yellow]")
+    tally.cancelled = sorted(cancelled)
+    # The terminations arrive on the events queue (Tally.record counts them): poll the count.
+    for _ in range(int(wait_seconds * 5)):
+        if tally.counts.get("service.terminated", 0) >= len(cancelled):
+            break
+        await asyncio.sleep(0.2)
 
 
 def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> None:
@@ -212,6 +273,7 @@ def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> Non
                          ("payments kept unapplied", c.get("payment.unapplied", 0)),
                          ("services Active", c.get("service.created", 0)),
                          ("services failed (parked)", c.get("service.failed", 0)),
+                         ("orders cancelled by the demo", len(tally.cancelled)),
                          ("services terminated", c.get("service.terminated", 0)),
                          ("domains registered", c.get("domain.registered", 0)),
                          ("domains failed (parked)", c.get("domain.failed", 0))]:
@@ -224,8 +286,22 @@ def _summary(console: Console, tally: Tally, orders: int, elapsed: float) -> Non
     if tally.setup_ms:
         console.print(f"payment -> service Active: {_percentiles(tally.setup_ms)} over "
                       f"{len(tally.setup_ms)} services")
+    on_purpose = {r: n for r, n in tally.failures.items() if SANDBOX_MARK in r}
     for reason, n in sorted(tally.failures.items(), key=lambda kv: -kv[1]):
-        console.print(f"[yellow]{n} setup(s) parked: {reason}[/yellow] (see `ordermill failures`)")
+        if reason not in on_purpose:
+            console.print(f"[yellow]{n} setup(s) parked: {escape(reason)}[/yellow] "
+                          "(see `ordermill failures`)")
+    console.print(f"{c.get('service.created', 0)} hosting accounts created, "
+                  f"{c.get('domain.registered', 0)} domains registered, "
+                  f"{c.get('service.terminated', 0)} accounts terminated after "
+                  f"{len(tally.cancelled)} cancellation(s)"
+                  + (f" (orders {', '.join(map(str, tally.cancelled))})" if tally.cancelled else ""))
+    if on_purpose:
+        ids = sorted({oid for r in on_purpose for oid in tally.parked_orders.get(r, ())})
+        console.print(f"[yellow]{sum(on_purpose.values())} setup(s) parked on purpose by the "
+                      f"sandbox[/yellow], in orders {', '.join(map(str, ids))}: see them with "
+                      f"`ordermill failures`, run them again with `ordermill retry "
+                      f"{ids[0] if ids else 'ORDER_ID'}` (each order's), and they complete.")
 
 
 def _percentiles(values: list[float]) -> str:

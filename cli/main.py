@@ -982,12 +982,14 @@ def demo(
     orders: int = typer.Option(200, min=1, help="How many orders to publish."),
     rate: float = typer.Option(20.0, min=0.1, help="Orders per second."),
     timeout: float = typer.Option(60.0, min=1, help="Seconds to wait for screening."),
+    cancel: int = typer.Option(3, min=0, help="Orders with an account to cancel at the end, "
+                                              "as an operator (their accounts are terminated)."),
 ) -> None:
     """A storefront simulator: publishes orders (some fraudulent) and shows them flow."""
     from cli.demo import run_demo
 
     s = settings()
-    run_async(run_demo(s, out, orders=orders, rate=rate, wait_seconds=timeout))
+    run_async(run_demo(s, out, orders=orders, rate=rate, wait_seconds=timeout, cancel=cancel))
 
 
 @app.command()
