@@ -22,6 +22,7 @@ subprocess.check_call([sys.executable, '-m', 'pip', 'install', *deps])"
 COPY shared ./shared
 COPY services ./services
 COPY cli ./cli
+COPY sandbox ./sandbox
 RUN pip install --no-deps . && pip check && rm -rf build *.egg-info
 
 RUN groupadd --system --gid 10001 ordermill \
