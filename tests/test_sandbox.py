@@ -325,3 +325,25 @@ async def test_a_setup_parked_on_purpose_completes_on_retry_and_a_cancel_removes
             return row if row["terminated_at"] is not None else None
         await eventually(terminated, timeout=30)
         assert whm.accounts == {} and whm.calls["removeacct"] == 1
+
+
+def test_the_demo_summary_names_the_setups_parked_on_purpose_and_how_to_retry() -> None:
+    from rich.console import Console
+
+    from cli.demo import Tally, _summary
+
+    tally = Tally(published={"r1": 0.0, "r2": 0.0, "r3": 0.0})
+    tally.record("service.created", {"order_ref": "r1", "order_id": 11, "service_id": 1})
+    on_purpose = DeliberateFailures(0.0).reason("x.com")
+    tally.record("service.failed", {"order_ref": "r2", "order_id": 12, "service_id": 2,
+                                    "detail": {"error": f"cPanel h: createacct: {on_purpose}"}})
+    tally.record("domain.failed", {"order_ref": "r3", "order_id": 13, "domain_id": 3,
+                                   "detail": {"error": "[bold]no route[/bold]"}})
+    tally.cancelled = [11]
+    console = Console(record=True, width=200)
+    _summary(console, tally, 3, 1.0)
+    text = console.export_text()
+    assert "1 hosting accounts created, 0 domains registered, 0 accounts terminated after 1" in text
+    assert ("1 setup(s) parked on purpose by the sandbox, in orders 12: see them with `ordermill "
+            "failures`, run them again with `ordermill retry 12`") in text
+    assert "1 setup(s) parked: [bold]no route[/bold]" in text  # a server's words, not markup
