@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -47,7 +48,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from shared import db
+from shared import db, metrics
 from shared.settings_parts import QueueSettings
 from shared.wakeup import Wakeup
 
@@ -231,7 +232,10 @@ class LeasedQueue:
             else:
                 args.append(value)
                 sets += f", {column} = ${len(args)}"
-        return bool(await conn.fetchval(self._finish.format(sets), *args))
+        finished = bool(await conn.fetchval(self._finish.format(sets), *args))
+        if finished:
+            metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc()
+        return finished
 
     async def fail(self, conn: asyncpg.Pool | asyncpg.Connection, row: asyncpg.Record, error: str,
                    *, transient: bool = True) -> str | None:
@@ -239,10 +243,13 @@ class LeasedQueue:
         None if the claim was lost."""
         self._drop([_key(row)])
         park = not transient or self.backoff.spent(row["attempts"])
-        return await conn.fetchval(
+        status = await conn.fetchval(
             self._fail, row["id"], row["leased_by"],
             self.table.parked if park else self.table.pending, error[:2000],
             timedelta(0) if park else self.backoff.delay(row["attempts"]))
+        if status is not None:
+            metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc()
+        return status
 
     async def release(self, conn: asyncpg.Pool | asyncpg.Connection,
                       rows: Sequence[asyncpg.Record]) -> None:
@@ -333,11 +340,14 @@ class Runner:
         return claimed
 
     async def _execute(self, pool: asyncpg.Pool, row: asyncpg.Record) -> None:
+        started = time.perf_counter()
         try:
             async with self.queue.hold(pool, [row]):
                 await self.work(pool, row)
         except Exception:  # `work` handles its failures; this is a bug: the lease brings it back
             log.exception("work failed", extra={"table": self.queue.table.name, "row_id": row["id"]})
+        finally:
+            metrics.LEASED_WORK.labels(self.queue.table.name).observe(time.perf_counter() - started)
 
     def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

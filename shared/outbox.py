@@ -16,7 +16,7 @@ import asyncpg
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import PublishError
 
-from shared import broker, db
+from shared import broker, db, metrics
 from shared.settings_parts import RelaySettings
 from shared.wakeup import Wakeup
 
@@ -109,7 +109,8 @@ class OutboxRelay:
         started = time.perf_counter()
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT id, message_id, routing_key, body, correlation_id, direct FROM outbox"
+                "SELECT id, message_id, routing_key, body, correlation_id, direct,"
+                " extract(epoch FROM clock_timestamp() - created_at)::float8 AS waited FROM outbox"
                 " WHERE published_at IS NULL"
                 " AND ($2::text[] IS NULL OR source IS NULL OR source = ANY($2::text[]))"
                 " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -148,6 +149,10 @@ class OutboxRelay:
                 })
         self.published += len(sent)
         self.last_failed = len(failed)
+        for outcome, count in (("sent", len(sent)), ("unroutable", len(unroutable)),
+                               ("failed", len(failed))):
+            if count:
+                metrics.RELAY_EVENTS.labels(outcome).inc(count)
         log.debug("relay pass", extra={"rows": len(rows), "sent": len(sent),
                                        "unroutable": len(unroutable), "failed": len(failed),
                                        "ms": round((time.perf_counter() - started) * 1000, 1)})
@@ -160,5 +165,9 @@ class OutboxRelay:
             correlation_id=row["correlation_id"], user_id=self.user_id,
         )
         exchange = self.direct if row["direct"] and self.direct is not None else self.exchange
+        started = time.perf_counter()
         await exchange.publish(message, routing_key=row["routing_key"], mandatory=True)
+        took = time.perf_counter() - started
+        metrics.RELAY_PUBLISH.observe(took)
+        metrics.OUTBOX_DELAY.observe(max(0.0, row["waited"] or 0.0) + took)
 

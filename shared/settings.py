@@ -28,6 +28,7 @@ from shared.settings_parts import (
     JobSettings,
     MailSettings,
     MaxMindSettings,
+    MetricsSettings,
     PipelineSettings,
     ProvidersSettings,
     PublisherSettings,
@@ -112,6 +113,13 @@ class Settings(BaseSettings):
     # container's health check reads its age. Unset: no file.
     heartbeat_file: str | None = None
     heartbeat_seconds: float = Field(10, gt=0)
+    # Prometheus: /metrics on this port (0: any free one); unset, no endpoint and no message
+    # metrics. On 127.0.0.1 unless METRICS_HOST says otherwise (0.0.0.0 in a container).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Counts read from the database (outbox backlog, jobs, emails) are read again at most
+    # this often, however many scrapes come.
+    metrics_cache_seconds: float = Field(5.0, ge=0)
 
     # Who may publish what (shared/parties.py): RabbitMQ users, comma-separated. A worker
     # serving a route nobody may send refuses to start, unless trust_any_publisher is set.
@@ -274,6 +282,11 @@ class Settings(BaseSettings):
         return RelaySettings(batch=self.relay_batch, sweep_seconds=self.relay_sweep_seconds,
                              linger_seconds=self.relay_linger_ms / 1000,
                              concurrency=self.relay_concurrency)
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return MetricsSettings(port=self.metrics_port, host=self.metrics_host,
+                               cache_seconds=self.metrics_cache_seconds)
 
     @property
     def housekeeping(self) -> HousekeepingSettings:

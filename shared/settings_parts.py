@@ -70,6 +70,14 @@ class RelaySettings(Part):
     concurrency: int
 
 
+class MetricsSettings(Part):
+    """The /metrics endpoint (shared/metrics_server.py): none when `port` is None."""
+
+    port: int | None
+    host: str
+    cache_seconds: float
+
+
 class HousekeepingSettings(Part):
     outbox_retention_hours: float
     inbox_retention_days: float

@@ -9,6 +9,7 @@ from services.notify.mail import SUBJECTS, message_id_for
 from services.notify.sender import MailSender
 from shared.contracts import EmailSend
 from shared.errors import Rejected
+from shared.metrics import EMAILS_BY_STATE
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 from shared.uow import UnitOfWork
@@ -41,4 +42,5 @@ def worker(settings: Settings) -> WorkerSpec:
     # transaction, so a steady flow costs a few transactions a second, not two per order.
     # One batcher: several would each take a message and linger with it.
     return WorkerSpec(service="notify", routes={"email.send": route(handle)},
-                      concurrency=1, linger=0.05, background=(sender.run,))
+                      concurrency=1, linger=0.05, background=(sender.run,),
+                      gauges=(EMAILS_BY_STATE,))

@@ -26,6 +26,7 @@ from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import ENDED, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
+from shared import metrics
 from shared.contracts import (
     DomainFailed,
     DomainRegistered,
@@ -73,11 +74,14 @@ class JobRunner:
     async def execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
         extra = {"job_id": job["id"], "kind": job["kind"], "order_id": job["order_id"],
                  "attempt": job["attempts"]}
+        # The module (or registrar) is the lane's first part: bounded by the catalog.
+        timer = metrics.JOB_DURATION.labels(job["kind"], (job["lane"] or "").split(":")[0]).time()
         try:
-            if job["service_id"] is not None:
-                await self._service_job(pool, job)
-            else:
-                await self._domain_job(pool, job)
+            with timer:
+                if job["service_id"] is not None:
+                    await self._service_job(pool, job)
+                else:
+                    await self._domain_job(pool, job)
         except ClaimLost:  # another runner has the job: its outcome is that runner's to record
             log.warning("job taken over by another runner; this attempt records nothing",
                         extra=extra)

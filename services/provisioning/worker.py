@@ -11,6 +11,7 @@ from services.provisioning.handlers import OrderEvents, reconcile_paid
 from services.provisioning.jobs import JobRunner
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
+from shared.metrics import JOBS_BY_STATE
 from shared.parties import PAYERS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
@@ -38,4 +39,5 @@ def worker(settings: Settings) -> WorkerSpec:
         },
         background=(runner.run, dead.run),
         on_stop=(providers.close,),
+        gauges=(JOBS_BY_STATE,),
     )

@@ -5,15 +5,22 @@ called with the batch and the rest of the chain: what it does before `call_next`
 the way in, in the declared order; what it does after, or in an `except`, runs on the way
 out, in reverse (dramatiq's before/after hooks, as one coroutine):
 
-    dead letter > property checks > routing > publisher check > parse      (intake, one by one)
-    dead letter > outage hold > transient retry > prepare
-        > transaction > inbox dedupe > outbox flush > handler              (work)
+    metrics (with METRICS_PORT) >                                       (the deliveries taken)
+      dead letter > property checks > routing > publisher check > parse  (intake, one by one)
+      dead letter > outage hold > transient retry > prepare
+          > transaction > inbox dedupe > outbox flush > handler            (work)
 
 so a handler's failure meets, on its way out, the outbox (not flushed), the transaction
 (rolled back), the transient retry (again), the outage hold (wait for the database) and
 the dead letter (with its reason). Under load, several deliveries share one transaction
 (from the transaction inward); if that batch fails, each goes through the chain alone, so
 one bad message never takes the others with it.
+
+The metrics middleware wraps all of it (the deliveries a batcher took, as one batch): it
+counts what intake refused as well as what the work chain handled, and reads how each was
+settled from the delivery itself (`Work.outcome`, `rejected_as`, `retries`), so no other
+middleware and no handler knows of metrics. `extra` middleware (Runtime's `middleware=`)
+runs first in the work chain, per delivery or batch.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from shared.health import DatabaseWatch
 from shared.parties import Publishers
 from shared.runtime import middleware as m
-from shared.runtime.chain import Chain, Middleware
+from shared.runtime.chain import Chain, Middleware, Next
 from shared.runtime.routes import WorkerSpec
-from shared.runtime.work import Batch, Transport, Work
+from shared.runtime.work import Batch, Outcome, Transport, Work
 from shared.settings_parts import PipelineSettings
 from shared.topology import Names
 
@@ -42,7 +49,7 @@ class Pipeline:
     def __init__(self, spec: WorkerSpec, *, settings: PipelineSettings, names: Names, pool: asyncpg.Pool,
                  transport: Transport, database: DatabaseWatch, publishers: Publishers,
                  user: str | None, in_flight: Callable[[], int] = lambda: 0,
-                 extra: Sequence[Middleware] = ()) -> None:
+                 extra: Sequence[Middleware] = (), metrics: bool = False) -> None:
         self.spec = spec
         self.transport = transport
         self.database = database
@@ -59,13 +66,17 @@ class Pipeline:
         hold = m.OutageHold(spec.service, database, transport, in_flight)
         self.preparing = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool)])
         self.single = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool), *core])
+        observe = [m.MessageMetrics(names.queue(spec.service), spec.routes)] if metrics else []
+        self.delivery = Chain([*observe, _Settle(self)])
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Settle every message: acked once its effects are committed, dead-lettered with the
         reason, or requeued (stopping while the database is away)."""
+        await self.delivery(Batch([Work.of(message, self.spec) for message in messages]))
+
+    async def settle(self, delivered: list[Work]) -> None:
         items = []
-        for message in messages:
-            item = Work.of(message, self.spec)
+        for item in delivered:
             await self.intake(Batch([item]))
             if not item.settled:
                 items.append(item)
@@ -73,6 +84,8 @@ class Pipeline:
             return
         if not await self.database.through():  # stopping while the database is away
             await self.transport.requeue([item.message for item in items])
+            for item in items:
+                item.outcome = Outcome.REQUEUED
             return
         if len(items) > 1 and await self._as_one(items):
             return
@@ -80,6 +93,7 @@ class Pipeline:
             await self.single(Batch([item]))
             if not item.settled:
                 await self.transport.ack(item.message)
+                item.outcome = Outcome.ACKED
 
     async def _as_one(self, items: list[Work]) -> bool:
         """Prepare each (concurrently), then one transaction for all: True if it committed."""
@@ -92,7 +106,7 @@ class Pipeline:
                     "service": self.spec.service, "message_id": item.message_id,
                     "error": f"{type(result).__name__}: {result}"})
                 await self.transport.requeue([item.message])
-                item.settled = True
+                item.settled, item.outcome = True, Outcome.REQUEUED
         items[:] = [item for item in items if not item.settled]
         if len(items) < 2:
             return False
@@ -105,4 +119,16 @@ class Pipeline:
             return False
         for item in items:
             await self.transport.ack(item.message)
+            item.outcome = Outcome.ACKED
         return True
+
+
+class _Settle(Middleware):
+    """The end of the delivery chain: the pipeline's own work (intake, then work one by one
+    or as a batch)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def __call__(self, batch: Batch, call_next: Next) -> None:
+        await self.pipeline.settle(batch.items)

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from shared import broker, db
+from shared.errors import ConfigurationError
 from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
+from shared.metrics import RELAY_GAUGES, DatabaseGauges, ProcessState
+from shared.metrics_server import MetricsServer
 from shared.outbox import OutboxRelay
 from shared.parties import Publishers, amqp_user
 from shared.runtime.batching import InFlight, batcher
@@ -33,7 +37,9 @@ log = logging.getLogger("ordermill.runtime")
 class Runtime:
     """Shared resources for the workers of one process, handed to them, never global.
 
-    `middleware` runs first in every worker's pipeline (metrics, tracing, a test's fault).
+    `middleware` runs first in every worker's work chain (tracing, a test's fault). Metrics are
+    the process's: with METRICS_PORT set it serves /metrics and every pipeline counts its
+    deliveries (the metrics middleware, outermost: see shared/runtime/pipeline.py).
 
     It takes the whole Settings, as the worker factories do: it is the process that owns the
     pool, the connection and the background tasks, and hands each of them its part (the
@@ -59,6 +65,7 @@ class Runtime:
         # With a user per service (SERVICE_USERS), a worker may declare only its own queues;
         # `ordermill migrate`, run by the broker's administrator, declares them all.
         self._own_queues: list[str] | None = None
+        self.metrics_server: MetricsServer | None = None
 
     def _relayed_sources(self, workers: Sequence[WorkerSpec]) -> list[str] | None:
         """With a RabbitMQ user per service (SERVICE_USERS set), a relay publishes only the
@@ -116,7 +123,8 @@ class Runtime:
         return Pipeline(spec, settings=self.settings.pipeline, names=self.names, pool=self.pool,
                         transport=self.transport, database=self.database,
                         publishers=self.publishers, user=self.user,
-                        in_flight=lambda: self._inflight.count, extra=self.middleware)
+                        in_flight=lambda: self._inflight.count, extra=self.middleware,
+                        metrics=self.settings.metrics_port is not None)
 
     async def serve(
         self,
@@ -132,6 +140,11 @@ class Runtime:
         if self.pool is None and not await self._started_unless_stopped():
             return
         assert self.connection and self.pool and self.exchange
+        try:
+            await self._serve_metrics(workers, relay=relay)
+        except BaseException:
+            await self.close()
+            raise
         tasks: list[asyncio.Task[None]] = []
         if relay:
             outbox = OutboxRelay(
@@ -158,6 +171,29 @@ class Runtime:
             await self._stop.wait()
         finally:
             await self._shutdown(workers, tasks)
+
+    async def _serve_metrics(self, workers: Sequence[WorkerSpec], *, relay: bool) -> None:
+        """/metrics on METRICS_HOST:METRICS_PORT: the default registry (message, relay, job
+        metrics, process and Python collectors) and this process's own: its servers' state
+        and the counts of the tables its workers and relay work on."""
+        part = self.settings.metrics
+        if part.port is None:
+            return
+        assert self.pool is not None
+        gauges = [*(RELAY_GAUGES if relay else ()), *(g for spec in workers for g in spec.gauges)]
+        database = DatabaseGauges(self.pool, gauges, ttl=part.cache_seconds)
+        own = CollectorRegistry()
+        own.register(database)
+        own.register(ProcessState(
+            database_outage=lambda: self.database.down,
+            broker_connected=lambda: bool(self.connection and self.connection.connected.is_set())))
+        server = MetricsServer([REGISTRY, own], refresh=[database.refresh])
+        try:
+            await server.start(part.host, part.port)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot serve metrics on {part.host}:{part.port}"
+                                     f" (METRICS_HOST, METRICS_PORT): {exc.strerror or exc}") from None
+        self.metrics_server = server
 
     async def _consume(self, spec: WorkerSpec) -> None:
         """The worker's pipeline, its batchers, and its consumer feeding them."""
@@ -221,6 +257,9 @@ class Runtime:
         log.info("stopped")
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         if self.connection is not None:
             await self.connection.close()
             self.connection = None

@@ -12,6 +12,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from shared.contracts import OrderRejected
+from shared.metrics import StateGauge
 from shared.parties import INTERNAL, Party
 from shared.uow import UnitOfWork
 
@@ -71,3 +72,6 @@ class WorkerSpec:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()
+    # Counts of its tables a process running this worker exports (shared/metrics.py), read
+    # when /metrics is scraped (with METRICS_PORT): jobs by state, emails by state.
+    gauges: Sequence[StateGauge] = ()

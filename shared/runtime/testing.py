@@ -141,7 +141,7 @@ class InMemoryFlow:
     """Workers on one real database, joined by their outbox instead of a broker."""
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, *,
-                 middleware: Sequence[Middleware] = ()) -> None:
+                 middleware: Sequence[Middleware] = (), metrics: bool = False) -> None:
         self.settings = settings
         self.pool = pool
         self.names = Names(settings.namespace)
@@ -150,6 +150,7 @@ class InMemoryFlow:
         self.user = amqp_user(settings.amqp_url)  # the workers' own user, as the relay's
         self.database = DatabaseWatch(settings.database_url, asyncio.Event())
         self.middleware = tuple(middleware)
+        self.metrics = metrics  # the metrics middleware in every pipeline, as with METRICS_PORT
         self.pipelines: dict[str, Pipeline] = {}
         self.published: list[Published] = []
         self.replies: list[Published] = []
@@ -161,7 +162,7 @@ class InMemoryFlow:
             self.pipelines[spec.service] = Pipeline(
                 spec, settings=self.settings.pipeline, names=self.names, pool=self.pool,
                 transport=self.transport, database=self.database, publishers=self.publishers,
-                user=self.user, extra=self.middleware)
+                user=self.user, extra=self.middleware, metrics=self.metrics)
         return self
 
     def routed(self, key: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 import aio_pika
@@ -13,6 +14,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
+from shared.errors import RejectKind
 from shared.parties import Verdict
 from shared.runtime.routes import Route, WorkerSpec
 from shared.runtime.text import body_id
@@ -30,6 +32,14 @@ class Transport(Protocol):
     async def dead_letter(self, queue: str, message: AbstractIncomingMessage,
                           copy: aio_pika.Message) -> None:
         """Publish `copy` to the dead-letter exchange with confirms, then ack `message`."""
+
+
+class Outcome(StrEnum):
+    """How a delivery was settled (what the metrics middleware counts)."""
+
+    ACKED = "acked"
+    DEAD = "dead"  # dead-lettered, with a RejectKind
+    REQUEUED = "requeued"  # handed back to the broker (stopping, a failure outside any handler)
 
 
 class StepFailed(Exception):
@@ -58,6 +68,11 @@ class Work:
     prepared: Any = None
     has_prepared: bool = False
     settled: bool = False  # dead-lettered or requeued: nothing more to do with it
+    # Recorded as it is settled, for the metrics: how, why it was rejected, and how often it
+    # ran again in process (a transient retry, the database back after an outage).
+    outcome: Outcome | None = None
+    rejected_as: RejectKind | None = None
+    retries: int = 0
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, spec: WorkerSpec) -> Work:

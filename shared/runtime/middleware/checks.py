@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared import broker
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.text import body_id, first_line
 from shared.runtime.work import Batch
@@ -24,11 +24,12 @@ class PropertyChecks(Middleware):
                 item.key = item.message.routing_key or item.message.type or ""
                 item.message_id = checked_message_id(item.message)
                 item.expires_at = checked_properties(item.message)
-            except Rejected:
+            except Rejected as rejection:
+                rejection.kind = RejectKind.PROPERTIES
                 raise
             except Exception as exc:
                 raise Rejected(f"message properties could not be read: {type(exc).__name__}:"
-                               f" {first_line(str(exc))}") from None
+                               f" {first_line(str(exc))}", kind=RejectKind.PROPERTIES) from None
         await call_next(batch)
 
 

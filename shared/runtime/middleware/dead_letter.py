@@ -19,7 +19,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared import broker, db
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.middleware.retry import transient_retrying
 from shared.runtime.routes import WorkerSpec
@@ -31,7 +31,7 @@ from shared.runtime.text import (
     property_text,
     redact,
 )
-from shared.runtime.work import Batch, StepFailed, Transport, Work
+from shared.runtime.work import Batch, Outcome, StepFailed, Transport, Work
 from shared.topology import Names
 from shared.uow import event_id, write_event
 
@@ -61,24 +61,28 @@ class DeadLetter(Middleware):
             await call_next(batch)
         except Rejected as rejection:
             for item in batch.items:
-                await self.reject(item, rejection.reason, tell_publisher=rejection.tell_publisher)
+                await self.reject(item, rejection.reason, rejection.kind,
+                                  tell_publisher=rejection.tell_publisher)
         except StepFailed as failure:
             for item in batch.items:
-                await self.reject(item, failure.reason)
+                await self.reject(item, failure.reason, RejectKind.PREPARE_FAILED)
         except Exception as exc:
             if not self.catch_all:
                 raise
             if isinstance(exc, db.TRANSIENT_DB_ERRORS):
                 reason = f"transient error persisted after retries: {type(exc).__name__}: {exc}"
+                kind = RejectKind.TRANSIENT
             else:
                 reason = f"handler failed: {type(exc).__name__}: {exc}"
+                kind = RejectKind.HANDLER_ERROR
                 log.exception("handler failed", extra={
                     "service": self.spec.service,
                     "message_id": batch.items[0].message_id if batch.items else None})
             for item in batch.items:
-                await self.reject(item, reason)
+                await self.reject(item, reason, kind)
 
-    async def reject(self, item: Work, reason: str, *, tell_publisher: bool = False) -> None:
+    async def reject(self, item: Work, reason: str, kind: RejectKind, *,
+                     tell_publisher: bool = False) -> None:
         message = item.message
         reason = header_text(reason, REASON_LIMIT)
         order_ref = item.data.get("order_ref") if isinstance(item.data, dict) else None
@@ -96,6 +100,7 @@ class DeadLetter(Middleware):
             dead_letter_copy(message, item.message_id, reason, item.data,
                              queue=self.queue, user=self.user))
         item.settled = True
+        item.outcome, item.rejected_as = Outcome.DEAD, kind
 
     async def _emit_rejection(self, message_id: str, order_ref: str, reason: str) -> None:
         assert self.spec.rejection_event

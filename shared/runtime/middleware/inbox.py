@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncpg
 
 from shared.contracts import shown
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
@@ -50,4 +50,4 @@ async def refuse_reused_ids(conn: asyncpg.Connection, consumer: str, ids: list[s
         # placed may have this one's order_ref, and a storefront would believe it refused.
         raise Rejected(f"message_id {shown(reused)} was used before for a different message;"
                        " this one was not handled: publish it with an id of its own",
-                       tell_publisher=False)
+                       tell_publisher=False, kind=RejectKind.DUPLICATE_ID)

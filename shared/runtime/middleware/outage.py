@@ -9,7 +9,7 @@ from collections.abc import Callable
 from shared.errors import Rejected
 from shared.health import DatabaseWatch
 from shared.runtime.chain import Middleware, Next
-from shared.runtime.work import Batch, Transport
+from shared.runtime.work import Batch, Outcome, Transport
 
 
 class OutageHold(Middleware):
@@ -25,7 +25,7 @@ class OutageHold(Middleware):
             if not await self.database.through():  # stopping while the database is away
                 await self.transport.requeue(batch.messages)
                 for item in batch.items:
-                    item.settled = True
+                    item.settled, item.outcome = True, Outcome.REQUEUED
                 return
             try:
                 await call_next(batch)
@@ -34,6 +34,8 @@ class OutageHold(Middleware):
             except Exception as exc:
                 if (await self.database.outlasted(self.service, exc, self.in_flight())
                         or self.database.down):
+                    for item in batch.items:
+                        item.retries += 1
                     continue  # back: the same delivery again; or stopping: requeued above
                 raise
             return

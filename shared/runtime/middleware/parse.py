@@ -10,7 +10,7 @@ from decimal import Decimal
 from pydantic import ValidationError
 
 from shared.contracts import MAYBE_SURROGATE, has_lone_surrogate, has_nul
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.text import describe_validation_error, first_line
 from shared.runtime.work import Batch, Work
@@ -32,26 +32,33 @@ class Parse(Middleware):
         body = item.message.body
         if len(body) > self.max_bytes:
             raise Rejected(f"body of {len(body)} bytes is over MAX_MESSAGE_BYTES"
-                           f" ({self.max_bytes})")
+                           f" ({self.max_bytes})", kind=RejectKind.MALFORMED)
         try:
             # Numbers as Decimal: money is never a float, not even on the way in.
             item.data = json.loads(body, parse_float=Decimal)
         except RecursionError:
-            raise Rejected("body is not JSON we take: nested too deeply") from None
+            raise Rejected("body is not JSON we take: nested too deeply",
+                           kind=RejectKind.MALFORMED) from None
         except ValueError as exc:  # not UTF-8, not JSON, an integer of 5,000 digits
-            raise Rejected(f"body is not JSON: {first_line(str(exc))}") from None
+            raise Rejected(f"body is not JSON: {first_line(str(exc))}",
+                           kind=RejectKind.MALFORMED) from None
         model = item.route.model
         # A NUL in JSON text is always written \\u0000: most bodies are passed at a glance.
-        if b"\\u0000" in body and has_nul(item.data):
-            item.data = model.without_nul(item.data)
-        if MAYBE_SURROGATE.search(body) and has_lone_surrogate(item.data):
-            item.data = model.without_lone_surrogates(item.data)
+        try:
+            if b"\\u0000" in body and has_nul(item.data):
+                item.data = model.without_nul(item.data)
+            if MAYBE_SURROGATE.search(body) and has_lone_surrogate(item.data):
+                item.data = model.without_lone_surrogates(item.data)
+        except Rejected as rejection:  # text the contract cannot take: the body's shape
+            rejection.kind = RejectKind.INVALID
+            raise
         try:
             item.payload = model.model_validate(item.data)
         except RecursionError:
-            raise Rejected("body is not JSON we take: nested too deeply") from None
+            raise Rejected("body is not JSON we take: nested too deeply",
+                           kind=RejectKind.MALFORMED) from None
         except ValidationError as exc:
-            raise Rejected(describe_validation_error(exc)) from None
+            raise Rejected(describe_validation_error(exc), kind=RejectKind.INVALID) from None
 
 
 def context_of(item: Work) -> MessageContext:

@@ -4,7 +4,7 @@ body is read. Anyone else's message is dead-lettered unread, and the publisher i
 
 from __future__ import annotations
 
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.parties import REPLAY_OF_HEADER, Publishers
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
@@ -22,5 +22,6 @@ class PublisherCheck(Middleware):
                 item.message.user_id, item.route.publishers,
                 replay_of=replay_of if isinstance(replay_of, str) and replay_of else None)
             if not (item.verdict.allowed or item.route.handle_unauthorized):
-                raise Rejected(item.verdict.reason, tell_publisher=False)  # unread, not acted on
+                raise Rejected(item.verdict.reason, tell_publisher=False,
+                               kind=RejectKind.PUBLISHER)  # unread, not acted on
         await call_next(batch)

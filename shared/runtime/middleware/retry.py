@@ -36,4 +36,6 @@ class TransientRetry(Middleware):
             await asyncio.sleep(0.1)
         async for attempt in transient_retrying(self.attempts - 1):
             with attempt:
+                for item in batch.items:
+                    item.retries += 1
                 return await call_next(batch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.contracts import shown
-from shared.errors import Rejected
+from shared.errors import Rejected, RejectKind
 from shared.runtime.chain import Middleware, Next
 from shared.runtime.work import Batch
 
@@ -14,5 +14,5 @@ class Routing(Middleware):
             item.route = item.spec.routes.get(item.key)
             if item.route is None:
                 raise Rejected(f"no handler for routing key {shown(item.key)}"
-                               f" in {item.spec.service}")
+                               f" in {item.spec.service}", kind=RejectKind.NO_ROUTE)
         await call_next(batch)
