@@ -347,6 +347,38 @@ def run(services: list[str] = typer.Argument(None, help="Services to run (defaul
     run_async(go())
 
 
+@app.command()
+def exporter(
+    host: str = typer.Option(None, help="Address to listen on (default: METRICS_HOST, 127.0.0.1)."),
+    port: int = typer.Option(None, min=0, max=65535,
+                             help="Port (default: METRICS_PORT, else 9108; 0: any free one)."),
+) -> None:
+    """Serve Prometheus metrics of queues (depth, consumers, dead letters) and of what waits
+    for operators (review, flagged screenings, parked setups, unapplied payments)."""
+    from cli import exporter as ex
+
+    s = settings()
+    logs.configure(s.log_level, s.log_format)
+    listen = (host or s.metrics_host,
+              ex.DEFAULT_PORT if port is None and s.metrics_port is None
+              else port if port is not None else s.metrics_port)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await ex.serve(database_url=s.database_url, amqp_url=s.amqp_url,
+                           namespace=s.namespace, host=listen[0], port=int(listen[1]),
+                           cache_seconds=s.metrics_cache_seconds,
+                           startup_attempts=s.startup_attempts, stop=stop)
+        except ex.ListenError as exc:
+            raise UserError(str(exc)) from None
+
+    run_async(go())
+
+
 # -- orders --------------------------------------------------------------------------------
 
 def _with_db(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

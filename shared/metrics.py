@@ -162,6 +162,11 @@ class DatabaseGauges(Collector):
         self._lock = asyncio.Lock()
         self._failing = False
 
+    @property
+    def ok(self) -> bool:
+        """Whether the last round of queries answered."""
+        return self.queries > 0 and not self._failing
+
     async def refresh(self) -> None:
         async with self._lock:  # scrapes at once share one round of queries
             if time.monotonic() - self._at < self.ttl:
