@@ -625,3 +625,116 @@ def test_the_production_overlay_runs_each_worker_as_its_own_broker_user(
     loaded = re.search(r"^load_definitions\s*=\s*(\S+)", (ROOT / conf).read_text(), re.M)
     assert loaded and mounts[loaded.group(1)] == "./deploy/broker/definitions.json"
     assert "deploy/broker/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+# -- the monitoring profile ------------------------------------------------------------------
+
+MONITORING = ("prometheus", "grafana", "exporter")
+
+
+def _mounts(svc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each volume; sources of bind mounts stay as written (./...)."""
+    out = []
+    for volume in svc.get("volumes") or []:
+        if isinstance(volume, dict):
+            out.append((str(volume.get("source", "")), str(volume["target"])))
+        else:
+            source, target = str(volume).split(":")[:2]
+            out.append((source, target))
+    return out
+
+
+def _in_container(svc: dict[str, Any], path: str) -> Path | None:
+    """The repository file a container path is mounted from (a file, or inside a directory)."""
+    for source, target in _mounts(svc):
+        if not source.startswith("./"):
+            continue
+        if path == target:
+            return ROOT / source
+        if path.startswith(target.rstrip("/") + "/"):
+            return ROOT / source / path[len(target.rstrip("/")) + 1:]
+    return None
+
+
+def test_the_monitoring_profile_runs_prometheus_grafana_and_the_exporter() -> None:
+    svcs = services()
+    for name in MONITORING:
+        assert name in svcs, f"no {name} service"
+        assert svcs[name].get("profiles") == ["monitoring"], f"{name} is not (only) in the profile"
+    # Without the profile, nothing of it starts, and no worker waits for it.
+    for name, svc in svcs.items():
+        if "monitoring" not in (svc.get("profiles") or []):
+            assert not set(depends_on(svc)) & set(MONITORING), f"{name} needs the profile"
+    assert str(svcs["prometheus"]["image"]).startswith("prom/prometheus:")
+    assert str(svcs["grafana"]["image"]).startswith("grafana/grafana")
+    assert parse_cli(invocations("exporter")[0])[0] == "exporter"
+    # Their UIs on localhost only.
+    for name, port in (("prometheus", 9090), ("grafana", 3000)):
+        assert published(svcs[name]) == [("127.0.0.1", port, port)], name
+    # Every file mounted from the repository exists.
+    for name in MONITORING:
+        for source, _ in _mounts(svcs[name]):
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+
+
+def test_prometheus_loads_the_shipped_rules_and_grafana_the_dashboard() -> None:
+    prom = services()["prometheus"]
+    args = prom.get("command") or []
+    config_path = next(a.split("=", 1)[1] for a in args if a.startswith("--config.file="))
+    config_file = _in_container(prom, config_path)
+    assert config_file and config_file.is_file(), f"{config_path} is not mounted from the repository"
+    config = yaml.safe_load(config_file.read_text())
+    for rule_file in config["rule_files"]:
+        mounted = _in_container(prom, rule_file)
+        assert mounted and mounted.is_file(), f"rule file {rule_file} is not mounted"
+        assert yaml.safe_load(mounted.read_text())["groups"]
+    grafana = services()["grafana"]
+    provisioning = _in_container(grafana, "/etc/grafana/provisioning")
+    assert provisioning and (provisioning / "datasources").is_dir()
+    for provider_file in (provisioning / "dashboards").glob("*.yml"):
+        for provider in yaml.safe_load(provider_file.read_text())["providers"]:
+            folder = _in_container(grafana, provider["options"]["path"])
+            assert folder and list(folder.glob("*.json")), f"no dashboard at {provider['options']}"
+            for board in folder.glob("*.json"):
+                json.loads(board.read_text())
+    datasource = yaml.safe_load(next((provisioning / "datasources").glob("*.yml")).read_text())
+    url = urlsplit(datasource["datasources"][0]["url"])
+    assert url.hostname == "prometheus" and url.port == 9090
+
+
+def _scrape_targets() -> dict[str, set[int]]:
+    """host name -> ports Prometheus scrapes there (static targets and DNS names)."""
+    config = yaml.safe_load(
+        (ROOT / "deploy/monitoring/prometheus/prometheus.yml").read_text())
+    targets: dict[str, set[int]] = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        for static in job.get("static_configs") or []:
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                targets.setdefault(host, set()).add(int(port))
+        for dns in job.get("dns_sd_configs") or []:
+            assert dns.get("type", "SRV") == "A", "compose names resolve as A records"
+            for name in dns["names"]:
+                targets.setdefault(name, set()).add(int(dns["port"]))
+    return targets
+
+
+def test_every_worker_serves_metrics_and_prometheus_scrapes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    targets = _scrape_targets()
+    for name in worker_containers():
+        s = settings_of(services()[name], monkeypatch)
+        assert s.metrics_port, f"{name}: no METRICS_PORT, so no /metrics"
+        assert s.metrics_host == "0.0.0.0", f"{name}: /metrics on {s.metrics_host}, unreachable"
+        assert s.metrics_port in targets.get(name, set()), \
+            f"{name}: Prometheus does not scrape {name}:{s.metrics_port}"
+        assert not [p for p in published(services()[name]) if p[2] == s.metrics_port], \
+            f"{name}: the metrics port is published beyond the compose network"
+    exporter = parse_cli(invocations("exporter")[0])[1]
+    assert exporter["host"] == "0.0.0.0"
+    assert exporter["port"] in targets.get("exporter", set()), "Prometheus does not scrape the exporter"
+    probe = " ".join(services()["exporter"]["healthcheck"]["test"])
+    assert f":{exporter['port']}/metrics" in probe, "the exporter's health check asks another port"
