@@ -726,6 +726,7 @@ class Options:
     skip_bare: bool
     services: tuple[str, ...] = ()  # empty: every worker, as `ordermill run` does by default
     split: bool = False  # one process per service instead of one for all
+    metrics_ab: int = 0  # rounds of the burst without and with METRICS_PORT, alternating
 
 
 async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
@@ -759,6 +760,46 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
             await phase("memory fill", source.take(fill, "fill"), run.publisher.burst)
     run.add_per_order({}, await outbox_counters(bench.settings))
     return run
+
+
+async def bench_metrics_ab(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
+                           opts: Options) -> tuple[list[PipelineRun], dict[str, Any]]:
+    """The metrics' cost: the same burst through `ordermill run` without METRICS_PORT and with
+    it (every message counted and timed, /metrics served), a fresh worker each time, the two
+    alternating (off, on; then on, off; ...) so a noisy neighbour hurts both alike."""
+    names, runs, pairs = bench.names, [], []
+    for n in range(opts.metrics_ab):
+        order = ((False, True), (True, False))[n % 2]
+        got: dict[bool, float] = {}
+        for metrics_on in order:
+            label = f"metrics {'on' if metrics_on else 'off'} #{n + 1}"
+            env = {**bench.env(), "METRICS_PORT": "0", "METRICS_HOST": "127.0.0.1"}
+            if not metrics_on:
+                del env["METRICS_PORT"]
+            worker = WorkerProcess(label, [str(ORDERMILL), "run", *opts.services], env,
+                                   RESULTS / "ordermill-worker.log")
+            async with pipeline_run(label, bench, connection, worker,
+                                    [names.queue("placement"), names.queue("fraud")],
+                                    names.exchange) as run:
+                mail = opts.services == () or "notify" in opts.services
+                warm = await run.phase("warm-up", source.take(opts.warmup, f"w{n}{int(metrics_on)}"),
+                                       run.publisher.burst)
+                if mail:
+                    await phase_mail_drained(bench, warm)
+                burst = await run.phase("throughput", source.take(opts.orders, f"t{n}{int(metrics_on)}"),
+                                        run.publisher.burst)
+                if mail:
+                    await phase_mail_drained(bench, burst)
+            got[metrics_on] = burst.orders_per_second
+            runs.append(run)
+        pairs.append({"round": n + 1, "order": ["on" if o else "off" for o in order],
+                      "off": got[False], "on": got[True],
+                      "on_vs_off": round(got[True] / got[False], 3) if got[False] else None})
+    offs, ons = [p["off"] for p in pairs], [p["on"] for p in pairs]
+    summary = {"rounds": pairs, "mean_off": round(sum(offs) / len(offs), 1),
+               "mean_on": round(sum(ons) / len(ons), 1)}
+    summary["mean_on_vs_off"] = round(summary["mean_on"] / summary["mean_off"], 3)
+    return runs, summary
 
 
 MAIL_DRAIN_SECONDS = 300.0
@@ -841,8 +882,12 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             await declare_bare_topology(channel, bench.bare)
             source = OrderSource(bench.run_id)
-            runs.append(await bench_ordermill(bench, connection, source, opts))
-            if not opts.skip_bare:
+            if opts.metrics_ab:
+                ab_runs, metrics_ab = await bench_metrics_ab(bench, connection, source, opts)
+                runs += ab_runs
+            else:
+                runs.append(await bench_ordermill(bench, connection, source, opts))
+            if not opts.skip_bare and not opts.metrics_ab:
                 runs.append(await bench_bare(bench, connection, source, opts))
         finally:
             if connection is not None:
@@ -851,6 +896,8 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
             await drop_database(s)
     data = report_data(bench, opts, runs)
     data["emails_delivered"] = mail.received
+    if opts.metrics_ab:
+        data["metrics_ab"] = metrics_ab
     return data
 
 
@@ -978,6 +1025,14 @@ def print_report(data: dict[str, Any]) -> None:
     print(_table(PHASE_COLUMNS, [_phase_row(p) for run in data["pipelines"].values()
                                  for p in run["phases"]]))
     print()
+    if "metrics_ab" in data:
+        ab = data["metrics_ab"]
+        print("metrics' cost (burst orders/s, without and with METRICS_PORT, alternating):")
+        for r in ab["rounds"]:
+            print(f"  round {r['round']} ({' then '.join(r['order'])}): off {r['off']:.0f},"
+                  f" on {r['on']:.0f}, on/off {r['on_vs_off']}")
+        print(f"  mean: off {ab['mean_off']:.0f}, on {ab['mean_on']:.0f},"
+              f" on/off {ab['mean_on_vs_off']}\n")
     print(_throughput_line(data))
     for line in _cpu_lines(data):
         print(line)
@@ -1018,6 +1073,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", action="store_true",
                         help="one `ordermill run SERVICE` process per service, as docker-compose"
                              " deploys them, instead of one process for all")
+    parser.add_argument("--metrics-ab", type=int, default=0, metavar="ROUNDS",
+                        help="only the metrics' cost: ROUNDS pairs of warm-up + burst through a fresh"
+                             " `ordermill run` without and with METRICS_PORT, alternating")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
@@ -1036,7 +1094,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
                    memory_orders=args.memory_orders, skip_memory=args.skip_memory,
                    skip_bare=args.skip_bare, split=args.split,
-                   services=tuple(s.strip() for s in args.services.split(",") if s.strip()))
+                   services=tuple(s.strip() for s in args.services.split(",") if s.strip()),
+                   metrics_ab=args.metrics_ab)
     started = time.perf_counter()
     try:
         data = asyncio.run(run_bench(Bench.create(), opts))
