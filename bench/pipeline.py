@@ -1033,9 +1033,10 @@ def print_report(data: dict[str, Any]) -> None:
                   f" on {r['on']:.0f}, on/off {r['on_vs_off']}")
         print(f"  mean: off {ab['mean_off']:.0f}, on {ab['mean_on']:.0f},"
               f" on/off {ab['mean_on_vs_off']}\n")
-    print(_throughput_line(data))
-    for line in _cpu_lines(data):
-        print(line)
+    else:
+        print(_throughput_line(data))
+        for line in _cpu_lines(data):
+            print(line)
     for name, run in data["pipelines"].items():
         print(_per_order_line(name, run))
     for name, run in data["pipelines"].items():
