@@ -2,7 +2,7 @@
 
 A session is a signed cookie (itsdangerous, HMAC-SHA1 over the key CONSOLE_SECRET_KEY, with
 its issue time): HttpOnly, SameSite=Lax, Secure behind HTTPS. It holds the operator's id,
-the time it was issued (a password changed since ends it) and the CSRF token; the operator
+when its password was set (a password changed since ends it) and the CSRF token; the operator
 is read again from the database on every request (removed or disabled: signed out). Every
 POST carries the token, in the form (`csrf`) or, from htmx, in the `X-CSRF-Token` header;
 without it, or with another, the request is refused with 403."""
@@ -41,11 +41,13 @@ class Session:
 
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     operator_id: int | None = None
-    issued_at: float = 0.0  # epoch seconds, when signed in
+    # When the operator's password was last set (epoch seconds): a session of an older
+    # password is over (`operator passwd`).
+    password_epoch: float = 0.0
     changed: bool = False  # to be written back on the response
 
     def as_dict(self) -> dict[str, Any]:
-        return {"c": self.csrf, "o": self.operator_id, "t": self.issued_at}
+        return {"c": self.csrf, "o": self.operator_id, "p": self.password_epoch}
 
     def csrf_ok(self, given: str | None) -> bool:
         return bool(given) and hmac.compare_digest(self.csrf.encode(), str(given).encode())
@@ -71,7 +73,7 @@ class SessionCodec:
             return None
         operator = data.get("o")
         return Session(csrf=data["c"], operator_id=operator if isinstance(operator, int) else None,
-                       issued_at=float(data.get("t") or 0))
+                       password_epoch=float(data.get("p") or 0))
 
 
 class SecurityHeaders:

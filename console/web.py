@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +73,9 @@ class Ctx:
     session: Session
     operator: Operator | None
 
-    def render(self, request: Request, name: str, status_code: int = 200,
+    def render(self, request: Request, template_name: str, status_code: int = 200,
                **context: Any) -> HTMLResponse:
-        template = self.state.env.get_template(name)
+        template = self.state.env.get_template(template_name)
         html = template.render(request=request, operator=self.operator, csrf=self.session.csrf,
                                nav=NAV, **context)
         response = HTMLResponse(html, status_code=status_code)
@@ -124,7 +123,7 @@ async def load(request: Request) -> Ctx:
         async with state.pool.acquire() as conn:
             operator = await accounts.by_id(conn, session.operator_id)
         # Removed, disabled, or its password changed since: signed out.
-        if operator is None or operator.password_changed_at.timestamp() > session.issued_at + 1:
+        if operator is None or operator.password_changed_at.timestamp() != session.password_epoch:
             operator, session = None, Session(changed=True)
     return Ctx(state, session, operator)
 
@@ -177,4 +176,4 @@ def sign_in_redirect(request: Request) -> Response:
 def new_session(operator: Operator) -> Session:
     """A fresh session at sign-in (a new CSRF token too: no fixation)."""
     return Session(csrf=secrets.token_urlsafe(32), operator_id=operator.id,
-                   issued_at=time.time(), changed=True)
+                   password_epoch=operator.password_changed_at.timestamp(), changed=True)
