@@ -17,6 +17,18 @@ from shared.settings import Settings
 log = logging.getLogger("ordermill.console")
 
 
+class _PlainMessages(logging.Filter):
+    """uvicorn adds a copy of some messages with terminal colours (`color_message`): Ordermill's
+    log formats would print it as an extra field."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(_PlainMessages())
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
