@@ -23,6 +23,7 @@ COPY shared ./shared
 COPY services ./services
 COPY cli ./cli
 COPY sandbox ./sandbox
+COPY console ./console
 RUN pip install --no-deps . && pip check && rm -rf build *.egg-info
 
 RUN groupadd --system --gid 10001 ordermill \

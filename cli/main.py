@@ -317,32 +317,56 @@ def broker_users(
 
 # -- workers -------------------------------------------------------------------------------
 
+CONSOLE = "console"  # `ordermill run ... console`: the web console in the same process
+
+
 @app.command()
-def run(services: list[str] = typer.Argument(None, help="Services to run (default: all).")) -> None:
-    """Run workers (all of them, plus the outbox relay, in one process by default)."""
+def run(services: list[str] = typer.Argument(
+        None, help="Services to run (default: every worker); `console` adds the web console.")) -> None:
+    """Run workers (all of them, plus the outbox relay, in one process by default), and the
+    web console too when `console` is named."""
     from services.registry import WORKERS
 
     s = settings()
     chosen = services or list(WORKERS)
-    unknown = [name for name in chosen if name not in WORKERS]
+    unknown = [name for name in chosen if name not in WORKERS and name != CONSOLE]
     if unknown:
-        raise UserError(f"unknown service {unknown[0]!r}; known: {', '.join(WORKERS)}")
+        raise UserError(f"unknown service {unknown[0]!r}; known: {', '.join(WORKERS)}, {CONSOLE}")
+    with_console = CONSOLE in chosen
+    chosen = [name for name in chosen if name != CONSOLE]
     logs.configure(s.log_level, s.log_format)
 
     async def go() -> None:
+        from console.server import ConsoleServer
+
         runtime = Runtime(s)
         try:
             workers = [WORKERS[name](s) for name in chosen]
             runtime.check_publishers(workers)  # closed by default: one line, before connecting
         except ConfigurationError as exc:
             raise UserError(str(exc)) from None
+        server = ConsoleServer(s) if with_console else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)
+            if server is not None:
+                loop.add_signal_handler(sig, lambda: (runtime.stop(), server.stop()))
+        tasks = [asyncio.create_task(server.serve())] if server is not None else []
+        if chosen:
+            tasks.append(asyncio.create_task(runtime.serve(workers)))
         try:
-            await runtime.serve(workers)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
         except ConfigurationError as exc:  # a schema this worker may not migrate, and such
             raise UserError(str(exc)) from None
+        except SystemExit as exc:  # the console could not start
+            raise UserError(str(exc.code)) from None
+        finally:
+            runtime.stop()
+            if server is not None:
+                server.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     run_async(go())
 
@@ -1043,6 +1067,19 @@ def contract(
             print(path)
     except (RuntimeError, OSError) as exc:
         raise UserError(str(exc)) from None
+
+
+# -- the web console ---------------------------------------------------------------------------
+
+def _register_console() -> None:
+    from cli.console import console
+    from cli.operators import operators_app
+
+    app.command("console")(console)
+    app.add_typer(operators_app, name="operator")
+
+
+_register_console()
 
 
 # Click's exceptions, whether typer vendors click or uses the package.

@@ -241,7 +241,11 @@ class PaymentReceived(Contract):
         return _without_unstorable(data)
 
 
-ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen"]
+ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen",
+                       "note", "report"]
+# What an order turned out to be, as minFraud's report-transactions endpoint names it.
+ReportTag = Literal["chargeback", "not_fraud", "suspected_fraud", "spam_or_abuse"]
+NOTE_MAX_LENGTH = 2000
 
 
 class AcceptOptions(Contract):
@@ -255,6 +259,9 @@ class ReviewCommand(Contract):
     action: ReviewAction
     operator: str = Field("operator", max_length=100)
     options: AcceptOptions = AcceptOptions()
+    # `note`: the operator's note, kept with the order; `report`: the notes sent to MaxMind.
+    note: str | None = Field(None, max_length=NOTE_MAX_LENGTH)
+    tag: ReportTag | None = None  # `report`: what the order turned out to be
 
 
 # Events published by the workers ------------------------------------------------------------

@@ -88,9 +88,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30,
-                      writable: bool = False) -> asyncpg.Pool:
+                      writable: bool = False,
+                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
     """A pool, waiting (bounded) for PostgreSQL to come up; with `writable`, for a server that
-    takes writes (a worker's: after a failover the address may reach a standby for a while)."""
+    takes writes (a worker's: after a failover the address may reach a standby for a while).
+    `server_settings` are each connection's (the console's read-only default)."""
     async for attempt in _retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
@@ -99,6 +101,7 @@ async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 
                 # A connection that cannot be made in 10 s (a host gone from the network)
                 # fails like a refused one, so an outage is seen in seconds, not minutes.
                 timeout=10, command_timeout=60, reset=_keep_session,
+                server_settings=server_settings,
             )
     raise AssertionError("unreachable")
 

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared.settings_parts import (
     BannedSettings,
     BrokerSettings,
+    ConsoleSettings,
     DeadPaymentsSettings,
     EppSettings,
     FraudSettings,
@@ -157,6 +158,21 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None  # a secret: from the environment only
     smtp_security: Literal["none", "starttls", "tls"] = "none"
     mail_from: str = "Ordermill <billing@ordermill.local>"
+
+    # The web console (console/, README "Console"). Its cookie-signing key: unset, a random
+    # one per process (sessions end when it stops, and two consoles would not share them).
+    console_secret_key: SecretStr | None = Field(None, min_length=32)
+    console_url: str | None = None  # where operators reach it (printed; links in logs)
+    console_host: str = "127.0.0.1"  # 0.0.0.0 only behind a firewall or a proxy
+    console_port: int = Field(8080, ge=0, le=65535)
+    # Cookies marked Secure (behind HTTPS); a request that came over https marks them anyway.
+    console_secure_cookies: bool = False
+    console_session_hours: float = Field(12, gt=0, le=24 * 30)
+    # Sign-in attempts: this many failures in the window, per account and per address, and
+    # further attempts are refused until the window has passed.
+    console_signin_max_failures: int = Field(5, gt=0)
+    console_signin_window_minutes: float = Field(15, gt=0)
+    console_review_timeout: float = Field(10, gt=0, le=120)  # seconds to wait for an answer
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -353,6 +369,18 @@ class Settings(BaseSettings):
     def dead_payments(self) -> DeadPaymentsSettings:
         return DeadPaymentsSettings(broker=self.broker, publishers=self.publishers,
                                     sweep_seconds=self.dead_payment_sweep_seconds)
+
+    @property
+    def console(self) -> ConsoleSettings:
+        return ConsoleSettings(
+            secret_key=self.console_secret_key, url=self.console_url, host=self.console_host,
+            port=self.console_port, secure_cookies=self.console_secure_cookies,
+            session_hours=self.console_session_hours,
+            signin_max_failures=self.console_signin_max_failures,
+            signin_window_minutes=self.console_signin_window_minutes,
+            review_timeout=self.console_review_timeout, user=amqp_user(self.amqp_url),
+            console_users=frozenset(self.console_users),
+            operator_users=frozenset(self.operator_users))
 
     @property
     def mail(self) -> MailSettings:

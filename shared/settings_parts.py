@@ -208,3 +208,24 @@ class MailSettings(Part):
     def domain(self) -> str:
         """MAIL_FROM's domain, for Message-IDs."""
         return self.smtp.sender.rpartition("@")[2].strip(">") or "ordermill.local"
+
+
+# The web console.
+
+class ConsoleSettings(Part):
+    """The console (console/): where it listens, its sessions, and who it publishes as."""
+
+    secret_key: SecretStr | None  # signs session cookies; None: a random key per process
+    url: str | None
+    host: str
+    port: int
+    secure_cookies: bool
+    session_hours: float
+    signin_max_failures: int
+    signin_window_minutes: float
+    review_timeout: float
+    user: str | None  # the console's RabbitMQ user (AMQP_URL's): the user_id it publishes with
+    # Whether the review service will record the signed-in operator (the user is a console
+    # user and not an operator user) or the broker user itself: said once at start.
+    console_users: frozenset[str]
+    operator_users: frozenset[str]

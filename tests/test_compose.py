@@ -29,6 +29,7 @@ from cli.catalog import read_catalog
 from cli.main import app
 from services.provisioning.providers import SECRET_ENVIRONMENT
 from services.registry import WORKERS
+from shared.parties import amqp_user
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -738,3 +739,45 @@ def test_every_worker_serves_metrics_and_prometheus_scrapes_it(
     assert exporter["port"] in targets.get("exporter", set()), "Prometheus does not scrape the exporter"
     probe = " ".join(services()["exporter"]["healthcheck"]["test"])
     assert f":{exporter['port']}/metrics" in probe, "the exporter's health check asks another port"
+
+
+# -- the console --------------------------------------------------------------------------------
+
+def test_the_console_serves_on_the_hosts_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    consoles = [name for name in app_services()
+                if any(parse_cli(args)[0] == "console" for args in invocations(name))]
+    assert consoles == ["console"], f"one container should run `{SCRIPT} console`: {consoles}"
+    svc = services()["console"]
+    ((_, params),) = map(parse_cli, invocations("console"))
+    s = settings_of(svc, monkeypatch)
+    port = params["port"] if params["port"] is not None else s.console_port
+    assert (params["host"] or s.console_host) == "0.0.0.0", \
+        "in a container the console must listen on every interface to be published"
+    ports = published(svc)
+    assert ports and all(ip == "127.0.0.1" for ip, _, _ in ports), \
+        f"the console is published beyond the host's loopback: {ports}"
+    assert [target for _, _, target in ports] == [port]
+    check = " ".join(svc["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}/" in check, "the health check asks another port"
+    assert depends_on(svc).get(migrate_service()) == "service_completed_successfully"
+    # History names the operator signed in only for a console user that is no operator.
+    assert amqp_user(s.amqp_url) in s.console_users
+    assert amqp_user(s.amqp_url) not in s.operator_users
+
+
+def test_the_production_overlay_gives_the_console_its_own_broker_user() -> None:
+    from cli.broker_users import plan_users
+    from shared.topology import Names
+
+    overlay = yaml.safe_load((ROOT / "docker-compose.prod.yml").read_text())
+    merged = _merged(compose(), overlay)["services"]["console"]
+    (user,) = [u.name for u in plan_users(
+        Names("ordermill"), prefix="ordermill", admin=None, storefronts=[], gateways=[],
+        operators=[], consoles=["ordermill-console"]) if u.name == "ordermill-console"]
+    env = environment(merged)
+    assert urlsplit(env["AMQP_URL"]).username == user and urlsplit(env["AMQP_URL"]).password is None
+    assert env["AMQP_PASSWORD_FILE"] == f"/run/secrets/{user}" and user in merged["secrets"]
+    assert overlay["secrets"][user]["file"] == f"./deploy/broker/secrets/{user}.password"
+    raw = overlay["services"]["console"]["environment"]["CONSOLE_SECRET_KEY"]
+    assert raw.startswith("${CONSOLE_SECRET_KEY:?"), "production must refuse to start without a key"
+    assert "--console ordermill-console" in (ROOT / "docker-compose.prod.yml").read_text()

@@ -1,5 +1,10 @@
 """review.command: the operator actions of docs/contract.md (section 1), answered on `reply_to`.
 
+Besides the status changes, two actions that change no status: `note` keeps an operator's
+note with the order (the console's "Add note"), `report` reports the order's outcome to
+MaxMind (the console's "Report to MaxMind"), called in the route's prepare step, outside the
+transaction. Both are written to history like the others.
+
 Every action runs under the order's row lock, through the one transition function, and is
 written to the order's history with the operator: the broker-validated user_id of an
 operator; for a console user (CONSOLE_USERS), the operator signed in to the console, which
@@ -30,6 +35,7 @@ from shared.contracts import (
 )
 from shared.orders import allowed_from, ask_for_order_emails, transition
 from shared.parties import Party
+from shared.settings_parts import MaxMindSettings
 from shared.states import CLEARED, JobStatus, OrderStatus, Screening
 from shared.uow import UnitOfWork
 
@@ -66,8 +72,55 @@ def action_table() -> dict[str, tuple[frozenset[OrderStatus], OrderStatus | None
     return {name: (action.allowed(name), action.result) for name, action in ACTIONS.items()}
 
 
+# Actions that change no status and have no event: handled apart from ACTIONS.
+NOTE, REPORT = "note", "report"
+
+
 class Refused(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What the prepare step of a `report` did: sent (with minFraud's id of the transaction,
+    if screening had one), or why not."""
+
+    sent: bool
+    minfraud_id: str | None = None
+    error: str | None = None
+
+
+def preparer(maxmind: MaxMindSettings):  # -> Prepare
+    """The review route's prepare step: a `report` calls MaxMind here, before the order's
+    transaction, so a slow answer holds no row lock; any other action needs nothing."""
+    from services.fraud.providers.base import ProviderError
+    from services.fraud.providers.maxmind import report
+
+    async def prepare(cmd: ReviewCommand, pool: asyncpg.Pool) -> Reported | None:
+        if cmd.action != REPORT:
+            return None
+        if cmd.tag is None:
+            return Reported(False, error="report needs a tag (chargeback, not_fraud,"
+                            " suspected_fraud or spam_or_abuse)")
+        if maxmind.account_id is None or maxmind.license_key is None:
+            return Reported(False, error="reporting to MaxMind needs MAXMIND_ACCOUNT_ID and"
+                            " MAXMIND_LICENSE_KEY on the review service")
+        row = await pool.fetchrow(
+            "SELECT o.order_number, o.ip_address, (SELECT f.raw->>'id' FROM fraud_checks f"
+            "  WHERE f.order_id = o.id AND f.provider = 'maxmind' AND f.raw ? 'id'"
+            "  ORDER BY f.id DESC LIMIT 1) AS minfraud_id FROM orders o WHERE o.id = $1",
+            cmd.order_id)
+        if row is None:
+            return None  # the handler says the order does not exist
+        try:
+            await report(maxmind, tag=cmd.tag, transaction_id=str(row["order_number"]),
+                         ip_address=str(row["ip_address"]) if row["ip_address"] else None,
+                         minfraud_id=row["minfraud_id"], notes=cmd.note)
+        except ProviderError as exc:
+            return Reported(False, error=f"MaxMind refused the report: {exc}")
+        return Reported(True, minfraud_id=row["minfraud_id"])
+
+    return prepare
 
 
 def operator_of(cmd: ReviewCommand, uow: UnitOfWork) -> str:
@@ -87,7 +140,9 @@ async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
         " WHERE o.id = $1 FOR UPDATE OF o", cmd.order_id)
     try:
         expires_at = uow.context.expires_at
-        if expires_at is not None and datetime.now(UTC) > expires_at:
+        late = expires_at is not None and datetime.now(UTC) > expires_at
+        sent = isinstance(uow.prepared, Reported) and uow.prepared.sent  # recorded however late
+        if late and not sent:
             # Its sender stopped waiting and said it expired unapplied (it waited in this
             # worker's prefetch, or for the order's lock): it is not carried out late.
             raise Refused("the command expired before it could be applied; nothing changed")
@@ -108,8 +163,12 @@ async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
 
 async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
                  order: asyncpg.Record, operator: str) -> OrderStatus:
-    action = ACTIONS[cmd.action]
     current = OrderStatus(order["status"])
+    if cmd.action == NOTE:
+        return await _note(uow, cmd, order, operator)
+    if cmd.action == REPORT:
+        return await _report(uow, cmd, order, operator)
+    action = ACTIONS[cmd.action]
     if order["deleted_at"] is not None:
         if cmd.action == "delete":
             return current  # already what was asked
@@ -154,6 +213,31 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
         await uow.history(order["id"], cmd.action, actor=operator)
     uow.emit(_event(action, order, operator, options))
     return action.result or current
+
+
+async def _note(uow: UnitOfWork, cmd: ReviewCommand, order: asyncpg.Record,
+                operator: str) -> OrderStatus:
+    """An operator's note, kept with the order (a deleted order's too: notes say why)."""
+    text = (cmd.note or "").strip()
+    if not text:
+        raise Refused("a note needs some text")
+    note_id = await uow.conn.fetchval(
+        "INSERT INTO order_notes (order_id, operator, note) VALUES ($1, $2, $3) RETURNING id",
+        order["id"], operator, text)
+    await uow.history(order["id"], NOTE, actor=operator, detail={"note_id": note_id})
+    return OrderStatus(order["status"])
+
+
+async def _report(uow: UnitOfWork, cmd: ReviewCommand, order: asyncpg.Record,
+                  operator: str) -> OrderStatus:
+    reported = uow.prepared
+    if not isinstance(reported, Reported):
+        raise Refused("the report was not sent")
+    if not reported.sent:
+        raise Refused(reported.error or "the report was not sent")
+    await uow.history(order["id"], "fraud_reported", actor=operator,
+                      detail={"tag": cmd.tag, "minfraud_id": reported.minfraud_id})
+    return OrderStatus(order["status"])
 
 
 def _event(action: Action, order: asyncpg.Record, operator: str,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.review.handlers import on_command
+from services.review.handlers import on_command, preparer
 from shared.parties import OPERATORS
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
@@ -11,4 +11,5 @@ from shared.settings import Settings
 def worker(settings: Settings) -> WorkerSpec:
     # Operators wait for the answer: small batches keep each reply prompt.
     return WorkerSpec(service="review", batch=4,
-                      routes={"review.command": route(on_command, publishers=OPERATORS)})
+                      routes={"review.command": route(
+                          on_command, prepare=preparer(settings.maxmind), publishers=OPERATORS)})

@@ -1,0 +1,107 @@
+"""The console's ASGI app (Starlette) and its resources.
+
+`open_state(settings)` opens what a console process holds: a small read-only pool and one
+broker connection; `create_app(state)` builds the app on them (tests build it so, around
+their own database and broker). `build_app(settings)` does both inside the app's lifespan,
+for uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from console.publisher import AmqpPublisher, Publisher
+from console.routes import auth, dashboard, order, orders
+from console.security import SecurityHeaders, SessionCodec
+from console.web import HERE, ConsoleState
+from shared import db
+from shared.settings import Settings
+from shared.settings_parts import ConsoleSettings
+
+log = logging.getLogger("ordermill.console")
+
+# Every page family's routes; a new family adds its module here (and its NAV entry).
+PAGE_FAMILIES = (auth, dashboard, orders, order)
+POOL_SIZE = 5
+
+
+def secret_key(settings: ConsoleSettings) -> str:
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value()
+    log.warning("CONSOLE_SECRET_KEY is not set: sessions are signed with a random key of this"
+                " process, and end when it stops (set it for sessions that survive a restart,"
+                " and the same for every console process)")
+    return secrets.token_urlsafe(48)
+
+
+def describe_identity(settings: ConsoleSettings) -> None:
+    """Say once whose name history will carry for the console's actions (docs/contract.md,
+    section 8): the operator signed in only when the console's user is a console user."""
+    user = settings.user
+    if user in settings.console_users and user not in settings.operator_users:
+        return
+    log.warning("the console's RabbitMQ user %r is not a console user only (CONSOLE_USERS,"
+                " not OPERATOR_USERS): the review service will record that user, not the"
+                " operator signed in, in each order's history", user,
+                extra={"user": user})
+
+
+async def open_state(settings: Settings, *, publisher: Publisher | None = None) -> ConsoleState:
+    part = settings.console
+    # Read-only by default: the console reads orders; only its own sign-in bookkeeping
+    # writes, in transactions that ask for it (console/accounts.py).
+    pool = await db.create_pool(settings.database_url, max_size=POOL_SIZE,
+                                attempts=settings.startup_attempts,
+                                server_settings={"default_transaction_read_only": "on"})
+    try:
+        await db.ensure_schema(pool, migrate_on_start=False)
+        if publisher is None:
+            amqp = AmqpPublisher(settings.amqp_url, settings.namespace, part.user)
+            await amqp.start(settings.startup_attempts)
+            publisher = amqp
+    except BaseException:
+        await pool.close()
+        raise
+    describe_identity(part)
+    return ConsoleState(settings=part, pool=pool, publisher=publisher,
+                        codec=SessionCodec(secret_key(part), part.session_hours * 3600))
+
+
+async def close_state(state: ConsoleState) -> None:
+    await state.publisher.close()
+    await state.pool.close()
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("Not found.", status_code=404)
+
+
+def create_app(state: ConsoleState | None = None, *,
+               lifespan: contextlib.AbstractAsyncContextManager | None = None) -> Starlette:
+    routes = [route for family in PAGE_FAMILIES for route in family.routes]
+    routes.append(Mount("/static", StaticFiles(directory=HERE / "static"), name="static"))
+    app = Starlette(routes=routes, exception_handlers={404: _not_found}, lifespan=lifespan)
+    app.add_middleware(SecurityHeaders)
+    if state is not None:
+        app.state.console = state
+    return app
+
+
+def build_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.console = await open_state(settings)
+        try:
+            yield
+        finally:
+            await close_state(app.state.console)
+
+    return create_app(lifespan=lifespan)

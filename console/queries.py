@@ -1,0 +1,256 @@
+"""The console's read models: every list is a keyset page on an index (migration 0017), and
+every count is capped (COUNT_CAP): a million orders never make a page scan them all."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import asyncpg
+
+from cli import views
+from shared.states import OrderStatus
+
+COUNT_CAP = 10_000  # "10,000+" beyond it
+PAGE_SIZE = 50
+
+# The list's "status" choices: the review queue (Pending, screening finished) is the default.
+REVIEW, QUEUED, ALL = "review", "screening", "all"
+STATUS_CHOICES = [REVIEW, QUEUED, *(s.value for s in OrderStatus), ALL]
+SCREENING_CHOICES = ["passed", "failed", "skipped", "error", "queued"]
+
+
+async def capped_count(conn: asyncpg.Connection, query: str, *args: Any) -> tuple[int, bool]:
+    """(count, capped): counts at most COUNT_CAP + 1 rows of `query` (a SELECT)."""
+    n = await conn.fetchval(f"SELECT count(*) FROM ({query} LIMIT {COUNT_CAP + 1}) x", *args)
+    return min(n, COUNT_CAP), n > COUNT_CAP
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+
+_ROW = (
+    "o.id, o.order_ref, o.order_number, o.status, o.screening, o.total, o.currency,"
+    " o.created_at, o.ip_address, c.id AS client_id, c.email, c.first_name, c.last_name,"
+    " c.company, i.status AS invoice_status,"
+    " (SELECT score FROM fraud_checks f WHERE f.order_id = o.id ORDER BY f.id DESC LIMIT 1)"
+    "   AS score,"
+    " (SELECT threshold FROM fraud_checks f WHERE f.order_id = o.id ORDER BY f.id DESC LIMIT 1)"
+    "   AS threshold,"
+    " (SELECT coalesce(jsonb_agg(r->>'code'), '[]') FROM fraud_checks f,"
+    "   jsonb_array_elements(f.reasons) r WHERE f.id = (SELECT max(id) FROM fraud_checks"
+    "   WHERE order_id = o.id)) AS flags,"
+    " (SELECT coalesce(jsonb_agg(jsonb_build_object('what', p.slug, 'domain', s.domain)"
+    "   ORDER BY s.id), '[]') FROM services s JOIN products p ON p.id = s.product_id"
+    "   WHERE s.order_id = o.id) AS products,"
+    " (SELECT coalesce(jsonb_agg(jsonb_build_object('what', d.action, 'domain', d.domain)"
+    "   ORDER BY d.id), '[]') FROM domains d WHERE d.order_id = o.id) AS domains"
+)
+_FROM = (" FROM orders o JOIN clients c ON c.id = o.client_id"
+         " LEFT JOIN invoices i ON i.order_id = o.id")
+
+
+def _order(r: asyncpg.Record) -> dict[str, Any]:
+    return dict(r) | {"items": list(r["products"]) + list(r["domains"]),
+                      "flagged": r["screening"] == "error" or (
+                          r["score"] is not None and r["threshold"] is not None
+                          and r["score"] > r["threshold"])}
+
+
+async def dashboard(conn: asyncpg.Connection) -> dict[str, Any]:
+    counts = {}
+    for status in OrderStatus:
+        counts[status.value] = await capped_count(
+            conn, "SELECT 1 FROM orders WHERE status = $1 AND deleted_at IS NULL", status.value)
+    review_where = (" WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
+                    " AND o.screening <> 'queued'")
+    awaiting = [_order(r) for r in await conn.fetch(
+        f"SELECT {_ROW}{_FROM}{review_where} ORDER BY o.id LIMIT 10")]
+    flagged_where = (" WHERE o.screening = 'error' AND o.deleted_at IS NULL"
+                     " AND o.status = 'Pending'")
+    flagged = [_order(r) for r in await conn.fetch(
+        f"SELECT {_ROW}{_FROM}{flagged_where} ORDER BY o.id LIMIT 10")]
+    parked = [dict(r) for r in await conn.fetch(
+        "SELECT j.id, j.order_id, j.kind, j.attempts, j.last_error, j.updated_at, o.order_ref,"
+        " coalesce(s.domain, d.domain) AS item FROM jobs j JOIN orders o ON o.id = j.order_id"
+        " LEFT JOIN services s ON s.id = j.service_id LEFT JOIN domains d ON d.id = j.domain_id"
+        " WHERE j.status = 'parked' ORDER BY j.id LIMIT 10")]
+    unapplied = [dict(r) for r in await conn.fetch(
+        "SELECT id, amount, raw_amount, currency, gateway, transaction_id, order_ref, reason,"
+        " received_at FROM payments WHERE status = 'unapplied' ORDER BY id LIMIT 10")]
+    return {
+        "counts": counts,
+        "awaiting": awaiting,
+        "awaiting_count": await capped_count(conn, "SELECT 1 FROM orders o" + review_where),
+        "screening_count": await capped_count(
+            conn, "SELECT 1 FROM orders WHERE status = 'Pending' AND deleted_at IS NULL"
+            " AND screening = 'queued'"),
+        "flagged": flagged,
+        "flagged_count": await capped_count(conn, "SELECT 1 FROM orders o" + flagged_where),
+        "parked": parked,
+        "parked_count": await capped_count(conn, "SELECT 1 FROM jobs WHERE status = 'parked'"),
+        "unapplied": unapplied,
+        "unapplied_count": await capped_count(
+            conn, "SELECT 1 FROM payments WHERE status = 'unapplied'"),
+    }
+
+
+# -- the pending orders list ------------------------------------------------------------------
+
+@dataclass
+class OrderFilters:
+    """The list's filters, as the query string gives them (every one optional)."""
+
+    status: str = REVIEW
+    screening: str = ""
+    flagged: str = ""  # "1": only orders whose screening errored or scored over the threshold
+    client: str = ""  # a client id or email
+    product: str = ""  # a product slug
+    since: str = ""  # dates, YYYY-MM-DD (UTC)
+    until: str = ""
+    q: str = ""  # order number or id, ref, email or domain
+
+    @classmethod
+    def of(cls, params: Any) -> OrderFilters:
+        values = {f.name: str(params.get(f.name) or "").strip()[:200] for f in fields(cls)}
+        made = cls(**values)
+        if made.status not in STATUS_CHOICES:
+            made.status = REVIEW
+        if made.screening not in SCREENING_CHOICES:
+            made.screening = ""
+        return made
+
+    def query(self, **extra: Any) -> dict[str, str]:
+        """As query parameters (the ones set), for links that keep the filters."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+        out.update({k: str(v) for k, v in extra.items() if v is not None})
+        return out
+
+
+class FilterError(ValueError):
+    pass
+
+
+def _day(value: str, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.combine(date.fromisoformat(value), time(), UTC)
+    except ValueError:
+        raise FilterError(f"{name} {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _where(f: OrderFilters) -> tuple[list[str], list[Any]]:
+    """WHERE conditions and their arguments; each condition can use an index."""
+    conds, args = ["o.deleted_at IS NULL"], []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if f.status == REVIEW:
+        conds += ["o.status = 'Pending'", "o.screening <> 'queued'"]
+    elif f.status == QUEUED:
+        conds += ["o.status = 'Pending'", "o.screening = 'queued'"]
+    elif f.status != ALL:
+        conds.append(f"o.status = {arg(f.status)}")
+    if f.screening:
+        conds.append(f"o.screening = {arg(f.screening)}")
+    if f.flagged:
+        conds.append("(o.screening IN ('error', 'failed') OR EXISTS (SELECT 1 FROM fraud_checks fc"
+                     " WHERE fc.order_id = o.id AND fc.id = (SELECT max(id) FROM fraud_checks"
+                     " WHERE order_id = o.id) AND fc.score > fc.threshold))")
+    if f.client:
+        if f.client.isdigit() and len(f.client) < 19:
+            conds.append(f"o.client_id = {arg(int(f.client))}")
+        else:
+            conds.append(f"lower(c.email) = lower({arg(f.client)})")
+    if f.product:
+        conds.append(f"EXISTS (SELECT 1 FROM services s JOIN products p ON p.id = s.product_id"
+                     f" WHERE s.order_id = o.id AND p.slug = {arg(f.product)})")
+    since, until = _day(f.since, "from"), _day(f.until, "to")
+    if since:
+        conds.append(f"o.created_at >= {arg(since)}")
+    if until:
+        conds.append(f"o.created_at < {arg(until + timedelta(days=1))}")
+    if f.q:
+        q = f.q
+        if re.fullmatch(r"\d{1,18}", q):
+            conds.append(f"(o.order_number = {arg(int(q))} OR o.id = ${len(args)}"
+                         f" OR o.order_ref = {arg(q)})")
+        elif "@" in q:
+            conds.append(f"lower(c.email) = lower({arg(q)})")
+        else:
+            p = arg(q)
+            conds.append(
+                f"(o.order_ref = {p} OR o.id IN (SELECT order_id FROM services WHERE"
+                f" lower(domain) = lower({p})) OR o.id IN (SELECT order_id FROM domains WHERE"
+                f" lower(domain) = lower({p})))")
+    return conds, args
+
+
+async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | None = None,
+                     before: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """A page of orders oldest first: after an id (the next page), before one (the previous),
+    or the first. `more_after`/`more_before` say whether there are pages either side."""
+    conds, args = _where(f)
+    base_where = " AND ".join(conds)
+    page_conds = list(conds)
+    if after is not None:
+        args_page = [*args, after]
+        page_conds.append(f"o.id > ${len(args_page)}")
+        order = "ASC"
+    elif before is not None:
+        args_page = [*args, before]
+        page_conds.append(f"o.id < ${len(args_page)}")
+        order = "DESC"
+    else:
+        args_page, order = list(args), "ASC"
+    rows = await conn.fetch(
+        f"SELECT {_ROW}{_FROM} WHERE {' AND '.join(page_conds)}"
+        f" ORDER BY o.id {order} LIMIT {limit + 1}", *args_page)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if order == "DESC":
+        rows = list(reversed(rows))
+    orders = [_order(r) for r in rows]
+    # The clients join only where a filter reads the client: each row counted costs a probe.
+    joined = " JOIN clients c ON c.id = o.client_id" if "c.email" in base_where else ""
+    count = await capped_count(conn, f"SELECT 1 FROM orders o{joined} WHERE {base_where}", *args)
+    first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
+    return {
+        "orders": orders, "count": count,
+        "more_after": more if order == "ASC" else before is not None,
+        "more_before": (after is not None) if order == "ASC" else more,
+        "first_id": first_id, "last_id": last_id,
+    }
+
+
+# -- one order ----------------------------------------------------------------------------------
+
+async def order_page(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] | None:
+    data = await views.show_order(conn, order_id)
+    if data is None:
+        return None
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    data["notes"] = [dict(r) for r in await conn.fetch(
+        "SELECT operator, note, created_at FROM order_notes WHERE order_id = $1 ORDER BY id",
+        order_id)]
+    data["other_orders"] = [dict(r) for r in await conn.fetch(
+        "SELECT id, order_ref, status, total, currency, created_at FROM orders"
+        " WHERE client_id = $1 AND id <> $2 AND deleted_at IS NULL"
+        " ORDER BY created_at DESC LIMIT 10", data["client"]["id"], order_id)]
+    data["jobs"] = [dict(r) for r in await conn.fetch(
+        "SELECT id, kind, status, attempts, last_error, service_id, domain_id, updated_at"
+        " FROM jobs WHERE order_id = $1 ORDER BY id", order_id)]
+    data["parked"] = any(j["status"] == "parked" for j in data["jobs"])
+    return data
+
+
+async def order_heads(conn: asyncpg.Connection, ids: list[int]) -> list[dict[str, Any]]:
+    """What a bulk confirmation lists about each order."""
+    return [dict(r) for r in await conn.fetch(
+        "SELECT o.id, o.order_ref, o.status, o.total, o.currency, c.email FROM orders o"
+        " JOIN clients c ON c.id = o.client_id WHERE o.id = ANY($1::bigint[]) ORDER BY o.id",
+        ids)]

@@ -1,0 +1,73 @@
+"""Pending orders (WHMCS's List Pending Orders): filters, search, keyset pages, bulk actions.
+The list refreshes itself (htmx polls its partial; ticked boxes are kept, hx-preserve)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from console import queries
+from console.actions import ACTIONS, BULK
+from console.queries import FilterError, OrderFilters
+from console.web import Ctx, page
+
+MAX_BULK = 200
+
+
+def _int(value: object) -> int | None:
+    text = str(value or "")
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+async def _list(request: Request, ctx: Ctx) -> dict[str, Any]:
+    f = OrderFilters.of(request.query_params)
+    after, before = _int(request.query_params.get("after")), _int(request.query_params.get("before"))
+    try:
+        async with ctx.state.pool.acquire() as conn:
+            data = await queries.order_list(conn, f, after=after, before=before)
+            products = [r["slug"] for r in await conn.fetch("SELECT slug FROM products ORDER BY slug")]
+        error = None
+    except FilterError as exc:
+        data, products, error = {"orders": [], "count": (0, False)}, [], str(exc)
+    return {"f": f, "list": data, "products": products, "error": error,
+            "statuses": queries.STATUS_CHOICES, "screenings": queries.SCREENING_CHOICES,
+            "after": after, "before": before, "bulk": [ACTIONS[a] for a in BULK]}
+
+
+@page()
+async def orders(request: Request, ctx: Ctx) -> Response:
+    return ctx.render(request, "orders.html", active="orders", **await _list(request, ctx))
+
+
+@page()
+async def orders_partial(request: Request, ctx: Ctx) -> Response:
+    return ctx.render(request, "_order_list.html", **await _list(request, ctx))
+
+
+@page(act=True)
+async def bulk(request: Request, ctx: Ctx) -> Response:
+    """First the confirmation (the orders and what will happen), then, confirmed, one review
+    command per order and each one's answer."""
+    form = await request.form()
+    action = str(form.get("action") or "")
+    ids = sorted({i for v in form.getlist("order_id") if (i := _int(v)) is not None})[:MAX_BULK]
+    if action not in BULK or not ids:
+        return ctx.render(request, "bulk.html", active="orders", status_code=400,
+                          error="Choose an action and at least one order.", answers=None,
+                          orders=[], action=None)
+    async with ctx.state.pool.acquire() as conn:
+        heads = await queries.order_heads(conn, ids)
+    if form.get("confirm") != "yes":
+        return ctx.render(request, "bulk.html", active="orders", orders=heads,
+                          action=ACTIONS[action], answers=None, error=None)
+    answers = {o["id"]: await ctx.review(o["id"], action) for o in heads}
+    return ctx.render(request, "bulk.html", active="orders", orders=heads,
+                      action=ACTIONS[action], answers=answers, error=None)
+
+
+routes = [Route("/orders", orders, methods=["GET"]),
+          Route("/orders/list", orders_partial, methods=["GET"]),
+          Route("/orders/bulk", bulk, methods=["POST"])]

@@ -1,0 +1,179 @@
+"""What every page shares: the console's state, who is signed in, CSRF on every POST, roles,
+rendering (Jinja2, autoescaped) and publishing a review command as the operator.
+
+A page is `@page()` (any operator signed in) or `@page(act=True)` (a reviewer: a viewer gets
+403); every POST must carry the session's CSRF token. Pages take (request, ctx)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+
+from console import accounts, filters
+from console.accounts import Operator, SignInPolicy
+from console.publisher import Publisher, Reply, Unavailable
+from console.security import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, SessionCodec
+from shared.settings_parts import ConsoleSettings
+
+log = logging.getLogger("ordermill.console")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class NavItem:
+    label: str
+    path: str
+    key: str
+
+
+# The menu, in order. A page family adds its entry here when it registers its routes.
+NAV: list[NavItem] = [NavItem("Dashboard", "/", "dashboard"),
+                      NavItem("Pending orders", "/orders", "orders")]
+
+
+def templates() -> Environment:
+    env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True),
+                      trim_blocks=True, lstrip_blocks=True)
+    filters.install(env)
+    return env
+
+
+@dataclass
+class ConsoleState:
+    """A console process's resources: handed to every page through `request.app.state`."""
+
+    settings: ConsoleSettings
+    pool: asyncpg.Pool  # read-only: default_transaction_read_only
+    publisher: Publisher
+    codec: SessionCodec
+    env: Environment = field(default_factory=templates)
+
+    @property
+    def policy(self) -> SignInPolicy:
+        return SignInPolicy(self.settings.signin_max_failures, self.settings.signin_window_minutes)
+
+
+@dataclass
+class Ctx:
+    """One request's context: the session, the operator signed in, and the state."""
+
+    state: ConsoleState
+    session: Session
+    operator: Operator | None
+
+    def render(self, request: Request, template_name: str, status_code: int = 200,
+               **context: Any) -> HTMLResponse:
+        template = self.state.env.get_template(template_name)
+        html = template.render(request=request, operator=self.operator, csrf=self.session.csrf,
+                               nav=NAV, **context)
+        response = HTMLResponse(html, status_code=status_code)
+        response.headers["cache-control"] = "no-store"
+        return response
+
+    async def review(self, order_id: int, action: str, **extra: Any) -> Reply:
+        """One review command as the operator signed in; the review service's answer, or
+        one as it would say it (`ok` false) when there is none."""
+        assert self.operator is not None
+        body = {"order_id": order_id, "action": action, "operator": self.operator.name,
+                **{k: v for k, v in extra.items() if v is not None}}
+        timeout = self.state.settings.review_timeout
+        try:
+            reply = await self.state.publisher.review(body, wait_seconds=timeout)
+        except Unavailable as exc:
+            return {"ok": False, "order_id": order_id, "error": str(exc)}
+        if reply is None:
+            return {"ok": False, "order_id": order_id, "error":
+                    f"no answer from the review service within {timeout:g} s (is it running?);"
+                    " the command expired unapplied"}
+        log.info("console action", extra={"order_id": order_id, "action": action,
+                                          "operator": self.operator.name, "ok": reply.get("ok")})
+        return reply
+
+
+def state_of(request: Request) -> ConsoleState:
+    return request.app.state.console
+
+
+def write_session(response: Response, request: Request, ctx: Ctx) -> None:
+    state = ctx.state
+    secure = state.settings.secure_cookies or request.url.scheme == "https"
+    response.set_cookie(COOKIE, state.codec.dumps(ctx.session), max_age=state.codec.max_age,
+                        httponly=True, samesite="lax", secure=secure, path="/")
+
+
+async def load(request: Request) -> Ctx:
+    state = state_of(request)
+    session = state.codec.loads(request.cookies.get(COOKIE))
+    operator = None
+    if session is None:
+        session = Session(changed=True)
+    elif session.operator_id is not None:
+        async with state.pool.acquire() as conn:
+            operator = await accounts.by_id(conn, session.operator_id)
+        # Removed, disabled, or its password changed since: signed out.
+        if operator is None or operator.password_changed_at.timestamp() != session.password_epoch:
+            operator, session = None, Session(changed=True)
+    return Ctx(state, session, operator)
+
+
+def forbidden(message: str) -> Response:
+    return PlainTextResponse(message, status_code=403)
+
+
+Page = Callable[[Request, Ctx], Awaitable[Response]]
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def page(*, act: bool = False, signed_in: bool = True) -> Callable[[Page], Endpoint]:
+    def decorate(fn: Page) -> Endpoint:
+        @functools.wraps(fn)
+        async def endpoint(request: Request) -> Response:
+            ctx = await load(request)
+            if request.method == "POST":
+                given = request.headers.get(CSRF_HEADER)
+                if given is None:
+                    form = await request.form()
+                    value = form.get(CSRF_FIELD)
+                    given = value if isinstance(value, str) else None
+                if not ctx.session.csrf_ok(given):
+                    return forbidden("Refused: the form's security token is missing or wrong."
+                                     " Reload the page and try again.")
+            if signed_in and ctx.operator is None:
+                response = sign_in_redirect(request)
+            elif act and not (ctx.operator and ctx.operator.may_act):
+                return forbidden("Refused: a viewer cannot act on orders.")
+            else:
+                response = await fn(request, ctx)
+            if ctx.session.changed:
+                write_session(response, request, ctx)
+            return response
+        return endpoint
+    return decorate
+
+
+def sign_in_redirect(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    location = "/sign-in" + (f"?next={quote(target)}" if target != "/" else "")
+    if request.headers.get("hx-request"):
+        return Response(status_code=204, headers={"HX-Redirect": location})
+    return RedirectResponse(location, status_code=303)
+
+
+def new_session(operator: Operator) -> Session:
+    """A fresh session at sign-in (a new CSRF token too: no fixation)."""
+    return Session(csrf=secrets.token_urlsafe(32), operator_id=operator.id,
+                   password_epoch=operator.password_changed_at.timestamp(), changed=True)
