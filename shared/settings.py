@@ -24,6 +24,7 @@ from shared.settings_parts import (
     ConsoleSettings,
     DeadPaymentsSettings,
     EppSettings,
+    FraudLabsProSettings,
     FraudSettings,
     HousekeepingSettings,
     JobSettings,
@@ -57,8 +58,11 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"
     ordermill_namespace: str = Field("ordermill", pattern=r"^[A-Za-z0-9_.-]+$")
 
-    fraud_provider: Literal["rules", "maxmind"] = "rules"
+    fraud_provider: Literal["rules", "maxmind", "fraudlabspro"] = "rules"
     fraud_threshold: Decimal = Field(Decimal("20"), ge=0, le=100)
+    # The review band (issue 16): an order scoring over this (and at most FRAUD_THRESHOLD)
+    # stays Pending marked needs review. Unset: no band (off by default).
+    fraud_review_threshold: Decimal | None = Field(None, ge=0, le=100)
     fraud_skip_existing_clients: bool = False
     fraud_banned_email_domains: CommaList = []
     fraud_banned_ips: CommaList = []
@@ -85,6 +89,12 @@ class Settings(BaseSettings):
     maxmind_reject_country_mismatch: bool = False  # Insights or Factors
     maxmind_reject_anonymous_proxy: bool = False  # Insights or Factors
     maxmind_high_risk_countries: CommaList = []  # ISO codes; empty: the option is off
+
+    # FraudLabs Pro (FRAUD_PROVIDER=fraudlabspro): its v2 REST API.
+    fraudlabspro_api_key: SecretStr | None = None
+    fraudlabspro_host: str = "api.fraudlabspro.com"  # host[:port], always https
+    fraudlabspro_timeout: float = Field(5.0, gt=0, le=60)
+    fraudlabspro_attempts: int = Field(3, gt=0, le=10)  # timeouts, connection errors and 5xx
 
     # Worker runtime.
     worker_prefetch: int = Field(32, gt=0, le=1000)
@@ -206,6 +216,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{amount} is not a positive amount")
         return value
 
+    @model_validator(mode="after")
+    def _review_band_under_threshold(self) -> Settings:
+        if (self.fraud_review_threshold is not None
+                and self.fraud_review_threshold >= self.fraud_threshold > 0):
+            raise ValueError(f"FRAUD_REVIEW_THRESHOLD ({self.fraud_review_threshold}) must be"
+                             f" under FRAUD_THRESHOLD ({self.fraud_threshold})")
+        return self
+
     @field_validator("fraud_banned_ips")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
@@ -319,6 +337,7 @@ class Settings(BaseSettings):
     def fraud(self) -> FraudSettings:
         return FraudSettings(
             provider=self.fraud_provider, threshold=self.fraud_threshold,
+            review_threshold=self.fraud_review_threshold,
             skip_existing_clients=self.fraud_skip_existing_clients,
             on_error=self.fraud_on_error,
             velocity_window_minutes=self.fraud_velocity_window_minutes,
@@ -344,6 +363,12 @@ class Settings(BaseSettings):
             reject_country_mismatch=self.maxmind_reject_country_mismatch,
             reject_anonymous_proxy=self.maxmind_reject_anonymous_proxy,
             high_risk_countries=frozenset(self.maxmind_high_risk_countries))
+
+    @property
+    def fraudlabspro(self) -> FraudLabsProSettings:
+        return FraudLabsProSettings(
+            api_key=self.fraudlabspro_api_key, host=self.fraudlabspro_host,
+            timeout=self.fraudlabspro_timeout, attempts=self.fraudlabspro_attempts)
 
     @property
     def leased_queue(self) -> QueueSettings:

@@ -96,8 +96,9 @@ class BannedSettings(Part):
 class FraudSettings(Part):
     """The Screener's: the threshold and what it does around the provider it is given."""
 
-    provider: Literal["rules", "maxmind"]
+    provider: Literal["rules", "maxmind", "fraudlabspro"]
     threshold: Decimal
+    review_threshold: Decimal | None  # the review band's floor; None: no band
     skip_existing_clients: bool
     on_error: Literal["hold", "fraud", "pass"]
     velocity_window_minutes: int
@@ -134,6 +135,15 @@ class MaxMindSettings(Part):
     reject_country_mismatch: bool
     reject_anonymous_proxy: bool
     high_risk_countries: frozenset[str]
+
+
+class FraudLabsProSettings(Part):
+    """FraudLabs Pro (FRAUD_PROVIDER=fraudlabspro)."""
+
+    api_key: SecretStr | None
+    host: str
+    timeout: float
+    attempts: int
 
 
 # Leased work: provisioning jobs and mail.

@@ -60,10 +60,22 @@ class Screening(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     ERROR = "error"
+    # Not Fraud, but held for a person: scored in the review band (FRAUD_REVIEW_THRESHOLD),
+    # sent to review by an operator rule or by the provider. Not cleared: nothing is set up
+    # automatically and no mail goes out until an operator accepts the order.
+    REVIEW = "review"
 
 
 # Screening that lets the order be set up automatically (or an operator's override).
 CLEARED = frozenset({Screening.PASSED, Screening.SKIPPED})
+
+
+class RuleAction(StrEnum):
+    """What an operator fraud rule does when it matches (services/fraud/rules.py)."""
+
+    SCORE = "score"  # adds its points to the provider's score
+    REVIEW = "review"  # the order waits for an operator (needs review)
+    FRAUD = "fraud"  # the order is Fraud outright, before any remote provider is asked
 
 
 class JobStatus(StrEnum):

@@ -21,6 +21,11 @@ SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
                       AND i.total > 0)))) AS earlier,
   (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
      AND x.status = 'Fraud') AS earlier_fraud,
+  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
+     AND x.status = 'Cancelled') AS earlier_cancelled,
+  ARRAY(SELECT s.domain FROM services s WHERE s.order_id = o.id AND s.domain IS NOT NULL
+        UNION SELECT d.domain FROM domains d WHERE d.order_id = o.id) AS domain_names,
+  (SELECT max(id) FROM fraud_rule_sets) AS rule_set_id,
   (SELECT value FROM catalog_meta WHERE key = 'default_currency') AS default_currency,
   (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
      AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_ip,
@@ -54,6 +59,30 @@ async def read_facts(
     return _facts(await conn.fetchrow(_FACTS, order_id, velocity_window))
 
 
+# The orders of the client and of the IP in each window a rule counts in (minutes), by the
+# orders_client_idx and orders_ip_idx indexes.
+_VELOCITY = """
+SELECT w.minutes,
+  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id
+     AND x.created_at > o.created_at - make_interval(mins => w.minutes) AND x.id <= o.id)
+     AS per_client,
+  (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
+     AND x.created_at > o.created_at - make_interval(mins => w.minutes) AND x.id <= o.id)
+     AS per_ip
+FROM orders o, unnest($2::int[]) AS w(minutes) WHERE o.id = $1
+"""
+
+
+async def velocity(conn: asyncpg.Connection | asyncpg.Pool, order_id: int,
+                   windows: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Orders per client and per IP in each window, this one included."""
+    if not windows:
+        return {}, {}
+    rows = await conn.fetch(_VELOCITY, order_id, windows)
+    return ({r["minutes"]: r["per_client"] for r in rows},
+            {r["minutes"]: r["per_ip"] for r in rows})
+
+
 def _facts(row: asyncpg.Record | None) -> tuple[asyncpg.Record, OrderFacts] | None:
     if row is None:
         return None
@@ -68,6 +97,8 @@ def _facts(row: asyncpg.Record | None) -> tuple[asyncpg.Record, OrderFacts] | No
         orders_from_ip=row["from_ip"] if row["ip_address"] else 0,
         orders_from_client=row["from_client"],
         earlier_fraud_orders=row["earlier_fraud"], default_currency=row["default_currency"],
+        earlier_cancelled_orders=row["earlier_cancelled"],
+        domains=tuple(sorted(row["domain_names"])),
         placed_at=row["created_at"], address1=row["address1"], address2=row["address2"],
         city=row["city"], state=row["state"], postcode=row["postcode"], phone=row["phone"],
     )

@@ -2,12 +2,13 @@
 
 The factory takes the whole Settings (it is what `ordermill run` and the registry have) and
 hands each component only its part: the Screener `settings.fraud`, the provider
-`settings.rules` or `settings.maxmind`, the sweeper `settings.screening_sweep`."""
+`settings.rules`, `settings.maxmind` or `settings.fraudlabspro`, the sweeper `settings.screening_sweep`."""
 
 from __future__ import annotations
 
 from services.fraud.handlers import Screener
 from services.fraud.providers.base import FraudProvider
+from services.fraud.providers.fraudlabspro import FraudLabsProProvider
 from services.fraud.providers.maxmind import MaxMindProvider
 from services.fraud.providers.rules import RulesProvider
 from services.fraud.sweeper import QueuedOrderSweeper
@@ -18,6 +19,8 @@ from shared.settings import Settings
 def make_provider(settings: Settings) -> FraudProvider:
     if settings.fraud.provider == "maxmind":
         return MaxMindProvider(settings.maxmind)
+    if settings.fraud.provider == "fraudlabspro":
+        return FraudLabsProProvider(settings.fraudlabspro)
     return RulesProvider(settings.rules)
 
 

@@ -185,8 +185,12 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
         if screening == Screening.QUEUED:
             raise Refused(f"order {order['id']} is still being screened; accept needs it finished")
         options = cmd.options.model_dump()
-        await conn.execute("UPDATE orders SET accept_options = $2 WHERE id = $1", order["id"],
-                           options)
+        # Accepting an order held for review clears it: the operator's decision overrides the
+        # screening, as setting an order back to Pending does (its items may be set up).
+        await conn.execute(
+            "UPDATE orders SET accept_options = $2,"
+            " screening_override = screening_override OR screening = $3 WHERE id = $1",
+            order["id"], options, Screening.REVIEW)
     if cmd.action == "retry":
         parked = await conn.fetchval(
             "SELECT count(*) FROM jobs WHERE order_id = $1 AND status = $2", order["id"],

@@ -46,6 +46,8 @@ class OrderFacts:
     postcode: str | None = None
     phone: str | None = None
     earlier_fraud_orders: int = 0  # this client's earlier orders now Fraud
+    earlier_cancelled_orders: int = 0  # this client's earlier orders now Cancelled
+    domains: tuple[str, ...] = ()  # the order's domain names (hosting and domain items)
     default_currency: str | None = None  # the catalog's
 
 
@@ -66,6 +68,11 @@ class FraudResult:
     raw: dict[str, Any] = field(default_factory=dict)
     # A provider may decide on its own (a disposition 'reject'), whatever the score.
     reject: bool = False
+    # A provider may hold the order for a person (FraudLabs Pro's REVIEW): the review band.
+    review: bool = False
+    # The IP address's country where the provider tells it (ISO 3166-1 alpha-2): the
+    # operator rules' `ip_country` reads it.
+    ip_country: str | None = None
 
 
 MIN_SCORE = Decimal("0.01")

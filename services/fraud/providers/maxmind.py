@@ -228,8 +228,10 @@ class MaxMindProvider:
             raise ProviderError(scrub(f"minFraud answer has no usable risk_score: {exc}",
                                       self.secrets)) from None
         rejections = tuple(self._rejections(facts, raw))
+        ip_country = raw.get("ip_address", {}).get("country", {}).get("iso_code")
         return FraudResult(score=score, reasons=rejections + tuple(_explanations(raw)), raw=raw,
-                           reject=bool(rejections))
+                           reject=bool(rejections),
+                           ip_country=ip_country if isinstance(ip_country, str) else None)
 
     async def close(self) -> None:
         await self.client.close()
