@@ -31,6 +31,7 @@ from rich.text import Text
 
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
+from cli.fraud import fraud_app
 from cli.sandbox import sandbox_app
 from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
@@ -50,6 +51,7 @@ broker_app = typer.Typer(help="Least-privilege RabbitMQ users for each party.",
                          no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(fraud_app, name="fraud")
 
 out = Console()
 T = TypeVar("T")
@@ -418,9 +420,15 @@ def _with_db(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
 def _orders_table(title: str, orders: list[dict[str, Any]]) -> Table:
     return table(title, ["id", "ref", "status", "screening", "score", "client", "total",
                          "placed"],
-                 [[o["id"], o["order_ref"], o["status"],
-                   o["screening"] + (" (!)" if o.get("flagged") else ""), o["score"], o["email"],
+                 [[o["id"], o["order_ref"], o["status"], _screening_cell(o), o["score"], o["email"],
                    f"{o['total']} {o['currency']}", o["created_at"][:19]] for o in orders])
+
+
+def _screening_cell(order: dict[str, Any]) -> str:
+    if order.get("needs_review"):
+        return "NEEDS REVIEW" + (f" ({', '.join(order['review_reasons'])})"
+                                 if order.get("review_reasons") else "")
+    return order["screening"] + (" (!)" if order.get("flagged") else "")
 
 
 @app.command()
@@ -463,8 +471,8 @@ def pending(
     page: int = typer.Option(1, min=1),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Pending orders waiting for review, oldest first (screening errors flagged); orders
-    still queued apart."""
+    """Pending orders waiting for review: those that need review (review band, a rule, the
+    provider) first, then oldest first (screening errors flagged); orders still queued apart."""
     data = _with_db(lambda c: views.pending_orders(c, limit=limit, offset=(page - 1) * limit))
     if as_json:
         return emit_json(data)
@@ -489,6 +497,7 @@ def show(order_id: int = OrderIdArg, as_json: bool = JsonOpt) -> None:
         f"number {data['order_number']}  status ", (views.printable(data["status"]), "bold"),
         f"  screening {views.printable(data['screening'])}"
         f"{' (override)' if data['screening_override'] else ''}"
+        f"{'  NEEDS REVIEW' if data['needs_review'] else ''}"
         f"{'  [deleted]' if data['deleted'] else ''}"))
     # What the client typed is text, not markup: "[/b]" in an address must not break `show`.
     _say(f"Client {c['id']}: {c['first_name']} {c['last_name']} <{c['email']}> "
@@ -519,8 +528,25 @@ def show(order_id: int = OrderIdArg, as_json: bool = JsonOpt) -> None:
              f"{'  error: ' + fraud['error'] if fraud['error'] else ''}")
         for reason in fraud["reasons"]:
             _say(f"  - {reason.get('code')}: {reason.get('description')}")
+        for rule in fraud["rules"]:
+            _say(f"  rule {rule.get('name')} ({rule.get('action')}"
+                 f"{' +' + rule['points'] if rule.get('action') == 'score' else ''}):"
+                 f" {rule.get('detail')}")
+        for reason in fraud["review_reasons"]:
+            _say(f"  needs review: {reason.get('code')}: {reason.get('description')}")
         if fraud.get("maxmind"):
             _print_maxmind(fraud["maxmind"])
+        if fraud.get("fraudlabspro"):
+            flp = fraud["fraudlabspro"]
+            _say(f"  FraudLabs Pro: status {flp['status']}, score {flp['score']}, IP country"
+                 f" {flp['ip_country'] or '-'}, transaction {flp['transaction_id']}")
+    if len(data["screenings"]) > 1:
+        out.print(table("Screenings (latest first)", ["at", "provider", "result", "score",
+                                                      "rules", "needs review", "error"],
+                        [[c["checked_at"][:19], c["provider"], c["result"], c["score"],
+                          ", ".join(r["name"] for r in c["rules"]),
+                          ", ".join(r["code"] for r in c["review_reasons"]), c["error"]]
+                         for c in data["screenings"]]))
     out.print(table("History", ["at", "actor", "action", "from", "to"],
                     [[h["at"][:19], h["actor"], h["action"], h["from"], h["to"]]
                      for h in data["history"]]))
@@ -775,30 +801,42 @@ for _name, _action, _help in (
 
 @app.command()
 def rescreen(
-    order_id: int = typer.Argument(None, min=1, max=BIGINT_MAX, help="The order (or --all-errors)."),
+    order_id: int = typer.Argument(None, min=1, max=BIGINT_MAX,
+                                   help="The order (or --status, --all-errors)."),
     all_errors: bool = typer.Option(
         False, "--all-errors",
         help="Every Pending order whose screening could not complete (after a MaxMind outage)."),
+    status: str = typer.Option(None, "--status",
+                               help="Every order in this status (Pending: the one screened)."),
+    screening: str = typer.Option(None, "--screening",
+                                  help="Only orders whose screening is this (review, error, ...)."),
+    since: str = typer.Option(None, help="Placed on or after (ISO date or time, UTC)."),
+    until: str = typer.Option(None, help="Placed before (ISO date or time, UTC)."),
     timeout: float = TimeoutOpt,
 ) -> None:
-    """Screen a Pending order for fraud again."""
-    if (order_id is None) == (not all_errors):
-        raise UserError("give an ORDER_ID or --all-errors")
-    if not all_errors:
+    """Screen a Pending order for fraud again, or every one in a state (after a rule change).
+    Every screening is kept: `ordermill show` lists them, the latest first."""
+    from cli.fraud import rescreen_filter
+
+    chosen = rescreen_filter(order_id=order_id, all_errors=all_errors, status=status,
+                             screening=screening, since=_moment(since, "--since"),
+                             until=_moment(until, "--until"), error=UserError)
+    if chosen is None:
         return review("rescreen", order_id, timeout=timeout)
     s = settings()
 
     async def held() -> list[int]:
         async with database(s) as conn:
-            return [r["id"] for r in await conn.fetch(
-                "SELECT id FROM orders WHERE status = 'Pending' AND screening = 'error'"
-                " AND deleted_at IS NULL ORDER BY id")]
+            return await chosen.order_ids(conn)
 
     order_ids = run_async(held())
     if not order_ids:
-        _say("no Pending order has a screening error")
+        _say(chosen.none_found())
         return
-    answers = run_async(_send_review(s, "rescreen", order_ids, wait_seconds=timeout))
+    answers: dict[int, dict[str, Any] | None] = {}
+    for start in range(0, len(order_ids), 500):  # a bounded number of replies in flight
+        answers |= run_async(_send_review(s, "rescreen", order_ids[start:start + 500],
+                                          wait_seconds=timeout))
     refused = 0
     for oid, answer in answers.items():
         if answer is None or not answer.get("ok"):
@@ -958,43 +996,75 @@ class ReportTag(StrEnum):
     spam_or_abuse = "spam_or_abuse"
 
 
+class ReportProvider(StrEnum):
+    maxmind = "maxmind"
+    fraudlabspro = "fraudlabspro"
+
+
 @app.command("fraud-report")
 def fraud_report(
     order_id: int = OrderIdArg,
     tag: ReportTag = typer.Option(..., "--tag", help="What the order turned out to be."),
-    notes: str | None = typer.Option(None, help="A note for MaxMind."),
+    notes: str | None = typer.Option(None, help="A note for the provider."),
+    provider: ReportProvider = typer.Option(
+        None, "--provider", help="Default: the provider that screened the order last."),
 ) -> None:
-    """Report an order's outcome to MaxMind (minFraud report transactions), to train its scoring."""
+    """Report an order's outcome to the fraud provider, to train its scoring: MaxMind
+    (minFraud report transactions) or FraudLabs Pro (feedback: not_fraud is APPROVE,
+    chargeback and suspected_fraud REJECT, spam_or_abuse REJECT_BLACKLIST)."""
+    from cli.fraud import FLP_FEEDBACK, report_row
     from services.fraud.providers.base import ProviderError
+    from services.fraud.providers.fraudlabspro import FraudLabsProProvider, Misconfigured
     from services.fraud.providers.maxmind import report
 
     s = settings()
-    if s.maxmind_account_id is None or s.maxmind_license_key is None:
-        raise UserError("fraud-report needs MAXMIND_ACCOUNT_ID and MAXMIND_LICENSE_KEY")
 
-    async def go() -> str | None:
+    async def go() -> tuple[str, str | None]:
         async with database(s) as conn:
-            row = await conn.fetchrow(
-                "SELECT o.order_number, o.ip_address, (SELECT f.raw->>'id' FROM fraud_checks f"
-                "  WHERE f.order_id = o.id AND f.provider = 'maxmind' AND f.raw ? 'id'"
-                "  ORDER BY f.id DESC LIMIT 1) AS minfraud_id FROM orders o WHERE o.id = $1",
-                order_id)
+            row = await report_row(conn, order_id)
             if row is None:
                 raise UserError(f"order {order_id} does not exist")
+            chosen = provider or row["provider"] or (
+                s.fraud_provider if s.fraud_provider != "rules" else "maxmind")
             try:
-                await report(s.maxmind, tag=tag.value, transaction_id=str(row["order_number"]),
-                             ip_address=str(row["ip_address"]) if row["ip_address"] else None,
-                             minfraud_id=row["minfraud_id"], notes=notes)
+                if chosen == "fraudlabspro":
+                    if row["flp_id"] is None:
+                        raise UserError(f"order {order_id} has no FraudLabs Pro transaction"
+                                        " to give feedback on")
+                    try:
+                        flp = FraudLabsProProvider(s.fraudlabspro)
+                    except Misconfigured as exc:
+                        raise UserError(f"fraud-report needs {str(exc).split()[-1]}") from None
+                    try:
+                        await flp.feedback(row["flp_id"], FLP_FEEDBACK[tag.value], notes)
+                    finally:
+                        await flp.close()
+                    detail = {"tag": tag.value, "provider": chosen,
+                              "action": FLP_FEEDBACK[tag.value], "fraudlabspro_id": row["flp_id"]}
+                    transaction = row["flp_id"]
+                else:
+                    if s.maxmind_account_id is None or s.maxmind_license_key is None:
+                        raise UserError("fraud-report needs MAXMIND_ACCOUNT_ID and"
+                                        " MAXMIND_LICENSE_KEY")
+                    await report(s.maxmind, tag=tag.value,
+                                 transaction_id=str(row["order_number"]),
+                                 ip_address=str(row["ip_address"]) if row["ip_address"] else None,
+                                 minfraud_id=row["minfraud_id"], notes=notes)
+                    detail = {"tag": tag.value, "minfraud_id": row["minfraud_id"]}
+                    transaction = row["minfraud_id"]
             except ProviderError as exc:
                 raise UserError(str(exc)) from None
             await add_history(conn, order_id, actor=_amqp_user(s) or "cli",
-                              action="fraud_reported",
-                              detail={"tag": tag.value, "minfraud_id": row["minfraud_id"]})
-            return row["minfraud_id"]
+                              action="fraud_reported", detail=detail)
+            return chosen, transaction
 
-    minfraud_id = run_async(go())
-    _say(f"order {order_id} reported to MaxMind as {tag.value}"
-         + (f" (minFraud transaction {minfraud_id})" if minfraud_id else ""))
+    chosen, transaction = run_async(go())
+    if chosen == "fraudlabspro":
+        _say(f"order {order_id} reported to FraudLabs Pro as {FLP_FEEDBACK[tag.value]}"
+             f" ({tag.value}, transaction {transaction})")
+    else:
+        _say(f"order {order_id} reported to MaxMind as {tag.value}"
+             + (f" (minFraud transaction {transaction})" if transaction else ""))
 
 
 # -- clients -------------------------------------------------------------------------------

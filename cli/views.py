@@ -42,9 +42,13 @@ CLIENT_ADDRESS_FIELDS = ("address1", "address2", "city", "state", "postcode", "p
 
 _ORDER_COLUMNS = (
     "o.id, o.order_ref, o.order_number, o.status, o.screening, o.screening_override,"
-    " o.total, o.currency, o.created_at, c.email, c.id AS client_id,"
-    " (SELECT score FROM fraud_checks f WHERE f.order_id = o.id ORDER BY f.id DESC LIMIT 1)"
-    " AS score"
+    " o.needs_review, o.total, o.currency, o.created_at, c.email, c.id AS client_id,"
+    " f.score, f.review_reasons"
+)
+# The order's latest screening (fraud_checks_order_idx): its score and why it needs review.
+_LATEST_CHECK = (
+    " LEFT JOIN LATERAL (SELECT score, review_reasons FROM fraud_checks f"
+    "  WHERE f.order_id = o.id ORDER BY f.id DESC LIMIT 1) f ON true"
 )
 
 
@@ -54,6 +58,9 @@ def _order_row(r: asyncpg.Record) -> dict[str, Any]:
         "status": r["status"], "screening": r["screening"], "client_id": r["client_id"],
         "email": r["email"], "total": str(r["total"]), "currency": r["currency"],
         "score": str(r["score"]) if r["score"] is not None else None,
+        "needs_review": r["needs_review"],
+        "review_reasons": [reason["code"] for reason in r["review_reasons"] or []]
+        if r["needs_review"] else [],
         "created_at": r["created_at"].isoformat(),
     }
 
@@ -68,6 +75,7 @@ async def list_orders(
     email = client if client and client_id is None else None
     rows = await conn.fetch(
         f"SELECT {_ORDER_COLUMNS} FROM orders o JOIN clients c ON c.id = o.client_id"
+        f"{_LATEST_CHECK}"
         " WHERE o.deleted_at IS NULL AND ($1::text IS NULL OR o.status = $1)"
         " AND ($4::bigint IS NULL OR o.client_id = $4)"
         " AND ($5::text IS NULL OR lower(c.email) = lower($5))"
@@ -81,12 +89,13 @@ async def list_orders(
 
 async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
                          offset: int = 0) -> dict[str, Any]:
-    """Pending orders whose screening is finished (errors flagged), and those still queued,
-    oldest first; `more` counts those past this page."""
+    """Pending orders whose screening is finished (errors flagged), and those still queued:
+    those that need review first, then oldest first; `more` counts those past this page."""
     rows = await conn.fetch(
         f"SELECT {_ORDER_COLUMNS}, count(*) OVER () AS listed"
-        " FROM orders o JOIN clients c ON c.id = o.client_id"
-        " WHERE o.deleted_at IS NULL AND o.status = 'Pending' ORDER BY o.id LIMIT $1 OFFSET $2",
+        f" FROM orders o JOIN clients c ON c.id = o.client_id{_LATEST_CHECK}"
+        " WHERE o.deleted_at IS NULL AND o.status = 'Pending'"
+        " ORDER BY o.needs_review DESC, o.id LIMIT $1 OFFSET $2",
         limit, offset,
     )
     orders = [_order_row(r) | {"flagged": r["screening"] == Screening.ERROR}
@@ -144,20 +153,16 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
             "lines": [{"description": r["description"], "amount": str(r["amount"])}
                       for r in lines],
         }
-    check = await conn.fetchrow(
-        "SELECT * FROM fraud_checks WHERE order_id = $1 ORDER BY id DESC LIMIT 1", order_id
-    )
+    # Every screening, the latest first (re-screens add rows; none is overwritten).
+    screenings = [_screening(c) for c in await conn.fetch(
+        "SELECT * FROM fraud_checks WHERE order_id = $1 ORDER BY id DESC", order_id)]
     fraud = None
-    if check is not None:
-        fraud = {
-            "provider": check["provider"], "result": check["result"],
-            "score": str(check["score"]) if check["score"] is not None else None,
-            "threshold": str(check["threshold"]), "reasons": check["reasons"],
-            "error": check["error"], "raw": check["raw"],
-            "checked_at": check["created_at"].isoformat(),
-        }
-        if check["provider"] == "maxmind" and check["raw"]:
-            fraud["maxmind"] = maxmind_summary(check["raw"])
+    if screenings:
+        fraud = dict(screenings[0])
+        if fraud["provider"] == "maxmind" and fraud["raw"]:
+            fraud["maxmind"] = maxmind_summary(fraud["raw"])
+        if fraud["provider"] == "fraudlabspro" and fraud["raw"]:
+            fraud["fraudlabspro"] = fraudlabspro_summary(fraud["raw"])
     history = [
         {"at": r["at"].isoformat(), "actor": r["actor"], "action": r["action"],
          "from": r["from_status"], "to": r["to_status"], "detail": r["detail"]}
@@ -169,7 +174,8 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         "id": o["id"], "order_ref": o["order_ref"], "order_number": o["order_number"],
         "storefront": o["storefront"],  # the publisher's user ('' for none): refs are per storefront
         "status": o["status"], "screening": o["screening"],
-        "screening_override": o["screening_override"], "deleted": o["deleted_at"] is not None,
+        "screening_override": o["screening_override"], "needs_review": o["needs_review"],
+        "deleted": o["deleted_at"] is not None,
         "client": {"id": o["client_id"], "email": o["email"], "first_name": o["first_name"],
                    "last_name": o["last_name"], "company": o["company"], "country": o["country"]}
         | {f: o[f] for f in CLIENT_ADDRESS_FIELDS},
@@ -179,7 +185,32 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         "send_confirmation": o["send_confirmation"], "generate_invoice": o["generate_invoice"],
         "accept_options": o["accept_options"], "created_at": o["created_at"].isoformat(),
         "items": items, "invoice": invoice, "payments": payments, "fraud": fraud,
-        "history": history,
+        "screenings": screenings, "history": history,
+    }
+
+
+def _screening(check: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": check["id"], "provider": check["provider"], "result": check["result"],
+        "score": str(check["score"]) if check["score"] is not None else None,
+        "threshold": str(check["threshold"]),
+        "review_threshold": str(check["review_threshold"])
+        if check["review_threshold"] is not None else None,
+        "reasons": check["reasons"], "rules": check["rule_matches"],
+        "rule_set_id": check["rule_set_id"], "review_reasons": check["review_reasons"],
+        "rescreen": check["rescreen"], "error": check["error"], "raw": check["raw"],
+        "checked_at": check["created_at"].isoformat(),
+    }
+
+
+def fraudlabspro_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """What an operator reads of FraudLabs Pro's answer."""
+    geo = raw.get("ip_geolocation") or {}
+    return {
+        "transaction_id": raw.get("fraudlabspro_id"), "score": raw.get("fraudlabspro_score"),
+        "status": raw.get("fraudlabspro_status"), "rules": raw.get("fraudlabspro_rules") or [],
+        "ip_country": geo.get("country_code"), "is_proxy": geo.get("is_proxy"),
+        "remaining_credits": raw.get("remaining_credits"),
     }
 
 
