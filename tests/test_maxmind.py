@@ -550,7 +550,7 @@ async def test_orders_held_during_an_outage_are_rescreened_in_one_command(
     code, out, _ = await ordermill(harness.settings, maxmind, "rescreen", "--all-errors")
     assert (code, out.strip()) == (0, "no Pending order has a screening error")
     code, _, err = await ordermill(harness.settings, maxmind, "rescreen")
-    assert (code, err.strip()) == (1, "error: give an ORDER_ID or --all-errors")
+    assert (code, err.strip()) == (1, "error: give an ORDER_ID, --status or --all-errors")
 
 
 async def _is(value: Awaitable[str], expected: str) -> bool:
