@@ -383,7 +383,7 @@ class OrderScreened(Event):
     score: Decimal | None
     threshold: Decimal
     provider: str
-    # 1.2.0 (issue 16): the order is not Fraud but waits for a person (the review band, an
+    # 1.3.0 (issue 16): the order is not Fraud but waits for a person (the review band, an
     # operator rule, the provider's REVIEW): a storefront tells the customer it is being
     # checked. Its `screening` is then `passed`; the stored screening is `review`.
     needs_review: bool = False

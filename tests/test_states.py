@@ -80,7 +80,7 @@ def test_enum_values_are_the_contract_words() -> None:
     # docs/contract.md, section 1 "Statuses": the words operators see and events carry.
     assert [s.value for s in OrderStatus] == ["Pending", "Active", "Cancelled", "Fraud"]
     assert [s.value for s in Screening] == ["queued", "passed", "failed", "skipped", "error",
-                                            "review"]  # review: 1.2.0, issue 16
+                                            "review"]  # review: 1.3.0, issue 16
     assert [s.value for s in ServiceStatus] == [
         "Pending", "Active", "Suspended", "Terminated", "Cancelled", "Fraud"]
     assert [s.value for s in DomainStatus] == [

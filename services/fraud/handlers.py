@@ -186,7 +186,7 @@ class Screener:
         uow.emit(OrderScreened(
             order_id=order_id, order_ref=order["order_ref"],
             # `review` travels as `passed` (not Fraud) with needs_review: consumers that know
-            # only the first three values keep working (docs/contract.md, section 9, 1.2.0).
+            # only the first three values keep working (docs/contract.md, section 9, 1.3.0).
             screening=Screening.PASSED if review else verdict.screening,
             score=verdict.score, threshold=self.settings.threshold,
             provider=verdict.provider, needs_review=review,
