@@ -1,6 +1,7 @@
 """`ordermill fraud ...`: the fraud policy's operator commands (issue 16), and what
 `ordermill rescreen` and `ordermill fraud-report` need of it.
 
+    ordermill fraud ORDER_ID            # Mark as Fraud: the operator action, as always
     ordermill fraud rules load FILE     # a new rule set (TOML), in force for the next screening
     ordermill fraud rules show [--json] # the rule set in force
 
@@ -17,14 +18,39 @@ from typing import Any
 
 import asyncpg
 import typer
+from typer.core import TyperGroup
 
 from shared.orders import ORDER_STATUSES
 from shared.states import OrderStatus, Screening
 
-fraud_app = typer.Typer(help="The fraud policy: operator rules.", no_args_is_help=True)
+
+class _FraudGroup(TyperGroup):
+    """`ordermill fraud ORDER_ID` stays the operator action (docs/contract.md, section 5):
+    anything that is not one of the group's commands is the order to mark as Fraud."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # a click Context
+        if args and args[0] not in self.commands and args[0] != "--help":
+            args = ["mark", *args]
+        return super().parse_args(ctx, args)
+
+
+fraud_app = typer.Typer(
+    cls=_FraudGroup, no_args_is_help=True,
+    help="ordermill fraud ORDER_ID marks an order as Fraud (live accounts are terminated);"
+         " ordermill fraud rules ... manages the operator fraud rules.")
 rules_app = typer.Typer(help="Operator fraud rules (TOML, see fraud-rules.example.toml).",
                         no_args_is_help=True)
 fraud_app.add_typer(rules_app, name="rules")
+
+
+@fraud_app.command("mark", hidden=True)
+def mark(order_id: int = typer.Argument(..., min=1, max=2**63 - 1, show_default=False),
+         timeout: float = typer.Option(10.0, "--timeout", min=0.5,
+                                       help="Seconds to wait for the answer.")) -> None:
+    """Mark an order as Fraud; live accounts are terminated."""
+    from cli import main as m
+
+    m.review("fraud", order_id, timeout=timeout)
 
 
 @rules_app.command("load")

@@ -791,7 +791,7 @@ def _action_command(name: str, action: str, help_text: str) -> None:
 for _name, _action, _help in (
     ("deny", "deny", "Deny a Pending order: it becomes Cancelled."),
     ("cancel", "cancel", "Cancel a Pending or Active order; live accounts are terminated."),
-    ("fraud", "fraud", "Mark an order as Fraud; live accounts are terminated."),
+    # `ordermill fraud ORDER_ID`: the `fraud` group (cli/fraud.py) keeps it.
     ("set-pending", "pending", "Set a Cancelled or Fraud order back to Pending."),
     ("delete", "delete", "Hide a Cancelled or Fraud order (its record is kept)."),
     ("retry", "retry", "Run the order's parked setups again."),
