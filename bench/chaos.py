@@ -217,7 +217,7 @@ class Shop(Storefront):
     heard: Counter[str] = field(default_factory=Counter)  # routing key -> events (duplicates too)
     payments: set[asyncio.Task[None]] = field(default_factory=set)
     pay_errors: list[str] = field(default_factory=list)
-    publish_retries: Counter[str] = field(default_factory=Counter)  # routing key -> publishes again
+    publish_retries: Counter[str] = field(default_factory=Counter)  # routing key -> messages published again
 
     async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
         channel = await connection.channel()
@@ -260,6 +260,7 @@ class Shop(Storefront):
         publish fails or never hears its confirm. A message that did arrive is published again
         with its message id: the workers' inbox takes it once."""
         deadline = time.monotonic() + PUBLISH_PATIENCE
+        again = False
         while True:
             try:
                 await asyncio.wait_for(broker.publish(self.exchange, key, message), PUBLISH_TIMEOUT)
@@ -267,7 +268,9 @@ class Shop(Storefront):
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-                self.publish_retries[key] += 1
+                if not again:
+                    self.publish_retries[key] += 1
+                again = True
                 await asyncio.sleep(0.5)
 
     async def _pay(self, ref: str, body: dict[str, Any]) -> None:
@@ -620,8 +623,9 @@ async def wait_until(condition: Any, seconds: float) -> bool:
 
 
 async def settle(s: Settings, shop: Shop, last_kill: float, limit: float) -> dict[str, Any]:
-    """Wait for every paid setup (service Active) or `limit` s after the last kill; then a little
-    longer for the tail (events, mails) to go out."""
+    """Wait for every paid setup (service Active) or `limit` s after the last kill; then for
+    every customer mail to be sent (a mail claimed by a killed sender waits for its lease), and
+    a little longer for the tail (events) to go out."""
     paid = active = 0
     while time.time() - last_kill < limit:
         paid, active = await setups_done(s)
@@ -629,10 +633,27 @@ async def settle(s: Settings, shop: Shop, last_kill: float, limit: float) -> dic
             break
         await asyncio.sleep(0.5)
     done = time.time()
-    await asyncio.sleep(3)
     print(f"  {done - START:6.1f} s  {active}/{paid} paid setups Active", flush=True)
+    unsent = await mails_unsent(s)
+    while unsent and time.time() - last_kill < limit:
+        await asyncio.sleep(0.5)
+        unsent = await mails_unsent(s)
+    mails_done = time.time()
+    print(f"  {mails_done - START:6.1f} s  customer mails: {unsent} not sent yet", flush=True)
+    await asyncio.sleep(3)
     return {"paid": paid, "active": active, "waited_until": done,
-            "all_done": paid >= len(shop.paid) and active >= paid}
+            "all_done": paid >= len(shop.paid) and active >= paid,
+            "mails_unsent": unsent, "mails_done_after_last_disruption_s":
+                round(mails_done - last_kill, 1) if not unsent else None}
+
+
+async def mails_unsent(s: Settings) -> int:
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM emails WHERE status IN ('pending', 'sending')")
+    finally:
+        await conn.close()
 
 
 # -- the findings --------------------------------------------------------------------------------------
@@ -782,6 +803,7 @@ async def gather_report(bench: Bench, opts: Options, shop: Shop, whm: JitteryWhm
         "outbox_unpublished_at_end": unpublished,
         "dead_letters": await dead_letter_depths(connection, bench.names),
         "emails": {r["status"]: r["n"] for r in emails},
+        "emails_done_after_last_disruption_s": settled["mails_done_after_last_disruption_s"],
         "workers": {w.name: {"lives": len(w.lives), "log": str(w.log_path.relative_to(ROOT)),
                              "exited_by_itself": w.exited_by_itself()} for w in workers},
     }
@@ -809,6 +831,9 @@ def verdict(d: dict[str, Any]) -> list[str]:
         problems.append(f"{len(refused)} createacct refused, e.g. {refused[:2]}")
     if w["accounts_without_service"]:
         problems.append(f"accounts with no service: {w['accounts_without_service'][:5]}")
+    stuck = {k: n for k, n in d["emails"].items() if k != "sent"}
+    if stuck:
+        problems.append(f"customer mails not sent: {stuck}")
     if any(d["dead_letters"].values()):
         problems.append(f"dead letters: {d['dead_letters']}")
     for name, info in d["workers"].items():
@@ -831,7 +856,8 @@ def print_report(d: dict[str, Any]) -> None:
           f"{len(o['not_screened'])}; statuses {o['statuses']}, screening {o['screening']}")
     print(f"  payments: {d['payments']['by_status']}" + (f", not applied {d['payments']['not_applied']}"
                                                           if d["payments"]["not_applied"] else "")
-          + f"; storefront published again (no confirm): {d['payments']['storefront_publishes_again']}")
+          + f"; messages the storefront published again (no confirm): "
+          f"{d['payments']['storefront_publishes_again']}")
     print(f"  paid setups: {st['active']}/{st['paid']} Active ({st['by_product']}); {st['retried']} "
           f"needed more than one attempt; the last completed "
           f"{st['last_done_after_last_disruption_s']} s after the last kill, cut or restart "
@@ -849,7 +875,8 @@ def print_report(d: dict[str, Any]) -> None:
              if sat else ""))
     print(f"  dead letters {d['dead_letters']}; outbox unpublished at the end "
           f"{d['outbox_unpublished_at_end']}; "
-          f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink)")
+          f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink; the last sent "
+          f"{d['emails_done_after_last_disruption_s']} s after the last kill, cut or restart)")
     problems = verdict(d)
     d["problems"] = problems
     print("  verdict: " + ("PASS" if not problems else "FAIL"))
