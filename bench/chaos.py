@@ -705,6 +705,18 @@ async def gather_report(bench: Bench, opts: Options, shop: Shop, whm: JitteryWhm
             " WHERE action IN ('service created', 'placed') GROUP BY 1")
         unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         emails = await conn.fetch("SELECT status::text AS status, count(*) AS n FROM emails GROUP BY 1")
+        # The last setups to complete, stage by stage (database times: transaction starts).
+        last_setups = await conn.fetch(
+            "SELECT o.order_ref, p.slug AS product, j.id AS job_id, j.attempts,"
+            " extract(epoch FROM o.created_at)::float8 AS order_stored,"
+            " extract(epoch FROM (SELECT min(y.received_at) FROM payments y"
+            "   WHERE y.invoice_id = i.id))::float8 AS payment_received,"
+            " extract(epoch FROM j.created_at)::float8 AS job_created,"
+            " extract(epoch FROM j.updated_at)::float8 AS job_done"
+            " FROM jobs j JOIN services sv ON sv.id = j.service_id JOIN orders o ON o.id = j.order_id"
+            " JOIN products p ON p.id = sv.product_id LEFT JOIN invoices i ON i.order_id = o.id"
+            " WHERE j.kind = 'create' AND j.status = 'done' AND o.order_ref = ANY($1::text[])"
+            " ORDER BY j.updated_at DESC LIMIT 8", refs)
     finally:
         await conn.close()
 
@@ -741,6 +753,15 @@ async def gather_report(bench: Bench, opts: Options, shop: Shop, whm: JitteryWhm
             "sat_after_kill_s": round(ended - killed, 1) if killed else None,
             "after_lease_ran_out_s": round(ended - c.lease_until, 1)})
     sat = [r["sat_after_kill_s"] for r in dead_rows if r["sat_after_kill_s"] is not None]
+
+    def at(value: float | None) -> float | None:
+        return round(value - START, 1) if value else None
+
+    slowest = [{"order_ref": r["order_ref"], "product": r["product"], "job_id": r["job_id"],
+                "attempts": r["attempts"], "order_sent": at(shop.sent.get(r["order_ref"])),
+                "order_stored": at(r["order_stored"]), "paid": at(shop.paid.get(r["order_ref"])),
+                "payment_received": at(r["payment_received"]), "job_created": at(r["job_created"]),
+                "job_done": at(r["job_done"])} for r in last_setups]
 
     return {
         "run_id": bench.run_id,
@@ -784,6 +805,7 @@ async def gather_report(bench: Bench, opts: Options, shop: Shop, whm: JitteryWhm
                            for p in (CPANEL, AUTORELEASE)},
             "not_active": not_active[:50],
             "retried": sum(1 for r in paid_services if (r["attempts"] or 0) > 1),
+            "last_to_complete": slowest,
             "all_done_within_settle": settled["all_done"],
             "last_done_after_last_disruption_s":
                 round(last_done - last_disruption, 1) if last_done else None,
@@ -863,6 +885,10 @@ def print_report(d: dict[str, Any]) -> None:
           f"{st['last_done_after_last_disruption_s']} s after the last kill, cut or restart "
           f"(at {t['last_disruption']} s; its service.created heard at "
           f"{st['last_service_created_heard_after_last_disruption_s']} s)")
+    for r in st["last_to_complete"][:3]:
+        print(f"    {r['order_ref']} ({r['product']}): order sent {r['order_sent']} s, stored "
+              f"{r['order_stored']}, paid {r['paid']}, payment received {r['payment_received']}, "
+              f"job created {r['job_created']}, done {r['job_done']} (attempt {r['attempts']})")
     print(f"  fake WHM: {w['accounts']} accounts for {w['cpanel_services_active']} Active cPanel services; "
           f"created twice: {len(w['created_twice_usernames']) + len(w['created_twice_domains'])}; "
           f"createacct refused: {len(w['createacct_refused'])}; calls {w['calls']}")
