@@ -55,6 +55,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.parser import BytesParser
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -129,6 +130,23 @@ class JitteryWhm(FakeWhm):
         else:
             self.refused.append({"username": user, "domain": domain, "reason": answer.reason})
         return answer
+
+
+# -- the SMTP server: every mail's Message-ID and when it came -----------------------------------
+
+
+class CountingMailSink(MailSink):
+    """bench/pipeline.py's MailSink, also keeping when each Message-ID came: a mail sent twice
+    (its sender killed between the server's acceptance and its record) shows as two."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.deliveries: dict[str, list[float]] = {}
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        message = BytesParser().parsebytes(envelope.content, headersonly=True)
+        self.deliveries.setdefault(str(message["Message-ID"] or ""), []).append(time.time())
+        return await super().handle_DATA(server, session, envelope)
 
 
 # -- the bench database -------------------------------------------------------------------------
@@ -520,7 +538,7 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
     sampler = JobSampler(s.database_url)
     print(f"chaos run {bench.run_id}: database {s.database_url.rsplit('/', 1)[1]}, namespace "
           f"{s.namespace}; {opts.orders} orders at {opts.rate:g}/s", flush=True)
-    with MailSink(s.smtp_port) as mail:
+    with CountingMailSink(s.smtp_port) as mail:
         try:
             await whm.start()
             await mq.start()
@@ -590,7 +608,29 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
                 await connection.close()
             await drop_database(s)
     report["emails_delivered"] = mail.received
+    report["emails_twice"] = mails_twice(mail, chaos)
     return report
+
+
+def mails_twice(mail: CountingMailSink, chaos: Chaos) -> dict[str, Any]:
+    """Mails that came more than once, each put down to what happened within a second after
+    its first delivery: its sender SIGKILLed, or a server's connections cut or restarted."""
+    kills = [k["at"] for k in chaos.kills]
+    downs = [o["down"] for o in chaos.outages]
+    why: Counter[str] = Counter()
+    for times in mail.deliveries.values():
+        if len(times) < 2:
+            continue
+        first = min(times)
+        if any(0 <= k - first <= 1.0 for k in kills):
+            why["a SIGKILL within 1 s"] += 1
+        elif any(0 <= d - first <= 1.0 for d in downs):
+            why["a cut or restart within 1 s"] += 1
+        else:
+            why["neither"] += 1
+    return {"distinct": len(mail.deliveries),
+            "twice_or_more": sum(1 for times in mail.deliveries.values() if len(times) > 1),
+            "extra_deliveries": mail.received - len(mail.deliveries), "after": dict(why)}
 
 
 async def wait_for_consumers(connection: AbstractRobustConnection, names: Names,
@@ -853,6 +893,9 @@ def verdict(d: dict[str, Any]) -> list[str]:
         problems.append(f"{len(refused)} createacct refused, e.g. {refused[:2]}")
     if w["accounts_without_service"]:
         problems.append(f"accounts with no service: {w['accounts_without_service'][:5]}")
+    if d["emails_twice"]["distinct"] < d["emails"].get("sent", 0):
+        problems.append(f"mails recorded sent but never delivered: "
+                        f"{d['emails'].get('sent', 0) - d['emails_twice']['distinct']}")
     stuck = {k: n for k, n in d["emails"].items() if k != "sent"}
     if stuck:
         problems.append(f"customer mails not sent: {stuck}")
@@ -903,6 +946,9 @@ def print_report(d: dict[str, Any]) -> None:
           f"{d['outbox_unpublished_at_end']}; "
           f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink; the last sent "
           f"{d['emails_done_after_last_disruption_s']} s after the last kill, cut or restart)")
+    tw = d["emails_twice"]
+    print(f"  mails: {tw['distinct']} distinct delivered, {tw['twice_or_more']} of them more than "
+          f"once ({tw['extra_deliveries']} extra), first delivery followed by {tw['after']}")
     problems = verdict(d)
     d["problems"] = problems
     print("  verdict: " + ("PASS" if not problems else "FAIL"))
