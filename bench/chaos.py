@@ -391,6 +391,54 @@ class JobSampler:
                 or (not c.renewed and c.last_seen - c.first_seen > lease / 3 + 2)]
 
 
+class QueueSampler:
+    """Every second, the depth of each work queue (a passive declare on the bench's own
+    connection; nothing while the broker is away): the backlog a restart leaves behind."""
+
+    def __init__(self, connection: AbstractRobustConnection, names: Names) -> None:
+        self.connection, self.names = connection, names
+        self.depths: list[tuple[float, dict[str, int]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                channel = await self.connection.channel()
+                try:
+                    while True:
+                        depths = {svc: (await channel.declare_queue(
+                            self.names.queue(svc), passive=True)).declaration_result.message_count
+                            for svc in SERVICE_BINDINGS}
+                        self.depths.append((time.time(), depths))
+                        await asyncio.sleep(1.0)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            await asyncio.sleep(1.0)
+
+    def peaks(self) -> dict[str, dict[str, float]]:
+        """Per queue: its deepest backlog, when, and when it was last seen above 10."""
+        out = {}
+        for svc in SERVICE_BINDINGS:
+            series = [(at, d[svc]) for at, d in self.depths]
+            if not series:
+                continue
+            at, depth = max(series, key=lambda x: x[1])
+            busy = [a for a, n in series if n > 10]
+            out[svc] = {"max": depth, "at": round(at - START, 1),
+                        "last_above_10": round(busy[-1] - START, 1) if busy else None}
+        return out
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -536,6 +584,7 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
     workers: list[Worker] = []
     chaos = Chaos()
     sampler = JobSampler(s.database_url)
+    queues: QueueSampler | None = None
     print(f"chaos run {bench.run_id}: database {s.database_url.rsplit('/', 1)[1]}, namespace "
           f"{s.namespace}; {opts.orders} orders at {opts.rate:g}/s", flush=True)
     with CountingMailSink(s.smtp_port) as mail:
@@ -557,6 +606,8 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
                 await w.start()
             await wait_for_consumers(connection, bench.names, workers)
             sampler.start()
+            queues = QueueSampler(connection, bench.names)
+            queues.start()
 
             refs = [(f"chaos-{bench.run_id}-{n:05d}",
                      CPANEL if rng.random() < opts.cpanel_share else AUTORELEASE)
@@ -586,13 +637,17 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
             settled = await settle(s, shop, last_disruption, opts.settle)
             sampler_stop_at = time.time()
             await sampler.stop()
+            await queues.stop()
             for w in workers:
                 await w.stop()
             report = await gather_report(bench, opts, shop, whm, chaos, sampler, workers, lease,
                                          last_disruption, settled, placed_at, connection)
             report["timeline"]["sampler_stopped"] = round(sampler_stop_at - START, 1)
+            report["queue_backlog"] = queues.peaks()
         finally:
             await sampler.stop()
+            if queues is not None:
+                await queues.stop()
             for w in workers:
                 with contextlib.suppress(Exception):
                     await w.stop()
@@ -946,6 +1001,9 @@ def print_report(d: dict[str, Any]) -> None:
           f"{d['outbox_unpublished_at_end']}; "
           f"emails {d['emails']} ({d['emails_delivered']} delivered to the sink; the last sent "
           f"{d['emails_done_after_last_disruption_s']} s after the last kill, cut or restart)")
+    print("  deepest work queues: " + ", ".join(
+        f"{svc} {q['max']} at {q['at']} s (above 10 until {q['last_above_10']} s)"
+        for svc, q in d["queue_backlog"].items() if q["max"] > 10))
     tw = d["emails_twice"]
     print(f"  mails: {tw['distinct']} distinct delivered, {tw['twice_or_more']} of them more than "
           f"once ({tw['extra_deliveries']} extra), first delivery followed by {tw['after']}")
