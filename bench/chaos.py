@@ -49,7 +49,9 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -546,12 +548,34 @@ async def setups_done(s: Settings) -> tuple[int, int]:
     return row["paid"], row["active"]
 
 
+STARTED: list[OwnRabbit | OwnPostgres] = []  # for main's last resort, a second Ctrl-C
+
+
+def remove_left_over() -> None:
+    """Without the event loop (a second Ctrl-C stopped it before the cleanup ran): the own
+    RabbitMQ node's process group SIGKILLed, PostgreSQL stopped (immediate), their directories
+    removed."""
+    for server in STARTED:
+        if not server.dir.exists():
+            continue
+        if isinstance(server, OwnRabbit):
+            if server.proc is not None and server.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.proc.pid, signal.SIGKILL)
+        elif (server.data / "postmaster.pid").exists():
+            subprocess.run([*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.data),
+                            "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60,
+                           check=False)
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+
 async def run_chaos(bench: Bench, opts: Options) -> dict[str, Any]:
     """Own servers first (if asked), then the run on them; everything removed at the end."""
     own_mq = own_pg = None
     try:
         if opts.own_servers:
             own_mq, own_pg = OwnRabbit(), OwnPostgres()
+            STARTED.extend((own_mq, own_pg))
             print(f"own servers: RabbitMQ node {own_mq.node} on port {own_mq.port}, PostgreSQL "
                   f"{own_pg.bin.parent.name} on port {own_pg.port} ...", flush=True)
             mq_s, pg_s = await asyncio.gather(own_mq.start(), own_pg.start())
@@ -585,6 +609,7 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
     chaos = Chaos()
     sampler = JobSampler(s.database_url)
     queues: QueueSampler | None = None
+    chaos_tasks: list[asyncio.Task[Any]] = []  # the killer, the cuts and restarts
     print(f"chaos run {bench.run_id}: database {s.database_url.rsplit('/', 1)[1]}, namespace "
           f"{s.namespace}; {opts.orders} orders at {opts.rate:g}/s", flush=True)
     with CountingMailSink(s.smtp_port) as mail:
@@ -620,6 +645,7 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
             killer = asyncio.create_task(kill_loop(workers, chaos, opts, rng, stop_kills))
             outages = [asyncio.create_task(d)
                        for d in disruptions(opts, mq, pg, own_mq, own_pg, placing, chaos)]
+            chaos_tasks += [killer, *outages]
             await shop.steady(lambda r: shop.place(r[0], r[1]), refs, opts.rate)
             placed_at = time.time()
             print(f"  {placed_at - START:6.1f} s  {len(refs)} orders published", flush=True)
@@ -645,6 +671,11 @@ async def chaos_on(bench: Bench, opts: Options, own_mq: OwnRabbit | None,
             report["timeline"]["sampler_stopped"] = round(sampler_stop_at - START, 1)
             report["queue_backlog"] = queues.peaks()
         finally:
+            # Interrupted or failed: no kill or restart may go on behind the cleanup (a
+            # restart finishing after the node's directory is removed would leave it running).
+            for task in chaos_tasks:
+                task.cancel()
+            await asyncio.gather(*chaos_tasks, return_exceptions=True)
             await sampler.stop()
             if queues is not None:
                 await queues.stop()
@@ -1052,6 +1083,7 @@ def main(argv: list[str] | None = None) -> None:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             data = runner.run(run_chaos(Bench.create(), opts))
     except (KeyboardInterrupt, asyncio.CancelledError):
+        remove_left_over()
         print("interrupted: workers stopped, bench database and queues removed", file=sys.stderr)
         raise SystemExit(130) from None
     data["elapsed_seconds"] = round(time.perf_counter() - started, 1)
