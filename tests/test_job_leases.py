@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from fakes.whm import FakeWhm
 from test_provisioning import FAST_JOBS
@@ -155,4 +156,31 @@ async def test_a_connection_dropped_while_recording_a_create_is_retried_in_proce
     assert (row["job_status"], row["attempts"]) == ("done", 1)
     assert whm.calls["createacct"] == 1 and whm.calls["accountsummary"] == 1
     assert len(whm.accounts) == 1
+    assert await outcome(harness, order["id"]) == {"history": 1, "events": 1}
+
+
+async def test_a_connection_dropped_before_the_call_is_retried_in_process(
+    harness: Harness, whm: FakeWhm, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job's first read of its service loses its database connection (a PostgreSQL
+    restart, seen in bench/chaos.py with a real restart: every claim being started then
+    failed). Nothing has reached the server yet: the read is done again at once on a fresh
+    connection, no attempt spent and no backoff waited (30 s by default), one account."""
+    read_service, dropped = asyncpg.Pool.fetchrow, []
+
+    async def fetchrow_once_cut(pool: asyncpg.Pool, query: str, *args: Any, **kw: Any) -> Any:
+        if "FROM services s JOIN orders o" in query and not dropped:
+            dropped.append(args)  # this session ends: the server "restarts" under the read
+            async with pool.acquire() as conn:
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return await read_service(pool, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Pool, "fetchrow", fetchrow_once_cut)
+    s = harness.settings
+    await harness.start([placement_worker(s), fraud_worker(s), provisioning_worker(s)])
+    order = await place_and_pay(harness, "drop-before-call")
+    row = await eventually(lambda: active(harness, order["id"]), timeout=60)
+    assert dropped, "the job's read never met the dropped connection"
+    assert (row["job_status"], row["attempts"], row["last_error"]) == ("done", 1, None)
+    assert whm.calls["createacct"] == 1 and len(whm.accounts) == 1
     assert await outcome(harness, order["id"]) == {"history": 1, "events": 1}

@@ -515,3 +515,32 @@ async def test_an_address_smtp_cannot_carry_fails_alone_and_the_others_go(
     rows = await harness.pool.fetch("SELECT status, last_error FROM emails ORDER BY id")
     assert rows[0]["status"] == "pending" and rows[0]["last_error"].startswith("ValueError")
     assert [r["status"] for r in rows[1:]] == ["sent"] * 3
+
+
+async def test_a_connection_dropped_while_recording_a_sent_mail_is_retried_in_process(
+    harness: Harness, smtp,
+) -> None:
+    """The server took the mail, then the write that records it loses its database
+    connection (a PostgreSQL restart, seen in bench/chaos.py). The write is tried again at
+    once on a fresh connection: the pass goes on, every mail is recorded sent after one
+    attempt, and none waits for its lease to run out and goes a second time."""
+    inbox, port = smtp
+    await _start_recording(harness, port)
+    await _place_and_record(harness, ["drop-sent"], first_ip=95)
+    sender = mail_sender(harness, port, connections=1)
+    finish, dropped = sender.queue.finish, []
+
+    async def finish_once_cut(conn, row, status, **values) -> bool:
+        if status == "sent" and not dropped:
+            dropped.append(row["id"])  # this session ends: the server "restarts" under it
+            async with conn.acquire() as own:
+                await own.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return await finish(conn, row, status, **values)
+
+    sender.queue.finish = finish_once_cut
+    assert await sender.send_due(harness.pool) == 2
+    await sender.close()
+    assert dropped
+    assert len(inbox.to("drop-sent@shop.example")) == 2
+    rows = await harness.pool.fetch("SELECT status, attempts FROM emails")
+    assert [(r["status"], r["attempts"]) for r in rows] == [("sent", 1), ("sent", 1)]

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -43,13 +43,14 @@ from shared.states import JobStatus
 from shared.uow import MessageContext, UnitOfWork, flush_events
 
 log = logging.getLogger("ordermill.jobs")
+T = TypeVar("T")
 
-# A transient database error (a dropped connection, a deadlock) while a call's outcome is
-# recorded is tried again in process, each time in a fresh transaction, as everywhere else
-# (contract rule 5): the call is not made again and no attempt is spent. About 9 s in all
-# (waits from 0.1 s doubling, at most 3 s), well within the lease. The claim's token still
-# guards the write: if a commit went through before its connection dropped, the next try
-# finds the claim ended and records nothing twice.
+# A transient database error (a dropped connection, a deadlock) before a call (reading the
+# job's service or domain) or while its outcome is recorded is tried again in process, each
+# time in a fresh transaction, as everywhere else (contract rule 5): the call is not made
+# again and no attempt is spent. About 9 s in all (waits from 0.1 s doubling, at most 3 s),
+# well within the lease. The claim's token still guards the write: if a commit went through
+# before its connection dropped, the next try finds the claim ended and records nothing twice.
 OUTCOME_WRITE_ATTEMPTS = 8
 
 JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lane",
@@ -93,27 +94,10 @@ class JobRunner:
     # -- services ------------------------------------------------------------------------------
 
     async def _service_job(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
-        row = await pool.fetchrow(
-            "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
-            " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
-            " FROM services s JOIN orders o ON o.id = s.order_id"
-            " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
-            " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
-            " WHERE s.id = $1", job["service_id"],
-        )
-        if job["kind"] == "create" and row["order_status"] in ENDED:
-            await self.queue.finish(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
+        prepared = await _before_the_call(lambda: self._prepare_service(pool, job))
+        if prepared is None:
             return
-        if job["kind"] == "terminate" and row["order_status"] not in ENDED:
-            # Set back to Pending (or reinstated) since it was queued: the account stays.
-            await self.queue.finish(pool, job, JobStatus.CANCELLED,
-                                    detail={"why": "order no longer ended"})
-            return
-        username = row["username"]
-        if username is None:  # reconcile saves it with the job; older jobs get it here
-            username = username_for(row["domain"], row["slug"], row["id"])
-            await pool.execute("UPDATE services SET username = $2, server_id = $3 WHERE id = $1",
-                               row["id"], username, row["use_server"])
+        row, username = prepared
         module = self.providers.module(row["module"], row["server"])
         account = Account(service_id=row["id"], username=username,
                           domain=row["domain"] or f"{username}.invalid",
@@ -135,6 +119,33 @@ class JobRunner:
                 "order_ref": state["order_ref"], "username": username})
 
         await self._complete(pool, job, result, done)
+
+    async def _prepare_service(self, pool: asyncpg.Pool,
+                               job: asyncpg.Record) -> tuple[asyncpg.Record, str] | None:
+        """The service as the call needs it, with its username saved; None if the job ended
+        here (its order ended, or no longer ended for a terminate)."""
+        row = await pool.fetchrow(
+            "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
+            " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
+            " FROM services s JOIN orders o ON o.id = s.order_id"
+            " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
+            " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
+            " WHERE s.id = $1", job["service_id"],
+        )
+        if job["kind"] == "create" and row["order_status"] in ENDED:
+            await self.queue.finish(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
+            return None
+        if job["kind"] == "terminate" and row["order_status"] not in ENDED:
+            # Set back to Pending (or reinstated) since it was queued: the account stays.
+            await self.queue.finish(pool, job, JobStatus.CANCELLED,
+                                    detail={"why": "order no longer ended"})
+            return None
+        username = row["username"]
+        if username is None:  # reconcile saves it with the job; older jobs get it here
+            username = username_for(row["domain"], row["slug"], row["id"])
+            await pool.execute("UPDATE services SET username = $2, server_id = $3 WHERE id = $1",
+                               row["id"], username, row["use_server"])
+        return row, username
 
     async def _created(self, uow: UnitOfWork, job: asyncpg.Record, row: asyncpg.Record,
                        username: str, state: asyncpg.Record, result: ModuleResult) -> None:
@@ -162,14 +173,8 @@ class JobRunner:
     # -- domains -------------------------------------------------------------------------------
 
     async def _domain_job(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
-        row = await pool.fetchrow(
-            "SELECT d.*, t.registrar, o.status AS order_status, o.order_ref,"
-            " c.email, c.first_name, c.last_name, c.country, c.company"
-            " FROM domains d JOIN tlds t ON t.tld = d.tld JOIN orders o ON o.id = d.order_id"
-            " JOIN clients c ON c.id = o.client_id WHERE d.id = $1", job["domain_id"],
-        )
-        if row["order_status"] in ENDED:
-            await self.queue.finish(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
+        row = await _before_the_call(lambda: self._prepare_domain(pool, job))
+        if row is None:
             return
         registrar = self.providers.registrar(row["registrar"])
         transfer = job["kind"] == "transfer"
@@ -207,6 +212,18 @@ class JobRunner:
                                            "order_ref": state["order_ref"]})
 
         await self._complete(pool, job, result, done)
+
+    async def _prepare_domain(self, pool: asyncpg.Pool, job: asyncpg.Record) -> asyncpg.Record | None:
+        row = await pool.fetchrow(
+            "SELECT d.*, t.registrar, o.status AS order_status, o.order_ref,"
+            " c.email, c.first_name, c.last_name, c.country, c.company"
+            " FROM domains d JOIN tlds t ON t.tld = d.tld JOIN orders o ON o.id = d.order_id"
+            " JOIN clients c ON c.id = o.client_id WHERE d.id = $1", job["domain_id"],
+        )
+        if row["order_status"] in ENDED:
+            await self.queue.finish(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
+            return None
+        return row
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -260,6 +277,18 @@ class JobRunner:
         uow.emit(failed(**_body(job, item, order_ref, {"error": error})))
         await flush_events(conn, [uow])
         log.error("job parked: an operator must look", extra=extra)
+
+
+async def _before_the_call(read: Callable[[], Awaitable[T]]) -> T:
+    """What a job reads and writes before its call, tried again in process on a transient
+    database error (a PostgreSQL restart drops every connection; seen in bench/chaos.py):
+    nothing has reached the server yet, so the whole step is simply done again, no attempt
+    spent and no backoff waited (contract rule 5). The finish of a cancelled job is guarded
+    by its claim: a retry after a commit that went through finds it ended and does nothing."""
+    async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+        with attempt:
+            return await read()
+    raise AssertionError("unreachable")
 
 
 def _unit_of_work(conn: asyncpg.Connection, job: asyncpg.Record) -> UnitOfWork:
