@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 import asyncpg
 import pytest
@@ -346,9 +347,15 @@ async def test_every_compose_worker_container_starts_healthy_and_stops_cleanly(
 
     own = {"AMQP_URL", "DATABASE_URL", "ORDERMILL_NAMESPACE"}
     running: dict[str, tuple[asyncio.subprocess.Process, Path]] = {}
+    metrics_ports: dict[str, int] = {}
     try:
         for name in worker_containers():
             env = {k: v for k, v in environment(services()[name]).items() if v and k not in own}
+            if "METRICS_PORT" in env:
+                # Compose gives every container the same port in its own network; here they
+                # share one host, so each serves its metrics on a port of its own.
+                metrics_ports[name] = _free_port()
+                env |= {"METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(metrics_ports[name])}
             beat = tmp_path / f"{name}.alive"
             env |= {"HEARTBEAT_FILE": str(beat), "HEARTBEAT_SECONDS": "0.5"}
             (args,) = invocations(name)
@@ -361,6 +368,10 @@ async def test_every_compose_worker_container_starts_healthy_and_stops_cleanly(
                 assert process.returncode is None, (tmp_path / f"{name}.log").read_text()[-2000:]
                 return beat.exists()
             await eventually(alive, timeout=60)
+        for name, port in metrics_ports.items():
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = await asyncio.to_thread(lambda url=url: urlopen(url, timeout=10).read().decode())
+            assert "ordermill_broker_connected 1.0" in text, f"{name}: {text[-500:]}"
     finally:
         for process, _ in running.values():
             if process.returncode is None:
