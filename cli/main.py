@@ -32,6 +32,7 @@ from rich.text import Text
 from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from cli.sandbox import sandbox_app
+from cli.webhooks import app as webhooks_app
 from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
@@ -50,6 +51,7 @@ broker_app = typer.Typer(help="Least-privilege RabbitMQ users for each party.",
                          no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(webhooks_app, name="webhooks")
 
 out = Console()
 T = TypeVar("T")
