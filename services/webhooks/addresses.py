@@ -34,8 +34,9 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 MAX_URL_LENGTH = 2000
 
 
-class AddressRefused(OSError):
-    """An endpoint whose address is not allowed; the text says which and why (one line)."""
+class AddressRefused(OSError, ValueError):
+    """An endpoint whose address is not allowed; the text says which and why (one line).
+    An OSError for aiohttp (a resolver's failure), a ValueError for whoever checks a URL."""
 
 
 def plain(ip: IP) -> IP:
@@ -58,7 +59,7 @@ def kind(ip: IP) -> str | None:
     checks = (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
               ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
               ("shared (CGNAT)", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
-              ("private", ip.is_private), ("reserved", ip.is_reserved))
+              ("reserved", ip.is_reserved), ("private", ip.is_private))
     for name, hit in checks:
         if hit:
             return name
