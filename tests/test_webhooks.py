@@ -440,3 +440,126 @@ async def test_events_become_one_delivery_per_subscribed_endpoint(
         assert await enqueue_to_subscribers(conn, again.routing_key, again.body,
                                             event_id=again.message_id) == 0
     assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == len(rows)
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+@pytest.mark.slow  # runs `ordermill` a dozen times: about 10 s
+async def test_the_cli_adds_lists_tests_shows_replays_rotates_and_removes(
+    db_settings: Settings, pool: asyncpg.Pool, receiver: Receiver,
+) -> None:
+    from test_cli import cli
+
+    s, env = db_settings, {"WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32"}
+    code, out, _ = await cli(s, "webhooks", "add", receiver.url(), "--events",
+                             "order.placed,order.fraud", "--json", **env)
+    assert code == 0
+    added = json.loads(out)
+    endpoint, secret = added["id"], added["secret"]
+    assert added["events"] == ["order.fraud", "order.placed"] and secret.startswith("whsec_")
+    code, out, _ = await cli(s, "webhooks", "add", receiver.url("/2"), "--events", "*", **env)
+    assert code == 0 and "signing secret: whsec_" in out and "shown once" in out
+
+    for args, error in [
+        (("add", "http://10.0.0.1/", "--events", "*"), "endpoint refused: 10.0.0.1 is private"),
+        (("add", "https://169.254.169.254/", "--events", "*"), "a cloud metadata address"),
+        (("add", receiver.url(), "--events", "order.nope"), "unknown event type 'order.nope'"),
+        (("add", receiver.url(), "--events", "*", "--secret", "hunter2"), "starts with whsec_"),
+        (("remove", "999"), "no webhook endpoint 999"),
+        (("replay",), "name a DELIVERY_ID or --endpoint ID"),
+    ]:
+        code, out, err = await cli(s, "webhooks", *args, **env)
+        assert code == 1 and err.count("\n") == 1 and error in err, (args, err)
+        assert "Traceback" not in err
+
+    code, out, _ = await cli(s, "webhooks", "list", "--json", **env)
+    listed = json.loads(out)
+    assert [e["id"] for e in listed] == [endpoint, endpoint + 1]
+    assert secret not in out and "secret" not in listed[0]
+    code, out, _ = await cli(s, "webhooks", "list", **env)
+    assert code == 0 and secret not in out
+
+    receiver.then(Answer(200, b"\x1b[31mred\x1b[0m"))
+    async with sending(s, pool):
+        code, out, err = await cli(s, "webhooks", "test", str(endpoint), **env)
+        assert code == 0, err
+        assert "delivered, HTTP 200" in out and "\x1b[31m" not in out and "\\x1b[31mred" in out
+        code, out, _ = await cli(s, "webhooks", "deliveries", str(endpoint), "--json", **env)
+        [shown] = json.loads(out)
+        assert shown["event_type"] == "webhook.test" and shown["status"] == "delivered"
+        assert shown["log"][0]["response"] == "\x1b[31mred\x1b[0m"  # exact in JSON
+        code, out, _ = await cli(s, "webhooks", "deliveries", str(endpoint), COLUMNS="200", **env)
+        assert "\x1b[31m" not in out and "\\x1b[31mred" in out and "webhook.test" in out
+        code, out, _ = await cli(s, "webhooks", "replay", str(shown["id"]), **env)
+        assert code == 0 and shown["webhook_id"] in out
+        await eventually(lambda: asyncio.sleep(0, len(receiver.received) == 2))
+    assert receiver.ids() == [shown["webhook_id"]] * 2
+    package_verifies(secret, receiver.received[0].headers, receiver.received[0].body)
+
+    code, out, _ = await cli(s, "webhooks", "rotate", str(endpoint), "--json", **env)
+    rotated = json.loads(out)
+    assert rotated["secret"] != secret and rotated["secret"].startswith("whsec_")
+    code, out, _ = await cli(s, "webhooks", "remove", str(endpoint), **env)
+    assert code == 0
+    assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+
+
+# -- with the broker -------------------------------------------------------------------------
+
+async def test_events_are_delivered_through_the_broker(harness: Any, receiver: Receiver) -> None:
+    s = harness.settings.model_copy(update=FAST)
+    endpoint, secret = await add(harness.pool, receiver.url(), ["order.placed", "order.screened"])
+    await harness.start([placement_worker(s), fraud_worker(s), webhooks_worker(s)])
+    await harness.publish("order.place", order_body("wh-broker"))
+    await eventually(lambda: asyncio.sleep(0, len(receiver.received) == 2), timeout=30)
+    types = set()
+    for request in receiver.received:
+        envelope = package_verifies(secret, request.headers, request.body)
+        assert spec_verifies(secret, request.headers, request.body)
+        assert envelope["data"]["order_ref"] == "wh-broker"
+        types.add(envelope["type"])
+    assert types == {"order.placed", "order.screened"}
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'") == 2
+
+
+@pytest.mark.slow
+async def test_a_sender_killed_while_delivering_is_taken_over_and_nothing_is_lost(
+    harness: Any, receiver: Receiver, tmp_path: Any,
+) -> None:
+    """Two `ordermill run webhooks` processes; the one whose POST is under way is SIGKILLed.
+    Its lease (3 s) runs out and the other delivers: the same webhook-id, delivered once."""
+    from test_processes import ORDERMILL, worker_env
+
+    endpoint, secret = await add(harness.pool, receiver.url())
+    receiver.then(Answer(200, hang=60))  # the first sender's request: never answered in time
+    env = worker_env(harness.settings, WEBHOOK_ALLOW_NETWORKS="127.0.0.1/32",
+                     JOB_LEASE_SECONDS="3", JOB_POLL_SECONDS="0.5",
+                     WEBHOOK_RETRY_SECONDS="0.2", WEBHOOK_TIMEOUT_SECONDS="60")
+    log = (tmp_path / "senders.log").open("ab")
+
+    async def spawn() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(ORDERMILL, "run", "webhooks", env=env,
+                                                    stdout=log, stderr=log)
+
+    first, second = await spawn(), None
+    try:
+        await enqueue(harness.pool, "ev-kill")
+        await asyncio.wait_for(receiver.arrived.wait(), 60)
+        second = await spawn()
+        first.kill()  # SIGKILL mid-request: nothing released, nothing recorded
+        await first.wait()
+        row = await delivery(harness.pool, endpoint)
+        assert (row["status"], row["attempts"]) == ("sending", 1)
+        row = await settled(harness.pool, endpoint, timeout=60)
+    finally:
+        for process in (first, second):
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                await process.wait()
+    assert row["attempts"] == 2 and len(receiver.received) == 2
+    assert set(receiver.ids()) == {row["webhook_id"]}
+    package_verifies(secret, receiver.received[1].headers, receiver.received[1].body)
+    log_rows = await attempts(harness.pool, row["id"])
+    assert [(a["attempt"], a["outcome"]) for a in log_rows] == [(2, "delivered")]
