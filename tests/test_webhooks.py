@@ -508,7 +508,7 @@ async def test_the_cli_adds_lists_tests_shows_replays_rotates_and_removes(
 
 async def test_events_are_delivered_through_the_broker(harness: Any, receiver: Receiver) -> None:
     s = harness.settings.model_copy(update=FAST)
-    endpoint, secret = await add(harness.pool, receiver.url(), ["order.placed", "order.screened"])
+    _, secret = await add(harness.pool, receiver.url(), ["order.placed", "order.screened"])
     await harness.start([placement_worker(s), fraud_worker(s), webhooks_worker(s)])
     await harness.publish("order.place", order_body("wh-broker"))
     await eventually(lambda: asyncio.sleep(0, len(receiver.received) == 2), timeout=30)
