@@ -467,10 +467,16 @@ async def test_the_cli_adds_lists_tests_shows_replays_rotates_and_removes(
         (("add", receiver.url(), "--events", "*", "--secret", "hunter2"), "starts with whsec_"),
         (("remove", "999"), "no webhook endpoint 999"),
         (("replay",), "name a DELIVERY_ID or --endpoint ID"),
+        (("rotate", str(endpoint)), "WEBHOOK_SECRET_KEY is not a Fernet key"),
     ]:
+        if args[0] == "rotate":
+            env = {**env, "WEBHOOK_SECRET_KEY": "not-a-key"}
         code, out, err = await cli(s, "webhooks", *args, **env)
         assert code == 1 and err.count("\n") == 1 and error in err, (args, err)
         assert "Traceback" not in err
+    env = {"WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32"}
+    code, _, err = await cli(s, "run", "webhooks", WEBHOOK_SECRET_KEY="not-a-key")
+    assert code == 1 and err.count("\n") == 1 and "WEBHOOK_SECRET_KEY is not a Fernet key" in err
 
     code, out, _ = await cli(s, "webhooks", "list", "--json", **env)
     listed = json.loads(out)

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
 
+from shared.errors import ConfigurationError
+
 log = logging.getLogger("ordermill.webhooks")
 
 SETTING = "WEBHOOK_SECRET_KEY"
 SEALED, PLAIN = "fernet:", "plain:"
 
 
-class SealError(ValueError):
-    """A key that is not a Fernet key, or a stored secret that cannot be decrypted."""
+class SealError(ConfigurationError, ValueError):
+    """A key that is not a Fernet key (`ordermill run` says so in one line and stops), or a
+    stored secret that cannot be decrypted."""
 
 
 @dataclass(frozen=True)
