@@ -256,6 +256,8 @@ class LeasedQueue:
             " FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
             f" AND q.leased_by = c.token AND q.status = '{t.claimed}' RETURNING q.id",
             [r["id"] for r in rows], [r["leased_by"] for r in rows], status)
+        if ended:
+            metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc(len(ended))
         return {r[0] for r in ended}
 
     async def fail(self, conn: asyncpg.Pool | asyncpg.Connection, row: asyncpg.Record, error: str,

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from cryptography.fernet import Fernet
 from fakes.receiver import Answer, Receiver
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
@@ -37,6 +38,7 @@ from services.webhooks.sealing import Sealer
 from services.webhooks.sender import WebhookSender
 from services.webhooks.worker import worker as webhooks_worker
 from shared import db
+from shared.metrics import WEBHOOK_DELIVERIES_BY_STATE, DatabaseGauges
 from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
 from shared.topology import SERVICE_BINDINGS
@@ -239,9 +241,11 @@ async def test_a_receiver_that_fails_twice_gets_one_webhook_id_until_it_recovers
 ) -> None:
     endpoint, secret = await add(pool, receiver.url())
     receiver.then(Answer(500, b"database down"), Answer(503, b"\x1b[31mbusy"), 200)
+    counted = {o: attempts_counted(o) for o in ("failed", "delivered")}
     await enqueue(pool, "ev-retry")
     async with sending(db_settings, pool):
         row = await settled(pool, endpoint)
+    assert {o: attempts_counted(o) - n for o, n in counted.items()} == {"failed": 2, "delivered": 1}
     assert len(receiver.received) == 3 and len(set(receiver.ids())) == 1
     assert receiver.ids()[0] == row["webhook_id"]
     for request in receiver.received:  # each attempt signed afresh (its own timestamp)
@@ -255,6 +259,10 @@ async def test_a_receiver_that_fails_twice_gets_one_webhook_id_until_it_recovers
     assert row["attempts"] == 3
 
 
+def attempts_counted(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ordermill_webhook_attempts_total", {"outcome": outcome}) or 0
+
+
 async def test_spent_retries_park_the_delivery_and_flag_the_endpoint_until_a_replay(
     db_settings: Settings, pool: asyncpg.Pool, receiver: Receiver,
 ) -> None:
@@ -266,6 +274,11 @@ async def test_spent_retries_park_the_delivery_and_flag_the_endpoint_until_a_rep
         assert row["attempts"] == 3 and len(receiver.received) == 3
         status = await pool.fetchrow("SELECT status, status_reason FROM webhook_endpoints")
         assert status["status"] == "failing" and "HTTP 500" in status["status_reason"]
+        gauges = DatabaseGauges(pool, [WEBHOOK_DELIVERIES_BY_STATE], ttl=0)
+        await gauges.refresh()
+        [family] = gauges.collect()
+        assert {s.labels["state"]: s.value for s in family.samples} == {
+            "parked": 1, "pending": 0, "sending": 0}
         receiver.default = Answer(200)
         async with pool.acquire() as conn:
             await ops.replay(conn, row["id"])

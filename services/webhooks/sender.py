@@ -32,6 +32,7 @@ from services.webhooks.addresses import (
     system_lookup,
 )
 from services.webhooks.sealing import Sealer, SealError
+from shared import metrics
 from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
 from shared.settings_parts import WebhookSettings
 
@@ -146,8 +147,10 @@ class WebhookSender:
             log.warning("delivery taken over by another sender; this attempt records nothing",
                         extra=extra)
             return
-        duration_ms = int((time.monotonic() - started) * 1000)
-        await self._record(pool, row, endpoint, outcome, duration_ms, extra)
+        took = time.monotonic() - started
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome.kind).inc()
+        metrics.WEBHOOK_ATTEMPT_SECONDS.observe(took)
+        await self._record(pool, row, endpoint, outcome, int(took * 1000), extra)
 
     async def post(self, endpoint: Endpoint, row: asyncpg.Record) -> Outcome:
         """One attempt: the same body and webhook-id every time, a fresh timestamp."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from services.webhooks.outbound import EVENT_TYPES, enqueue_to_subscribers
 from services.webhooks.sender import WebhookSender
 from shared.contracts import EVENTS, Event
+from shared.metrics import WEBHOOK_DELIVERIES_BY_STATE
 from shared.runtime import WorkerSpec
 from shared.runtime.routes import Route
 from shared.settings import Settings
@@ -31,4 +32,5 @@ def worker(settings: Settings) -> WorkerSpec:
     routes = {key: Route(EVENTS[key], on_event) for key in EVENT_TYPES}
     # Off the order's critical path: events wait up to 20 ms to share a transaction.
     return WorkerSpec(service="webhooks", routes=routes, linger=0.02,
-                      background=(sender.run,), on_stop=(sender.close,))
+                      background=(sender.run,), on_stop=(sender.close,),
+                      gauges=(WEBHOOK_DELIVERIES_BY_STATE,))

@@ -41,6 +41,9 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
     WHERE status IN ('pending', 'sending');
 CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, id);
+-- What is not delivered yet, by state (the metrics' gauge, `ordermill webhooks list`).
+CREATE INDEX webhook_deliveries_open_idx ON webhook_deliveries (status)
+    WHERE status IN ('pending', 'sending', 'parked');
 
 CREATE TABLE webhook_attempts (
     id           bigserial PRIMARY KEY,
