@@ -12,6 +12,10 @@ the end:
    subprocess) with the same prefetch, pool size and message bodies; its throughput is measured
    the same way, and Ordermill's is reported as a ratio of it.
 4. Memory: the worker's RSS after each phase, so after 1,000 and after --memory-orders orders.
+5. With --webhooks N: N webhook endpoints on a local receiver (`--serve-receiver`, a subprocess
+   answering 204) subscribed to every event; the throughput burst is run --webhook-rounds
+   times with them and as many without, alternately (A B B A ...), in the same run, and the
+   ratio of the means reported, with how long the deliveries took to drain after each burst.
 
 Run: .venv/bin/python bench/pipeline.py [--orders N] [--rate R] [--seconds S] [--skip-memory] ...
 The report is printed and written as JSON to bench/results/latest.json.
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +120,8 @@ class Bench:
         """The environment of both worker subprocesses."""
         return {
             **os.environ,
+            # Webhooks (--webhooks) go to the bench's receiver on 127.0.0.1.
+            "WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
             "DATABASE_URL": self.settings.database_url,
             "AMQP_URL": self.settings.amqp_url,
             # The bench's one RabbitMQ user is every party (closed by default).
@@ -588,6 +594,94 @@ class WorkerGroup:
         await asyncio.gather(*(process.stop() for process in self.processes.values()))
 
 
+# -- webhooks (--webhooks N) -------------------------------------------------------------------------
+
+
+async def serve_receiver(port: int) -> None:
+    """A webhook receiver for the bench: 204 to every POST, nothing checked (the integrator's
+    work is not Ordermill's). A subprocess of its own, so its CPU is not the bench's."""
+    from aiohttp import web
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", hook)
+    runner = web.AppRunner(app, handle_signals=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+@contextlib.contextmanager
+def webhook_receiver(port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, str(THIS_SCRIPT), "--serve-receiver", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def add_endpoints(s: Settings, port: int, count: int) -> None:
+    """`count` endpoints on the receiver, subscribed to every event, disabled until a phase
+    turns them on (the CLI's `add` would do the same, with a secret printed)."""
+    from services.webhooks.sealing import Sealer
+    from services.webhooks.signing import new_secret
+
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        for n in range(count):
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (url, events, secret, status)"
+                " VALUES ($1, '{*}', $2, 'disabled')",
+                f"http://127.0.0.1:{port}/hook/{n}", Sealer().seal(new_secret()))
+    finally:
+        await conn.close()
+
+
+async def set_endpoints(s: Settings, on: bool) -> None:
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        await conn.execute("UPDATE webhook_endpoints SET status = $1",
+                           "active" if on else "disabled")
+    finally:
+        await conn.close()
+
+
+DELIVERY_DRAIN_SECONDS = 600.0
+
+
+async def deliveries_drained(s: Settings) -> tuple[float, int]:
+    """Wait until every webhook delivery is delivered (none pending, the webhooks queue
+    empty); the seconds it took and how many were delivered in all."""
+    started = time.perf_counter()
+    conn = await asyncpg.connect(s.database_url)
+    quiet = 0
+    try:
+        while quiet < 3:
+            if time.perf_counter() - started > DELIVERY_DRAIN_SECONDS:
+                raise RuntimeError(f"webhooks not delivered within {DELIVERY_DRAIN_SECONDS:.0f} s")
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE status NOT IN ('delivered', 'cancelled')) AS open,"
+                " count(*) FILTER (WHERE status = 'delivered') AS delivered,"
+                " (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished"
+                " FROM webhook_deliveries")
+            quiet = quiet + 1 if row["open"] == 0 and row["unpublished"] == 0 else 0
+            await asyncio.sleep(0.2)
+        return round(time.perf_counter() - started - 0.4, 1), row["delivered"]
+    finally:
+        await conn.close()
+
+
 # -- phases ------------------------------------------------------------------------------------------
 
 
@@ -613,6 +707,9 @@ class PhaseResult:
     # Ordermill: after the phase, how long until its customer mails were all sent (the next
     # phase starts then, so it does not pay for this one's mail).
     mail_drain_seconds: float | None = None
+    webhook_endpoints: int = 0  # endpoints subscribed to every event during the phase
+    webhook_drain_seconds: float | None = None  # after the phase, until all were delivered
+    webhooks_delivered: int | None = None  # in all, so far
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -727,6 +824,8 @@ class Options:
     services: tuple[str, ...] = ()  # empty: every worker, as `ordermill run` does by default
     split: bool = False  # one process per service instead of one for all
     metrics_ab: int = 0  # rounds of the burst without and with METRICS_PORT, alternating
+    webhooks: int = 0  # endpoints subscribed to every event in the "+hooks" bursts
+    webhook_rounds: int = 2  # bursts with them, and as many without, alternately
 
 
 async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
@@ -751,7 +850,10 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
                 await phase_mail_drained(bench, result)
 
         await phase("warm-up", source.take(opts.warmup, "warm"), run.publisher.burst)
-        await phase("throughput", source.take(opts.orders, "tput"), run.publisher.burst)
+        if opts.webhooks:
+            await webhook_bursts(bench, run, source, opts, phase)
+        else:
+            await phase("throughput", source.take(opts.orders, "tput"), run.publisher.burst)
         steady = source.take(round(opts.rate * opts.seconds), "rate")
         await phase(f"steady {opts.rate:g}/s", steady,
                     lambda orders: run.publisher.steady(orders, opts.rate), target_rate=opts.rate)
@@ -800,6 +902,26 @@ async def bench_metrics_ab(bench: Bench, connection: AbstractRobustConnection, s
                "mean_on": round(sum(ons) / len(ons), 1)}
     summary["mean_on_vs_off"] = round(summary["mean_on"] / summary["mean_off"], 3)
     return runs, summary
+
+
+async def webhook_bursts(bench: Bench, run: PipelineRun, source: OrderSource, opts: Options,
+                         phase: Callable[..., Awaitable[None]]) -> None:
+    """The burst without endpoints and with them, alternately (A B, then B A, ...): the
+    machine's drift (a neighbour's load, the tables growing) favours neither."""
+    label = f"throughput +{opts.webhooks} hooks"
+    for n in range(opts.webhook_rounds):
+        for on in ((False, True) if n % 2 == 0 else (True, False)):
+            await set_endpoints(bench.settings, on)
+            await phase(label if on else "throughput", source.take(opts.orders, f"t{n}{int(on)}"),
+                        run.publisher.burst)
+            result = run.results[-1]
+            if on:
+                result.webhook_endpoints = opts.webhooks
+                result.webhook_drain_seconds, result.webhooks_delivered = \
+                    await deliveries_drained(bench.settings)
+                print(f"  {'':9} {'':18} webhooks delivered {result.webhook_drain_seconds:.1f} s"
+                      f" later ({result.webhooks_delivered:,} in all)", flush=True)
+    await set_endpoints(bench.settings, False)
 
 
 MAIL_DRAIN_SECONDS = 300.0
@@ -882,11 +1004,16 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             await declare_bare_topology(channel, bench.bare)
             source = OrderSource(bench.run_id)
-            if opts.metrics_ab:
-                ab_runs, metrics_ab = await bench_metrics_ab(bench, connection, source, opts)
-                runs += ab_runs
-            else:
-                runs.append(await bench_ordermill(bench, connection, source, opts))
+            async with contextlib.AsyncExitStack() as stack:
+                if opts.webhooks:
+                    port = _free_port()
+                    stack.enter_context(webhook_receiver(port, RESULTS / "webhook-receiver.log"))
+                    await add_endpoints(s, port, opts.webhooks)
+                if opts.metrics_ab:
+                    ab_runs, metrics_ab = await bench_metrics_ab(bench, connection, source, opts)
+                    runs += ab_runs
+                else:
+                    runs.append(await bench_ordermill(bench, connection, source, opts))
             if not opts.skip_bare and not opts.metrics_ab:
                 runs.append(await bench_bare(bench, connection, source, opts))
         finally:
@@ -939,6 +1066,14 @@ def report_data(bench: Bench, opts: Options, runs: list[PipelineRun]) -> dict[st
         run.name: {group: round(r.cpu_cores.get(group, 0.0) / r.orders_per_second * 1000, 2)
                    for group in ("worker", "postgres", "rabbitmq")}
         for run in runs for r in run.results if r.phase == "throughput" and r.orders_per_second}
+    ordermill = next((run for run in runs if run.name == "ordermill"), None)
+    if ordermill is not None and opts.webhooks:
+        without = [r.orders_per_second for r in ordermill.results if r.phase == "throughput"]
+        with_ = [r.orders_per_second for r in ordermill.results if r.webhook_endpoints]
+        data["webhooks"] = {
+            "endpoints": opts.webhooks, "without": without, "with": with_,
+            "drain_seconds": [r.webhook_drain_seconds for r in ordermill.results if r.webhook_endpoints],
+            "ratio": round(sum(with_) / len(with_) / (sum(without) / len(without)), 3)}
     if throughput.get("ordermill") and throughput.get("bare"):
         data["ordermill_vs_bare"] = round(throughput["ordermill"] / throughput["bare"], 3)
     return data
@@ -1041,6 +1176,12 @@ def print_report(data: dict[str, Any]) -> None:
         print(_per_order_line(name, run))
     for name, run in data["pipelines"].items():
         print(_memory_line(name, run))
+    if "webhooks" in data:
+        w = data["webhooks"]
+        print(f"burst with {w['endpoints']} webhook endpoints / without: {w['ratio']:.3f}"
+              f" (orders/s without {', '.join(f'{x:.0f}' for x in w['without'])};"
+              f" with {', '.join(f'{x:.0f}' for x in w['with'])}; deliveries drained"
+              f" {', '.join(f'{x:.1f}' for x in w['drain_seconds'])} s after each burst)")
     if "emails_delivered" in data:
         print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
     for warning in _warnings(data):
@@ -1077,7 +1218,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-ab", type=int, default=0, metavar="ROUNDS",
                         help="only the metrics' cost: ROUNDS pairs of warm-up + burst through a fresh"
                              " `ordermill run` without and with METRICS_PORT, alternating")
+    parser.add_argument("--webhooks", type=int, default=0, metavar="N",
+                        help="N webhook endpoints (a local receiver) subscribed to every event:"
+                             " the burst is run with them and without, alternately")
+    parser.add_argument("--webhook-rounds", type=int, default=2,
+                        help="bursts with the endpoints (and as many without) for --webhooks")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-receiver", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
         parser.error("--orders and --warmup must be at least 1; --rate and --seconds positive")
@@ -1086,6 +1233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.serve_receiver:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_receiver(args.serve_receiver))
+        return
     if args.serve_bare:
         # The same event loop as `ordermill run` (uvloop where installed): a fair yardstick.
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
@@ -1094,7 +1245,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     opts = Options(orders=args.orders, rate=args.rate, seconds=args.seconds, warmup=args.warmup,
                    memory_orders=args.memory_orders, skip_memory=args.skip_memory,
-                   skip_bare=args.skip_bare, split=args.split,
+                   skip_bare=args.skip_bare, split=args.split, webhooks=args.webhooks,
+                   webhook_rounds=args.webhook_rounds,
                    services=tuple(s.strip() for s in args.services.split(",") if s.strip()),
                    metrics_ab=args.metrics_ab)
     started = time.perf_counter()

@@ -33,6 +33,7 @@ from cli import broker_ops, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from cli.fraud import fraud_app
 from cli.sandbox import sandbox_app
+from cli.webhooks import app as webhooks_app
 from shared import broker, db, logs
 from shared.contracts import BIGINT_MAX, PlaceOrder
 from shared.errors import ConfigurationError
@@ -52,6 +53,7 @@ broker_app = typer.Typer(help="Least-privilege RabbitMQ users for each party.",
 app.add_typer(broker_app, name="broker")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(fraud_app, name="fraud")
+app.add_typer(webhooks_app, name="webhooks")
 
 out = Console()
 T = TypeVar("T")

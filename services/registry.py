@@ -9,6 +9,7 @@ from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
 from services.review.worker import worker as review_worker
+from services.webhooks.worker import worker as webhooks_worker
 from shared.runtime import WorkerSpec
 from shared.settings import Settings
 
@@ -18,4 +19,5 @@ WORKERS: dict[str, Callable[[Settings], WorkerSpec]] = {
     "provisioning": provisioning_worker,
     "review": review_worker,
     "notify": notify_worker,
+    "webhooks": webhooks_worker,
 }

@@ -107,6 +107,19 @@ JOB_DURATION = Histogram(
     ["kind", "module"], buckets=CALL_BUCKETS)
 
 
+# -- outbound webhooks (services/webhooks/sender.py)
+
+WEBHOOK_ATTEMPTS = Counter(
+    "ordermill_webhook_attempts_total",
+    "Webhook POSTs attempted, by outcome: delivered (2xx), failed (retried or parked), gone"
+    " (410: the endpoint disabled), refused (an address the SSRF rules refuse).",
+    ["outcome"])
+WEBHOOK_ATTEMPT_SECONDS = Histogram(
+    "ordermill_webhook_attempt_seconds",
+    "One webhook attempt: connection, request and the answer's first bytes.",
+    buckets=CALL_BUCKETS)
+
+
 # -- counts the database holds, read at scrape time
 
 @dataclass(frozen=True)
@@ -141,6 +154,12 @@ EMAILS_BY_STATE = StateGauge(
     "ordermill_emails", "Customer emails not yet sent, by state (pending, sending, parked).",
     "SELECT s, count(e.id) FROM unnest(ARRAY['pending', 'sending', 'parked']) AS s"
     " LEFT JOIN emails e ON e.status = s GROUP BY s",
+    ("state",))
+WEBHOOK_DELIVERIES_BY_STATE = StateGauge(
+    "ordermill_webhook_deliveries",
+    "Webhook deliveries not yet delivered, by state (pending, sending, parked).",
+    "SELECT s, count(d.id) FROM unnest(ARRAY['pending', 'sending', 'parked']) AS s"
+    " LEFT JOIN webhook_deliveries d ON d.status = s GROUP BY s",
     ("state",))
 # Every process running an outbox relay reports these (the relay's backlog).
 RELAY_GAUGES: tuple[StateGauge, ...] = (OUTBOX_BACKLOG, OUTBOX_OLDEST)

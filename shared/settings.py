@@ -39,6 +39,7 @@ from shared.settings_parts import (
     RulesSettings,
     ScreeningSweepSettings,
     SmtpSettings,
+    WebhookSettings,
     WhmSettings,
     amqp_user,
 )
@@ -184,6 +185,26 @@ class Settings(BaseSettings):
     console_signin_window_minutes: float = Field(15, gt=0)
     console_review_timeout: float = Field(10, gt=0, le=120)  # seconds to wait for an answer
 
+    # Outbound webhooks (services/webhooks/, docs/contract.md section 10).
+    # Networks (CIDRs) an endpoint may be in although they are not public (loopback,
+    # private, link-local, CGNAT...): an integrator's receiver on the LAN, a test's on
+    # 127.0.0.1. Plain http:// is allowed only to these; every other endpoint is https.
+    webhook_allow_networks: CommaList = []
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)  # one attempt, all in
+    webhook_response_limit_bytes: int = Field(65_536, ge=512, le=16_777_216)  # read at most
+    # The wait before each retry (seconds; +-10 % jitter): the Standard Webhooks / Svix
+    # schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h), its last wait cut so that the retries
+    # end 24 hours after the first attempt; then the delivery is parked.
+    webhook_retry_seconds: Annotated[tuple[float, ...], NoDecode] = (
+        5, 300, 1800, 7200, 18000, 36000, 23095)
+    webhook_concurrency: int = Field(32, gt=0, le=1000)  # requests in flight per process
+    webhook_endpoint_concurrency: int = Field(4, gt=0, le=1000)  # per endpoint
+    # Fernet key(s) that encrypt the endpoints' signing secrets at rest (as EPP_CODE_KEY);
+    # several comma-separated rotate: the first encrypts, any decrypts.
+    webhook_secret_key: SecretStr | None = None
+    # After `ordermill webhooks rotate`, the old secret still signs (a second signature) this long.
+    webhook_rotation_hours: float = Field(24.0, ge=0, le=24 * 30)
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -232,6 +253,37 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP network (CIDR)") from None
+        return value
+
+    @field_validator("webhook_retry_seconds", mode="before")
+    @classmethod
+    def _seconds_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_retry_seconds")
+    @classmethod
+    def _positive_waits(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(wait <= 0 for wait in value):
+            raise ValueError("every wait must be positive seconds")
         return value
 
     @field_validator("amqp_url")
@@ -413,3 +465,14 @@ class Settings(BaseSettings):
             host=self.smtp_host, port=self.smtp_port, username=self.smtp_username,
             password=self.smtp_password, security=self.smtp_security, sender=self.mail_from,
             timeout=self.module_timeout_seconds), queue=self.leased_queue)
+
+    @property
+    def webhooks(self) -> WebhookSettings:
+        return WebhookSettings(
+            queue=self.leased_queue, retry_seconds=self.webhook_retry_seconds,
+            timeout=self.webhook_timeout_seconds,
+            response_limit=self.webhook_response_limit_bytes,
+            allow_networks=tuple(self.webhook_allow_networks),
+            concurrency=self.webhook_concurrency,
+            endpoint_concurrency=self.webhook_endpoint_concurrency,
+            secret_key=self.webhook_secret_key, rotation_hours=self.webhook_rotation_hours)

@@ -239,3 +239,19 @@ class ConsoleSettings(Part):
     # user and not an operator user) or the broker user itself: said once at start.
     console_users: frozenset[str]
     operator_users: frozenset[str]
+
+
+class WebhookSettings(Part):
+    """Outbound webhooks (services/webhooks/): the sender's policy and the SSRF allow-list.
+    `queue` gives the lease and poll (JOB_*); retries follow `retry_seconds`, not JOB_*."""
+
+    queue: QueueSettings
+    retry_seconds: tuple[float, ...]
+    timeout: float
+    response_limit: int
+    allow_networks: tuple[str, ...]
+    concurrency: int
+    endpoint_concurrency: int
+    secret_key: SecretStr | None  # Fernet key(s): signing secrets encrypted at rest
+    rotation_hours: float
+

@@ -27,6 +27,12 @@ SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
                      "order.accepted", "order.cancelled", "order.pending", "order.retry"),
     "review": ("review.command",),
     "notify": ("email.send",),
+    # Every event an integrator may subscribe to (services/webhooks/outbound.py EVENT_TYPES;
+    # a test keeps the two equal).
+    "webhooks": ("domain.failed", "domain.registered", "invoice.paid", "order.accepted",
+                 "order.cancelled", "order.deleted", "order.fraud", "order.pending",
+                 "order.placed", "order.rejected", "order.screened", "payment.unapplied",
+                 "service.created", "service.failed", "service.terminated"),
 }
 
 
@@ -41,6 +47,7 @@ SERVICE_EMITS: dict[str, tuple[str, ...]] = {
     "review": ("order.accepted", "order.cancelled", "order.pending", "order.deleted",
                "order.fraud", "order.retry", "order.rescreen", "email.send"),
     "notify": (),
+    "webhooks": (),
 }
 
 

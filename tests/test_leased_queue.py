@@ -189,3 +189,19 @@ async def test_the_heartbeat_stops_once_nothing_is_held(pool) -> None:
         beat = q._heartbeat
         assert beat is not None and not beat.done()
     await eventually(lambda: asyncio.sleep(0, beat.done()), timeout=2)
+
+
+async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool) -> None:
+    q = queue()
+    ids = await add(pool, 3)
+    claimed = await q.claim(pool, 10)
+    # The third was taken over meanwhile (its lease ran out, another runner has it).
+    await pool.execute("UPDATE work SET leased_by = 'another/runner' WHERE id = $1", ids[2])
+    ended = await q.finish_many(pool, claimed, "done", done_at=NOW, last_error=None)
+    assert ended == set(ids[:2])
+    rows = [await row(pool, i) for i in ids]
+    assert [(r["status"], r["done_at"] is not None, r["lease_until"]) for r in rows[:2]] == [
+        ("done", True, None)] * 2
+    assert rows[2]["status"] == "busy" and rows[2]["done_at"] is None
+    with pytest.raises(ValueError, match="now"):
+        await q.finish_many(pool, claimed, "done", result="x")

@@ -15,6 +15,7 @@ published) are captured too. Background tasks (job runner, mail sender) are not 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -197,8 +198,13 @@ class InMemoryFlow:
         key = messages[0].routing_key or ""
         services = [to] if to else self.routed(key)
         assert services, f"no worker takes {key!r}"
-        for service in services:
-            await self.pipelines[service].handle(messages)
+        for n, service in enumerate(services):
+            # Each queue has its own copy of a message, as on a broker: the first worker settles
+            # the messages given (the caller may look at them), the others copies of their own.
+            copies = messages if n == 0 else [
+                dataclasses.replace(m, headers=dict(m.headers), outcome=None, dead=None)
+                for m in messages]
+            await self.pipelines[service].handle(copies)
 
     async def drain(self) -> list[Published]:
         """The outbox rows not yet taken, marked published, as the relay would send them."""

@@ -1,0 +1,1 @@
+"""Outbound webhooks for integrators: signed per the Standard Webhooks specification."""
