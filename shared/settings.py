@@ -106,10 +106,15 @@ class Settings(BaseSettings):
     relay_concurrency: int = Field(4, gt=0, le=64)  # passes in flight, waiting for confirms
     screening_stuck_seconds: int = Field(120, gt=0)
     screening_max_redrives: int = Field(5, ge=0)
-    # Published events and dedupe rows are kept this long, then deleted.
+    # Published events, dedupe rows, finished jobs and sent mails are kept this long, then
+    # deleted (shared/housekeeping.py) in batches of HOUSEKEEPING_BATCH rows, a pause between.
     outbox_retention_hours: float = Field(72, gt=0)
     inbox_retention_days: float = Field(30, gt=0)
+    job_retention_days: float = Field(90, gt=0)
+    email_retention_days: float = Field(90, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
+    housekeeping_batch: int = Field(1000, gt=0, le=100_000)
+    housekeeping_pause_ms: float = Field(50, ge=0, le=60_000)
     # Touched while the worker can work (broker connected, database answering): a
     # container's health check reads its age. Unset: no file.
     heartbeat_file: str | None = None
@@ -308,7 +313,11 @@ class Settings(BaseSettings):
     def housekeeping(self) -> HousekeepingSettings:
         return HousekeepingSettings(outbox_retention_hours=self.outbox_retention_hours,
                                     inbox_retention_days=self.inbox_retention_days,
-                                    every_seconds=self.housekeeping_seconds)
+                                    job_retention_days=self.job_retention_days,
+                                    email_retention_days=self.email_retention_days,
+                                    every_seconds=self.housekeeping_seconds,
+                                    batch=self.housekeeping_batch,
+                                    pause_seconds=self.housekeeping_pause_ms / 1000)
 
     @property
     def banned(self) -> BannedSettings:
