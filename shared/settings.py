@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     # Transactions at once per worker, and messages at most in one transaction under load.
     worker_concurrency: int = Field(4, gt=0, le=100)
     worker_batch: int = Field(16, gt=0, le=500)
+    # Group commit: while a worker handles a batch, a message taken meanwhile waits up to this
+    # long for more to share its transaction; an idle worker starts at once (0: never waits).
+    worker_linger_ms: float = Field(5.0, ge=0, le=1000)
     # A message over this is dead-lettered unread: an order is a few kilobytes.
     max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
