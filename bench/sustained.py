@@ -329,6 +329,25 @@ async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
         await conn.close()
 
 
+async def settled(database_url: str, limit: float = 600.0) -> None:
+    """Until no event waits for the relay, no mail to be sent and no job to run (twice, 0.5 s
+    apart): mail_drained's count cannot be used once the housekeeper prunes what it counts."""
+    conn = await asyncpg.connect(database_url)
+    deadline, quiet = time.monotonic() + limit, 0
+    try:
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the flow did not settle within {limit:.0f} s")
+            left = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL)"
+                " + (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending'))"
+                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))")
+            quiet = quiet + 1 if left == 0 else 0
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
 def retention_env(window: float) -> dict[str, str]:
     """Every retention window `window` seconds; the housekeeper runs every window / 2."""
     return {"OUTBOX_RETENTION_HOURS": str(window / 3600), "INBOX_RETENTION_DAYS": str(window / 86400),
@@ -352,7 +371,8 @@ async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Ord
             done += n
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
                                 "tables": await table_sizes(bench.settings.database_url)})
-        await asyncio.sleep(opts.window)  # the last chunk's rows past the window too
+        await settled(bench.settings.database_url)  # every mail sent, every event out
+        await asyncio.sleep(opts.window)  # then the last rows past the window too
     finally:
         await worker.stop()
     before = await table_sizes(bench.settings.database_url)
