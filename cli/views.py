@@ -105,6 +105,18 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
     return {"pending": orders, "queued": queued, "more": more}
 
 
+# An order's payments: applied to its invoice, naming its ref and applied to none, or naming
+# its invoice. Three index lookups joined by id (one OR across them would read every payment).
+_ORDER_PAYMENTS = (
+    "WITH inv AS (SELECT id FROM invoices WHERE order_id = $1)"
+    " SELECT p.* FROM payments p WHERE p.id IN ("
+    "  SELECT id FROM payments WHERE invoice_id = (SELECT id FROM inv)"
+    "  UNION SELECT id FROM payments WHERE order_ref = $2 AND invoice_id IS NULL"
+    "  UNION SELECT id FROM payments WHERE requested_invoice_id = (SELECT id FROM inv))"
+    " ORDER BY p.id"
+)
+
+
 async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] | None:
     o = await conn.fetchrow(
         "SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,"
@@ -133,11 +145,7 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
             order_id,
         )
     ]
-    payments = [_payment_row(r) for r in await conn.fetch(
-        "SELECT p.* FROM payments p LEFT JOIN invoices i ON i.id = p.invoice_id"
-        " WHERE i.order_id = $1 OR (p.order_ref = $2 AND p.invoice_id IS NULL)"
-        "  OR p.requested_invoice_id = (SELECT id FROM invoices WHERE order_id = $1)"
-        " ORDER BY p.id", order_id, o["order_ref"])]
+    payments = [_payment_row(r) for r in await conn.fetch(_ORDER_PAYMENTS, order_id, o["order_ref"])]
     invoice = None
     inv = await conn.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)
     if inv is not None:

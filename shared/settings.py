@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # Transactions at once per worker, and messages at most in one transaction under load.
     worker_concurrency: int = Field(4, gt=0, le=100)
     worker_batch: int = Field(16, gt=0, le=500)
+    # Group commit: while a worker handles a batch, a message taken meanwhile waits up to this
+    # long for more to share its transaction; an idle worker starts at once (0: never waits).
+    worker_linger_ms: float = Field(5.0, ge=0, le=1000)
     # A message over this is dead-lettered unread: an order is a few kilobytes.
     max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
@@ -117,10 +120,15 @@ class Settings(BaseSettings):
     relay_concurrency: int = Field(4, gt=0, le=64)  # passes in flight, waiting for confirms
     screening_stuck_seconds: int = Field(120, gt=0)
     screening_max_redrives: int = Field(5, ge=0)
-    # Published events and dedupe rows are kept this long, then deleted.
+    # Published events, dedupe rows, finished jobs and sent mails are kept this long, then
+    # deleted (shared/housekeeping.py) in batches of HOUSEKEEPING_BATCH rows, a pause between.
     outbox_retention_hours: float = Field(72, gt=0)
     inbox_retention_days: float = Field(30, gt=0)
+    job_retention_days: float = Field(90, gt=0)
+    email_retention_days: float = Field(90, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
+    housekeeping_batch: int = Field(1000, gt=0, le=100_000)
+    housekeeping_pause_ms: float = Field(50, ge=0, le=60_000)
     # Touched while the worker can work (broker connected, database answering): a
     # container's health check reads its age. Unset: no file.
     heartbeat_file: str | None = None
@@ -378,7 +386,11 @@ class Settings(BaseSettings):
     def housekeeping(self) -> HousekeepingSettings:
         return HousekeepingSettings(outbox_retention_hours=self.outbox_retention_hours,
                                     inbox_retention_days=self.inbox_retention_days,
-                                    every_seconds=self.housekeeping_seconds)
+                                    job_retention_days=self.job_retention_days,
+                                    email_retention_days=self.email_retention_days,
+                                    every_seconds=self.housekeeping_seconds,
+                                    batch=self.housekeeping_batch,
+                                    pause_seconds=self.housekeeping_pause_ms / 1000)
 
     @property
     def banned(self) -> BannedSettings:

@@ -81,7 +81,11 @@ class MetricsSettings(Part):
 class HousekeepingSettings(Part):
     outbox_retention_hours: float
     inbox_retention_days: float
+    job_retention_days: float
+    email_retention_days: float
     every_seconds: float
+    batch: int  # rows per delete, one short transaction each
+    pause_seconds: float  # between batches
 
 
 # Fraud.

@@ -23,7 +23,7 @@ from shared.metrics import RELAY_GAUGES, DatabaseGauges, ProcessState
 from shared.metrics_server import MetricsServer
 from shared.outbox import OutboxRelay
 from shared.parties import Publishers, amqp_user
-from shared.runtime.batching import InFlight, batcher
+from shared.runtime.batching import Busy, InFlight, batcher
 from shared.runtime.chain import Middleware
 from shared.runtime.pipeline import Pipeline
 from shared.runtime.routes import WorkerSpec
@@ -207,11 +207,14 @@ class Runtime:
 
         await self.transport.consume(self.names.queue(spec.service),
                                      spec.prefetch or self.settings.worker_prefetch, on_message)
+        busy = Busy()  # the worker's batches in hand: its batchers group-commit while busy
         for n in range(spec.concurrency or self.settings.worker_concurrency):
             self._batchers.append(asyncio.create_task(batcher(
                 spec.service, waiting, limit=spec.batch or self.settings.worker_batch,
                 linger=spec.linger, handle=pipeline.handle, requeue=self.transport.requeue,
-                in_flight=self._inflight), name=f"{spec.service}-batcher-{n}"))
+                in_flight=self._inflight, busy=busy,
+                busy_linger=self.settings.worker_linger_ms / 1000),
+                name=f"{spec.service}-batcher-{n}"))
 
     async def _started_unless_stopped(self) -> bool:
         """Start, waiting (bounded) for servers still coming up; a stop meanwhile (SIGTERM from

@@ -1,0 +1,539 @@
+"""Ordermill under sustained load (issue 15, target 2), and its tables after a large volume
+(target 3), through `ordermill run` (every worker and the relay in one process).
+
+The full flow, as a storefront and a gateway drive it: an order (one autorelease `starter`
+product, a new client each) is placed; when it is screened, its invoice is paid (for
+--pay-share of the orders, as bench/provisioning.py publishes payments); the service is set
+up (autorelease) and Active; the customer's mails (confirmation, invoice, welcome) go to the
+bench's SMTP sink. An order is done when its service is Active (paid) or it is screened
+(unpaid); a phase ends when every order is done and every mail is sent.
+
+1. warm-up: --warmup orders as a burst.
+2. burst: --orders orders published as fast as confirms allow (payments as each is
+   screened): the all-in-one burst throughput (orders done per second).
+3. steady: --rate-share (default 0.8) of that throughput, for --seconds: publish->screened
+   and payment->Active p50/p99, the backlog (orders in flight, messages ready in the queues,
+   unpublished events, unsent mails) sampled each second and its growth, the worker's CPU per
+   order against the burst's.
+With --ab, the burst and the steady phase run twice per round on fresh workers, without and
+with WORKER_LINGER_MS (the runtime's batching of what waits), in alternating order.
+
+--volume N instead pushes N orders through the full flow (bursts of --chunk), with short
+retention windows (--window seconds) so that the workers' own housekeeping prunes as it
+goes, and reports inbox, outbox, jobs and emails (rows and pg_total_relation_size) after
+each chunk, then after a final prune of everything past the window.
+
+Run: .venv/bin/python bench/sustained.py [--orders N] [--seconds S] [--ab ROUNDS] [--volume N]
+The report is printed and written as JSON to bench/results/sustained.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import psutil
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from pipeline import (
+    ORDERMILL,
+    RESULTS,
+    STATS_FLUSH_SECONDS,
+    Bench,
+    CpuMeter,
+    MailSink,
+    WorkerProcess,
+    _git_commit,
+    _table,
+    announce,
+    create_database,
+    database_counters,
+    drop_database,
+    latency_summary,
+    mail_drained,
+)
+from provisioning import SCREENING_KEYS, SETUP_KEYS, Placed, Storefront
+
+from shared import broker, db
+from shared.housekeeping import Housekeeper
+from shared.parties import amqp_user
+from shared.settings import Settings
+from shared.topology import SERVICE_BINDINGS, declare_topology, delete_topology
+
+PRODUCT = "starter"  # autorelease on payment
+BOUNDED_TABLES = ("inbox", "outbox", "jobs", "emails")
+
+
+# -- the storefront and the gateway ------------------------------------------------------------
+
+
+@dataclass
+class FullFlow(Storefront):
+    """Places orders, pays the chosen ones when screened, and says when each is done."""
+
+    placed_at: dict[str, float] = field(default_factory=dict)
+    paid_at: dict[str, float] = field(default_factory=dict)
+    ended_at: dict[str, float] = field(default_factory=dict)
+    to_pay: set[str] = field(default_factory=set)
+    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paying: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def listen(self, connection: AbstractRobustConnection, exchange_name: str) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in ("order.placed", *SCREENING_KEYS, *SETUP_KEYS):
+            await queue.bind(exchange_name, routing_key=key)
+        await queue.consume(self._on_event, no_ack=True)
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        at = time.time()
+        body = json.loads(message.body)
+        ref, key = body.get("order_ref"), message.routing_key or ""
+        if ref not in self.placed_at:
+            return  # not ours
+        self.seen.setdefault(key, {}).setdefault(ref, at)
+        if key == "order.placed":
+            self.invoices[ref] = body
+        if key in ("order.placed", "order.screened") and ref in self.to_pay:
+            self._pay_when_ready(ref)
+        paid = ref in self.to_pay
+        if (key in SETUP_KEYS and paid) or (key in SCREENING_KEYS and not paid):
+            self._end(ref, at)
+        elif key in SCREENING_KEYS and key != "order.screened":
+            self._end(ref, at)  # Fraud or rejected: nothing to pay (reported as a warning)
+
+    def _pay_when_ready(self, ref: str) -> None:
+        invoice = self.invoices.get(ref)
+        if ref in self.paid_at or invoice is None or not self.at("order.screened", ref):
+            return
+        self.paid_at[ref] = time.time()
+        task = asyncio.create_task(self.pay(Placed(ref, PRODUCT, invoice["invoice_id"],
+                                                   str(invoice["total"]), invoice["currency"])))
+        self.paying.add(task)
+        task.add_done_callback(self.paying.discard)
+
+    def _end(self, ref: str, at: float) -> None:
+        if ref not in self.ended_at:
+            self.ended_at[ref] = at
+            if ref in self._waiting:
+                self._arrived(ref)
+
+    async def place_one(self, item: tuple[str, bool]) -> None:
+        ref, pay = item
+        if pay:
+            self.to_pay.add(ref)
+        self.placed_at[ref] = time.time()
+        await self.place(ref, PRODUCT)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.placed_at) - len(self.ended_at)
+
+
+# -- the backlog, sampled ----------------------------------------------------------------------
+
+
+@dataclass
+class Backlog:
+    """Each second: orders in flight, messages ready in the work queues, unpublished events,
+    mails not sent yet."""
+
+    store: FullFlow
+    queues: list[str]
+    database_url: str
+    samples: list[dict[str, float]] = field(default_factory=list)
+
+    async def run(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> None:
+        channel = await connection.channel()
+        conn = await asyncpg.connect(self.database_url)
+        started = time.time()
+        try:
+            declared = [await channel.declare_queue(name, passive=True) for name in self.queues]
+            while not stop.is_set():
+                ready = sum([(await q.declare()).message_count or 0 for q in declared])
+                row = await conn.fetchrow(
+                    "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS events,"
+                    " (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending')) AS mails")
+                self.samples.append({"t": round(time.time() - started, 1),
+                                     "in_flight": self.store.in_flight, "ready": ready,
+                                     "events": row["events"], "mails": row["mails"]})
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            await conn.close()
+            await channel.close()
+
+    def growth(self, until: float) -> dict[str, float]:
+        """Orders in flight: mean over the first and last quarter of the publishing, and the
+        least-squares slope (orders per second) over it."""
+        points = [(s["t"], s["in_flight"]) for s in self.samples if s["t"] <= until]
+        if len(points) < 4:
+            return {}
+        quarter = max(1, len(points) // 4)
+        n = len(points)
+        mean_t = sum(t for t, _ in points) / n
+        mean_v = sum(v for _, v in points) / n
+        var = sum((t - mean_t) ** 2 for t, _ in points) or 1.0
+        slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+        return {"first_quarter": round(sum(v for _, v in points[:quarter]) / quarter, 1),
+                "last_quarter": round(sum(v for _, v in points[-quarter:]) / quarter, 1),
+                "slope_per_s": round(slope, 2),
+                "max_ready": max(s["ready"] for s in self.samples),
+                "max_events": max(s["events"] for s in self.samples),
+                "max_mails": max(s["mails"] for s in self.samples)}
+
+
+# -- phases ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Orders:
+    run_id: str
+    pay_share: float
+    count: int = 0
+
+    def take(self, n: int, label: str) -> list[tuple[str, bool]]:
+        out = []
+        for _ in range(n):
+            self.count += 1
+            # Every 1/(1-share)-th order unpaid, spread evenly.
+            unpaid = self.pay_share < 1 and self.count % max(2, round(1 / (1 - self.pay_share))) == 0
+            out.append((f"sus-{self.run_id}-{label}-{self.count:06d}", not unpaid))
+        return out
+
+
+@dataclass
+class Run:
+    bench: Bench
+    connection: AbstractRobustConnection
+    worker: WorkerProcess
+    store: FullFlow
+    cpu: CpuMeter
+
+    async def phase(self, label: str, orders: list[tuple[str, bool]], rate: float | None,
+                    *, wait_mail: bool = True) -> dict[str, Any]:
+        store = self.store
+        refs = [ref for ref, _ in orders]
+        store._expect(set(refs))
+        backlog = Backlog(store, [self.bench.names.queue(s) for s in SERVICE_BINDINGS],
+                          self.bench.settings.database_url)
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(backlog.run(self.connection, stop))
+        self.cpu.start()
+        first = time.time()
+        if rate is None:
+            await Storefront.burst(store.place_one, orders)
+        else:
+            await Storefront.steady(store.place_one, orders, rate)
+        published = time.time() - first
+        if not await store.wait():
+            stop.set()
+            await sampler
+            raise RuntimeError(f"{label}: {len(store._waiting)} order(s) not done;"
+                               f" see {self.worker.log_path}")
+        done = max(store.ended_at[ref] for ref in refs) - first
+        mail_seconds = await mail_drained(self.bench.settings) if wait_mail else 0.0
+        cpu = self.cpu.stop()
+        stop.set()
+        await sampler
+        paid = [ref for ref in refs if ref in store.paid_at and store.at("service.created", ref)]
+        screened = [ref for ref in refs if store.at("order.screened", ref)]
+        result = {
+            "phase": label, "orders": len(refs), "paid": len(paid), "target_rate": rate,
+            "publish_seconds": round(published, 2), "seconds": round(done, 2),
+            "orders_per_second": round(len(refs) / done, 1),
+            "not_screened": len(refs) - len(screened),
+            "screened_ms": latency_summary([(store.at("order.screened", r) - store.placed_at[r]) * 1000
+                                            for r in screened]),
+            "active_ms": latency_summary([(store.at("service.created", r) - store.paid_at[r]) * 1000
+                                          for r in paid]),
+            "mail_drain_seconds": mail_seconds,
+            "cpu_cores": cpu.cores(), "worker_busy": cpu.worker_busy(),
+            "worker_cpu_ms_per_order": round(cpu.seconds.get("worker", 0.0) * 1000 / len(refs), 2),
+            "postgres_cpu_ms_per_order": round(cpu.seconds.get("postgres", 0.0) * 1000 / len(refs), 2),
+            "rabbitmq_cpu_ms_per_order": round(cpu.seconds.get("rabbitmq", 0.0) * 1000 / len(refs), 2),
+            "backlog": backlog.growth(published),
+        }
+        _progress(result)
+        return result
+
+
+def _progress(r: dict[str, Any]) -> None:
+    print(f"  {r['phase']:22} {r['orders']} orders ({r['paid']} paid) in {r['seconds']:.1f} s:"
+          f" {r['orders_per_second']:.0f}/s; screened p99 {r['screened_ms']['p99']:.0f} ms,"
+          f" active p99 {r['active_ms']['p99']:.0f} ms; worker {r['worker_cpu_ms_per_order']:.2f}"
+          f" ms/order; mails +{r['mail_drain_seconds']:.1f} s", flush=True)
+
+
+async def with_worker(bench: Bench, connection: AbstractRobustConnection, env: dict[str, str],
+                      label: str) -> tuple[WorkerProcess, FullFlow, CpuMeter]:
+    store = FullFlow(exchange=await (await broker.open_publisher(connection)).get_exchange(
+        bench.names.exchange), user_id=amqp_user(bench.settings.amqp_url))
+    await store.listen(connection, bench.names.exchange)
+    worker = WorkerProcess(label, [str(ORDERMILL), "run"], env,
+                           RESULTS / f"sustained-{label.replace(' ', '-')}-worker.log")
+    await worker.start(connection, [bench.names.queue(s) for s in SERVICE_BINDINGS])
+    db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
+    return worker, store, CpuMeter(worker.pid, db_name)
+
+
+async def sustained_round(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
+                          opts: argparse.Namespace, label: str, env: dict[str, str]) -> dict[str, Any]:
+    """Warm-up, burst, then steady at rate-share of the burst, on a fresh worker."""
+    worker, store, cpu = await with_worker(bench, connection, env, label)
+    run = Run(bench, connection, worker, store, cpu)
+    before = await database_counters(bench.settings)
+    try:
+        await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
+        burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
+        rate = opts.rate or round(opts.rate_share * burst["orders_per_second"], 1)
+        steady = await run.phase(f"{label}: steady {rate:g}/s",
+                                 orders.take(round(rate * opts.seconds), "s"), rate)
+    finally:
+        await worker.stop()
+    await asyncio.sleep(STATS_FLUSH_SECONDS)
+    after = await database_counters(bench.settings)
+    total = opts.warmup + opts.orders + steady["orders"]
+    return {"label": label, "env": {k: v for k, v in env.items() if k.startswith("WORKER_")},
+            "burst": burst, "steady": steady,
+            "steady_vs_burst_cpu": round(steady["worker_cpu_ms_per_order"]
+                                         / burst["worker_cpu_ms_per_order"], 2),
+            "transactions_per_order": round((after["transactions"] - before["transactions"]) / total, 1),
+            "peak_rss_mb": round(worker.peak_rss / 2**20, 1)}
+
+
+# -- volume: bounded tables ------------------------------------------------------------------
+
+
+async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        out = {}
+        for table in (*BOUNDED_TABLES, "orders"):
+            row = await conn.fetchrow(f"SELECT count(*) AS rows, pg_total_relation_size('{table}')"
+                                      " AS bytes FROM " + table)
+            out[table] = dict(row)
+        return out
+    finally:
+        await conn.close()
+
+
+async def settled(database_url: str, limit: float = 600.0) -> None:
+    """Until no event waits for the relay, no mail to be sent and no job to run (twice, 0.5 s
+    apart): mail_drained's count cannot be used once the housekeeper prunes what it counts."""
+    conn = await asyncpg.connect(database_url)
+    deadline, quiet = time.monotonic() + limit, 0
+    try:
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the flow did not settle within {limit:.0f} s")
+            left = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL)"
+                " + (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending'))"
+                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))")
+            quiet = quiet + 1 if left == 0 else 0
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+def retention_env(window: float) -> dict[str, str]:
+    """Every retention window `window` seconds; the housekeeper runs every window / 2."""
+    return {"OUTBOX_RETENTION_HOURS": str(window / 3600), "INBOX_RETENTION_DAYS": str(window / 86400),
+            "JOB_RETENTION_DAYS": str(window / 86400), "EMAIL_RETENTION_DAYS": str(window / 86400),
+            "HOUSEKEEPING_SECONDS": str(max(1.0, window / 2))}
+
+
+async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
+                 opts: argparse.Namespace) -> dict[str, Any]:
+    env = {**bench.env(), "JOB_BACKOFF_SECONDS": "1", **retention_env(opts.window)}
+    worker, store, cpu = await with_worker(bench, connection, env, "volume")
+    run = Run(bench, connection, worker, store, cpu)
+    checkpoints = []
+    started = time.perf_counter()
+    try:
+        done = 0
+        while done < opts.volume:
+            n = min(opts.chunk, opts.volume - done)
+            # Mails are not waited for per chunk (the housekeeper prunes what mail_drained counts).
+            await run.phase(f"volume {done + n:,}", orders.take(n, "v"), None, wait_mail=False)
+            done += n
+            checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
+                                "tables": await table_sizes(bench.settings.database_url)})
+        await settled(bench.settings.database_url)  # every mail sent, every event out
+        await asyncio.sleep(opts.window)  # then the last rows past the window too
+    finally:
+        await worker.stop()
+    before = await table_sizes(bench.settings.database_url)
+    keeper = Housekeeper(Settings(**{k.lower(): v for k, v in retention_env(opts.window).items()})
+                         .housekeeping)
+    pool = await db.create_pool(bench.settings.database_url, max_size=2, attempts=3)
+    try:
+        pruning = time.perf_counter()
+        deleted = await keeper.once(pool)
+        prune_seconds = round(time.perf_counter() - pruning, 2)
+        await pool.execute("VACUUM " + ", ".join(BOUNDED_TABLES))
+    finally:
+        await pool.close()
+    return {"orders": opts.volume, "window_seconds": opts.window, "checkpoints": checkpoints,
+            "before_final_prune": before, "final_prune_deleted": deleted,
+            "final_prune_seconds": prune_seconds,
+            "after_final_prune": await table_sizes(bench.settings.database_url)}
+
+
+# -- the run and the report ------------------------------------------------------------------
+
+
+async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
+    s = bench.settings
+    announce(bench)
+    data: dict[str, Any] = {"run_id": bench.run_id, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                            "options": vars(opts),
+                            "machine": {"cpus": psutil.cpu_count(),
+                                        "load_avg_1m": round(os.getloadavg()[0], 2)}}
+    with MailSink(s.smtp_port) as mail:
+        connection = None
+        try:
+            await create_database(s)
+            connection = await broker.connect(s.amqp_url, attempts=3)
+            await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
+            orders = Orders(bench.run_id, opts.pay_share)
+            if opts.volume:
+                data["volume"] = await volume(bench, connection, orders, opts)
+            else:
+                rounds = []
+                base = {**bench.env(), "JOB_BACKOFF_SECONDS": "1"}
+                for n in range(max(1, opts.ab)):
+                    variants = [("linger 0", {**base, "WORKER_LINGER_MS": "0"}),
+                                (f"linger {opts.linger:g}", {**base, "WORKER_LINGER_MS": str(opts.linger)})]
+                    if not opts.ab:
+                        variants = [("default", base)]
+                    elif n % 2:
+                        variants.reverse()
+                    for label, env in variants:
+                        rounds.append({"round": n + 1, **await sustained_round(
+                            bench, connection, orders, opts, label, env)})
+                data["rounds"] = rounds
+        finally:
+            if connection is not None:
+                try:
+                    channel = await connection.channel()
+                    await delete_topology(channel, bench.names)
+                except Exception as exc:  # report it, and go on cleaning up
+                    print(f"cleanup: could not delete the topology: {exc!r}", file=sys.stderr)
+                await connection.close()
+            await drop_database(s)
+    data["emails_delivered"] = mail.received
+    return data
+
+
+def _round_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in data["rounds"]:
+        for part in ("burst", "steady"):
+            p = r[part]
+            b = p["backlog"]
+            rows.append([f"{r['round']} {r['label']}", part, str(p["orders"]),
+                         f"{p['orders_per_second']:.0f}",
+                         f"{p['screened_ms']['p50']:.0f}/{p['screened_ms']['p99']:.0f}",
+                         f"{p['active_ms']['p50']:.0f}/{p['active_ms']['p99']:.0f}",
+                         f"{b.get('first_quarter', 0):.0f}->{b.get('last_quarter', 0):.0f}",
+                         f"{b.get('slope_per_s', 0):+.2f}", f"{p['mail_drain_seconds']:.1f}",
+                         f"{p['worker_busy']:.2f}", f"{p['worker_cpu_ms_per_order']:.2f}",
+                         f"{p['postgres_cpu_ms_per_order']:.2f}", f"{p['cpu_cores'].get('other', 0):.2f}"])
+    return rows
+
+
+COLUMNS = ("round", "phase", "orders", "orders/s", "screened p50/p99 ms", "active p50/p99 ms",
+           "in flight", "growth/s", "mail +s", "busy", "worker ms/order", "pg ms/order", "other")
+
+
+def print_report(data: dict[str, Any]) -> None:
+    m = data["machine"]
+    print(f"\nOrdermill sustained-load benchmark {data['run_id']} ({data['at']}, {data['commit']}):"
+          f" {m['cpus']} CPUs, load {m['load_avg_1m']}, {data['elapsed_seconds']:.0f} s in all")
+    if "rounds" in data:
+        print("screened: order published -> order.screened; active: payment published -> service"
+              " Active;\nin flight: orders not done, mean of the first -> last quarter of the"
+              " publishing; growth: its slope.\n")
+        print(_table(COLUMNS, _round_rows(data)))
+        print()
+        for r in data["rounds"]:
+            s = r["steady"]
+            print(f"round {r['round']} {r['label']}: steady at {s['target_rate']:g}/s"
+                  f" ({data['options']['rate_share']:.0%} of the burst's"
+                  f" {r['burst']['orders_per_second']:.0f}/s):"
+                  f" screened p99 {s['screened_ms']['p99']:.0f} ms (target < 250),"
+                  f" active p99 {s['active_ms']['p99']:.0f} ms (< 500), worker CPU per order"
+                  f" {r['steady_vs_burst_cpu']:.2f}x the burst's (<= 1.3); backlog growth"
+                  f" {s['backlog'].get('slope_per_s', 0):+.2f} orders/s;"
+                  f" {r['transactions_per_order']} transactions per order")
+    if "volume" in data:
+        v = data["volume"]
+        print(f"volume: {v['orders']:,} orders, retention windows {v['window_seconds']:g} s\n")
+        rows = [[f"{c['orders']:,}", f"{c['seconds']:.0f}",
+                 *(f"{c['tables'][t]['rows']:,} / {c['tables'][t]['bytes'] / 2**20:.1f} MB"
+                   for t in (*BOUNDED_TABLES, "orders"))] for c in v["checkpoints"]]
+        for label, key in (("before prune", "before_final_prune"), ("after prune", "after_final_prune")):
+            rows.append([label, "", *(f"{v[key][t]['rows']:,} / {v[key][t]['bytes'] / 2**20:.1f} MB"
+                                      for t in (*BOUNDED_TABLES, "orders"))])
+        print(_table(("after orders", "secs", *BOUNDED_TABLES, "orders"), rows))
+        print(f"final prune: {v['final_prune_deleted']} in {v['final_prune_seconds']} s")
+    print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--warmup", type=int, default=300, help="orders before the burst")
+    parser.add_argument("--orders", type=int, default=1500, help="orders in the burst")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the steady phase")
+    parser.add_argument("--rate-share", type=float, default=0.8,
+                        help="steady rate as a share of the burst's throughput")
+    parser.add_argument("--rate", type=float, default=0.0, help="a fixed steady rate instead")
+    parser.add_argument("--pay-share", type=float, default=0.9, help="orders paid when screened")
+    parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                        help="rounds of WORKER_LINGER_MS=0 against --linger, alternating")
+    parser.add_argument("--linger", type=float, default=5.0, help="WORKER_LINGER_MS of --ab's B side")
+    parser.add_argument("--volume", type=int, default=0, metavar="N",
+                        help="only the bounded-tables run: N orders through the full flow")
+    parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")
+    parser.add_argument("--window", type=float, default=30.0,
+                        help="--volume: every retention window, seconds")
+    args = parser.parse_args(argv)
+    if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
+        parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")
+    if not 0 <= args.pay_share <= 1 or args.window <= 0 or args.chunk < 1:
+        parser.error("--pay-share in [0, 1], --window positive, --chunk at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        data = asyncio.run(run_bench(Bench.create(), opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: workers stopped, bench database and queues removed", file=sys.stderr)
+        raise SystemExit(130) from None
+    data["commit"] = _git_commit()
+    data["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    path = RESULTS / ("volume.json" if opts.volume else "sustained.json")
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print_report(data)
+    print(f"\nwritten to {path.relative_to(RESULTS.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Group commit in the runtime (issue 15, target 2): a worker batches what waits while it is
+busy and stays prompt when idle; a batch keeps each message's effects atomic with its inbox
+row, and a poison message in a batch fails alone (the others committed, it dead-lettered)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import Harness, eventually, order_body
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from shared.runtime import REASON_HEADER, Middleware, Runtime
+from shared.runtime.batching import Busy, InFlight, batcher, take_batch
+from shared.runtime.testing import InMemoryFlow
+
+LONG = 60.0  # a linger no test could wait out: a test that waited for it would time out
+
+
+def poisoned(ref: str) -> dict[str, Any]:
+    """Valid on the wire, refused by the handler (no such product): fails inside the batch's
+    transaction, not at intake."""
+    body = order_body(ref)
+    body["items"][0]["product"] = "no-such-product"
+    return body
+
+
+async def test_an_idle_worker_takes_a_lone_message_at_once() -> None:
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("only")
+    batch = await asyncio.wait_for(
+        take_batch(waiting, 16, 0.0, busy=Busy(), busy_linger=LONG), timeout=5)  # type: ignore[arg-type]
+    assert batch == ["only"]
+
+
+async def test_a_busy_worker_gathers_what_arrives_into_one_batch() -> None:
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("first")
+
+    async def arrive() -> None:
+        for name in ("second", "third"):
+            await asyncio.sleep(0.01)
+            waiting.put_nowait(name)
+
+    arriving = asyncio.create_task(arrive())
+    batch = await asyncio.wait_for(  # full at three: no waiting out the linger
+        take_batch(waiting, 3, 0.0, busy=Busy(handling=1), busy_linger=LONG), timeout=5)  # type: ignore[arg-type]
+    await arriving
+    assert batch == ["first", "second", "third"]
+
+
+async def test_batchers_take_turns_so_what_arrives_while_busy_shares_one_batch() -> None:
+    """Three batchers: the first takes a message alone (idle) and holds it; what arrives
+    meanwhile goes to one of the others as one batch, not a message to each."""
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    batches: list[list[str]] = []
+    release = asyncio.Event()
+    in_flight, busy = InFlight(), Busy()
+
+    async def handle(batch: list[str]) -> None:
+        batches.append(batch)
+        if batch == ["a"]:
+            await release.wait()
+
+    async def nothing(batch: list[Any]) -> None:
+        return None
+
+    tasks = [asyncio.create_task(batcher(
+        "test", waiting, limit=3, linger=0.0, handle=handle, requeue=nothing,  # type: ignore[arg-type]
+        in_flight=in_flight, busy=busy, busy_linger=LONG)) for _ in range(3)]
+    try:
+        for name in "abcd":
+            in_flight.enter()
+            waiting.put_nowait(name)
+            await asyncio.sleep(0.01)
+        async def two() -> bool:
+            return len(batches) == 2
+
+        await eventually(two, timeout=5)
+        assert batches == [["a"], ["b", "c", "d"]]
+        release.set()
+        await asyncio.wait_for(in_flight.idle.wait(), timeout=5)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def test_a_poison_message_in_a_batch_fails_alone_in_the_harness(flow: InMemoryFlow) -> None:
+    flow.add(placement_worker(flow.settings))
+    messages = [flow.message("order.place", order_body("batch-1")),
+                flow.message("order.place", poisoned("batch-poison")),
+                flow.message("order.place", order_body("batch-2"))]
+    await flow.deliver(messages)  # one delivery: a batch, as a busy worker takes it
+    placed = await flow.pool.fetch("SELECT order_ref FROM orders ORDER BY order_ref")
+    assert [r["order_ref"] for r in placed] == ["batch-1", "batch-2"]
+    [dead] = flow.dead("placement")
+    assert flow.body_of(dead)["order_ref"] == "batch-poison"
+    assert "no-such-product" in dead.reason
+    # Each good message's effects are committed with its inbox row; the poison has none.
+    handled = {r["message_id"] for r in await flow.pool.fetch(
+        "SELECT message_id FROM inbox WHERE consumer = 'placement'")}
+    assert handled == {messages[0].message_id, messages[2].message_id}
+    assert all(m.processed for m in messages)  # every delivery settled: acked or dead-lettered
+
+
+class _SlowFirst(Middleware):
+    """Holds the first delivery a while, so the worker is busy when the next ones arrive."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    async def __call__(self, batch: Any, call_next: Any) -> None:
+        if self.first:
+            self.first = False
+            await asyncio.sleep(0.5)
+        await call_next(batch)
+
+
+async def test_group_commit_on_the_broker_poison_alone_and_idle_prompt(harness: Harness) -> None:
+    """On RabbitMQ, with a linger no test could wait out: a lone order on an idle worker is
+    screened promptly; orders arriving while it is busy share a batch, and the poison among
+    them is dead-lettered while the others are placed."""
+    s = harness.settings.model_copy(update={"worker_linger_ms": LONG * 1000, "worker_batch": 3,
+                                           "worker_concurrency": 2})
+    runtime = Runtime(s, middleware=[_SlowFirst()])
+    ready = asyncio.Event()
+    task = asyncio.create_task(runtime.serve([placement_worker(s), fraud_worker(s)], ready=ready))
+    await asyncio.wait_for(ready.wait(), timeout=30)
+    try:
+        await harness.publish("order.place", order_body("idle-1"))
+        await harness.screened("idle-1", timeout=15)  # not held for the 60 s linger
+        for ref in ("busy-1", "busy-2"):
+            await harness.publish("order.place", order_body(ref))
+        await harness.publish("order.place", poisoned("busy-poison"))
+        await harness.publish("order.place", order_body("busy-3"))
+        for ref in ("busy-1", "busy-2", "busy-3"):
+            await harness.screened(ref, timeout=15)
+        dead = await eventually(lambda: _dead(harness), timeout=15)
+        assert len(dead) == 1 and b"busy-poison" in dead[0].body
+        assert "no-such-product" in str(dead[0].headers[REASON_HEADER])
+        assert await harness.order("busy-poison") is None
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def _dead(harness: Harness) -> list[Any] | None:
+    return await harness.dead_letters("placement") or None

@@ -1,0 +1,225 @@
+"""The hot queries at scale (issue 15, target 1): on a history seeded with set-based SQL
+(40,000 orders of 15,000 clients, with items, invoices, payments, fraud checks, jobs and
+mails; a few Pending, Fraud, parked), each query the pipeline and the operator's commands
+run — the fraud facts (velocity by IP and client, the existing-client check), the client
+lookup by email at placement, the pending list, orders by client and by email, `show`, `failures` —
+is planned on indexes, never a sequential scan of orders, clients or the item tables.
+
+The code runs as it is, with its own SQL: it is handed a connection that plans (EXPLAIN,
+same parameters) each statement it is given, then runs it. How fast the queries are is
+measured in bench/, not here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from cli import views
+from services.fraud.facts import lock_with_facts, read_facts
+from services.placement.handlers import Publisher, _order_and_client
+from shared import db
+from shared.contracts import PlaceOrder
+
+ORDERS = 40_000
+CLIENTS = 15_000
+# Tables that grow with the history: none of them may be read whole by a hot query.
+GROWING = frozenset({"orders", "clients", "client_storefronts", "services", "domains",
+                     "invoices", "invoice_items", "payments", "fraud_checks", "order_history",
+                     "jobs", "emails"})
+
+SEED = [
+    # Clients of the anonymous storefront, linked to it as placement links them.
+    "INSERT INTO clients (email, storefront, country, created_at)"
+    " SELECT 'client' || g || '@seed.example', '', 'GB', now() - interval '10 years'"
+    " FROM generate_series(1, {clients}) g",
+    "INSERT INTO client_storefronts (storefront, client_id) SELECT '', id FROM clients",
+    # One order every ~2 hours going back nine years; an IP shared by about ten orders;
+    # mostly Active, 1 % Pending (the newest of them still queued, some with screening
+    # errors), 0.5 % Fraud, 3 % Cancelled.
+    "INSERT INTO orders (order_ref, order_number, client_id, status, screening, currency,"
+    " send_confirmation, generate_invoice, total, ip_address, storefront, created_at)"
+    " SELECT 'seed-' || g, 1000000000 + g, 1 + g % {clients},"
+    "  CASE WHEN g % 200 = 0 THEN 'Fraud' WHEN g % 100 = 0 THEN 'Pending'"
+    "       WHEN g % 33 = 0 THEN 'Cancelled' ELSE 'Active' END,"
+    "  CASE WHEN g % 100 = 0 AND g > {orders} - 500 THEN 'queued'"
+    "       WHEN g % 100 = 0 AND g % 700 = 0 THEN 'error' ELSE 'passed' END,"
+    "  'USD', true, true, 10, ('10.' || (g / 2560) % 256 || '.' || (g / 10) % 256 || '.1')::inet,"
+    "  '', now() - make_interval(mins => ({orders} - g) * 120)"
+    " FROM generate_series(1, {orders}) g",
+    "INSERT INTO services (order_id, product_id, billing_cycle, domain, status, amount, created_at)"
+    " SELECT o.id, (SELECT min(id) FROM products), 'monthly', 'seed' || o.id || '.example',"
+    "  CASE o.status WHEN 'Active' THEN 'Active' WHEN 'Pending' THEN 'Pending' ELSE 'Cancelled' END,"
+    "  10, o.created_at FROM orders o",
+    "INSERT INTO domains (order_id, domain, tld, action, years, status, amount, created_at)"
+    " SELECT o.id, 'seed' || o.id || '.com', 'com', 'register', 1, 'Active', 12, o.created_at"
+    " FROM orders o WHERE o.id % 5 = 0 AND o.status = 'Active'",
+    "INSERT INTO invoices (order_id, client_id, status, currency, subtotal, total, amount_paid,"
+    " created_at, paid_at)"
+    " SELECT id, client_id, CASE WHEN status = 'Active' THEN 'Paid' ELSE 'Unpaid' END, 'USD',"
+    "  10, 10, CASE WHEN status = 'Active' THEN 10 ELSE 0 END, created_at,"
+    "  CASE WHEN status = 'Active' THEN created_at END FROM orders",
+    "INSERT INTO invoice_items (invoice_id, kind, service_id, description, amount)"
+    " SELECT i.id, 'service', s.id, 'Hosting', 10 FROM invoices i JOIN services s USING (order_id)",
+    "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, invoice_id,"
+    " requested_invoice_id, status, message_id, received_at, applied_at)"
+    " SELECT 'seed', 'tx' || id, 10, '10', 'USD', id, id, 'applied', 'm' || id, paid_at, paid_at"
+    " FROM invoices WHERE status = 'Paid'",
+    "INSERT INTO payments (gateway, transaction_id, raw_amount, order_ref, status, reason,"
+    " message_id) SELECT 'seed', 'lost' || g, '5', 'nowhere-' || g, 'unapplied', 'no invoice',"
+    " 'lost' || g FROM generate_series(1, 20) g",
+    "INSERT INTO fraud_checks (order_id, provider, result, score, threshold, error, created_at)"
+    " SELECT id, 'local', CASE screening WHEN 'error' THEN 'error' ELSE 'passed' END,"
+    "  CASE WHEN screening = 'error' THEN NULL ELSE 5 END, 75,"
+    "  CASE WHEN screening = 'error' THEN 'provider timed out' END, created_at"
+    " FROM orders WHERE screening <> 'queued'",
+    "INSERT INTO order_history (order_id, at, actor, action, to_status)"
+    " SELECT id, created_at, 'placement', 'placed', 'Pending' FROM orders",
+    "INSERT INTO jobs (order_id, service_id, kind, status, attempts, last_error, created_at,"
+    " updated_at)"
+    " SELECT s.order_id, s.id, 'create', CASE WHEN s.id % 5000 = 1 THEN 'parked' ELSE 'done' END,"
+    "  1, CASE WHEN s.id % 5000 = 1 THEN 'server said no' END, s.created_at, s.created_at"
+    " FROM services s WHERE s.status = 'Active'",
+    "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id, status,"
+    " attempts, last_error, created_at, sent_at)"
+    " SELECT 'confirm:' || o.id, 'order_confirmation', 'client@seed.example', o.id,"
+    "  '<' || o.id || '@seed>', CASE WHEN o.id % 7000 = 0 THEN 'parked' ELSE 'sent' END, 1,"
+    "  CASE WHEN o.id % 7000 = 0 THEN 'mailbox full' END, o.created_at, o.created_at"
+    " FROM orders o",
+    "ANALYZE",
+]
+
+
+async def _seed(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in SEED:
+            await conn.execute(statement.format(orders=ORDERS, clients=CLIENTS))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def seeded_url(infra: Any) -> Iterator[str]:
+    """One seeded database for the module's tests (seeding takes seconds; the tests read)."""
+    from conftest import _database, _drop_database, _with_db
+
+    _, name = asyncio.run(_database(infra))
+    url = _with_db(infra.database_url, name)
+    asyncio.run(_seed(url))
+    yield url
+    asyncio.run(_drop_database(infra, name))
+
+
+class Explaining:
+    """A connection that plans every statement it is given (EXPLAIN, the same parameters) and
+    keeps the plan, then runs it: the code under test runs its own SQL."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.plans: list[tuple[str, dict[str, Any]]] = []
+
+    async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
+        plan = await self.conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+        self.plans.append((sql, (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]))
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        await self._plan(sql, args)
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        await self._plan(sql, args)
+        return await self.conn.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        await self._plan(sql, args)
+        return await self.conn.fetchval(sql, *args)
+
+
+def scans(plan: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
+    """Every node of a plan that reads a relation: (node type, relation, index)."""
+    found = []
+    if "Relation Name" in plan or "Index Name" in plan:
+        found.append((plan["Node Type"], plan.get("Relation Name"), plan.get("Index Name")))
+    for child in plan.get("Plans", []):
+        found += scans(child)
+    return found
+
+
+def assert_indexed(explaining: Explaining, *, expected: int) -> None:
+    """No plan reads a growing table whole, and each reads at least one through an index."""
+    assert len(explaining.plans) == expected, [sql for sql, _ in explaining.plans]
+    wrong = []
+    for sql, plan in explaining.plans:
+        read = scans(plan)
+        whole = [relation for node, relation, _ in read
+                 if node == "Seq Scan" and relation in GROWING]
+        indexed = [index for _, relation, index in read if index and relation in (GROWING | {None})]
+        if whole or not indexed:
+            wrong.append(f"{' '.join(sql.split())[:160]}: read whole {whole}, plan {read}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.fixture
+async def conn(seeded_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(seeded_url)
+    await db.init_connection(connection)  # jsonb as the pool reads it
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def test_fraud_facts_velocity_and_existing_client_use_indexes(
+    conn: asyncpg.Connection,
+) -> None:
+    explaining = Explaining(conn)
+    # The newest order of a client with an earlier Active one (an existing client).
+    latest = await conn.fetchval(
+        "SELECT max(o.id) FROM orders o WHERE o.id % 100 <> 0 AND EXISTS (SELECT 1 FROM orders x"
+        " WHERE x.client_id = o.client_id AND x.id < o.id AND x.status = 'Active')")
+    found = await read_facts(explaining, latest, timedelta(hours=24))
+    assert found is not None
+    _, facts = found
+    assert facts.orders_from_ip >= 1 and facts.orders_from_client >= 1
+    assert not facts.client_is_new  # the client's earlier orders were found (and counted)
+    async with conn.transaction():
+        assert await lock_with_facts(explaining, latest - 1, timedelta(hours=24)) is not None
+    assert_indexed(explaining, expected=2)
+
+
+async def test_client_lookup_by_email_at_placement_uses_an_index(conn: asyncpg.Connection) -> None:
+    explaining = Explaining(conn)
+    for email in ("CLIENT123@seed.example", "someone-new@seed.example"):
+        cmd = PlaceOrder.model_validate({
+            "order_ref": f"plan-{len(email)}", "client": {"email": email},
+            "items": [{"type": "product", "product": "starter", "billing_cycle": "monthly"}]})
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            existing, client_id, shared = await _order_and_client(explaining, cmd, Publisher(""))
+        finally:
+            await tx.rollback()  # the new client is not kept
+        assert existing is None and client_id is not None and not shared
+    assert_indexed(explaining, expected=2)
+
+
+async def test_operator_reads_use_indexes(conn: asyncpg.Connection) -> None:
+    explaining = Explaining(conn)
+    pending = await views.pending_orders(explaining, limit=50)
+    assert pending["pending"] and pending["more"] > 0
+    by_client = await views.list_orders(explaining, client="123", limit=50)
+    assert by_client and {o["client_id"] for o in by_client} == {123}
+    by_email = await views.list_orders(explaining, client="Client123@seed.example", limit=50)
+    assert [o["id"] for o in by_email] == [o["id"] for o in by_client]
+    found = await views.failures(explaining, stuck_seconds=600)
+    assert found["screening_errors"] and found["parked_setups"] and found["parked_emails"]
+    assert found["unapplied_payments"]
+    shown = await views.show_order(explaining, by_client[0]["id"])
+    assert shown is not None and shown["invoice"] and shown["payments"] and shown["fraud"]
+    assert_indexed(explaining, expected=3 + 5 + 7)
