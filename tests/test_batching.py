@@ -49,6 +49,27 @@ async def test_a_busy_worker_gathers_what_arrives_into_one_batch() -> None:
     assert batch == ["first", "second", "third"]
 
 
+async def test_a_lingering_batch_starts_as_soon_as_the_worker_falls_idle() -> None:
+    """Lingering is for company while another batch is in hand: when that batch ends, what has
+    been gathered starts at once instead of waiting out the rest of the linger."""
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("alone")
+    busy = Busy()
+    busy.start()  # another batch of the worker is in hand
+
+    async def finish_the_other_batch() -> None:
+        await asyncio.sleep(0.05)
+        busy.done()
+
+    finishing = asyncio.create_task(finish_the_other_batch())
+    batch = await asyncio.wait_for(
+        take_batch(waiting, 16, 0.0, busy=busy, busy_linger=LONG), timeout=5)  # type: ignore[arg-type]
+    await finishing
+    assert batch == ["alone"]
+    waiting.put_nowait("next")  # the queue still hands out what arrives after
+    assert await asyncio.wait_for(waiting.get(), timeout=1) == "next"
+
+
 async def test_batchers_take_turns_so_what_arrives_while_busy_shares_one_batch() -> None:
     """Three batchers: the first takes a message alone (idle) and holds it; what arrives
     meanwhile goes to one of the others as one batch, not a message to each."""

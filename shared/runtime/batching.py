@@ -46,9 +46,25 @@ class Busy:
 
     handling: int = 0
     collecting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set whenever no batch is in hand: a batcher lingering for company stops at once then,
+    # rather than holding what it has for the rest of its linger with nothing else running.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if self.handling == 0:
+            self.idle.set()
 
     def __bool__(self) -> bool:
         return self.handling > 0
+
+    def start(self) -> None:
+        self.handling += 1
+        self.idle.clear()
+
+    def done(self) -> None:
+        self.handling -= 1
+        if self.handling == 0:
+            self.idle.set()
 
 
 async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int,
@@ -59,9 +75,9 @@ async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int
     `limit`."""
     loop = asyncio.get_running_loop()
     batch = [await waiting.get()]
-    if busy:
-        linger = max(linger, busy_linger)
-    deadline = loop.time() + linger
+    started = loop.time()
+    lingering = busy is not None and bool(busy) and busy_linger > linger
+    deadline = started + (busy_linger if lingering else linger)
     while len(batch) < limit:
         if not waiting.empty():
             batch.append(waiting.get_nowait())
@@ -69,10 +85,26 @@ async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        try:
-            batch.append(await asyncio.wait_for(waiting.get(), remaining))
-        except TimeoutError:
-            break
+        if not lingering:
+            try:
+                batch.append(await asyncio.wait_for(waiting.get(), remaining))
+            except TimeoutError:
+                break
+            continue
+        assert busy is not None
+        # Busy: wait for another message or for the worker to fall idle, whichever first.
+        get = asyncio.ensure_future(waiting.get())
+        idle = asyncio.ensure_future(busy.idle.wait())
+        done, _ = await asyncio.wait({get, idle}, timeout=remaining,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        if get in done:
+            batch.append(get.result())
+        else:
+            get.cancel()  # asyncio.Queue.get gives its place to the next getter: nothing lost
+            if idle in done:  # nothing else in hand now: only the idle linger is left
+                lingering = False
+                deadline = started + linger
     return batch
 
 
@@ -86,12 +118,12 @@ async def batcher(service: str, waiting: asyncio.Queue[AbstractIncomingMessage],
     while True:
         async with busy.collecting:
             batch = await take_batch(waiting, limit, linger, busy=busy, busy_linger=busy_linger)
-            busy.handling += 1
+            busy.start()
         try:
             await handle(batch)
         except Exception:  # never lose the batcher: what is not settled goes back
             log.exception("batch handling failed", extra={"service": service})
             await requeue(batch)
         finally:
-            busy.handling -= 1
+            busy.done()
             in_flight.leave(len(batch))
