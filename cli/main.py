@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import asyncpg
@@ -39,6 +39,7 @@ from shared.orders import ORDER_STATUSES, add_history
 from shared.parties import Party, Publishers, amqp_user
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
+from shared.settings_parts import amqp_urls, hide_password
 from shared.topology import Names, declare_topology
 
 app = typer.Typer(help="Ordermill: the order back office for hosting providers.",
@@ -62,11 +63,7 @@ class UserError(Exception):
 
 
 def _hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    return hide_password(url)
 
 
 def settings() -> Settings:
@@ -124,7 +121,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except aiormq.exceptions.InvalidFrameError:
         # A refused virtual host: the broker closes the connection where aiormq waits for
         # Connection.OpenOk, and aiormq keeps not the broker's reason.
-        vhost = unquote(urlsplit(s.amqp_url).path.lstrip("/")) or "/"
+        vhost = unquote(urlsplit(amqp_urls(s.amqp_url)[0]).path.lstrip("/")) or "/"
         raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused to open virtual host"
                         f" {vhost!r}: is it there, and may user {_amqp_user(s) or 'guest'!r}"
                         " use it?") from None

@@ -39,7 +39,9 @@ from shared.settings_parts import (
     ScreeningSweepSettings,
     SmtpSettings,
     WhmSettings,
+    amqp_urls,
     amqp_user,
+    hide_password,
 )
 
 CommaList = Annotated[list[str], NoDecode]
@@ -50,7 +52,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True,
                                       env_ignore_empty=True)
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # One URL, or a cluster's nodes comma-separated (`amqp://u:p@rmq1/,amqp://u:p@rmq2/`): a
+    # connection goes to the first that answers and moves on when its node goes. Hidden from
+    # the repr: it carries the password.
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     # The AMQP password from a file (a Docker or Kubernetes secret), put into AMQP_URL: a
     # password in the environment shows in `docker inspect` and process listings.
     amqp_password_file: str | None = None
@@ -219,9 +224,19 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps") or not urlsplit(value).hostname:
-            raise ValueError(f"{value!r} is not an amqp:// or amqps:// URL with a host")
-        return value
+        urls = amqp_urls(value)
+        if not urls:
+            raise ValueError("no URL")
+        for url in urls:
+            if urlsplit(url).scheme not in ("amqp", "amqps") or not urlsplit(url).hostname:
+                raise ValueError(f"{hide_password(url)!r} is not an amqp:// or amqps:// URL"
+                                 " with a host")
+        # A worker publishes with its connection's user as user_id, which the broker checks:
+        # every node must be reached as the same user (and in the same virtual host).
+        if len({(urlsplit(url).username, urlsplit(url).path.strip("/")) for url in urls}) > 1:
+            raise ValueError("the URLs of AMQP_URL name different users or virtual hosts:"
+                             " a cluster's nodes are reached as one user, in one virtual host")
+        return ",".join(urls)
 
     @field_validator("database_url")
     @classmethod
@@ -258,12 +273,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _password_from_file(self) -> Settings:
         if self.amqp_password_file:
-            password = Path(self.amqp_password_file).read_text().strip()
-            parts = urlsplit(self.amqp_url)
-            user = parts.username or ""
-            host = parts.netloc.rpartition("@")[2]
-            netloc = f"{user}:{quote(password, safe='')}@{host}"
-            object.__setattr__(self, "amqp_url", urlunsplit(parts._replace(netloc=netloc)))
+            password = quote(Path(self.amqp_password_file).read_text().strip(), safe="")
+            filled = []
+            for url in amqp_urls(self.amqp_url):  # every node's URL
+                parts = urlsplit(url)
+                netloc = f"{parts.username or ''}:{password}@{parts.netloc.rpartition('@')[2]}"
+                filled.append(urlunsplit(parts._replace(netloc=netloc)))
+            object.__setattr__(self, "amqp_url", ",".join(filled))
         return self
 
     @property
