@@ -195,7 +195,8 @@ def migrate() -> None:
         connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         async with connection:
             await declare_topology(connection, Names(s.namespace),
-                                   delivery_limit=s.queue_delivery_limit)
+                                   delivery_limit=s.queue_delivery_limit,
+                                   replicas=s.queue_replicas)
         return created, applied
 
     created, applied = run_async(go())

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # A message over this is dead-lettered unread: an order is a few kilobytes.
     max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
+    # Replicas of each quorum queue when first declared (x-quorum-initial-group-size), for a
+    # cluster: 3 on three nodes. Unset: RabbitMQ's default. An existing queue keeps its own.
+    queue_replicas: int | None = Field(None, ge=1)
     startup_attempts: int = Field(30, gt=0)
     # A worker applies missing migrations at start (the quick start's one user). Off where
     # workers use a DML-only role: the owner runs `ordermill migrate`, workers only check.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from aiormq.exceptions import ChannelPreconditionFailed
 from pydantic import ValidationError
 
 from conftest import Harness, eventually, order_body
@@ -20,6 +21,7 @@ from shared.failover import FailoverConnection
 from shared.runtime import describe_validation_error
 from shared.settings import Settings
 from shared.settings_parts import amqp_urls, amqp_user, hide_password
+from shared.topology import Names, declare_topology
 from test_processes import Proxy, _free_port, through
 
 TWO = "amqp://svc:pw1@rmq1:5672/,amqp://svc:pw1@rmq2:5672/"
@@ -148,3 +150,25 @@ async def test_a_worker_moves_to_another_node_and_screens_what_comes_after(
         "SELECT count(*) FROM fraud_checks f JOIN orders o ON o.id = f.order_id"
         " WHERE o.order_ref LIKE 'fo-%'") == 40
     assert "trying the next" in caplog.text and "guest:guest" not in caplog.text
+
+
+async def test_queue_replicas_apply_to_new_queues_and_an_existing_queue_is_kept(
+    settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QUEUE_REPLICAS is the quorum queues' initial group size; a queue declared with another
+    one (or none) is kept as it is, with a warning, instead of refusing the worker's start."""
+    names = Names(settings.namespace)
+    connection = await broker.connect(settings.amqp_url, attempts=1)
+    try:
+        await declare_topology(connection, names, delivery_limit=20, replicas=1)
+        caplog.set_level(logging.WARNING, "ordermill.topology")
+        await declare_topology(connection, names, delivery_limit=20, replicas=1)
+        assert "replicas" not in caplog.text  # declared with a group size of 1: equivalent
+        await declare_topology(connection, names, delivery_limit=20, replicas=3)
+        kept = [r for r in caplog.records if "kept with the replicas" in r.getMessage()]
+        assert {r.queue for r in kept} == set(names.all_queues())  # type: ignore[attr-defined]
+        with pytest.raises(ChannelPreconditionFailed, match="x-delivery-limit"):
+            await declare_topology(connection, names, delivery_limit=21, replicas=1)
+        await declare_topology(connection, names, delivery_limit=20)  # unset: kept too
+    finally:
+        await connection.close()

@@ -107,7 +107,7 @@ class Runtime:
                 publisher = await broker.open_publisher(self.connection)
                 await declare_topology(self.connection, self.names,
                                        delivery_limit=s.queue_delivery_limit,
-                                       services=self._own_queues)
+                                       services=self._own_queues, replicas=s.queue_replicas)
                 self.exchange = await publisher.get_exchange(self.names.exchange)
                 self.dead_letter_exchange = await publisher.get_exchange(
                     self.names.dead_letter_exchange)
