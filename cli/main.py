@@ -152,7 +152,7 @@ def _first_line(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def database(s: Settings):  # -> AsyncIterator[asyncpg.Connection]
-    conn = await asyncpg.connect(s.database_url)
+    conn = await asyncpg.connect(s.database_url, statement_cache_size=s.statement_cache_size)
     await db.init_connection(conn)
     try:
         yield conn
@@ -186,8 +186,10 @@ def migrate() -> None:
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
     async def go() -> tuple[bool, list[str]]:
-        created = await db.ensure_database(s.database_url, attempts=s.startup_attempts)
-        pool = await db.create_pool(s.database_url, max_size=2, attempts=s.startup_attempts)
+        created = await db.ensure_database(s.direct_url, attempts=s.startup_attempts,
+                                           statement_cache_size=s.statement_cache_size)
+        pool = await db.create_pool(s.database_url, max_size=2, attempts=s.startup_attempts,
+                                    statement_cache_size=s.statement_cache_size)
         try:
             applied = await db.migrate(pool)
         finally:

@@ -294,7 +294,7 @@ class Runner:
 
     def __init__(self, queue: LeasedQueue,
                  work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
-                 database_url: str, concurrency: int, lane_concurrency: int,
+                 database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0) -> None:
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # password in the environment shows in `docker inspect` and process listings.
     amqp_password_file: str | None = None
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"
+    # Behind PgBouncer in transaction pooling (DATABASE_URL names PgBouncer): asyncpg's
+    # statement cache off, and no LISTEN through it (see `listen_url`).
+    db_pgbouncer: bool = False
+    # The database itself, not through a pooler: for LISTEN (the relay's, job runner's and
+    # mail sender's wake-ups) and creating the database. Unset: DATABASE_URL.
+    database_direct_url: str | None = None
     ordermill_namespace: str = Field("ordermill", pattern=r"^[A-Za-z0-9_.-]+$")
 
     fraud_provider: Literal["rules", "maxmind"] = "rules"
@@ -241,10 +247,10 @@ class Settings(BaseSettings):
                              " a cluster's nodes are reached as one user, in one virtual host")
         return ",".join(urls)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_direct_url")
     @classmethod
-    def _database_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgres", "postgresql"):
             raise ValueError(f"{urlsplit(value).scheme or value!r} is not a postgresql:// URL")
         return value
 
@@ -288,6 +294,26 @@ class Settings(BaseSettings):
     @property
     def namespace(self) -> str:
         return self.ordermill_namespace
+
+    @property
+    def statement_cache_size(self) -> int:
+        """asyncpg's prepared statement cache per connection: none behind PgBouncer, where a
+        statement prepared on one server connection is run on another."""
+        return 0 if self.db_pgbouncer else 100  # asyncpg's default
+
+    @property
+    def listen_url(self) -> str | None:
+        """Where the wake-ups LISTEN: a LISTEN belongs to a server session, which PgBouncer in
+        transaction pooling gives back after each transaction (its notifications go to no one).
+        DATABASE_DIRECT_URL if set; behind PgBouncer without it, none: timers only."""
+        if self.database_direct_url:
+            return self.database_direct_url
+        return None if self.db_pgbouncer else self.database_url
+
+    @property
+    def direct_url(self) -> str:
+        """The database itself, for what a pooler cannot pass (CREATE DATABASE)."""
+        return self.database_direct_url or self.database_url
 
     # The parts. Plain properties, built when asked (at a component's construction): a
     # cached one would survive `model_copy(update=...)` and hand out stale values.
