@@ -19,8 +19,9 @@ One run, on this machine, beside its own RabbitMQ (5672, node rabbit@<host>, nev
   no goodbye). The remaining two elect new leaders; worker-1 moves to its list's next node.
 
 Measured from the bench's database: orders lost, duplicated or screened twice; payments lost or
-recorded twice; paid setups not Active; and the gap in completions (order history rows and
-payments, by their transactions' times) across the kill: how long nothing was processed.
+recorded twice; paid setups not Active; and the stall across the kill: the longest stretch with
+no message handled (orders placed, screened, payments recorded, by their transactions' times)
+from the last one before the kill on.
 
 Run: PYTHONPATH=$PWD .venv/bin/python bench/cluster.py [--orders 2000] [--rate 20]
 The report is printed and written as JSON to bench/results/cluster.json.
@@ -171,13 +172,17 @@ class Options:
 
 
 async def completions(conn: asyncpg.Connection, refs: list[str]) -> list[float]:
-    """When the workers did something for the bench's orders: history rows (placed, screened,
-    paid, service created...) and payments recorded, by their transactions' times."""
+    """When a worker handled a message of the bench's orders from RabbitMQ, by its
+    transaction's time: an order placed (order.place), screened (order.placed), a payment
+    recorded (payment.received). Not the job runner's setups, which need no broker."""
     rows = await conn.fetch(
         "SELECT extract(epoch FROM h.at)::float8 AS t FROM order_history h"
-        " JOIN orders o ON o.id = h.order_id WHERE o.order_ref = ANY($1::text[])"
+        " JOIN orders o ON o.id = h.order_id"
+        " WHERE o.order_ref = ANY($1::text[]) AND h.action = 'placed'"
+        " UNION ALL SELECT extract(epoch FROM f.created_at)::float8 FROM fraud_checks f"
+        " JOIN orders o ON o.id = f.order_id WHERE o.order_ref = ANY($1::text[])"
         " UNION ALL SELECT extract(epoch FROM received_at)::float8 FROM payments"
-        " WHERE order_ref = ANY($1::text[]) OR transaction_id = ANY($2::text[])",
+        " WHERE transaction_id = ANY($2::text[])",
         refs, [f"chaos-{ref}" for ref in refs])
     return sorted(r["t"] for r in rows)
 
