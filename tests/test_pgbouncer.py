@@ -88,13 +88,18 @@ async def pgbouncer(upstream: str) -> AsyncIterator[int]:
         await eventually(listening, timeout=20)
         yield port
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)  # pgbouncer's immediate shutdown
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        # SIGINT, pgbouncer's immediate shutdown, to pgbouncer itself: runuser passes on no
+        # signal it is sent.
+        pidfile = home / "pgbouncer.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+            proc.kill()
+            await proc.wait()
         shutil.rmtree(home, ignore_errors=True)
 
 
