@@ -396,7 +396,8 @@ def exporter(
             await ex.serve(database_url=s.database_url, amqp_url=s.amqp_url,
                            namespace=s.namespace, host=listen[0], port=int(listen[1]),
                            cache_seconds=s.metrics_cache_seconds,
-                           startup_attempts=s.startup_attempts, stop=stop)
+                           startup_attempts=s.startup_attempts, stop=stop,
+                           statement_cache_size=s.statement_cache_size)
         except ex.ListenError as exc:
             raise UserError(str(exc)) from None
 

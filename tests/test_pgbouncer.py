@@ -21,10 +21,12 @@ import pytest
 from test_provisioning import pay, starter
 
 from conftest import Harness, _with_db, eventually
+from console.app import read_only_pool
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
 from shared import db
+from shared.errors import ConfigurationError
 from shared.settings import Settings
 from test_processes import _free_port
 
@@ -46,7 +48,7 @@ def test_behind_pgbouncer_the_cache_is_off_and_listen_goes_direct_or_nowhere() -
 
 
 @contextlib.asynccontextmanager
-async def pgbouncer(upstream: str) -> AsyncIterator[int]:
+async def pgbouncer(upstream: str, users: tuple[str, ...] = ()) -> AsyncIterator[int]:
     """PgBouncer, pool_mode=transaction, trust, on a free port; stopped after. It refuses to
     run as root: as the `postgres` user then, in a directory that user owns."""
     assert PGBOUNCER is not None
@@ -54,7 +56,7 @@ async def pgbouncer(upstream: str) -> AsyncIterator[int]:
     home = Path(tempfile.mkdtemp(prefix="ordermill-pgbouncer-"))
     port = _free_port()
     target = urlsplit(upstream)
-    (home / "userlist.txt").write_text('"postgres" ""\n')
+    (home / "userlist.txt").write_text("".join(f'"{u}" ""\n' for u in ("postgres", *users)))
     (home / "pgbouncer.ini").write_text(
         "[databases]\n"
         f"* = host={target.hostname} port={target.port or 5432}\n"
@@ -215,4 +217,37 @@ async def test_migrations_behind_pgbouncer_leave_no_lock_held(
                 await direct.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@needs_pgbouncer
+async def test_the_console_behind_pgbouncer_is_read_only_by_its_role_or_refuses_to_start(
+    db_settings: Settings,
+) -> None:
+    """PgBouncer passes no `default_transaction_read_only` start-up parameter on and shares
+    server sessions: behind it the console's read-only default must be its role's."""
+    role = f"om_console_{urlsplit(db_settings.database_url).path.rsplit('_', 1)[-1]}_{os.getpid()}"
+    admin = await asyncpg.connect(_with_db(db_settings.database_url, "postgres"))
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    await admin.execute(f'GRANT pg_read_all_data TO "{role}"')
+    await admin.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+    try:
+        async with pgbouncer(db_settings.database_url, users=(role,)) as port:
+            url = through_bouncer(db_settings.database_url, port)
+            as_postgres = db_settings.model_copy(update={"database_url": url, "db_pgbouncer": True})
+            with pytest.raises(ConfigurationError, match="ALTER ROLE postgres SET default_transa"):
+                await read_only_pool(as_postgres)
+            as_console = as_postgres.model_copy(update={
+                "database_url": url.replace("postgres@", f"{role}@", 1)})
+            pool = await read_only_pool(as_console)
+            try:
+                for _ in range(3):  # whichever server session a transaction lands on
+                    async with pool.acquire() as conn, conn.transaction():
+                        assert await conn.fetchval("SHOW transaction_read_only") == "on"
+                        assert await conn.fetchval("SELECT count(*) FROM products") > 0
+            finally:
+                await pool.close()
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()
