@@ -143,7 +143,8 @@ async def run_demo(s: Settings, console: Console, *, orders: int, rate: float,
     user = amqp_user(s.amqp_url)  # the broker checks it; the workers check who it is
     async with connection:
         channel = await broker.open_publisher(connection)
-        await declare_topology(connection, names, delivery_limit=s.queue_delivery_limit)
+        await declare_topology(connection, names, delivery_limit=s.queue_delivery_limit,
+                               replicas=s.queue_replicas)
         exchange = await channel.get_exchange(names.exchange)
         # Like a real storefront: its own queue bound to the events it cares about.
         listen = await connection.channel()

@@ -143,9 +143,11 @@ def exporter_registry(database: DatabaseGauges, queues: QueueGauges) -> Collecto
 
 async def serve(*, database_url: str, amqp_url: str, namespace: str, host: str, port: int,
                 cache_seconds: float, startup_attempts: int, stop: asyncio.Event,
-                ready: asyncio.Future[int] | None = None) -> None:
+                ready: asyncio.Future[int] | None = None,
+                statement_cache_size: int = 100) -> None:
     """Serve /metrics until `stop` is set; `ready` gets the port once it listens."""
-    pool = await db.create_pool(database_url, max_size=2, attempts=startup_attempts)
+    pool = await db.create_pool(database_url, max_size=2, attempts=startup_attempts,
+                                statement_cache_size=statement_cache_size)  # 0: PgBouncer
     connection: AbstractRobustConnection | None = None
     server: MetricsServer | None = None
     try:

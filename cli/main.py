@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import asyncpg
@@ -41,6 +41,7 @@ from shared.orders import ORDER_STATUSES, add_history
 from shared.parties import Party, Publishers, amqp_user
 from shared.runtime import Runtime, describe_validation_error
 from shared.settings import Settings
+from shared.settings_parts import amqp_urls, hide_password
 from shared.topology import Names, declare_topology
 
 app = typer.Typer(help="Ordermill: the order back office for hosting providers.",
@@ -66,11 +67,7 @@ class UserError(Exception):
 
 
 def _hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    return hide_password(url)
 
 
 def settings() -> Settings:
@@ -128,7 +125,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except aiormq.exceptions.InvalidFrameError:
         # A refused virtual host: the broker closes the connection where aiormq waits for
         # Connection.OpenOk, and aiormq keeps not the broker's reason.
-        vhost = unquote(urlsplit(s.amqp_url).path.lstrip("/")) or "/"
+        vhost = unquote(urlsplit(amqp_urls(s.amqp_url)[0]).path.lstrip("/")) or "/"
         raise UserError(f"RabbitMQ at {_hide_password(s.amqp_url)} refused to open virtual host"
                         f" {vhost!r}: is it there, and may user {_amqp_user(s) or 'guest'!r}"
                         " use it?") from None
@@ -159,7 +156,7 @@ def _first_line(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def database(s: Settings):  # -> AsyncIterator[asyncpg.Connection]
-    conn = await asyncpg.connect(s.database_url)
+    conn = await asyncpg.connect(s.database_url, statement_cache_size=s.statement_cache_size)
     await db.init_connection(conn)
     try:
         yield conn
@@ -193,8 +190,10 @@ def migrate() -> None:
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
     async def go() -> tuple[bool, list[str]]:
-        created = await db.ensure_database(s.database_url, attempts=s.startup_attempts)
-        pool = await db.create_pool(s.database_url, max_size=2, attempts=s.startup_attempts)
+        created = await db.ensure_database(s.direct_url, attempts=s.startup_attempts,
+                                           statement_cache_size=s.statement_cache_size)
+        pool = await db.create_pool(s.database_url, max_size=2, attempts=s.startup_attempts,
+                                    statement_cache_size=s.statement_cache_size)
         try:
             applied = await db.migrate(pool)
         finally:
@@ -202,7 +201,8 @@ def migrate() -> None:
         connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)
         async with connection:
             await declare_topology(connection, Names(s.namespace),
-                                   delivery_limit=s.queue_delivery_limit)
+                                   delivery_limit=s.queue_delivery_limit,
+                                   replicas=s.queue_replicas)
         return created, applied
 
     created, applied = run_async(go())
@@ -400,7 +400,8 @@ def exporter(
             await ex.serve(database_url=s.database_url, amqp_url=s.amqp_url,
                            namespace=s.namespace, host=listen[0], port=int(listen[1]),
                            cache_seconds=s.metrics_cache_seconds,
-                           startup_attempts=s.startup_attempts, stop=stop)
+                           startup_attempts=s.startup_attempts, stop=stop,
+                           statement_cache_size=s.statement_cache_size)
         except ex.ListenError as exc:
             raise UserError(str(exc)) from None
 

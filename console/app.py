@@ -23,6 +23,7 @@ from console.routes import auth, dashboard, order, orders
 from console.security import SecurityHeaders, SessionCodec
 from console.web import HERE, ConsoleState
 from shared import db
+from shared.errors import ConfigurationError
 from shared.settings import Settings
 from shared.settings_parts import ConsoleSettings
 
@@ -54,13 +55,34 @@ def describe_identity(settings: ConsoleSettings) -> None:
                 extra={"user": user})
 
 
+async def read_only_pool(settings: Settings):  # -> asyncpg.Pool
+    """The console's pool, read-only by default. Asked for when each connection starts; behind
+    PgBouncer (DB_PGBOUNCER), which passes no such start-up parameter on and shares server
+    sessions, it must be the database role's own default: checked, or the console refuses to
+    start (its role, then, is not the workers')."""
+    if not settings.db_pgbouncer:
+        return await db.create_pool(settings.database_url, max_size=POOL_SIZE,
+                                    attempts=settings.startup_attempts,
+                                    server_settings={"default_transaction_read_only": "on"})
+    pool = await db.create_pool(settings.database_url, max_size=POOL_SIZE,
+                                attempts=settings.startup_attempts, statement_cache_size=0)
+    async with pool.acquire() as conn:
+        read_only = await conn.fetchval("SELECT current_setting('default_transaction_read_only')")
+        user = await conn.fetchval("SELECT current_user")
+    if read_only != "on":
+        await pool.close()
+        raise ConfigurationError(
+            f"behind PgBouncer the console's read-only default must be its database role's:"
+            f" ALTER ROLE {user} SET default_transaction_read_only = on (a role of the"
+            " console's own: the workers write)")
+    return pool
+
+
 async def open_state(settings: Settings, *, publisher: Publisher | None = None) -> ConsoleState:
     part = settings.console
     # Read-only by default: the console reads orders; only its own sign-in bookkeeping
     # writes, in transactions that ask for it (console/accounts.py).
-    pool = await db.create_pool(settings.database_url, max_size=POOL_SIZE,
-                                attempts=settings.startup_attempts,
-                                server_settings={"default_transaction_read_only": "on"})
+    pool = await read_only_pool(settings)
     try:
         await db.ensure_schema(pool, migrate_on_start=False)
         if publisher is None:

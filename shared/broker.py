@@ -24,6 +24,9 @@ from tenacity import (
     wait_exponential,
 )
 
+from shared.failover import FailoverConnection, node_of
+from shared.settings_parts import amqp_urls
+
 log = logging.getLogger("ordermill.broker")
 
 
@@ -154,17 +157,45 @@ def retrying(attempts: int, *, also: type[BaseException] | None = None) -> Async
     )
 
 
-async def connect(amqp_url: str, *, attempts: int = 30) -> AbstractRobustConnection:
-    """A robust connection (it reconnects by itself), waiting bounded for the broker to come up."""
+# A node that does not answer at all (gone from the network, no refusal) is given up on after
+# this, for the next URL; aio-pika's default is to wait as long as TCP does (minutes).
+CONNECT_TIMEOUT = 10.0
+
+
+async def connect(amqp_url: str, *, attempts: int = 30,
+                  start: int = 0) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself), waiting bounded for the broker to come up.
+
+    `amqp_url` may be several URLs, comma-separated (a cluster's nodes): each attempt tries
+    them in order from `start` and keeps the first that answers; once connected, a lost node
+    sends the connection to the next one (shared/failover.py)."""
+    urls = amqp_urls(amqp_url)
     async for attempt in retrying(attempts):
         with attempt:
-            try:
-                return await aio_pika.connect_robust(amqp_url)
-            except StopAsyncIteration as exc:
-                # aiormq's frame reader, cut mid-handshake, ends so; raised in here it would
-                # end this `async for` as if the connection had been made.
-                raise aiormq.exceptions.AMQPConnectionError(
-                    "connection closed during the handshake") from exc
+            failed: BaseException | None = None
+            for n in range(len(urls)):
+                connection = FailoverConnection(urls, start=start + n)
+                try:
+                    await connection.connect(timeout=CONNECT_TIMEOUT)
+                    return connection
+                except StopAsyncIteration as exc:
+                    # aiormq's frame reader, cut mid-handshake, ends so; raised in here it
+                    # would end this `async for` as if the connection had been made.
+                    failed = aiormq.exceptions.AMQPConnectionError(
+                        "connection closed during the handshake")
+                    failed.__cause__ = exc
+                except TimeoutError as exc:
+                    failed = aiormq.exceptions.AMQPConnectionError(
+                        f"no answer from {node_of(connection.url)} within {CONNECT_TIMEOUT:g} s")
+                    failed.__cause__ = exc
+                except TRANSIENT_BROKER_ERRORS as exc:
+                    failed = exc
+                    if len(urls) > 1:
+                        log.warning("RabbitMQ node unreachable", extra={
+                            "node": node_of(connection.url), "error": repr(exc)})
+                await connection.close()
+            assert failed is not None
+            raise failed
     raise AssertionError("unreachable")
 
 

@@ -54,7 +54,10 @@ class SchemaNotReady(ConfigurationError):
     to) apply them: it refuses to start, in one line, rather than fail on every message."""
 
 
-_MIGRATION_LOCK = 7_311_204_517  # advisory lock key: one migrator at a time
+# Advisory lock key: one migrator at a time. Taken per migration, for its transaction
+# (pg_advisory_xact_lock): a session lock would be held by whichever server connection a pooler
+# in transaction mode (PgBouncer) ran it on, and released on another, that is never.
+_MIGRATION_LOCK = 7_311_204_517
 
 
 def _retrying(attempts: int) -> AsyncRetrying:
@@ -83,20 +86,23 @@ async def init_writable_connection(conn: asyncpg.Connection) -> None:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without the reset query: Ordermill leaves no session state behind
-    (no SET, no LISTEN on pooled connections, advisory locks released explicitly), and the
+    (no SET, no LISTEN on pooled connections, advisory locks only for a transaction), and the
     reset would cost a round trip per message. An open transaction is still rolled back."""
 
 
 async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30,
                       writable: bool = False,
-                      server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
+                      server_settings: dict[str, str] | None = None,
+                      statement_cache_size: int = 100) -> asyncpg.Pool:
     """A pool, waiting (bounded) for PostgreSQL to come up; with `writable`, for a server that
     takes writes (a worker's: after a failover the address may reach a standby for a while).
-    `server_settings` are each connection's (the console's read-only default)."""
+    `server_settings` are each connection's (the console's read-only default);
+    `statement_cache_size` 0 behind PgBouncer (Settings.statement_cache_size)."""
     async for attempt in _retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size,
+                statement_cache_size=statement_cache_size,
                 init=init_writable_connection if writable else init_connection,
                 # A connection that cannot be made in 10 s (a host gone from the network)
                 # fails like a refused one, so an outage is seen in seconds, not minutes.
@@ -113,7 +119,8 @@ def _split_database(database_url: str) -> tuple[str, str]:
     return admin, name
 
 
-async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
+async def ensure_database(database_url: str, *, attempts: int = 30,
+                          statement_cache_size: int = 100) -> bool:
     """Create the database named by the URL if it is missing. True when created.
 
     The database itself is tried first: a role that may only use it (a worker's DML-only
@@ -122,14 +129,15 @@ async def ensure_database(database_url: str, *, attempts: int = 30) -> bool:
     try:
         async for attempt in _retrying(attempts):
             with attempt:
-                conn = await asyncpg.connect(database_url)
+                conn = await asyncpg.connect(database_url,
+                                             statement_cache_size=statement_cache_size)
         await conn.close()
         return False
     except asyncpg.exceptions.InvalidCatalogNameError:
         pass  # missing: created below
     async for attempt in _retrying(attempts):
         with attempt:
-            conn = await asyncpg.connect(admin_url)
+            conn = await asyncpg.connect(admin_url, statement_cache_size=statement_cache_size)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if exists:
@@ -158,28 +166,28 @@ def _migration_files() -> list[tuple[str, str]]:
 
 
 async def migrate(pool: asyncpg.Pool) -> list[str]:
-    """Apply pending migrations in order, once, under an advisory lock."""
+    """Apply pending migrations in order, once: each in a transaction holding the migration
+    lock, which checks again that no other migrator applied it meanwhile."""
     applied_now: list[str] = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-        try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, sql in _migration_files():
-                if version in done:
+        for version, sql in _migration_files():
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                if await conn.fetchval(
+                        "SELECT 1 FROM schema_migrations WHERE version = $1", version):
                     continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
-                    )
-                applied_now.append(version)
-                log.info("migration applied", extra={"version": version})
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                )
+            applied_now.append(version)
+            log.info("migration applied", extra={"version": version})
     return applied_now
 
 

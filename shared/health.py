@@ -21,8 +21,10 @@ log = logging.getLogger("ordermill.runtime")
 class DatabaseWatch:
     """One per process: every batcher that meets an outage waits on the same probe."""
 
-    def __init__(self, database_url: str, stop: asyncio.Event) -> None:
+    def __init__(self, database_url: str, stop: asyncio.Event, *,
+                 statement_cache_size: int = 100) -> None:
         self._url = database_url
+        self._statement_cache_size = statement_cache_size
         self._stop = stop
         self._outage: asyncio.Task[bool] | None = None
         # Set once a probe failed, until one succeeds: a stopping worker then requeues what it
@@ -34,7 +36,8 @@ class DatabaseWatch:
         failover answers queries but is no better than a server that is down. Asked on a
         connection of its own: a pool busy with long transactions is no outage."""
         try:
-            conn = await asyncpg.connect(self._url, timeout=5)
+            conn = await asyncpg.connect(self._url, timeout=5,
+                                         statement_cache_size=self._statement_cache_size)
         except Exception:  # refused, unreachable, starting up, shutting down: not answering
             return False
         try:

@@ -317,7 +317,7 @@ class Runner:
 
     def __init__(self, queue: LeasedQueue,
                  work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
-                 database_url: str, concurrency: int, lane_concurrency: int,
+                 database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0,
                  linger_seconds: float = 0.0) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims

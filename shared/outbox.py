@@ -30,7 +30,7 @@ class OutboxRelay:
         self,
         pool: asyncpg.Pool,
         exchange: AbstractExchange,
-        database_url: str,
+        database_url: str | None,  # for its LISTEN (Settings.listen_url); None: timer only
         settings: RelaySettings,
         *,
         direct: AbstractExchange | None = None,

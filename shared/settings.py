@@ -41,7 +41,9 @@ from shared.settings_parts import (
     SmtpSettings,
     WebhookSettings,
     WhmSettings,
+    amqp_urls,
     amqp_user,
+    hide_password,
 )
 
 CommaList = Annotated[list[str], NoDecode]
@@ -52,11 +54,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True,
                                       env_ignore_empty=True)
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # One URL, or a cluster's nodes comma-separated (`amqp://u:p@rmq1/,amqp://u:p@rmq2/`): a
+    # connection goes to the first that answers and moves on when its node goes. Hidden from
+    # the repr: it carries the password.
+    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", repr=False)
     # The AMQP password from a file (a Docker or Kubernetes secret), put into AMQP_URL: a
     # password in the environment shows in `docker inspect` and process listings.
     amqp_password_file: str | None = None
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ordermill"
+    # Behind PgBouncer in transaction pooling (DATABASE_URL names PgBouncer): asyncpg's
+    # statement cache off, and no LISTEN through it (see `listen_url`).
+    db_pgbouncer: bool = False
+    # The database itself, not through a pooler: for LISTEN (the relay's, job runner's and
+    # mail sender's wake-ups) and creating the database. Unset: DATABASE_URL.
+    database_direct_url: str | None = None
     ordermill_namespace: str = Field("ordermill", pattern=r"^[A-Za-z0-9_.-]+$")
 
     fraud_provider: Literal["rules", "maxmind", "fraudlabspro"] = "rules"
@@ -108,6 +119,9 @@ class Settings(BaseSettings):
     # A message over this is dead-lettered unread: an order is a few kilobytes.
     max_message_bytes: int = Field(1_048_576, ge=1024)
     queue_delivery_limit: int = Field(20, ge=2)
+    # Replicas of each quorum queue when first declared (x-quorum-initial-group-size), for a
+    # cluster: 3 on three nodes. Unset: RabbitMQ's default. An existing queue keeps its own.
+    queue_replicas: int | None = Field(None, ge=1)
     startup_attempts: int = Field(30, gt=0)
     # A worker applies missing migrations at start (the quick start's one user). Off where
     # workers use a DML-only role: the owner runs `ordermill migrate`, workers only check.
@@ -297,14 +311,24 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps") or not urlsplit(value).hostname:
-            raise ValueError(f"{value!r} is not an amqp:// or amqps:// URL with a host")
-        return value
+        urls = amqp_urls(value)
+        if not urls:
+            raise ValueError("no URL")
+        for url in urls:
+            if urlsplit(url).scheme not in ("amqp", "amqps") or not urlsplit(url).hostname:
+                raise ValueError(f"{hide_password(url)!r} is not an amqp:// or amqps:// URL"
+                                 " with a host")
+        # A worker publishes with its connection's user as user_id, which the broker checks:
+        # every node must be reached as the same user (and in the same virtual host).
+        if len({(urlsplit(url).username, urlsplit(url).path.strip("/")) for url in urls}) > 1:
+            raise ValueError("the URLs of AMQP_URL name different users or virtual hosts:"
+                             " a cluster's nodes are reached as one user, in one virtual host")
+        return ",".join(urls)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_direct_url")
     @classmethod
-    def _database_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgres", "postgresql"):
             raise ValueError(f"{urlsplit(value).scheme or value!r} is not a postgresql:// URL")
         return value
 
@@ -336,17 +360,38 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _password_from_file(self) -> Settings:
         if self.amqp_password_file:
-            password = Path(self.amqp_password_file).read_text().strip()
-            parts = urlsplit(self.amqp_url)
-            user = parts.username or ""
-            host = parts.netloc.rpartition("@")[2]
-            netloc = f"{user}:{quote(password, safe='')}@{host}"
-            object.__setattr__(self, "amqp_url", urlunsplit(parts._replace(netloc=netloc)))
+            password = quote(Path(self.amqp_password_file).read_text().strip(), safe="")
+            filled = []
+            for url in amqp_urls(self.amqp_url):  # every node's URL
+                parts = urlsplit(url)
+                netloc = f"{parts.username or ''}:{password}@{parts.netloc.rpartition('@')[2]}"
+                filled.append(urlunsplit(parts._replace(netloc=netloc)))
+            object.__setattr__(self, "amqp_url", ",".join(filled))
         return self
 
     @property
     def namespace(self) -> str:
         return self.ordermill_namespace
+
+    @property
+    def statement_cache_size(self) -> int:
+        """asyncpg's prepared statement cache per connection: none behind PgBouncer, where a
+        statement prepared on one server connection is run on another."""
+        return 0 if self.db_pgbouncer else 100  # asyncpg's default
+
+    @property
+    def listen_url(self) -> str | None:
+        """Where the wake-ups LISTEN: a LISTEN belongs to a server session, which PgBouncer in
+        transaction pooling gives back after each transaction (its notifications go to no one).
+        DATABASE_DIRECT_URL if set; behind PgBouncer without it, none: timers only."""
+        if self.database_direct_url:
+            return self.database_direct_url
+        return None if self.db_pgbouncer else self.database_url
+
+    @property
+    def direct_url(self) -> str:
+        """The database itself, for what a pooler cannot pass (CREATE DATABASE)."""
+        return self.database_direct_url or self.database_url
 
     # The parts. Plain properties, built when asked (at a component's construction): a
     # cached one would survive `model_copy(update=...)` and hand out stale values.

@@ -16,14 +16,35 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
+def amqp_urls(amqp_url: str) -> list[str]:
+    """The URLs of AMQP_URL: one, or several comma-separated (a cluster's nodes, tried in
+    order; shared/broker.py). A comma cannot be part of an AMQP URL unescaped."""
+    return [url.strip() for url in amqp_url.split(",") if url.strip()]
+
+
 def amqp_user(amqp_url: str) -> str | None:
-    """The RabbitMQ user of a URL (`ops%40example.com` is the user ops@example.com)."""
-    return unquote(urlsplit(amqp_url).username or "") or None
+    """The RabbitMQ user of a URL, or of a list's first (settings check they all name the same
+    one): `ops%40example.com` is the user ops@example.com."""
+    first = (amqp_urls(amqp_url) or [""])[0]
+    return unquote(urlsplit(first).username or "") or None
+
+
+def hide_password(url: str) -> str:
+    """A URL (or a comma-separated list of them) with each password written `***`: for a
+    message or a log line."""
+    shown = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.password:
+            one = urlunsplit(parts._replace(
+                netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+        shown.append(one.strip())
+    return ",".join(shown)
 
 
 class Part(BaseModel):
@@ -37,7 +58,8 @@ class Part(BaseModel):
 class BrokerSettings(Part):
     """How to reach RabbitMQ, for a component with a connection of its own."""
 
-    amqp_url: str = Field(repr=False)  # may carry the password (AMQP_PASSWORD_FILE)
+    # One URL or several, comma-separated (a cluster's nodes); may carry the password.
+    amqp_url: str = Field(repr=False)
     namespace: str
     startup_attempts: int
 

@@ -82,9 +82,20 @@ class Names:
         return None
 
 
-def work_queue_arguments(names: Names, service: str, delivery_limit: int) -> dict[str, object]:
+# How many replicas a quorum queue gets when first declared (QUEUE_REPLICAS); unset, RabbitMQ's
+# default. Fixed at declaration: an existing queue keeps its members (see _declare_queue).
+GROUP_SIZE = "x-quorum-initial-group-size"
+
+
+def _replicas(replicas: int | None) -> dict[str, object]:
+    return {GROUP_SIZE: replicas} if replicas else {}
+
+
+def work_queue_arguments(names: Names, service: str, delivery_limit: int,
+                         replicas: int | None = None) -> dict[str, object]:
     return {
         "x-queue-type": "quorum",
+        **_replicas(replicas),
         # RabbitMQ 3.x has no default; a crash-caused redelivery counts too, so
         # the limit is high enough that only a poison message reaches it.
         "x-delivery-limit": delivery_limit,
@@ -108,16 +119,18 @@ async def declare_exchange(channel: AbstractChannel, names: Names) -> AbstractEx
 DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
 
 
-def dead_queue_arguments() -> dict[str, object]:
-    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
+def dead_queue_arguments(replicas: int | None = None) -> dict[str, object]:
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT,
+            **_replicas(replicas)}
 
 
 async def declare_topology(
     connection: AbstractConnection, names: Names, *, delivery_limit: int,
-    services: Sequence[str] | None = None,
+    services: Sequence[str] | None = None, replicas: int | None = None,
 ) -> None:
     """Declare exchanges, every work queue and its dead-letter queue; or, for a worker
-    with a RabbitMQ user of its own (which may configure nothing else), its own queues."""
+    with a RabbitMQ user of its own (which may configure nothing else), its own queues.
+    `replicas`: the quorum queues' initial group size (QUEUE_REPLICAS), for new queues."""
     channel = await connection.channel()
     try:
         exchange = await declare_exchange(channel, names)
@@ -127,33 +140,57 @@ async def declare_topology(
         for service, keys in SERVICE_BINDINGS.items():
             if services is not None and service not in services:
                 continue
-            queue = await channel.declare_queue(
-                names.queue(service),
-                durable=True,
-                arguments=work_queue_arguments(names, service, delivery_limit),
-            )
+            await _declare_queue(connection, names.queue(service),
+                                 work_queue_arguments(names, service, delivery_limit, replicas))
+            queue = await channel.get_queue(names.queue(service), ensure=False)
             for key in keys:
                 await queue.bind(exchange, routing_key=key)
-            await _declare_dead_queue(connection, names.dead_queue(service))
+            await _declare_dead_queue(connection, names.dead_queue(service), replicas)
             dead = await channel.get_queue(names.dead_queue(service), ensure=False)
             await dead.bind(dlx, routing_key=names.queue(service))
     finally:
         await channel.close()
 
 
-async def _declare_dead_queue(connection: AbstractConnection, name: str) -> None:
-    """On a channel of its own: a queue an older release declared without its delivery limit
-    refuses the new arguments (and the refusal closes the channel). It is kept as it is."""
+async def _declare_queue(connection: AbstractConnection, name: str,
+                         arguments: dict[str, object]) -> None:
+    """On a channel of its own (a refusal closes it). A queue declared before QUEUE_REPLICAS was
+    set (or with another value) refuses the group size: it is kept, with its members, and a
+    warning says how to change them (`rabbitmq-queues grow`); its other arguments are then not
+    compared. Any other refusal is raised."""
     channel = await connection.channel()
     try:
-        await channel.declare_queue(name, durable=True, arguments=dead_queue_arguments())
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        if GROUP_SIZE not in str(exc):
+            raise
+        log.warning("quorum queue kept with the replicas it was declared with; add members"
+                    " with `rabbitmq-queues grow NODE all` or `rabbitmq-queues add_member`",
+                    extra={"queue": name, "error": str(exc)})
+        # RabbitMQ compares the group size like any argument (a declaration without one
+        # is refused by a queue that has one): the queue exists, it is taken as it is.
+        retry = await connection.channel()
+        try:
+            await retry.declare_queue(name, passive=True)
+        finally:
+            await retry.close()
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _declare_dead_queue(connection: AbstractConnection, name: str,
+                              replicas: int | None = None) -> None:
+    """A queue an older release declared without its delivery limit refuses the new
+    arguments. It is kept as it is."""
+    try:
+        await _declare_queue(connection, name, dead_queue_arguments(replicas))
     except ChannelPreconditionFailed as exc:
         log.warning("dead-letter queue kept with the arguments it was declared with; on"
                     " RabbitMQ 4.x recreate it (when empty) so its dead letters are never dropped"
                     " after 20 looks", extra={"queue": name, "error": str(exc)})
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+
+
 async def delete_topology(channel: AbstractChannel, names: Names) -> None:
     """Remove everything of a namespace (tests clean up their own)."""
     for queue_name in names.all_queues():

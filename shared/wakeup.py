@@ -1,7 +1,9 @@
 """Wake a background loop when PostgreSQL says rows were committed (LISTEN/NOTIFY).
 
 One dedicated connection per listener, reopened when lost; the loops keep their timers,
-so nothing waits forever while LISTEN is down."""
+so nothing waits forever while LISTEN is down. With no URL (behind PgBouncer in transaction
+pooling and no DATABASE_DIRECT_URL: a LISTEN there hears nothing) there is no listener: the
+loops run on their timers alone (RELAY_SWEEP_SECONDS, JOB_POLL_SECONDS)."""
 
 from __future__ import annotations
 
@@ -16,14 +18,21 @@ log = logging.getLogger("ordermill.wakeup")
 
 
 class Wakeup:
-    def __init__(self, database_url: str, channel: str) -> None:
+    def __init__(self, database_url: str | None, channel: str) -> None:
         self.database_url = database_url
         self.channel = channel
         self.event = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
+        self._said_none = False
 
     async def ensure(self) -> None:
-        """Listen, if not listening already."""
+        """Listen, if not listening already (and there is somewhere to)."""
+        if self.database_url is None:
+            if not self._said_none:
+                log.info("no LISTEN behind PgBouncer without DATABASE_DIRECT_URL; the timer"
+                         " wakes this loop", extra={"channel": self.channel})
+                self._said_none = True
+            return
         if self._conn is not None and not self._conn.is_closed():
             return
         try:

@@ -50,7 +50,7 @@ async def _reset(smtp: aiosmtplib.SMTP) -> bool:
 
 
 class MailSender:
-    def __init__(self, mail: MailSettings, database_url: str) -> None:
+    def __init__(self, mail: MailSettings, database_url: str | None) -> None:
         """`mail` is the sender's part of the settings (SMTP_*, MAIL_FROM and the JOB_*
         queue policy); the database URL is for its wake-up connection (LISTEN)."""
         self.smtp = mail.smtp

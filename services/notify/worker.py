@@ -32,7 +32,7 @@ async def on_email(request: EmailSend, uow: UnitOfWork, *, domain: str) -> None:
 
 def worker(settings: Settings) -> WorkerSpec:
     mail = settings.mail
-    sender = MailSender(mail, settings.database_url)
+    sender = MailSender(mail, settings.listen_url)
     domain = mail.domain
 
     async def handle(request: EmailSend, uow: UnitOfWork) -> None:

@@ -61,7 +61,8 @@ class JobRunner:
     """Its policy is its part of the settings (JobSettings: the JOB_* variables); the
     database URL is for its wake-up connection (LISTEN), not a setting of its own."""
 
-    def __init__(self, providers: Providers, jobs: JobSettings, database_url: str) -> None:
+    def __init__(self, providers: Providers, jobs: JobSettings,
+                 database_url: str | None) -> None:
         self.providers = providers
         self.queue = LeasedQueue.from_settings(JOBS, jobs.queue)
         self.runner = Runner(self.queue, self.execute, database_url=database_url,

@@ -19,7 +19,7 @@ from shared.settings import Settings
 
 def worker(settings: Settings) -> WorkerSpec:
     providers = Providers(settings.providers)
-    runner = JobRunner(providers, settings.jobs, settings.database_url)
+    runner = JobRunner(providers, settings.jobs, settings.listen_url)
     payments = Payments(on_paid=reconcile_paid)
     events = OrderEvents(payments)
     dead = DeadPayments(settings.dead_payments)

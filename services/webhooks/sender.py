@@ -81,7 +81,7 @@ class Endpoint:
 
 
 class WebhookSender:
-    def __init__(self, hooks: WebhookSettings, database_url: str, *,
+    def __init__(self, hooks: WebhookSettings, database_url: str | None, *,
                  lookup: Lookup = system_lookup) -> None:
         """`hooks` is the webhooks' part of the settings; `lookup` resolves names (a test's
         own resolver stands in for DNS)."""

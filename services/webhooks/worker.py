@@ -26,7 +26,7 @@ async def on_event(event: Event, uow: UnitOfWork) -> None:
 
 
 def worker(settings: Settings) -> WorkerSpec:
-    sender = WebhookSender(settings.webhooks, settings.database_url)
+    sender = WebhookSender(settings.webhooks, settings.listen_url)
     # A route per routing key, each parsing into the key's own contract class (route()
     # derives the model from a handler's annotation; one handler serves every class here).
     routes = {key: Route(EVENTS[key], on_event) for key in EVENT_TYPES}

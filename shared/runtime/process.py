@@ -59,7 +59,8 @@ class Runtime:
         self._stop = asyncio.Event()
         self._inflight = InFlight()
         self._batchers: list[asyncio.Task[None]] = []
-        self.database = DatabaseWatch(settings.database_url, self._stop)
+        self.database = DatabaseWatch(settings.database_url, self._stop,
+                                      statement_cache_size=settings.statement_cache_size)
         self.publishers = Publishers.from_settings(settings.publishers)
         self.user = amqp_user(settings.amqp_url)  # the user_id this process publishes with
         # With a user per service (SERVICE_USERS), a worker may declare only its own queues;
@@ -88,9 +89,11 @@ class Runtime:
         s = self.settings
         log.info("starting", extra={"namespace": s.namespace})
         if s.migrate_on_start:
-            await db.ensure_database(s.database_url, attempts=s.startup_attempts)
+            await db.ensure_database(s.direct_url, attempts=s.startup_attempts,
+                                     statement_cache_size=s.statement_cache_size)
         self.pool = await db.create_pool(
-            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts, writable=True
+            s.database_url, max_size=s.db_pool_max, attempts=s.startup_attempts, writable=True,
+            statement_cache_size=s.statement_cache_size,
         )
         # Migrations applied only when missing and allowed: a DML-only role starts on a
         # current schema, and refuses in one line on one that is not.
@@ -107,7 +110,7 @@ class Runtime:
                 publisher = await broker.open_publisher(self.connection)
                 await declare_topology(self.connection, self.names,
                                        delivery_limit=s.queue_delivery_limit,
-                                       services=self._own_queues)
+                                       services=self._own_queues, replicas=s.queue_replicas)
                 self.exchange = await publisher.get_exchange(self.names.exchange)
                 self.dead_letter_exchange = await publisher.get_exchange(
                     self.names.dead_letter_exchange)
@@ -148,7 +151,7 @@ class Runtime:
         tasks: list[asyncio.Task[None]] = []
         if relay:
             outbox = OutboxRelay(
-                self.pool, self.exchange, self.settings.database_url, self.settings.relay,
+                self.pool, self.exchange, self.settings.listen_url, self.settings.relay,
                 direct=self.direct_exchange, user_id=self.user, sources=self._relayed_sources(workers),
             )
             tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
