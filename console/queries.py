@@ -254,3 +254,57 @@ async def order_heads(conn: asyncpg.Connection, ids: list[int]) -> list[dict[str
         "SELECT o.id, o.order_ref, o.status, o.total, o.currency, c.email FROM orders o"
         " JOIN clients c ON c.id = o.client_id WHERE o.id = ANY($1::bigint[]) ORDER BY o.id",
         ids)]
+
+
+# -- the module queue ---------------------------------------------------------------------------
+
+_JOB = (
+    "j.id, j.order_id, j.kind, j.status, j.attempts, j.last_error, j.lane, j.created_at,"
+    " j.updated_at, j.service_id, j.domain_id, o.order_ref, o.status AS order_status,"
+    " coalesce(s.domain, d.domain) AS item, p.slug AS product"
+    " FROM jobs j JOIN orders o ON o.id = j.order_id"
+    " LEFT JOIN services s ON s.id = j.service_id LEFT JOIN products p ON p.id = s.product_id"
+    " LEFT JOIN domains d ON d.id = j.domain_id"
+)
+
+
+async def parked_jobs(conn: asyncpg.Connection, *, after: int | None = None,
+                      limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """Parked jobs oldest first, a keyset page on jobs_parked_idx."""
+    rows = await conn.fetch(
+        f"SELECT {_JOB} WHERE j.status = 'parked' AND j.id > $1 ORDER BY j.id LIMIT {limit + 1}",
+        after or 0)
+    return {"jobs": [dict(r) for r in rows[:limit]], "more": len(rows) > limit,
+            "last_id": rows[min(len(rows), limit) - 1]["id"] if rows else None,
+            "count": await capped_count(conn, "SELECT 1 FROM jobs WHERE status = 'parked'")}
+
+
+async def job(conn: asyncpg.Connection, job_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(f"SELECT {_JOB} WHERE j.id = $1", job_id)
+    return dict(row) if row else None
+
+
+async def orders_with_parked(conn: asyncpg.Connection, *, limit: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(
+        "SELECT j.order_id, min(j.id) AS id, o.order_ref, count(*) AS parked FROM jobs j"
+        " JOIN orders o ON o.id = j.order_id WHERE j.status = 'parked'"
+        f" GROUP BY j.order_id, o.order_ref ORDER BY min(j.id) LIMIT {limit}")]
+
+
+# -- payments -----------------------------------------------------------------------------------
+
+async def unapplied_payments(conn: asyncpg.Connection, *, after: int | None = None,
+                             limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """Unapplied payments oldest first, with what each waits for (payments.waiting_for)."""
+    rows = await conn.fetch(
+        "SELECT p.id, p.gateway, p.transaction_id, p.amount, p.raw_amount, p.currency,"
+        " p.requested_invoice_id, p.order_ref, p.publisher, p.reason, p.waiting_for, p.trusted,"
+        " p.dead_letter, p.received_at, p.message_id,"
+        " (SELECT o.id FROM orders o WHERE o.order_ref = p.order_ref ORDER BY o.id LIMIT 1)"
+        "   AS order_id"
+        " FROM payments p WHERE p.status = 'unapplied' AND p.id > $1"
+        f" ORDER BY p.id LIMIT {limit + 1}", after or 0)
+    return {"payments": [dict(r) for r in rows[:limit]], "more": len(rows) > limit,
+            "last_id": rows[min(len(rows), limit) - 1]["id"] if rows else None,
+            "count": await capped_count(
+                conn, "SELECT 1 FROM payments WHERE status = 'unapplied'")}
