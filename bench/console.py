@@ -76,13 +76,18 @@ async def prepare(url: str, shape: Shape) -> None:
         await db.migrate(pool)
         async with pool.acquire() as conn:
             await load_catalog(conn, read_catalog(ROOT / "catalog.example.toml"))
-            print(f"seeding {shape.orders:,} orders, {shape.clients:,} clients ...", flush=True)
-            await seed(conn, shape)
             await conn.execute(
                 "INSERT INTO operators (name, role, password_hash) VALUES ('bench', 'reviewer', $1)",
                 await accounts.hash_password(PASSWORD))
     finally:
         await pool.close()
+    # A connection of its own: a statement of a million rows outlasts the pool's timeout.
+    conn = await asyncpg.connect(url)
+    try:
+        print(f"seeding {shape.orders:,} orders, {shape.clients:,} clients ...", flush=True)
+        await seed(conn, shape)
+    finally:
+        await conn.close()
 
 
 async def pages(conn: asyncpg.Connection, shape: Shape) -> list[tuple[str, list[str]]]:
