@@ -100,7 +100,7 @@ SELECT i / 2, i, 'site' || i || '.com', 'com', 'register', 2,
   CASE o.status WHEN 'Active' THEN 'Active' WHEN 'Pending' THEN 'Pending' ELSE o.status END,
   24.00, o.created_at, CASE WHEN o.status = 'Active' THEN o.created_at END
 FROM generate_series(2, {n}, 2) i JOIN orders o ON o.id = i"""),
-        ("invoices", f"""
+        ("invoices", """
 INSERT INTO invoices (id, order_id, client_id, status, currency, subtotal, total, created_at,
     paid_at, amount_paid)
 SELECT o.id, o.id, o.client_id,
@@ -115,7 +115,7 @@ SELECT i, 'service', i, NULL, 'Hosting site' || i || '.example (monthly)', 4.95 
 UNION ALL
 SELECT i, 'domain', NULL, i / 2, 'Domain registration site' || i || '.com (2 years)', 24.00
 FROM generate_series(2, {n}, 2) i"""),
-        ("payments", f"""
+        ("payments", """
 INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, invoice_id,
     requested_invoice_id, order_ref, publisher, status, message_id, received_at, applied_at)
 SELECT 'stripe', 'ch_' || o.id, o.total, o.total::text, 'USD', o.id, o.id, o.order_ref,
@@ -131,24 +131,24 @@ SELECT 'stripe', 'ch_lost_' || i, 12.95, '12.95', 'USD', 'shop-missing-' || i, '
   CASE WHEN i % 3 = 0 THEN 'review' ELSE 'order' END, true, 'seed-lost-' || i,
   now() - make_interval(mins => i)
 FROM generate_series(1, {s.unapplied}) i"""),
-        ("fraud checks", f"""
+        ("fraud checks", """
 INSERT INTO fraud_checks (order_id, provider, result, score, threshold, reasons, raw, created_at)
 SELECT o.id, 'rules', CASE o.screening WHEN 'queued' THEN 'skipped' ELSE o.screening END,
   CASE WHEN o.status = 'Fraud' THEN 60 ELSE (o.id % 17)::numeric END, 20,
   CASE WHEN o.status = 'Fraud' THEN
-    '[{{"code": "banned_ip", "points": 60, "description": "IP address is banned"}}]'::jsonb
-  ELSE '[]'::jsonb END, '{{"provider": "rules"}}'::jsonb, o.created_at + interval '1 second'
+    '[{"code": "banned_ip", "points": 60, "description": "IP address is banned"}]'::jsonb
+  ELSE '[]'::jsonb END, '{"provider": "rules"}'::jsonb, o.created_at + interval '1 second'
 FROM orders o"""),
-        ("history", f"""
+        ("history", """
 INSERT INTO order_history (order_id, at, actor, action, from_status, to_status, detail)
-SELECT o.id, o.created_at, 'shop', 'placed', NULL, 'Pending', '{{}}'::jsonb FROM orders o
+SELECT o.id, o.created_at, 'shop', 'placed', NULL, 'Pending', '{}'::jsonb FROM orders o
 UNION ALL
 SELECT o.id, o.created_at + interval '1 second', 'fraud', 'screening', 'Pending',
-  CASE WHEN o.status = 'Fraud' THEN 'Fraud' ELSE 'Pending' END, '{{}}'::jsonb FROM orders o
+  CASE WHEN o.status = 'Fraud' THEN 'Fraud' ELSE 'Pending' END, '{}'::jsonb FROM orders o
 UNION ALL
 SELECT o.id, o.created_at + interval '1 hour',
   (ARRAY['alice', 'bob', 'carol'])[1 + o.id % 3],
-  CASE o.status WHEN 'Active' THEN 'accept' ELSE 'cancel' END, 'Pending', o.status, '{{}}'::jsonb
+  CASE o.status WHEN 'Active' THEN 'accept' ELSE 'cancel' END, 'Pending', o.status, '{}'::jsonb
 FROM orders o WHERE o.status IN ('Active', 'Cancelled')"""),
         ("jobs", f"""
 INSERT INTO jobs (order_id, service_id, kind, status, attempts, last_error, lane, created_at,
