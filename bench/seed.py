@@ -186,10 +186,12 @@ async def seed(conn: asyncpg.Connection, shape: Shape = Shape(), *,
     for table, sequence in SEQUENCES.items():
         await conn.execute(f"SELECT setval('{sequence}', (SELECT max(id) FROM {table}))")
     t0 = time.monotonic()
-    await conn.execute("ANALYZE")
+    # As autovacuum leaves a database that has lived: statistics, and the visibility map
+    # set, so index-only scans need not visit the heap.
+    await conn.execute("VACUUM ANALYZE")
     took["analyze"] = time.monotonic() - t0
     took["total"] = time.monotonic() - started
-    progress(f"  analyze in {took['analyze']:.1f} s; seeded in {took['total']:.0f} s")
+    progress(f"  vacuum analyze in {took['analyze']:.1f} s; seeded in {took['total']:.0f} s")
     return took
 
 

@@ -125,9 +125,13 @@ async def show_order(conn: asyncpg.Connection, order_id: int) -> dict[str, Any] 
         )
     ]
     payments = [_payment_row(r) for r in await conn.fetch(
-        "SELECT p.* FROM payments p LEFT JOIN invoices i ON i.id = p.invoice_id"
-        " WHERE i.order_id = $1 OR (p.order_ref = $2 AND p.invoice_id IS NULL)"
-        "  OR p.requested_invoice_id = (SELECT id FROM invoices WHERE order_id = $1)"
+        # Applied to its invoice, waiting for its ref, or naming its invoice: three index
+        # lookups (migration 0019), not one OR over every payment.
+        "WITH inv AS (SELECT id FROM invoices WHERE order_id = $1)"
+        " SELECT p.* FROM payments p WHERE p.id IN ("
+        "  SELECT id FROM payments WHERE invoice_id = (SELECT id FROM inv)"
+        "  UNION SELECT id FROM payments WHERE order_ref = $2 AND invoice_id IS NULL"
+        "  UNION SELECT id FROM payments WHERE requested_invoice_id = (SELECT id FROM inv))"
         " ORDER BY p.id", order_id, o["order_ref"])]
     invoice = None
     inv = await conn.fetchrow("SELECT * FROM invoices WHERE order_id = $1", order_id)

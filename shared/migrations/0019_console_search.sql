@@ -9,3 +9,9 @@ CREATE INDEX clients_full_prefix_idx
 CREATE INDEX clients_company_prefix_idx ON clients (lower(company) text_pattern_ops)
     WHERE company IS NOT NULL;
 CREATE INDEX payments_unapplied_idx ON payments (id) WHERE status = 'unapplied';
+-- An order's page (the console's and `ordermill show`): its invoice lines, and its payments
+-- found three ways (applied to its invoice, waiting for its ref, naming its invoice), each by
+-- an index instead of a scan of every line and every payment.
+CREATE INDEX invoice_items_invoice_idx ON invoice_items (invoice_id, id);
+CREATE INDEX payments_requested_invoice_idx ON payments (requested_invoice_id);
+CREATE INDEX payments_ref_unapplied_idx ON payments (order_ref) WHERE invoice_id IS NULL;
