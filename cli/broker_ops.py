@@ -84,7 +84,7 @@ def _lost_secrets(body: bytes) -> bool:
         return False
 
 
-def _shown_body(body: bytes) -> str:
+def shown_body(body: bytes) -> str:
     """The body as an operator may see it: secrets redacted (the message keeps them). One too
     deep to read is shown raw, cut short."""
     text = body.decode(errors="replace")
@@ -116,7 +116,7 @@ async def dead_letters(
                     "routing_key": key,
                     "reason": dl.reason(message),
                     "dead_at": dl.dead_at(message),
-                    "body": _shown_body(message.body),
+                    "body": shown_body(message.body),
                     **({"not_replayable": why_not} if key is None else {}),
                 })
         finally:
@@ -137,10 +137,12 @@ class Replay:
 async def replay_dead_letters(
     connection: AbstractRobustConnection, names: Names, which: str | None, *, limit: int,
     user_id: str | None = None, service_users: frozenset[str] = frozenset(),
+    message_id: str | None = None,
 ) -> Replay:
     """Publish dead letters back to the exchange with their first routing key and message id,
     as `user_id` (an operator) for their first publisher: the worker checks that publisher's
-    rights, not the operator's (a storefront's order replayed is still the storefront's)."""
+    rights, not the operator's (a storefront's order replayed is still the storefront's).
+    With `message_id`, only that one (the console's Replay button); the others stay."""
     result = Replay()
     publisher = await broker.open_publisher(connection)
     exchange = await publisher.get_exchange(names.exchange)
@@ -158,25 +160,27 @@ async def replay_dead_letters(
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                message_id = dl.text(message.message_id, 300) or "?"
+                if message_id is not None and message.message_id != message_id:
+                    continue  # left unacknowledged: back in its queue when the channel closes
+                shown_id = dl.text(message.message_id, 300) or "?"
                 if dl.by_broker(message) and dl.death_reason(message) == "expired":
                     await message.ack()
-                    result.discarded.append(message_id)
+                    result.discarded.append(shown_id)
                     continue
                 # Left unacknowledged, each refusal below: back in its queue when the channel
                 # closes (and not fetched again meanwhile: `present` bounds the loop).
                 if _lost_secrets(message.body):
                     # Its secrets (an EPP code) were blanked when it was dead-lettered: replayed,
                     # the transfer would fail at the registrar. Left for an operator to place again.
-                    result.failed.append((message_id, "its secrets were redacted when"
+                    result.failed.append((shown_id, "its secrets were redacted when"
                                           " it was dead-lettered: place the order again with them"))
                     continue
                 key, why_not = _original_key(message, service)
                 if key is None:
-                    result.failed.append((message_id, why_not))
+                    result.failed.append((shown_id, why_not))
                     continue
                 if problem := _unsendable(message):
-                    result.failed.append((message_id, problem))
+                    result.failed.append((shown_id, problem))
                     continue
                 # Only the headers Ordermill writes: the runtime's x-ordermill-* describe the
                 # dead letter, not the message; anything else is the publisher's.
@@ -197,7 +201,7 @@ async def replay_dead_letters(
                     await broker.publish(exchange, key, copy)
                 except (DeliveryError, PublishError) as exc:  # no queue takes that key
                     # Left unacknowledged: back in its queue when the channel closes.
-                    result.failed.append((message_id, f"{key!r}: {exc}"))
+                    result.failed.append((shown_id, f"{key!r}: {exc}"))
                     continue
                 await message.ack()
                 result.replayed += 1

@@ -70,7 +70,10 @@ def plan_users(names: Names, *, storefronts: list[str], gateways: list[str],
     for service, keys in SERVICE_BINDINGS.items():
         own = re.escape(names.queue(service))
         queues = (own, own + r"\.dead")
-        writes = (ns, dlx, *queues) + (("amq\\.default",) if service == "review" else ())
+        # Review answers commands, placement an order.place that named a reply queue: both
+        # through the default exchange, to the sender's amq.gen-* queue.
+        replies = service in ("review", "placement")
+        writes = (ns, dlx, *queues) + (("amq\\.default",) if replies else ())
         users.append(BrokerUser(
             f"{prefix}-{service}", Party.SERVICE, _any(ns, dlx, *queues), _any(*writes),
             _any(ns, dlx, *queues), _keys(SERVICE_EMITS[service]), _keys(keys), service))

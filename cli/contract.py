@@ -24,14 +24,21 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from shared.contracts import EVENTS, PaymentReceived, PlaceOrder, ReviewCommand, ReviewReply
+from shared.contracts import (
+    EVENTS,
+    PaymentReceived,
+    PlaceOrder,
+    PlaceReply,
+    ReviewCommand,
+    ReviewReply,
+)
 from shared.parties import OPERATORS, PAYERS, PLACERS, Party
 from shared.topology import SERVICE_BINDINGS, SERVICE_EMITS, Names
 
 # The contract's version (AsyncAPI `info.version`): 1.0.0 was the design as first written;
 # 1.1.0 is issue 11's least privilege (docs/contract.md, section 9 "Changes"). Raise it with
 # every change listed there.
-CONTRACT_VERSION = "1.4.0"
+CONTRACT_VERSION = "1.5.0"
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -65,6 +72,12 @@ LISTENERS: dict[Party, tuple[str, ...]] = {
 }
 
 REPLY_CHANNEL = "review.reply"
+PLACE_REPLY_CHANNEL = "order.place.reply"
+# The answers sent to a command's `reply_to` queue: channel -> (the command, its answer).
+REPLY_CHANNELS: dict[str, tuple[str, type[BaseModel]]] = {
+    REPLY_CHANNEL: ("review.command", ReviewReply),
+    PLACE_REPLY_CHANNEL: ("order.place", PlaceReply),
+}
 
 
 def routing_keys() -> list[str]:
@@ -76,8 +89,8 @@ def routing_keys() -> list[str]:
 
 
 def model_of(key: str) -> type[BaseModel]:
-    if key == REPLY_CHANNEL:
-        return ReviewReply
+    if key in REPLY_CHANNELS:
+        return REPLY_CHANNELS[key][1]
     if key in COMMANDS:
         return COMMANDS[key].model
     if key in EVENTS:
@@ -130,9 +143,10 @@ def _ref(*parts: str) -> dict[str, str]:
     return {"$ref": "#/" + "/".join(escaped)}
 
 
-def _message(key: str | None, model: type[BaseModel], description: str) -> dict[str, Any]:
+def _message(key: str | None, model: type[BaseModel], description: str,
+             channel: str = REPLY_CHANNEL) -> dict[str, Any]:
     message: dict[str, Any] = {
-        "name": key or REPLY_CHANNEL,
+        "name": key or channel,
         "title": model.__name__,
         "summary": description,
         "contentType": "application/json",
@@ -193,7 +207,7 @@ def asyncapi(namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
     keys = routing_keys()
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (model_of(key), mode_of(key)) for key in keys]
-    models.append((ReviewReply, "serialization"))
+    models += [(model, "serialization") for _, model in REPLY_CHANNELS.values()]
     refs, defs = models_json_schema(
         models, ref_template="#/components/schemas/{model}")
     schemas = _asyncapi_schema(defs.get("$defs", {}))
@@ -246,26 +260,29 @@ def asyncapi(namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
                 "tags": [{"name": owner}],
                 "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING_VERSION}},
             }
-            if key == "review.command":
+            replies = [(c, m) for c, (command, m) in REPLY_CHANNELS.items() if command == key]
+            for channel, reply in replies:
                 operation["reply"] = {
                     "address": {"location": "$message.header#/reply_to",
                                 "description": "The sender's own reply queue (`amq.gen-...`"
                                                " or `amq.rabbitmq.reply-to`)."},
-                    "channel": _ref("channels", REPLY_CHANNEL),
-                    "messages": [_ref("channels", REPLY_CHANNEL, "messages", "ReviewReply")],
+                    "channel": _ref("channels", channel),
+                    "messages": [_ref("channels", channel, "messages", reply.__name__)],
                 }
             operations[f"{owner}.receive.{key}"] = operation
 
-    # The review service's answer: sent through the default exchange to `reply_to`.
-    messages["ReviewReply"] = _message(None, ReviewReply, " ".join(
-        (ReviewReply.__doc__ or "").split()))
-    channels[REPLY_CHANNEL] = {
-        "address": None,
-        "title": "review command replies",
-        "summary": "The answer to a review.command, sent to its `reply_to` queue with the"
-                   " request's correlation_id.",
-        "messages": {"ReviewReply": _ref("components", "messages", "ReviewReply")},
-    }
+    # The answers (review's, placement's): sent through the default exchange to `reply_to`.
+    for channel, (command, reply) in REPLY_CHANNELS.items():
+        name = reply.__name__
+        messages[name] = _message(None, reply, " ".join((reply.__doc__ or "").split()),
+                                  channel)
+        channels[channel] = {
+            "address": None,
+            "title": f"{command} replies",
+            "summary": f"The answer to a {command}, sent to its `reply_to` queue with the"
+                       " request's correlation_id.",
+            "messages": {name: _ref("components", "messages", name)},
+        }
 
     return {
         "asyncapi": ASYNCAPI_VERSION,
@@ -306,7 +323,7 @@ def files(namespace: str = DEFAULT_NAMESPACE, *, yaml: bool = False) -> dict[str
     """Every file `ordermill contract --out DIR` writes, by path relative to DIR."""
     document = asyncapi(namespace)
     out = {("asyncapi.yaml" if yaml else "asyncapi.json"): render(document, yaml=yaml)}
-    for key in [*routing_keys(), REPLY_CHANNEL]:
+    for key in [*routing_keys(), *REPLY_CHANNELS]:
         out[f"schemas/{key}.json"] = dumps(json_schema(key))
     return out
 

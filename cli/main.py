@@ -24,12 +24,11 @@ import asyncpg
 import typer
 from aio_pika.exceptions import PublishError
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
-from cli import broker_ops, views
+from cli import broker_ops, tables, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from cli.fraud import fraud_app
 from cli.sandbox import sandbox_app
@@ -168,14 +167,10 @@ def emit_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
-    t = Table(title=Text(views.printable(title)), title_justify="left")
-    for column in columns:
-        t.add_column(column)
-    for row in rows:  # cells as plain text: a client's or a server's words are not markup, and
-        # their control characters are shown escaped (a cell may hold several lines)
-        t.add_row(*(Text(views.printable(v, multiline=True)) for v in row))
-    return t
+def table(title: str, columns: list[str], rows: list[list[object]]) -> RenderableType:
+    """A table as wide as the terminal allows, or records when its columns would not fit
+    (cli/tables.py): never headings cut to "stat…" in 80 columns."""
+    return tables.table(out, title, columns, rows)
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -420,7 +415,7 @@ def _with_db(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     return run_async(go())
 
 
-def _orders_table(title: str, orders: list[dict[str, Any]]) -> Table:
+def _orders_table(title: str, orders: list[dict[str, Any]]) -> RenderableType:
     return table(title, ["id", "ref", "status", "screening", "score", "client", "total",
                          "placed"],
                  [[o["id"], o["order_ref"], o["status"], _screening_cell(o), o["score"], o["email"],
@@ -576,7 +571,7 @@ def _print_maxmind(mm: dict[str, Any]) -> None:
         _say(f"  warning {warning['code']} at {warning['input']}: {warning['warning']}")
 
 
-def _payments_table(title: str, payments: list[dict[str, Any]]) -> Table:
+def _payments_table(title: str, payments: list[dict[str, Any]]) -> RenderableType:
     return table(title, ["id", "status", "amount", "gateway", "transaction", "invoice",
                          "order ref", "reason"],
                  [[p["id"], p["status"], f"{p['amount']} {p['currency'] or ''}", p["gateway"],
@@ -620,7 +615,7 @@ def _with_broker(fn: Callable[[Any, Names], Awaitable[T]]) -> T:
     return run_async(go())
 
 
-def _queues_table(rows: list[dict[str, Any]]) -> Table:
+def _queues_table(rows: list[dict[str, Any]]) -> RenderableType:
     return table("Queues", ["queue", "messages", "consumers"],
                  [[r["queue"], "missing (run migrate)" if r.get("missing") else r["messages"],
                    r["consumers"]] for r in rows])

@@ -19,7 +19,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from console.publisher import AmqpPublisher, Publisher
-from console.routes import auth, dashboard, order, orders
+from console.routes import auth, client, dashboard, module_queue, new_order, order, orders, payments
 from console.security import SecurityHeaders, SessionCodec
 from console.web import HERE, ConsoleState
 from shared import db
@@ -30,7 +30,7 @@ from shared.settings_parts import ConsoleSettings
 log = logging.getLogger("ordermill.console")
 
 # Every page family's routes; a new family adds its module here (and its NAV entry).
-PAGE_FAMILIES = (auth, dashboard, orders, order)
+PAGE_FAMILIES = (auth, dashboard, new_order, orders, order, client, module_queue, payments)
 POOL_SIZE = 5
 
 
@@ -86,7 +86,8 @@ async def open_state(settings: Settings, *, publisher: Publisher | None = None) 
     try:
         await db.ensure_schema(pool, migrate_on_start=False)
         if publisher is None:
-            amqp = AmqpPublisher(settings.amqp_url, settings.namespace, part.user)
+            amqp = AmqpPublisher(settings.amqp_url, settings.namespace, part.user,
+                                 part.service_users)
             await amqp.start(settings.startup_attempts)
             publisher = amqp
     except BaseException:

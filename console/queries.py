@@ -22,10 +22,16 @@ STATUS_CHOICES = [REVIEW, QUEUED, *(s.value for s in OrderStatus), ALL]
 SCREENING_CHOICES = ["passed", "failed", "skipped", "error", "queued"]
 
 
-async def capped_count(conn: asyncpg.Connection, query: str, *args: Any) -> tuple[int, bool]:
-    """(count, capped): counts at most COUNT_CAP + 1 rows of `query` (a SELECT)."""
-    n = await conn.fetchval(f"SELECT count(*) FROM ({query} LIMIT {COUNT_CAP + 1}) x", *args)
-    return min(n, COUNT_CAP), n > COUNT_CAP
+# A list filtered by what each order must be probed for (a product among its services) is
+# counted to a lower cap: each row counted costs a lookup.
+PROBED_COUNT_CAP = 1_000
+
+
+async def capped_count(conn: asyncpg.Connection, query: str, *args: Any,
+                       cap: int = COUNT_CAP) -> tuple[int, bool]:
+    """(count, capped): counts at most cap + 1 rows of `query` (a SELECT)."""
+    n = await conn.fetchval(f"SELECT count(*) FROM ({query} LIMIT {cap + 1}) x", *args)
+    return min(n, cap), n > cap
 
 
 # -- the dashboard -----------------------------------------------------------------------------
@@ -158,17 +164,21 @@ def _where(f: OrderFilters) -> tuple[list[str], list[Any]]:
     if f.screening:
         conds.append(f"o.screening = {arg(f.screening)}")
     if f.flagged:
-        conds.append("(o.screening IN ('error', 'failed') OR EXISTS (SELECT 1 FROM fraud_checks fc"
-                     " WHERE fc.order_id = o.id AND fc.id = (SELECT max(id) FROM fraud_checks"
-                     " WHERE order_id = o.id) AND fc.score > fc.threshold))")
+        # Screening errored, or scored over the threshold: the fraud service fails an order
+        # whose latest score is over its threshold (services/fraud/handlers.py), so that is
+        # screening 'failed', read on orders_screening_id_idx rather than probing every
+        # order's latest check.
+        conds.append("o.screening IN ('error', 'failed')")
     if f.client:
         if f.client.isdigit() and len(f.client) < 19:
             conds.append(f"o.client_id = {arg(int(f.client))}")
         else:
             conds.append(f"lower(c.email) = lower({arg(f.client)})")
     if f.product:
-        conds.append(f"EXISTS (SELECT 1 FROM services s JOIN products p ON p.id = s.product_id"
-                     f" WHERE s.order_id = o.id AND p.slug = {arg(f.product)})")
+        # A probe per order on services_product_order_idx (a scalar subquery: as EXISTS the
+        # planner merges with every service of the product, from the first order on).
+        conds.append(f"(SELECT true FROM services s WHERE s.order_id = o.id AND s.product_id ="
+                     f" (SELECT id FROM products WHERE slug = {arg(f.product)}) LIMIT 1)")
     since, until = _day(f.since, "from"), _day(f.until, "to")
     if since:
         conds.append(f"o.created_at >= {arg(since)}")
@@ -183,10 +193,11 @@ def _where(f: OrderFilters) -> tuple[list[str], list[Any]]:
             conds.append(f"lower(c.email) = lower({arg(q)})")
         else:
             p = arg(q)
+            # One set of ids from three index lookups (an OR of the three would scan orders).
             conds.append(
-                f"(o.order_ref = {p} OR o.id IN (SELECT order_id FROM services WHERE"
-                f" lower(domain) = lower({p})) OR o.id IN (SELECT order_id FROM domains WHERE"
-                f" lower(domain) = lower({p})))")
+                f"o.id IN (SELECT id FROM orders WHERE order_ref = {p}"
+                f" UNION SELECT order_id FROM services WHERE lower(domain) = lower({p})"
+                f" UNION SELECT order_id FROM domains WHERE lower(domain) = lower({p}))")
     return conds, args
 
 
@@ -217,7 +228,8 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     orders = [_order(r) for r in rows]
     # The clients join only where a filter reads the client: each row counted costs a probe.
     joined = " JOIN clients c ON c.id = o.client_id" if "c.email" in base_where else ""
-    count = await capped_count(conn, f"SELECT 1 FROM orders o{joined} WHERE {base_where}", *args)
+    count = await capped_count(conn, f"SELECT 1 FROM orders o{joined} WHERE {base_where}", *args,
+                               cap=PROBED_COUNT_CAP if f.product else COUNT_CAP)
     first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
     return {
         "orders": orders, "count": count,
@@ -254,3 +266,57 @@ async def order_heads(conn: asyncpg.Connection, ids: list[int]) -> list[dict[str
         "SELECT o.id, o.order_ref, o.status, o.total, o.currency, c.email FROM orders o"
         " JOIN clients c ON c.id = o.client_id WHERE o.id = ANY($1::bigint[]) ORDER BY o.id",
         ids)]
+
+
+# -- the module queue ---------------------------------------------------------------------------
+
+_JOB = (
+    "j.id, j.order_id, j.kind, j.status, j.attempts, j.last_error, j.lane, j.created_at,"
+    " j.updated_at, j.service_id, j.domain_id, o.order_ref, o.status AS order_status,"
+    " coalesce(s.domain, d.domain) AS item, p.slug AS product"
+    " FROM jobs j JOIN orders o ON o.id = j.order_id"
+    " LEFT JOIN services s ON s.id = j.service_id LEFT JOIN products p ON p.id = s.product_id"
+    " LEFT JOIN domains d ON d.id = j.domain_id"
+)
+
+
+async def parked_jobs(conn: asyncpg.Connection, *, after: int | None = None,
+                      limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """Parked jobs oldest first, a keyset page on jobs_parked_idx."""
+    rows = await conn.fetch(
+        f"SELECT {_JOB} WHERE j.status = 'parked' AND j.id > $1 ORDER BY j.id LIMIT {limit + 1}",
+        after or 0)
+    return {"jobs": [dict(r) for r in rows[:limit]], "more": len(rows) > limit,
+            "last_id": rows[min(len(rows), limit) - 1]["id"] if rows else None,
+            "count": await capped_count(conn, "SELECT 1 FROM jobs WHERE status = 'parked'")}
+
+
+async def job(conn: asyncpg.Connection, job_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(f"SELECT {_JOB} WHERE j.id = $1", job_id)
+    return dict(row) if row else None
+
+
+async def orders_with_parked(conn: asyncpg.Connection, *, limit: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(
+        "SELECT j.order_id, min(j.id) AS id, o.order_ref, count(*) AS parked FROM jobs j"
+        " JOIN orders o ON o.id = j.order_id WHERE j.status = 'parked'"
+        f" GROUP BY j.order_id, o.order_ref ORDER BY min(j.id) LIMIT {limit}")]
+
+
+# -- payments -----------------------------------------------------------------------------------
+
+async def unapplied_payments(conn: asyncpg.Connection, *, after: int | None = None,
+                             limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """Unapplied payments oldest first, with what each waits for (payments.waiting_for)."""
+    rows = await conn.fetch(
+        "SELECT p.id, p.gateway, p.transaction_id, p.amount, p.raw_amount, p.currency,"
+        " p.requested_invoice_id, p.order_ref, p.publisher, p.reason, p.waiting_for, p.trusted,"
+        " p.dead_letter, p.received_at, p.message_id,"
+        " (SELECT o.id FROM orders o WHERE o.order_ref = p.order_ref ORDER BY o.id LIMIT 1)"
+        "   AS order_id"
+        " FROM payments p WHERE p.status = 'unapplied' AND p.id > $1"
+        f" ORDER BY p.id LIMIT {limit + 1}", after or 0)
+    return {"payments": [dict(r) for r in rows[:limit]], "more": len(rows) > limit,
+            "last_id": rows[min(len(rows), limit) - 1]["id"] if rows else None,
+            "count": await capped_count(
+                conn, "SELECT 1 FROM payments WHERE status = 'unapplied'")}

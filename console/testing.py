@@ -7,7 +7,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from console.publisher import Reply
+from cli.broker_ops import Replay
+from console.publisher import Reply, Unavailable
 from shared.runtime.testing import InMemoryFlow
 
 REPLY_QUEUE = "amq.gen-console-test"  # a server-named queue, as the review service requires
@@ -20,13 +21,24 @@ class FlowPublisher:
         self.sent: list[dict[str, Any]] = []
 
     async def review(self, body: dict[str, Any], *, wait_seconds: float) -> Reply | None:
+        return await self._ask("review.command", body, expiration=wait_seconds)
+
+    async def place(self, body: dict[str, Any], *, wait_seconds: float) -> Reply | None:
+        return await self._ask("order.place", body)
+
+    async def _ask(self, key: str, body: dict[str, Any], **extra: Any) -> Reply | None:
         correlation = str(uuid.uuid4())
         self.sent.append(body)
-        await self.flow.send("review.command", body, user_id=self.user,
-                             correlation_id=correlation, reply_to=REPLY_QUEUE,
-                             expiration=wait_seconds)
+        await self.flow.send(key, body, user_id=self.user, correlation_id=correlation,
+                             reply_to=REPLY_QUEUE, **extra)
         await self.flow.run()
         return next((r.body for r in self.flow.replies if r.correlation_id == correlation), None)
+
+    async def dead_letters(self, limit: int) -> list[dict[str, Any]] | None:
+        return None  # no broker here: the page says it cannot ask
+
+    async def replay(self, queue: str, message_id: str) -> Replay:
+        raise Unavailable("the console has no broker connection")
 
     async def queue_depths(self) -> list[dict[str, Any]] | None:
         return None  # no broker here: the dashboard says it cannot ask

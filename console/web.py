@@ -35,11 +35,16 @@ class NavItem:
     label: str
     path: str
     key: str
+    act: bool = False  # only for an operator who may act (a viewer is not shown it)
 
 
 # The menu, in order. A page family adds its entry here when it registers its routes.
 NAV: list[NavItem] = [NavItem("Dashboard", "/", "dashboard"),
-                      NavItem("Pending orders", "/orders", "orders")]
+                      NavItem("Pending orders", "/orders", "orders"),
+                      NavItem("Add New Order", "/orders/new", "new", act=True),
+                      NavItem("Module queue", "/module-queue", "modules"),
+                      NavItem("Payments", "/payments", "payments"),
+                      NavItem("Dead letters", "/dead-letters", "dead")]
 
 
 def templates() -> Environment:

@@ -242,7 +242,7 @@ class PaymentReceived(Contract):
 
 
 ReviewAction = Literal["accept", "deny", "cancel", "fraud", "pending", "delete", "retry", "rescreen",
-                       "note", "report"]
+                       "note", "report", "resolve"]
 # What an order turned out to be, as minFraud's report-transactions endpoint names it.
 ReportTag = Literal["chargeback", "not_fraud", "suspected_fraud", "spam_or_abuse"]
 NOTE_MAX_LENGTH = 2000
@@ -262,6 +262,9 @@ class ReviewCommand(Contract):
     # `note`: the operator's note, kept with the order; `report`: the notes sent to MaxMind.
     note: str | None = Field(None, max_length=NOTE_MAX_LENGTH)
     tag: ReportTag | None = None  # `report`: what the order turned out to be
+    # `retry`: only this parked job (default: every parked job of the order); `resolve`: the
+    # parked job an operator resolved by hand (required).
+    job_id: Id | None = None
 
 
 # Events published by the workers ------------------------------------------------------------
@@ -368,6 +371,9 @@ class OrderDeleted(OperatorAction):
 
 class OrderRetry(OperatorAction):
     routing_key = "order.retry"
+    omit_unset = frozenset({"job_id"})
+
+    job_id: Id | None = None  # only this parked job runs again (None: every parked job)
 
 
 class OrderRescreen(OperatorAction):
@@ -479,6 +485,21 @@ class EmailSend(Event):
     order_id: Id
     order_ref: str
     dedupe_key: str
+
+
+class PlaceReply(Event):
+    """The answer to an `order.place` that named a `reply_to` queue (the console's Add New
+    Order), sent there once the order is stored or refused:
+    `{"ok": true, "order_ref": "console-1a2b", "order_id": 42, "order_number": 7319}` or
+    `{"ok": false, "order_ref": "console-1a2b", "error": "unknown product 'gold'"}`."""
+
+    omit_unset = frozenset({"order_id", "order_number", "error"})
+
+    ok: bool
+    order_ref: str
+    order_id: int | None = None
+    order_number: int | None = None
+    error: str | None = None
 
 
 class ReviewReply(Event):

@@ -88,10 +88,17 @@ class Publishers:
             return frozenset()
         return frozenset(party for party, users in self.users.items() if user in users)
 
+    def may_replay(self, user_id: str | None, allowed: frozenset[Party]) -> bool:
+        """Whose replay (`x-ordermill-replay-of`) is believed: an operator's, for any route;
+        the console's only on a route the console may send itself (order.place,
+        review.command), so replaying never lends it a gateway's or a service's rights."""
+        parties = self.parties_of(user_id)
+        return Party.OPERATOR in parties or (Party.CONSOLE in parties and Party.CONSOLE in allowed)
+
     def check(self, user_id: str | None, allowed: frozenset[Party], *,
               replay_of: str | None = None) -> Verdict:
         user, replayed_by = user_id, None
-        if replay_of and Party.OPERATOR in self.parties_of(user_id):
+        if replay_of and self.may_replay(user_id, allowed):
             user, replayed_by = replay_of, user_id
         parties = self.parties_of(user)
         if self.trust_any or parties & allowed:

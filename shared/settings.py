@@ -514,7 +514,9 @@ class Settings(BaseSettings):
             signin_window_minutes=self.console_signin_window_minutes,
             review_timeout=self.console_review_timeout, user=amqp_user(self.amqp_url),
             console_users=frozenset(self.console_users),
-            operator_users=frozenset(self.operator_users))
+            operator_users=frozenset(self.operator_users),
+            service_users=frozenset(self.service_users) | (
+                {own} if (own := amqp_user(self.amqp_url)) else set()))
 
     @property
     def mail(self) -> MailSettings:

@@ -265,6 +265,9 @@ class ConsoleSettings(Part):
     # user and not an operator user) or the broker user itself: said once at start.
     console_users: frozenset[str]
     operator_users: frozenset[str]
+    # Ordermill's own users: a dead letter a worker copied names its first publisher in a
+    # header, believed only on a copy from one of these (shared/dead_letters.py).
+    service_users: frozenset[str] = frozenset()
 
 
 class WebhookSettings(Part):

@@ -86,6 +86,7 @@ class JobStatus(StrEnum):
     DONE = "done"
     PARKED = "parked"
     CANCELLED = "cancelled"
+    RESOLVED = "resolved"  # a parked job an operator resolved by hand (review `resolve`)
 
 
 # Jobs that may still run: what reconcile cancels, what an operator's retry looks at.

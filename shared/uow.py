@@ -112,6 +112,18 @@ async def write_event(
     await _insert(conn, [(message_id, routing_key, payload, correlation_id, False, source)])
 
 
+async def write_reply(
+    conn: asyncpg.Connection, reply_to: str, body: BaseModel, *, message_id: uuid.UUID,
+    correlation_id: str | None, source: str | None,
+) -> bool:
+    """A reply written outside a handler (a refused command's answer): only to the sender's
+    own reply queue, as `UnitOfWork.reply`. Whether it was written."""
+    if not is_reply_queue(reply_to):
+        return False
+    await _insert(conn, [(message_id, reply_to, _payload(body), correlation_id, True, source)])
+    return True
+
+
 async def write_history(
     conn: asyncpg.Connection, order_id: int, *, actor: str, action: str,
     from_status: str | None = None, to_status: str | None = None,

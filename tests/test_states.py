@@ -22,7 +22,7 @@ from conftest import RUN_ID, TEST_USER, Harness, Infra, _with_db, eventually
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from services.provisioning.worker import worker as provisioning_worker
-from services.review.handlers import ACTIONS, NOTE, REPORT, action_table
+from services.review.handlers import ACTIONS, NOTE, REPORT, RESOLVE, action_table
 from services.review.worker import worker as review_worker
 from shared import contracts, db
 from shared.contracts import EVENTS, Event, OrderFraud
@@ -60,9 +60,10 @@ def test_review_table_derived_from_the_transition_table_is_the_contracts() -> No
     derived = {action: ({str(s) for s in allowed}, result)
                for action, (allowed, result) in action_table().items()}
     assert derived == CONTRACT_ACTIONS
-    # Every action the review command accepts has an entry, and nothing else does; `note` and
-    # `report` change no status and are handled apart (docs/contract.md, "Notes and reports").
-    assert set(ACTIONS) | {NOTE, REPORT} == set(
+    # Every action the review command accepts has an entry, and nothing else does; `note`,
+    # `report` and `resolve` change no status and are handled apart (docs/contract.md, "Notes
+    # and reports", "Module queue").
+    assert set(ACTIONS) | {NOTE, REPORT, RESOLVE} == set(
         contracts.ReviewCommand.model_fields["action"].annotation.__args__)
 
 

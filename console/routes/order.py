@@ -38,7 +38,8 @@ async def _render_order(request: Request, ctx: Ctx, order_id: int, status_code: 
 
 @page()
 async def order(request: Request, ctx: Ctx) -> Response:
-    return await _render_order(request, ctx, request.path_params["order_id"])
+    return await _render_order(request, ctx, request.path_params["order_id"],
+                               placed=request.query_params.get("placed") == "1")
 
 
 @page(act=True)

@@ -22,7 +22,14 @@ from services.placement.pricing import (
     load_promotion,
     price_items,
 )
-from shared.contracts import ExistingClient, InvoicePaid, ItemRef, OrderPlaced, PlaceOrder
+from shared.contracts import (
+    ExistingClient,
+    InvoicePaid,
+    ItemRef,
+    OrderPlaced,
+    PlaceOrder,
+    PlaceReply,
+)
 from shared.epp_codes import EppCodes
 from shared.errors import Rejected
 from shared.uow import UnitOfWork
@@ -54,6 +61,7 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
     existing, client_id, shared_ref = await _order_and_client(conn, cmd, publisher)
     if existing is not None:
         log.info("order already placed", extra={"order_ref": cmd.order_ref, "order_id": existing})
+        await _reply_placed(uow, cmd.order_ref, publisher)
         return
     currency = cmd.currency or await default_currency(conn)
     lines = await price_items(conn, cmd.items, currency)
@@ -70,8 +78,11 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
                                 epp_codes or _default_codes())
     if stored is None:  # a concurrent delivery of the same order_ref won
         log.info("order already placed", extra={"order_ref": cmd.order_ref})
+        await _reply_placed(uow, cmd.order_ref, publisher)
         return
     order_id, number, service_ids, domain_ids, invoice_id = stored
+    uow.reply(PlaceReply(ok=True, order_ref=cmd.order_ref, order_id=order_id,
+                         order_number=number))
     if shared_ref:
         await _note_shared_ref(conn, cmd.order_ref, order_id, publisher)
     uow.emit(OrderPlaced(
@@ -89,6 +100,18 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
     log.info("order placed", extra={"order_id": order_id, "order_ref": cmd.order_ref,
                                     "total": str(total), "currency": currency,
                                     "invoice_id": invoice_id})
+
+
+async def _reply_placed(uow: UnitOfWork, order_ref: str, publisher: Publisher) -> None:
+    """The same answer for an order placed before (a repeated or redelivered order.place)."""
+    if not uow.context.reply_to:
+        return
+    row = await uow.conn.fetchrow(
+        "SELECT id, order_number FROM orders WHERE order_ref = $1 AND storefront = $2",
+        order_ref, publisher.storefront)
+    if row is not None:
+        uow.reply(PlaceReply(ok=True, order_ref=order_ref, order_id=row["id"],
+                             order_number=row["order_number"]))
 
 
 @functools.cache

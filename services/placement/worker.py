@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.placement.handlers import place_order
-from shared.contracts import OrderRejected, PlaceOrder
+from shared.contracts import OrderRejected, PlaceOrder, PlaceReply
 from shared.epp_codes import EppCodes, warn_if_plain
 from shared.parties import OPERATORS, PLACERS
 from shared.runtime import WorkerSpec, route
@@ -33,4 +33,5 @@ def worker(settings: Settings) -> WorkerSpec:
         service="placement",
         routes={"order.place": route(place, publishers=PLACERS)},
         rejection_event=OrderRejected,
+        rejection_reply=PlaceReply,
     )

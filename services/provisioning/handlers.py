@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from services.provisioning.payments import Payments
 from services.provisioning.reconcile import reconcile, retry_parked
-from shared.contracts import OrderEvent, OrderSetPending
+from shared.contracts import OrderEvent, OrderRetry, OrderSetPending
 from shared.uow import UnitOfWork
 
 
@@ -21,9 +21,10 @@ class OrderEvents:
         await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
         await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id)
 
-    async def on_retry(self, event: OrderEvent, uow: UnitOfWork) -> None:
+    async def on_retry(self, event: OrderRetry, uow: UnitOfWork) -> None:
         """order.retry: parked setups run again, and anything still missing is queued."""
-        await retry_parked(uow.conn, event.order_id, caused_by=uow.context.message_id)
+        await retry_parked(uow.conn, event.order_id, caused_by=uow.context.message_id,
+                           job_id=event.job_id)
         await self.on_event(event, uow)
 
 

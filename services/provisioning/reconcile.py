@@ -161,11 +161,12 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
 
 
 async def retry_parked(conn: asyncpg.Connection, order_id: int, *,
-                       caused_by: str | None = None) -> int:
-    """order.retry: parked jobs run again, from a fresh attempt count."""
+                       caused_by: str | None = None, job_id: int | None = None) -> int:
+    """order.retry: parked jobs (or the one named) run again, from a fresh attempt count."""
     status = await conn.execute(
         "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = now(),"
         " updated_at = now(), caused_by = coalesce($2, caused_by)"
-        " WHERE order_id = $1 AND status = 'parked'", order_id, caused_by,
+        " WHERE order_id = $1 AND status = 'parked' AND ($3::bigint IS NULL OR id = $3)",
+        order_id, caused_by, job_id,
     )
     return int(status.split()[-1])

@@ -73,7 +73,7 @@ def action_table() -> dict[str, tuple[frozenset[OrderStatus], OrderStatus | None
 
 
 # Actions that change no status and have no event: handled apart from ACTIONS.
-NOTE, REPORT = "note", "report"
+NOTE, REPORT, RESOLVE = "note", "report", "resolve"
 
 
 class Refused(Exception):
@@ -168,6 +168,8 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
         return await _note(uow, cmd, order, operator)
     if cmd.action == REPORT:
         return await _report(uow, cmd, order, operator)
+    if cmd.action == RESOLVE:
+        return await _resolve(uow, cmd, order, operator)
     action = ACTIONS[cmd.action]
     if order["deleted_at"] is not None:
         if cmd.action == "delete":
@@ -192,10 +194,11 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
             " screening_override = screening_override OR screening = $3 WHERE id = $1",
             order["id"], options, Screening.REVIEW)
     if cmd.action == "retry":
-        parked = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE order_id = $1 AND status = $2", order["id"],
-            JobStatus.PARKED)
-        if not parked:
+        if cmd.job_id is not None:
+            await _parked_job(conn, order["id"], cmd.job_id, "retry")
+        elif not await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE order_id = $1 AND status = $2", order["id"],
+                JobStatus.PARKED):
             raise Refused(f"order {order['id']} has no parked setup; retry needs one")
     if action.result is not None:
         await transition(conn, order, action.result, actor=operator, action=cmd.action,
@@ -214,8 +217,9 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
     else:
         if cmd.action == "delete":
             await conn.execute("UPDATE orders SET deleted_at = now() WHERE id = $1", order["id"])
-        await uow.history(order["id"], cmd.action, actor=operator)
-    uow.emit(_event(action, order, operator, options))
+        await uow.history(order["id"], cmd.action, actor=operator,
+                          detail={"job_id": cmd.job_id} if cmd.job_id else None)
+    uow.emit(_event(action, order, operator, options, cmd.job_id))
     return action.result or current
 
 
@@ -244,9 +248,55 @@ async def _report(uow: UnitOfWork, cmd: ReviewCommand, order: asyncpg.Record,
     return OrderStatus(order["status"])
 
 
+async def _parked_job(conn: asyncpg.Connection, order_id: int, job_id: int,
+                      action: str) -> asyncpg.Record:
+    job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1 AND order_id = $2 FOR UPDATE",
+                              job_id, order_id)
+    if job is None:
+        raise Refused(f"order {order_id} has no job {job_id}")
+    if job["status"] != JobStatus.PARKED:
+        raise Refused(f"job {job_id} is {job['status']}; {action} needs it parked")
+    return job
+
+
+# What an item becomes when its parked job is resolved by hand: what the job would have
+# made it (reconcile then has nothing left to queue for it).
+_RESOLVED = {
+    "create": "UPDATE services SET live = true, status = CASE WHEN status = 'Pending'"
+              " THEN 'Active' ELSE status END WHERE id = $1",
+    "terminate": "UPDATE services SET live = false, terminated_at = now() WHERE id = $1",
+    "register": "UPDATE domains SET status = CASE WHEN status = 'Pending' THEN 'Active'"
+                " ELSE status END, registered_at = now() WHERE id = $1",
+    "transfer": "UPDATE domains SET status = CASE WHEN status = 'Pending' THEN 'Active'"
+                " ELSE status END, registered_at = now(), epp_code = NULL WHERE id = $1",
+}
+
+
+async def _resolve(uow: UnitOfWork, cmd: ReviewCommand, order: asyncpg.Record,
+                   operator: str) -> OrderStatus:
+    """A parked job an operator did by hand (the console's module queue "Mark resolved"): the
+    job is `resolved`, its item what the job would have made it, and history says who."""
+    if cmd.job_id is None:
+        raise Refused("resolve needs a job_id")
+    conn = uow.conn
+    job = await _parked_job(conn, order["id"], cmd.job_id, RESOLVE)
+    await conn.execute(
+        "UPDATE jobs SET status = $2, updated_at = now(), lease_until = NULL, leased_by = NULL,"
+        " detail = detail || jsonb_build_object('resolved_by', $3::text) WHERE id = $1",
+        job["id"], JobStatus.RESOLVED, operator)
+    await conn.execute(_RESOLVED[job["kind"]], job["service_id"] or job["domain_id"])
+    await uow.history(order["id"], RESOLVE, actor=operator, detail={
+        "job_id": job["id"], "kind": job["kind"], "service_id": job["service_id"],
+        "domain_id": job["domain_id"], "last_error": job["last_error"]})
+    return OrderStatus(order["status"])
+
+
 def _event(action: Action, order: asyncpg.Record, operator: str,
-           options: dict[str, bool] | None) -> OperatorAction | OrderFraud:
+           options: dict[str, bool] | None, job_id: int | None = None
+           ) -> OperatorAction | OrderFraud:
     ids = {"order_id": order["id"], "order_ref": order["order_ref"], "operator": operator}
+    if action.event is OrderRetry and job_id is not None:
+        return OrderRetry(**ids, job_id=job_id)
     if action.event is OrderFraud:
         return OrderFraud(**ids, source="operator")
     if action.event is OrderAccepted:

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
-from shared.contracts import OrderRejected
+from shared.contracts import OrderRejected, PlaceReply
 from shared.metrics import StateGauge
 from shared.parties import INTERNAL, Party
 from shared.uow import UnitOfWork
@@ -69,6 +69,9 @@ class WorkerSpec:
     # When a message is rejected and names an order_ref, tell its publisher with this event
     # (a contract class of `order_ref` and `reason`: OrderRejected).
     rejection_event: type[OrderRejected] | None = None
+    # The answer to a refused message that named a reply queue (`reply_to`) and an order_ref
+    # (a contract class of `ok`, `order_ref` and `error`: PlaceReply).
+    rejection_reply: type[PlaceReply] | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()

@@ -33,7 +33,7 @@ from shared.runtime.text import (
 )
 from shared.runtime.work import Batch, Outcome, StepFailed, Transport, Work
 from shared.topology import Names
-from shared.uow import event_id, write_event
+from shared.uow import event_id, write_event, write_reply
 
 log = logging.getLogger("ordermill.runtime")
 
@@ -95,6 +95,8 @@ class DeadLetter(Middleware):
         })
         if tell_publisher and self.spec.rejection_event and order_ref:
             await self._emit_rejection(item.message_id, order_ref, reason)
+        if self.spec.rejection_reply and order_ref and message.reply_to:
+            await self._reply_refused(message, item.message_id, order_ref, reason)
         await self.transport.dead_letter(
             self.queue, message,
             dead_letter_copy(message, item.message_id, reason, item.data,
@@ -116,6 +118,26 @@ class DeadLetter(Middleware):
         except Exception as exc:  # the dead letter still goes: it keeps the reason
             log.error("could not record the rejection event; the dead letter keeps the reason",
                       extra={"order_ref": order_ref, "error": f"{type(exc).__name__}: {exc}"})
+
+
+    async def _reply_refused(self, message: AbstractIncomingMessage, message_id: str,
+                             order_ref: str, reason: str) -> None:
+        """Its sender waits on a reply queue (the console's Add New Order): told at once."""
+        assert self.spec.rejection_reply
+        reply_to = property_text(message.reply_to)
+        if not reply_to:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                await write_reply(
+                    conn, reply_to,
+                    self.spec.rejection_reply(ok=False, order_ref=order_ref, error=reason),
+                    message_id=event_id(self.spec.service, message_id, "refused"),
+                    correlation_id=property_text(message.correlation_id) or None,
+                    source=self.spec.service)
+        except Exception as exc:  # the dead letter still goes; the sender times out
+            log.error("could not record the refusal's reply", extra={
+                "order_ref": order_ref, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def dead_letter_copy(message: AbstractIncomingMessage, message_id: str, reason: str, data: Any,

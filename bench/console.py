@@ -1,0 +1,192 @@
+"""The console's page times at scale: seeds its own database with a million orders
+(bench/seed.py), then measures each page's server time in-process (the Starlette app through
+httpx's ASGI transport: routing, queries, rendering; no network), p50 and p99 over N
+requests, and prints a table. It asserts nothing about time (bench/README.md).
+
+    PYTHONPATH=. .venv/bin/python bench/console.py [--orders 1000000] [--clients 300000]
+        [--requests 100] [--keep]
+
+The database (om_bench_console_<hex>) is dropped at the end unless --keep. Seeding a million
+orders takes a few minutes; it prints its progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.seed import Shape, seed  # noqa: E402
+from cli.catalog import load_catalog, read_catalog  # noqa: E402
+from console import accounts  # noqa: E402
+from console.app import close_state, create_app, open_state  # noqa: E402
+from shared import db  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+DATABASE = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PASSWORD = "bench password, long enough"
+
+
+class NoBroker:
+    """The console's publisher, absent: these pages only read (the dashboard says it cannot
+    ask RabbitMQ, which costs nothing)."""
+
+    async def review(self, body: dict[str, Any], *, wait_seconds: float) -> None:
+        return None
+
+    async def place(self, body: dict[str, Any], *, wait_seconds: float) -> None:
+        return None
+
+    async def queue_depths(self) -> None:
+        return None
+
+    async def dead_letters(self, limit: int) -> None:
+        return None
+
+    async def replay(self, queue: str, message_id: str) -> Any:
+        raise RuntimeError("no broker")
+
+    async def close(self) -> None:
+        pass
+
+
+def _url(name: str) -> str:
+    return re.sub(r"/[^/]*$", f"/{name}", DATABASE)
+
+
+async def prepare(url: str, shape: Shape) -> None:
+    await db.ensure_database(url, attempts=3)
+    pool = await db.create_pool(url, max_size=2, attempts=3)
+    try:
+        await db.migrate(pool)
+        async with pool.acquire() as conn:
+            await load_catalog(conn, read_catalog(ROOT / "catalog.example.toml"))
+            await conn.execute(
+                "INSERT INTO operators (name, role, password_hash) VALUES ('bench', 'reviewer', $1)",
+                await accounts.hash_password(PASSWORD))
+    finally:
+        await pool.close()
+    # A connection of its own: a statement of a million rows outlasts the pool's timeout.
+    conn = await asyncpg.connect(url)
+    try:
+        print(f"seeding {shape.orders:,} orders, {shape.clients:,} clients ...", flush=True)
+        await seed(conn, shape)
+    finally:
+        await conn.close()
+
+
+async def pages(conn: asyncpg.Connection, shape: Shape) -> list[tuple[str, list[str]]]:
+    """Each page measured, with the paths its requests cycle through (varied ids)."""
+    rnd = random.Random(7)
+    n = shape.orders
+    orders = [rnd.randint(1, n) for _ in range(50)]
+    clients = [rnd.randint(1, shape.clients) for _ in range(50)]
+    last_names = ["smith", "müller", "quinn", "okafor", "berg"]
+    return [
+        ("dashboard", ["/"]),
+        ("pending list, first page", ["/orders"]),
+        ("pending list, filtered", ["/orders?status=Active&product=business&since=2020-01-01",
+                                    "/orders?status=all&flagged=1"]),
+        ("pending list, searched", [f"/orders?status=all&q=shop-{i}" for i in orders[:10]]
+         + [f"/orders?status=all&q=site{i}.com" for i in orders[10:20] if i % 2 == 0]
+         + [f"/orders?status=all&q={100000000 + i * 7}" for i in orders[20:30]]),
+        ("order page", [f"/orders/{i}" for i in orders]),
+        ("client page", [f"/clients/{i}" for i in clients]),
+        ("module queue", ["/module-queue"]),
+        ("payments", ["/payments"]),
+        ("Add New Order form", ["/orders/new", *(f"/orders/new?client={i}" for i in clients[:10])]),
+        ("client search", [f"/clients/search?q={q}" for q in last_names]
+         + [f"/clients/search?q=ann.{q}" for q in last_names]),
+    ]
+
+
+async def measure(url: str, shape: Shape, requests: int) -> list[tuple[str, float, float, float]]:
+    settings = Settings(database_url=url, amqp_url="amqp://guest:guest@127.0.0.1:5672/",
+                        console_secret_key="b" * 40, log_level="WARNING")
+    state = await open_state(settings, publisher=NoBroker())
+    app = create_app(state)
+    out = []
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://bench") as client:
+            page = await client.get("/sign-in")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
+            signed = await client.post("/sign-in", data={"name": "bench", "password": PASSWORD,
+                                                         "csrf": csrf})
+            assert signed.status_code == 303, signed.text[:300]
+            async with state.pool.acquire() as conn:
+                plan = await pages(conn, shape)
+            for name, paths in plan:
+                for path in paths[:3]:  # warm: the plans and the buffers
+                    await client.get(path)
+                times = []
+                for k in range(requests):
+                    path = paths[k % len(paths)]
+                    t0 = time.perf_counter()
+                    response = await client.get(path)
+                    times.append((time.perf_counter() - t0) * 1000)
+                    assert response.status_code == 200, (path, response.status_code)
+                times.sort()
+                p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+                out.append((name, statistics.median(times), p99, max(times)))
+                print(f"  {name:<28} p50 {out[-1][1]:7.1f} ms   p99 {p99:7.1f} ms", flush=True)
+    finally:
+        await close_state(state)
+    return out
+
+
+async def drop(url: str) -> None:
+    conn = await asyncpg.connect(_url("postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orders", type=int, default=Shape.orders)
+    parser.add_argument("--clients", type=int, default=Shape.clients)
+    parser.add_argument("--requests", type=int, default=100, help="per page")
+    parser.add_argument("--keep", action="store_true", help="keep the database (printed)")
+    parser.add_argument("--database", help="measure an already seeded database instead")
+    args = parser.parse_args()
+    shape = Shape(orders=args.orders, clients=args.clients)
+    url = args.database or _url(f"om_bench_console_{uuid.uuid4().hex[:8]}")
+    try:
+        if not args.database:
+            t0 = time.monotonic()
+            await prepare(url, shape)
+            print(f"seeded in {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"measuring {args.requests} requests per page (in-process, one at a time) ...")
+        rows = await measure(url, shape, args.requests)
+    finally:
+        if args.keep or args.database:
+            print(f"database kept: {url}")
+        else:
+            await drop(url)
+    print(f"\nConsole page server time, {shape.orders:,} orders, {shape.clients:,} clients,"
+          f" {args.requests} requests each ({platform.node()}, {os.cpu_count()} cores,"
+          f" load {os.getloadavg()[0]:.1f}):\n")
+    print("| page | p50 ms | p99 ms | max ms |\n| --- | ---: | ---: | ---: |")
+    for name, p50, p99, worst in rows:
+        print(f"| {name} | {p50:.1f} | {p99:.1f} | {worst:.1f} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,391 @@
+"""The console in a real browser: Debian's Chromium driven by Playwright's Python package,
+against `ordermill run placement fraud review provisioning console` (real processes, real
+PostgreSQL and RabbitMQ) and the WHM and EPP sandboxes of `ordermill sandbox`, all on
+ephemeral ports. One browser, one stack, for the whole module.
+
+ORDERMILL_SCREENSHOTS=1 also writes docs/screenshots/*.png (1280x800) for the README."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from test_sandbox import ORDERMILL, Running, _launch, _started, _stop
+
+from cli.catalog import load_catalog, read_catalog
+from conftest import ROOT, TEST_USER, _database, _drop_database, _test_settings, order_body
+from console import accounts
+from sandbox.failures import MARKER
+from shared import broker
+from shared.settings import Settings
+from shared.topology import Names, declare_topology, delete_topology
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium (Debian's chromium package): browser tests skipped",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) missing")
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.browser]
+
+PASSWORD = "correct horse battery"
+
+
+def arun(coro: Any) -> Any:
+    """A coroutine run to its end on a loop of its own, in a thread of its own: these tests
+    are synchronous (Playwright's sync API), and the test process may have a loop running."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+SHOOT = os.environ.get("ORDERMILL_SCREENSHOTS") == "1"
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+@dataclass
+class Stack:
+    url: str
+    settings: Settings
+    sandbox: Running
+    process: subprocess.Popen[bytes]
+    log: Path
+    placed: int = 0
+
+    def run(self, coro_fn: Callable[..., Any], *args: Any) -> Any:
+        return arun(coro_fn(self, *args))
+
+    def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async def go(_: Stack) -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.settings.database_url)
+            try:
+                return await conn.fetch(query, *args)
+            finally:
+                await conn.close()
+        return self.run(go)
+
+    def value(self, query: str, *args: Any) -> Any:
+        rows = self.sql(query, *args)
+        return rows[0][0] if rows else None
+
+    def place(self, *refs: str, **overrides: Any) -> None:
+        """Orders from a storefront (the tests' RabbitMQ user), as a shop publishes them."""
+        async def go(stack: Stack) -> None:
+            connection = await aio_pika.connect(stack.settings.amqp_url)
+            async with connection:
+                channel = await broker.open_publisher(connection)
+                exchange = await channel.get_exchange(Names(stack.settings.namespace).exchange)
+                for ref in refs:
+                    # Each from an address of its own: the rules' velocity check is not the
+                    # subject here.
+                    stack.placed += 1
+                    body = order_body(ref, ip_address=f"198.18.0.{stack.placed}", **overrides)
+                    await broker.publish(exchange, "order.place", broker.json_message(
+                        body, routing_key="order.place", user_id=TEST_USER))
+        self.run(go)
+
+    def wait(self, query: str, *args: Any, timeout: float = 30.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.value(query, *args)
+            if found:
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"not within {timeout} s: {query} {args}; log:\n"
+                             + self.log.read_text()[-3000:])
+
+    def whm_accounts(self) -> set[str]:
+        async def go(stack: Stack) -> set[str]:
+            import aiohttp
+            token = stack.sandbox.env["WHM_TOKEN_SANDBOX"]
+            async with aiohttp.ClientSession(headers={"Authorization": f"whm root:{token}"}) as s:
+                url = f"http://{stack.sandbox.whm_hostname}/json-api/listaccts"
+                async with s.get(url, params={"api.version": "1"}) as response:
+                    body = await response.json()
+            return {a["user"] for a in body["data"]["acct"]}
+        return self.run(go)
+
+
+async def _prepare(settings: Settings, sandbox: Running, catalog: Path) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await load_catalog(conn, read_catalog(catalog))
+        digest = await accounts.hash_password(PASSWORD)
+        await conn.executemany(
+            "INSERT INTO operators (name, role, password_hash) VALUES ($1, $2, $3)",
+            [("alice", "reviewer", digest), ("victor", "viewer", digest)])
+    finally:
+        await conn.close()
+    connection = await broker.connect(settings.amqp_url, attempts=3)
+    async with connection:
+        await declare_topology(connection, Names(settings.namespace),
+                               delivery_limit=settings.queue_delivery_limit)
+
+
+async def _cleanup(settings: Settings) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await delete_topology(await connection.channel(), Names(settings.namespace))
+
+
+def _console_url(process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"console listening"' in line:
+                return json.loads(line)["url"]
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError("the console did not start:\n" + log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def stack(infra: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("browser")
+    n, name = arun(_database(infra))
+    settings = _test_settings(infra, n, name)
+    # Names holding the marker fail at the sandbox until it is fixed (SIGUSR1).
+    sandbox = _started(_launch(tmp / "sandbox", "--fail-rate", "0", "--fail-times", "0"))
+    catalog = tmp / "catalog.toml"
+    catalog.write_text((ROOT / "catalog.sandbox.toml").read_text().replace(
+        "127.0.0.1:12086", sandbox.whm_hostname))
+    log = tmp / "ordermill.log"
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        arun(_prepare(settings, sandbox, catalog))
+        env = {**os.environ, **sandbox.env, "PYTHONPATH": str(ROOT),
+               "DATABASE_URL": settings.database_url, "AMQP_URL": settings.amqp_url,
+               "ORDERMILL_NAMESPACE": settings.namespace, "LOG_FORMAT": "json",
+               "CONSOLE_PORT": "0", "CONSOLE_SECRET_KEY": "k" * 40,
+               # The tests' one RabbitMQ user is the shops', the gateways' and the console's;
+               # not an operator's, so history names the operator signed in.
+               "STOREFRONT_USERS": TEST_USER, "PAYMENT_PUBLISHERS": TEST_USER,
+               "CONSOLE_USERS": TEST_USER, "OPERATOR_USERS": "",
+               "JOB_MAX_ATTEMPTS": "1", "JOB_POLL_SECONDS": "0.2", "JOB_BACKOFF_SECONDS": "0.2",
+               "RELAY_SWEEP_SECONDS": "0.2", "CONSOLE_REVIEW_TIMEOUT": "20"}
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [ORDERMILL, "run", "placement", "fraud", "review", "provisioning", "console"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        yield Stack(_console_url(process, log), settings, sandbox, process, log)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        _stop(sandbox.process)
+        arun(_cleanup(settings))
+        arun(_drop_database(infra, name))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM),
+                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def signed_in(browser: Any, stack: Stack, name: str = "alice") -> Any:
+    """A page of a fresh browser context (its own cookies), signed in."""
+    context = browser.new_context(viewport=VIEWPORT, base_url=stack.url)
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    page.goto("/sign-in")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/$"))
+    return page
+
+
+def shoot(page: Any, name: str) -> None:
+    if SHOOT:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def reload_until(page: Any, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in page.content():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not on {page.url} within {timeout} s")
+        time.sleep(0.3)
+        page.reload()
+
+
+def test_find_a_pending_order_read_its_fraud_results_and_accept_it(browser: Any,
+                                                                   stack: Stack) -> None:
+    stack.place("br-accept", "br-other", "br-acme", "br-zenith")
+    stack.wait("SELECT count(*) = 4 FROM orders WHERE screening <> 'queued'")
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+    expect(page.locator("h1").first).to_contain_text("Dashboard")
+    shoot(page, "dashboard")
+    page.click("nav >> text=Pending orders")
+    expect(page.locator("#order-list")).to_contain_text("br-accept")
+    shoot(page, "pending")
+    page.fill("input[name=q]", "br-accept")
+    page.click("button:has-text('Filter')")
+    expect(page.locator("#order-list")).not_to_contain_text("br-other")
+    page.click("#order-list a:has-text('#')")
+    fraud = page.locator("section.fraud")
+    expect(fraud).to_contain_text("Fraud Check Results")
+    expect(fraud).to_contain_text("rules")
+    expect(fraud.locator(".meter")).to_contain_text("risk score")
+    shoot(page, "order")
+    page.click(".actionbar >> text=Accept")
+    expect(page.locator("h1")).to_contain_text("Accept order")
+    page.uncheck("input[name=send_welcome_email]")
+    page.click("form button.primary")
+    expect(page.locator(".alert")).to_contain_text("the order is now Active")
+    order_id = stack.value("SELECT id FROM orders WHERE order_ref = 'br-accept'")
+    stack.wait("SELECT live FROM services WHERE order_id = $1", order_id)
+    reload_until(page, "service created")  # history: the account was made on the WHM
+    expect(page.locator("section:has-text('Items')").first).to_contain_text("Active")
+    options = stack.value("SELECT accept_options FROM orders WHERE id = $1", order_id)
+    options = json.loads(options) if isinstance(options, str) else options
+    assert options == {"run_module_create": True, "send_welcome_email": False,
+                       "register_domains": True}
+    assert stack.value("SELECT actor FROM order_history WHERE order_id = $1 AND"
+                       " action = 'accept'", order_id) == "alice"
+    page.context.close()
+
+
+def test_add_new_order_places_it_and_it_is_screened(browser: Any, stack: Stack) -> None:
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+    page.click("nav >> text=Add New Order")
+    page.click("text=New client")
+    page.fill("input[name=email]", "nora@quinn.example")
+    page.fill("input[name=first_name]", "Nora")
+    page.fill("input[name=last_name]", "Quinn")
+    page.fill("input[name=company]", "Quinn & Co")
+    page.fill("input[name=address1]", "1 High Street")
+    page.fill("input[name=city]", "Leeds")
+    page.fill("input[name=postcode]", "LS1 1AA")
+    page.fill("input[name=country]", "GB")
+    page.locator("select[name=product]").first.select_option("business")
+    page.locator("select[name=cycle]").first.select_option("annually")
+    page.locator("input[name=product_domain]").first.fill("quinn.example")
+    page.locator("input[name=domain]").first.fill("quinnandco.com")
+    page.locator("input[name=years]").first.fill("2")
+    page.fill("input[name=promo_code]", "WELCOME10")
+    shoot(page, "add-new-order")
+    page.click("button:has-text('Place order')")
+    page.wait_for_url(re.compile(r".*/orders/\d+\?placed=1$"))
+    expect(page.locator(".alert.ok")).to_contain_text("Order placed")
+    reload_until(page, "badge ok\">passed")  # screened: the rules passed it
+    expect(page.locator("h1")).to_contain_text("Pending")
+    assert stack.value("SELECT c.company FROM orders o JOIN clients c ON c.id = o.client_id"
+                       " WHERE o.id = $1", int(page.url.split("/")[-1].split("?")[0])) == (
+        "Quinn & Co")
+    page.context.close()
+
+
+def test_bulk_accept_then_bulk_cancel_terminates_the_accounts(browser: Any,
+                                                              stack: Stack) -> None:
+    stack.place("br-bulk-1", "br-bulk-2")
+    stack.wait("SELECT count(*) = 2 FROM orders WHERE order_ref LIKE 'br-bulk-%'"
+               " AND screening <> 'queued'")
+    ids = [r["id"] for r in stack.sql(
+        "SELECT id FROM orders WHERE order_ref LIKE 'br-bulk-%' ORDER BY id")]
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+
+    def bulk(status: str, action: str) -> None:
+        page.goto(f"/orders?status={status}&q=")
+        for order_id in ids:
+            page.check(f"#pick-{order_id}")
+        page.click(f"#bulk button[value={action}]")
+        expect(page.locator("h1")).to_contain_text("2 orders")
+        page.click("form.actions button[type=submit]")
+        for order_id in ids:
+            expect(page.locator(f"tr:has(a[href='/orders/{order_id}'])")).to_contain_text("done")
+
+    bulk("review", "accept")
+    for order_id in ids:
+        stack.wait("SELECT live FROM services WHERE order_id = $1", order_id)
+    users = {r["username"] for r in stack.sql(
+        "SELECT username FROM services WHERE order_id = ANY($1::bigint[])", ids)}
+    assert users <= stack.whm_accounts()
+    bulk("Active", "cancel")
+    for order_id in ids:
+        stack.wait("SELECT NOT live FROM services WHERE order_id = $1", order_id)
+    assert not users & stack.whm_accounts()  # terminated on the WHM
+    page.context.close()
+
+
+def test_a_parked_setup_is_retried_from_the_module_queue_once_the_server_is_fixed(
+    browser: Any, stack: Stack,
+) -> None:
+    ref = f"br-{MARKER}"
+    stack.place(ref)
+    order_id = stack.wait("SELECT id FROM orders WHERE order_ref = $1"
+                          " AND screening <> 'queued'", ref)
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+    page.goto(f"/orders/{order_id}/confirm/accept")
+    page.click("form button.primary")
+    expect(page.locator(".alert")).to_contain_text("the order is now Active")
+    stack.wait("SELECT count(*) FROM jobs WHERE order_id = $1 AND kind = 'create'"
+               " AND status = 'parked'", order_id)
+    page.click("nav >> text=Module queue")
+    row = page.locator(f"tr:has(a[href='/orders/{order_id}'])").filter(has_text="create")
+    expect(row).to_contain_text(MARKER)
+    stack.sandbox.process.send_signal(signal.SIGUSR1)  # the server is fixed
+    time.sleep(0.3)
+    row.locator("button:has-text('Retry')").click()
+    expect(page.locator(".answers")).to_contain_text("done")
+    stack.wait("SELECT live FROM services WHERE order_id = $1", order_id)
+    page.goto(f"/orders/{order_id}")
+    reload_until(page, "service created")
+    page.context.close()
+
+
+def test_a_viewer_sees_no_action_buttons(browser: Any, stack: Stack) -> None:
+    order_id = stack.value("SELECT min(id) FROM orders")
+    page = signed_in(browser, stack, "victor")
+    expect = sync_api.expect
+    page.goto(f"/orders/{order_id}")
+    expect(page.locator("section.fraud")).to_contain_text("Fraud Check Results")
+    assert page.locator(".actionbar").count() == 0
+    assert page.locator("form.note").count() == 0
+    page.goto("/orders?status=all")
+    assert page.locator("#bulk").count() == 0
+    assert page.locator("nav >> text=Add New Order").count() == 0
+    page.goto("/module-queue")
+    assert page.locator("button:has-text('Retry')").count() == 0
+    page.context.close()
+
+
+def test_a_form_without_its_csrf_token_is_refused(browser: Any, stack: Stack) -> None:
+    order_id = stack.value("SELECT min(id) FROM orders")
+    notes = stack.value("SELECT count(*) FROM order_notes")
+    page = signed_in(browser, stack)
+    page.goto(f"/orders/{order_id}")
+    page.fill("form.note textarea", "should not be kept")
+    page.evaluate("document.querySelector('form.note input[name=csrf]').remove()")
+    with page.expect_navigation():
+        page.click("form.note button[type=submit]")
+    assert "Refused: the form's security token is missing or wrong." in page.content()
+    assert stack.value("SELECT count(*) FROM order_notes") == notes
+    page.context.close()
