@@ -19,7 +19,7 @@ PAGE_SIZE = 50
 # The list's "status" choices: the review queue (Pending, screening finished) is the default.
 REVIEW, QUEUED, ALL = "review", "screening", "all"
 STATUS_CHOICES = [REVIEW, QUEUED, *(s.value for s in OrderStatus), ALL]
-SCREENING_CHOICES = ["passed", "failed", "skipped", "error", "queued"]
+SCREENING_CHOICES = ["passed", "review", "failed", "skipped", "error", "queued"]
 
 
 # A list filtered by what each order must be probed for (a product among its services) is
@@ -59,7 +59,8 @@ _FROM = (" FROM orders o JOIN clients c ON c.id = o.client_id"
 
 def _order(r: asyncpg.Record) -> dict[str, Any]:
     return dict(r) | {"items": list(r["products"]) + list(r["domains"]),
-                      "flagged": r["screening"] == "error" or (
+                      # `review`: the fraud policy's band or a rule asks a person (issue 16).
+                      "flagged": r["screening"] in ("error", "review") or (
                           r["score"] is not None and r["threshold"] is not None
                           and r["score"] > r["threshold"])}
 

@@ -445,6 +445,14 @@ async def test_the_list_filters_searches_and_pages(console: Console) -> None:
         assert await ids(client=str(rows[0]["client_id"])) == [rows[0]["id"]]
         assert await ids(status="Active") == []
         assert await ids(screening="passed") == all_ids
+        # An order the fraud policy sends to a person (issue 16): its own screening, flagged.
+        await console.flow.pool.execute("UPDATE orders SET screening = 'review' WHERE id = $1",
+                                        rows[1]["id"])
+        assert await ids(screening="review") == [rows[1]["id"]]
+        review_page = await queries.order_list(conn, queries.OrderFilters(screening="review"))
+        assert review_page["orders"][0]["flagged"] is True
+        await console.flow.pool.execute("UPDATE orders SET screening = 'passed' WHERE id = $1",
+                                        rows[1]["id"])
         assert await ids(since="2000-01-01", until="2000-01-02") == []
         # Keyset pages of two, forwards and back.
         f = queries.OrderFilters()
