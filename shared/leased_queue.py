@@ -319,13 +319,17 @@ class Runner:
                  work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
                  database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0,
-                 linger_seconds: float = 0.0) -> None:
+                 linger_seconds: float = 0.0,
+                 before_claim: Callable[[], Awaitable[object]] | None = None) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims
-        what several wake-ups brought (short work such as an HTTP call: not a pass each)."""
+        what several wake-ups brought (short work such as an HTTP call: not a pass each).
+        `before_claim`: awaited before each pass claims (the webhook sender gives way to the
+        order pipeline there)."""
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
         self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
         self.linger_seconds = linger_seconds
+        self.before_claim = before_claim
         self._wakeup = Wakeup(database_url, queue.table.channel)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
@@ -344,6 +348,8 @@ class Runner:
             await self.queue.close()
 
     async def _start_due(self, pool: asyncpg.Pool) -> bool:
+        if self.concurrency - len(self._running) > 0 and self.before_claim is not None:
+            await self.before_claim()
         free = self.concurrency - len(self._running)
         for row in await self.claim(pool, free) if free > 0 else []:
             lane = row[self.queue.table.lane] if self.queue.table.lane else ""

@@ -221,6 +221,9 @@ class Settings(BaseSettings):
         5, 300, 1800, 7200, 18000, 36000, 23095)
     webhook_concurrency: int = Field(32, gt=0, le=1000)  # requests in flight per process
     webhook_endpoint_concurrency: int = Field(4, gt=0, le=1000)  # per endpoint
+    # For this long into a busy spell of the order pipeline in the same process, the sender
+    # holds its deliveries (a burst of orders is served first); 0: never holds them.
+    webhook_give_way_seconds: float = Field(30.0, ge=0, le=3600)
     # Fernet key(s) that encrypt the endpoints' signing secrets at rest (as EPP_CODE_KEY);
     # several comma-separated rotate: the first encrypts, any decrypts.
     webhook_secret_key: SecretStr | None = None
@@ -534,4 +537,5 @@ class Settings(BaseSettings):
             allow_networks=tuple(self.webhook_allow_networks),
             concurrency=self.webhook_concurrency,
             endpoint_concurrency=self.webhook_endpoint_concurrency,
+            give_way_seconds=self.webhook_give_way_seconds,
             secret_key=self.webhook_secret_key, rotation_hours=self.webhook_rotation_hours)

@@ -281,6 +281,7 @@ class WebhookSettings(Part):
     allow_networks: tuple[str, ...]
     concurrency: int
     endpoint_concurrency: int
+    give_way_seconds: float  # into a busy spell of the pipeline, deliveries wait (activity.py)
     secret_key: SecretStr | None  # Fernet key(s): signing secrets encrypted at rest
     rotation_hours: float
 

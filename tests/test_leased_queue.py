@@ -205,3 +205,33 @@ async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool
     assert rows[2]["status"] == "busy" and rows[2]["done_at"] is None
     with pytest.raises(ValueError, match="now"):
         await q.finish_many(pool, claimed, "done", result="x")
+
+
+async def test_a_runner_claims_nothing_until_its_before_claim_lets_it(pool, settings: Settings) -> None:
+    """The webhook sender's give-way hook: while it waits, rows stay queued (no claim, no
+    work); once it returns, the pass claims them."""
+    await add(pool, 3)
+    gate = asyncio.Event()
+    done: list[int] = []
+
+    q = queue()
+
+    async def work(pool, row) -> None:
+        done.append(row["id"])
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=10, poll_seconds=0.05, before_claim=gate.wait)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    await asyncio.sleep(0.3)
+    statuses = await pool.fetch("SELECT status FROM work")
+    assert done == [] and {r["status"] for r in statuses} == {"waiting"}
+    gate.set()
+    for _ in range(50):
+        if len(done) == 3:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await running
+    assert len(done) == 3

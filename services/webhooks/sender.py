@@ -6,7 +6,10 @@ At least once, one `webhook-id` for every attempt: a delivery's lease is renewed
 request runs, and a sender that dies renews it no more, so another takes the delivery over.
 A 2xx answer delivers; a 410 Gone disables the endpoint; anything else (a 3xx too: no
 redirect is followed, a timeout, a refused address) is retried on WEBHOOK_RETRY_SECONDS
-and, once they are spent (24 hours by default), parked, the endpoint flagged `failing`."""
+and, once they are spent (24 hours by default), parked, the endpoint flagged `failing`.
+
+Before each claim the sender gives way to the order pipeline of its process for the first
+WEBHOOK_GIVE_WAY_SECONDS of a busy spell (shared/runtime/activity.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -34,6 +38,7 @@ from services.webhooks.addresses import (
 from services.webhooks.sealing import Sealer, SealError
 from shared import metrics
 from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
+from shared.runtime.activity import give_way
 from shared.settings_parts import WebhookSettings
 
 log = logging.getLogger("ordermill.webhooks")
@@ -95,7 +100,9 @@ class WebhookSender:
         self.runner = Runner(self.queue, self.deliver, database_url=database_url,
                              concurrency=hooks.concurrency,
                              lane_concurrency=hooks.endpoint_concurrency,
-                             poll_seconds=hooks.queue.poll_seconds, linger_seconds=0.01)
+                             poll_seconds=hooks.queue.poll_seconds, linger_seconds=0.01,
+                             before_claim=(partial(give_way, hooks.give_way_seconds)
+                                           if hooks.give_way_seconds > 0 else None))
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._endpoints: dict[int, tuple[float, Endpoint | None]] = {}
         self._delivered: list[tuple[asyncpg.Record, Endpoint, Outcome, int,

@@ -31,6 +31,7 @@ def worker(settings: Settings) -> WorkerSpec:
     # derives the model from a handler's annotation; one handler serves every class here).
     routes = {key: Route(EVENTS[key], on_event) for key in EVENT_TYPES}
     # Off the order's critical path: events wait up to 20 ms to share a transaction.
-    return WorkerSpec(service="webhooks", routes=routes, linger=0.02,
+    # Its messages are not the pipeline its sender gives way to (gives_way).
+    return WorkerSpec(service="webhooks", routes=routes, linger=0.02, gives_way=True,
                       background=(sender.run,), on_stop=(sender.close,),
                       gauges=(WEBHOOK_DELIVERIES_BY_STATE,))

@@ -22,20 +22,32 @@ log = logging.getLogger("ordermill.runtime")
 
 @dataclass
 class InFlight:
+    """Messages received and not yet settled. Counters chain: a worker's counts into the
+    pipeline's (unless the worker gives way), which counts into the process's, so a stop
+    waits for everything and background work can give way to the pipeline alone."""
+
     count: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    parent: InFlight | None = None
+    busy_since: float = 0.0  # loop time at which the count last rose from 0
 
     def __post_init__(self) -> None:
         self.idle.set()
 
     def enter(self) -> None:
+        if self.count == 0:
+            self.busy_since = asyncio.get_running_loop().time()
         self.count += 1
         self.idle.clear()
+        if self.parent is not None:
+            self.parent.enter()
 
     def leave(self, n: int = 1) -> None:
         self.count -= n
         if self.count == 0:
             self.idle.set()
+        if self.parent is not None:
+            self.parent.leave(n)
 
 
 @dataclass

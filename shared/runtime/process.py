@@ -23,6 +23,7 @@ from shared.metrics import RELAY_GAUGES, DatabaseGauges, ProcessState
 from shared.metrics_server import MetricsServer
 from shared.outbox import OutboxRelay
 from shared.parties import Publishers, amqp_user
+from shared.runtime.activity import PIPELINE
 from shared.runtime.batching import Busy, InFlight, batcher
 from shared.runtime.chain import Middleware
 from shared.runtime.pipeline import Pipeline
@@ -58,6 +59,9 @@ class Runtime:
         self.transport: AmqpTransport | None = None
         self._stop = asyncio.Event()
         self._inflight = InFlight()
+        # The messages of workers that do not give way (all but webhooks): what a sender
+        # that gives way waits for (activity.give_way).
+        self._pipeline = InFlight(parent=self._inflight)
         self._batchers: list[asyncio.Task[None]] = []
         self.database = DatabaseWatch(settings.database_url, self._stop,
                                       statement_cache_size=settings.statement_cache_size)
@@ -157,6 +161,9 @@ class Runtime:
             tasks.append(self._supervised("outbox-relay", partial(outbox.run, self._stop)))
             keeper = Housekeeper(self.settings.housekeeping)
             tasks.append(self._supervised("housekeeping", partial(keeper.run, self.pool, self._stop)))
+        # Background work that gives way to the pipeline (activity.give_way) sees this
+        # process's in-flight count: its tasks are created in this context.
+        PIPELINE.set(self._pipeline)
         tasks += [
             self._supervised(f"{spec.service}-background", partial(job, self.pool, self._stop))
             for spec in workers for job in spec.background
@@ -203,9 +210,10 @@ class Runtime:
         assert self.transport
         pipeline = self.pipeline(spec)
         waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        in_flight = InFlight(parent=self._inflight if spec.gives_way else self._pipeline)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            self._inflight.enter()
+            in_flight.enter()
             waiting.put_nowait(message)
 
         await self.transport.consume(self.names.queue(spec.service),
@@ -215,7 +223,7 @@ class Runtime:
             self._batchers.append(asyncio.create_task(batcher(
                 spec.service, waiting, limit=spec.batch or self.settings.worker_batch,
                 linger=spec.linger, handle=pipeline.handle, requeue=self.transport.requeue,
-                in_flight=self._inflight, busy=busy,
+                in_flight=in_flight, busy=busy,
                 busy_linger=self.settings.worker_linger_ms / 1000),
                 name=f"{spec.service}-batcher-{n}"))
 

@@ -75,6 +75,9 @@ class WorkerSpec:
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()
+    # Its messages do not hold back background work that gives way to the pipeline
+    # (shared/runtime/activity.py): the webhooks worker's own, set against its sender.
+    gives_way: bool = False
     # Counts of its tables a process running this worker exports (shared/metrics.py), read
     # when /metrics is scraped (with METRICS_PORT): jobs by state, emails by state.
     gauges: Sequence[StateGauge] = ()
