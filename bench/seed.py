@@ -1,6 +1,6 @@
 """Seed a database with a large, realistic order history, quickly: set-based SQL
 (`INSERT ... SELECT ... FROM generate_series`), one statement per table, no round trip per
-row. Used by bench/console.py (the console's page times at a million orders) and meant for
+row. Used by bench/console_pages.py (the console's page times at a million orders) and meant for
 issue 15's bench/scale.py.
 
     PYTHONPATH=. .venv/bin/python bench/seed.py postgresql://postgres@127.0.0.1/om_big \\

@@ -3,7 +3,7 @@
 httpx's ASGI transport: routing, queries, rendering; no network), p50 and p99 over N
 requests, and prints a table. It asserts nothing about time (bench/README.md).
 
-    PYTHONPATH=. .venv/bin/python bench/console.py [--orders 1000000] [--clients 300000]
+    PYTHONPATH=. .venv/bin/python bench/console_pages.py [--orders 1000000] [--clients 300000]
         [--requests 100] [--keep]
 
 The database (om_bench_console_<hex>) is dropped at the end unless --keep. Seeding a million
