@@ -16,7 +16,7 @@ from cli import views
 from conftest import order_body
 from services.fraud.handlers import Screener
 from services.fraud.operator_rules import RulesError, parse, parse_toml
-from services.fraud.providers.base import FraudResult, OrderFacts
+from services.fraud.providers.base import FraudResult, OrderFacts, ProviderError
 from services.fraud.rule_store import store
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
@@ -160,6 +160,38 @@ async def test_a_provider_review_needs_review_and_accepting_clears_it(flow: InMe
         "Active", False, True)
     # Cleared by the operator: the on_order trial is set up even without "run module create",
     # and the held mails go out.
+    assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE order_id=$1", row["id"]) == 1
+    assert sorted(m["template"] for m in flow.events("email.send")) == [
+        "invoice_created", "order_confirmation"]
+
+
+class FailingProvider(FixedProvider):
+    """A provider that cannot answer (MaxMind down): with FRAUD_ON_ERROR=hold the order waits."""
+
+    async def score(self, facts: OrderFacts) -> FraudResult:
+        self.calls += 1
+        raise ProviderError("service unavailable")
+
+
+async def test_accepting_an_order_whose_screening_failed_clears_it_too(flow: InMemoryFlow) -> None:
+    """A screening that could not complete holds the order like the review band; the
+    operator's accept overrides it the same way, with or without "run module create"."""
+    s = flow.settings
+    assert s.fraud.on_error == "hold"
+    flow.add(placement_worker(s), fraud_spec(s, FailingProvider()), provisioning_worker(s),
+             review_worker(s))
+    row = await place(flow, "held-error", items=TRIAL)
+    assert (row["status"], row["screening"]) == ("Pending", "error")
+    assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE order_id=$1", row["id"]) == 0
+    await flow.send("review.command", {"order_id": row["id"], "action": "accept",
+                                       "operator": "alice",
+                                       "options": {"run_module_create": False,
+                                                   "send_welcome_email": False,
+                                                   "register_domains": False}})
+    await flow.run()
+    row = await order(flow, "held-error")
+    assert (row["status"], row["screening"], row["screening_override"]) == (
+        "Active", "error", True)
     assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE order_id=$1", row["id"]) == 1
     assert sorted(m["template"] for m in flow.events("email.send")) == [
         "invoice_created", "order_confirmation"]

@@ -187,12 +187,13 @@ async def _apply(conn: asyncpg.Connection, uow: UnitOfWork, cmd: ReviewCommand,
         if screening == Screening.QUEUED:
             raise Refused(f"order {order['id']} is still being screened; accept needs it finished")
         options = cmd.options.model_dump()
-        # Accepting an order held for review clears it: the operator's decision overrides the
-        # screening, as setting an order back to Pending does (its items may be set up).
+        # Accepting an order held by its screening (the review band, or a screening that
+        # could not complete) clears it: the operator's decision overrides the screening, as
+        # setting an order back to Pending does (its items may be set up).
         await conn.execute(
             "UPDATE orders SET accept_options = $2,"
-            " screening_override = screening_override OR screening = $3 WHERE id = $1",
-            order["id"], options, Screening.REVIEW)
+            " screening_override = screening_override OR NOT (screening = ANY($3::text[]))"
+            " WHERE id = $1", order["id"], options, sorted(CLEARED))
     if cmd.action == "retry":
         if cmd.job_id is not None:
             await _parked_job(conn, order["id"], cmd.job_id, "retry")
