@@ -518,3 +518,39 @@ async def test_the_sweep_reads_real_dead_letter_queues(settings: Settings) -> No
     finally:
         await pool.close()
         await connection.close()
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+@pytest.mark.slow  # runs `ordermill` a few times
+async def test_notify_load_and_show_through_the_cli(
+    db_settings: Settings, pool: asyncpg.Pool, tmp_path: Path,
+) -> None:
+    from test_cli import cli
+
+    s = db_settings
+    good = tmp_path / "alerts.toml"
+    good.write_text((ROOT / "alerts.example.toml").read_text().replace(
+        "XXXXXXXXXXXXXXXXXXXXXXXX", "s3cr3tTOKEN"))
+    code, out, err = await cli(s, "notify", "load", str(good))
+    assert code == 0, err
+    assert "loaded from alerts.toml: 9 rule(s)" in out and "s3cr3t" not in out + err
+    for args in (("notify", "show"), ("notify", "show", "--json")):
+        code, out, err = await cli(s, *args)
+        assert code == 0 and "hooks.slack.com" in out and "s3cr3t" not in out + err
+    shown = json.loads(out)
+    assert {r["name"] for r in shown["rules"]} >= {"big-order", "review-waiting", "dead-letters"}
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n[[rules]]\n'
+                   'name = "big"\ntrigger = "fraud"\nchannels = ["m"]\nwhen = { total_over = "5" }\n')
+    missing = tmp_path / "hook.toml"
+    missing.write_text('[channels.h]\ntype = "webhook"\nendpoint = 4242\n')
+    for path, says in ((bad, "rules.0 (big): total_over does not apply to fraud"),
+                       (missing, "webhook endpoint 4242 does not exist"),
+                       (tmp_path / "none.toml", "cannot read")):
+        code, out, err = await cli(s, "notify", "load", str(path))
+        assert code != 0 and says in err, err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
+    # Nothing changed: the first set is still in force.
+    assert await pool.fetchval("SELECT count(*) FROM alert_rule_sets") == 1
