@@ -8,31 +8,14 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
+from aiormq.exceptions import DeliveryError, PublishError
 
 from shared import broker
 from shared import dead_letters as dl
 from shared.parties import REPLAY_OF_HEADER
+from shared.queue_depths import queue_depths as queue_depths  # its home before shared/
 from shared.runtime import REDACTED, REPLAYS_HEADER, SECRET_KEYS, redact
 from shared.topology import SERVICE_BINDINGS, Names
-
-
-async def queue_depths(connection: AbstractRobustConnection, names: Names) -> list[dict[str, Any]]:
-    depths = []
-    for queue_name in names.all_queues():
-        channel = await connection.channel()
-        try:
-            queue = await channel.declare_queue(queue_name, passive=True)
-            result = queue.declaration_result
-            depths.append({"queue": queue_name, "messages": result.message_count,
-                           "consumers": result.consumer_count})
-        except ChannelNotFoundEntity:
-            depths.append({"queue": queue_name, "messages": None, "consumers": None,
-                           "missing": True})
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-    return depths
 
 
 def _dead_queues(names: Names, which: str | None) -> list[str]:

@@ -21,10 +21,10 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from cli.broker_ops import queue_depths
 from shared import broker, db
 from shared.metrics import DatabaseGauges, StateGauge
 from shared.metrics_server import MetricsServer
+from shared.queue_depths import queue_depths
 from shared.topology import Names
 
 log = logging.getLogger("ordermill.exporter")

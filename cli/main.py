@@ -31,6 +31,7 @@ from rich.text import Text
 from cli import broker_ops, tables, views
 from cli.catalog import CatalogError, catalog_view, load_catalog, read_catalog
 from cli.fraud import fraud_app
+from cli.notify import app as notify_app
 from cli.sandbox import sandbox_app
 from cli.webhooks import app as webhooks_app
 from shared import broker, db, logs
@@ -54,6 +55,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(fraud_app, name="fraud")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(notify_app, name="notify")
 
 out = Console()
 T = TypeVar("T")

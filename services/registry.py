@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.alerts.worker import worker as alerts_worker
 from services.fraud.worker import worker as fraud_worker
 from services.notify.worker import worker as notify_worker
 from services.placement.worker import worker as placement_worker
@@ -20,4 +21,5 @@ WORKERS: dict[str, Callable[[Settings], WorkerSpec]] = {
     "review": review_worker,
     "notify": notify_worker,
     "webhooks": webhooks_worker,
+    "alerts": alerts_worker,
 }

@@ -55,6 +55,12 @@ def retention_rules(settings: HousekeepingSettings) -> list[Retention]:
         # Sent mails (and their dedupe keys); pending, sending and parked ones stay.
         Retention("emails", _delete("emails", "id", "sent_at", only="status = 'sent'"),
                   settings.email_retention_days * day),
+        # Staff alerts (their dedupe rows) with their Slack messages, once none of those waits
+        # or is parked: an alert whose message is not delivered stays for the operator.
+        Retention("alerts", _delete(
+            "alerts", "id", "created_at", only="NOT EXISTS (SELECT 1 FROM alert_deliveries d"
+            " WHERE d.alert_id = alerts.id AND d.status <> 'delivered')"),
+                  settings.alert_retention_days * day),
     ]
 
 

@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.settings_parts import (
+    AlertSettings,
     BannedSettings,
     BrokerSettings,
     ConsoleSettings,
@@ -140,6 +141,10 @@ class Settings(BaseSettings):
     inbox_retention_days: float = Field(30, gt=0)
     job_retention_days: float = Field(90, gt=0)
     email_retention_days: float = Field(90, gt=0)
+    # Staff alerts and their Slack messages (services/alerts/): kept this long, then deleted
+    # (a Slack message not delivered yet stays). An alert deleted no longer deduplicates:
+    # an order still waiting for review after this long alerts once more.
+    alert_retention_days: float = Field(90, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
     housekeeping_batch: int = Field(1000, gt=0, le=100_000)
     housekeeping_pause_ms: float = Field(50, ge=0, le=60_000)
@@ -229,6 +234,10 @@ class Settings(BaseSettings):
     webhook_secret_key: SecretStr | None = None
     # After `ordermill webhooks rotate`, the old secret still signs (a second signature) this long.
     webhook_rotation_hours: float = Field(24.0, ge=0, le=24 * 30)
+
+    # Staff alerts (services/alerts/, README "Staff alerts"): how often the alerts worker
+    # looks for orders waiting for review too long and for dead letters (seconds).
+    alert_sweep_seconds: float = Field(60, gt=0)
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -436,6 +445,7 @@ class Settings(BaseSettings):
                                     inbox_retention_days=self.inbox_retention_days,
                                     job_retention_days=self.job_retention_days,
                                     email_retention_days=self.email_retention_days,
+                                    alert_retention_days=self.alert_retention_days,
                                     every_seconds=self.housekeeping_seconds,
                                     batch=self.housekeeping_batch,
                                     pause_seconds=self.housekeeping_pause_ms / 1000)
@@ -527,6 +537,12 @@ class Settings(BaseSettings):
             host=self.smtp_host, port=self.smtp_port, username=self.smtp_username,
             password=self.smtp_password, security=self.smtp_security, sender=self.mail_from,
             timeout=self.module_timeout_seconds), queue=self.leased_queue)
+
+    @property
+    def alerts(self) -> AlertSettings:
+        return AlertSettings(broker=self.broker, webhooks=self.webhooks,
+                             console_url=self.console_url, mail_domain=self.mail.domain,
+                             sweep_seconds=self.alert_sweep_seconds)
 
     @property
     def webhooks(self) -> WebhookSettings:

@@ -105,6 +105,7 @@ class HousekeepingSettings(Part):
     inbox_retention_days: float
     job_retention_days: float
     email_retention_days: float
+    alert_retention_days: float
     every_seconds: float
     batch: int  # rows per delete, one short transaction each
     pause_seconds: float  # between batches
@@ -285,3 +286,15 @@ class WebhookSettings(Part):
     secret_key: SecretStr | None  # Fernet key(s): signing secrets encrypted at rest
     rotation_hours: float
 
+
+
+class AlertSettings(Part):
+    """Staff alerts (services/alerts/): the sweep's broker connection and pace, the Slack
+    sender's policy (the webhooks': SSRF allow-list, timeout, retries, the sealing key), and
+    where alerts link to (the console's order page) and mail from."""
+
+    broker: BrokerSettings
+    webhooks: WebhookSettings
+    console_url: str | None
+    mail_domain: str
+    sweep_seconds: float

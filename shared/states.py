@@ -112,3 +112,24 @@ class WaitingFor(StrEnum):
 
     ORDER = "order"
     REVIEW = "review"
+
+
+class AlertTrigger(StrEnum):
+    """What a staff alert rule fires on (alerts.trigger; README "Staff alerts")."""
+
+    NEW_ORDER = "new_order"  # order.placed, with conditions
+    FRAUD = "fraud"  # order.fraud: by screening or by an operator
+    SCREENING_ERROR = "screening_error"  # order.screened with screening `error`
+    SETUP_PARKED = "setup_parked"  # service.failed / domain.failed: a job parked
+    PAYMENT_UNAPPLIED = "payment_unapplied"  # payment.unapplied
+    DEAD_LETTER = "dead_letter"  # a dead-letter queue no longer empty (the sweep)
+    REVIEW_WAITING = "review_waiting"  # an order awaiting review longer than N hours (the sweep)
+
+
+class AlertDeliveryStatus(StrEnum):
+    """A Slack message of an alert on the leased queue (alert_deliveries.status)."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    PARKED = "parked"

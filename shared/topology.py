@@ -33,6 +33,10 @@ SERVICE_BINDINGS: dict[str, tuple[str, ...]] = {
                  "order.cancelled", "order.deleted", "order.fraud", "order.pending",
                  "order.placed", "order.rejected", "order.screened", "payment.unapplied",
                  "service.created", "service.failed", "service.terminated"),
+    # The events a staff alert may be about (services/alerts/worker.py KEYS; the sweep
+    # watches the rest: orders waiting for review, dead letters).
+    "alerts": ("order.placed", "order.fraud", "order.screened", "service.failed",
+               "domain.failed", "payment.unapplied"),
 }
 
 
@@ -48,6 +52,7 @@ SERVICE_EMITS: dict[str, tuple[str, ...]] = {
                "order.fraud", "order.retry", "order.rescreen", "email.send"),
     "notify": (),
     "webhooks": (),
+    "alerts": (),
 }
 
 

@@ -78,7 +78,8 @@ async def test_read_commands_print_the_contract_json(harness: Harness) -> None:
     assert set(depths) == {f"{s.namespace}.{n}" for n in
                            ("placement", "placement.dead", "fraud", "fraud.dead",
                             "provisioning", "provisioning.dead", "review", "review.dead",
-                            "notify", "notify.dead", "webhooks", "webhooks.dead")}
+                            "notify", "notify.dead", "webhooks", "webhooks.dead",
+                            "alerts", "alerts.dead")}
     assert depths[f"{s.namespace}.placement"]["consumers"] == 1
     assert depths[f"{s.namespace}.placement.dead"]["messages"] == 0
 

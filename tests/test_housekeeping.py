@@ -69,7 +69,8 @@ async def test_pruning_removes_only_finished_rows_past_retention(pool: asyncpg.P
     keeper = Housekeeper(Settings(outbox_retention_hours=72, inbox_retention_days=30,
                                   job_retention_days=90, email_retention_days=90,
                                   housekeeping_batch=2, housekeeping_pause_ms=0).housekeeping)
-    assert await keeper.once(pool) == {"outbox": 1, "inbox": 5, "jobs": 2, "emails": 1}
+    assert await keeper.once(pool) == {"outbox": 1, "inbox": 5, "jobs": 2, "emails": 1,
+                                      "alerts": 0}
     assert [r["n"] for r in await pool.fetch("SELECT body->>'n' AS n FROM outbox ORDER BY id")] == [
         "new", "unpublished"]
     assert [r["message_id"] for r in await pool.fetch("SELECT message_id FROM inbox")] == ["new"]
@@ -78,7 +79,8 @@ async def test_pruning_removes_only_finished_rows_past_retention(pool: asyncpg.P
     assert [r["dedupe_key"] for r in await pool.fetch(
         "SELECT dedupe_key FROM emails ORDER BY id")] == ["sent-1", "parked-2", "pending-3"]
     # Nothing more to do: a second pass deletes nothing.
-    assert await keeper.once(pool) == {"outbox": 0, "inbox": 0, "jobs": 0, "emails": 0}
+    assert await keeper.once(pool) == {"outbox": 0, "inbox": 0, "jobs": 0, "emails": 0,
+                                      "alerts": 0}
 
 
 async def test_each_tables_rule_reads_by_an_index(pool: asyncpg.Pool) -> None:

@@ -50,7 +50,8 @@ def test_each_part_carries_only_its_own_fields() -> None:
     assert fields(s.maxmind) == set(MaxMindSettings.model_fields)
     assert not {"database_url", "amqp_url", "password", "smtp_password"} & fields(s.maxmind)
     owners = {"license_key": {"maxmind"}, "password": {"mail"},  # SMTP's
-              "amqp_url": {"broker", "dead_payments"}}  # dead payments has a connection
+              # dead payments and the alerts sweep (dead-letter depths) have a connection
+              "amqp_url": {"broker", "dead_payments", "alerts"}}
     for name in PARTS:
         mine = fields(getattr(s, name))
         assert "database_url" not in mine, name  # a resource the caller passes, not a part

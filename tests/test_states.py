@@ -29,6 +29,8 @@ from shared.contracts import EVENTS, Event, OrderFraud
 from shared.orders import IN_PLACE, TRANSITIONS
 from shared.settings import Settings
 from shared.states import (
+    AlertDeliveryStatus,
+    AlertTrigger,
     DomainStatus,
     EmailStatus,
     InvoiceStatus,
@@ -173,6 +175,8 @@ COLUMNS: dict[tuple[str, str], set[str]] = {
     ("emails", "status"): {s.value for s in EmailStatus},
     ("payments", "status"): {s.value for s in PaymentStatus},
     ("payments", "waiting_for"): {s.value for s in WaitingFor},
+    ("alerts", "trigger"): {s.value for s in AlertTrigger},
+    ("alert_deliveries", "status"): {s.value for s in AlertDeliveryStatus},
 }
 
 

@@ -22,6 +22,10 @@ SUBJECTS = {
     "invoice_created": "Invoice for order {order_number}",
     "hosting_welcome": "Your hosting account is ready (order {order_number})",
 }
+# A staff alert (services/alerts/): to the provider's staff, never a client. Written only by
+# the alerts worker, straight into the mail queue with its own context (emails.context), so
+# an `email.send` cannot ask for it (the mail worker takes the SUBJECTS templates only).
+STAFF_TEMPLATE = "staff_alert"
 
 # The templates ship with the package: no stat of their files on every render (auto_reload).
 _ENV = Environment(loader=PackageLoader("services.notify", "templates"), auto_reload=False,
@@ -141,6 +145,12 @@ def _part(subtype: str, text: str) -> bytes:
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n%s" % (subtype.encode(), body))
 
 
+def subject_of(template: str, context: dict[str, Any]) -> str:
+    if template == STAFF_TEMPLATE:
+        return f"[Ordermill] {context['subject']}"
+    return SUBJECTS[template].format(order_number=context["order"]["order_number"])
+
+
 def render(template: str, recipient: str, sender: str, message_id: str,
            context: dict[str, Any]) -> Mail:
     """A multipart/alternative mail: plain text, then HTML, each quoted-printable UTF-8.
@@ -152,8 +162,9 @@ def render(template: str, recipient: str, sender: str, message_id: str,
         domain = domain.encode("idna").decode("ascii")  # bücher.example: xn--bcher-kva.example
     to = f"{local}@{domain}"
     from_header, envelope_sender = _from_header(sender)
-    _one_line(to, from_header, message_id)
-    subject = _header(SUBJECTS[template].format(order_number=context["order"]["order_number"]))
+    subject_text = subject_of(template, context)
+    _one_line(to, from_header, message_id, subject_text)
+    subject = _header(subject_text)
     # "=_" never occurs in quoted-printable text, so no body can contain the boundary.
     boundary = b"=_" + secrets.token_hex(12).encode()
     # A non-ASCII mailbox name cannot be an encoded-word (RFC 2047): it goes as UTF-8 (SMTPUTF8).

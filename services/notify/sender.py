@@ -121,8 +121,10 @@ class MailSender:
         if self._local_hostname is None:
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
         try:
+            # A staff alert carries its own context; the others are an order's.
+            orders = list({e["order_id"] for e in emails if e["context"] is None})
             async with pool.acquire() as conn:
-                contexts = await order_contexts(conn, list({e["order_id"] for e in emails}))
+                contexts = await order_contexts(conn, orders) if orders else {}
         except db.TRANSIENT_DB_ERRORS:
             # Nothing was sent: the claim goes back at once, no attempt spent (or, if the
             # database is away, when its lease runs out).
@@ -184,8 +186,10 @@ class MailSender:
                 if self.queue.lost(email):
                     continue  # taken over by another sender (this one was too slow): its to send
                 try:
+                    context = (email["context"] if email["context"] is not None
+                               else contexts[email["order_id"]])
                     mail = render(email["template"], email["recipient"], self.smtp.sender,
-                                  email["message_id"], contexts[email["order_id"]])
+                                  email["message_id"], context)
                 except Exception as exc:  # this mail cannot be written; the others can
                     log.exception("email not rendered", extra={"email_id": email["id"]})
                     await self._failed(pool, email, exc)

@@ -1,0 +1,138 @@
+"""The alerts worker's sweep, for what no event announces: an order waiting for review longer
+than a rule's `waiting_hours`, and dead letters (a dead-letter queue that was empty and is
+not any more). Every ALERT_SWEEP_SECONDS, in every copy of the worker: the alerts' unique
+(rule, cause) and a row lock on each watched queue keep two sweepers from alerting twice.
+
+Dead letters are an **episode**: the queue going from empty to holding dead letters alerts
+once (cause `dead:<queue>:<episode>`); it ends when the queue is empty again (replayed or
+purged), and the next dead letter after that starts a new one. Queue depths come from
+passive declares (shared/queue_depths.py) on a connection of the sweep's own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import asyncpg
+from aio_pika.abc import AbstractRobustConnection
+
+from services.alerts.facts import order_facts
+from services.alerts.raising import Cause, Delivery, raise_alert
+from services.alerts.rules import AlertRules
+from services.alerts.store import RuleStore
+from shared import broker, db
+from shared.queue_depths import dead_queues, queue_depths
+from shared.states import AlertTrigger
+from shared.topology import Names
+
+log = logging.getLogger("ordermill.alerts.sweep")
+
+BATCH = 100  # orders alerted per rule and pass: a backlog is taken over a few passes
+
+# Orders awaiting review (as `ordermill pending` and the exporter count them), waiting longer
+# than $1 seconds, that this rule has not alerted on.
+_WAITING = (
+    "SELECT o.id, o.created_at FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
+    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
+    " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)"
+    " ORDER BY o.created_at LIMIT $3")
+
+
+def _hours(since: datetime) -> str:
+    hours = (datetime.now(UTC) - since).total_seconds() / 3600
+    return f"{hours:.1f} h"
+
+
+class Sweeper:
+    def __init__(self, store: RuleStore, delivery: Delivery, *, amqp_url: str, names: Names,
+                 every_seconds: float) -> None:
+        self.store, self.delivery = store, delivery
+        self.amqp_url, self.names = amqp_url, names
+        self.every_seconds = every_seconds
+        self._connection: AbstractRobustConnection | None = None
+
+    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.every_seconds)
+                    return
+                try:
+                    await self.once(pool)
+                except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
+                    log.warning("alerts sweep failed; will try again",
+                                extra={"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def once(self, pool: asyncpg.Pool) -> int:
+        """One pass; the alerts raised."""
+        rules = await self.store.current(pool)
+        raised = 0
+        if rules.for_trigger(AlertTrigger.REVIEW_WAITING):
+            raised += await self.review_waiting(pool, rules)
+        if rules.for_trigger(AlertTrigger.DEAD_LETTER):
+            if self._connection is None:
+                self._connection = await broker.connect(self.amqp_url, attempts=3)
+            rows = await queue_depths(self._connection, self.names, dead_queues(self.names))
+            raised += await self.dead_letters(
+                pool, rules, {r["queue"]: r["messages"] for r in rows if not r.get("missing")})
+        return raised
+
+    async def review_waiting(self, pool: asyncpg.Pool, rules: AlertRules) -> int:
+        raised = 0
+        for rule in rules.for_trigger(AlertTrigger.REVIEW_WAITING):
+            assert rule.when.waiting_hours is not None
+            seconds = float(rule.when.waiting_hours) * 3600
+            for order in await pool.fetch(_WAITING, seconds, rule.name, BATCH):
+                async with pool.acquire() as conn, conn.transaction():
+                    facts = await order_facts(conn, order["id"])
+                    if facts is None:
+                        continue
+                    waited = _hours(order["created_at"])
+                    cause = Cause(
+                        AlertTrigger.REVIEW_WAITING, f"review:{facts.id}",
+                        f"Order #{facts.number} has waited {waited} for review",
+                        {"Waiting": waited, **facts.lines()}, facts.id)
+                    if await raise_alert(conn, rules, rule, cause, self.delivery) is not None:
+                        raised += 1
+        return raised
+
+    async def dead_letters(self, pool: asyncpg.Pool, rules: AlertRules,
+                           depths: Mapping[str, int]) -> int:
+        """Each dead-letter queue's depth against its watch: a new episode alerts every
+        dead_letter rule once."""
+        matching = rules.for_trigger(AlertTrigger.DEAD_LETTER)
+        raised = 0
+        for queue, depth in sorted(depths.items()):
+            watch = f"dead:{queue}"
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO alert_watches (name) VALUES ($1)"
+                                   " ON CONFLICT (name) DO NOTHING", watch)
+                row = await conn.fetchrow("SELECT active, episode FROM alert_watches"
+                                          " WHERE name = $1 FOR UPDATE", watch)
+                starts = depth > 0 and not row["active"]
+                episode = row["episode"] + (1 if starts else 0)
+                await conn.execute(
+                    "UPDATE alert_watches SET active = $2, episode = $3, depth = $4,"
+                    " updated_at = now() WHERE name = $1", watch, depth > 0, episode, depth)
+                if not starts:
+                    continue
+                service = self.names.service_of(queue) or queue
+                cause = Cause(
+                    AlertTrigger.DEAD_LETTER, f"dead:{queue}:{episode}",
+                    f"{depth} dead letter(s) in {queue}",
+                    {"Queue": queue, "Dead letters": str(depth),
+                     "Look": f"ordermill dead-letters {service}"})
+                for rule in matching:
+                    if await raise_alert(conn, rules, rule, cause, self.delivery) is not None:
+                        raised += 1
+        return raised
