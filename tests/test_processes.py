@@ -212,14 +212,21 @@ async def test_worker_waits_for_a_broker_that_is_still_starting(
     await harness.publish("order.place", order_body("late-broker"))
     process = await spawn(harness.settings, log, AMQP_URL=amqp)
     try:
-        await proxy.start(delay=2.0)
+        # The broker comes up only once the worker has found it down and is retrying (a
+        # fixed delay raced the worker's own start on a loaded machine).
+        for _ in range(600):
+            if "Retrying" in log.read_text() or process.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert "Retrying" in log.read_text(), "the worker never tried the absent broker"
+        assert process.returncode is None, "the worker gave up instead of waiting"
+        await proxy.start()
         order = await harness.screened("late-broker", timeout=60)
         assert order["screening"] == "passed"
     finally:
         process.terminate()
         await process.wait()
         proxy.close()
-    assert "Retrying" in log.read_text()
 
 
 async def test_worker_survives_broker_and_database_connections_dropping(
