@@ -22,9 +22,9 @@ STATUS_CHOICES = [REVIEW, QUEUED, *(s.value for s in OrderStatus), ALL]
 SCREENING_CHOICES = ["passed", "review", "failed", "skipped", "error", "queued"]
 
 
-# A list filtered by what each order must be probed for (a product among its services) is
-# counted to a lower cap ("1,000+"): each row counted costs a lookup.
-PROBED_COUNT_CAP = 1_000
+# The order list's count stops lower ("1,000+"): a filter on a column its index does not hold
+# (a screening with a status, a product) costs a lookup for each row counted.
+LIST_COUNT_CAP = 1_000
 # A product with at most this many services is read from its services (services_product_
 # order_idx), its orders fetched by id and sorted: at most this many lookups, wherever in
 # time they are. A more common one is probed order by order in the list's order: at least
@@ -172,9 +172,9 @@ class Product:
         found = await conn.fetchval("SELECT id FROM products WHERE slug = $1", slug)
         if found is None:
             return None
-        services = await conn.fetchval(  # an index-only count, capped
+        services = await conn.fetchval(  # capped; in the index's order: read on it
             "SELECT count(*) FROM (SELECT 1 FROM services WHERE product_id = $1"
-            f" LIMIT {RARE_PRODUCT + 1}) x", found)
+            f" ORDER BY product_id, order_id LIMIT {RARE_PRODUCT + 1}) x", found)
         return cls(found, services <= RARE_PRODUCT)
 
 
@@ -287,8 +287,7 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
         count = await _probed_count(conn, joined, conds, args)
     else:
         count = await capped_count(conn, f"SELECT 1 FROM orders o{joined} WHERE {base_where}",
-                                   *args, cap=PROBED_COUNT_CAP if product else COUNT_CAP,
-                                   order_by="o.created_at, o.id")
+                                   *args, cap=LIST_COUNT_CAP, order_by="o.created_at, o.id")
     first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
     return {
         "orders": orders, "count": count,
@@ -302,13 +301,13 @@ async def _probed_count(conn: asyncpg.Connection, joined: str, conds: list[str],
                         args: list[Any]) -> tuple[int, bool]:
     """A common product's count: its orders among the first PROBED_COUNT_WALK of the list's
     range in the list's order (each probed), so capped when the range goes on beyond them
-    or more than PROBED_COUNT_CAP have it. The probe is the last condition (_where)."""
+    or more than LIST_COUNT_CAP have it. The probe is the last condition (_where)."""
     walk, probe = conds[:-1], conds[-1]
     matched, walked = await conn.fetchrow(
         f"SELECT count(*) FILTER (WHERE {probe}), count(*) FROM (SELECT o.id FROM orders o"
         f"{joined} WHERE {' AND '.join(walk)} ORDER BY o.created_at, o.id"
         f" LIMIT {PROBED_COUNT_WALK}) o", *args)
-    return min(matched, PROBED_COUNT_CAP), matched > PROBED_COUNT_CAP or (
+    return min(matched, LIST_COUNT_CAP), matched > LIST_COUNT_CAP or (
         walked == PROBED_COUNT_WALK)
 
 
