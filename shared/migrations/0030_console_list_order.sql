@@ -43,7 +43,7 @@ CREATE STATISTICS IF NOT EXISTS orders_status_screening_stats (mcv, dependencies
 ANALYZE orders;
 
 -- Without a status or a screening the list reads 0017's orders_created_id_idx (created_at, id);
--- a client's orders, 0001's orders_client_idx (client_id, created_at); a product, either each
--- order probed on services_product_order_idx (a product most orders have) or that product's
--- services read first on the same index (one few orders have): the planner chooses by the
--- product's statistics, the product's id being written into the statement.
+-- a client's orders, 0001's orders_client_idx (client_id, created_at); a product, 0017's
+-- services_product_order_idx: each order probed on it as the list's index walks (a product many
+-- orders have), or the product's services read on it and their orders fetched by id (one few
+-- have), as console/queries.py chooses.
