@@ -272,7 +272,7 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
             page_conds.append(f"(o.created_at, o.id) {sign} (${len(args_page) - 1},"
                               f" ${len(args_page)})")
             order = "ASC" if after is not None else "DESC"
-        else:  # gone (kept past its retention): the first page
+        else:  # no such order (an id typed into the address): the first page
             after = before = None
     rows = await conn.fetch(
         f"SELECT {_ROW}{_FROM} WHERE {' AND '.join(page_conds)}"
