@@ -38,7 +38,7 @@ from shared.topology import SERVICE_BINDINGS, SERVICE_EMITS, Names
 # The contract's version (AsyncAPI `info.version`): 1.0.0 was the design as first written;
 # 1.1.0 is issue 11's least privilege (docs/contract.md, section 9 "Changes"). Raise it with
 # every change listed there.
-CONTRACT_VERSION = "1.6.0"
+CONTRACT_VERSION = "1.7.0"
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING_VERSION = "0.3.0"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -131,7 +131,8 @@ class RescreenFilter:
         return "no order to re-screen"
 
 
-# By orders_status_idx (status, created_at) WHERE deleted_at IS NULL: not a scan of orders.
+# By orders_status_created_idx (status, created_at, id) WHERE deleted_at IS NULL (migration
+# 0030): not a scan of orders.
 RESCREEN_QUERY = (
     "SELECT id FROM orders WHERE status = $1 AND deleted_at IS NULL"
     " AND ($2::text IS NULL OR screening = $2)"

@@ -193,6 +193,10 @@ class PlaceOrder(Contract):
     ip_address: IPv4Address | IPv6Address | None = None
     send_confirmation: bool = True
     generate_invoice: bool = True
+    # The operator signed in to the console who placed it (contract 1.7.0): the placement
+    # history names them, believed only from a console user as for review.command (section 8);
+    # anyone else's order is recorded as its publisher's.
+    operator: str | None = Field(None, min_length=1, max_length=100)
 
     @field_validator("ip_address")
     @classmethod

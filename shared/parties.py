@@ -121,3 +121,14 @@ class Publishers:
                 raise UnknownPublishers(
                     f"{service}: no user may publish {key}: set {names}"
                     " (comma-separated RabbitMQ users), or TRUST_ANY_PUBLISHER=true for development")
+
+
+def operator_named(user: str | None, parties: frozenset[Party], named: str | None) -> str | None:
+    """Who history names for an operator's message (docs/contract.md, section 8): the
+    broker-validated user; for a console user that is not also an operator user, the operator
+    signed in to the console, whom the body names (`named`) and the console vouches for; the
+    body's name too where nobody is validated (development with TRUST_ANY_PUBLISHER). None
+    when neither is known: the caller falls back to its own actor."""
+    if named and (user is None or (Party.CONSOLE in parties and Party.OPERATOR not in parties)):
+        return named
+    return user

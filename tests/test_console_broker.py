@@ -1,6 +1,7 @@
-"""The console over RabbitMQ: its one connection publishes review commands as its own user and
-waits on its reply queue; the review service records the signed-in operator only when that
-user is a console user (CONSOLE_USERS), and the broker user otherwise."""
+"""The console over RabbitMQ: its one connection publishes review commands and Add New Order's
+`order.place` as its own user and waits on its reply queue; the review and placement services
+record the signed-in operator only when that user is a console user (CONSOLE_USERS), and the
+broker user otherwise."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from contextlib import aclosing
 import httpx
 import pytest
 from test_console import csrf_of, password_hash
+from test_console_pages import history_rows, new_order_form
 from test_review import make_order
 
 from conftest import TEST_USER, Harness
 from console.app import close_state, create_app, open_state
+from services.placement.worker import worker as placement_worker
 from services.review.worker import worker as review_worker
 
 
@@ -32,7 +35,7 @@ async def test_actions_go_over_the_broker_as_the_console_user(
     parties = ({"console_users": [TEST_USER], "operator_users": []} if console_user
                else {"console_users": [], "operator_users": [TEST_USER]})
     s = harness.settings.model_copy(update=parties)
-    await harness.start([review_worker(s)], **parties)
+    await harness.start([review_worker(s), placement_worker(s)], **parties)
     await harness.pool.execute(
         "INSERT INTO operators (name, role, password_hash) VALUES ('alice', 'reviewer', $1)",
         await password_hash())
@@ -55,6 +58,13 @@ async def test_actions_go_over_the_broker_as_the_console_user(
             page = await client.post(f"/orders/{two}/notes", data={"csrf": csrf,
                                                                    "note": "denied: chargeback"})
             assert "Note added." in page.text and "denied: chargeback" in page.text
+            # Add New Order: placement answers on the reply queue; the order page's history
+            # names who placed it.
+            placed = await client.post("/orders/new", data=new_order_form(
+                csrf, f"console-cb-{console_user}", promo_code=""))
+            assert placed.status_code == 303, placed.text[:500]
+            shown = (await client.get(placed.headers["location"])).text
+            assert (recorded, "placed") in history_rows(shown), history_rows(shown)
     finally:
         await close_state(state)
     rows = await harness.pool.fetch(

@@ -75,6 +75,45 @@ async def test_add_new_order_for_a_new_client_opens_the_order(
     assert EPP not in caplog.text
 
 
+def history_rows(html: str) -> list[tuple[str, str]]:
+    """(who, what) of each row of the order page's History table, as shown."""
+    table = html.split("<h2>History</h2>", 1)[1].split("</table>", 1)[0]
+    return [(who, what) for who, what in re.findall(
+        r"<tr><td>[^<]*</td><td>([^<]*)</td><td>([^<]*)</td>", table)]
+
+
+async def test_add_new_order_history_names_the_operator_who_placed_it(
+    console: Console,  # noqa: F811
+) -> None:
+    """The console publishes as its own broker user, naming the operator signed in: the
+    placement history row names the operator (as review commands do), not the console."""
+    client, csrf = await signed_in(console)
+    async with aclosing(client):
+        ref = re.search(r'name="ref" value="([^"]+)"',
+                        (await client.get("/orders/new")).text).group(1)
+        placed = await client.post("/orders/new", data=new_order_form(csrf, ref))
+        assert placed.status_code == 303, placed.text[:500]
+        page = (await client.get(placed.headers["location"])).text
+    rows = history_rows(page)
+    assert ("alice", "placed") in rows, rows
+    assert all(who != CONSOLE_USER for who, _ in rows), rows
+    order_id = int(re.fullmatch(r"/orders/(\d+)\?placed=1", placed.headers["location"])[1])
+    row = await console.flow.pool.fetchrow(
+        "SELECT actor, detail FROM order_history WHERE order_id = $1 AND action = 'placed'",
+        order_id)
+    assert row["actor"] == "alice"
+    assert row["detail"]["publisher"] == CONSOLE_USER  # who vouched for her, kept for audit
+    # The order's publisher is still the console's broker user (its storefront, its ref).
+    assert await console.flow.pool.fetchval(
+        "SELECT placed_by FROM orders WHERE id = $1", order_id) == CONSOLE_USER
+    # Anyone else naming an operator is not believed: the history names the publisher (here
+    # the harness's user, a storefront and operator user, not a console user).
+    other = await console.place("c-named", operator="mallory")
+    assert await console.flow.pool.fetchval(
+        "SELECT actor FROM order_history WHERE order_id = $1 AND action = 'placed'",
+        other["id"]) == console.flow.user
+
+
 async def test_add_new_order_mistakes_are_one_line_with_the_values_kept(
     console: Console,  # noqa: F811
 ) -> None:

@@ -2,8 +2,10 @@
 (40,000 orders of 15,000 clients, with items, invoices, payments, fraud checks, jobs and
 mails; a few Pending, Fraud, parked), each query the pipeline and the operator's commands
 run — the fraud facts (velocity by IP and client, the existing-client check), the client
-lookup by email at placement, the pending list, orders by client and by email, `show`, `failures` —
-is planned on indexes, never a sequential scan of orders, clients or the item tables.
+lookup by email at placement, the pending list, orders by client and by email, `show`, `failures`,
+the console's order list with each of its filters — is planned on indexes, never a sequential
+scan of orders, clients or the item tables; and a page of the console's list reads a page's
+worth of orders, not every order before its range.
 
 The code runs as it is, with its own SQL: it is handed a connection that plans (EXPLAIN,
 same parameters) each statement it is given, then runs it. How fast the queries are is
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 from cli import views
+from console import queries
 from services.fraud.facts import lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
 from shared import db
@@ -53,7 +57,11 @@ SEED = [
     "  '', now() - make_interval(mins => ({orders} - g) * 120)"
     " FROM generate_series(1, {orders}) g",
     "INSERT INTO services (order_id, product_id, billing_cycle, domain, status, amount, created_at)"
-    " SELECT o.id, (SELECT min(id) FROM products), 'monthly', 'seed' || o.id || '.example',"
+    # Half the orders have the first product, half the second; one in a thousand the third
+    # (a product few orders have), none the others (the console's product filter).
+    " SELECT o.id, (ARRAY(SELECT id FROM products ORDER BY id))"
+    "  [CASE WHEN o.id % 1000 = 0 THEN 3 ELSE 1 + o.id % 2 END], 'monthly',"
+    "  'seed' || o.id || '.example',"
     "  CASE o.status WHEN 'Active' THEN 'Active' WHEN 'Pending' THEN 'Pending' ELSE 'Cancelled' END,"
     "  10, o.created_at FROM orders o",
     "INSERT INTO domains (order_id, domain, tld, action, years, status, amount, created_at)"
@@ -223,3 +231,82 @@ async def test_operator_reads_use_indexes(conn: asyncpg.Connection) -> None:
     shown = await views.show_order(explaining, by_client[0]["id"])
     assert shown is not None and shown["invoice"] and shown["payments"] and shown["fraud"]
     assert_indexed(explaining, expected=3 + 5 + 7)
+
+
+class Analyzing(Explaining):
+    """Plans with EXPLAIN ANALYZE, so each plan says how many rows each node read."""
+
+    async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
+        plan = await self.conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+        self.plans.append((sql, (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]))
+
+
+def orders_read(plan: dict[str, Any]) -> int:
+    """Rows of orders a plan read: returned or removed by a filter, in every loop."""
+    read = 0
+    if plan.get("Relation Name") == "orders":
+        read += (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+                 + plan.get("Rows Removed by Index Recheck", 0)) * plan.get("Actual Loops", 1)
+    return read + sum(orders_read(child) for child in plan.get("Plans", []))
+
+
+def _ago(days: int) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).date().isoformat()
+
+
+# The console list's filters, alone and together (console/queries.py OrderFilters): status,
+# a product most orders have, one few have, one nobody has, dates, screening, flagged, client
+# by id and by email, search.
+CONSOLE_FILTERS: list[dict[str, str]] = [
+    {},  # the review queue
+    {"status": "Active", "product": "starter", "since": _ago(3 * 365)},
+    {"status": "all", "product": "trial"},
+    {"status": "Active", "product": "dedicated", "since": _ago(5 * 365)},
+    {"status": "review", "product": "starter"},
+    {"status": "Cancelled", "since": _ago(6 * 365), "until": _ago(4 * 365)},
+    {"status": "all", "since": _ago(40), "until": _ago(10)},
+    {"status": "Fraud", "until": _ago(5 * 365)},
+    {"status": "all", "screening": "error"},
+    {"status": "all", "screening": "passed", "since": _ago(365)},
+    {"status": "all", "flagged": "1", "since": _ago(4 * 365)},
+    {"status": "all", "client": "123"},
+    {"status": "Active", "client": "Client123@seed.example", "product": "starter"},
+    {"status": "all", "q": "seed-777", "since": _ago(9 * 365)},
+    {"status": "all", "q": "seed778.example"},
+]
+
+
+async def test_console_list_filters_read_a_page_on_an_index(conn: asyncpg.Connection) -> None:
+    """Every statement of each filtered list (its page, its capped count, the product's
+    lookups) reads orders through an index, never whole, and reads about a page of them: at
+    most a few times the statement's LIMIT. Read in id order, a date filter walked every order
+    of the status from the first one (tens of thousands here, a million in bench/console_pages.py)."""
+    explaining = Analyzing(conn)
+    pages = []
+    for filters in CONSOLE_FILTERS:
+        f = queries.OrderFilters.of(filters)
+        pages.append(first := await queries.order_list(explaining, f))
+        if first["more_after"]:  # the next page, and back
+            second = await queries.order_list(explaining, f, after=first["last_id"])
+            assert second["orders"] and second["more_before"]
+            back = await queries.order_list(explaining, f, before=second["first_id"])
+            assert [o["id"] for o in back["orders"]] == [o["id"] for o in first["orders"]]
+    # Each filter found what it should (the seed has some of each but the unused product).
+    empty = [CONSOLE_FILTERS[i] for i, page in enumerate(pages) if not page["orders"]]
+    assert empty == [CONSOLE_FILTERS[3]], empty
+    assert {o["client_id"] for o in pages[11]["orders"]} == {123}
+    read = [sql for sql, plan in explaining.plans if orders_read(plan)]
+    assert len(read) > 2 * len(CONSOLE_FILTERS)
+    wrong = []
+    for sql, plan in explaining.plans:
+        nodes = scans(plan)
+        whole = [relation for node, relation, _ in nodes
+                 if node == "Seq Scan" and relation in GROWING]
+        n = orders_read(plan)
+        limits = [int(x) for x in re.findall(r"LIMIT (\d+)", sql)]
+        bound = 5 * max(limits, default=20) + 100
+        by_index = any((index or "").startswith("orders_") for _, _, index in nodes)
+        if whole or (n and not by_index) or n > bound:
+            wrong.append(f"{' '.join(sql.split())[-200:]}: read whole {whole}, {n} orders read"
+                         f" (at most {bound}), plan {nodes}")
+    assert not wrong, "\n".join(wrong)

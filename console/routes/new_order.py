@@ -176,12 +176,14 @@ async def place(request: Request, ctx: Ctx) -> Response:
         body = order_body(values, epp_codes(form))
     except FormError as exc:
         return await _render(request, ctx, values, status_code=400, error=str(exc))
+    assert ctx.operator is not None
+    # Named as review commands name them: the placement history records who placed it.
+    body["operator"] = ctx.operator.name
     timeout = ctx.state.settings.review_timeout
     try:
         reply = await ctx.state.publisher.place(body, wait_seconds=timeout)
     except Unavailable as exc:
         return await _render(request, ctx, values, status_code=503, error=str(exc))
-    assert ctx.operator is not None
     log.info("console order", extra={"order_ref": body["order_ref"], "operator": ctx.operator.name,
                                      "ok": reply.get("ok") if reply else None})
     if reply is None:

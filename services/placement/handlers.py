@@ -32,6 +32,7 @@ from shared.contracts import (
 )
 from shared.epp_codes import EppCodes
 from shared.errors import Rejected
+from shared.parties import operator_named
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.placement")
@@ -251,6 +252,22 @@ FROM o
 """
 
 
+def _placed_history(cmd: PlaceOrder, uow: UnitOfWork, total: Decimal,
+                    currency: str) -> tuple[str, dict[str, object]]:
+    """The placement history row's actor and detail: the operator the console signed in when
+    a console user places it (as review commands name them, shared/parties.py), with the
+    console's broker user in the detail; the publisher (or this service) otherwise."""
+    ctx = uow.context
+    detail: dict[str, object] = {"total": str(total), "currency": currency,
+                                 "message_id": ctx.message_id}
+    actor = operator_named(ctx.user_id, ctx.parties, cmd.operator)
+    if actor is None:
+        return uow.actor, detail
+    if actor != ctx.user_id and ctx.user_id is not None:
+        detail["publisher"] = ctx.user_id  # the console that vouched for the operator
+    return actor, detail
+
+
 async def _store_order(
     conn: asyncpg.Connection, cmd: PlaceOrder, uow: UnitOfWork, publisher: Publisher,
     client_id: int, currency: str, subtotal: Decimal, discount: Decimal, total: Decimal,
@@ -264,8 +281,7 @@ async def _store_order(
         client_id, isinstance(cmd.client, ExistingClient), currency, cmd.payment_method,
         promotion.code if promotion else None, str(cmd.ip_address) if cmd.ip_address else None,
         cmd.send_confirmation, cmd.generate_invoice, total, uow.context.user_id,
-        uow.context.message_id, uow.actor,
-        {"total": str(total), "currency": currency, "message_id": uow.context.message_id},
+        uow.context.message_id, *_placed_history(cmd, uow, total, currency),
         # services
         [p.product_id for p in products], [p.item.billing_cycle for p in products],
         [p.item.domain for p in products], [p.price for p in products],

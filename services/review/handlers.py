@@ -34,7 +34,7 @@ from shared.contracts import (
     ReviewReply,
 )
 from shared.orders import allowed_from, ask_for_order_emails, transition
-from shared.parties import Party
+from shared.parties import operator_named
 from shared.settings_parts import MaxMindSettings
 from shared.states import CLEARED, JobStatus, OrderStatus, Screening
 from shared.uow import UnitOfWork
@@ -124,12 +124,8 @@ def preparer(maxmind: MaxMindSettings):  # -> Prepare
 
 
 def operator_of(cmd: ReviewCommand, uow: UnitOfWork) -> str:
-    ctx = uow.context
-    if ctx.user_id is None:
-        return cmd.operator
-    if Party.CONSOLE in ctx.parties and Party.OPERATOR not in ctx.parties:
-        return cmd.operator  # vouched for by the console, which signed the operator in
-    return ctx.user_id
+    # The console vouches for the operator it signed in (shared/parties.py operator_named).
+    return operator_named(uow.context.user_id, uow.context.parties, cmd.operator) or cmd.operator
 
 
 async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
