@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ from pipeline import (
     CpuMeter,
     MailSink,
     WorkerProcess,
+    _free_port,
     _git_commit,
     _table,
     announce,
@@ -59,6 +61,7 @@ from pipeline import (
     drop_database,
     latency_summary,
     mail_drained,
+    webhook_receiver,
 )
 from provisioning import SCREENING_KEYS, SETUP_KEYS, Placed, Storefront
 
@@ -69,7 +72,7 @@ from shared.settings import Settings
 from shared.topology import SERVICE_BINDINGS, declare_topology, delete_topology
 
 PRODUCT = "starter"  # autorelease on payment
-BOUNDED_TABLES = ("inbox", "outbox", "jobs", "emails")
+BOUNDED_TABLES = ("inbox", "outbox", "jobs", "emails", "webhook_deliveries", "webhook_attempts")
 
 
 # -- the storefront and the gateway ------------------------------------------------------------
@@ -330,7 +333,8 @@ async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
 
 
 async def settled(database_url: str, limit: float = 600.0) -> None:
-    """Until no event waits for the relay, no mail to be sent and no job to run (twice, 0.5 s
+    """Until no event waits for the relay, no mail to be sent, no job to run and no webhook to
+    deliver (twice, 0.5 s
     apart): mail_drained's count cannot be used once the housekeeper prunes what it counts."""
     conn = await asyncpg.connect(database_url)
     deadline, quiet = time.monotonic() + limit, 0
@@ -341,7 +345,8 @@ async def settled(database_url: str, limit: float = 600.0) -> None:
             left = await conn.fetchval(
                 "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL)"
                 " + (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending'))"
-                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))")
+                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))"
+                " + (SELECT count(*) FROM webhook_deliveries WHERE status IN ('pending', 'sending'))")
             quiet = quiet + 1 if left == 0 else 0
             await asyncio.sleep(0.5)
     finally:
@@ -352,11 +357,37 @@ def retention_env(window: float) -> dict[str, str]:
     """Every retention window `window` seconds; the housekeeper runs every window / 2."""
     return {"OUTBOX_RETENTION_HOURS": str(window / 3600), "INBOX_RETENTION_DAYS": str(window / 86400),
             "JOB_RETENTION_DAYS": str(window / 86400), "EMAIL_RETENTION_DAYS": str(window / 86400),
+            "WEBHOOK_RETENTION_DAYS": str(window / 86400),
             "HOUSEKEEPING_SECONDS": str(max(1.0, window / 2))}
+
+
+async def add_endpoint(database_url: str, port: int, events: list[str]) -> None:
+    """One webhook endpoint on the bench's receiver (pipeline.py's: 204 to everything),
+    subscribed to `events`, as an integrator's would be."""
+    from services.webhooks.sealing import Sealer
+    from services.webhooks.signing import new_secret
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO webhook_endpoints (url, events, secret) VALUES ($1, $2, $3)",
+                           f"http://127.0.0.1:{port}/hook", events, Sealer().seal(new_secret()))
+    finally:
+        await conn.close()
 
 
 async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
                  opts: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        events = [e.strip() for e in opts.webhook_events.split(",") if e.strip()]
+        if events:
+            port = _free_port()
+            stack.enter_context(webhook_receiver(port, RESULTS / "volume-webhook-receiver.log"))
+            await add_endpoint(bench.settings.database_url, port, events)
+        return await _volume(bench, connection, orders, opts) | {"webhook_events": events}
+
+
+async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
+                  opts: argparse.Namespace) -> dict[str, Any]:
     env = {**bench.env(), "JOB_BACKOFF_SECONDS": "1", **retention_env(opts.window)}
     worker, store, cpu = await with_worker(bench, connection, env, "volume")
     run = Run(bench, connection, worker, store, cpu)
@@ -510,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")
     parser.add_argument("--window", type=float, default=30.0,
                         help="--volume: every retention window, seconds")
+    parser.add_argument("--webhook-events", default="order.placed,service.created",
+                        help="--volume: one webhook endpoint subscribed to these ('' for none)")
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
         parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")
