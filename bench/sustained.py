@@ -401,7 +401,10 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
             await run.phase(f"volume {done + n:,}", orders.take(n, "v"), None, wait_mail=False)
             done += n
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
-                                "tables": await table_sizes(bench.settings.database_url)})
+                                "tables": await table_sizes(bench.settings.database_url),
+                                "load_1m": round(os.getloadavg()[0], 2)})
+            print("    " + ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
+                                     for t, v in checkpoints[-1]["tables"].items()), flush=True)
         await settled(bench.settings.database_url)  # every mail sent, every event out
         await asyncio.sleep(opts.window)  # then the last rows past the window too
     finally:
