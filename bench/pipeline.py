@@ -49,6 +49,11 @@ import psutil
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from aiosmtpd.controller import Controller
 
+# Run as a script (as every bench is), this folder comes first on sys.path, where
+# bench/console.py would stand for the console package (cli.main imports console.accounts):
+# the repository's root goes before it. The other benches import this file first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
 from cli.main import loop_factory
