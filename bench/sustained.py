@@ -397,16 +397,22 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
         done = 0
         while done < opts.volume:
             n = min(opts.chunk, opts.volume - done)
-            # Mails are not waited for per chunk (the housekeeper prunes what mail_drained counts).
+            # mail_drained cannot tell when the mails are out (the housekeeper prunes what it
+            # counts): settled does, for the mails, webhooks, jobs and events of the chunk. The
+            # next chunk waits for them: bursts alone outrun the senders, and their backlog
+            # (unsent, so never pruned) would be measured instead of retention.
             await run.phase(f"volume {done + n:,}", orders.take(n, "v"), None, wait_mail=False)
             done += n
+            settling = time.perf_counter()
+            await settled(bench.settings.database_url, limit=1800)
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
+                                "settle_seconds": round(time.perf_counter() - settling, 1),
                                 "tables": await table_sizes(bench.settings.database_url),
                                 "load_1m": round(os.getloadavg()[0], 2)})
-            print("    " + ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
-                                     for t, v in checkpoints[-1]["tables"].items()), flush=True)
-        await settled(bench.settings.database_url)  # every mail sent, every event out
-        await asyncio.sleep(opts.window)  # then the last rows past the window too
+            sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
+                              for t, v in checkpoints[-1]["tables"].items())
+            print(f"    settled {checkpoints[-1]['settle_seconds']:.0f} s later; {sizes}", flush=True)
+        await asyncio.sleep(opts.window)  # the last rows past the window too
     finally:
         await worker.stop()
     before = await table_sizes(bench.settings.database_url)
