@@ -90,12 +90,22 @@ async def prepare(url: str, shape: Shape) -> None:
         await conn.close()
 
 
+async def existing_ids(conn: asyncpg.Connection, table: str, n: int,
+                       rnd: random.Random) -> list[int]:
+    """N ids of `table` spread over its id range, each the first at or after a random point
+    (so a database whose ids have gaps, filled by the pipeline rather than the seeder, works)."""
+    low, high = await conn.fetchrow(f"SELECT min(id), max(id) FROM {table}")
+    if low is None:
+        return []
+    return [await conn.fetchval(f"SELECT min(id) FROM {table} WHERE id >= $1",
+                                rnd.randint(low, high)) for _ in range(n)]
+
+
 async def pages(conn: asyncpg.Connection, shape: Shape) -> list[tuple[str, list[str]]]:
     """Each page measured, with the paths its requests cycle through (varied ids)."""
     rnd = random.Random(7)
-    n = shape.orders
-    orders = [rnd.randint(1, n) for _ in range(50)]
-    clients = [rnd.randint(1, shape.clients) for _ in range(50)]
+    orders = await existing_ids(conn, "orders", 50, rnd)
+    clients = await existing_ids(conn, "clients", 50, rnd)
     last_names = ["smith", "müller", "quinn", "okafor", "berg"]
     return [
         ("dashboard", ["/"]),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ from pipeline import (
     CpuMeter,
     MailSink,
     WorkerProcess,
+    _free_port,
     _git_commit,
     _table,
     announce,
@@ -59,6 +61,7 @@ from pipeline import (
     drop_database,
     latency_summary,
     mail_drained,
+    webhook_receiver,
 )
 from provisioning import SCREENING_KEYS, SETUP_KEYS, Placed, Storefront
 
@@ -69,7 +72,7 @@ from shared.settings import Settings
 from shared.topology import SERVICE_BINDINGS, declare_topology, delete_topology
 
 PRODUCT = "starter"  # autorelease on payment
-BOUNDED_TABLES = ("inbox", "outbox", "jobs", "emails")
+BOUNDED_TABLES = ("inbox", "outbox", "jobs", "emails", "webhook_deliveries", "webhook_attempts")
 
 
 # -- the storefront and the gateway ------------------------------------------------------------
@@ -330,7 +333,8 @@ async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
 
 
 async def settled(database_url: str, limit: float = 600.0) -> None:
-    """Until no event waits for the relay, no mail to be sent and no job to run (twice, 0.5 s
+    """Until no event waits for the relay, no mail to be sent, no job to run and no webhook to
+    deliver (twice, 0.5 s
     apart): mail_drained's count cannot be used once the housekeeper prunes what it counts."""
     conn = await asyncpg.connect(database_url)
     deadline, quiet = time.monotonic() + limit, 0
@@ -341,7 +345,8 @@ async def settled(database_url: str, limit: float = 600.0) -> None:
             left = await conn.fetchval(
                 "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL)"
                 " + (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending'))"
-                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))")
+                " + (SELECT count(*) FROM jobs WHERE status IN ('pending', 'running'))"
+                " + (SELECT count(*) FROM webhook_deliveries WHERE status IN ('pending', 'sending'))")
             quiet = quiet + 1 if left == 0 else 0
             await asyncio.sleep(0.5)
     finally:
@@ -352,27 +357,89 @@ def retention_env(window: float) -> dict[str, str]:
     """Every retention window `window` seconds; the housekeeper runs every window / 2."""
     return {"OUTBOX_RETENTION_HOURS": str(window / 3600), "INBOX_RETENTION_DAYS": str(window / 86400),
             "JOB_RETENTION_DAYS": str(window / 86400), "EMAIL_RETENTION_DAYS": str(window / 86400),
+            "WEBHOOK_RETENTION_DAYS": str(window / 86400),
             "HOUSEKEEPING_SECONDS": str(max(1.0, window / 2))}
+
+
+async def autovacuum_off(database_url: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SHOW autovacuum") == "off"
+    finally:
+        await conn.close()
+
+
+async def vacuum_tables(database_url: str) -> None:
+    """What autovacuum would have done by now: the pruned rows' space made reusable. A
+    server with autovacuum off (as a test server may be) otherwise grows the files with
+    every chunk while the rows stay at the window's worth."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("VACUUM " + ", ".join(BOUNDED_TABLES))
+    finally:
+        await conn.close()
+
+
+async def add_endpoint(database_url: str, port: int, events: list[str]) -> None:
+    """One webhook endpoint on the bench's receiver (pipeline.py's: 204 to everything),
+    subscribed to `events`, as an integrator's would be."""
+    from services.webhooks.sealing import Sealer
+    from services.webhooks.signing import new_secret
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO webhook_endpoints (url, events, secret) VALUES ($1, $2, $3)",
+                           f"http://127.0.0.1:{port}/hook", events, Sealer().seal(new_secret()))
+    finally:
+        await conn.close()
 
 
 async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
                  opts: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        events = [e.strip() for e in opts.webhook_events.split(",") if e.strip()]
+        if events:
+            port = _free_port()
+            stack.enter_context(webhook_receiver(port, RESULTS / "volume-webhook-receiver.log"))
+            await add_endpoint(bench.settings.database_url, port, events)
+        return await _volume(bench, connection, orders, opts) | {"webhook_events": events}
+
+
+async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
+                  opts: argparse.Namespace) -> dict[str, Any]:
     env = {**bench.env(), "JOB_BACKOFF_SECONDS": "1", **retention_env(opts.window)}
     worker, store, cpu = await with_worker(bench, connection, env, "volume")
     run = Run(bench, connection, worker, store, cpu)
     checkpoints = []
+    vacuum = await autovacuum_off(bench.settings.database_url) if opts.vacuum == "auto" \
+        else opts.vacuum == "always"
+    if vacuum:
+        print(f"  VACUUM of the bounded tables after each chunk (--vacuum {opts.vacuum})",
+              flush=True)
     started = time.perf_counter()
     try:
         done = 0
         while done < opts.volume:
             n = min(opts.chunk, opts.volume - done)
-            # Mails are not waited for per chunk (the housekeeper prunes what mail_drained counts).
+            # mail_drained cannot tell when the mails are out (the housekeeper prunes what it
+            # counts): settled does, for the mails, webhooks, jobs and events of the chunk. The
+            # next chunk waits for them: bursts alone outrun the senders, and their backlog
+            # (unsent, so never pruned) would be measured instead of retention.
             await run.phase(f"volume {done + n:,}", orders.take(n, "v"), None, wait_mail=False)
             done += n
+            settling = time.perf_counter()
+            await settled(bench.settings.database_url, limit=1800)
+            settle_seconds = round(time.perf_counter() - settling, 1)
+            if vacuum:
+                await vacuum_tables(bench.settings.database_url)
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
-                                "tables": await table_sizes(bench.settings.database_url)})
-        await settled(bench.settings.database_url)  # every mail sent, every event out
-        await asyncio.sleep(opts.window)  # then the last rows past the window too
+                                "settle_seconds": settle_seconds, "vacuumed": vacuum,
+                                "tables": await table_sizes(bench.settings.database_url),
+                                "load_1m": round(os.getloadavg()[0], 2)})
+            sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
+                              for t, v in checkpoints[-1]["tables"].items())
+            print(f"    settled {checkpoints[-1]['settle_seconds']:.0f} s later; {sizes}", flush=True)
+        await asyncio.sleep(opts.window)  # the last rows past the window too
     finally:
         await worker.stop()
     before = await table_sizes(bench.settings.database_url)
@@ -387,6 +454,7 @@ async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Ord
     finally:
         await pool.close()
     return {"orders": opts.volume, "window_seconds": opts.window, "checkpoints": checkpoints,
+            "vacuum_each_chunk": vacuum,
             "before_final_prune": before, "final_prune_deleted": deleted,
             "final_prune_seconds": prune_seconds,
             "after_final_prune": await table_sizes(bench.settings.database_url)}
@@ -510,6 +578,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")
     parser.add_argument("--window", type=float, default=30.0,
                         help="--volume: every retention window, seconds")
+    parser.add_argument("--vacuum", choices=("auto", "always", "never"), default="auto",
+                        help="--volume: VACUUM the tables after each chunk (auto: when the"
+                             " server's autovacuum is off)")
+    parser.add_argument("--webhook-events", default="order.placed,service.created",
+                        help="--volume: one webhook endpoint subscribed to these ('' for none)")
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
         parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")

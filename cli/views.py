@@ -91,8 +91,11 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
                          offset: int = 0) -> dict[str, Any]:
     """Pending orders whose screening is finished (errors flagged), and those still queued:
     those that need review first, then oldest first; `more` counts those past this page."""
+    # The count is its own subquery (once, on orders_pending_idx alone): a window count over
+    # the page's query would join every Pending order's client and latest check, not the page's.
     rows = await conn.fetch(
-        f"SELECT {_ORDER_COLUMNS}, count(*) OVER () AS listed"
+        f"SELECT {_ORDER_COLUMNS}, (SELECT count(*) FROM orders WHERE status = 'Pending'"
+        "  AND deleted_at IS NULL) AS listed"
         f" FROM orders o JOIN clients c ON c.id = o.client_id{_LATEST_CHECK}"
         " WHERE o.deleted_at IS NULL AND o.status = 'Pending'"
         " ORDER BY o.needs_review DESC, o.id LIMIT $1 OFFSET $2",

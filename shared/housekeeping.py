@@ -1,12 +1,14 @@
 """Keeps the tables that fill with every message from growing without end: the outbox, the
-inbox, finished jobs and sent mails hold only their retention window (issue 15, target 3).
+inbox, finished jobs, sent mails and finished webhook deliveries hold only their retention
+window (issue 15, target 3).
 
 Each table is pruned in small batches, one short transaction each (rows locked with SKIP
 LOCKED: several processes may prune at once, and none waits for a worker's row), with a
 pause between batches so a large backlog of old rows never holds locks or the disk for
 long. Only finished rows are ever deleted: an unpublished event, a pending, running or
-parked job, a mail not sent yet (or parked) stay whatever their age. Each query reads its
-rows by an index on the time it prunes by (migration 0027), never the whole table."""
+parked job, a mail not sent yet (or parked), a webhook not delivered yet (or parked) stay
+whatever their age. Each query reads its rows by an index on the time it prunes by
+(migrations 0027 and 0031), never the whole table."""
 
 from __future__ import annotations
 
@@ -61,6 +63,12 @@ def retention_rules(settings: HousekeepingSettings) -> list[Retention]:
             "alerts", "id", "created_at", only="NOT EXISTS (SELECT 1 FROM alert_deliveries d"
             " WHERE d.alert_id = alerts.id AND d.status <> 'delivered')"),
                   settings.alert_retention_days * day),
+        # Delivered or cancelled webhooks, their attempts with them (ON DELETE CASCADE);
+        # pending, sending and parked ones stay.
+        Retention("webhook_deliveries",
+                  _delete("webhook_deliveries", "id", "updated_at",
+                          only="status IN ('delivered', 'cancelled')"),
+                  settings.webhook_retention_days * day),
     ]
 
 

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     # (a Slack message not delivered yet stays). An alert deleted no longer deduplicates:
     # an order still waiting for review after this long alerts once more.
     alert_retention_days: float = Field(90, gt=0)
+    # Delivered and cancelled webhook deliveries (and their attempts): a replay
+    # (`ordermill webhooks replay`) needs the row, so it must outlive the operator's look.
+    webhook_retention_days: float = Field(30, gt=0)
     housekeeping_seconds: float = Field(600, gt=0)
     housekeeping_batch: int = Field(1000, gt=0, le=100_000)
     housekeeping_pause_ms: float = Field(50, ge=0, le=60_000)
@@ -446,6 +449,7 @@ class Settings(BaseSettings):
                                     job_retention_days=self.job_retention_days,
                                     email_retention_days=self.email_retention_days,
                                     alert_retention_days=self.alert_retention_days,
+                                    webhook_retention_days=self.webhook_retention_days,
                                     every_seconds=self.housekeeping_seconds,
                                     batch=self.housekeeping_batch,
                                     pause_seconds=self.housekeeping_pause_ms / 1000)

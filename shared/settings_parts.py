@@ -106,6 +106,7 @@ class HousekeepingSettings(Part):
     job_retention_days: float
     email_retention_days: float
     alert_retention_days: float
+    webhook_retention_days: float
     every_seconds: float
     batch: int  # rows per delete, one short transaction each
     pause_seconds: float  # between batches

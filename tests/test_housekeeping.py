@@ -1,7 +1,8 @@
 """Bounded tables (issue 15, target 3): housekeeping deletes, in small batches, only what is
 past its retention window and finished: published events, dedupe rows, done or cancelled
-jobs, sent mails. Unpublished events, open or parked jobs and unsent or parked mails stay
-whatever their age; and every table's rule reads its rows by an index."""
+jobs, sent mails, delivered or cancelled webhooks (with their attempts). Unpublished events,
+open or parked jobs, unsent or parked mails and webhooks not delivered stay whatever their
+age; and every table's rule reads its rows by an index."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ async def _seed(conn: asyncpg.Connection) -> None:
             "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id, status,"
             f" created_at, sent_at) VALUES ($1, 'x', 'hk@example.com', $2, $1, $3, {age},"
             f" CASE WHEN $3 = 'sent' THEN {age} END)", f"{status}-{n}", order, status)
+    endpoint = await conn.fetchval(
+        "INSERT INTO webhook_endpoints (url, events, secret)"
+        " VALUES ('https://hooks.example/in', '{*}', 'plain:whsec_x') RETURNING id")
+    hooks = [("delivered", OLD), ("cancelled", OLD), ("delivered", NEW), ("parked", OLD),
+             ("pending", OLD), ("sending", OLD)]
+    for n, (status, age) in enumerate(hooks):
+        delivery = await conn.fetchval(
+            "INSERT INTO webhook_deliveries (endpoint_id, webhook_id, event_type, event_id, body,"
+            f" status, created_at, updated_at) VALUES ($1, $2, 'order.placed', $2, '{{}}', $3,"
+            f" {age}, {age}) RETURNING id", endpoint, f"{status}-{n}", status)
+        await conn.execute("INSERT INTO webhook_attempts (delivery_id, attempt, outcome, duration_ms)"
+                           " VALUES ($1, 1, 'failed', 5)", delivery)
 
 
 async def test_pruning_removes_only_finished_rows_past_retention(pool: asyncpg.Pool) -> None:
@@ -68,9 +81,11 @@ async def test_pruning_removes_only_finished_rows_past_retention(pool: asyncpg.P
     # Batches of two: the five old dedupe rows take three.
     keeper = Housekeeper(Settings(outbox_retention_hours=72, inbox_retention_days=30,
                                   job_retention_days=90, email_retention_days=90,
-                                  housekeeping_batch=2, housekeeping_pause_ms=0).housekeeping)
+                                  webhook_retention_days=30, housekeeping_batch=2,
+                                  housekeeping_pause_ms=0).housekeeping)
     assert await keeper.once(pool) == {"outbox": 1, "inbox": 5, "jobs": 2, "emails": 1,
-                                      "alerts": 0}
+                                       "webhook_deliveries": 2,
+                                       "alerts": 0}
     assert [r["n"] for r in await pool.fetch("SELECT body->>'n' AS n FROM outbox ORDER BY id")] == [
         "new", "unpublished"]
     assert [r["message_id"] for r in await pool.fetch("SELECT message_id FROM inbox")] == ["new"]
@@ -78,9 +93,17 @@ async def test_pruning_removes_only_finished_rows_past_retention(pool: asyncpg.P
         "done 2", "parked 3", "pending 4", "running 5"]
     assert [r["dedupe_key"] for r in await pool.fetch(
         "SELECT dedupe_key FROM emails ORDER BY id")] == ["sent-1", "parked-2", "pending-3"]
+    kept = ["delivered-2", "parked-3", "pending-4", "sending-5"]
+    assert [r["webhook_id"] for r in await pool.fetch(
+        "SELECT webhook_id FROM webhook_deliveries ORDER BY id")] == kept
+    assert [r["webhook_id"] for r in await pool.fetch(  # the deleted ones' attempts went too
+        "SELECT d.webhook_id FROM webhook_attempts a JOIN webhook_deliveries d"
+        " ON d.id = a.delivery_id ORDER BY a.id")] == kept
+    assert await pool.fetchval("SELECT count(*) FROM webhook_attempts") == len(kept)
     # Nothing more to do: a second pass deletes nothing.
     assert await keeper.once(pool) == {"outbox": 0, "inbox": 0, "jobs": 0, "emails": 0,
-                                      "alerts": 0}
+                                       "webhook_deliveries": 0,
+                                       "alerts": 0}
 
 
 async def test_each_tables_rule_reads_by_an_index(pool: asyncpg.Pool) -> None:
