@@ -338,7 +338,7 @@ async def test_housekeeping_deletes_old_published_events_and_old_inbox_rows(
     keeper = Housekeeper(Settings(outbox_retention_hours=72, inbox_retention_days=30,
                                   housekeeping_seconds=600).housekeeping)
     assert await keeper.once(harness.pool) == {"outbox": 1, "inbox": 1, "jobs": 0, "emails": 0,
-                                              "alerts": 0}
+                                              "webhook_deliveries": 0, "alerts": 0}
     left = await harness.pool.fetch("SELECT body->>'n' AS n FROM outbox ORDER BY id")
     assert [r["n"] for r in left] == ["1", "2"]  # the unpublished one is never thrown away
     assert [r["message_id"] for r in await harness.pool.fetch("SELECT message_id FROM inbox")] == [
