@@ -50,6 +50,13 @@ def load(file: Path = typer.Argument(..., help="The rules file (TOML).")) -> Non
             if getattr(channel, "endpoint", None) is not None and channel.endpoint not in known:
                 raise m.UserError(f"{file}: channel {name!r}: webhook endpoint {channel.endpoint}"
                                   " does not exist (`ordermill webhooks list`)")
+        # A product the catalog does not have would make a rule that never fires, silently.
+        catalog = {r[0] for r in await conn.fetch("SELECT slug FROM products")}
+        for rule in rules.rules:
+            unknown = sorted(set(rule.when.product or ()) - catalog)
+            if unknown:
+                raise m.UserError(f"{file}: rule {rule.name!r}: no product {unknown[0]!r} in the"
+                                  " catalog (`ordermill catalog show`)")
         return await store(conn, rules, source=file.name, loaded_by=operator, sealer=sealer)
 
     rule_set_id = m._with_db(save)

@@ -161,6 +161,13 @@ WEBHOOK_DELIVERIES_BY_STATE = StateGauge(
     "SELECT s, count(d.id) FROM unnest(ARRAY['pending', 'sending', 'parked']) AS s"
     " LEFT JOIN webhook_deliveries d ON d.status = s GROUP BY s",
     ("state",))
+ALERT_DELIVERIES_BY_STATE = StateGauge(
+    "ordermill_alert_deliveries",
+    "Staff alerts' Slack messages not yet delivered, by state (pending, sending, parked): a"
+    " parked one is an alert nobody received.",
+    "SELECT s, count(d.id) FROM unnest(ARRAY['pending', 'sending', 'parked']) AS s"
+    " LEFT JOIN alert_deliveries d ON d.status = s GROUP BY s",
+    ("state",))
 # Every process running an outbox relay reports these (the relay's backlog).
 RELAY_GAUGES: tuple[StateGauge, ...] = (OUTBOX_BACKLOG, OUTBOX_OLDEST)
 

@@ -271,11 +271,31 @@ async def test_a_staff_alert_for_each_trigger_once_even_when_redelivered(
 
 async def test_dead_letters_alert_once_per_episode(pool: asyncpg.Pool) -> None:
     rules = await load(pool, EVERY_TRIGGER)
-    sweeper = Sweeper(RuleStore(ttl=0), Delivery(), amqp_url="", names=Names("ns"), every_seconds=60)
+    sweeper = Sweeper(RuleStore(ttl=0), Delivery(), amqp_url="", names=Names("ns"), every_seconds=60,
+                      quiet_seconds=0)
     passes = [{"ns.fraud.dead": 0}, {"ns.fraud.dead": 1}, {"ns.fraud.dead": 4},
               {"ns.fraud.dead": 0}, {"ns.fraud.dead": 2}]
     raised = [await sweeper.dead_letters(pool, rules, depths) for depths in passes]
     assert raised == [0, 1, 0, 0, 1]
+    causes = [r["cause"] for r in await pool.fetch("SELECT cause FROM alerts ORDER BY id")]
+    assert causes == ["dead:ns.fraud.dead:1", "dead:ns.fraud.dead:2"]
+
+
+async def test_an_episode_ends_only_after_the_queue_stayed_empty(pool: asyncpg.Pool) -> None:
+    """An operator listing the dead letters holds them unacknowledged: the queue reads empty
+    for a moment, which must not end the episode and alert the same dead letters again."""
+    rules = await load(pool, EVERY_TRIGGER)
+    sweeper = Sweeper(RuleStore(ttl=0), Delivery(), amqp_url="", names=Names("ns"), every_seconds=60,
+                      quiet_seconds=300)
+    q = {"ns.fraud.dead": 3}
+    empty = {"ns.fraud.dead": 0}
+    assert await sweeper.dead_letters(pool, rules, q) == 1
+    assert await sweeper.dead_letters(pool, rules, empty) == 0  # being listed
+    assert await sweeper.dead_letters(pool, rules, q) == 0  # back: the same episode
+    assert await sweeper.dead_letters(pool, rules, empty) == 0  # replayed
+    await pool.execute("UPDATE alert_watches SET empty_since = now() - interval '301 seconds'")
+    assert await sweeper.dead_letters(pool, rules, empty) == 0  # quiet long enough: ended
+    assert await sweeper.dead_letters(pool, rules, {"ns.fraud.dead": 1}) == 1  # a new one
     causes = [r["cause"] for r in await pool.fetch("SELECT cause FROM alerts ORDER BY id")]
     assert causes == ["dead:ns.fraud.dead:1", "dead:ns.fraud.dead:2"]
 
@@ -546,8 +566,13 @@ async def test_notify_load_and_show_through_the_cli(
                    'name = "big"\ntrigger = "fraud"\nchannels = ["m"]\nwhen = { total_over = "5" }\n')
     missing = tmp_path / "hook.toml"
     missing.write_text('[channels.h]\ntype = "webhook"\nendpoint = 4242\n')
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n[[rules]]\n'
+                    'name = "ded"\ntrigger = "new_order"\nchannels = ["m"]\n'
+                    'when = { product = ["starter", "dedicatd"] }\n')
     for path, says in ((bad, "rules.0 (big): total_over does not apply to fraud"),
                        (missing, "webhook endpoint 4242 does not exist"),
+                       (typo, "rule 'ded': no product 'dedicatd' in the catalog"),
                        (tmp_path / "none.toml", "cannot read")):
         code, out, err = await cli(s, "notify", "load", str(path))
         assert code != 0 and says in err, err

@@ -4,8 +4,11 @@ not any more). Every ALERT_SWEEP_SECONDS, in every copy of the worker: the alert
 (rule, cause) and a row lock on each watched queue keep two sweepers from alerting twice.
 
 Dead letters are an **episode**: the queue going from empty to holding dead letters alerts
-once (cause `dead:<queue>:<episode>`); it ends when the queue is empty again (replayed or
-purged), and the next dead letter after that starts a new one. Queue depths come from
+once (cause `dead:<queue>:<episode>`); it ends when the queue has read empty again (replayed
+or purged) for QUIET_SECONDS, and the next dead letter after that starts a new one. One empty
+read is not enough: a passive declare counts only the messages ready, and an operator listing
+the dead letters (`ordermill dead-letters`, the console's page) holds them unacknowledged for
+a moment, so the queue reads empty while nothing was resolved. Queue depths come from
 passive declares (shared/queue_depths.py) on a connection of the sweep's own."""
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from shared.topology import Names
 log = logging.getLogger("ordermill.alerts.sweep")
 
 BATCH = 100  # orders alerted per rule and pass: a backlog is taken over a few passes
+QUIET_SECONDS = 300.0  # a dead-letter queue empty this long ends its episode
 
 # Orders awaiting review (as `ordermill pending` and the exporter count them), waiting longer
 # than $1 seconds, that this rule has not alerted on.
@@ -48,8 +52,9 @@ def _hours(since: datetime) -> str:
 
 class Sweeper:
     def __init__(self, store: RuleStore, delivery: Delivery, *, amqp_url: str, names: Names,
-                 every_seconds: float) -> None:
+                 every_seconds: float, quiet_seconds: float = QUIET_SECONDS) -> None:
         self.store, self.delivery = store, delivery
+        self.quiet_seconds = quiet_seconds
         self.amqp_url, self.names = amqp_url, names
         self.every_seconds = every_seconds
         self._connection: AbstractRobustConnection | None = None
@@ -94,6 +99,12 @@ class Sweeper:
             seconds = float(rule.when.waiting_hours) * 3600
             for order in await pool.fetch(_WAITING, seconds, rule.name, BATCH):
                 async with pool.acquire() as conn, conn.transaction():
+                    # Read again in this transaction: accepted or cancelled since the list
+                    # was read, it is no longer waiting.
+                    if not await conn.fetchval(
+                            "SELECT true FROM orders WHERE id = $1 AND status = 'Pending'"
+                            " AND deleted_at IS NULL", order["id"]):
+                        continue
                     facts = await order_facts(conn, order["id"])
                     if facts is None:
                         continue
@@ -117,13 +128,19 @@ class Sweeper:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("INSERT INTO alert_watches (name) VALUES ($1)"
                                    " ON CONFLICT (name) DO NOTHING", watch)
-                row = await conn.fetchrow("SELECT active, episode FROM alert_watches"
-                                          " WHERE name = $1 FOR UPDATE", watch)
+                row = await conn.fetchrow(
+                    "SELECT active, episode, empty_since,"
+                    " empty_since <= now() - make_interval(secs => $2) AS quiet"
+                    " FROM alert_watches WHERE name = $1 FOR UPDATE", watch, self.quiet_seconds)
                 starts = depth > 0 and not row["active"]
                 episode = row["episode"] + (1 if starts else 0)
+                # Empty: the episode goes on until the queue has stayed empty QUIET_SECONDS.
+                active = depth > 0 or (row["active"] and not (
+                    row["quiet"] or (row["empty_since"] is None and self.quiet_seconds <= 0)))
                 await conn.execute(
-                    "UPDATE alert_watches SET active = $2, episode = $3, depth = $4,"
-                    " updated_at = now() WHERE name = $1", watch, depth > 0, episode, depth)
+                    "UPDATE alert_watches SET active = $2::boolean, episode = $3, depth = $4::bigint,"
+                    " empty_since = CASE WHEN $2 AND $4 = 0 THEN coalesce(empty_since, now())"
+                    " END, updated_at = now() WHERE name = $1", watch, active, episode, depth)
                 if not starts:
                     continue
                 service = self.names.service_of(queue) or queue

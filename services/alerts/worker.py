@@ -13,6 +13,7 @@ from services.alerts.sender import SlackSender
 from services.alerts.store import RuleStore
 from services.alerts.sweeper import Sweeper
 from services.alerts.triggers import Triggers
+from shared.metrics import ALERT_DELIVERIES_BY_STATE
 from shared.runtime import Route, WorkerSpec, route
 from shared.settings import Settings
 from shared.topology import Names
@@ -40,4 +41,5 @@ def worker(settings: Settings) -> WorkerSpec:
     }
     # Off the order's critical path: events wait up to 20 ms to share a transaction.
     return WorkerSpec(service="alerts", routes=routes, linger=0.02,
-                      background=(sweeper.run, sender.run), on_stop=(sender.close,))
+                      background=(sweeper.run, sender.run), on_stop=(sender.close,),
+                      gauges=(ALERT_DELIVERIES_BY_STATE,))

@@ -60,6 +60,8 @@ CREATE TABLE alert_watches (
     active      boolean NOT NULL DEFAULT false,
     episode     integer NOT NULL DEFAULT 0,
     depth       bigint NOT NULL DEFAULT 0,
+    -- Since when the queue has read empty in an episode (NULL: not empty at the last read).
+    empty_since timestamptz,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 

@@ -7,7 +7,7 @@
 -- Locks: a plain CREATE INDEX (migrations run in a transaction, where CONCURRENTLY cannot)
 -- takes a SHARE lock on orders until this migration commits: reads go on, writes to orders
 -- (placement, screening, review) wait. At a million orders that is about 7 s on 2 cores
--- (bench/console.py's database: the three builds 2.2, 2.2 and 0.4 s, the ANALYZE below 2 s),
+-- (bench/console_pages.py's database: the three builds 2.2, 2.2 and 0.4 s, the ANALYZE below 2 s),
 -- the messages waiting meanwhile in their queues. To keep writes going on a big
 -- table, build them beforehand outside a transaction with the same definitions as
 --   CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_status_created_idx ON orders ...;
@@ -19,8 +19,6 @@
 -- re-screen command's query (cli/fraud.py) reads this one instead.
 CREATE INDEX IF NOT EXISTS orders_status_created_idx ON orders (status, created_at, id)
     WHERE deleted_at IS NULL;
--- DROP INDEX takes an ACCESS EXCLUSIVE lock on orders, held only a moment (no table read).
-DROP INDEX IF EXISTS orders_status_idx;
 
 -- The list by screening result (0017's orders_screening_id_idx stays: the dashboard's flagged
 -- orders are read in id order).
@@ -47,3 +45,8 @@ ANALYZE orders;
 -- services_product_order_idx: each order probed on it as the list's index walks (a product many
 -- orders have), or the product's services read on it and their orders fetched by id (one few
 -- have), as console/queries.py chooses.
+
+-- Last: DROP INDEX takes an ACCESS EXCLUSIVE lock on orders, held (inside the migration's
+-- transaction) until it commits, and blocking reads too: after the builds and the ANALYZE
+-- above, so that it is held only for the commit.
+DROP INDEX IF EXISTS orders_status_idx;
