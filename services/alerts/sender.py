@@ -20,9 +20,10 @@ import aiohttp
 import asyncpg
 
 from services.alerts.store import slack_url
-from services.webhooks.addresses import AddressRefused, Policy, VettingResolver, literal, parse
+from services.webhooks.addresses import AddressRefused, Policy, literal, parse
 from services.webhooks.sealing import Sealer, SealError
 from services.webhooks.sender import Schedule
+from services.webhooks.sessions import VettedSessions
 from shared.leased_queue import NOW, ClaimLost, LeasedQueue, Runner, Table
 from shared.settings_parts import WebhookSettings
 
@@ -58,7 +59,7 @@ class SlackSender:
         self.runner = Runner(self.queue, self.deliver, database_url=database_url,
                              concurrency=8, lane_concurrency=8,
                              poll_seconds=hooks.queue.poll_seconds)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self.sessions = VettedSessions(self.policy, user_agent=USER_AGENT, limit=8)
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         try:
@@ -67,20 +68,7 @@ class SlackSender:
             await self.close()
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.close()
-
-    def _session(self, scheme: str) -> aiohttp.ClientSession:
-        session = self._sessions.get(scheme)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(resolver=VettingResolver(self.policy, scheme),
-                                             use_dns_cache=False, limit=8)
-            session = aiohttp.ClientSession(
-                connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": USER_AGENT})
-            self._sessions[scheme] = session
-        return session
+        await self.sessions.close()
 
     async def deliver(self, pool: asyncpg.Pool, row: asyncpg.Record) -> None:
         rule_set_id = await pool.fetchval("SELECT rule_set_id FROM alerts WHERE id = $1",
@@ -116,7 +104,7 @@ class SlackSender:
         except ValueError as exc:
             raise Failure(f"invalid Slack URL: {_scrubbed(str(exc), url)}", definitive=True) from None
         try:
-            async with self._session(scheme).post(
+            async with self.sessions.get(scheme).post(
                     url, data=body, headers={"Content-Type": "application/json"},
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=self.hooks.timeout)) as answer:

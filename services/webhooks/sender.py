@@ -30,12 +30,12 @@ from services.webhooks.addresses import (
     AddressRefused,
     Lookup,
     Policy,
-    VettingResolver,
     literal,
     parse,
     system_lookup,
 )
 from services.webhooks.sealing import Sealer, SealError
+from services.webhooks.sessions import VettedSessions
 from shared import metrics
 from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
 from shared.runtime.activity import give_way
@@ -103,7 +103,9 @@ class WebhookSender:
                              poll_seconds=hooks.queue.poll_seconds, linger_seconds=0.01,
                              before_claim=(partial(give_way, hooks.give_way_seconds)
                                            if hooks.give_way_seconds > 0 else None))
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self.sessions = VettedSessions(
+            self.policy, user_agent=USER_AGENT, limit=hooks.concurrency,
+            limit_per_host=hooks.endpoint_concurrency, lookup=lookup, auto_decompress=False)
         self._endpoints: dict[int, tuple[float, Endpoint | None]] = {}
         self._delivered: list[tuple[asyncpg.Record, Endpoint, Outcome, int,
                                     asyncio.Future[None]]] = []
@@ -117,22 +119,7 @@ class WebhookSender:
             await self.close()
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.close()
-
-    def _session(self, scheme: str) -> aiohttp.ClientSession:
-        """One per scheme, each with its own vetting: http only to allowed networks."""
-        session = self._sessions.get(scheme)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(
-                resolver=VettingResolver(self.policy, scheme, self.lookup), use_dns_cache=False,
-                limit=self.hooks.concurrency, limit_per_host=self.hooks.endpoint_concurrency)
-            session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(), headers={"User-Agent": USER_AGENT})
-            self._sessions[scheme] = session
-        return session
+        await self.sessions.close()
 
     # -- one delivery ----------------------------------------------------------------------
 
@@ -173,7 +160,7 @@ class WebhookSender:
             return Outcome("failed", error=f"invalid URL: {exc}")
         headers = signing.headers(endpoint.secrets, row["webhook_id"], int(time.time()), body)
         try:
-            async with self._session(scheme).post(
+            async with self.sessions.get(scheme).post(
                     endpoint.url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=self.hooks.timeout)) as answer:
                 head, complete = await self._read_head(answer)
