@@ -13,14 +13,11 @@ passive declares (shared/queue_depths.py) on a connection of the sweep's own."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import asyncpg
-from aio_pika.abc import AbstractRobustConnection
 
 from services.alerts.facts import order_facts
 from services.alerts.raising import Cause, Delivery, raise_alert
@@ -29,6 +26,7 @@ from services.alerts.store import RuleStore
 from shared import broker, db
 from shared.queue_depths import dead_queues, queue_depths
 from shared.states import AlertTrigger
+from shared.sweep import BrokerSweep
 from shared.topology import Names
 
 log = logging.getLogger("ordermill.alerts.sweep")
@@ -50,33 +48,17 @@ def _hours(since: datetime) -> str:
     return f"{hours:.1f} h"
 
 
-class Sweeper:
+class Sweeper(BrokerSweep):
+    log = log
+    failed = "alerts sweep failed; will try again"
+    transient = (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS)
+
     def __init__(self, store: RuleStore, delivery: Delivery, *, amqp_url: str, names: Names,
                  every_seconds: float, quiet_seconds: float = QUIET_SECONDS) -> None:
+        super().__init__(amqp_url, every_seconds)
         self.store, self.delivery = store, delivery
         self.quiet_seconds = quiet_seconds
-        self.amqp_url, self.names = amqp_url, names
-        self.every_seconds = every_seconds
-        self._connection: AbstractRobustConnection | None = None
-
-    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.every_seconds)
-                    return
-                try:
-                    await self.once(pool)
-                except (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS) as exc:
-                    log.warning("alerts sweep failed; will try again",
-                                extra={"error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        self.names = names
 
     async def once(self, pool: asyncpg.Pool) -> int:
         """One pass; the alerts raised."""
@@ -85,9 +67,7 @@ class Sweeper:
         if rules.for_trigger(AlertTrigger.REVIEW_WAITING):
             raised += await self.review_waiting(pool, rules)
         if rules.for_trigger(AlertTrigger.DEAD_LETTER):
-            if self._connection is None:
-                self._connection = await broker.connect(self.amqp_url, attempts=3)
-            rows = await queue_depths(self._connection, self.names, dead_queues(self.names))
+            rows = await queue_depths(await self.connection(), self.names, dead_queues(self.names))
             raised += await self.dead_letters(
                 pool, rules, {r["queue"]: r["messages"] for r in rows if not r.get("missing")})
         return raised

@@ -11,8 +11,6 @@ the dead letter. Other dead letters are left for operators (`ordermill dead-lett
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,14 +19,14 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 
 from services.provisioning.payments import Problem, _amount, _int_or_none, _leave_unapplied
-from shared import broker
 from shared import dead_letters as dl
 from shared.contracts import shown
 from shared.parties import Party, Publishers
 from shared.settings_parts import DeadPaymentsSettings
+from shared.sweep import BrokerSweep
 from shared.topology import Names
 from shared.uow import MessageContext, UnitOfWork, flush_events
 
@@ -71,39 +69,22 @@ def _body(raw: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-class DeadPayments:
+class DeadPayments(BrokerSweep):
+    log = log
+    failed = "dead payments not swept; will try again"
+
     def __init__(self, settings: DeadPaymentsSettings) -> None:
-        self.amqp_url = settings.broker.amqp_url  # a connection of its own
+        super().__init__(settings.broker.amqp_url, settings.sweep_seconds)  # its own connection
         self.names = Names(settings.broker.namespace)
         # Ordermill's own users: a payment a worker dead-lettered is still the gateway's.
         self.service_users = Publishers.from_settings(settings.publishers).users[Party.SERVICE]
-        self.every_seconds = settings.sweep_seconds
-        self._connection: AbstractRobustConnection | None = None
 
-    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.every_seconds)
-                    return
-                try:
-                    await self.sweep(pool)
-                except broker.TRANSIENT_BROKER_ERRORS as exc:
-                    log.warning("dead payments not swept; will try again",
-                                extra={"error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+    async def once(self, pool: asyncpg.Pool) -> int:
+        return await self.sweep(pool)
 
     async def sweep(self, pool: asyncpg.Pool) -> int:
         """Store every payment in the dead-letter queue now; returns how many."""
-        if self._connection is None:
-            self._connection = await broker.connect(self.amqp_url, attempts=3)
-        channel = await self._connection.channel()
+        channel = await (await self.connection()).channel()
         stored = 0
         try:
             queue = await channel.declare_queue(self.names.dead_queue("provisioning"),
