@@ -269,6 +269,46 @@ async def test_a_staff_alert_for_each_trigger_once_even_when_redelivered(
     assert {m["recipient"] for m in mails} == {"ops@provider.example"}
 
 
+async def test_a_backlog_of_waiting_orders_is_one_summary_alert_then_one_by_one(
+    flow: InMemoryFlow, pool: asyncpg.Pool,
+) -> None:
+    """A rule loaded over many old Pending orders sends one message, not one per order; none
+    of them alerts again; an order crossing the line later alerts on its own."""
+    await load(pool, '[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n'
+                     '[[rules]]\nname = "waiting"\ntrigger = "review_waiting"\n'
+                     'channels = ["m"]\nwhen = { waiting_hours = 2 }')
+    s = flow.settings
+    flow.add(placement_worker(s), fraud_worker(s))
+    for i in range(6):
+        await flow.send("order.place", order_body(f"bl-{i}", ip_address=f"203.0.113.{20 + i}"))
+    await flow.run()
+    await pool.execute("UPDATE orders SET created_at = now() - make_interval(hours => 30 - id::int)"
+                       " WHERE order_ref <> 'bl-5'")
+    oldest = await pool.fetchval("SELECT order_number FROM orders ORDER BY created_at LIMIT 1")
+    rules = await RuleStore(ttl=0).current(pool)
+    sweeper = Sweeper(RuleStore(ttl=0), Delivery(), amqp_url="", names=Names("x"),
+                      every_seconds=60, summary_over=3)
+
+    assert await sweeper.review_waiting(pool, rules) == 1
+    rows = await pool.fetch("SELECT * FROM alerts ORDER BY id")
+    summary = [r for r in rows if r["summary_id"] is None]
+    assert len(summary) == 1 and summary[0]["title"] == "5 orders have waited over 2 h for review"
+    assert summary[0]["facts"]["Oldest"].startswith(f"#{oldest}, waiting ")
+    covered = [r for r in rows if r["summary_id"] is not None]
+    assert {r["summary_id"] for r in covered} == {summary[0]["id"]}
+    assert len(covered) == 5 and len({r["order_id"] for r in covered}) == 5
+    mails = await pool.fetch("SELECT * FROM emails WHERE template = 'staff_alert'")
+    assert len(mails) == 1  # one message for the five
+    # Again: nothing new. Then the sixth order crosses the line alone: its own alert.
+    assert await sweeper.review_waiting(pool, rules) == 0
+    await pool.execute("UPDATE orders SET created_at = now() - interval '3 hours'"
+                       " WHERE order_ref = 'bl-5'")
+    assert await sweeper.review_waiting(pool, rules) == 1
+    last = await pool.fetchrow("SELECT * FROM alerts ORDER BY id DESC LIMIT 1")
+    assert last["summary_id"] is None and last["title"].startswith("Order #")
+    assert await pool.fetchval("SELECT count(*) FROM emails WHERE template = 'staff_alert'") == 2
+
+
 async def test_dead_letters_alert_once_per_episode(pool: asyncpg.Pool) -> None:
     rules = await load(pool, EVERY_TRIGGER)
     sweeper = Sweeper(RuleStore(ttl=0), Delivery(), amqp_url="", names=Names("ns"), every_seconds=60,

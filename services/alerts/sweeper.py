@@ -9,7 +9,14 @@ or purged) for QUIET_SECONDS, and the next dead letter after that starts a new o
 read is not enough: a passive declare counts only the messages ready, and an operator listing
 the dead letters (`ordermill dead-letters`, the console's page) holds them unacknowledged for
 a moment, so the queue reads empty while nothing was resolved. Queue depths come from
-passive declares (shared/queue_depths.py) on a connection of the sweep's own."""
+passive declares (shared/queue_depths.py) on a connection of the sweep's own.
+
+A **backlog** of waiting orders is one alert, not a flood: when a pass finds more than
+SUMMARY_OVER orders a rule has not alerted on (the rule just loaded over a queue of old
+Pending orders, or the worker back after a day away), it raises one summary alert (how many,
+the oldest) and records each order as covered by it (`alerts.summary_id`, no message of its
+own), so none of them alerts again. Orders crossing the line one by one afterwards alert one
+by one, as before."""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import asyncpg
 
 from services.alerts.facts import order_facts
 from services.alerts.raising import Cause, Delivery, raise_alert
-from services.alerts.rules import AlertRules
+from services.alerts.rules import AlertRules, Rule
 from services.alerts.store import RuleStore
 from shared import broker, db
 from shared.queue_depths import dead_queues, queue_depths
@@ -32,6 +39,7 @@ from shared.topology import Names
 log = logging.getLogger("ordermill.alerts.sweep")
 
 BATCH = 100  # orders alerted per rule and pass: a backlog is taken over a few passes
+SUMMARY_OVER = 10  # more orders than this newly waiting for a rule in one pass: one summary
 QUIET_SECONDS = 300.0  # a dead-letter queue empty this long ends its episode
 
 # Orders awaiting review (as `ordermill pending` and the exporter count them), waiting longer
@@ -41,6 +49,25 @@ _WAITING = (
     " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
     " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)"
     " ORDER BY o.created_at LIMIT $3")
+
+# The same orders, all of them, for a summary: how many, the oldest, the highest id.
+_BACKLOG = (
+    "SELECT count(*) AS n, max(o.id) AS last_id,"
+    " (array_agg(o.order_number ORDER BY o.created_at, o.id))[1] AS oldest_number,"
+    " min(o.created_at) AS oldest_at"
+    " FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
+    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
+    " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)")
+
+# Each order of the summary, up to its highest id, recorded as covered by it: no message.
+_COVERED = (
+    "INSERT INTO alerts (rule_set_id, rule, trigger, cause, order_id, title, facts, summary_id)"
+    " SELECT $3, $2, 'review_waiting', 'review:' || o.id, o.id,"
+    " 'Order #' || o.order_number || ' waits for review (in alert ' || $4::bigint || ')',"
+    " '{}'::jsonb, $4"
+    " FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
+    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
+    " AND o.id <= $5 ON CONFLICT (rule, cause) DO NOTHING")
 
 
 def _hours(since: datetime) -> str:
@@ -54,10 +81,12 @@ class Sweeper(BrokerSweep):
     transient = (*db.TRANSIENT_DB_ERRORS, *broker.TRANSIENT_BROKER_ERRORS)
 
     def __init__(self, store: RuleStore, delivery: Delivery, *, amqp_url: str, names: Names,
-                 every_seconds: float, quiet_seconds: float = QUIET_SECONDS) -> None:
+                 every_seconds: float, quiet_seconds: float = QUIET_SECONDS,
+                 summary_over: int = SUMMARY_OVER) -> None:
         super().__init__(amqp_url, every_seconds)
         self.store, self.delivery = store, delivery
         self.quiet_seconds = quiet_seconds
+        self.summary_over = summary_over
         self.names = names
 
     async def once(self, pool: asyncpg.Pool) -> int:
@@ -77,7 +106,11 @@ class Sweeper(BrokerSweep):
         for rule in rules.for_trigger(AlertTrigger.REVIEW_WAITING):
             assert rule.when.waiting_hours is not None
             seconds = float(rule.when.waiting_hours) * 3600
-            for order in await pool.fetch(_WAITING, seconds, rule.name, BATCH):
+            orders = await pool.fetch(_WAITING, seconds, rule.name, BATCH)
+            if len(orders) > self.summary_over:
+                raised += await self.backlog(pool, rules, rule, seconds)
+                continue
+            for order in orders:
                 async with pool.acquire() as conn, conn.transaction():
                     # Read again in this transaction: accepted or cancelled since the list
                     # was read, it is no longer waiting.
@@ -96,6 +129,40 @@ class Sweeper(BrokerSweep):
                     if await raise_alert(conn, rules, rule, cause, self.delivery) is not None:
                         raised += 1
         return raised
+
+    async def backlog(self, pool: asyncpg.Pool, rules: AlertRules, rule: Rule,
+                      seconds: float) -> int:
+        """One summary alert for every order this rule has not alerted on; 1 if raised. Two
+        sweepers at once: the same highest id is the same cause (one alert), and a summary
+        that covers no order (the other sweeper's took them all) is rolled back."""
+        async with pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                row = await conn.fetchrow(_BACKLOG, seconds, rule.name)
+                if not row["n"]:
+                    await transaction.rollback()
+                    return 0
+                hours = f"{float(rule.when.waiting_hours or 0):g} h"
+                cause = Cause(
+                    AlertTrigger.REVIEW_WAITING, f"review-backlog:{row['last_id']}",
+                    f"{row['n']} orders have waited over {hours} for review",
+                    {"Orders waiting": str(row["n"]),
+                     "Oldest": f"#{row['oldest_number']}, waiting {_hours(row['oldest_at'])}",
+                     "Look": "ordermill pending, or the console's pending list"})
+                alert_id = await raise_alert(conn, rules, rule, cause, self.delivery)
+                covered = 0 if alert_id is None else int((await conn.execute(
+                    _COVERED, seconds, rule.name, rules.id, alert_id, row["last_id"])).split()[-1])
+                if not covered:
+                    await transaction.rollback()
+                    return 0
+            except BaseException:
+                await transaction.rollback()
+                raise
+            await transaction.commit()
+            log.info("review backlog summarised", extra={
+                "rule": rule.name, "alert_id": alert_id, "orders": covered})
+            return 1
 
     async def dead_letters(self, pool: asyncpg.Pool, rules: AlertRules,
                            depths: Mapping[str, int]) -> int:
