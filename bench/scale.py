@@ -22,6 +22,11 @@ and goes to bench/results/scale.json. Nothing is asserted about time.
 
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py                        # 1M orders: ~25 min here
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py --orders-history 20000 --burst 300 --rounds 1
+    PYTHONPATH=$PWD .venv/bin/python bench/scale.py --reads-only --database URL [--explain]
+
+--reads-only measures only the operator's reads, on a database already seeded (one that
+bench/console_pages.py --keep left, say): no burst, no empty side; --explain adds each
+read's time inside the database (EXPLAIN ANALYZE, bench/console_pages.py's --explain).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from bench.pipeline import (  # noqa: E402
 )
 from bench.seed import Shape, seed  # noqa: E402
 from cli import views  # noqa: E402
-from cli.main import loop_factory  # noqa: E402
+from cli.main import FAILURES_SHOWN, loop_factory  # noqa: E402
 from console import accounts  # noqa: E402
 from shared import broker, db  # noqa: E402
 from shared.topology import declare_topology, delete_topology  # noqa: E402
@@ -146,11 +151,16 @@ async def read_plan(conn: asyncpg.Connection) -> list[tuple[str, list[Callable[[
                                     clients)),
         ("orders --client EMAIL", each(lambda e: views.list_orders(conn, client=e.upper(),
                                                                    limit=50), emails)),
-        ("failures", [lambda: views.failures(conn, stuck_seconds=600)]),
+        # As `ordermill failures` prints (50 of each section, and how many more), and as
+        # `failures --all` or `--json` reads them (every row).
+        ("failures", [lambda: views.failures(conn, stuck_seconds=600,
+                                             limit=FAILURES_SHOWN)]),
+        ("failures --all", [lambda: views.failures(conn, stuck_seconds=600)]),
     ]
 
 
-async def cli_reads(url: str, requests: int) -> list[dict[str, Any]]:
+async def cli_reads(url: str, requests: int,
+                    in_db: pages.InDatabase | None = None) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(url)
     await db.init_connection(conn)  # the codecs the pool's connections have
     out = []
@@ -158,17 +168,27 @@ async def cli_reads(url: str, requests: int) -> list[dict[str, Any]]:
         for name, calls in await read_plan(conn):
             for call in calls[:3]:  # warm: the plans and the buffers
                 await call()
-            times = []
+            times, db_ms = [], []
             for k in range(requests):
+                if in_db:
+                    in_db.reset()
                 t0 = time.perf_counter()
                 await calls[k % len(calls)]()
                 times.append((time.perf_counter() - t0) * 1000)
+                if in_db:
+                    db_ms.append(in_db.ms)
             times.sort()
             out.append({"read": f"CLI {name}", "p50_ms": round(percentile(times, 50), 1),
                         "p99_ms": round(percentile(times, 99), 1),
                         "max_ms": round(times[-1], 1), **load()})
+            if in_db:
+                db_ms.sort()
+                out[-1] |= {"db_p50_ms": round(percentile(db_ms, 50), 1),
+                            "db_p99_ms": round(percentile(db_ms, 99), 1)}
             print(f"  {out[-1]['read']:<30} p50 {out[-1]['p50_ms']:7.1f} ms"
-                  f"   p99 {out[-1]['p99_ms']:7.1f} ms", flush=True)
+                  f"   p99 {out[-1]['p99_ms']:7.1f} ms"
+                  + (f"   in the database p50 {out[-1]['db_p50_ms']:6.1f} ms"
+                     f" p99 {out[-1]['db_p99_ms']:6.1f} ms" if in_db else ""), flush=True)
     finally:
         await conn.close()
     return out
@@ -315,14 +335,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds of both sides (A B, then B A, ...)")
     parser.add_argument("--requests", type=int, default=100, help="requests per read")
     parser.add_argument("--keep", action="store_true", help="keep the seeded database")
+    parser.add_argument("--reads-only", action="store_true",
+                        help="only the CLI reads, on --database (already seeded)")
+    parser.add_argument("--database", help="with --reads-only: the seeded database's URL")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --reads-only: the time inside the database too")
     args = parser.parse_args(argv)
+    if args.reads_only != bool(args.database):
+        parser.error("--reads-only and --database go together")
     if args.orders_history < 1000 or min(args.burst, args.warmup, args.rounds, args.requests) < 1:
         parser.error("--orders-history at least 1000; --burst, --warmup, --rounds, --requests at least 1")
     return args
 
 
+async def reads_only(opts: argparse.Namespace) -> None:
+    """The CLI's reads on an already seeded database, printed (nothing written)."""
+    in_db = pages.InDatabase() if opts.explain else None
+    if in_db:
+        in_db.install()
+    print(f"CLI reads, {opts.requests} requests each, on {opts.database}:", flush=True)
+    rows = await cli_reads(opts.database, opts.requests, in_db)
+    print(f"\n| read | p50 ms | p99 ms |{' in the database p50 / p99 ms |' if in_db else ''}"
+          f"\n| --- | ---: | ---: |{' ---: |' if in_db else ''}")
+    for r in rows:
+        extra = f" {r['db_p50_ms']} / {r['db_p99_ms']} |" if in_db else ""
+        print(f"| {r['read']} | {r['p50_ms']} | {r['p99_ms']} |{extra}")
+    print(f"\nload average: {os.getloadavg()[0]:.1f} (1 min), {psutil.cpu_count()} cores")
+
+
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
+    if opts.reads_only:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(reads_only(opts))
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:

@@ -20,7 +20,11 @@ empty of orders. What it makes, spread evenly over YEARS years up to now:
   UNAPPLIED unapplied payments with their reason;
 - each client linked to the storefront that created it (as placement links them);
 - the mails housekeeping keeps: an order confirmation for each order of the last MAIL_DAYS
-  days, sent, but PARKED_MAILS of them parked with their error.
+  days, sent, but PARKED_MAILS of them parked with their error;
+- a product launched lately (`launch`, not in the catalog file): three orders in four of the
+  last LAUNCHED_DAYS days have it instead of their hosting product (about 12,000 at 1M), and
+  LAUNCH_EARLY orders five years ago had it (a trial): the console's product filter over all
+  time for a product whose orders are all recent (issue 13's review).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Shape:
     unapplied: int = 2_000
     mail_days: int = 90  # mails are kept this long (EMAIL_RETENTION_DAYS' default)
     parked_mails: int = 50
+    launched_days: int = 60
+    launch_early: int = 50
 
 
 FIRST = ("Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jen", "Kai", "Lea",
@@ -68,6 +74,8 @@ def _steps(s: Shape) -> list[tuple[str, str]]:
     series = f"generate_series(1, {n}) i"
     mails_from = n - min(n, n * s.mail_days // (s.years * 365)) + 1  # the last MAIL_DAYS' orders
     every = max(1, (n - mails_from + 1) // max(1, s.parked_mails))  # one mail in `every` parked
+    launched_from = n - n * s.launched_days // (s.years * 365) + 1
+    half = n // 2  # five years ago
     return [
         ("clients", f"""
 INSERT INTO clients (id, email, first_name, last_name, company, country, address1, city,
@@ -180,7 +188,19 @@ SELECT 'order_confirmation:' || i, 'order_confirmation', c.email, i, '<seed-' ||
   CASE WHEN i % {every} <> 0 THEN o.created_at + interval '2 seconds' END
 FROM generate_series({mails_from}, {n}) i JOIN orders o ON o.id = i
   JOIN clients c ON c.id = o.client_id"""),
+        ("a product launched lately", launch_sql(s, launched_from, half)),
     ]
+
+
+def launch_sql(s: Shape, launched_from: int, early_from: int) -> str:
+    """The `launch` product and its services: most of the last days' orders, a few early."""
+    return f"""
+INSERT INTO products (slug, name, type, module, auto_setup)
+VALUES ('launch', 'Launch Hosting', 'hosting', 'autorelease', 'on_payment')
+ON CONFLICT (slug) DO NOTHING;
+UPDATE services SET product_id = (SELECT id FROM products WHERE slug = 'launch')
+WHERE (order_id >= {launched_from} AND order_id % 4 <> 3)
+   OR order_id IN (SELECT generate_series({early_from}, {early_from + 10 * (s.launch_early - 1)}, 10))"""
 
 
 SEQUENCES = {"clients": "clients_id_seq", "orders": "orders_id_seq",

@@ -581,27 +581,53 @@ def _payments_table(title: str, payments: list[dict[str, Any]]) -> RenderableTyp
                    p["order_ref"], p["reason"]] for p in payments])
 
 
+# `failures` prints this many of each section unless told (--limit N, --all); --json lists
+# them all unless --limit is given, as it always did.
+FAILURES_SHOWN = 50
+
+
 @app.command()
-def failures(as_json: bool = JsonOpt) -> None:
+def failures(
+    limit: int = typer.Option(None, "--limit", min=1, show_default=False,
+                              help=f"At most N of each section (default {FAILURES_SHOWN};"
+                              " with --json, all)."),
+    show_all: bool = typer.Option(False, "--all", help="Every row of each section."),
+    as_json: bool = JsonOpt,
+) -> None:
     """What needs an operator: parked setups, unapplied payments, screening errors."""
     s = settings()
-    data = _with_db(lambda c: views.failures(c, stuck_seconds=s.screening_stuck_seconds))
+    if show_all and limit is not None:
+        raise UserError("give --limit N or --all, not both")
+    shown = None if show_all or (as_json and limit is None) else (limit or FAILURES_SHOWN)
+    data = _with_db(lambda c: views.failures(c, stuck_seconds=s.screening_stuck_seconds,
+                                             limit=shown))
     if as_json:
         return emit_json(data)
+    more = data.get("more", {})
+
+    def left(section: str) -> None:
+        if more.get(section):
+            out.print(f"{more[section]:,} more — use --limit N or --all to list them")
+
     out.print(table("Could not be screened", ["order", "ref", "status", "screening", "error", "at"],
                     [[f["order_id"], f["order_ref"], f["status"], f["screening"], f["error"],
                       f["at"][:19]] for f in data["screening_errors"]]))
+    left("screening_errors")
     out.print(table("Stuck in screening", ["order", "ref", "re-drives", "since"],
                     [[f["order_id"], f["order_ref"], f["redrives"], f["queued_since"][:19]]
                      for f in data["stuck_in_screening"]]))
+    left("stuck_in_screening")
     out.print(table("Parked setups (the module queue: `ordermill retry ORDER_ID` runs them again)",
                     ["job", "order", "ref", "what", "attempts", "error"],
                     [[f["job_id"], f["order_id"], f["order_ref"], f"{f['job']} {f['item']}",
                       f["attempts"], f["error"]] for f in data["parked_setups"]]))
+    left("parked_setups")
     out.print(_payments_table("Unapplied payments", data["unapplied_payments"]))
+    left("unapplied_payments")
     out.print(table("Parked emails", ["email", "order", "template", "to", "attempts", "error"],
                     [[e["email_id"], e["order_id"], e["template"], e["recipient"],
                       e["attempts"], e["error"]] for e in data["parked_emails"]]))
+    left("parked_emails")
 
 
 # -- broker --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, order_body
-from console import accounts, queries
+from console import accounts, order_list
 from console.accounts import Role
 from console.app import close_state, create_app, open_state
 from console.security import CONTENT_SECURITY_POLICY, COOKIE
@@ -432,7 +432,7 @@ async def test_the_list_filters_searches_and_pages(console: Console) -> None:
                                     business, rows[3]["id"])
     async with console.flow.pool.acquire() as conn:
         async def ids(**filters: str) -> list[int]:
-            data = await queries.order_list(conn, queries.OrderFilters(**filters))
+            data = await order_list.order_list(conn, order_list.OrderFilters(**filters))
             return [o["id"] for o in data["orders"]]
 
         all_ids = [r["id"] for r in rows]
@@ -449,24 +449,24 @@ async def test_the_list_filters_searches_and_pages(console: Console) -> None:
         await console.flow.pool.execute("UPDATE orders SET screening = 'review' WHERE id = $1",
                                         rows[1]["id"])
         assert await ids(screening="review") == [rows[1]["id"]]
-        review_page = await queries.order_list(conn, queries.OrderFilters(screening="review"))
+        review_page = await order_list.order_list(conn, order_list.OrderFilters(screening="review"))
         assert review_page["orders"][0]["flagged"] is True
         await console.flow.pool.execute("UPDATE orders SET screening = 'passed' WHERE id = $1",
                                         rows[1]["id"])
         assert await ids(since="2000-01-01", until="2000-01-02") == []
         # Keyset pages of two, forwards and back.
-        f = queries.OrderFilters()
-        first = await queries.order_list(conn, f, limit=2)
+        f = order_list.OrderFilters()
+        first = await order_list.order_list(conn, f, limit=2)
         assert [o["id"] for o in first["orders"]] == all_ids[:2]
         assert (first["more_after"], first["more_before"], first["count"]) == (True, False, (5, False))
-        second = await queries.order_list(conn, f, after=first["last_id"], limit=2)
+        second = await order_list.order_list(conn, f, after=first["last_id"], limit=2)
         assert [o["id"] for o in second["orders"]] == all_ids[2:4]
         assert (second["more_after"], second["more_before"]) == (True, True)
-        back = await queries.order_list(conn, f, before=second["first_id"], limit=2)
+        back = await order_list.order_list(conn, f, before=second["first_id"], limit=2)
         assert [o["id"] for o in back["orders"]] == all_ids[:2]
         assert back["more_before"] is False
-        with pytest.raises(queries.FilterError, match="not a date"):
-            await queries.order_list(conn, queries.OrderFilters(since="yesterday"))
+        with pytest.raises(order_list.FilterError, match="not a date"):
+            await order_list.order_list(conn, order_list.OrderFilters(since="yesterday"))
 
 
 async def test_the_console_reads_on_a_read_only_pool(console: Console) -> None:

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from cli import views
-from console import queries
+from console import order_list
 from services.fraud.facts import lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
 from shared import db
@@ -254,7 +254,7 @@ def _ago(days: int) -> str:
     return (datetime.now(UTC) - timedelta(days=days)).date().isoformat()
 
 
-# The console list's filters, alone and together (console/queries.py OrderFilters): status,
+# The console list's filters, alone and together (console/order_list.py OrderFilters): status,
 # a product most orders have, one few have, one nobody has, dates, screening, flagged, client
 # by id and by email, search.
 CONSOLE_FILTERS: list[dict[str, str]] = [
@@ -284,12 +284,12 @@ async def test_console_list_filters_read_a_page_on_an_index(conn: asyncpg.Connec
     explaining = Analyzing(conn)
     pages = []
     for filters in CONSOLE_FILTERS:
-        f = queries.OrderFilters.of(filters)
-        pages.append(first := await queries.order_list(explaining, f))
+        f = order_list.OrderFilters.of(filters)
+        pages.append(first := await order_list.order_list(explaining, f))
         if first["more_after"]:  # the next page, and back
-            second = await queries.order_list(explaining, f, after=first["last_id"])
+            second = await order_list.order_list(explaining, f, after=first["last_id"])
             assert second["orders"] and second["more_before"]
-            back = await queries.order_list(explaining, f, before=second["first_id"])
+            back = await order_list.order_list(explaining, f, before=second["first_id"])
             assert [o["id"] for o in back["orders"]] == [o["id"] for o in first["orders"]]
     # Each filter found what it should (the seed has some of each but the unused product).
     empty = [CONSOLE_FILTERS[i] for i, page in enumerate(pages) if not page["orders"]]

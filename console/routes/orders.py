@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from console import queries
+from console import order_list, queries
 from console.actions import ACTIONS, BULK
-from console.queries import FilterError, OrderFilters
+from console.order_list import FilterError, OrderFilters
 from console.web import Ctx, page
 
 MAX_BULK = 200
@@ -27,13 +27,13 @@ async def _list(request: Request, ctx: Ctx) -> dict[str, Any]:
     after, before = _int(request.query_params.get("after")), _int(request.query_params.get("before"))
     try:
         async with ctx.state.pool.acquire() as conn:
-            data = await queries.order_list(conn, f, after=after, before=before)
+            data = await order_list.order_list(conn, f, after=after, before=before)
             products = [r["slug"] for r in await conn.fetch("SELECT slug FROM products ORDER BY slug")]
         error = None
     except FilterError as exc:
         data, products, error = {"orders": [], "count": (0, False)}, [], str(exc)
     return {"f": f, "list": data, "products": products, "error": error,
-            "statuses": queries.STATUS_CHOICES, "screenings": queries.SCREENING_CHOICES,
+            "statuses": order_list.STATUS_CHOICES, "screenings": order_list.SCREENING_CHOICES,
             "after": after, "before": before, "bulk": [ACTIONS[a] for a in BULK]}
 
 

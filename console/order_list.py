@@ -1,0 +1,366 @@
+"""The console's order list (WHMCS's List Pending Orders) at a million orders: keyset pages in
+the list's order, placed then id, each read from where its range starts on an index of that
+order (migrations 0030, 0033), and a count exact up to LIST_COUNT_CAP ("1,000+" beyond it,
+and only when more than that many truly match).
+
+A product filter has two ways to walk (issue 13's review: a product launched last month,
+filtered over ten years, walked every older order probing for it — slow — and counted "0+"):
+
+- the *orders side*: the orders of the range on the list's index, each probed for the
+  product (services_product_order_idx): quick when the range is small, or when the product
+  is common among its first orders;
+- the *product side*: the product's services in the same order (services_product_created_idx,
+  migration 0033: a service is written with its order, in one statement, so its created_at is
+  its order's), each order fetched by id and checked against the other filters: quick when
+  the product has few orders in the range, or wherever in time they are, when most of them
+  pass the other filters.
+
+order_list counts both sides' rows in the range first, on their indexes alone (up to
+SMALL_SIDE + 1 each, about a millisecond):
+
+- one side has at most SMALL_SIDE: it walks, at most SMALL_SIDE probes, and its count is
+  exact;
+- else a short pilot walk of each side (PILOT probes) says which finds matches sooner, and
+  that side pages and counts (a common product with a common status: either finds them fast;
+  a product whose orders are all recent: its own side);
+- unless both pilots found few (fewer than one in ten) and neither side has more than
+  MIDDLE_SIDE rows: then the two sets of keys (placed time, id), read on the indexes alone,
+  are intersected, with no probe (a product launched lately and the Fraud orders of ten
+  years, 12,000 and 10,000 rows with a hundred in common, which either walk would probe one
+  by one: an index entry read costs a tenth of a probe).
+
+Every count is exact up to LIST_COUNT_CAP, whichever way: a side walks until it has found
+LIST_COUNT_CAP + 1 matches or its range ends."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import asyncpg
+
+from console.queries import _FROM, _ROW, PAGE_SIZE, _order, capped_count
+from shared.states import OrderStatus
+
+# The list's "status" choices: the review queue (Pending, screening finished) is the default.
+REVIEW, QUEUED, ALL = "review", "screening", "all"
+STATUS_CHOICES = [REVIEW, QUEUED, *(s.value for s in OrderStatus), ALL]
+SCREENING_CHOICES = ["passed", "review", "failed", "skipped", "error", "queued"]
+
+# The list's count stops lower than the dashboard's ("1,000+"): a filter on a column its index
+# does not hold (a screening with a status, a product) costs a lookup for each row counted.
+LIST_COUNT_CAP = 1_000
+# A side of a product filter with at most this many rows in the range walks them all if need
+# be: at most this many probes (a few ms at 1M), and the count is exact.
+SMALL_SIDE = 2_000
+# Both sides larger: each walks this many rows first, and the one that found more matches
+# pages and counts (orders side on a tie).
+PILOT = 200
+# Both sides at most this large: their keys are intersected (see the docstring).
+MIDDLE_SIDE = 20_000
+
+ORDERS_SIDE, PRODUCT_SIDE, BOTH_SIDES = "orders", "product", "both"
+
+
+@dataclass
+class OrderFilters:
+    """The list's filters, as the query string gives them (every one optional)."""
+
+    status: str = REVIEW
+    screening: str = ""
+    flagged: str = ""  # "1": only orders whose screening errored or scored over the threshold
+    client: str = ""  # a client id or email
+    product: str = ""  # a product slug
+    since: str = ""  # dates, YYYY-MM-DD (UTC)
+    until: str = ""
+    q: str = ""  # order number or id, ref, email or domain
+
+    @classmethod
+    def of(cls, params: Any) -> OrderFilters:
+        values = {f.name: str(params.get(f.name) or "").strip()[:200] for f in fields(cls)}
+        made = cls(**values)
+        if made.status not in STATUS_CHOICES:
+            made.status = REVIEW
+        if made.screening not in SCREENING_CHOICES:
+            made.screening = ""
+        return made
+
+    def query(self, **extra: Any) -> dict[str, str]:
+        """As query parameters (the ones set), for links that keep the filters."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+        out.update({k: str(v) for k, v in extra.items() if v is not None})
+        return out
+
+
+class FilterError(ValueError):
+    pass
+
+
+def _day(value: str, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.combine(date.fromisoformat(value), time(), UTC)
+    except ValueError:
+        raise FilterError(f"{name} {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+class _Args:
+    """A statement's positional arguments, numbered as they are added."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Where a page reads: the dates, and the page's edge (an order's placed time and id) with
+    the direction from it (">" the next page, "<" the previous, read backwards)."""
+
+    since: datetime | None = None
+    until: datetime | None = None  # exclusive
+    edge: tuple[datetime, int] | None = None
+    sign: str = ">"
+
+    def whole(self) -> _Range:
+        return _Range(self.since, self.until)
+
+    @property
+    def direction(self) -> str:
+        return "ASC" if self.sign == ">" else "DESC"
+
+    def conds(self, arg: _Args, at: str, key: str) -> list[str]:
+        """On a (placed time, order id) pair of columns: o's, or a service's (the same)."""
+        out = []
+        if self.since:
+            out.append(f"{at} >= {arg(self.since)}")
+        if self.until:
+            out.append(f"{at} < {arg(self.until)}")
+        if self.edge:
+            out.append(f"({at}, {key}) {self.sign} ({arg(self.edge[0])}, {arg(self.edge[1])})")
+        return out
+
+
+def _order_conds(f: OrderFilters, arg: _Args) -> list[str]:
+    """The filters on an order itself (its dates and product apart); each can use an index
+    (migration 0030: a range of an index in the list's order, created_at then id)."""
+    conds = ["o.deleted_at IS NULL"]
+    if f.status == REVIEW:
+        conds += ["o.status = 'Pending'", "o.screening <> 'queued'"]
+    elif f.status == QUEUED:
+        conds += ["o.status = 'Pending'", "o.screening = 'queued'"]
+    elif f.status != ALL:
+        conds.append(f"o.status = {arg(f.status)}")
+    if f.screening:
+        conds.append(f"o.screening = {arg(f.screening)}")
+    if f.flagged:
+        # Screening errored, or scored over the threshold: the fraud service fails an order
+        # whose latest score is over its threshold (services/fraud/handlers.py), so that is
+        # screening 'failed', read on orders_flagged_created_idx (its predicate, word for
+        # word) rather than probing every order's latest check.
+        conds.append("o.screening IN ('error', 'failed')")
+    if f.client:
+        if f.client.isdigit() and len(f.client) < 19:
+            conds.append(f"o.client_id = {arg(int(f.client))}")
+        else:
+            conds.append(f"lower(c.email) = lower({arg(f.client)})")
+    if f.q:
+        q = f.q
+        if re.fullmatch(r"\d{1,18}", q):
+            p = arg(int(q))
+            conds.append(f"(o.order_number = {p} OR o.id = {p} OR o.order_ref = {arg(q)})")
+        elif "@" in q:
+            conds.append(f"lower(c.email) = lower({arg(q)})")
+        else:
+            p = arg(q)
+            # One set of ids from three index lookups (an OR of the three would scan orders).
+            conds.append(
+                f"o.id IN (SELECT id FROM orders WHERE order_ref = {p}"
+                f" UNION SELECT order_id FROM services WHERE lower(domain) = lower({p})"
+                f" UNION SELECT order_id FROM domains WHERE lower(domain) = lower({p}))")
+    return conds
+
+
+def _clients(conds: list[str]) -> str:
+    """The clients join, only where a filter reads the client: each row costs a probe."""
+    return " JOIN clients c ON c.id = o.client_id" if any("c.email" in c for c in conds) else ""
+
+
+def _orders_walk(f: OrderFilters, r: _Range, arg: _Args) -> list[str]:
+    """The orders side's conditions: the range's orders on the list's index, in its order
+    (o.created_at, o.id)."""
+    return _order_conds(f, arg) + r.conds(arg, "o.created_at", "o.id")
+
+
+def _has_product(arg: _Args, product_id: int) -> str:
+    """The orders side's probe, per order (services_product_order_idx; OFFSET 0 keeps it a
+    probe: as a plain EXISTS the planner may merge the list with every service of the
+    product, 90 ms at 1M)."""
+    return ("EXISTS (SELECT 1 FROM services s WHERE s.order_id = o.id"
+            f" AND s.product_id = {arg(product_id)} OFFSET 0)")
+
+
+def _services_walk(r: _Range, arg: _Args, product_id: int, limit: int | None = None) -> str:
+    """The product side's walk: its services in the range in the list's order (p.created_at,
+    p.order_id: a service's created_at is its order's; services_product_created_idx), one row
+    per order (DISTINCT: an order may hold the product twice)."""
+    walk = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    d = r.direction
+    return (f"(SELECT DISTINCT s.created_at, s.order_id FROM services s"
+            f" WHERE {' AND '.join(walk)} ORDER BY s.created_at {d}, s.order_id {d}"
+            f"{f' LIMIT {limit}' if limit else ''}) p")
+
+
+def _order_probe(f: OrderFilters, arg: _Args, columns: str) -> str:
+    """The product side's probe, per service: its order by id (orders_pkey), checked against
+    the other filters."""
+    conds = _order_conds(f, arg)
+    return (f"SELECT {columns} FROM orders o{_clients(conds)}"
+            f" WHERE o.id = p.order_id AND {' AND '.join(conds)}")
+
+
+def _product_side(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
+                  columns: str = "o.*") -> str:
+    """FROM: the product side's walk, each order fetched as it goes (a LATERAL probe: OFFSET
+    0 keeps the planner from hashing every order of the filter instead)."""
+    walk = _services_walk(r, arg, product_id)
+    return f" FROM {walk} JOIN LATERAL ({_order_probe(f, arg, columns)} OFFSET 0) o ON true"
+
+
+def _both_sides(f: OrderFilters, r: _Range, arg: _Args, product_id: int) -> str:
+    """The keys (placed time, id) of the orders of the range that have the product: the two
+    sides' keys, each read on its index alone, intersected (no probe)."""
+    orders = _orders_walk(f, r, arg)
+    services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    return (f"SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
+            f" WHERE {' AND '.join(orders)}"
+            f" INTERSECT SELECT s.created_at, s.order_id FROM services s"
+            f" WHERE {' AND '.join(services)}")
+
+
+async def _sizes(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
+                 cap: int) -> tuple[int, int]:
+    """Each side's rows in the range, counted up to cap + 1 on its index alone."""
+    arg = _Args()
+    orders = _orders_walk(f, r, arg)
+    services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    n_orders, n_product = await conn.fetchrow(
+        f"SELECT (SELECT count(*) FROM (SELECT 1 FROM orders o{_clients(orders)}"
+        f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {cap + 1}) x),"
+        f" (SELECT count(*) FROM (SELECT 1 FROM services s WHERE {' AND '.join(services)}"
+        f" ORDER BY s.product_id, s.created_at, s.order_id LIMIT {cap + 1}) y)", *arg.values)
+    return n_orders, n_product
+
+
+async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int) -> str:
+    """How a product filter is read (the module's docstring): the smaller side walks; else the
+    side whose pilot found more matches, unless both found few (fewer than one in ten rows)
+    and both sides are middling: then their keys are intersected."""
+    r = r.whole()
+    n_orders, n_product = await _sizes(conn, f, r, product_id, SMALL_SIDE)
+    if min(n_orders, n_product) <= SMALL_SIDE:
+        return ORDERS_SIDE if n_orders <= n_product else PRODUCT_SIDE
+    arg = _Args()
+    orders = _orders_walk(f, r, arg)
+    found_orders, found_product = await conn.fetchrow(  # matches among each's first PILOT
+        f"SELECT (SELECT count(*) FILTER (WHERE {_has_product(arg, product_id)})"
+        f" FROM (SELECT o.id FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)}"
+        f" ORDER BY o.created_at, o.id LIMIT {PILOT}) o),"
+        f" (SELECT count(*) FILTER (WHERE EXISTS ({_order_probe(f, arg, '1')}))"
+        f" FROM {_services_walk(r, arg, product_id, PILOT)})", *arg.values)
+    side = PRODUCT_SIDE if found_product > found_orders else ORDERS_SIDE
+    if max(found_orders, found_product) * 10 < PILOT:
+        if max(await _sizes(conn, f, r, product_id, MIDDLE_SIDE)) <= MIDDLE_SIDE:
+            return BOTH_SIDES
+    return side
+
+
+def _empty(after: int | None, before: int | None) -> dict[str, Any]:
+    return {"orders": [], "count": (0, False), "more_after": before is not None,
+            "more_before": after is not None, "first_id": None, "last_id": None}
+
+
+async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | None = None,
+                     before: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """A page of orders oldest first (placed, then id): after an order (the next page), before
+    one (the previous), or the first. `more_after`/`more_before` say whether there are pages
+    either side. A page reads its rows from where its range starts, never the orders before
+    it; `count` is (n, capped)."""
+    product_id = None
+    if f.product:
+        product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
+        if product_id is None:  # no such product: no order has it
+            return _empty(after, before)
+    since, until = _day(f.since, "from"), _day(f.until, "to")
+    r = _Range(since, until + timedelta(days=1) if until else None)
+    anchor_id = after if after is not None else before
+    if anchor_id is not None:
+        # The page's edge, named by its order's id in the link: where that order stands.
+        anchor = await conn.fetchrow("SELECT created_at, id FROM orders WHERE id = $1",
+                                     anchor_id)
+        if anchor is not None:
+            r = _Range(r.since, r.until, (anchor["created_at"], anchor["id"]),
+                       ">" if after is not None else "<")
+        else:  # no such order (an id typed into the address): the first page
+            after = before = None
+    side = ORDERS_SIDE if product_id is None else await _side(conn, f, r, product_id)
+    d = r.direction
+    arg = _Args()
+    if side == BOTH_SIDES:
+        assert product_id is not None
+        page_sql = (f"SELECT {_ROW} FROM ({_both_sides(f, r, arg, product_id)}"
+                    f" ORDER BY 1 {d}, 2 {d} LIMIT {limit + 1}) k JOIN orders o ON o.id = k.id"
+                    " JOIN clients c ON c.id = o.client_id LEFT JOIN invoices i ON i.order_id = o.id"
+                    f" ORDER BY k.created_at {d}, k.id {d}")
+    elif side == PRODUCT_SIDE:
+        assert product_id is not None
+        page_sql = (f"SELECT {_ROW}{_product_side(f, r, arg, product_id)}"
+                    " JOIN clients c ON c.id = o.client_id LEFT JOIN invoices i ON i.order_id = o.id"
+                    f" ORDER BY p.created_at {d}, p.order_id {d} LIMIT {limit + 1}")
+    else:
+        conds = _orders_walk(f, r, arg)
+        if product_id is not None:
+            conds.append(_has_product(arg, product_id))
+        page_sql = (f"SELECT {_ROW}{_FROM} WHERE {' AND '.join(conds)}"
+                    f" ORDER BY o.created_at {d}, o.id {d} LIMIT {limit + 1}")
+    rows = await conn.fetch(page_sql, *arg.values)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if d == "DESC":
+        rows = list(reversed(rows))
+    orders = [_order(row) for row in rows]
+    count = await _count(conn, f, r.whole(), product_id, side)
+    first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
+    return {
+        "orders": orders, "count": count,
+        "more_after": more if d == "ASC" else before is not None,
+        "more_before": (after is not None) if d == "ASC" else more,
+        "first_id": first_id, "last_id": last_id,
+    }
+
+
+async def _count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int | None,
+                 side: str) -> tuple[int, bool]:
+    """The range's matches, counted on the side that walks, up to LIST_COUNT_CAP + 1 of them:
+    capped only when more than the cap truly match."""
+    arg = _Args()
+    if side == BOTH_SIDES:
+        assert product_id is not None
+        return await capped_count(conn, _both_sides(f, r, arg, product_id), *arg.values,
+                                  cap=LIST_COUNT_CAP)
+    if side == PRODUCT_SIDE:
+        assert product_id is not None
+        return await capped_count(conn, f"SELECT 1{_product_side(f, r, arg, product_id, '1')}",
+                                  *arg.values, cap=LIST_COUNT_CAP)
+    conds = _orders_walk(f, r, arg)
+    if product_id is not None:
+        conds.append(_has_product(arg, product_id))
+    return await capped_count(conn, f"SELECT 1 FROM orders o{_clients(conds)}"
+                              f" WHERE {' AND '.join(conds)}", *arg.values, cap=LIST_COUNT_CAP,
+                              order_by="o.created_at, o.id")
