@@ -148,6 +148,12 @@ class Explaining:
         await self._plan(sql, args)
         return await self.conn.fetchval(sql, *args)
 
+    async def execute(self, sql: str, *args: Any) -> str:  # settings: nothing to plan
+        return await self.conn.execute(sql, *args)
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
 
 def scans(plan: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
     """Every node of a plan that reads a relation: (node type, relation, index)."""
