@@ -62,7 +62,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def undecodable(value: object) -> bool:
     """Whether a property's text came as bytes that are not UTF-8 (or holds a lone surrogate,
     which no UTF-8 encoder writes: it cannot be published again either)."""
-    return isinstance(value, str) and _SURROGATE.search(value) is not None
+    # An ASCII string (nearly every one: ids, keys, queue names) holds no surrogate, and
+    # str.isascii() reads a flag CPython keeps: the search runs only on the others.
+    return isinstance(value, str) and not value.isascii() and _SURROGATE.search(value) is not None
 
 
 def escaped(text: str) -> str:

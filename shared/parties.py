@@ -13,7 +13,7 @@ unless `TRUST_ANY_PUBLISHER` (development only) lets anyone send anything.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from shared.errors import ConfigurationError
@@ -51,6 +51,7 @@ INTERNAL = frozenset({Party.SERVICE})
 PLACERS = frozenset({Party.STOREFRONT, Party.OPERATOR, Party.CONSOLE})
 OPERATORS = frozenset({Party.OPERATOR, Party.CONSOLE})
 PAYERS = frozenset({Party.GATEWAY, Party.OPERATOR})  # an operator records a payment by hand
+_NONE: frozenset[Party] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,13 @@ class UnknownPublishers(ConfigurationError):
 class Publishers:
     users: Mapping[Party, frozenset[str]]
     trust_any: bool = False
+    # Each configured user's parties, worked out once: every message is checked against them.
+    _by_user: Mapping[str, frozenset[Party]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        everyone = set().union(*self.users.values())
+        object.__setattr__(self, "_by_user", {user: frozenset(
+            party for party, users in self.users.items() if user in users) for user in everyone})
 
     @classmethod
     def from_settings(cls, settings: PublisherSettings) -> Publishers:
@@ -85,8 +93,8 @@ class Publishers:
 
     def parties_of(self, user: str | None) -> frozenset[Party]:
         if user is None:
-            return frozenset()
-        return frozenset(party for party, users in self.users.items() if user in users)
+            return _NONE
+        return self._by_user.get(user, _NONE)
 
     def may_replay(self, user_id: str | None, allowed: frozenset[Party]) -> bool:
         """Whose replay (`x-ordermill-replay-of`) is believed: an operator's, for any route;

@@ -57,7 +57,8 @@ class Work:
 
     message: AbstractIncomingMessage
     spec: WorkerSpec
-    message_id: str  # the body's until the message's own is known to be one we can use
+    # The body's id until the message's own is known to be one we can use (`message_id`).
+    _message_id: str | None = field(default=None, repr=False)
     key: str = ""
     route: Route | None = None
     verdict: Verdict | None = None
@@ -76,7 +77,20 @@ class Work:
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, spec: WorkerSpec) -> Work:
-        return cls(message, spec, body_id(message.body))
+        return cls(message, spec)
+
+    @property
+    def message_id(self) -> str:
+        """The message's id once the property checks took it; the body's (a SHA-256) until
+        then, computed only if read: most messages bring an id of their own, and hashing
+        every body cost more than the checks themselves."""
+        if self._message_id is None:
+            self._message_id = body_id(self.message.body)
+        return self._message_id
+
+    @message_id.setter
+    def message_id(self, value: str) -> None:
+        self._message_id = value
 
     @property
     def body_hash(self) -> bytes:
