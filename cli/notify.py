@@ -2,6 +2,8 @@
 
     ordermill notify load FILE    # check the file, then make it the rules in force, whole
     ordermill notify show [--json]
+    ordermill notify deliveries [--state parked] [--limit N] [--json]   # the Slack messages
+    ordermill notify replay ID | --all-parked                          # send them again
 
 A mistake in the file is one line (`error: FILE: rules.2 (big-order): ...`) and nothing is
 changed. A Slack URL is a secret: it is stored sealed (WEBHOOK_SECRET_KEY) and shown only by
@@ -14,6 +16,8 @@ from typing import Any
 
 import asyncpg
 import typer
+
+from shared.contracts import BIGINT_MAX
 
 app = typer.Typer(help="Staff alert rules: who hears about what (TOML, see alerts.example.toml).",
                   no_args_is_help=True)
@@ -101,3 +105,60 @@ def _where(channel: dict[str, Any]) -> str:
 
 def _value(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _slack(fn: Any) -> Any:
+    """`fn(conn)` on a connection; an AlertDeliveryError is one line."""
+    from cli import main as m
+    from services.alerts.deliveries import AlertDeliveryError
+
+    try:
+        return m._with_db(fn)
+    except AlertDeliveryError as exc:
+        raise m.UserError(str(exc)) from None
+
+
+@app.command("deliveries")
+def deliveries(
+    state: str = typer.Option(None, "--state", help="Only these: pending, sending, delivered"
+                              " or parked (retries spent, or refused by Slack)."),
+    limit: int = typer.Option(20, min=1, max=1000, help="The newest N."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """The alerts' Slack messages, newest first: state, attempts, Slack's answer (a channel
+    by its host: the URL is a secret)."""
+    from cli import main as m
+    from services.alerts import deliveries as ops
+
+    found = _slack(lambda conn: ops.deliveries(conn, state=state, limit=limit))
+    if as_json:
+        return m.emit_json(found)
+    m.out.print(m.table("Slack messages" + (f" ({state})" if state else ""),
+                        ["id", "alert", "rule", "channel", "status", "attempts", "code",
+                         "last error", "title"],
+                        [[d["id"], d["alert_id"], d["rule"],
+                          f"{d['channel']} ({d['host'] or 'channel gone'})", d["status"],
+                          d["attempts"], d["status_code"] or "", (d["last_error"] or "")[:120],
+                          d["title"]] for d in found]))
+
+
+@app.command("replay")
+def replay(
+    delivery_id: int = typer.Argument(None, min=1, max=BIGINT_MAX, show_default=False,
+                                      help="A Slack message to send again."),
+    all_parked: bool = typer.Option(False, "--all-parked",
+                                    help="Send every parked Slack message again."),
+) -> None:
+    """Send a Slack message again (or every parked one), with a fresh retry schedule."""
+    from cli import main as m
+    from services.alerts import deliveries as ops
+
+    if (delivery_id is None) == (not all_parked):
+        raise m.UserError("name a DELIVERY_ID or --all-parked (one of them)")
+    if delivery_id is not None:
+        d = _slack(lambda conn: ops.replay(conn, delivery_id))
+        m._say(f"Slack delivery {delivery_id} (alert {d['alert_id']}, channel {d['channel']})"
+               " queued again")
+        return
+    count = _slack(ops.replay_parked)
+    m._say(f"{count} parked Slack delivery(ies) queued again")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -53,6 +54,11 @@ class MessageContext:
     # must not be carried out after it; the broker drops it only while it is still queued.
     expires_at: datetime | None = None
 
+
+# A write a handler leaves to the end of its transaction: called once with the items of
+# every unit of work sharing the transaction (a batch under load), so that N messages cost
+# one statement, not N (the webhooks worker's deliveries).
+Deferred = Callable[[asyncpg.Connection, Sequence[Any]], Awaitable[object]]
 
 # (message id, routing key, body, correlation id, direct, source: the service that wrote it)
 Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool, str | None]
@@ -148,6 +154,7 @@ class UnitOfWork:
     prepared: Any = None  # what the route's prepare step returned (a remote score), if any
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
+    _deferred: list[tuple[Deferred, Any]] = field(default_factory=list, init=False)
 
     @property
     def actor(self) -> str:
@@ -196,11 +203,29 @@ class UnitOfWork:
         self._events.append((event_id(ctx.consumer, ctx.message_id, "reply"), ctx.reply_to,
                              _payload(body), ctx.correlation_id, True, ctx.consumer))
 
+    def defer(self, write: Deferred, item: Any) -> None:
+        """Leave `item` to `write(conn, items)`, called once, after every handler of the
+        transaction returned and before its events are written, with the items of all of
+        them in order. Nothing written now is visible to this handler: for writes nobody in
+        the transaction reads back (the webhooks worker's deliveries)."""
+        self._deferred.append((write, item))
+
+    def take_deferred(self) -> list[tuple[Deferred, Any]]:
+        deferred, self._deferred = self._deferred, []
+        return deferred
+
     def take_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
 
 
 async def flush_events(conn: asyncpg.Connection, uows: list[UnitOfWork]) -> None:
-    """Write the events of these units of work in one statement, before commit."""
+    """Before commit: the deferred writes of these units of work (one call per writer, with
+    all their items), then their events in one statement."""
+    writes: dict[Deferred, list[Any]] = {}
+    for uow in uows:
+        for write, item in uow.take_deferred():
+            writes.setdefault(write, []).append(item)
+    for write, items in writes.items():
+        await write(conn, items)
     await _insert(conn, [event for uow in uows for event in uow.take_events()])

@@ -120,7 +120,7 @@ class SlackSender:
             raise Failure(f"{host}: {type(exc).__name__}: {_scrubbed(str(exc), url)}"[:500]) from None
         if 200 <= status < 300:
             return status
-        said = " ".join(text.split())[:200]
+        said = _scrubbed(" ".join(text.split()), url)[:200]  # an answer may quote the URL
         why = " (redirects are not followed)" if 300 <= status < 400 else ""
         raise Failure(f"{host} answered HTTP {status}{why}: {said}", status=status,
                       definitive=status in DEFINITIVE)

@@ -3,15 +3,22 @@
 recorded if and only if what caused it is.
 
     await enqueue_to_subscribers(uow.conn, "order.placed", data, event_id=..., at=...)
+    await enqueue(uow.conn, [Outbound("order.placed", data, event_id=..., at=...), ...])
     await enqueue_to_endpoint(uow.conn, endpoint_id, "alert.setup_parked", data, event_id=...)
 
-A delivery's `webhook-id` derives from the event id and the endpoint id (`webhook_id_for`):
-the same event enqueued twice (a redelivered message, a re-run handler) is one delivery."""
+Fan-out is set-based: one INSERT ... SELECT writes every subscribed endpoint's delivery of
+every event given, the subscriptions read in that same statement (always current: nothing
+cached that an added or disabled endpoint would have to wait out). A delivery's
+`webhook-id` derives from the event id and the endpoint id (`webhook_id_for`, computed in
+that statement: SQL and Python say the same), so the same event enqueued twice (a
+redelivered message, a re-run handler) is one delivery."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,12 +32,17 @@ INTERNAL_KEYS = frozenset({"fraud.redrive", "order.retry", "order.rescreen", "em
 EVENT_TYPES: tuple[str, ...] = tuple(sorted(set(EVENTS) - INTERNAL_KEYS))
 ALL = "*"
 TEST_EVENT = "webhook.test"  # `ordermill webhooks test`: to one endpoint, never subscribed
-_NS = uuid.UUID("0f8a5d1e-6c1b-4a8e-9e5c-7d3b2a1f4e60")
+
+# `msg_` and the first 32 hex digits of SHA-256("<event id>:<endpoint id>"): PostgreSQL
+# computes it without an extension (uuid5 would need SHA-1: uuid-ossp or pgcrypto).
+# Deliveries written before 0032 keep the (uuid5) ids they were stored with.
+_WEBHOOK_ID_SQL = ("'msg_' || left(encode(sha256(convert_to(v.event_id || ':' || e.id::text,"
+                   " 'UTF8')), 'hex'), 32)")
 
 
 def webhook_id_for(event_id: str, endpoint_id: int) -> str:
     """Stable: the same for every attempt and for a redelivered event (`msg_` and 32 hex)."""
-    return "msg_" + uuid.uuid5(_NS, f"{event_id}:{endpoint_id}").hex
+    return "msg_" + hashlib.sha256(f"{event_id}:{endpoint_id}".encode()).hexdigest()[:32]
 
 
 def envelope(event_type: str, data: dict[str, Any], at: datetime | None = None) -> str:
@@ -41,28 +53,59 @@ def envelope(event_type: str, data: dict[str, Any], at: datetime | None = None) 
                        "data": data}, separators=(",", ":"), ensure_ascii=False)
 
 
-# One statement per event: the subscribed endpoints' deliveries, none twice (webhook_id).
-# The id is computed in Python's terms in SQL too: uuid5 needs no extension this way.
+@dataclass(frozen=True)
+class Outbound:
+    """One event to enqueue: its type, body, id (the webhook-ids derive from it) and time."""
+
+    event_type: str
+    data: dict[str, Any]
+    event_id: str
+    at: datetime | None = field(default=None)
+
+    @property
+    def body(self) -> str:
+        return envelope(self.event_type, self.data, self.at)
+
+
+# Every event's deliveries to every active endpoint subscribed to it, in one statement,
+# none twice (webhook_id); in the events' order, then the endpoints'. Each body is sent once.
 _TO_SUBSCRIBERS = (
     "INSERT INTO webhook_deliveries (endpoint_id, webhook_id, event_type, event_id, body)"
-    " SELECT e.id, w.webhook_id, $1, $2, $3 FROM webhook_endpoints e"
-    " JOIN unnest($4::bigint[], $5::text[]) AS w(endpoint_id, webhook_id) ON w.endpoint_id = e.id"
+    f" SELECT e.id, {_WEBHOOK_ID_SQL}, v.event_type, v.event_id, v.body"
+    " FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(event_type, event_id, body, n)"
+    " JOIN webhook_endpoints e ON e.status <> 'disabled'"
+    "  AND (v.event_type = ANY (e.events) OR '*' = ANY (e.events))"
+    " ORDER BY v.n, e.id"
+    " ON CONFLICT (webhook_id) DO NOTHING")
+# One event to one endpoint, subscribed or not (not to a disabled or missing one).
+_TO_ENDPOINT = (
+    "INSERT INTO webhook_deliveries (endpoint_id, webhook_id, event_type, event_id, body)"
+    f" SELECT e.id, {_WEBHOOK_ID_SQL}, v.event_type, v.event_id, v.body"
+    " FROM (VALUES ($2::text, $3::text, $4::text)) AS v(event_type, event_id, body)"
+    " JOIN webhook_endpoints e ON e.id = $1 AND e.status <> 'disabled'"
     " ON CONFLICT (webhook_id) DO NOTHING")
 
 
-async def subscribers(conn: asyncpg.Connection, event_type: str) -> list[int]:
-    return [r[0] for r in await conn.fetch(
-        "SELECT id FROM webhook_endpoints WHERE status <> 'disabled'"
-        " AND ($1 = ANY (events) OR '*' = ANY (events)) ORDER BY id", event_type)]
+def _count(status: str) -> int:
+    return int(status.rpartition(" ")[2])
+
+
+async def enqueue(conn: asyncpg.Connection, events: Sequence[Outbound]) -> int:
+    """One delivery per event and active endpoint subscribed to its type, in one statement
+    (a batch of events: still one); returns how many were new. As a unit of work's deferred
+    write (`uow.defer(enqueue, event)`), the events of every message sharing the
+    transaction go in together."""
+    if not events:
+        return 0
+    return _count(await conn.execute(
+        _TO_SUBSCRIBERS, [e.event_type for e in events], [e.event_id for e in events],
+        [e.body for e in events]))
 
 
 async def enqueue_to_subscribers(conn: asyncpg.Connection, event_type: str, data: dict[str, Any],
                                  *, event_id: str, at: datetime | None = None) -> int:
     """One delivery per active endpoint subscribed to `event_type`; returns how many were new."""
-    endpoints = await subscribers(conn, event_type)
-    if not endpoints:
-        return 0
-    return await _insert(conn, endpoints, event_type, data, event_id, at)
+    return await enqueue(conn, [Outbound(event_type, data, event_id, at)])
 
 
 async def enqueue_to_endpoint(conn: asyncpg.Connection, endpoint_id: int, event_type: str,
@@ -70,16 +113,5 @@ async def enqueue_to_endpoint(conn: asyncpg.Connection, endpoint_id: int, event_
                               at: datetime | None = None) -> int:
     """A delivery to one endpoint (staff alerts naming an endpoint, the CLI's test event),
     subscribed or not; nothing to a disabled or missing endpoint. Returns 1 if new, else 0."""
-    if not await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1 AND status <> 'disabled')",
-            endpoint_id):
-        return 0
-    return await _insert(conn, [endpoint_id], event_type, data, event_id, at)
-
-
-async def _insert(conn: asyncpg.Connection, endpoints: list[int], event_type: str,
-                  data: dict[str, Any], event_id: str, at: datetime | None) -> int:
-    body = envelope(event_type, data, at)
-    ids = [webhook_id_for(event_id, e) for e in endpoints]
-    status = await conn.execute(_TO_SUBSCRIBERS, event_type, event_id, body, endpoints, ids)
-    return int(status.rpartition(" ")[2])
+    return _count(await conn.execute(_TO_ENDPOINT, endpoint_id, event_type, event_id,
+                                     envelope(event_type, data, at)))

@@ -1,12 +1,13 @@
 """The webhooks worker: every event an integrator may subscribe to becomes, in the consuming
 unit of work, one delivery per subscribed endpoint (outbound.py); the sender (sender.py), a
-background task of this worker, delivers them.
+background task of this worker, delivers them. The handler defers its write: the events of
+a batch are fanned out together, in one statement at the end of their transaction.
 
 The factory takes the whole Settings and hands the sender `settings.webhooks`."""
 
 from __future__ import annotations
 
-from services.webhooks.outbound import EVENT_TYPES, enqueue_to_subscribers
+from services.webhooks.outbound import EVENT_TYPES, Outbound, enqueue
 from services.webhooks.sender import WebhookSender
 from shared.contracts import EVENTS, Event
 from shared.metrics import WEBHOOK_DELIVERIES_BY_STATE
@@ -21,8 +22,8 @@ async def on_event(event: Event, uow: UnitOfWork) -> None:
     out: integrators get the documented body), under the event's id: a redelivery is skipped
     by the inbox, and a re-run writes the same webhook-ids (nothing twice)."""
     ctx = uow.context
-    await enqueue_to_subscribers(uow.conn, ctx.routing_key, event.payload(),
-                                 event_id=ctx.message_id, at=ctx.received_at)
+    uow.defer(enqueue, Outbound(ctx.routing_key, event.payload(), ctx.message_id,
+                                ctx.received_at))
 
 
 def worker(settings: Settings) -> WorkerSpec:

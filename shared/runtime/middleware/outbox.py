@@ -1,5 +1,6 @@
-"""Outbox flush: the events and replies the handlers emitted, written in one statement in
-their transaction, after every handler of the batch returned (shared/uow.py)."""
+"""Outbox flush: the writes the handlers deferred (`uow.defer`: a call per writer for the
+whole batch), then the events and replies they emitted, written in one statement in their
+transaction, after every handler of the batch returned (shared/uow.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,132 @@
+"""The webhooks worker's fan-out is set-based: a batch of events (as the runtime hands one
+under load) becomes every subscribed endpoint's deliveries in one INSERT ... SELECT, counted
+here statement by statement on a real database; subscriptions are read in that statement,
+so an endpoint added or disabled a moment ago counts at once; the webhook-ids computed by
+PostgreSQL are those `webhook_id_for` gives. And the unit of work's deferred writes, which
+the handler uses: one call per writer for the whole transaction, before the events."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from conftest import order_body
+from services.fraud.worker import worker as fraud_worker
+from services.placement.worker import worker as placement_worker
+from services.webhooks.outbound import webhook_id_for
+from services.webhooks.sealing import Sealer
+from services.webhooks.worker import worker as webhooks_worker
+from shared.runtime.testing import InMemoryFlow
+from shared.uow import MessageContext, UnitOfWork, flush_events
+
+
+async def add(pool: asyncpg.Pool, events: list[str], status: str = "active") -> int:
+    return await pool.fetchval(
+        "INSERT INTO webhook_endpoints (url, events, secret, status) VALUES ($1, $2, $3, $4)"
+        " RETURNING id", "http://127.0.0.1:9/hook", events, Sealer().seal("whsec_x"), status)
+
+
+# asyncpg reads a type it has not met yet once per connection (jit off, the type tree, jit
+# back): not Ordermill's statements, and not one per batch.
+INTROSPECTION = ("SELECT current_setting('jit')", "WITH RECURSIVE typeinfo_tree",
+                 "SELECT set_config('jit'")
+
+
+class Statements:
+    """Every statement sent on the pool's connections (all of them opened first)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def log(self, query: Any) -> None:
+        text = " ".join(query.query.split())
+        if not text.startswith(INTROSPECTION):
+            self.seen.append(text)
+
+    async def watch(self, pool: asyncpg.Pool) -> None:
+        held = [await pool.acquire() for _ in range(pool.get_max_size())]
+        for conn in held:
+            conn.add_query_logger(self.log)
+        for conn in held:
+            await pool.release(conn)
+
+    def count(self, fragment: str) -> int:
+        return sum(fragment in q for q in self.seen)
+
+
+async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFlow) -> None:
+    s, pool = flow.settings, flow.pool
+    flow.add(placement_worker(s), fraud_worker(s))
+    for n in range(3):
+        await flow.send("order.place", order_body(f"fan-{n}"))
+    events = await flow.run()
+    flow.add(webhooks_worker(s))
+    taken = [e for e in events if flow.routed(e.routing_key)]
+    assert {e.routing_key for e in taken} == {"order.placed", "order.screened"} and len(taken) == 6
+
+    everything = await add(pool, ["*"])
+    placed = await add(pool, ["order.placed"])
+    await add(pool, ["*"], status="disabled")
+    statements = Statements()
+    await statements.watch(pool)
+    batch = [flow.as_delivery(e) for e in taken]
+    await flow.deliver(batch, to="webhooks")
+
+    assert [m.outcome for m in batch] == ["acked"] * len(batch)
+    # One transaction: its inbox row, one INSERT for every delivery of the six events.
+    assert statements.count("INSERT INTO webhook_deliveries") == 1
+    assert statements.count("webhook_endpoints") == 1  # read inside that INSERT
+    assert statements.count("INSERT INTO inbox") == 1 and statements.count("BEGIN") == 1
+    assert len(statements.seen) == 4, statements.seen  # BEGIN, inbox, deliveries, COMMIT
+    rows = await pool.fetch("SELECT endpoint_id, event_id, event_type, webhook_id, body"
+                            " FROM webhook_deliveries ORDER BY id")
+    expected = [(e.message_id, endpoint) for e in taken for endpoint in (everything, placed)
+                if endpoint == everything or e.routing_key == "order.placed"]
+    assert [(r["event_id"], r["endpoint_id"]) for r in rows] == expected  # events' order
+    by_id = {e.message_id: e for e in taken}
+    for r in rows:
+        assert r["webhook_id"] == webhook_id_for(r["event_id"], r["endpoint_id"])
+        body = json.loads(r["body"])
+        assert (body["type"], body["data"]) == (r["event_type"], by_id[r["event_id"]].body)
+
+    # An endpoint added now gets the next events at once (nothing cached to wait out), and
+    # the same events past the inbox (a re-run) write nothing twice.
+    before = await pool.fetchval("SELECT max(id) FROM webhook_deliveries")
+    late = await add(pool, ["order.screened"])
+    await pool.execute("DELETE FROM inbox WHERE consumer = 'webhooks'")
+    await flow.deliver([flow.as_delivery(e) for e in taken], to="webhooks")
+    new = await pool.fetch("SELECT endpoint_id, event_type FROM webhook_deliveries"
+                           " WHERE id > $1", before)
+    assert sorted((r["endpoint_id"], r["event_type"]) for r in new) == [
+        (late, "order.screened")] * 3
+
+
+async def test_deferred_writes_are_one_call_per_writer_before_the_events(
+    flow: InMemoryFlow,
+) -> None:
+    calls: list[tuple[str, list[Any]]] = []
+
+    async def first(conn: asyncpg.Connection, items: Any) -> None:
+        calls.append(("first", list(items)))
+        assert await conn.fetchval("SELECT count(*) FROM outbox") == 0  # events come after
+
+    async def second(conn: asyncpg.Connection, items: Any) -> None:
+        calls.append(("second", list(items)))
+
+    async with flow.pool.acquire() as conn, conn.transaction():
+        uows = []
+        for n in range(3):
+            uow = UnitOfWork(conn, MessageContext(consumer="c", message_id=f"m{n}",
+                                                  routing_key="k", received_at=datetime.now(UTC)))
+            uow.defer(first, n)
+            if n != 1:
+                uow.defer(second, f"s{n}")
+            uow.emit("x.y", {"n": n})
+            uows.append(uow)
+        await flush_events(conn, uows)
+        await flush_events(conn, uows)  # taken: nothing deferred is written twice
+    assert calls == [("first", [0, 1, 2]), ("second", ["s0", "s2"])]
+    assert await flow.pool.fetchval("SELECT count(*) FROM outbox") == 3
