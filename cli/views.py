@@ -286,7 +286,8 @@ async def failures(conn: asyncpg.Connection, *, stuck_seconds: int,
             left = 0
             if len(found) > limit:
                 found = found[:limit]
-                left = await conn.fetchval(f"SELECT count(*){where}", *args) - limit
+                # Two statements: a row resolved between them must not make "-3 more".
+                left = max(0, await conn.fetchval(f"SELECT count(*){where}", *args) - limit)
             more[section] = left
         rows[section] = found
     out = {

@@ -142,3 +142,19 @@ async def test_notify_deliveries_and_replay_through_the_cli(
     assert code == 0 and "1 parked Slack delivery(ies) queued again" in out, err
     assert await pool.fetchval("SELECT count(*) FROM alert_deliveries WHERE status = 'pending'"
                                " AND attempts = 0") == 2
+
+
+@pytest.mark.parametrize("quoted", [
+    "https://hooks.slack.com/services/T0/B0/s3cr3t",
+    "https:\\/\\/hooks.slack.com\\/services\\/T0\\/B0\\/s3cr3t",  # in a JSON answer
+    "https%3A%2F%2Fhooks.slack.com%2Fservices%2FT0%2FB0%2Fs3cr3t",  # percent-encoded
+])
+def test_a_slack_url_quoted_in_any_form_is_never_kept_or_shown(quoted: str) -> None:
+    """The sender's scrub (what is stored and logged) and the listing's redaction (rows stored
+    before the scrub) both take the secret out, whatever form the answer quoted it in."""
+    from services.alerts.sender import _scrubbed
+    from services.alerts.slack import redact
+    answer = f'{{"error":"invalid_token","url":"{quoted}"}}'
+    assert "s3cr3t" not in _scrubbed(answer, "https://hooks.slack.com/services/T0/B0/s3cr3t")
+    assert "s3cr3t" not in (redact(answer) or "")
+    assert "hooks.slack.com" in (redact(answer) or "")  # which service it was stays readable

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from services.alerts import slack
 from services.alerts.sender import DELIVERIES
 
 STATES = ("pending", "sending", "delivered", "parked")
@@ -51,7 +52,8 @@ def _view(row: asyncpg.Record) -> dict[str, Any]:
         "trigger": row["trigger"], "title": row["title"], "order_id": row["order_id"],
         "channel": row["channel"], "host": _host(row["stored_url"]), "status": row["status"],
         "attempts": row["attempts"], "status_code": row["status_code"],
-        "last_error": row["last_error"],
+        # Redacted again when shown: rows stored before the sender scrubbed its answers.
+        "last_error": slack.redact(row["last_error"]),
         "next_attempt_at": (row["next_attempt_at"].isoformat()
                             if row["status"] in ("pending", "sending") else None),
         "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),

@@ -19,6 +19,7 @@ from datetime import timedelta
 import aiohttp
 import asyncpg
 
+from services.alerts import slack
 from services.alerts.store import slack_url
 from services.webhooks.addresses import AddressRefused, Policy, literal, parse
 from services.webhooks.sealing import Sealer, SealError
@@ -46,7 +47,10 @@ def _scrubbed(text: str, url: str) -> str:
     """An error's text without the URL (aiohttp may quote it) or its path (the secret)."""
     path = url.split("://", 1)[-1].partition("/")[2]
     text = text.replace(url, "<the Slack URL>")
-    return text.replace(path, "<secret>") if path else text
+    if path:  # as given, JSON-escaped or percent-encoded
+        for form in (path, path.replace("/", "\\/"), path.replace("/", "%2F")):
+            text = text.replace(form, "<secret>")
+    return slack.redact(text) or text
 
 
 class SlackSender:

@@ -9,6 +9,7 @@ named `<!channel>` pings nobody and a name cannot smuggle in a link."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 MAX_FIELDS = 10  # Slack's limit per section
@@ -46,3 +47,13 @@ def message(title: str, facts: Mapping[str, str], *, rule: str, link: str | None
 def body(title: str, facts: Mapping[str, str], *, rule: str, link: str | None) -> str:
     return json.dumps(message(title, facts, rule=rule, link=link), ensure_ascii=False,
                       separators=(",", ":"))
+
+
+# A Slack incoming-webhook URL's path is its secret, wherever it shows up: as given, with its
+# slashes JSON-escaped (`\/`) or percent-encoded (`%2F`).
+_HOOK_PATH = re.compile(r"(hooks\.slack\.com)(?:/|\\/|%2[fF])[^\s\"'<>]*", re.IGNORECASE)
+
+
+def redact(text: str | None) -> str | None:
+    """Text that may quote a Slack URL (an answer, an error), with the URL's path removed."""
+    return _HOOK_PATH.sub(r"\1/<secret>", text) if text else text

@@ -133,14 +133,19 @@ class Sweeper(BrokerSweep):
     async def backlog(self, pool: asyncpg.Pool, rules: AlertRules, rule: Rule,
                       seconds: float) -> int:
         """One summary alert for every order this rule has not alerted on; 1 if raised. Two
-        sweepers at once: the same highest id is the same cause (one alert), and a summary
-        that covers no order (the other sweeper's took them all) is rolled back."""
+        sweepers at once take turns on a lock per rule; the same highest id is the same cause
+        (one alert), and a summary that covers no order is rolled back."""
         async with pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
+                # One sweeper at a time per rule: a second one reads after the first
+                # committed, finds what is left (an order that crossed the line meanwhile)
+                # and leaves it to the next pass, one by one, rather than summarising it.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                   f"review-backlog:{rule.name}")
                 row = await conn.fetchrow(_BACKLOG, seconds, rule.name)
-                if not row["n"]:
+                if row["n"] <= self.summary_over:
                     await transaction.rollback()
                     return 0
                 hours = f"{float(rule.when.waiting_hours or 0):g} h"

@@ -35,7 +35,7 @@ TEST_EVENT = "webhook.test"  # `ordermill webhooks test`: to one endpoint, never
 
 # `msg_` and the first 32 hex digits of SHA-256("<event id>:<endpoint id>"): PostgreSQL
 # computes it without an extension (uuid5 would need SHA-1: uuid-ossp or pgcrypto).
-# Deliveries written before 0032 keep the (uuid5) ids they were stored with.
+# Deliveries stored before this change keep the (uuid5) ids they were stored with.
 _WEBHOOK_ID_SQL = ("'msg_' || left(encode(sha256(convert_to(v.event_id || ':' || e.id::text,"
                    " 'UTF8')), 'hex'), 32)")
 
