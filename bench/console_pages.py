@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.seed import Shape, seed  # noqa: E402
 from cli.catalog import load_catalog, read_catalog  # noqa: E402
 from console import accounts  # noqa: E402
-from console.app import close_state, create_app, open_state  # noqa: E402
+from console.app import close_state, create_app, open_state, settle_heap  # noqa: E402
 from shared import db  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -223,6 +223,7 @@ async def measure(url: str, shape: Shape, requests: int,
                         console_secret_key="b" * 40, log_level="WARNING")
     state = await open_state(settings, publisher=NoBroker())
     app = create_app(state)
+    settle_heap()  # as the console's server does when it starts
     out = []
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),

@@ -8,6 +8,7 @@ for uvicorn."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -116,6 +117,16 @@ def create_app(state: ConsoleState | None = None, *,
     if state is not None:
         app.state.console = state
     return app
+
+
+def settle_heap() -> None:
+    """Move everything alive now (the imported modules, templates, routes: what lives as long
+    as the process) out of the garbage collector's sight. Python's full collections walk every
+    tracked object; on a page with a few hundred rows one request in about fifty triggered one
+    and paid 35-50 ms for walking these (bench/console_pages.py at 1M orders: list pages p99
+    48-63 ms with, 11-15 ms without). Called once, when the server starts."""
+    gc.collect()
+    gc.freeze()
 
 
 def build_app(settings: Settings) -> Starlette:
