@@ -193,6 +193,28 @@ async def _drop_database(infra: Infra, name: str) -> None:
     _DATABASES.drop(infra, name)
 
 
+@contextlib.contextmanager
+def seeded_database(infra: Infra, statements: list[str], **values: object) -> Iterator[str]:
+    """A database of its own, migrated, then seeded with `statements` (each formatted with
+    `values`), for a module's read-only tests: seeding takes seconds, so it is done once.
+    Yields its URL; dropped afterwards."""
+    async def seed(url: str) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for statement in statements:
+                await conn.execute(statement.format(**values))
+        finally:
+            await conn.close()
+
+    _, name = asyncio.run(_database(infra))
+    url = _with_db(infra.database_url, name)
+    try:
+        asyncio.run(seed(url))
+        yield url
+    finally:
+        asyncio.run(_drop_database(infra, name))
+
+
 def _test_settings(infra: Infra, n: int, name: str) -> Settings:
     return Settings(
         database_url=_with_db(infra.database_url, name),

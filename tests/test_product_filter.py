@@ -6,7 +6,6 @@ orders side, the product side, both sides' keys intersected) reads through index
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import asyncpg
 import pytest
 from test_query_plans import Explaining, scans
 
-from conftest import order_body
+from conftest import order_body, seeded_database
 from console import order_list
 from console.order_list import OrderFilters
 from services.placement.worker import worker as placement_worker
@@ -54,24 +53,10 @@ SEED = [
 FILLED = frozenset({"orders", "clients", "services"})
 
 
-async def _seed(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        for statement in SEED:
-            await conn.execute(statement.format(orders=ORDERS, launched=LAUNCHED))
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def seeded_url(infra: Any) -> Iterator[str]:
-    from conftest import _database, _drop_database, _with_db
-
-    _, name = asyncio.run(_database(infra))
-    url = _with_db(infra.database_url, name)
-    asyncio.run(_seed(url))
-    yield url
-    asyncio.run(_drop_database(infra, name))
+    with seeded_database(infra, SEED, orders=ORDERS, launched=LAUNCHED) as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ measured in bench/, not here."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ import asyncpg
 import pytest
 
 from cli import views
+from conftest import seeded_database
 from console import order_list
 from services.fraud.facts import lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
@@ -103,25 +103,11 @@ SEED = [
 ]
 
 
-async def _seed(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        for statement in SEED:
-            await conn.execute(statement.format(orders=ORDERS, clients=CLIENTS))
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def seeded_url(infra: Any) -> Iterator[str]:
     """One seeded database for the module's tests (seeding takes seconds; the tests read)."""
-    from conftest import _database, _drop_database, _with_db
-
-    _, name = asyncio.run(_database(infra))
-    url = _with_db(infra.database_url, name)
-    asyncio.run(_seed(url))
-    yield url
-    asyncio.run(_drop_database(infra, name))
+    with seeded_database(infra, SEED, orders=ORDERS, clients=CLIENTS) as url:
+        yield url
 
 
 class Explaining:
