@@ -43,30 +43,28 @@ SUMMARY_OVER = 10  # more orders than this newly waiting for a rule in one pass:
 QUIET_SECONDS = 300.0  # a dead-letter queue empty this long ends its episode
 
 # Orders awaiting review (as `ordermill pending` and the exporter count them), waiting longer
-# than $1 seconds, that this rule has not alerted on.
-_WAITING = (
-    "SELECT o.id, o.created_at FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
-    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
-    " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)"
-    " ORDER BY o.created_at LIMIT $3")
+# than $1 seconds: the one condition the list, the summary and its covered orders share.
+_WAITING_LONG = (
+    " FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
+    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)")
+# ... that rule $2 has not alerted on.
+_NOT_ALERTED = (
+    " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)")
+
+_WAITING = f"SELECT o.id, o.created_at{_WAITING_LONG}{_NOT_ALERTED} ORDER BY o.created_at LIMIT $3"
 
 # The same orders, all of them, for a summary: how many, the oldest, the highest id.
 _BACKLOG = (
     "SELECT count(*) AS n, max(o.id) AS last_id,"
     " (array_agg(o.order_number ORDER BY o.created_at, o.id))[1] AS oldest_number,"
-    " min(o.created_at) AS oldest_at"
-    " FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
-    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
-    " AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.rule = $2 AND a.cause = 'review:' || o.id)")
+    f" min(o.created_at) AS oldest_at{_WAITING_LONG}{_NOT_ALERTED}")
 
 # Each order of the summary, up to its highest id, recorded as covered by it: no message.
 _COVERED = (
     "INSERT INTO alerts (rule_set_id, rule, trigger, cause, order_id, title, facts, summary_id)"
     " SELECT $3, $2, 'review_waiting', 'review:' || o.id, o.id,"
     " 'Order #' || o.order_number || ' waits for review (in alert ' || $4::bigint || ')',"
-    " '{}'::jsonb, $4"
-    " FROM orders o WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
-    " AND o.screening <> 'queued' AND o.created_at < now() - make_interval(secs => $1)"
+    f" '{{}}'::jsonb, $4{_WAITING_LONG}"
     " AND o.id <= $5 ON CONFLICT (rule, cause) DO NOTHING")
 
 
