@@ -213,7 +213,11 @@ async def database_counters(s: Settings) -> dict[str, int]:
     """The bench database's activity counters (transactions include the pool's reset queries)."""
     return await _fetch_counts(
         s, "SELECT xact_commit AS transactions, tup_inserted AS rows_inserted,"
-           " tup_updated AS rows_updated FROM pg_stat_database WHERE datname = current_database()")
+           " tup_updated AS rows_updated, blks_hit + blks_read AS buffer_accesses,"
+           " tup_fetched AS rows_fetched,"
+           " (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'orders') AS orders_updates,"
+           " (SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'orders') AS orders_hot_updates"
+           " FROM pg_stat_database WHERE datname = current_database()")
 
 
 async def outbox_counters(s: Settings) -> dict[str, int]:

@@ -91,14 +91,18 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
                          offset: int = 0) -> dict[str, Any]:
     """Pending orders whose screening is finished (errors flagged), and those still queued:
     those that need review first, then oldest first; `more` counts those past this page."""
-    # The count is its own subquery (once, on orders_pending_idx alone): a window count over
-    # the page's query would join every Pending order's client and latest check, not the page's.
+    # The page's ids first, from the Pending range of orders_status_created_idx (the newest
+    # orders: a few heap pages, sorted), then only their clients and latest checks: joined
+    # before the LIMIT, every Pending order's client would be read. The count is its own
+    # subquery (once, on the same range, index only). No index is kept in this list's order
+    # (migration 0036): each would get an entry for every order placed and again when screened.
     rows = await conn.fetch(
         f"SELECT {_ORDER_COLUMNS}, (SELECT count(*) FROM orders WHERE status = 'Pending'"
         "  AND deleted_at IS NULL) AS listed"
-        f" FROM orders o JOIN clients c ON c.id = o.client_id{_LATEST_CHECK}"
-        " WHERE o.deleted_at IS NULL AND o.status = 'Pending'"
-        " ORDER BY o.needs_review DESC, o.id LIMIT $1 OFFSET $2",
+        " FROM (SELECT id FROM orders WHERE deleted_at IS NULL AND status = 'Pending'"
+        "  ORDER BY needs_review DESC, id LIMIT $1 OFFSET $2) page"
+        f" JOIN orders o ON o.id = page.id JOIN clients c ON c.id = o.client_id{_LATEST_CHECK}"
+        " ORDER BY o.needs_review DESC, o.id",
         limit, offset,
     )
     orders = [_order_row(r) | {"flagged": r["screening"] == Screening.ERROR}

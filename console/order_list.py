@@ -7,8 +7,8 @@ A product filter has two ways to walk (issue 13's review: a product launched las
 filtered over ten years, walked every older order probing for it — slow — and counted "0+"):
 
 - the *orders side*: the orders of the range on the list's index, each probed for the
-  product (services_product_order_idx): quick when the range is small, or when the product
-  is common among its first orders;
+  product (a key of services_product_created_idx: product, placed time, order): quick when
+  the range is small, or when the product is common among its first orders;
 - the *product side*: the product's services in the same order (services_product_created_idx,
   migration 0033: a service is written with its order, in one statement, so its created_at is
   its order's), each order fetched by id and checked against the other filters: quick when
@@ -199,11 +199,12 @@ def _orders_walk(f: OrderFilters, r: _Range, arg: _Args) -> list[str]:
 
 
 def _has_product(arg: _Args, product_id: int) -> str:
-    """The orders side's probe, per order (services_product_order_idx; OFFSET 0 keeps it a
-    probe: as a plain EXISTS the planner may merge the list with every service of the
-    product, 90 ms at 1M)."""
-    return ("EXISTS (SELECT 1 FROM services s WHERE s.order_id = o.id"
-            f" AND s.product_id = {arg(product_id)} OFFSET 0)")
+    """The orders side's probe, per order: one key of services_product_created_idx (product,
+    the order's placed time, id: a service is written with its order, migration 0033), so no
+    index of its own is kept for it (migration 0036). OFFSET 0 keeps it a probe: as a plain
+    EXISTS the planner may merge the list with every service of the product, 90 ms at 1M."""
+    return (f"EXISTS (SELECT 1 FROM services s WHERE s.product_id = {arg(product_id)}"
+            " AND s.created_at = o.created_at AND s.order_id = o.id OFFSET 0)")
 
 
 def _services_walk(r: _Range, arg: _Args, product_id: int, limit: int | None = None) -> str:
@@ -282,7 +283,7 @@ async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id
     orders = _orders_walk(f, r, arg)
     found_orders, found_product = await conn.fetchrow(  # matches among each's first PILOT
         f"SELECT (SELECT count(*) FILTER (WHERE {_has_product(arg, product_id)})"
-        f" FROM (SELECT o.id FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)}"
+        f" FROM (SELECT o.id, o.created_at FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)}"
         f" ORDER BY o.created_at, o.id LIMIT {PILOT}) o),"
         f" (SELECT count(*) FILTER (WHERE EXISTS ({_order_probe(f, arg, '1')}))"
         f" FROM {_services_walk(r, arg, product_id, PILOT)})", *arg.values)
@@ -322,12 +323,20 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     side = ORDERS_SIDE if product_id is None else await _side(conn, f, r, product_id)
     d = r.direction
     arg = _Args()
+    count = None
     if side == BOTH_SIDES:
         assert product_id is not None
-        async with _merged(conn):  # the page's ids, merged; then their rows, by id
+        # The page's ids, merged; then their rows, by id. The first page's merge goes on to
+        # LIST_COUNT_CAP + 1 ids, which are the count's: the two sides are merged once.
+        first = r.edge is None
+        async with _merged(conn):
             ids = [row["id"] for row in await conn.fetch(
                 f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
-                f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+                f" ORDER BY k.created_at {d}, k.id {d}"
+                f" LIMIT {max(limit, LIST_COUNT_CAP) + 1 if first else limit + 1}", *arg.values)]
+        if first:
+            count = (min(len(ids), LIST_COUNT_CAP), len(ids) > LIST_COUNT_CAP)
+            ids = ids[:limit + 1]
         arg = _Args()
         page_sql = (f"SELECT {_ROW}{_FROM} WHERE o.id = ANY({arg(ids)}::bigint[])"
                     f" ORDER BY o.created_at {d}, o.id {d}")
@@ -348,7 +357,8 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     if d == "DESC":
         rows = list(reversed(rows))
     orders = [_order(row) for row in rows]
-    count = await _count(conn, f, r.whole(), product_id, side)
+    if count is None:
+        count = await _count(conn, f, r.whole(), product_id, side)
     first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
     return {
         "orders": orders, "count": count,

@@ -1,6 +1,6 @@
-"""The console's read models: every list is a keyset page on an index (migrations 0017 and 0030), and
-every count is capped (COUNT_CAP): a million orders never make a page scan them all. The order
-list, with its filters, is console/order_list.py."""
+"""The console's read models: every list is a keyset page on an index (migrations 0017, 0030,
+0036), and every count is capped (COUNT_CAP): a million orders never make a page scan them all.
+The order list, with its filters, is console/order_list.py."""
 
 from __future__ import annotations
 
@@ -64,12 +64,14 @@ async def dashboard(conn: asyncpg.Connection) -> dict[str, Any]:
             conn, "SELECT 1 FROM orders WHERE status = $1 AND deleted_at IS NULL", status.value)
     review_where = (" WHERE o.status = 'Pending' AND o.deleted_at IS NULL"
                     " AND o.screening <> 'queued'")
+    # Oldest first in the list's order (placed, then id): read on orders_status_created_idx's
+    # Pending range (and orders_screening_created_idx's errors) from its start, ten rows.
     awaiting = [_order(r) for r in await conn.fetch(
-        f"SELECT {_ROW}{_FROM}{review_where} ORDER BY o.id LIMIT 10")]
+        f"SELECT {_ROW}{_FROM}{review_where} ORDER BY o.created_at, o.id LIMIT 10")]
     flagged_where = (" WHERE o.screening = 'error' AND o.deleted_at IS NULL"
                      " AND o.status = 'Pending'")
     flagged = [_order(r) for r in await conn.fetch(
-        f"SELECT {_ROW}{_FROM}{flagged_where} ORDER BY o.id LIMIT 10")]
+        f"SELECT {_ROW}{_FROM}{flagged_where} ORDER BY o.created_at, o.id LIMIT 10")]
     parked = [dict(r) for r in await conn.fetch(
         "SELECT j.id, j.order_id, j.kind, j.attempts, j.last_error, j.updated_at, o.order_ref,"
         " coalesce(s.domain, d.domain) AS item FROM jobs j JOIN orders o ON o.id = j.order_id"
