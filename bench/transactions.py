@@ -25,13 +25,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
-                  r"LOG:  (?:statement|execute [^:]+): (.*)$")
+LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
+    r"LOG:  (?:statement|execute [^:]+): (.*)$"
+)
 
 # (kind, pattern searched in the transaction's statements joined by " ; "): the first that
 # matches names the transaction. Call sites as of issue 15's target 2 (see README).
 KINDS: list[tuple[str, str]] = [
-    ("relay: a pass, claim + mark (shared/outbox.py)", r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox"),
+    (
+        "relay: a pass, claim + mark (shared/outbox.py)",
+        r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox",
+    ),
     ("relay: a pass that found nothing", r"^SELECT id, message_id.* FROM outbox WHERE published_at IS NULL"),
     ("mail: claim (leased queue)", r"^UPDATE emails SET status = 'sending'"),
     ("mail: order contexts (notify/mail.py)", r"^SELECT o\.id, o\.order_number"),
@@ -81,8 +86,7 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp + "+00:00").timestamp()
 
 
-def statements(lines: Iterable[str], database: str, since: float, until: float
-               ) -> Iterator[tuple[int, str]]:
+def statements(lines: Iterable[str], database: str, since: float, until: float) -> Iterator[tuple[int, str]]:
     """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
     statement's continuation lines (a tab first) are joined to it, as one line."""
     entry: tuple[int, list[str]] | None = None
@@ -140,20 +144,25 @@ def main(argv: list[str] | None = None) -> None:
         counted = tally(statements(lines, database, phase["started_at"], phase["ended_at"]))
     orders = phase["orders"]
     total = sum(counted.kinds.values())
-    print(f"{database}, round {opts.round + 1} {rnd['label']}, {opts.phase}: {orders} orders,"
-          f" {total} transactions ({total / orders:.2f} an order),"
-          f" {counted.statements / orders:.2f} statements an order")
+    print(
+        f"{database}, round {opts.round + 1} {rnd['label']}, {opts.phase}: {orders} orders,"
+        f" {total} transactions ({total / orders:.2f} an order),"
+        f" {counted.statements / orders:.2f} statements an order"
+    )
     for kind, n in counted.kinds.most_common():
         print(f"  {n / orders:6.2f}  {n:7}  {kind}")
     if "transactions" in rnd:  # the round's exact count against the log's, over the round
         with opts.log.open(errors="replace") as lines:
-            logged = sum(tally(statements(lines, database, rnd["started_at"], rnd["ended_at"]))
-                         .kinds.values())
+            logged = sum(
+                tally(statements(lines, database, rnd["started_at"], rnd["ended_at"])).kinds.values()
+            )
         hidden = rnd["transactions"] - logged
-        print(f"over the round ({rnd['orders']} orders): {rnd['transactions']} commits counted by"
-              f" the server, {logged} in the log; {hidden} ({hidden / rnd['orders']:.2f} an order)"
-              " not in it: listening connections reading the NOTIFY queue (each commit that"
-              " notifies wakes every listener of the database), and prepares")
+        print(
+            f"over the round ({rnd['orders']} orders): {rnd['transactions']} commits counted by"
+            f" the server, {logged} in the log; {hidden} ({hidden / rnd['orders']:.2f} an order)"
+            " not in it: listening connections reading the NOTIFY queue (each commit that"
+            " notifies wakes every listener of the database), and prepares"
+        )
     if counted.unnamed:
         print("other, by first statement:")
         for text, n in counted.unnamed.most_common(opts.top):

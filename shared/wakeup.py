@@ -57,8 +57,10 @@ class _Listener:
                     await self.conn.add_listener(wakeup.channel, self._on_notify)
                     self._listening.add(wakeup.channel)
             except Exception as exc:  # whatever the cause, the timer does the listener's work
-                log.warning("listener unavailable; the timer takes over", extra={
-                    "channel": wakeup.channel, "error": f"{type(exc).__name__}: {exc}"})
+                log.warning(
+                    "listener unavailable; the timer takes over",
+                    extra={"channel": wakeup.channel, "error": f"{type(exc).__name__}: {exc}"},
+                )
                 await self._drop()
 
     async def _connect(self) -> None:
@@ -98,7 +100,8 @@ class _Listener:
 
 # Per event loop (tests run several), per database URL.
 _LISTENERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Listener]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def _listener(database_url: str) -> _Listener:
@@ -119,8 +122,10 @@ class Wakeup:
         """Listen, if not listening already (and there is somewhere to)."""
         if self.database_url is None:
             if not self._said_none:
-                log.info("no LISTEN behind PgBouncer without DATABASE_DIRECT_URL; the timer"
-                         " wakes this loop", extra={"channel": self.channel})
+                log.info(
+                    "no LISTEN behind PgBouncer without DATABASE_DIRECT_URL; the timer wakes this loop",
+                    extra={"channel": self.channel},
+                )
                 self._said_none = True
             return
         await _listener(self.database_url).ensure(self)
@@ -131,8 +136,12 @@ class Wakeup:
         if self.database_url is None:
             return False
         listener = _LISTENERS.get(asyncio.get_running_loop(), {}).get(self.database_url)
-        return (listener is not None and listener.up and self in listener.wakeups
-                and self.channel in listener._listening)
+        return (
+            listener is not None
+            and listener.up
+            and self in listener.wakeups
+            and self.channel in listener._listening
+        )
 
     async def close(self) -> None:
         if self.database_url is None:

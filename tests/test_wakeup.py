@@ -16,11 +16,11 @@ from shared.wakeup import Wakeup
 async def _listening_backends(conn: asyncpg.Connection) -> int:
     return await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()")
+        " AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()"
+    )
 
 
-async def test_wakeups_share_one_connection_and_hear_only_their_channel(
-        db_settings: Settings) -> None:
+async def test_wakeups_share_one_connection_and_hear_only_their_channel(db_settings: Settings) -> None:
     url = db_settings.database_url
     jobs, mails = Wakeup(url, "test_jobs"), Wakeup(url, "test_mails")
     conn = await asyncpg.connect(url)
@@ -53,8 +53,7 @@ async def _closed(conn: asyncpg.Connection) -> bool:
     return await _listening_backends(conn) == 0
 
 
-async def test_a_lost_connection_is_reopened_and_wakes_every_loop_once(
-        db_settings: Settings) -> None:
+async def test_a_lost_connection_is_reopened_and_wakes_every_loop_once(db_settings: Settings) -> None:
     """Commits made while nobody listened were not heard: every loop gets one pass."""
     url = db_settings.database_url
     jobs, mails = Wakeup(url, "test_jobs"), Wakeup(url, "test_mails")
@@ -64,7 +63,8 @@ async def test_a_lost_connection_is_reopened_and_wakes_every_loop_once(
         await mails.ensure()
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname ="
-            " current_database() AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()")
+            " current_database() AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()"
+        )
         await eventually(lambda: _not_listening(jobs), timeout=5)
         assert not jobs.event.is_set() and not mails.event.is_set()
 
