@@ -283,6 +283,63 @@ class LeasedQueue:
                                [r["leased_by"] for r in rows])
 
 
+class Finisher:
+    """Ends claims with one status, the claims handed over while a write is in flight all
+    in the next write (group commit, as the consumers' shared transactions): a pass of many
+    small pieces of work, such as mails, costs a few statements instead of one each, and no
+    claim waits on a timer. `add` does not wait for the write (the work goes on to its next
+    piece); `flush` does, and raises the write's error, as does any `add` after a write
+    failed (what is not yet done had better not be: its result could not be recorded).
+
+    A piece is recorded at most one write later than if it were written alone: the window
+    in which a dying process leaves a piece done but not recorded (done again once its
+    lease runs out) stays about one write long."""
+
+    def __init__(self, queue: LeasedQueue, pool: asyncpg.Pool, status: str, *,
+                 attempts: int = 1, ended: Callable[[Sequence[asyncpg.Record], set[int]], None]
+                 | None = None, **values: Any) -> None:
+        """`values` as finish_many's; `attempts`: tries of a write on a transient database
+        error (a fresh connection each); `ended(rows, ids)` is called after each write with
+        the rows it carried and the ids that were still ours."""
+        self.queue, self.pool, self.status, self.values = queue, pool, status, values
+        self.attempts, self._ended = attempts, ended
+        self._waiting: list[asyncpg.Record] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.writes = 0
+
+    def add(self, row: asyncpg.Record) -> None:
+        if self.error is not None:
+            raise self.error
+        self._waiting.append(row)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        from shared.runtime.middleware.retry import transient_retrying
+
+        while self._waiting and self.error is None:
+            rows, self._waiting = self._waiting, []
+            try:
+                async for attempt in transient_retrying(self.attempts):
+                    with attempt:
+                        ended = await self.queue.finish_many(self.pool, rows, self.status,
+                                                             **self.values)
+            except Exception as exc:  # the claims run out; the pieces are done again
+                self.error = exc
+                return
+            self.writes += 1
+            if self._ended is not None:
+                self._ended(rows, ended)
+
+    async def flush(self) -> None:
+        """Until everything added is written; the write's error, if one failed."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        if self.error is not None:
+            raise self.error
+
+
 async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awaitable[bool]], *,
                     poll_seconds: float, linger_seconds: float = 0.0) -> None:
     """Run `step` when NOTIFY wakes the loop, on a timer as well, and again at once while it

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import eventually
 from shared import db
-from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
+from shared.leased_queue import NOW, Backoff, ClaimLost, Finisher, LeasedQueue, Runner, Table
 from shared.settings import Settings
 
 # Status words of its own, to show the queue takes them from the description.
@@ -205,6 +205,58 @@ async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool
     assert rows[2]["status"] == "busy" and rows[2]["done_at"] is None
     with pytest.raises(ValueError, match="now"):
         await q.finish_many(pool, claimed, "done", result="x")
+
+
+async def test_a_finisher_writes_what_came_during_a_write_in_the_next_one(pool) -> None:
+    """Group commit of outcomes: the first claim ended is written at once (no timer), the
+    ones handed over while that write is in flight all go in one more statement."""
+    q = queue()
+    ids = await add(pool, 5)
+    claimed = sorted(await q.claim(pool, 10), key=lambda r: r["id"])
+    writes: list[list[int]] = []
+    first_write_held, let_go = asyncio.Event(), asyncio.Event()
+    finish_many = q.finish_many
+
+    async def held(conn, rows, status, **values) -> set[int]:
+        writes.append([r["id"] for r in rows])
+        if len(writes) == 1:
+            first_write_held.set()
+            await let_go.wait()
+        return await finish_many(conn, rows, status, **values)
+
+    q.finish_many = held  # type: ignore[method-assign]
+    recorded: list[int] = []
+    done = Finisher(q, pool, "done", ended=lambda rows, ids: recorded.extend(sorted(ids)),
+                    done_at=NOW)
+    done.add(claimed[0])
+    await asyncio.wait_for(first_write_held.wait(), 5)  # started alone, at once
+    for r in claimed[1:]:
+        done.add(r)
+    let_go.set()
+    await done.flush()
+    assert writes == [ids[:1], ids[1:]] and done.writes == 2
+    assert recorded == ids
+    statuses = await pool.fetch("SELECT status, done_at IS NOT NULL AS at FROM work ORDER BY id")
+    assert {(r["status"], r["at"]) for r in statuses} == {("done", True)}
+
+
+async def test_a_finisher_whose_write_failed_refuses_more_and_says_so(pool) -> None:
+    q = queue()
+    await add(pool, 2)
+    claimed = await q.claim(pool, 10)
+
+    async def broken(conn, rows, status, **values) -> set[int]:
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+
+    q.finish_many = broken  # type: ignore[method-assign]
+    done = Finisher(q, pool, "done", attempts=2)
+    done.add(claimed[0])
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await done.flush()  # tried twice (a transient error), then given up
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        done.add(claimed[1])  # its result could not be recorded either: not done at all
+    statuses = await pool.fetch("SELECT status FROM work")
+    assert {r["status"] for r in statuses} == {"busy"}  # the leases bring them back
 
 
 async def test_a_runner_claims_nothing_until_its_before_claim_lets_it(pool, settings: Settings) -> None:
