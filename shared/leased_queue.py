@@ -341,10 +341,17 @@ class Finisher:
 
 
 async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awaitable[bool]], *,
-                    poll_seconds: float, linger_seconds: float = 0.0) -> None:
+                    poll_seconds: float, linger_seconds: float = 0.0,
+                    busy: Callable[[], bool] | None = None,
+                    busy_linger_seconds: float = 0.0) -> None:
     """Run `step` when NOTIFY wakes the loop, on a timer as well, and again at once while it
     returns True (a backlog). A failing step is logged and tried again: leases bring back
-    whatever it had claimed."""
+    whatever it had claimed.
+
+    Once woken, wait `linger_seconds` before the step (always), or `busy_linger_seconds` if
+    `busy()` says work is still in flight: as the consumers' group commit, a loop that is
+    busy anyway lets the next few rows arrive and takes them in one pass, while an idle one
+    starts a lone row at once."""
     try:
         while not stop.is_set():
             await wakeup.ensure()
@@ -361,8 +368,11 @@ async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awai
             await asyncio.wait(waiting, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
             for task in waiting:
                 task.cancel()
-            if linger_seconds and wakeup.event.is_set() and not stop.is_set():
-                await asyncio.sleep(linger_seconds)  # let the next few arrive, to take them together
+            if wakeup.event.is_set() and not stop.is_set():
+                linger = linger_seconds or (busy_linger_seconds if busy is not None and busy()
+                                            else 0.0)
+                if linger:
+                    await asyncio.sleep(linger)  # let the next few arrive, to take them together
     finally:
         await wakeup.close()
 
@@ -376,25 +386,32 @@ class Runner:
                  work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
                  database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0,
-                 linger_seconds: float = 0.0,
+                 linger_seconds: float = 0.0, busy_linger_seconds: float = 0.0,
                  before_claim: Callable[[], Awaitable[object]] | None = None) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims
         what several wake-ups brought (short work such as an HTTP call: not a pass each).
-        `before_claim`: awaited before each pass claims (the webhook sender gives way to the
-        order pipeline there)."""
+        `busy_linger_seconds`: the same, only while work of an earlier pass still runs (an
+        idle runner starts a lone row at once). `before_claim`: awaited before each pass
+        claims (the webhook sender gives way to the order pipeline there)."""
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
         self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
-        self.linger_seconds = linger_seconds
+        self.linger_seconds, self.busy_linger_seconds = linger_seconds, busy_linger_seconds
         self.before_claim = before_claim
         self._wakeup = Wakeup(database_url, queue.table.channel)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
+        # The last pass left due rows behind (the runner or a lane was full): a finished
+        # task frees a slot for them. Otherwise nothing is due that a NOTIFY or the timer
+        # would not bring, and a finished task wakes nothing (it once cost a pass each).
+        self._capped = False
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         try:
             await wake_loop(self._wakeup, stop, partial(self._start_due, pool),
-                            poll_seconds=self.poll_seconds, linger_seconds=self.linger_seconds)
+                            poll_seconds=self.poll_seconds, linger_seconds=self.linger_seconds,
+                            busy=lambda: bool(self._running),
+                            busy_linger_seconds=self.busy_linger_seconds)
         finally:
             if self._running:  # work in flight finishes (bounded), still renewing its leases
                 await asyncio.wait(self._running, timeout=self.stop_timeout)
@@ -408,6 +425,7 @@ class Runner:
         if self.concurrency - len(self._running) > 0 and self.before_claim is not None:
             await self.before_claim()
         free = self.concurrency - len(self._running)
+        self._capped = free <= 0
         for row in await self.claim(pool, free) if free > 0 else []:
             lane = row[self.queue.table.lane] if self.queue.table.lane else ""
             self._lane_load[lane] += 1
@@ -417,16 +435,32 @@ class Runner:
         return False
 
     async def claim(self, pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
-        """Due rows, lane by lane, each lane up to its share: a slow lane holds back only itself."""
+        """Due rows, lane by lane, each lane up to its share: a slow lane holds back only itself.
+
+        First, as many rows as no lane could exceed its share with, wherever they come from,
+        in one statement: when that finds fewer, nothing else is due (the usual case, a few
+        rows a pass: one statement, not a look at the due lanes and a claim per lane)."""
         if not self.queue.table.lane:
-            return await self.queue.claim(pool, limit)
+            claimed = await self.queue.claim(pool, limit)
+            self._capped = self._capped or len(claimed) >= limit
+            return claimed
+        safe = min(limit, self.lane_concurrency - max(self._lane_load.values(), default=0))
+        claimed: list[asyncpg.Record] = []
+        if safe > 0:
+            claimed = await self.queue.claim(pool, safe)
+            if len(claimed) < safe:
+                return claimed
+        load = self._lane_load + Counter(r[self.queue.table.lane] for r in claimed)
         lanes = await self.queue.due_lanes(pool)
         random.shuffle(lanes)  # no lane waits behind the others when the runner is full
-        claimed: list[asyncpg.Record] = []
         for lane in lanes:
-            free = min(limit - len(claimed), self.lane_concurrency - self._lane_load[lane])
-            if free > 0:
-                claimed += await self.queue.claim(pool, free, lane=lane)
+            free = min(limit - len(claimed), self.lane_concurrency - load[lane])
+            if free <= 0:
+                self._capped = True  # rows of this lane wait for a slot
+                continue
+            got = await self.queue.claim(pool, free, lane=lane)
+            claimed += got
+            self._capped = self._capped or len(got) >= free
         return claimed
 
     async def _execute(self, pool: asyncpg.Pool, row: asyncpg.Record) -> None:
@@ -442,4 +476,7 @@ class Runner:
     def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._lane_load[lane] -= 1
-        self._wakeup.event.set()  # a slot is free
+        if self._lane_load[lane] <= 0:
+            del self._lane_load[lane]
+        if self._capped:
+            self._wakeup.event.set()  # a slot is free for what the last pass left

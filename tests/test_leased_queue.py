@@ -287,3 +287,97 @@ async def test_a_runner_claims_nothing_until_its_before_claim_lets_it(pool, sett
     stop.set()
     await running
     assert len(done) == 3
+
+
+def counting(q: LeasedQueue) -> list[list[int]]:
+    """Wrap `q.claim` and `q.due_lanes`: each claim's ids (sorted), and -1 for a lane look-up."""
+    calls: list[list[int]] = []
+    claim, due_lanes = q.claim, q.due_lanes
+
+    async def counted_claim(conn, limit, *, lane=None):
+        rows = await claim(conn, limit, lane=lane)
+        calls.append(sorted(r["id"] for r in rows))
+        return rows
+
+    async def counted_lanes(conn):
+        calls.append([-1])
+        return await due_lanes(conn)
+
+    q.claim, q.due_lanes = counted_claim, counted_lanes  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_runner_busy_lingers_to_claim_together_and_idle_starts_a_lone_row_at_once(
+        pool, settings: Settings) -> None:
+    """Idle, a row is started when its NOTIFY comes, whatever the linger (no timer on a lone
+    row). Busy, the runner lets the rows of the next moment arrive and claims them in one
+    statement; a finished row wakes no pass when the last one left nothing behind."""
+    q = queue()
+    calls = counting(q)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def work(pool, row) -> None:
+        started.append(row["id"])
+        if len(started) == 1:
+            await release.wait()  # the runner stays busy with the first row
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=10, poll_seconds=30, busy_linger_seconds=3.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=5)
+        await eventually(lambda: asyncio.sleep(0, calls), timeout=5)  # its first pass: nothing
+        calls.clear()
+        [first] = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        # Well within the 30 s timer and the 3 s a linger would have added: at once.
+        await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=2)
+        second = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        await asyncio.sleep(0.1)
+        third = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        await eventually(lambda: asyncio.sleep(0, len(started) == 3), timeout=5)
+        release.set()
+        await eventually(lambda: _all_done(pool), timeout=5)
+        await asyncio.sleep(0.2)
+        # One statement a pass (no look at the due lanes: no lane could reach its cap), the
+        # two rows that came while busy in one pass, and no pass when the rows finished.
+        assert calls == [[first], second + third]
+    finally:
+        stop.set()
+        await running
+
+
+async def _all_done(pool) -> bool:
+    return await pool.fetchval("SELECT bool_and(status = 'done') FROM work")
+
+
+async def test_a_runner_at_a_lane_cap_takes_the_rest_once_a_slot_is_free(
+        pool, settings: Settings) -> None:
+    """The lane's cap leaves rows behind: a finished row wakes the runner for them (no
+    NOTIFY, no timer)."""
+    ids = await add(pool, 3, lane="web1")
+    q = queue()
+    calls = counting(q)
+    done: list[int] = []
+
+    async def work(pool, row) -> None:
+        await asyncio.sleep(0.05)
+        done.append(row["id"])
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=1, poll_seconds=30)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(done) == 3), timeout=5)
+    finally:
+        stop.set()
+        await running
+    assert sorted(done) == ids
+    assert [c for c in calls if c and c != [-1]] == [[i] for i in ids]  # one at a time

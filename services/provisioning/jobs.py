@@ -68,7 +68,8 @@ class JobRunner:
         self.runner = Runner(self.queue, self.execute, database_url=database_url,
                              concurrency=jobs.concurrency,
                              lane_concurrency=jobs.lane_concurrency,
-                             poll_seconds=jobs.queue.poll_seconds)
+                             poll_seconds=jobs.queue.poll_seconds,
+                             busy_linger_seconds=jobs.busy_linger_seconds)
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         await self.runner.run(pool, stop)
