@@ -387,17 +387,21 @@ class Runner:
                  database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0,
                  linger_seconds: float = 0.0, busy_linger_seconds: float = 0.0,
-                 before_claim: Callable[[], Awaitable[object]] | None = None) -> None:
+                 before_claim: Callable[[], Awaitable[object]] | None = None,
+                 claimed: Callable[[asyncpg.Pool, list[asyncpg.Record]], Awaitable[None]]
+                 | None = None) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims
         what several wake-ups brought (short work such as an HTTP call: not a pass each).
         `busy_linger_seconds`: the same, only while work of an earlier pass still runs (an
         idle runner starts a lone row at once). `before_claim`: awaited before each pass
-        claims (the webhook sender gives way to the order pipeline there)."""
+        claims (the webhook sender gives way to the order pipeline there). `claimed`:
+        awaited with each pass's rows before their work starts (the job runner reads what
+        their calls need in one query); it must not raise."""
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
         self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
         self.linger_seconds, self.busy_linger_seconds = linger_seconds, busy_linger_seconds
-        self.before_claim = before_claim
+        self.before_claim, self.claimed = before_claim, claimed
         self._wakeup = Wakeup(database_url, queue.table.channel)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
@@ -426,7 +430,10 @@ class Runner:
             await self.before_claim()
         free = self.concurrency - len(self._running)
         self._capped = free <= 0
-        for row in await self.claim(pool, free) if free > 0 else []:
+        rows = await self.claim(pool, free) if free > 0 else []
+        if rows and self.claimed is not None:
+            await self.claimed(pool, rows)
+        for row in rows:
             lane = row[self.queue.table.lane] if self.queue.table.lane else ""
             self._lane_load[lane] += 1
             task = asyncio.create_task(self._execute(pool, row))

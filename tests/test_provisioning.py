@@ -12,6 +12,7 @@ import pytest
 from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
+from services.provisioning.jobs import JobRunner
 from services.provisioning.worker import worker as provisioning_worker
 from shared.orders import transition
 
@@ -492,3 +493,59 @@ async def test_accept_options_off_and_set_pending_applies_a_refused_payment(
     assert (await command(fast, revived["id"], "pending"))["status"] == "Pending"
     await eventually(lambda: service_active(fast, revived["id"]))
     assert (await invoice_of(fast, revived["id"]))["status"] == "Paid"
+
+
+async def test_a_pass_of_jobs_reads_their_services_in_one_query_and_a_lone_job_its_own(
+    fast: Harness,
+) -> None:
+    """The runner's pass claims the setups of three paid orders and reads their services in
+    one query before the calls (not one read a job); each is set up once. A lone job reads
+    its own, as before."""
+    provisioning = provisioning_worker(fast.settings)
+    runner: JobRunner = provisioning.background[0].__self__
+    provisioning.background = ()  # the test runs the runner's passes itself
+    await fast.start([*workers(fast, "placement", "fraud"), provisioning])
+    service_reads: list[str] = []
+
+    class Counted:
+        """The pool, counting the reads of one job's service."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fast.pool, name)
+
+        async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("SELECT s.*, o.status AS order_status"):
+                service_reads.append(query)
+            return await fast.pool.fetchrow(query, *args, **kwargs)
+
+    pool: Any = Counted()
+
+    async def paid(refs: list[str], first_ip: int) -> list[int]:
+        ids = []
+        for n, ref in enumerate(refs):
+            await fast.publish("order.place", starter(ref, ip_address=f"203.0.113.{first_ip + n}"))
+            order = await fast.screened(ref)
+            invoice = await invoice_of(fast, order["id"])
+            await pay(fast, "5.95", f"ch_{ref}", invoice_id=invoice["id"])
+            ids.append(order["id"])
+
+        async def queued() -> bool:
+            return await fast.pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE order_id = ANY($1) AND status = 'pending'",
+                ids) == len(ids)
+        await eventually(queued)
+        return ids
+
+    together = await paid(["ahead-0", "ahead-1", "ahead-2"], first_ip=60)
+    await runner.runner._start_due(pool)
+    for order_id in together:
+        await eventually(lambda order_id=order_id: service_active(fast, order_id))
+    assert service_reads == []  # read ahead, all three in one query
+    assert not runner._read  # nothing left behind
+
+    [alone] = await paid(["ahead-3"], first_ip=70)
+    await runner.runner._start_due(pool)
+    await eventually(lambda: service_active(fast, alone))
+    assert len(service_reads) == 1
+    assert await fast.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE action = 'service created'") == 4
