@@ -55,6 +55,9 @@ OUTCOME_WRITE_ATTEMPTS = 8
 
 JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lane",
              touch="updated_at = now()")
+# A success to record: the job, its call's detail, what records it, and who waits for it.
+_Outcome = tuple[asyncpg.Record, dict[str, Any],
+                 Callable[[UnitOfWork, asyncpg.Record], Awaitable[None]], asyncio.Future[None]]
 # A service as its job's call needs it: its order's state, product, client and server.
 _SERVICES = (
     "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
@@ -79,6 +82,8 @@ class JobRunner:
                              busy_linger_seconds=jobs.busy_linger_seconds,
                              claimed=self.read_ahead)
         self._read: dict[int, asyncpg.Record] = {}  # job id -> its service, read with its pass
+        self._outcomes: list[_Outcome] = []  # successes waiting for the next shared write
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         await self.runner.run(pool, stop)
@@ -266,20 +271,61 @@ class JobRunner:
         """Record a call's outcome: a failure is retried or parked; a success is recorded by
         `done`, in a unit of work that first locks the order and reads it again (it may have
         been cancelled during the call), then marks the job done if this runner still holds
-        it (if not, the runner that took it over records the outcome)."""
+        it (if not, the runner that took it over records the outcome).
+
+        Successes share transactions (group commit, as the consumers'): the first is written
+        at once; those that come while a write is in flight go together in the next one,
+        their orders locked in id order. If that shared transaction fails, each is written
+        again alone, with its own retries, so one outcome's error is only its own."""
         if not result.ok:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
-        async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
-            with attempt:
-                async with pool.acquire() as conn, conn.transaction():
-                    state = await conn.fetchrow(
-                        "SELECT status, order_ref, accept_options FROM orders"
-                        " WHERE id = $1 FOR UPDATE", job["order_id"])
-                    if await self.queue.finish(conn, job, JobStatus.DONE, detail=result.detail):
-                        uow = _unit_of_work(conn, job)
-                        await done(uow, state)
-                        await flush_events(conn, [uow])
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((job, result.detail, done, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_outcomes(pool))
+        await written
+
+    async def _write_outcomes(self, pool: asyncpg.Pool) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            if len(batch) > 1:
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        await self._record_outcomes(conn, batch)
+                except Exception as exc:
+                    log.warning("job outcomes written together failed; each is written alone",
+                                extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"})
+                else:
+                    for *_, written in batch:
+                        if not written.done():
+                            written.set_result(None)
+                    continue
+            for item in batch:
+                try:
+                    async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+                        with attempt:
+                            async with pool.acquire() as conn, conn.transaction():
+                                await self._record_outcomes(conn, [item])
+                except Exception as exc:
+                    if not item[3].done():
+                        item[3].set_exception(exc)
+                else:
+                    if not item[3].done():
+                        item[3].set_result(None)
+
+    async def _record_outcomes(self, conn: asyncpg.Connection, batch: list[_Outcome]) -> None:
+        orders = sorted({job["order_id"] for job, *_ in batch})
+        states = {r["id"]: r for r in await conn.fetch(
+            "SELECT id, status, order_ref, accept_options FROM orders"
+            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", orders)}
+        uows = []
+        for job, detail, done, _ in batch:
+            if await self.queue.finish(conn, job, JobStatus.DONE, detail=detail):
+                uow = _unit_of_work(conn, job)
+                await done(uow, states[job["order_id"]])
+                uows.append(uow)
+        await flush_events(conn, uows)
 
     async def _failed(self, pool: asyncpg.Pool, job: asyncpg.Record, error: str, *,
                       transient: bool) -> None:
