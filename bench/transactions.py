@@ -44,7 +44,7 @@ KINDS: list[tuple[str, str]] = [
     ("jobs: due lanes", r"^SELECT DISTINCT lane FROM jobs"),
     ("jobs: claim (leased queue)", r"^UPDATE jobs SET status = 'running'"),
     ("jobs: read the service before the call", r"^SELECT s\.\*, o\.status AS order_status"),
-    ("jobs: outcome (unit of work)", r"^SELECT status, order_ref, accept_options FROM orders"),
+    ("jobs: outcome (unit of work)", r"^SELECT (id, )?status, order_ref, accept_options FROM orders"),
     ("leases: heartbeat renew", r"SET lease_until = now\(\) \+ \$3::interval"),
     ("webhooks: due endpoints + claim", r"FROM webhook_deliveries WHERE \(\(status"),
     ("alerts: claim", r"^UPDATE alert_deliveries SET status = 'sending'"),
