@@ -233,6 +233,7 @@ class Run:
                           self.bench.settings.database_url)
         stop = asyncio.Event()
         sampler = asyncio.create_task(backlog.run(self.connection, stop))
+        counted = await database_counters(self.bench.settings)
         self.cpu.start()
         first = time.time()
         if rate is None:
@@ -248,8 +249,12 @@ class Run:
         done = max(store.ended_at[ref] for ref in refs) - first
         mail_seconds = await mail_drained(self.bench.settings) if wait_mail else 0.0
         cpu = self.cpu.stop()
+        ended = time.time()
         stop.set()
         await sampler
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        transactions = (await database_counters(self.bench.settings))["transactions"] \
+            - counted["transactions"]
         paid = [ref for ref in refs if ref in store.paid_at and store.at("service.created", ref)]
         screened = [ref for ref in refs if store.at("order.screened", ref)]
         result = {
@@ -267,6 +272,10 @@ class Run:
             "postgres_cpu_ms_per_order": round(cpu.seconds.get("postgres", 0.0) * 1000 / len(refs), 2),
             "rabbitmq_cpu_ms_per_order": round(cpu.seconds.get("rabbitmq", 0.0) * 1000 / len(refs), 2),
             "backlog": backlog.growth(published),
+            # The phase's commits (the sampler's and the counters' own included: about one
+            # a second), and its wall-clock span, to find its statements in the server's log.
+            "transactions_per_order": round(transactions / len(refs), 1),
+            "started_at": first, "ended_at": ended,
         }
         _progress(result)
         return result
@@ -276,7 +285,8 @@ def _progress(r: dict[str, Any]) -> None:
     print(f"  {r['phase']:22} {r['orders']} orders ({r['paid']} paid) in {r['seconds']:.1f} s:"
           f" {r['orders_per_second']:.0f}/s; screened p99 {r['screened_ms']['p99']:.0f} ms,"
           f" active p99 {r['active_ms']['p99']:.0f} ms; worker {r['worker_cpu_ms_per_order']:.2f}"
-          f" ms/order; mails +{r['mail_drain_seconds']:.1f} s", flush=True)
+          f" ms/order; mails +{r['mail_drain_seconds']:.1f} s;"
+          f" {r['transactions_per_order']:.1f} transactions/order", flush=True)
 
 
 async def with_worker(bench: Bench, connection: AbstractRobustConnection, env: dict[str, str],
@@ -297,6 +307,7 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     worker, store, cpu = await with_worker(bench, connection, env, label)
     run = Run(bench, connection, worker, store, cpu)
     before = await database_counters(bench.settings)
+    started_at = time.time()
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
@@ -313,6 +324,10 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
             "steady_vs_burst_cpu": round(steady["worker_cpu_ms_per_order"]
                                          / burst["worker_cpu_ms_per_order"], 2),
             "transactions_per_order": round((after["transactions"] - before["transactions"]) / total, 1),
+            # Exact once the worker's connections have closed (a busy backend's counters may
+            # wait until then): the phases' own counts above can miss some.
+            "transactions": after["transactions"] - before["transactions"], "orders": total,
+            "started_at": started_at, "ended_at": time.time(),
             "peak_rss_mb": round(worker.peak_rss / 2**20, 1)}
 
 
@@ -463,6 +478,18 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 # -- the run and the report ------------------------------------------------------------------
 
 
+async def log_statements(database_url: str) -> None:
+    """Every statement of the bench database's sessions in the server's log (a per-database
+    setting, for sessions opened from now on), for bench/transactions.py to count."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'all\'')
+    finally:
+        await conn.close()
+    print(f"  every statement of database {name} goes to the server's log", flush=True)
+
+
 async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
     s = bench.settings
     announce(bench)
@@ -474,6 +501,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
         connection = None
         try:
             await create_database(s)
+            if opts.log_statements:
+                await log_statements(s.database_url)
             connection = await broker.connect(s.amqp_url, attempts=3)
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             orders = Orders(bench.run_id, opts.pay_share)
@@ -546,7 +575,9 @@ def print_report(data: dict[str, Any]) -> None:
                   f" active p99 {s['active_ms']['p99']:.0f} ms (< 500), worker CPU per order"
                   f" {r['steady_vs_burst_cpu']:.2f}x the burst's (<= 1.3); backlog growth"
                   f" {s['backlog'].get('slope_per_s', 0):+.2f} orders/s;"
-                  f" {r['transactions_per_order']} transactions per order")
+                  f" {s['transactions_per_order']} transactions per order steady"
+                  f" ({r['burst']['transactions_per_order']} in the burst,"
+                  f" {r['transactions_per_order']} over the round)")
     if "volume" in data:
         v = data["volume"]
         print(f"volume: {v['orders']:,} orders, retention windows {v['window_seconds']:g} s\n")
@@ -583,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              " server's autovacuum is off)")
     parser.add_argument("--webhook-events", default="order.placed,service.created",
                         help="--volume: one webhook endpoint subscribed to these ('' for none)")
+    parser.add_argument("--log-statements", action="store_true",
+                        help="log every statement of the bench database (log_statement = all,"
+                             " set on the database) for bench/transactions.py")
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
         parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")

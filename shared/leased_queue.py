@@ -283,11 +283,75 @@ class LeasedQueue:
                                [r["leased_by"] for r in rows])
 
 
+class Finisher:
+    """Ends claims with one status, the claims handed over while a write is in flight all
+    in the next write (group commit, as the consumers' shared transactions): a pass of many
+    small pieces of work, such as mails, costs a few statements instead of one each, and no
+    claim waits on a timer. `add` does not wait for the write (the work goes on to its next
+    piece); `flush` does, and raises the write's error, as does any `add` after a write
+    failed (what is not yet done had better not be: its result could not be recorded).
+
+    A piece is recorded at most one write later than if it were written alone: the window
+    in which a dying process leaves a piece done but not recorded (done again once its
+    lease runs out) stays about one write long."""
+
+    def __init__(self, queue: LeasedQueue, pool: asyncpg.Pool, status: str, *,
+                 attempts: int = 1, ended: Callable[[Sequence[asyncpg.Record], set[int]], None]
+                 | None = None, **values: Any) -> None:
+        """`values` as finish_many's; `attempts`: tries of a write on a transient database
+        error (a fresh connection each); `ended(rows, ids)` is called after each write with
+        the rows it carried and the ids that were still ours."""
+        self.queue, self.pool, self.status, self.values = queue, pool, status, values
+        self.attempts, self._ended = attempts, ended
+        self._waiting: list[asyncpg.Record] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.writes = 0
+
+    def add(self, row: asyncpg.Record) -> None:
+        if self.error is not None:
+            raise self.error
+        self._waiting.append(row)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        from shared.runtime.middleware.retry import transient_retrying
+
+        while self._waiting and self.error is None:
+            rows, self._waiting = self._waiting, []
+            try:
+                async for attempt in transient_retrying(self.attempts):
+                    with attempt:
+                        ended = await self.queue.finish_many(self.pool, rows, self.status,
+                                                             **self.values)
+            except Exception as exc:  # the claims run out; the pieces are done again
+                self.error = exc
+                return
+            self.writes += 1
+            if self._ended is not None:
+                self._ended(rows, ended)
+
+    async def flush(self) -> None:
+        """Until everything added is written; the write's error, if one failed."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        if self.error is not None:
+            raise self.error
+
+
 async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awaitable[bool]], *,
-                    poll_seconds: float, linger_seconds: float = 0.0) -> None:
+                    poll_seconds: float, linger_seconds: float = 0.0,
+                    busy: Callable[[], bool] | None = None,
+                    busy_linger_seconds: float = 0.0) -> None:
     """Run `step` when NOTIFY wakes the loop, on a timer as well, and again at once while it
     returns True (a backlog). A failing step is logged and tried again: leases bring back
-    whatever it had claimed."""
+    whatever it had claimed.
+
+    Once woken, wait `linger_seconds` before the step (always), or `busy_linger_seconds` if
+    `busy()` says work is still in flight: as the consumers' group commit, a loop that is
+    busy anyway lets the next few rows arrive and takes them in one pass, while an idle one
+    starts a lone row at once."""
     try:
         while not stop.is_set():
             await wakeup.ensure()
@@ -304,8 +368,11 @@ async def wake_loop(wakeup: Wakeup, stop: asyncio.Event, step: Callable[[], Awai
             await asyncio.wait(waiting, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
             for task in waiting:
                 task.cancel()
-            if linger_seconds and wakeup.event.is_set() and not stop.is_set():
-                await asyncio.sleep(linger_seconds)  # let the next few arrive, to take them together
+            if wakeup.event.is_set() and not stop.is_set():
+                linger = linger_seconds or (busy_linger_seconds if busy is not None and busy()
+                                            else 0.0)
+                if linger:
+                    await asyncio.sleep(linger)  # let the next few arrive, to take them together
     finally:
         await wakeup.close()
 
@@ -319,25 +386,36 @@ class Runner:
                  work: Callable[[asyncpg.Pool, asyncpg.Record], Awaitable[None]], *,
                  database_url: str | None, concurrency: int, lane_concurrency: int,
                  poll_seconds: float, stop_timeout: float = 30.0,
-                 linger_seconds: float = 0.0,
-                 before_claim: Callable[[], Awaitable[object]] | None = None) -> None:
+                 linger_seconds: float = 0.0, busy_linger_seconds: float = 0.0,
+                 before_claim: Callable[[], Awaitable[object]] | None = None,
+                 claimed: Callable[[asyncpg.Pool, list[asyncpg.Record]], Awaitable[None]]
+                 | None = None) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims
         what several wake-ups brought (short work such as an HTTP call: not a pass each).
-        `before_claim`: awaited before each pass claims (the webhook sender gives way to the
-        order pipeline there)."""
+        `busy_linger_seconds`: the same, only while work of an earlier pass still runs (an
+        idle runner starts a lone row at once). `before_claim`: awaited before each pass
+        claims (the webhook sender gives way to the order pipeline there). `claimed`:
+        awaited with each pass's rows before their work starts (the job runner reads what
+        their calls need in one query); it must not raise."""
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
         self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
-        self.linger_seconds = linger_seconds
-        self.before_claim = before_claim
+        self.linger_seconds, self.busy_linger_seconds = linger_seconds, busy_linger_seconds
+        self.before_claim, self.claimed = before_claim, claimed
         self._wakeup = Wakeup(database_url, queue.table.channel)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
+        # The last pass left due rows behind (the runner or a lane was full): a finished
+        # task frees a slot for them. Otherwise nothing is due that a NOTIFY or the timer
+        # would not bring, and a finished task wakes nothing (it once cost a pass each).
+        self._capped = False
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         try:
             await wake_loop(self._wakeup, stop, partial(self._start_due, pool),
-                            poll_seconds=self.poll_seconds, linger_seconds=self.linger_seconds)
+                            poll_seconds=self.poll_seconds, linger_seconds=self.linger_seconds,
+                            busy=lambda: bool(self._running),
+                            busy_linger_seconds=self.busy_linger_seconds)
         finally:
             if self._running:  # work in flight finishes (bounded), still renewing its leases
                 await asyncio.wait(self._running, timeout=self.stop_timeout)
@@ -351,7 +429,11 @@ class Runner:
         if self.concurrency - len(self._running) > 0 and self.before_claim is not None:
             await self.before_claim()
         free = self.concurrency - len(self._running)
-        for row in await self.claim(pool, free) if free > 0 else []:
+        self._capped = free <= 0
+        rows = await self.claim(pool, free) if free > 0 else []
+        if rows and self.claimed is not None:
+            await self.claimed(pool, rows)
+        for row in rows:
             lane = row[self.queue.table.lane] if self.queue.table.lane else ""
             self._lane_load[lane] += 1
             task = asyncio.create_task(self._execute(pool, row))
@@ -360,16 +442,32 @@ class Runner:
         return False
 
     async def claim(self, pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
-        """Due rows, lane by lane, each lane up to its share: a slow lane holds back only itself."""
+        """Due rows, lane by lane, each lane up to its share: a slow lane holds back only itself.
+
+        First, as many rows as no lane could exceed its share with, wherever they come from,
+        in one statement: when that finds fewer, nothing else is due (the usual case, a few
+        rows a pass: one statement, not a look at the due lanes and a claim per lane)."""
         if not self.queue.table.lane:
-            return await self.queue.claim(pool, limit)
+            claimed = await self.queue.claim(pool, limit)
+            self._capped = self._capped or len(claimed) >= limit
+            return claimed
+        safe = min(limit, self.lane_concurrency - max(self._lane_load.values(), default=0))
+        claimed: list[asyncpg.Record] = []
+        if safe > 0:
+            claimed = await self.queue.claim(pool, safe)
+            if len(claimed) < safe:
+                return claimed
+        load = self._lane_load + Counter(r[self.queue.table.lane] for r in claimed)
         lanes = await self.queue.due_lanes(pool)
         random.shuffle(lanes)  # no lane waits behind the others when the runner is full
-        claimed: list[asyncpg.Record] = []
         for lane in lanes:
-            free = min(limit - len(claimed), self.lane_concurrency - self._lane_load[lane])
-            if free > 0:
-                claimed += await self.queue.claim(pool, free, lane=lane)
+            free = min(limit - len(claimed), self.lane_concurrency - load[lane])
+            if free <= 0:
+                self._capped = True  # rows of this lane wait for a slot
+                continue
+            got = await self.queue.claim(pool, free, lane=lane)
+            claimed += got
+            self._capped = self._capped or len(got) >= free
         return claimed
 
     async def _execute(self, pool: asyncpg.Pool, row: asyncpg.Record) -> None:
@@ -385,4 +483,7 @@ class Runner:
     def _finished(self, lane: str, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._lane_load[lane] -= 1
-        self._wakeup.event.set()  # a slot is free
+        if self._lane_load[lane] <= 0:
+            del self._lane_load[lane]
+        if self._capped:
+            self._wakeup.event.set()  # a slot is free for what the last pass left

@@ -506,7 +506,8 @@ class Settings(BaseSettings):
     @property
     def jobs(self) -> JobSettings:
         return JobSettings(queue=self.leased_queue, concurrency=self.job_concurrency,
-                           lane_concurrency=self.job_lane_concurrency)
+                           lane_concurrency=self.job_lane_concurrency,
+                           busy_linger_seconds=self.worker_linger_ms / 1000)
 
     @property
     def providers(self) -> ProvidersSettings:

@@ -191,6 +191,9 @@ class JobSettings(Part):
     queue: QueueSettings
     concurrency: int  # calls in flight in this runner
     lane_concurrency: int  # calls in flight per server
+    # Woken while calls of an earlier pass still run: wait this long for more jobs to claim
+    # in the same pass (WORKER_LINGER_MS, as the consumers' group commit); idle: at once.
+    busy_linger_seconds: float = 0.0
 
 
 class WhmSettings(Part):

@@ -1,15 +1,26 @@
 """Wake a background loop when PostgreSQL says rows were committed (LISTEN/NOTIFY).
 
-One dedicated connection per listener, reopened when lost; the loops keep their timers,
-so nothing waits forever while LISTEN is down. With no URL (behind PgBouncer in transaction
-pooling and no DATABASE_DIRECT_URL: a LISTEN there hears nothing) there is no listener: the
-loops run on their timers alone (RELAY_SWEEP_SECONDS, JOB_POLL_SECONDS)."""
+The loops of one process (the outbox relay, the job runner, the mail, webhook and alert
+senders) share one listening connection per database URL, each on its own channel with its
+own event: PostgreSQL (up to 16 at least) signals *every* listening backend of the database
+at each commit that notifies, whatever its channels, and each one signalled reads the
+notification queue in a transaction of its own. With a connection per loop, the five of
+`ordermill run` made five such transactions (and five backend wake-ups) for every commit
+that inserted an event, a job or a mail: about half of the full flow's transactions (see
+README, "Sustained load"). One connection makes one.
+
+The connection is reopened when lost (by whichever loop next calls `ensure`); on reopening,
+every loop is woken once, since what was committed meanwhile was not heard. The loops keep
+their timers, so nothing waits forever while LISTEN is down. With no URL (behind PgBouncer
+in transaction pooling and no DATABASE_DIRECT_URL: a LISTEN there hears nothing) there is
+no listener: the loops run on their timers alone (RELAY_SWEEP_SECONDS, JOB_POLL_SECONDS)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import asyncpg
@@ -17,37 +28,126 @@ import asyncpg
 log = logging.getLogger("ordermill.wakeup")
 
 
+class _Listener:
+    """One LISTEN connection of an event loop to a database, for every channel its wake-ups
+    name; a notification sets the events of its channel's wake-ups."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.wakeups: set[Wakeup] = set()
+        self.conn: asyncpg.Connection | None = None
+        self._listening: set[str] = set()
+        self._heard = False  # listened before: a new connection may have missed commits
+        self._lock = asyncio.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self.conn is not None and not self.conn.is_closed()
+
+    async def ensure(self, wakeup: Wakeup) -> None:
+        self.wakeups.add(wakeup)
+        if self.up and wakeup.channel in self._listening:
+            return
+        async with self._lock:
+            try:
+                if not self.up:
+                    await self._connect()
+                if wakeup.channel not in self._listening:
+                    assert self.conn is not None
+                    await self.conn.add_listener(wakeup.channel, self._on_notify)
+                    self._listening.add(wakeup.channel)
+            except Exception as exc:  # whatever the cause, the timer does the listener's work
+                log.warning(
+                    "listener unavailable; the timer takes over",
+                    extra={"channel": wakeup.channel, "error": f"{type(exc).__name__}: {exc}"},
+                )
+                await self._drop()
+
+    async def _connect(self) -> None:
+        await self._drop()
+        self.conn = await asyncpg.connect(self.database_url)
+        for channel in sorted({w.channel for w in self.wakeups}):
+            await self.conn.add_listener(channel, self._on_notify)
+            self._listening.add(channel)
+        reopened, self._heard = self._heard, True
+        if reopened:
+            for wakeup in self.wakeups:  # what was committed while deaf was not heard
+                wakeup.event.set()
+
+    async def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        self._listening.clear()
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, _payload: str) -> None:
+        for wakeup in self.wakeups:
+            if wakeup.channel == channel:
+                wakeup.event.set()
+
+    async def leave(self, wakeup: Wakeup) -> bool:
+        """Forget this wake-up; close the connection when it was the last. True if closed."""
+        self.wakeups.discard(wakeup)
+        if self.wakeups:
+            return False
+        async with self._lock:
+            if not self.wakeups:
+                await self._drop()
+                return True
+        return False
+
+
+# Per event loop (tests run several), per database URL.
+_LISTENERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Listener]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _listener(database_url: str) -> _Listener:
+    mine = _LISTENERS.setdefault(asyncio.get_running_loop(), {})
+    if database_url not in mine:
+        mine[database_url] = _Listener(database_url)
+    return mine[database_url]
+
+
 class Wakeup:
     def __init__(self, database_url: str | None, channel: str) -> None:
         self.database_url = database_url
         self.channel = channel
         self.event = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
         self._said_none = False
 
     async def ensure(self) -> None:
         """Listen, if not listening already (and there is somewhere to)."""
         if self.database_url is None:
             if not self._said_none:
-                log.info("no LISTEN behind PgBouncer without DATABASE_DIRECT_URL; the timer"
-                         " wakes this loop", extra={"channel": self.channel})
+                log.info(
+                    "no LISTEN behind PgBouncer without DATABASE_DIRECT_URL; the timer wakes this loop",
+                    extra={"channel": self.channel},
+                )
                 self._said_none = True
             return
-        if self._conn is not None and not self._conn.is_closed():
-            return
-        try:
-            self._conn = await asyncpg.connect(self.database_url)
-            await self._conn.add_listener(self.channel, self._on_notify)
-        except Exception as exc:  # whatever the cause, the timer does the listener's work
-            log.warning("listener unavailable; the timer takes over",
-                        extra={"channel": self.channel, "error": f"{type(exc).__name__}: {exc}"})
-            self._conn = None
+        await _listener(self.database_url).ensure(self)
 
-    def _on_notify(self, *_: Any) -> None:
-        self.event.set()
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN connection hears this channel now."""
+        if self.database_url is None:
+            return False
+        listener = _LISTENERS.get(asyncio.get_running_loop(), {}).get(self.database_url)
+        return (
+            listener is not None
+            and listener.up
+            and self in listener.wakeups
+            and self.channel in listener._listening
+        )
 
     async def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            with contextlib.suppress(Exception):
-                await self._conn.close()
-        self._conn = None
+        if self.database_url is None:
+            return
+        mine = _LISTENERS.get(asyncio.get_running_loop(), {})
+        listener = mine.get(self.database_url)
+        if listener is not None and await listener.leave(self) and not listener.wakeups:
+            if mine.get(self.database_url) is listener:
+                del mine[self.database_url]

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import eventually
 from shared import db
-from shared.leased_queue import NOW, Backoff, ClaimLost, LeasedQueue, Runner, Table
+from shared.leased_queue import NOW, Backoff, ClaimLost, Finisher, LeasedQueue, Runner, Table
 from shared.settings import Settings
 
 # Status words of its own, to show the queue takes them from the description.
@@ -207,6 +207,58 @@ async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool
         await q.finish_many(pool, claimed, "done", result="x")
 
 
+async def test_a_finisher_writes_what_came_during_a_write_in_the_next_one(pool) -> None:
+    """Group commit of outcomes: the first claim ended is written at once (no timer), the
+    ones handed over while that write is in flight all go in one more statement."""
+    q = queue()
+    ids = await add(pool, 5)
+    claimed = sorted(await q.claim(pool, 10), key=lambda r: r["id"])
+    writes: list[list[int]] = []
+    first_write_held, let_go = asyncio.Event(), asyncio.Event()
+    finish_many = q.finish_many
+
+    async def held(conn, rows, status, **values) -> set[int]:
+        writes.append([r["id"] for r in rows])
+        if len(writes) == 1:
+            first_write_held.set()
+            await let_go.wait()
+        return await finish_many(conn, rows, status, **values)
+
+    q.finish_many = held  # type: ignore[method-assign]
+    recorded: list[int] = []
+    done = Finisher(q, pool, "done", ended=lambda rows, ids: recorded.extend(sorted(ids)),
+                    done_at=NOW)
+    done.add(claimed[0])
+    await asyncio.wait_for(first_write_held.wait(), 5)  # started alone, at once
+    for r in claimed[1:]:
+        done.add(r)
+    let_go.set()
+    await done.flush()
+    assert writes == [ids[:1], ids[1:]] and done.writes == 2
+    assert recorded == ids
+    statuses = await pool.fetch("SELECT status, done_at IS NOT NULL AS at FROM work ORDER BY id")
+    assert {(r["status"], r["at"]) for r in statuses} == {("done", True)}
+
+
+async def test_a_finisher_whose_write_failed_refuses_more_and_says_so(pool) -> None:
+    q = queue()
+    await add(pool, 2)
+    claimed = await q.claim(pool, 10)
+
+    async def broken(conn, rows, status, **values) -> set[int]:
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+
+    q.finish_many = broken  # type: ignore[method-assign]
+    done = Finisher(q, pool, "done", attempts=2)
+    done.add(claimed[0])
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        await done.flush()  # tried twice (a transient error), then given up
+    with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
+        done.add(claimed[1])  # its result could not be recorded either: not done at all
+    statuses = await pool.fetch("SELECT status FROM work")
+    assert {r["status"] for r in statuses} == {"busy"}  # the leases bring them back
+
+
 async def test_a_runner_claims_nothing_until_its_before_claim_lets_it(pool, settings: Settings) -> None:
     """The webhook sender's give-way hook: while it waits, rows stay queued (no claim, no
     work); once it returns, the pass claims them."""
@@ -235,3 +287,97 @@ async def test_a_runner_claims_nothing_until_its_before_claim_lets_it(pool, sett
     stop.set()
     await running
     assert len(done) == 3
+
+
+def counting(q: LeasedQueue) -> list[list[int]]:
+    """Wrap `q.claim` and `q.due_lanes`: each claim's ids (sorted), and -1 for a lane look-up."""
+    calls: list[list[int]] = []
+    claim, due_lanes = q.claim, q.due_lanes
+
+    async def counted_claim(conn, limit, *, lane=None):
+        rows = await claim(conn, limit, lane=lane)
+        calls.append(sorted(r["id"] for r in rows))
+        return rows
+
+    async def counted_lanes(conn):
+        calls.append([-1])
+        return await due_lanes(conn)
+
+    q.claim, q.due_lanes = counted_claim, counted_lanes  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_runner_busy_lingers_to_claim_together_and_idle_starts_a_lone_row_at_once(
+        pool, settings: Settings) -> None:
+    """Idle, a row is started when its NOTIFY comes, whatever the linger (no timer on a lone
+    row). Busy, the runner lets the rows of the next moment arrive and claims them in one
+    statement; a finished row wakes no pass when the last one left nothing behind."""
+    q = queue()
+    calls = counting(q)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def work(pool, row) -> None:
+        started.append(row["id"])
+        if len(started) == 1:
+            await release.wait()  # the runner stays busy with the first row
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=10, poll_seconds=30, busy_linger_seconds=3.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=5)
+        await eventually(lambda: asyncio.sleep(0, calls), timeout=5)  # its first pass: nothing
+        calls.clear()
+        [first] = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        # Well within the 30 s timer and the 3 s a linger would have added: at once.
+        await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=2)
+        second = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        await asyncio.sleep(0.1)
+        third = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        await eventually(lambda: asyncio.sleep(0, len(started) == 3), timeout=5)
+        release.set()
+        await eventually(lambda: _all_done(pool), timeout=5)
+        await asyncio.sleep(0.2)
+        # One statement a pass (no look at the due lanes: no lane could reach its cap), the
+        # two rows that came while busy in one pass, and no pass when the rows finished.
+        assert calls == [[first], second + third]
+    finally:
+        stop.set()
+        await running
+
+
+async def _all_done(pool) -> bool:
+    return await pool.fetchval("SELECT bool_and(status = 'done') FROM work")
+
+
+async def test_a_runner_at_a_lane_cap_takes_the_rest_once_a_slot_is_free(
+        pool, settings: Settings) -> None:
+    """The lane's cap leaves rows behind: a finished row wakes the runner for them (no
+    NOTIFY, no timer)."""
+    ids = await add(pool, 3, lane="web1")
+    q = queue()
+    calls = counting(q)
+    done: list[int] = []
+
+    async def work(pool, row) -> None:
+        await asyncio.sleep(0.05)
+        done.append(row["id"])
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=1, poll_seconds=30)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(done) == 3), timeout=5)
+    finally:
+        stop.set()
+        await running
+    assert sorted(done) == ids
+    assert [c for c in calls if c and c != [-1]] == [[i] for i in ids]  # one at a time

@@ -263,6 +263,38 @@ async def _place_and_record(harness: Harness, refs: list[str], first_ip: int) ->
     await eventually(recorded)
 
 
+async def test_a_pass_records_its_sent_mails_together_and_a_refused_one_not(
+    harness: Harness,
+) -> None:
+    """Sent mails are marked in as few statements as the database's pace allows (not one
+    transaction each): the first at once, the ones sent while that write was in flight in
+    one more. A refused mail is not marked sent."""
+    inbox = PickyInbox(refuse="group-b@shop.example")
+    with serving(inbox) as port:
+        await _start_recording(harness, port)
+        await _place_and_record(harness, ["group-a", "group-b", "group-c"], first_ip=130)
+        sender = mail_sender(harness, port, connections=1)
+        writes: list[list[str]] = []
+        finish_many = sender.queue.finish_many
+
+        async def slow_first(conn, rows, status, **values) -> set[int]:
+            writes.append([r["recipient"] for r in rows])
+            if len(writes) == 1:  # the other mails go while this write is in flight
+                await eventually(lambda: asyncio.sleep(0, len(inbox.messages) == 4), timeout=10)
+            return await finish_many(conn, rows, status, **values)
+
+        sender.queue.finish_many = slow_first
+        assert await sender.send_due(harness.pool) == 6
+        await sender.close()
+        assert [len(w) for w in writes] == [1, 3]
+        assert not any("group-b@shop.example" in w for w in writes)
+        rows = await harness.pool.fetch("SELECT recipient, status, sent_at FROM emails")
+        assert {(r["status"], r["sent_at"] is not None) for r in rows
+                if r["recipient"] != "group-b@shop.example"} == {("sent", True)}
+        assert {(r["status"], r["sent_at"]) for r in rows
+                if r["recipient"] == "group-b@shop.example"} == {("pending", None)}
+
+
 async def test_a_connection_is_kept_for_the_next_mails_then_closed(harness: Harness) -> None:
     inbox = PickyInbox(refuse="nobody@shop.example")
     with serving(inbox) as port:
@@ -400,7 +432,9 @@ async def test_a_server_closing_a_kept_connection_costs_no_attempt(harness: Harn
         assert await harness.pool.fetchval("SELECT count(*) FROM emails WHERE status = 'sent'") == 6
 
 
-async def test_a_database_error_mid_connection_closes_it(harness: Harness, smtp) -> None:
+async def test_a_database_error_mid_connection_closes_it(
+    harness: Harness, smtp, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _, port = smtp
     await _start_recording(harness, port)
     await _place_and_record(harness, ["leak-a"], first_ip=90)
@@ -413,11 +447,12 @@ async def test_a_database_error_mid_connection_closes_it(harness: Harness, smtp)
         opened.append(got[0])
         return got
 
-    async def lost(pool, email) -> None:  # PostgreSQL restarted under the sender
+    async def lost(pool, emails, status, **values) -> set[int]:  # PostgreSQL restarted
         raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
 
     sender._connection = tracked
-    sender._sent = lost
+    sender.queue.finish_many = lost
+    monkeypatch.setattr("services.notify.sender.OUTCOME_WRITE_ATTEMPTS", 1)  # retries spent
     with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
         await sender.send_due(harness.pool)
     assert len(opened) == 1 and not opened[0].is_connected and not sender._idle
@@ -528,16 +563,16 @@ async def test_a_connection_dropped_while_recording_a_sent_mail_is_retried_in_pr
     await _start_recording(harness, port)
     await _place_and_record(harness, ["drop-sent"], first_ip=95)
     sender = mail_sender(harness, port, connections=1)
-    finish, dropped = sender.queue.finish, []
+    finish_many, dropped = sender.queue.finish_many, []
 
-    async def finish_once_cut(conn, row, status, **values) -> bool:
+    async def finish_once_cut(conn, rows, status, **values) -> set[int]:
         if status == "sent" and not dropped:
-            dropped.append(row["id"])  # this session ends: the server "restarts" under it
+            dropped.append(rows[0]["id"])  # this session ends: the server "restarts" under it
             async with conn.acquire() as own:
                 await own.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-        return await finish(conn, row, status, **values)
+        return await finish_many(conn, rows, status, **values)
 
-    sender.queue.finish = finish_once_cut
+    sender.queue.finish_many = finish_once_cut
     assert await sender.send_due(harness.pool) == 2
     await sender.close()
     assert dropped

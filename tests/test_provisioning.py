@@ -7,11 +7,13 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from conftest import TEST_USER, Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
+from services.provisioning.jobs import JobRunner
 from services.provisioning.worker import worker as provisioning_worker
 from shared.orders import transition
 
@@ -492,3 +494,119 @@ async def test_accept_options_off_and_set_pending_applies_a_refused_payment(
     assert (await command(fast, revived["id"], "pending"))["status"] == "Pending"
     await eventually(lambda: service_active(fast, revived["id"]))
     assert (await invoice_of(fast, revived["id"]))["status"] == "Paid"
+
+
+async def paid(h: Harness, refs: list[str], first_ip: int) -> list[int]:
+    """Orders placed, screened and paid, their setup jobs queued (not run: the test runs the
+    runner's passes); their ids."""
+    ids = []
+    for n, ref in enumerate(refs):
+        await h.publish("order.place", starter(ref, ip_address=f"203.0.113.{first_ip + n}"))
+        order = await h.screened(ref)
+        invoice = await invoice_of(h, order["id"])
+        await pay(h, "5.95", f"ch_{ref}", invoice_id=invoice["id"])
+        ids.append(order["id"])
+
+    async def queued() -> bool:
+        return await h.pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE order_id = ANY($1) AND status = 'pending'",
+            ids) == len(ids)
+    await eventually(queued)
+    return ids
+
+
+async def _runner_of_its_own(h: Harness) -> JobRunner:
+    provisioning = provisioning_worker(h.settings)
+    runner: JobRunner = provisioning.background[0].__self__
+    provisioning.background = ()  # the test runs the runner's passes itself
+    await h.start([*workers(h, "placement", "fraud"), provisioning])
+    return runner
+
+
+async def _recorded_once(h: Harness, order_ids: list[int]) -> None:
+    for order_id in order_ids:
+        await eventually(lambda order_id=order_id: service_active(h, order_id))
+    row = await h.pool.fetchrow(
+        "SELECT (SELECT count(*) FROM order_history WHERE order_id = ANY($1)"
+        "   AND action = 'service created') AS history,"
+        " (SELECT count(*) FROM outbox WHERE routing_key = 'service.created'"
+        "   AND (body->>'order_id')::bigint = ANY($1)) AS events,"
+        " (SELECT count(*) FROM jobs WHERE order_id = ANY($1) AND status = 'done'"
+        "   AND attempts = 1) AS done", order_ids)
+    assert dict(row) == dict.fromkeys(("history", "events", "done"), len(order_ids))
+
+
+async def test_job_outcomes_that_come_during_a_write_share_the_next_one(fast: Harness) -> None:
+    """Group commit of successes: the first is written at once, the two that finished while
+    it was being written share one transaction; each is recorded once."""
+    runner = await _runner_of_its_own(fast)
+    ids = await paid(fast, ["group-0", "group-1", "group-2"], first_ip=80)
+    writes: list[int] = []
+    record = runner._record_outcomes
+
+    async def first_held(conn, batch) -> None:
+        writes.append(len(batch))
+        if len(writes) == 1 and len(batch) < 3:  # the others finish meanwhile
+            await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 3 - len(batch)))
+        await record(conn, batch)
+
+    runner._record_outcomes = first_held  # type: ignore[method-assign]
+    await runner.runner._start_due(fast.pool)
+    await _recorded_once(fast, ids)
+    assert sum(writes) == 3 and len(writes) < 3
+
+
+async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Harness) -> None:
+    runner = await _runner_of_its_own(fast)
+    ids = await paid(fast, ["alone-0", "alone-1", "alone-2"], first_ip=90)
+    writes: list[int] = []
+    record = runner._record_outcomes
+
+    async def shared_fails(conn, batch) -> None:
+        writes.append(len(batch))
+        if len(writes) == 1 and len(batch) == 1:  # hold the first: the others come together
+            await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 2))
+        await record(conn, batch)  # written, then rolled back if shared
+        if len(batch) > 1:
+            raise asyncpg.exceptions.UniqueViolationError("one of them is at fault")
+
+    runner._record_outcomes = shared_fails  # type: ignore[method-assign]
+    await runner.runner._start_due(fast.pool)
+    await _recorded_once(fast, ids)
+    assert writes[-2:] == [1, 1] and max(writes) > 1  # the shared one, then each alone
+
+
+async def test_a_pass_of_jobs_reads_their_services_in_one_query_and_a_lone_job_its_own(
+    fast: Harness,
+) -> None:
+    """The runner's pass claims the setups of three paid orders and reads their services in
+    one query before the calls (not one read a job); each is set up once. A lone job reads
+    its own, as before."""
+    runner = await _runner_of_its_own(fast)
+    service_reads: list[str] = []
+
+    class Counted:
+        """The pool, counting the reads of one job's service."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fast.pool, name)
+
+        async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("SELECT s.*, o.status AS order_status"):
+                service_reads.append(query)
+            return await fast.pool.fetchrow(query, *args, **kwargs)
+
+    pool: Any = Counted()
+
+    together = await paid(fast, ["ahead-0", "ahead-1", "ahead-2"], first_ip=60)
+    await runner.runner._start_due(pool)
+    await _recorded_once(fast, together)
+    assert service_reads == []  # read ahead, all three in one query
+    assert not runner._read  # nothing left behind
+
+    [alone] = await paid(fast, ["ahead-3"], first_ip=70)
+    await runner.runner._start_due(pool)
+    await eventually(lambda: service_active(fast, alone))
+    assert len(service_reads) == 1
+    assert await fast.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE action = 'service created'") == 4

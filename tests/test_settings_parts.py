@@ -57,8 +57,12 @@ def test_each_part_carries_only_its_own_fields() -> None:
         assert "database_url" not in mine, name  # a resource the caller passes, not a part
         for field, parts in owners.items():
             assert field not in mine or name in parts, f"{name} carries {field}"
-    assert fields(s.jobs) == {"concurrency", "lane_concurrency", *QueueSettings.model_fields}
+    assert fields(s.jobs) == {"concurrency", "lane_concurrency", "busy_linger_seconds",
+                              *QueueSettings.model_fields}
     assert not {"smtp_host", "host", "epp_host"} & fields(s.jobs)
+    # The job runner's linger when busy is the runtime's group commit's (0: never waits).
+    assert Settings(worker_linger_ms=8).jobs.busy_linger_seconds == 0.008
+    assert Settings(worker_linger_ms=0).jobs.busy_linger_seconds == 0
     assert fields(s.providers) == {"scheme", "timeout", "host", "port", "client_id",
                                    "registrant_id", "cafile"}  # EPP_PASSWORD: environment only
 

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -19,7 +19,7 @@ import asyncpg
 
 from services.notify.mail import order_contexts, render
 from shared import db
-from shared.leased_queue import NOW, LeasedQueue, Table, wake_loop
+from shared.leased_queue import NOW, Finisher, LeasedQueue, Table, wake_loop
 from shared.runtime.middleware.retry import transient_retrying
 from shared.settings_parts import MailSettings
 from shared.wakeup import Wakeup
@@ -131,9 +131,17 @@ class MailSender:
             with contextlib.suppress(*db.TRANSIENT_DB_ERRORS):
                 await self.queue.release(pool, emails)
             raise
+        # The mails the server took are marked sent together, as many in each statement as
+        # went while the previous one was written (not one transaction a mail).
+        sent = Finisher(self.queue, pool, "sent", attempts=OUTCOME_WRITE_ATTEMPTS,
+                        ended=self._log_sent, sent_at=NOW, last_error=None)
         chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
-        results = await asyncio.gather(*(self._send_over_one_connection(pool, chunk, contexts)
-                                         for chunk in chunks), return_exceptions=True)
+        try:
+            results = await asyncio.gather(
+                *(self._send_over_one_connection(pool, chunk, contexts, sent) for chunk in chunks),
+                return_exceptions=True)
+        finally:
+            await sent.flush()  # whatever went is recorded, even if a connection failed
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the others finished; a lease brings these back
@@ -173,7 +181,8 @@ class MailSender:
                     smtp.close()
 
     async def _send_over_one_connection(self, pool: asyncpg.Pool, emails: list[asyncpg.Record],
-                                        contexts: Mapping[int, dict[str, Any]]) -> None:
+                                        contexts: Mapping[int, dict[str, Any]],
+                                        sent: Finisher) -> None:
         try:
             smtp, reused = await self._connection()
         except _SMTP_ERRORS as exc:
@@ -183,6 +192,8 @@ class MailSender:
         kept = False
         try:
             for n, email in enumerate(emails):
+                if sent.error is not None:
+                    raise sent.error  # sent mails cannot be recorded: send no more
                 if self.queue.lost(email):
                     continue  # taken over by another sender (this one was too slow): its to send
                 try:
@@ -216,7 +227,7 @@ class MailSender:
                         await self._failed(pool, email, exc)
                         await self.queue.release(pool, emails[n + 1:])
                     return
-                await self._sent(pool, email)
+                sent.add(email)
             if smtp.is_connected:
                 self._idle.append((smtp, time.monotonic()))
                 kept = True
@@ -224,12 +235,11 @@ class MailSender:
             if not kept:
                 smtp.close()  # never leaked: a DB error or a cancellation closes it too
 
-    async def _sent(self, pool: asyncpg.Pool, email: asyncpg.Record) -> None:
-        async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
-            with attempt:
-                await self.queue.finish(pool, email, "sent", sent_at=NOW, last_error=None)
-        log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
-                                      "order_id": email["order_id"]})
+    @staticmethod
+    def _log_sent(emails: Sequence[asyncpg.Record], _recorded: set[int]) -> None:
+        for email in emails:
+            log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
+                                          "order_id": email["order_id"]})
 
     async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
         status = None

@@ -55,6 +55,16 @@ OUTCOME_WRITE_ATTEMPTS = 8
 
 JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lane",
              touch="updated_at = now()")
+# A success to record: the job, its call's detail, what records it, and who waits for it.
+_Outcome = tuple[asyncpg.Record, dict[str, Any],
+                 Callable[[UnitOfWork, asyncpg.Record], Awaitable[None]], asyncio.Future[None]]
+# A service as its job's call needs it: its order's state, product, client and server.
+_SERVICES = (
+    "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
+    " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
+    " FROM services s JOIN orders o ON o.id = s.order_id"
+    " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
+    " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)")
 
 
 class JobRunner:
@@ -68,12 +78,43 @@ class JobRunner:
         self.runner = Runner(self.queue, self.execute, database_url=database_url,
                              concurrency=jobs.concurrency,
                              lane_concurrency=jobs.lane_concurrency,
-                             poll_seconds=jobs.queue.poll_seconds)
+                             poll_seconds=jobs.queue.poll_seconds,
+                             busy_linger_seconds=jobs.busy_linger_seconds,
+                             claimed=self.read_ahead)
+        self._read: dict[int, asyncpg.Record] = {}  # job id -> its service, read with its pass
+        self._outcomes: list[_Outcome] = []  # successes waiting for the next shared write
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         await self.runner.run(pool, stop)
 
+    async def read_ahead(self, pool: asyncpg.Pool, jobs: list[asyncpg.Record]) -> None:
+        """The services of a pass's service jobs, in one query rather than one a job (a
+        lone job reads its own, as before). Read just before the jobs start, as each would
+        read its own; the outcome still reads the order again under its lock. Whatever goes
+        wrong here, each job reads its own."""
+        wanted = {j["id"]: j["service_id"] for j in jobs if j["service_id"] is not None}
+        if len(wanted) < 2:
+            return
+        try:
+            rows = await pool.fetch(_SERVICES + " WHERE s.id = ANY($1::bigint[])",
+                                    list(set(wanted.values())))
+        except Exception as exc:
+            log.warning("services not read ahead; each job reads its own",
+                        extra={"jobs": len(wanted), "error": f"{type(exc).__name__}: {exc}"})
+            return
+        services = {r["id"]: r for r in rows}
+        for job_id, service_id in wanted.items():
+            if service_id in services:
+                self._read[job_id] = services[service_id]
+
     async def execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
+        try:
+            await self._execute(pool, job)
+        finally:
+            self._read.pop(job["id"], None)
+
+    async def _execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
         extra = {"job_id": job["id"], "kind": job["kind"], "order_id": job["order_id"],
                  "attempt": job["attempts"]}
         # The module (or registrar) is the lane's first part: bounded by the catalog.
@@ -125,14 +166,9 @@ class JobRunner:
                                job: asyncpg.Record) -> tuple[asyncpg.Record, str] | None:
         """The service as the call needs it, with its username saved; None if the job ended
         here (its order ended, or no longer ended for a terminate)."""
-        row = await pool.fetchrow(
-            "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
-            " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
-            " FROM services s JOIN orders o ON o.id = s.order_id"
-            " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
-            " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
-            " WHERE s.id = $1", job["service_id"],
-        )
+        row = self._read.pop(job["id"], None)  # read with its pass's others (once: a retry reads)
+        if row is None:
+            row = await pool.fetchrow(_SERVICES + " WHERE s.id = $1", job["service_id"])
         if job["kind"] == "create" and row["order_status"] in ENDED:
             await self.queue.finish(pool, job, JobStatus.CANCELLED, detail={"why": "order ended"})
             return None
@@ -235,20 +271,61 @@ class JobRunner:
         """Record a call's outcome: a failure is retried or parked; a success is recorded by
         `done`, in a unit of work that first locks the order and reads it again (it may have
         been cancelled during the call), then marks the job done if this runner still holds
-        it (if not, the runner that took it over records the outcome)."""
+        it (if not, the runner that took it over records the outcome).
+
+        Successes share transactions (group commit, as the consumers'): the first is written
+        at once; those that come while a write is in flight go together in the next one,
+        their orders locked in id order. If that shared transaction fails, each is written
+        again alone, with its own retries, so one outcome's error is only its own."""
         if not result.ok:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
-        async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
-            with attempt:
-                async with pool.acquire() as conn, conn.transaction():
-                    state = await conn.fetchrow(
-                        "SELECT status, order_ref, accept_options FROM orders"
-                        " WHERE id = $1 FOR UPDATE", job["order_id"])
-                    if await self.queue.finish(conn, job, JobStatus.DONE, detail=result.detail):
-                        uow = _unit_of_work(conn, job)
-                        await done(uow, state)
-                        await flush_events(conn, [uow])
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((job, result.detail, done, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_outcomes(pool))
+        await written
+
+    async def _write_outcomes(self, pool: asyncpg.Pool) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            if len(batch) > 1:
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        await self._record_outcomes(conn, batch)
+                except Exception as exc:
+                    log.warning("job outcomes written together failed; each is written alone",
+                                extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"})
+                else:
+                    for *_, written in batch:
+                        if not written.done():
+                            written.set_result(None)
+                    continue
+            for item in batch:
+                try:
+                    async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+                        with attempt:
+                            async with pool.acquire() as conn, conn.transaction():
+                                await self._record_outcomes(conn, [item])
+                except Exception as exc:
+                    if not item[3].done():
+                        item[3].set_exception(exc)
+                else:
+                    if not item[3].done():
+                        item[3].set_result(None)
+
+    async def _record_outcomes(self, conn: asyncpg.Connection, batch: list[_Outcome]) -> None:
+        orders = sorted({job["order_id"] for job, *_ in batch})
+        states = {r["id"]: r for r in await conn.fetch(
+            "SELECT id, status, order_ref, accept_options FROM orders"
+            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", orders)}
+        uows = []
+        for job, detail, done, _ in batch:
+            if await self.queue.finish(conn, job, JobStatus.DONE, detail=detail):
+                uow = _unit_of_work(conn, job)
+                await done(uow, states[job["order_id"]])
+                uows.append(uow)
+        await flush_events(conn, uows)
 
     async def _failed(self, pool: asyncpg.Pool, job: asyncpg.Record, error: str, *,
                       transient: bool) -> None:

@@ -1,0 +1,173 @@
+"""Where a bench run's PostgreSQL transactions come from: counted by kind in the server's log.
+
+`bench/sustained.py --log-statements` sets `log_statement = 'all'` on its database (a
+per-database setting: the server's configuration is left alone), and its report gives each
+phase's wall-clock span. This reads the server's log (stderr, `log_line_prefix` with the
+time, `[%p]` and `%d`, as Debian's default `%m [%p] %q%u@%d`), keeps the bench database's
+statements in a phase's span, groups them into transactions per backend (BEGIN ... COMMIT,
+or a statement on its own) and counts them by kind: the call site each kind comes from is
+named by the first of `KINDS` whose pattern matches the transaction's statements. Counts do
+not depend on the machine's load the way times do.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/sustained.py --log-statements
+    .venv/bin/python bench/transactions.py /var/log/postgresql/postgresql-15-main.log \\
+        [--report bench/results/sustained.json] [--phase steady] [--top 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
+    r"LOG:  (?:statement|execute [^:]+): (.*)$"
+)
+
+# (kind, pattern searched in the transaction's statements joined by " ; "): the first that
+# matches names the transaction. Call sites as of issue 15's target 2 (see README).
+KINDS: list[tuple[str, str]] = [
+    (
+        "relay: a pass, claim + mark (shared/outbox.py)",
+        r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox",
+    ),
+    ("relay: a pass that found nothing", r"^SELECT id, message_id.* FROM outbox WHERE published_at IS NULL"),
+    ("mail: claim (leased queue)", r"^UPDATE emails SET status = 'sending'"),
+    ("mail: order contexts (notify/mail.py)", r"^SELECT o\.id, o\.order_number"),
+    ("mail: mark sent (leased queue finish)", r"^UPDATE emails (q )?SET status = \$3"),
+    ("jobs: due lanes", r"^SELECT DISTINCT lane FROM jobs"),
+    ("jobs: claim (leased queue)", r"^UPDATE jobs SET status = 'running'"),
+    ("jobs: read the service before the call", r"^SELECT s\.\*, o\.status AS order_status"),
+    ("jobs: outcome (unit of work)", r"^SELECT (id, )?status, order_ref, accept_options FROM orders"),
+    ("leases: heartbeat renew", r"SET lease_until = now\(\) \+ \$3::interval"),
+    ("webhooks: due endpoints + claim", r"FROM webhook_deliveries WHERE \(\(status"),
+    ("alerts: claim", r"^UPDATE alert_deliveries SET status = 'sending'"),
+    ("consumer placement (shared transaction)", r"^INSERT INTO inbox.*INSERT INTO orders"),
+    ("consumer fraud (shared transaction)", r"^INSERT INTO inbox.*INSERT INTO fraud_checks"),
+    ("consumer provisioning, payments (shared transaction)", r"^INSERT INTO inbox.*INSERT INTO payments"),
+    ("consumer provisioning, screened (shared transaction)", r"^INSERT INTO inbox.*WITH reinstated AS"),
+    ("consumer notify (shared transaction)", r"^INSERT INTO inbox.*INSERT INTO emails"),
+    ("consumer webhooks (shared transaction)", r"^INSERT INTO inbox.*INSERT INTO webhook_deliveries"),
+    ("consumer alerts (shared transaction)", r"^INSERT INTO inbox.*alert_rule_sets"),
+    ("consumers: dedupe row only (shared transaction)", r"^INSERT INTO inbox"),
+    ("housekeeping / sweeps", r"^(DELETE|WITH)"),
+    ("bench: backlog sampler", r"count\(\*\) FROM outbox WHERE published_at IS NULL\) AS events"),
+    ("bench: mails drained", r"routing_key = 'email.send'\) AS requested"),
+    ("bench: counters", r"FROM pg_stat_database"),
+    ("asyncpg: type introspection", r"typeinfo_tree|pg_catalog\.pg_type"),
+    ("session setup (LISTEN, jit, read-only check)", r"^(LISTEN|SET |SELECT current_setting|SHOW )"),
+]
+
+
+@dataclass
+class Tally:
+    kinds: Counter[str] = field(default_factory=Counter)
+    unnamed: Counter[str] = field(default_factory=Counter)  # signature of the first statement
+    statements: int = 0
+
+    def add(self, statements: list[str]) -> None:
+        self.statements += len(statements)
+        joined = " ; ".join(statements)
+        for kind, pattern in KINDS:
+            if re.search(pattern, joined, re.MULTILINE):
+                self.kinds[kind] += 1
+                return
+        self.kinds["other"] += 1
+        self.unnamed[re.sub(r"\s+", " ", statements[0])[:110]] += 1
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp + "+00:00").timestamp()
+
+
+def statements(lines: Iterable[str], database: str, since: float, until: float) -> Iterator[tuple[int, str]]:
+    """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
+    statement's continuation lines (a tab first) are joined to it, as one line."""
+    entry: tuple[int, list[str]] | None = None
+    for line in lines:
+        if line.startswith("\t"):
+            if entry is not None:
+                entry[1].append(line.strip())
+            continue
+        if entry is not None:
+            yield entry[0], " ".join(p for p in entry[1] if p)
+            entry = None
+        m = LINE.match(line)
+        if m is None or m.group(4) != database:
+            continue
+        if m.group(2) != "UTC":
+            raise SystemExit(f"log times in {m.group(2)}: only UTC is read")
+        if since <= _epoch(m.group(1)) <= until:
+            entry = (int(m.group(3)), [m.group(5).strip()])
+    if entry is not None:
+        yield entry[0], " ".join(p for p in entry[1] if p)
+
+
+def tally(pairs: Iterable[tuple[int, str]]) -> Tally:
+    """Group each backend's statements into transactions and count them by kind."""
+    out = Tally()
+    open_: dict[int, list[str]] = {}
+    for pid, text in pairs:
+        word = text.rstrip(";").strip().upper()
+        if word.startswith("BEGIN") or word.startswith("START TRANSACTION"):
+            open_[pid] = []
+        elif word in ("COMMIT", "ROLLBACK", "END"):
+            body = open_.pop(pid, None)
+            if body:
+                out.add(body)
+        elif pid in open_:
+            open_[pid].append(text)
+        else:
+            out.add([text])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("log", type=Path, help="the PostgreSQL server's log")
+    parser.add_argument("--report", type=Path, default=Path("bench/results/sustained.json"))
+    parser.add_argument("--phase", default="steady", help="burst, steady or warm-up")
+    parser.add_argument("--round", type=int, default=0, help="the report's round (index)")
+    parser.add_argument("--top", type=int, default=15, help="unnamed kinds to show")
+    opts = parser.parse_args(argv)
+    report = json.loads(opts.report.read_text())
+    rnd = report["rounds"][opts.round]
+    phase = rnd[opts.phase]
+    database = f"om_bench_{report['run_id']}"
+    with opts.log.open(errors="replace") as lines:
+        counted = tally(statements(lines, database, phase["started_at"], phase["ended_at"]))
+    orders = phase["orders"]
+    total = sum(counted.kinds.values())
+    print(
+        f"{database}, round {opts.round + 1} {rnd['label']}, {opts.phase}: {orders} orders,"
+        f" {total} transactions ({total / orders:.2f} an order),"
+        f" {counted.statements / orders:.2f} statements an order"
+    )
+    for kind, n in counted.kinds.most_common():
+        print(f"  {n / orders:6.2f}  {n:7}  {kind}")
+    if "transactions" in rnd:  # the round's exact count against the log's, over the round
+        with opts.log.open(errors="replace") as lines:
+            logged = sum(
+                tally(statements(lines, database, rnd["started_at"], rnd["ended_at"])).kinds.values()
+            )
+        hidden = rnd["transactions"] - logged
+        print(
+            f"over the round ({rnd['orders']} orders): {rnd['transactions']} commits counted by"
+            f" the server, {logged} in the log; {hidden} ({hidden / rnd['orders']:.2f} an order)"
+            " not in it: listening connections reading the NOTIFY queue (each commit that"
+            " notifies wakes every listener of the database), and prepares"
+        )
+    if counted.unnamed:
+        print("other, by first statement:")
+        for text, n in counted.unnamed.most_common(opts.top):
+            print(f"  {n / orders:6.2f}  {n:7}  {text}")
+
+
+if __name__ == "__main__":
+    main()
