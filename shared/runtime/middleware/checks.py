@@ -3,6 +3,7 @@ else. A property that cannot be read, stored or sent again is the message's faul
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +17,7 @@ from shared.runtime.work import Batch
 
 _TEXT_PROPERTIES = ("correlation_id", "reply_to", "type", "user_id", "content_type",
                     "content_encoding", "app_id", "routing_key")
+_read_texts = operator.attrgetter(*_TEXT_PROPERTIES)  # all of them in one call
 
 
 class PropertyChecks(Middleware):
@@ -51,11 +53,17 @@ def checked_properties(message: AbstractIncomingMessage) -> datetime | None:
         raise Rejected("timestamp property is not a valid time")
     # Nearly every property is ASCII (ids, keys, user names), and ASCII is always UTF-8: one
     # test of them all together, and the search for the one at fault only when it fails.
-    texts = [value for name in _TEXT_PROPERTIES
-             if isinstance(value := getattr(message, name, None), str)]
-    if not "".join(texts).isascii():
-        for name in _TEXT_PROPERTIES:
-            if broker.undecodable(getattr(message, name, None)):
+    try:
+        values = _read_texts(message)
+    except AttributeError:  # a message type without some of them: those are None
+        values = tuple(getattr(message, name, None) for name in _TEXT_PROPERTIES)
+    try:
+        ascii_only = "".join(filter(None, values)).isascii()
+    except TypeError:  # a property that is not text: looked at one by one
+        ascii_only = False
+    if not ascii_only:
+        for name, value in zip(_TEXT_PROPERTIES, values, strict=True):
+            if broker.undecodable(value):
                 raise Rejected(f"{name} is not valid UTF-8")
     for name in ("correlation_id", "reply_to"):  # stored with the reply in the outbox (text)
         if "\x00" in (getattr(message, name) or ""):
