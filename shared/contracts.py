@@ -301,6 +301,8 @@ class Event(Contract):
 
     def payload(self) -> dict[str, Any]:
         """The JSON body, as written to the outbox."""
+        if not self.omit_unset:  # most events: nothing to leave out
+            return self.model_dump(mode="json")
         omitted = {name for name in self.omit_unset if name not in self.model_fields_set}
         return self.model_dump(mode="json", exclude=omitted or None)
 

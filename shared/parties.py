@@ -73,11 +73,16 @@ class Publishers:
     trust_any: bool = False
     # Each configured user's parties, worked out once: every message is checked against them.
     _by_user: Mapping[str, frozenset[Party]] = field(init=False, repr=False, compare=False)
+    # A verdict is a function of (user, route's publishers) when nothing is replayed: kept for
+    # the configured users (and none), a bounded set, so most messages cost one lookup.
+    _verdicts: dict[tuple[str | None, frozenset[Party]], Verdict] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         everyone = set().union(*self.users.values())
         object.__setattr__(self, "_by_user", {user: frozenset(
             party for party, users in self.users.items() if user in users) for user in everyone})
+        object.__setattr__(self, "_verdicts", {})
 
     @classmethod
     def from_settings(cls, settings: PublisherSettings) -> Publishers:
@@ -105,6 +110,17 @@ class Publishers:
 
     def check(self, user_id: str | None, allowed: frozenset[Party], *,
               replay_of: str | None = None) -> Verdict:
+        if replay_of:
+            return self._judge(user_id, allowed, replay_of)
+        verdict = self._verdicts.get((user_id, allowed))
+        if verdict is None:
+            verdict = self._judge(user_id, allowed, None)
+            if user_id is None or user_id in self._by_user:
+                self._verdicts[user_id, allowed] = verdict
+        return verdict
+
+    def _judge(self, user_id: str | None, allowed: frozenset[Party],
+               replay_of: str | None) -> Verdict:
         user, replayed_by = user_id, None
         if replay_of and self.may_replay(user_id, allowed):
             user, replayed_by = replay_of, user_id

@@ -33,7 +33,7 @@ _EVENT_NS = uuid.UUID("5b0c7a2e-3f5e-4f43-9d55-0f4a8d2b9c11")
 
 
 def event_id(*parts: object) -> uuid.UUID:
-    return uuid.uuid5(_EVENT_NS, ":".join(str(p) for p in parts))
+    return uuid.uuid5(_EVENT_NS, ":".join(map(str, parts)))
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,10 @@ class Rules:
         return tuple(self.rule_set.matches(facts, self.facts, after_provider=False))
 
     def after(self, facts: OrderFacts, ip_country: str | None) -> tuple[RuleMatch, ...]:
-        return tuple(self.rule_set.matches(facts, replace(self.facts, ip_country=ip_country),
-                                           after_provider=True))
+        # Most screenings learn no country (the rules provider): the facts as they were.
+        rule_facts = (self.facts if ip_country == self.facts.ip_country
+                      else replace(self.facts, ip_country=ip_country))
+        return tuple(self.rule_set.matches(facts, rule_facts, after_provider=True))
 
 
 def deciding(matches: tuple[RuleMatch, ...]) -> bool:

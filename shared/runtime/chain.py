@@ -4,11 +4,18 @@
 
 The links are built once, with the chain: each delivery then costs one call per middleware,
 not a lookup, a lambda and a coroutine of the chain's own per layer (bench/README.md, "Keep":
-the chains run several times per message)."""
+the chains run several times per message).
+
+A middleware with nothing to do on the way out (a check, routing, parsing) may be a plain
+method that returns `call_next(batch)` instead of awaiting it: the caller awaits the rest of
+the chain directly. That is one coroutine fewer per such layer for each delivery, and one
+frame fewer for every await below it to pass through each time a statement's answer wakes
+the handler up (the work chain is nine layers deep around the handler)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from shared.runtime.work import Batch
 
@@ -18,12 +25,24 @@ Next = Callable[[Batch], Awaitable[None]]
 class Middleware:
     """One cross-cutting concern. The default passes the batch on unchanged."""
 
-    async def __call__(self, batch: Batch, call_next: Next) -> None:
-        await call_next(batch)
+    def __call__(self, batch: Batch, call_next: Next) -> Awaitable[None]:
+        return call_next(batch)
 
 
-async def _end(batch: Batch) -> None:
+class _Done:
+    """An awaitable that is already done (the end of every chain): awaiting it returns at
+    once, with no coroutine made for it. It holds no state, so one serves every loop."""
+
+    def __await__(self) -> Iterator[Any]:
+        return iter(())
+
+
+DONE: Awaitable[None] = _Done()
+
+
+def _end(batch: Batch) -> Awaitable[None]:
     """After the last middleware: nothing."""
+    return DONE
 
 
 def _link(middleware: Middleware, call_next: Next) -> Next:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
@@ -69,10 +69,10 @@ class Pipeline:
         observe = [m.MessageMetrics(names.queue(spec.service), spec.routes)] if metrics else []
         self.delivery = Chain([*observe, _Settle(self)])
 
-    async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+    def handle(self, messages: Sequence[AbstractIncomingMessage]) -> Awaitable[None]:
         """Settle every message: acked once its effects are committed, dead-lettered with the
         reason, or requeued (stopping while the database is away)."""
-        await self.delivery(Batch([Work.of(message, self.spec) for message in messages]))
+        return self.delivery(Batch([Work.of(message, self.spec) for message in messages]))
 
     async def settle(self, delivered: list[Work]) -> None:
         items = []
@@ -99,7 +99,7 @@ class Pipeline:
         """Prepare each (concurrently), then one transaction for all: True if it committed."""
         preparing = [item for item in items if item.route and item.route.prepare]
         results = await asyncio.gather(*(self.preparing(Batch([item])) for item in preparing),
-                                       return_exceptions=True)
+                                       return_exceptions=True) if preparing else []
         for item, result in zip(preparing, results, strict=True):
             if isinstance(result, BaseException):  # not even dead-lettered: try again later
                 log.error("message left for redelivery", extra={
@@ -130,5 +130,5 @@ class _Settle(Middleware):
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    async def __call__(self, batch: Batch, call_next: Next) -> None:
-        await self.pipeline.settle(batch.items)
+    def __call__(self, batch: Batch, call_next: Next) -> Awaitable[None]:
+        return self.pipeline.settle(batch.items)

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import asyncpg
@@ -50,15 +50,17 @@ class StepFailed(Exception):
         self.reason = reason
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, init=False)
 class Work:
     """One delivery, filled in as it passes the middleware: its id and properties, its route,
-    the publisher's verdict, the parsed message, the prepared result."""
+    the publisher's verdict, the parsed message, the prepared result.
+
+    Made with the message and the worker only: every other field reads its default from the
+    class until a middleware sets it (two stores per delivery, not eighteen), and
+    `message_id` is a plain attribute once the property checks set it."""
 
     message: AbstractIncomingMessage
     spec: WorkerSpec
-    # The body's id until the message's own is known to be one we can use (`message_id`).
-    _message_id: str | None = field(default=None, repr=False)
     key: str = ""
     route: Route | None = None
     verdict: Verdict | None = None
@@ -75,22 +77,26 @@ class Work:
     rejected_as: RejectKind | None = None
     retries: int = 0
 
+    if TYPE_CHECKING:
+        message_id: str
+    else:
+        def __getattr__(self, name: str) -> Any:
+            """Only for what is not set: `message_id` before the property checks set it is the
+            body's (a SHA-256), computed only if read (a rejection's dead letter): most
+            messages bring an id of their own, and hashing every body cost more than the
+            checks themselves."""
+            if name == "message_id":
+                self.message_id = body_id(self.message.body)
+                return self.message_id
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __init__(self, message: AbstractIncomingMessage, spec: WorkerSpec) -> None:
+        self.message = message
+        self.spec = spec
+
     @classmethod
     def of(cls, message: AbstractIncomingMessage, spec: WorkerSpec) -> Work:
         return cls(message, spec)
-
-    @property
-    def message_id(self) -> str:
-        """The message's id once the property checks took it; the body's (a SHA-256) until
-        then, computed only if read: most messages bring an id of their own, and hashing
-        every body cost more than the checks themselves."""
-        if self._message_id is None:
-            self._message_id = body_id(self.message.body)
-        return self._message_id
-
-    @message_id.setter
-    def message_id(self, value: str) -> None:
-        self._message_id = value
 
     @property
     def body_hash(self) -> bytes:

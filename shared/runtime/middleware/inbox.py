@@ -16,18 +16,30 @@ class InboxDedupe(Middleware):
     async def __call__(self, batch: Batch, call_next: Next) -> None:
         conn = batch.conn
         assert conn is not None
-        consumer = batch.items[0].spec.service
-        ids = [item.message_id for item in batch.items]
-        hashes = [item.body_hash for item in batch.items]
+        items = batch.items
+        consumer = items[0].spec.service
+        if len(items) == 1:  # alone (not under load): one row, no arrays to build and unnest
+            item = items[0]
+            if await conn.fetchval(
+                "INSERT INTO inbox (consumer, message_id, body_hash) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                consumer, item.message_id, item.body_hash,
+            ):
+                batch.todo.append(item)
+            else:
+                await refuse_reused_ids(conn, consumer, [item.message_id], [item.body_hash])
+            return await call_next(batch)
+        ids = [item.message_id for item in items]
+        hashes = [item.body_hash for item in items]
         fresh = {r["message_id"] for r in await conn.fetch(
             "INSERT INTO inbox (consumer, message_id, body_hash)"
             " SELECT $1, u.id, u.hash FROM unnest($2::text[], $3::bytea[]) AS u(id, hash)"
             " ON CONFLICT DO NOTHING RETURNING message_id",
             consumer, ids, hashes,
         )}
-        if len(fresh) < len(batch.items):
+        if len(fresh) < len(items):
             await refuse_reused_ids(conn, consumer, ids, hashes)
-        for item in batch.items:
+        for item in items:
             if item.message_id in fresh:
                 fresh.discard(item.message_id)  # twice in one batch: handled once
                 batch.todo.append(item)

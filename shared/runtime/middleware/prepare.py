@@ -6,6 +6,7 @@ Its result reaches the handler as `uow.prepared`."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 
 import asyncpg
 
@@ -21,10 +22,15 @@ class Prepare(Middleware):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def __call__(self, batch: Batch, call_next: Next) -> None:
-        for item in batch.items:
-            if item.route and item.route.prepare and not item.has_prepared:
-                await self.prepare(item)
+    def __call__(self, batch: Batch, call_next: Next) -> Awaitable[None]:
+        todo = [item for item in batch.items
+                if item.route and item.route.prepare and not item.has_prepared]
+        # Most routes prepare nothing: the rest of the chain is awaited by the caller then.
+        return self._prepared(todo, batch, call_next) if todo else call_next(batch)
+
+    async def _prepared(self, todo: list[Work], batch: Batch, call_next: Next) -> None:
+        for item in todo:
+            await self.prepare(item)
         await call_next(batch)
 
     async def prepare(self, item: Work) -> None:

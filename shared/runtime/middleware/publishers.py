@@ -4,6 +4,8 @@ body is read. Anyone else's message is dead-lettered unread, and the publisher i
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from shared.errors import Rejected, RejectKind
 from shared.parties import REPLAY_OF_HEADER, Publishers
 from shared.runtime.chain import Middleware, Next
@@ -14,7 +16,7 @@ class PublisherCheck(Middleware):
     def __init__(self, publishers: Publishers) -> None:
         self.publishers = publishers
 
-    async def __call__(self, batch: Batch, call_next: Next) -> None:
+    def __call__(self, batch: Batch, call_next: Next) -> Awaitable[None]:
         for item in batch.items:
             assert item.route is not None
             replay_of = (item.message.headers or {}).get(REPLAY_OF_HEADER)
@@ -24,4 +26,4 @@ class PublisherCheck(Middleware):
             if not (item.verdict.allowed or item.route.handle_unauthorized):
                 raise Rejected(item.verdict.reason, tell_publisher=False,
                                kind=RejectKind.PUBLISHER)  # unread, not acted on
-        await call_next(batch)
+        return call_next(batch)
