@@ -70,7 +70,8 @@ async def list_orders(
     since: datetime | None = None, until: datetime | None = None, limit: int = 50,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Orders, newest first; `client` is a client id or an email address."""
+    """Orders, newest first (placed, then id: a range of orders_status_created_idx with a
+    status, of orders_created_id_idx without); `client` is a client id or an email address."""
     client_id = int(client) if client and client.isdigit() else None
     email = client if client and client_id is None else None
     rows = await conn.fetch(
@@ -81,7 +82,7 @@ async def list_orders(
         " AND ($5::text IS NULL OR lower(c.email) = lower($5))"
         " AND ($6::timestamptz IS NULL OR o.created_at >= $6)"
         " AND ($7::timestamptz IS NULL OR o.created_at < $7)"
-        " ORDER BY o.id DESC LIMIT $2 OFFSET $3",
+        " ORDER BY o.created_at DESC, o.id DESC LIMIT $2 OFFSET $3",
         status, limit, offset, client_id, email, since, until,
     )
     return [_order_row(r) for r in rows]
@@ -91,11 +92,9 @@ async def pending_orders(conn: asyncpg.Connection, *, limit: int = 200,
                          offset: int = 0) -> dict[str, Any]:
     """Pending orders whose screening is finished (errors flagged), and those still queued:
     those that need review first, then oldest first; `more` counts those past this page."""
-    # The page's ids first, from the Pending range of orders_status_created_idx (the newest
-    # orders: a few heap pages, sorted), then only their clients and latest checks: joined
-    # before the LIMIT, every Pending order's client would be read. The count is its own
-    # subquery (once, on the same range, index only). No index is kept in this list's order
-    # (migration 0036): each would get an entry for every order placed and again when screened.
+    # The page's ids first, on orders_pending_idx (Pending only, in this list's order), then
+    # only their clients and latest checks: joined before the LIMIT, every Pending order's
+    # client would be read. The count is its own subquery (once, index only).
     rows = await conn.fetch(
         f"SELECT {_ORDER_COLUMNS}, (SELECT count(*) FROM orders WHERE status = 'Pending'"
         "  AND deleted_at IS NULL) AS listed"

@@ -242,6 +242,31 @@ def orders_read(plan: dict[str, Any]) -> int:
     return read + sum(orders_read(child) for child in plan.get("Plans", []))
 
 
+def heap_rows_read(plan: dict[str, Any]) -> int:
+    """Rows of orders a plan fetched from the heap (an index-only count is not one)."""
+    read = 0
+    if plan.get("Relation Name") == "orders" and plan.get("Node Type") != "Index Only Scan":
+        read += (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+                 + plan.get("Rows Removed by Index Recheck", 0)) * plan.get("Actual Loops", 1)
+    return read + sum(heap_rows_read(child) for child in plan.get("Plans", []))
+
+
+async def test_pending_and_orders_by_status_fetch_about_a_page(conn: asyncpg.Connection) -> None:
+    """`ordermill pending` and `ordermill orders --status` fetch their page's orders, not every
+    order of the status to sort them: Pending orders lie across the years (nothing cancels an
+    unpaid order), and `pending` reads them on orders_pending_idx, in its own order
+    (migration 0036 kept it on review); `orders` reads newest first on (status, created_at, id)."""
+    analyzing = Analyzing(conn)
+    pending = await views.pending_orders(analyzing, limit=20)
+    assert pending["more"] > 100  # enough Pending orders that reading them all would show
+    active = await views.list_orders(analyzing, status="Active", limit=20)
+    assert len(active) == 20 and {o["status"] for o in active} == {"Active"}
+    created = [o["created_at"] for o in active]
+    assert created == sorted(created, reverse=True)
+    fetched = [heap_rows_read(plan) for _, plan in analyzing.plans]
+    assert len(fetched) == 2 and all(n <= 2 * 20 + 10 for n in fetched), fetched
+
+
 def _ago(days: int) -> str:
     return (datetime.now(UTC) - timedelta(days=days)).date().isoformat()
 
