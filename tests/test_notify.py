@@ -590,3 +590,16 @@ async def test_a_connection_dropped_while_recording_a_sent_mail_is_retried_in_pr
     assert len(inbox.to("drop-sent@shop.example")) == 2
     rows = await harness.pool.fetch("SELECT status, attempts FROM emails")
     assert [(r["status"], r["attempts"]) for r in rows] == [("sent", 1), ("sent", 1)]
+
+
+def test_a_sent_mail_whose_claim_was_lost_is_not_logged_as_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the mails the write recorded are "email sent"; one whose claim was lost (another
+    sender has it and may send it again) is said to be so."""
+    mails = [{"id": i, "template": "order_confirmation", "order_id": 7} for i in (1, 2)]
+    with caplog.at_level("INFO", logger="ordermill.notify"):
+        MailSender._log_sent(mails, {1})  # type: ignore[arg-type]
+    said = [(r.levelname, r.getMessage().split(":")[0], r.email_id) for r in caplog.records]
+    assert said == [("INFO", "email sent", 1),
+                    ("WARNING", "email sent but its claim was lost", 2)]
