@@ -12,6 +12,9 @@ is claimed but its lease ran out (the runner that held it died).
   extends the lease of every claim this process holds, in one statement, and only where
   the token still matches. A claim it finds lost (taken over, reset by an operator) is
   marked; `guard` cancels the work of a lost claim, and `finish` refuses to record it.
+  A claim leaves the heartbeat only once its outcome is written (`finish`, `fail`,
+  `release` on the pool, or the commit of the caller's `ending` block): a write that fails
+  and is tried again does not let the lease lapse meanwhile.
 - `fail` schedules the next attempt with exponential backoff and jitter, or parks the row
   once its attempts are spent (or the failure is definitive); `release` hands a claim
   back at once, no attempt spent.
@@ -40,7 +43,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -108,6 +111,10 @@ class LeasedQueue:
         self.backoff = backoff
         self.runner_id = runner_id or uuid.uuid4().hex[:12]
         self._held: dict[tuple[int, str], asyncio.Event] = {}  # claim -> set when lost
+        # Claims whose outcome is being written: still renewed (the write may fail and be
+        # tried again), but not called lost when the heartbeat finds them ended (the write
+        # may have ended them; it says itself whether the claim still held).
+        self._ending: set[tuple[int, str]] = set()
         self._none_held = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         t, mine = table, f"status = '{table.claimed}' AND leased_by = $2"
@@ -181,6 +188,23 @@ class LeasedQueue:
             raise ClaimLost(f"{self.table.name} {row['id']}: claim lost while its work ran")
         return task.result()
 
+    @contextlib.contextmanager
+    def ending(self, rows: Iterable[asyncpg.Record]) -> Iterator[None]:
+        """Around a transaction that writes these claims' outcomes (`finish`, `fail` on its
+        connection, then the commit): they leave the heartbeat only when the block ends
+        without error. A rolled-back write leaves them held and renewed, so its retries (or
+        the writes that take over) still find them ours, however long an outage lasts
+        within the lease's renewals; dropped at the first statement instead, a rollback
+        would leave them unrenewed and another runner could take them over and run their
+        work again."""
+        keys = [_key(r) for r in rows if _key(r) not in self._ending]
+        self._ending.update(keys)
+        try:
+            yield
+        finally:
+            self._ending.difference_update(keys)
+        self._drop(keys)
+
     def _drop(self, keys: Iterable[tuple[int, str]]) -> None:
         for key in keys:
             self._held.pop(key, None)
@@ -198,7 +222,9 @@ class LeasedQueue:
 
     async def renew(self, pool: asyncpg.Pool) -> None:
         """Extend the lease of every claim held here that is still ours; mark the others lost."""
-        keys = list(self._held)
+        # In id order, as writers lock a batch of rows (the job runner's shared outcomes):
+        # two statements that lock the same rows in one order cannot deadlock each other.
+        keys = sorted(self._held)
         try:
             rows = await pool.fetch(self._renew, [k[0] for k in keys], [k[1] for k in keys],
                                     self.lease)
@@ -208,7 +234,9 @@ class LeasedQueue:
             return
         kept = {_key(r) for r in rows}
         for key in keys:
-            if key not in kept and (lost := self._held.get(key)) is not None:
+            if key in kept or key in self._ending:
+                continue  # an outcome being written may have ended it: the write tells
+            if (lost := self._held.get(key)) is not None:
                 log.warning("claim lost: another runner has the row; its result is not recorded",
                             extra={"table": self.table.name, "row_id": key[0]})
                 lost.set()
@@ -223,8 +251,9 @@ class LeasedQueue:
 
     async def finish(self, conn: asyncpg.Pool | asyncpg.Connection, row: asyncpg.Record,
                      status: str, **values: Any) -> bool:
-        """End the claim with `status` (and these columns; NOW is now()). False if it was lost."""
-        self._drop([_key(row)])
+        """End the claim with `status` (and these columns; NOW is now()). False if it was lost.
+        The claim leaves the heartbeat once the statement went through (inside an `ending`
+        block: once that block ends)."""
         sets, args = "", [row["id"], row["leased_by"], status]
         for column, value in values.items():
             if value is NOW:
@@ -232,7 +261,8 @@ class LeasedQueue:
             else:
                 args.append(value)
                 sets += f", {column} = ${len(args)}"
-        finished = bool(await conn.fetchval(self._finish.format(sets), *args))
+        with self.ending([row]):
+            finished = bool(await conn.fetchval(self._finish.format(sets), *args))
         if finished:
             metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc()
         return finished
@@ -242,7 +272,6 @@ class LeasedQueue:
         """End several claims with `status` in one statement (a sender that finishes many
         small pieces of work: one round trip, not one each); `values` are NOW or None. The
         ids that were still ours, now ended."""
-        self._drop(_key(r) for r in rows)
         if not rows:
             return set()
         t = self.table
@@ -251,11 +280,12 @@ class LeasedQueue:
             if value is not NOW and value is not None:
                 raise ValueError(f"finish_many sets {column} to now() or NULL only")
             touch += f", {column} = {'now()' if value is NOW else 'NULL'}"
-        ended = await conn.fetch(
-            f"UPDATE {t.name} q SET status = $3, lease_until = NULL{touch}"
-            " FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
-            f" AND q.leased_by = c.token AND q.status = '{t.claimed}' RETURNING q.id",
-            [r["id"] for r in rows], [r["leased_by"] for r in rows], status)
+        with self.ending(rows):
+            ended = await conn.fetch(
+                f"UPDATE {t.name} q SET status = $3, lease_until = NULL{touch}"
+                " FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
+                f" AND q.leased_by = c.token AND q.status = '{t.claimed}' RETURNING q.id",
+                [r["id"] for r in rows], [r["leased_by"] for r in rows], status)
         if ended:
             metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc(len(ended))
         return {r[0] for r in ended}
@@ -264,12 +294,12 @@ class LeasedQueue:
                    *, transient: bool = True) -> str | None:
         """Retry later (backoff), or park: definitive, or attempts spent. The new status, or
         None if the claim was lost."""
-        self._drop([_key(row)])
         park = not transient or self.backoff.spent(row["attempts"])
-        status = await conn.fetchval(
-            self._fail, row["id"], row["leased_by"],
-            self.table.parked if park else self.table.pending, error[:2000],
-            timedelta(0) if park else self.backoff.delay(row["attempts"]))
+        with self.ending([row]):
+            status = await conn.fetchval(
+                self._fail, row["id"], row["leased_by"],
+                self.table.parked if park else self.table.pending, error[:2000],
+                timedelta(0) if park else self.backoff.delay(row["attempts"]))
         if status is not None:
             metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc()
         return status
@@ -278,9 +308,9 @@ class LeasedQueue:
                       rows: Sequence[asyncpg.Record]) -> None:
         """Hand claims back at once, no attempt spent (the work was not at fault)."""
         if rows:
-            self._drop(_key(r) for r in rows)
-            await conn.execute(self._release, [r["id"] for r in rows],
-                               [r["leased_by"] for r in rows])
+            with self.ending(rows):
+                await conn.execute(self._release, [r["id"] for r in rows],
+                                   [r["leased_by"] for r in rows])
 
 
 class Finisher:
@@ -409,6 +439,11 @@ class Runner:
         # task frees a slot for them. Otherwise nothing is due that a NOTIFY or the timer
         # would not bring, and a finished task wakes nothing (it once cost a pass each).
         self._capped = False
+        # A pass is claiming (its view of the running tasks and the lanes' load may be stale
+        # by the time it decides a lane is full), and a task finished meanwhile: the pass
+        # wakes the loop again if it ended capped, or the freed slot would wait for the timer.
+        self._passing = False
+        self._freed = False
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         try:
@@ -426,6 +461,15 @@ class Runner:
             await self.queue.close()
 
     async def _start_due(self, pool: asyncpg.Pool) -> bool:
+        self._passing, self._freed = True, False
+        try:
+            return await self._pass(pool)
+        finally:
+            self._passing = False
+            if self._freed and self._capped:
+                self._wakeup.event.set()  # a slot freed during the pass: take it now
+
+    async def _pass(self, pool: asyncpg.Pool) -> bool:
         if self.concurrency - len(self._running) > 0 and self.before_claim is not None:
             await self.before_claim()
         free = self.concurrency - len(self._running)
@@ -485,5 +529,7 @@ class Runner:
         self._lane_load[lane] -= 1
         if self._lane_load[lane] <= 0:
             del self._lane_load[lane]
-        if self._capped:
+        if self._passing:
+            self._freed = True  # the pass in flight may cap on the load from before this
+        elif self._capped:
             self._wakeup.event.set()  # a slot is free for what the last pass left

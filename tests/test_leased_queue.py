@@ -307,11 +307,41 @@ def counting(q: LeasedQueue) -> list[list[int]]:
     return calls
 
 
-async def test_a_runner_busy_lingers_to_claim_together_and_idle_starts_a_lone_row_at_once(
+async def test_an_idle_runner_starts_a_lone_row_at_once_whatever_its_busy_linger(
         pool, settings: Settings) -> None:
-    """Idle, a row is started when its NOTIFY comes, whatever the linger (no timer on a lone
-    row). Busy, the runner lets the rows of the next moment arrive and claims them in one
-    statement; a finished row wakes no pass when the last one left nothing behind."""
+    """Idle, a row is started when its NOTIFY comes, in one pass of one claim statement:
+    the busy linger (30 s here, as the timer) is not waited."""
+    q = queue()
+    calls = counting(q)
+    started: list[int] = []
+
+    async def work(pool, row) -> None:
+        started.append(row["id"])
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=10, poll_seconds=30, busy_linger_seconds=30.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
+        await eventually(lambda: asyncio.sleep(0, calls), timeout=10)  # its first pass: nothing
+        calls.clear()
+        [first] = await add(pool)
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        # Far within the 30 s that the timer or a linger would have taken.
+        await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=10)
+        await eventually(lambda: _all_done(pool), timeout=10)
+        assert calls == [[first]]  # one pass, one statement
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_busy_runner_lingers_to_claim_together(pool, settings: Settings) -> None:
+    """Busy, the runner lets the rows of the next moment arrive and claims them in one
+    statement (two NOTIFYs, one pass); a finished row wakes no pass when the last one left
+    nothing behind."""
     q = queue()
     calls = counting(q)
     release = asyncio.Event()
@@ -324,25 +354,23 @@ async def test_a_runner_busy_lingers_to_claim_together_and_idle_starts_a_lone_ro
         await q.finish(pool, row, "done")
 
     runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
-                    lane_concurrency=10, poll_seconds=30, busy_linger_seconds=3.0)
+                    lane_concurrency=10, poll_seconds=60, busy_linger_seconds=3.0)
     stop = asyncio.Event()
     running = asyncio.create_task(runner.run(pool, stop))
     try:
-        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=5)
-        await eventually(lambda: asyncio.sleep(0, calls), timeout=5)  # its first pass: nothing
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
+        await eventually(lambda: asyncio.sleep(0, calls), timeout=10)  # its first pass: nothing
         calls.clear()
         [first] = await add(pool)
         await pool.execute("SELECT pg_notify('test_work', '')")
-        # Well within the 30 s timer and the 3 s a linger would have added: at once.
-        await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=2)
-        second = await add(pool)
+        await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=10)
+        second = await add(pool)  # two rows, each with its NOTIFY, within the linger
         await pool.execute("SELECT pg_notify('test_work', '')")
-        await asyncio.sleep(0.1)
         third = await add(pool)
         await pool.execute("SELECT pg_notify('test_work', '')")
-        await eventually(lambda: asyncio.sleep(0, len(started) == 3), timeout=5)
+        await eventually(lambda: asyncio.sleep(0, len(started) == 3), timeout=15)
         release.set()
-        await eventually(lambda: _all_done(pool), timeout=5)
+        await eventually(lambda: _all_done(pool), timeout=10)
         await asyncio.sleep(0.2)
         # One statement a pass (no look at the due lanes: no lane could reach its cap), the
         # two rows that came while busy in one pass, and no pass when the rows finished.
@@ -381,3 +409,77 @@ async def test_a_runner_at_a_lane_cap_takes_the_rest_once_a_slot_is_free(
         await running
     assert sorted(done) == ids
     assert [c for c in calls if c and c != [-1]] == [[i] for i in ids]  # one at a time
+
+
+async def test_a_slot_freed_while_a_pass_claims_is_taken_without_the_timer(
+        pool, settings: Settings) -> None:
+    """A lane is full with more rows due; a NOTIFY for another lane starts a pass, and while
+    it looks at the due lanes a task of the full lane finishes. The pass caps that lane on
+    the load it read before; the freed slot wakes the loop again once the pass ends, and the
+    lane's next row starts without waiting for the timer (60 s here)."""
+    a1, a2 = await add(pool, 2, lane="a")
+    q = queue()
+    release, b_done = asyncio.Event(), asyncio.Event()
+    started: list[int] = []
+
+    async def work(pool, row) -> None:
+        started.append(row["id"])
+        if row["id"] == a1:
+            await release.wait()
+        elif row["lane"] == "b":
+            await b_done.wait()  # no other finish wakes the loop meanwhile
+        await q.finish(pool, row, "done")
+
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=1, poll_seconds=60)
+    due_lanes = q.due_lanes
+
+    async def a_finishes_meanwhile(conn):
+        lanes = await due_lanes(conn)
+        if started == [a1] and not release.is_set():  # the pass for lane b
+            release.set()
+            await eventually(lambda: asyncio.sleep(0, "a" not in runner._lane_load), timeout=10)
+        return lanes
+
+    q.due_lanes = a_finishes_meanwhile  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
+        await eventually(lambda: asyncio.sleep(0, started == [a1]), timeout=10)
+        [b] = await add(pool, lane="b")
+        await pool.execute("SELECT pg_notify('test_work', '')")
+        await eventually(lambda: asyncio.sleep(0, sorted(started) == sorted([a1, a2, b])),
+                         timeout=10)
+        assert release.is_set()  # the slot was indeed freed during the pass
+    finally:
+        b_done.set()
+        stop.set()
+        await running
+
+
+async def test_a_claim_stays_renewed_until_its_outcome_commits(pool) -> None:
+    """An outcome written in a transaction that rolls back leaves its claim on the heartbeat
+    (renewed, still ours, for the next try); once a write commits, the claim leaves it, and
+    a renewal that finds it ended meanwhile does not call it lost."""
+    q = queue(lease=30)
+    [id_] = await add(pool)
+    [claimed] = await q.claim(pool, 1)
+    async with q.hold(pool, [claimed]):
+        with pytest.raises(RuntimeError):
+            with q.ending([claimed]):
+                async with pool.acquire() as conn, conn.transaction():
+                    assert await q.finish(conn, claimed, "done")
+                    raise RuntimeError("the shared write failed")
+        assert list(q._held) == [(id_, claimed["leased_by"])] and not q.lost(claimed)
+        before = (await row(pool, id_))["lease_until"]
+        await q.renew(pool)
+        assert (await row(pool, id_))["lease_until"] > before  # still renewed
+        with q.ending([claimed]):
+            async with pool.acquire() as conn, conn.transaction():
+                assert await q.finish(conn, claimed, "done")
+            await q.renew(pool)  # committed, not yet dropped: ended, not lost
+            assert not q.lost(claimed)
+        assert not q._held
+    assert (await row(pool, id_))["status"] == "done"
+    await q.close()

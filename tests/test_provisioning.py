@@ -557,23 +557,71 @@ async def test_job_outcomes_that_come_during_a_write_share_the_next_one(fast: Ha
 
 
 async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Harness) -> None:
+    """A shared write that fails is rolled back and each outcome is written again alone, all
+    at once (not one after another, each with its own retries). Their claims stay on the
+    heartbeat until their own commit: the rollback lets no lease lapse. The shared write
+    finishes its jobs in id order (as the heartbeat renews them), whatever order they came in."""
     runner = await _runner_of_its_own(fast)
     ids = await paid(fast, ["alone-0", "alone-1", "alone-2"], first_ip=90)
     writes: list[int] = []
+    shared: list[int] = []  # the shared write's jobs, in the order it finished them
+    alone: list[int] = []  # the jobs written alone since, in flight together
+    held: list[set[int]] = []  # the claims the heartbeat renews, as each is written alone
     record = runner._record_outcomes
 
     async def shared_fails(conn, batch) -> None:
         writes.append(len(batch))
         if len(writes) == 1 and len(batch) == 1:  # hold the first: the others come together
             await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 2))
-        await record(conn, batch)  # written, then rolled back if shared
+            runner._outcomes.sort(key=lambda item: item[0]["id"], reverse=True)  # came so
         if len(batch) > 1:
+            await record(conn, batch)  # written, then rolled back
+            shared.extend(job["id"] for job, *_ in batch)
             raise asyncpg.exceptions.UniqueViolationError("one of them is at fault")
+        if shared:
+            held.append({key[0] for key in runner.queue._held})
+            alone.append(batch[0][0]["id"])
+            # Each waits for the others: written one after another, the first would wait alone.
+            await eventually(lambda: asyncio.sleep(0, len(alone) == len(shared)), timeout=10)
+        await record(conn, batch)
 
     runner._record_outcomes = shared_fails  # type: ignore[method-assign]
     await runner.runner._start_due(fast.pool)
     await _recorded_once(fast, ids)
-    assert writes[-2:] == [1, 1] and max(writes) > 1  # the shared one, then each alone
+    assert len(shared) > 1 and shared == sorted(shared)  # in id order, however they came
+    assert writes[-len(shared):] == [1] * len(shared)  # the shared one, then each alone
+    assert sorted(alone) == shared
+    assert all(set(shared) <= claims for claims in held)
+
+
+async def test_a_stopping_job_runner_awaits_its_outcome_writer(fast: Harness) -> None:
+    """On stop, `run` returns only once the outcome being written is committed: the caller
+    closes the pool next, and must not close it under the write."""
+    runner = await _runner_of_its_own(fast)
+    [order_id] = await paid(fast, ["stop-0"], first_ip=100)
+    writing, let_go = asyncio.Event(), asyncio.Event()
+    record = runner._record_outcomes
+    recorded: list[int] = []
+
+    async def held(conn, batch) -> None:
+        writing.set()
+        await let_go.wait()
+        await record(conn, batch)
+        recorded.append(len(batch))
+
+    runner._record_outcomes = held  # type: ignore[method-assign]
+    runner.runner.stop_timeout = 3.0  # the job's own task is cancelled; its write goes on
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(fast.pool, stop))
+    await asyncio.wait_for(writing.wait(), 15)
+    stop.set()
+    await eventually(lambda: asyncio.sleep(0, not runner.runner._running), timeout=15)
+    await asyncio.sleep(0.3)
+    assert not running.done()  # its job's task is gone, but the write is still awaited
+    let_go.set()
+    await asyncio.wait_for(running, 15)
+    assert recorded == [1]
+    assert await service_active(fast, order_id)
 
 
 async def test_a_pass_of_jobs_reads_their_services_in_one_query_and_a_lone_job_its_own(

@@ -236,10 +236,17 @@ class MailSender:
                 smtp.close()  # never leaked: a DB error or a cancellation closes it too
 
     @staticmethod
-    def _log_sent(emails: Sequence[asyncpg.Record], _recorded: set[int]) -> None:
+    def _log_sent(emails: Sequence[asyncpg.Record], recorded: set[int]) -> None:
+        """Each mail the server took: "email sent" if it was recorded sent; if its claim was
+        lost meanwhile (another sender has it and may send it again), said so instead."""
         for email in emails:
-            log.info("email sent", extra={"email_id": email["id"], "template": email["template"],
-                                          "order_id": email["order_id"]})
+            extra = {"email_id": email["id"], "template": email["template"],
+                     "order_id": email["order_id"]}
+            if email["id"] in recorded:
+                log.info("email sent", extra=extra)
+            else:
+                log.warning("email sent but its claim was lost: not recorded here; another"
+                            " sender has it and may send it again", extra=extra)
 
     async def _failed(self, pool: asyncpg.Pool, email: asyncpg.Record, exc: BaseException) -> None:
         status = None

@@ -86,7 +86,18 @@ class JobRunner:
         self._writer: asyncio.Task[None] | None = None
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-        await self.runner.run(pool, stop)
+        """Run jobs until `stop`; then the outcome writer is awaited too (bounded by the stop
+        timeout, then cancelled: the leases bring its jobs back), so the caller does not
+        close the pool under a write in flight."""
+        try:
+            await self.runner.run(pool, stop)
+        finally:
+            writer = self._writer
+            if writer is not None and not writer.done():
+                await asyncio.wait({writer}, timeout=self.runner.stop_timeout)
+                if not writer.done():
+                    writer.cancel()
+                    await asyncio.wait({writer}, timeout=5)
 
     async def read_ahead(self, pool: asyncpg.Pool, jobs: list[asyncpg.Record]) -> None:
         """The services of a pass's service jobs, in one query rather than one a job (a
@@ -275,8 +286,10 @@ class JobRunner:
 
         Successes share transactions (group commit, as the consumers'): the first is written
         at once; those that come while a write is in flight go together in the next one,
-        their orders locked in id order. If that shared transaction fails, each is written
-        again alone, with its own retries, so one outcome's error is only its own."""
+        their orders locked, and their jobs finished, in id order (as the heartbeat renews
+        them: no deadlock between the two). If that shared transaction fails, each is
+        written again alone, all at once, each with its own retries, so one outcome's error
+        is only its own; their claims stay on the heartbeat until their own commit."""
         if not result.ok:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
@@ -289,10 +302,10 @@ class JobRunner:
     async def _write_outcomes(self, pool: asyncpg.Pool) -> None:
         while self._outcomes:
             batch, self._outcomes = self._outcomes, []
+            batch.sort(key=lambda item: item[0]["id"])
             if len(batch) > 1:
                 try:
-                    async with pool.acquire() as conn, conn.transaction():
-                        await self._record_outcomes(conn, batch)
+                    await self._transaction(pool, batch)
                 except Exception as exc:
                     log.warning("job outcomes written together failed; each is written alone",
                                 extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"})
@@ -301,18 +314,29 @@ class JobRunner:
                         if not written.done():
                             written.set_result(None)
                     continue
-            for item in batch:
-                try:
-                    async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
-                        with attempt:
-                            async with pool.acquire() as conn, conn.transaction():
-                                await self._record_outcomes(conn, [item])
-                except Exception as exc:
-                    if not item[3].done():
-                        item[3].set_exception(exc)
-                else:
-                    if not item[3].done():
-                        item[3].set_result(None)
+            # At once, not one after another: in an outage each job's retries take up to
+            # about 9 s, and the last of a long batch must not wait behind all the others.
+            await asyncio.gather(*(self._write_alone(pool, item) for item in batch))
+
+    async def _write_alone(self, pool: asyncpg.Pool, item: _Outcome) -> None:
+        written = item[3]
+        try:
+            async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
+                with attempt:
+                    await self._transaction(pool, [item])
+        except Exception as exc:
+            if not written.done():
+                written.set_exception(exc)
+        else:
+            if not written.done():
+                written.set_result(None)
+
+    async def _transaction(self, pool: asyncpg.Pool, batch: list[_Outcome]) -> None:
+        """One transaction writing these outcomes; their claims leave the heartbeat only once
+        it committed (a rolled-back one leaves them renewed for the next try)."""
+        with self.queue.ending(job for job, *_ in batch):
+            async with pool.acquire() as conn, conn.transaction():
+                await self._record_outcomes(conn, batch)
 
     async def _record_outcomes(self, conn: asyncpg.Connection, batch: list[_Outcome]) -> None:
         orders = sorted({job["order_id"] for job, *_ in batch})
@@ -330,7 +354,7 @@ class JobRunner:
     async def _failed(self, pool: asyncpg.Pool, job: asyncpg.Record, error: str, *,
                       transient: bool) -> None:
         async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
-            with attempt:
+            with attempt, self.queue.ending([job]):  # held until committed
                 async with pool.acquire() as conn, conn.transaction():
                     await self._record_failure(conn, job, error, transient=transient)
 
