@@ -603,7 +603,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pay-share", type=float, default=0.9, help="orders paid when screened")
     parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                         help="rounds of WORKER_LINGER_MS=0 against --linger, alternating")
-    parser.add_argument("--linger", type=float, default=5.0, help="WORKER_LINGER_MS of --ab's B side")
+    parser.add_argument("--linger", type=float, default=25.0, help="WORKER_LINGER_MS of --ab's B side")
     parser.add_argument("--volume", type=int, default=0, metavar="N",
                         help="only the bounded-tables run: N orders through the full flow")
     parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")
