@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from decimal import Decimal
 from typing import Any
@@ -592,6 +593,54 @@ async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Har
     assert writes[-len(shared):] == [1] * len(shared)  # the shared one, then each alone
     assert sorted(alone) == shared
     assert all(set(shared) <= claims for claims in held)
+
+
+async def test_a_shared_outcome_write_gives_way_to_a_held_order_lock(fast: Harness) -> None:
+    """A shared write locks several orders, which a consumer's batch may hold in another
+    order: it waits for none of them (lock_timeout, not PostgreSQL's 1 s deadlock check),
+    and each outcome is written alone, waiting only for its own order."""
+    runner = await _runner_of_its_own(fast)
+    ids = await paid(fast, ["lockwait-0", "lockwait-1", "lockwait-2"], first_ip=110)
+    record = runner._record_outcomes
+    holder = await asyncpg.connect(fast.settings.database_url)
+    locked: asyncio.Event = asyncio.Event()
+    failures: list[type[BaseException]] = []
+    gave_up = asyncio.Event()
+    writes: list[int] = []
+
+    async def first_held(conn, batch) -> None:
+        writes.append(len(batch))
+        if len(writes) == 1:  # hold one order of the shared write (the others come together)
+            shared = batch
+            if len(batch) == 1:
+                await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 2))
+                shared = runner._outcomes
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE",
+                                 max(job["order_id"] for job, *_ in shared))
+            locked.set()
+        if len(batch) > 1:
+            try:
+                await record(conn, batch)
+            except BaseException as exc:
+                failures.append(type(exc))
+                gave_up.set()
+                raise
+        else:
+            await record(conn, batch)
+
+    runner._record_outcomes = first_held  # type: ignore[method-assign]
+    try:
+        await runner.runner._start_due(fast.pool)
+        await asyncio.wait_for(locked.wait(), 15)
+        await asyncio.wait_for(gave_up.wait(), 10)  # without the timeout: waits for the lock
+    finally:
+        with contextlib.suppress(Exception):
+            await holder.execute("ROLLBACK")
+        await holder.close()
+    await _recorded_once(fast, ids)
+    assert failures == [asyncpg.LockNotAvailableError]
+    assert [n for n in writes if n > 1] in ([2], [3]) and writes[-2:] == [1, 1]
 
 
 async def test_a_stopping_job_runner_awaits_its_outcome_writer(fast: Harness) -> None:
