@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import asyncpg
@@ -307,6 +308,26 @@ def counting(q: LeasedQueue) -> list[list[int]]:
     return calls
 
 
+@asynccontextmanager
+async def running_idle(q: LeasedQueue, calls: list[list[int]], work, pool, settings: Settings, *,
+                       poll_seconds: float, busy_linger_seconds: float) -> AsyncIterator[Runner]:
+    """A runner started, listening, its first pass (nothing due) done and forgotten; stopped
+    on the way out."""
+    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
+                    lane_concurrency=10, poll_seconds=poll_seconds,
+                    busy_linger_seconds=busy_linger_seconds)
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(pool, stop))
+    try:
+        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
+        await eventually(lambda: asyncio.sleep(0, calls), timeout=10)  # its first pass: nothing
+        calls.clear()
+        yield runner
+    finally:
+        stop.set()
+        await running
+
+
 async def test_an_idle_runner_starts_a_lone_row_at_once_whatever_its_busy_linger(
         pool, settings: Settings) -> None:
     """Idle, a row is started when its NOTIFY comes, in one pass of one claim statement:
@@ -319,23 +340,14 @@ async def test_an_idle_runner_starts_a_lone_row_at_once_whatever_its_busy_linger
         started.append(row["id"])
         await q.finish(pool, row, "done")
 
-    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
-                    lane_concurrency=10, poll_seconds=30, busy_linger_seconds=30.0)
-    stop = asyncio.Event()
-    running = asyncio.create_task(runner.run(pool, stop))
-    try:
-        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
-        await eventually(lambda: asyncio.sleep(0, calls), timeout=10)  # its first pass: nothing
-        calls.clear()
+    async with running_idle(q, calls, work, pool, settings, poll_seconds=30,
+                            busy_linger_seconds=30.0):
         [first] = await add(pool)
         await pool.execute("SELECT pg_notify('test_work', '')")
         # Far within the 30 s that the timer or a linger would have taken.
         await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=10)
         await eventually(lambda: _all_done(pool), timeout=10)
         assert calls == [[first]]  # one pass, one statement
-    finally:
-        stop.set()
-        await running
 
 
 async def test_a_busy_runner_lingers_to_claim_together(pool, settings: Settings) -> None:
@@ -353,14 +365,8 @@ async def test_a_busy_runner_lingers_to_claim_together(pool, settings: Settings)
             await release.wait()  # the runner stays busy with the first row
         await q.finish(pool, row, "done")
 
-    runner = Runner(q, work, database_url=settings.database_url, concurrency=10,
-                    lane_concurrency=10, poll_seconds=60, busy_linger_seconds=3.0)
-    stop = asyncio.Event()
-    running = asyncio.create_task(runner.run(pool, stop))
-    try:
-        await eventually(lambda: asyncio.sleep(0, runner._wakeup.listening), timeout=10)
-        await eventually(lambda: asyncio.sleep(0, calls), timeout=10)  # its first pass: nothing
-        calls.clear()
+    async with running_idle(q, calls, work, pool, settings, poll_seconds=60,
+                            busy_linger_seconds=3.0):
         [first] = await add(pool)
         await pool.execute("SELECT pg_notify('test_work', '')")
         await eventually(lambda: asyncio.sleep(0, started == [first]), timeout=10)
@@ -375,9 +381,6 @@ async def test_a_busy_runner_lingers_to_claim_together(pool, settings: Settings)
         # One statement a pass (no look at the due lanes: no lane could reach its cap), the
         # two rows that came while busy in one pass, and no pass when the rows finished.
         assert calls == [[first], second + third]
-    finally:
-        stop.set()
-        await running
 
 
 async def _all_done(pool) -> bool:
