@@ -15,10 +15,15 @@ class LinkError(Exception):
 
 
 async def link(conn: asyncpg.Connection, client_id: int, storefront: str, operator: str) -> bool:
-    """Let `storefront` use the client. False when it already could."""
+    """Let `storefront` use the client. False when it already could: its creator always may
+    (clients.storefront; no link row is written for it), a linked one has its row."""
     async with conn.transaction():
-        if await conn.fetchval("SELECT 1 FROM clients WHERE id = $1 FOR SHARE", client_id) is None:
+        creator = await conn.fetchrow("SELECT storefront FROM clients WHERE id = $1 FOR SHARE",
+                                      client_id)
+        if creator is None:
             raise LinkError(f"no client {client_id}")
+        if creator["storefront"] == storefront:
+            return False
         return await conn.fetchval(
             "INSERT INTO client_storefronts (storefront, client_id, linked_by) VALUES ($1, $2, $3)"
             " ON CONFLICT DO NOTHING RETURNING true", storefront, client_id, operator) is True

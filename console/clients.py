@@ -54,7 +54,9 @@ async def page(conn: asyncpg.Connection, client_id: int) -> dict[str, Any] | Non
         f" ORDER BY o.created_at DESC LIMIT {ORDERS_SHOWN + 1}", client_id)]
     client["more_orders"] = len(client["orders"]) > ORDERS_SHOWN
     client["orders"] = client["orders"][:ORDERS_SHOWN]
+    # Its creator (clients.storefront: new clients get no link row) and those linked to it.
     client["storefronts"] = [r["storefront"] for r in await conn.fetch(
-        "SELECT storefront FROM client_storefronts WHERE client_id = $1 ORDER BY storefront",
+        "SELECT storefront FROM clients WHERE id = $1"
+        " UNION SELECT storefront FROM client_storefronts WHERE client_id = $1 ORDER BY storefront",
         client_id)]
     return client

@@ -12,36 +12,51 @@ from services.fraud.providers.base import CartLine, OrderFacts
 
 # One round trip: the order (locked), its client, the counts the rules use, and the cart.
 # Amounts travel as text so they stay Decimal.
+#
+# The client's counts come from one pass over its orders (orders_client_idx), not one scan
+# each: the five counts cost one index scan and the client's rows, where five subqueries cost
+# five scans, and the earlier-orders one was planned as a bitmap AND with the primary key's
+# whole range below the order (about 18 buffer accesses an order in the bench's burst). A
+# client with many orders is read once as before (the Active count always read them all).
+# The cart and the domain names are read from the order's items once. The order's storefront
+# may use its client when it created it (clients.storefront, never unlinked) or an operator
+# linked it: the link table is read only in the second case.
 _FACTS = """
 SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
   c.address1, c.address2, c.city, c.state, c.postcode, c.phone,
-  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
-     AND (x.status = 'Active' OR (x.status = 'Pending' AND x.screening IN ('passed', 'skipped')
-          AND EXISTS (SELECT 1 FROM invoices i WHERE i.order_id = x.id AND i.status = 'Paid'
-                      AND i.total > 0)))) AS earlier,
-  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
-     AND x.status = 'Fraud') AS earlier_fraud,
-  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.id < o.id
-     AND x.status = 'Cancelled') AS earlier_cancelled,
-  ARRAY(SELECT s.domain FROM services s WHERE s.order_id = o.id AND s.domain IS NOT NULL
-        UNION SELECT d.domain FROM domains d WHERE d.order_id = o.id) AS domain_names,
+  k.earlier, k.earlier_fraud, k.earlier_cancelled, k.from_client, k.active_orders,
+  items.cart, items.domain_names,
   (SELECT max(id) FROM fraud_rule_sets) AS rule_set_id,
   (SELECT value FROM catalog_meta WHERE key = 'default_currency') AS default_currency,
   (SELECT count(*) FROM orders x WHERE x.ip_address = o.ip_address
      AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_ip,
-  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id
-     AND x.created_at > o.created_at - $2::interval AND x.id <= o.id) AS from_client,
-  (SELECT count(*) FROM orders x WHERE x.client_id = o.client_id AND x.status = 'Active')
-     AS active_orders,
-  EXISTS (SELECT 1 FROM client_storefronts l WHERE l.storefront = o.storefront
-          AND l.client_id = o.client_id) AS own_client,
-  (SELECT coalesce(json_agg(json_build_array(kind, name, amount) ORDER BY kind DESC, id), '[]')
-     FROM (SELECT 'product' AS kind, s.id, p.slug AS name, s.amount::text AS amount
-             FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = o.id
-           UNION ALL
-           SELECT 'domain', d.id, d.domain, d.amount::text FROM domains d WHERE d.order_id = o.id
-          ) items) AS cart
+  c.storefront = o.storefront OR EXISTS (SELECT 1 FROM client_storefronts l
+     WHERE l.storefront = o.storefront AND l.client_id = o.client_id) AS own_client
 FROM orders o JOIN clients c ON c.id = o.client_id
+CROSS JOIN LATERAL (
+  SELECT
+    count(*) FILTER (WHERE x.id < o.id AND (x.status = 'Active' OR (x.status = 'Pending'
+      AND x.screening IN ('passed', 'skipped') AND EXISTS (SELECT 1 FROM invoices i
+        WHERE i.order_id = x.id AND i.status = 'Paid' AND i.total > 0)))) AS earlier,
+    count(*) FILTER (WHERE x.id < o.id AND x.status = 'Fraud') AS earlier_fraud,
+    count(*) FILTER (WHERE x.id < o.id AND x.status = 'Cancelled') AS earlier_cancelled,
+    count(*) FILTER (WHERE x.created_at > o.created_at - $2::interval AND x.id <= o.id)
+      AS from_client,
+    count(*) FILTER (WHERE x.status = 'Active') AS active_orders
+  FROM orders x WHERE x.client_id = o.client_id
+) k
+CROSS JOIN LATERAL (
+  SELECT coalesce(json_agg(json_build_array(kind, name, amount) ORDER BY kind DESC, id), '[]')
+      AS cart,
+    coalesce(array_agg(DISTINCT domain) FILTER (WHERE domain IS NOT NULL), '{}')
+      AS domain_names
+  FROM (SELECT 'product' AS kind, s.id, p.slug AS name, s.amount::text AS amount, s.domain
+          FROM services s JOIN products p ON p.id = s.product_id WHERE s.order_id = o.id
+        UNION ALL
+        SELECT 'domain', d.id, d.domain, d.amount::text, d.domain
+          FROM domains d WHERE d.order_id = o.id
+       ) item
+) items
 WHERE o.id = $1
 """
 _LOCK_WITH_FACTS = _FACTS + " FOR UPDATE OF o"

@@ -121,26 +121,31 @@ def _default_codes() -> EppCodes:
 
 
 # The order this storefront already placed under the ref, whether other storefronts use the ref
-# too, and the client named by id if this storefront may use it: its creator, a storefront an
-# operator linked it to, or any operator ($4).
+# too (both from one read of the ref's orders), and the client named by id if this storefront
+# may use it: its creator (clients.storefront), a storefront an operator linked it to
+# (client_storefronts), or any operator ($4).
 _BY_ID = """
-SELECT (SELECT id FROM orders WHERE order_ref = $1 AND storefront = $3) AS existing,
-  EXISTS (SELECT 1 FROM orders WHERE order_ref = $1 AND storefront <> $3) AS shared_ref,
-  (SELECT c.id FROM clients c WHERE c.id = $2 AND ($4 OR EXISTS (
+WITH refs AS MATERIALIZED (SELECT id, storefront FROM orders WHERE order_ref = $1)
+SELECT (SELECT id FROM refs WHERE storefront = $3) AS existing,
+  EXISTS (SELECT 1 FROM refs WHERE storefront <> $3) AS shared_ref,
+  (SELECT c.id FROM clients c WHERE c.id = $2 AND ($4 OR c.storefront = $3 OR EXISTS (
      SELECT 1 FROM client_storefronts l WHERE l.storefront = $3 AND l.client_id = c.id)))
   AS client_id
 """
 
 # By email: a client of this storefront's with that email (its own first, then one an operator
-# linked to it; for an operator, any), or a new one of its own, linked to it. Insert-or-reuse in
-# one statement, so two orders from one new client race safely; nothing is inserted for an order
+# linked to it; for an operator, any), or a new one of its own. Insert-or-reuse in one
+# statement, so two orders from one new client race safely; nothing is inserted for an order
 # already placed. A client reused by email keeps the details (name, billing address) stored with
-# it: an order never rewrites them.
+# it: an order never rewrites them. A new client is its storefront's by clients.storefront
+# alone: client_storefronts holds the links operators add (and, from before, creators' links),
+# so placing an order for a new client writes no link row.
 _BY_EMAIL = """
-WITH existing AS (SELECT id FROM orders WHERE order_ref = $6 AND storefront = $13),
+WITH refs AS MATERIALIZED (SELECT id, storefront FROM orders WHERE order_ref = $6),
+existing AS (SELECT id FROM refs WHERE storefront = $13),
 found AS (
-  SELECT c.id FROM clients c WHERE lower(c.email) = lower($1) AND ($14 OR EXISTS (
-    SELECT 1 FROM client_storefronts l WHERE l.storefront = $13 AND l.client_id = c.id))
+  SELECT c.id FROM clients c WHERE lower(c.email) = lower($1) AND ($14 OR c.storefront = $13
+    OR EXISTS (SELECT 1 FROM client_storefronts l WHERE l.storefront = $13 AND l.client_id = c.id))
   ORDER BY c.storefront = $13 DESC, c.id LIMIT 1
 ), ins AS (
   INSERT INTO clients (email, first_name, last_name, company, country,
@@ -148,11 +153,9 @@ found AS (
   SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11, $12, $13
   WHERE NOT EXISTS (SELECT 1 FROM existing) AND NOT EXISTS (SELECT 1 FROM found)
   ON CONFLICT (storefront, lower(email)) DO NOTHING RETURNING id
-), link AS (
-  INSERT INTO client_storefronts (storefront, client_id) SELECT $13, id FROM ins
 )
 SELECT (SELECT id FROM existing) AS existing,
-  EXISTS (SELECT 1 FROM orders WHERE order_ref = $6 AND storefront <> $13) AS shared_ref,
+  EXISTS (SELECT 1 FROM refs WHERE storefront <> $13) AS shared_ref,
   COALESCE((SELECT id FROM found), (SELECT id FROM ins)) AS client_id
 """
 
