@@ -89,9 +89,8 @@ SELECT i, lower(f || '.' || l) || i || '@example.com', f, l,
 FROM generate_series(1, {c}) i,
   LATERAL (SELECT {_array(FIRST)}[1 + i % {len(FIRST)}] AS f,
                   {_array(LAST)}[1 + (i / {len(FIRST)}) % {len(LAST)}] AS l) names"""),
-        ("storefront links", """
-INSERT INTO client_storefronts (storefront, client_id, linked_at)
-SELECT storefront, id, created_at FROM clients"""),
+        # No client_storefronts rows: a client is its creator's by clients.storefront, and
+        # placement writes no link for it (the table holds operators' links).
         ("orders", f"""
 INSERT INTO orders (id, order_ref, order_number, client_id, status, screening, currency,
     payment_method, ip_address, send_confirmation, generate_invoice, total, placed_by,
