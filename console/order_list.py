@@ -1,7 +1,8 @@
 """The console's order list (WHMCS's List Pending Orders) at a million orders: keyset pages in
 the list's order, placed then id, each read from where its range starts on an index of that
-order (migrations 0030, 0033), and a count exact up to LIST_COUNT_CAP ("1,000+" beyond it,
-and only when more than that many truly match).
+order (migrations 0030, 0033, 0040), and a count exact up to LIST_COUNT_CAP ("1,000+" beyond
+it, and only when more than that many truly match) — or, with a product, up to what its
+budget can read (below).
 
 A product filter has two ways to walk (issue 13's review: a product launched last month,
 filtered over ten years, walked every older order probing for it — slow — and counted "0+"):
@@ -21,16 +22,28 @@ SMALL_SIDE + 1 each, about a millisecond):
 - one side has at most SMALL_SIDE: it walks, at most SMALL_SIDE probes, and its count is
   exact;
 - else a short pilot walk of each side (PILOT probes) says which finds matches sooner, and
-  that side pages and counts (a common product with a common status: either finds them fast;
-  a product whose orders are all recent: its own side);
+  that side pages (a common product with a common status: either finds them fast; a product
+  whose orders are all recent: its own side);
 - unless both pilots found few (fewer than one in ten): then both sides' keys (placed time,
   id), read on their indexes alone in the list's order, are merged, with no probe (a product
   launched lately and the Cancelled orders since 2019, 12,000 and 60,000 rows with 769 in
   common: the product side probed all 12,000 orders, 42,700 buffers; the merge reads 800).
   PostgreSQL would hash one side whole instead, so the merge is asked for (_merged).
 
-Every count is exact up to LIST_COUNT_CAP, whichever way: a side walks until it has found
-LIST_COUNT_CAP + 1 matches or its range ends."""
+The count (issue 13, a first visit whose pages are not in PostgreSQL's shared buffers: each
+buffer touched may be a read): counting to 1,001 by a probe per row touched up to 16,000
+buffers (a common product with a rare status: 4,000 probes), so a product filter's count
+has a budget, and says "N+" — as many as it found, at least — when the budget runs out
+before its range ends:
+
+- both sides' keys merged (MERGE), from where both have some, at most COUNT_KEYS keys of each
+  (a few hundred index leaves; no probe): whenever both pilots found some match;
+- else (one side's matches lie far apart, as every older order's for a product launched
+  lately, or a side is small) the page's side walked, at most COUNT_WALK rows probed.
+
+An operator needs to know how many pages there are about, and that there are more, not the
+exact thousandth: "412+" at most costs a few hundred pages on a first visit, where "1,000+"
+cost thousands. A first page's count is never fewer than the rows it shows."""
 
 from __future__ import annotations
 
@@ -55,7 +68,7 @@ SCREENING_CHOICES = ["passed", "review", "failed", "skipped", "error", "queued"]
 # does not hold (a screening with a status, a product) costs a lookup for each row counted.
 LIST_COUNT_CAP = 1_000
 # A side of a product filter with at most this many rows in the range walks them all if need
-# be: at most this many probes (a few ms at 1M), and the count is exact.
+# be: at most this many probes (three or four buffers each), and the count is exact.
 SMALL_SIDE = 1_000
 # Both sides larger: each walks this many rows first, and the one that found more matches
 # pages and counts (orders side on a tie).
@@ -66,7 +79,8 @@ PILOT = 200
 # services_product_created_idx), so a first visit, its pages not in shared buffers, reads a
 # few hundred pages, not the thousands a probe per row touched (issue 13: 186-291 ms cold).
 COUNT_KEYS = 40_000
-# Or it walks the page's side, probing each row (three or four buffers), at most this many.
+# Or it walks the page's side, probing each row (three or four buffers), at most this many
+# (more than LIST_COUNT_CAP: a side whose rows nearly all match still says "1,000+").
 COUNT_WALK = 1_200
 
 ORDERS_SIDE, PRODUCT_SIDE, BOTH_SIDES = "orders", "product", "both"
