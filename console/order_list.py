@@ -380,13 +380,23 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     side = ORDERS_SIDE if plan is None else plan.side
     d = r.direction
     arg = _Args()
+    count = None
     if side == BOTH_SIDES:
-        assert product_id is not None
-        # The page's ids, merged; then their rows, by id.
-        async with _merged(conn):
-            ids = [row["id"] for row in await conn.fetch(
-                f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
-                f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+        assert plan is not None and product_id is not None
+        ids: list[int] | None = None
+        if r.edge is None and not plan.dense:
+            # A first page: the count's one pass over both sides' keys finds its ids too (a
+            # merge for the page would read them up to its 51st match, all over again).
+            count, found = await _merged_count(conn, f, r, product_id, plan.start, False,
+                                               with_ids=True)
+            if len(found) > limit or not count[1]:  # else its budget ran out before them
+                ids = found[:limit + 1]
+        if ids is None:  # the page's ids, merged
+            async with _merged(conn):
+                ids = [row["id"] for row in await conn.fetch(
+                    f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
+                    f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+        # Then their rows, by id.
         arg = _Args()
         page_sql = (f"SELECT {_ROW}{_FROM} WHERE o.id = ANY({arg(ids)}::bigint[])"
                     f" ORDER BY o.created_at {d}, o.id {d}")
@@ -409,7 +419,7 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     orders = [_order(row) for row in rows]
     if plan is None:
         count = await _count(conn, f, r.whole())
-    else:
+    elif count is None:
         assert product_id is not None
         count = await _product_count(conn, f, r.whole(), product_id, plan)
     if r.edge is None and (len(orders), more) > count:
@@ -440,7 +450,7 @@ async def _product_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, p
     cap, or the matches found before the count's budget ran out (COUNT_KEYS keys of each side
     merged, or COUNT_WALK rows of the page's side probed), as many as there are at least."""
     if plan.count == MERGE:
-        return await _merged_count(conn, f, r, product_id, plan.start, plan.dense)
+        return (await _merged_count(conn, f, r, product_id, plan.start, plan.dense))[0]
     return await _walked_count(conn, f, r, product_id, plan.side)
 
 
@@ -462,7 +472,8 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
 
 
 async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
-                        start: tuple[datetime, int] | None, dense: bool) -> tuple[int, bool]:
+                        start: tuple[datetime, int] | None, dense: bool, *,
+                        with_ids: bool = False) -> tuple[tuple[int, bool], list[int]]:
     """Both sides' keys merged, from where both have some, at most COUNT_KEYS of each: no
     probe per row (each probe is a descent of an index, three or four buffers; a merge reads
     a leaf of 150-250 keys as one). A common product with a rare status (Fraud and business
@@ -473,19 +484,24 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     product: 50 leaves). Else one pass of a full merge, which says at once how many matched and
     whether a side had more keys than its budget (an inner merge, then the sides counted
     again, read them twice: a side whose heap pages are not all visible, the newest orders'
-    until autovacuum has been, is fetched from the heap key by key)."""
+    until autovacuum has been, is fetched from the heap key by key). `with_ids` (a full merge
+    only): the matches' ids too, in the list's order (a first page's)."""
     arg = _Args()
     if not dense:
         orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
+        matched = "FILTER (WHERE p.order_id IS NOT NULL AND k.id IS NOT NULL)"
+        ids = (f"array_agg(k.id ORDER BY k.created_at, k.id) {matched}" if with_ids
+               else "NULL::bigint[]")
         async with _merged(conn):
-            n, n_orders, n_product = await conn.fetchrow(
-                "SELECT count(DISTINCT k.id) FILTER (WHERE p.order_id IS NOT NULL),"
-                " count(k.id) FILTER (WHERE p.order_id IS NULL), count(p.order_id)"
+            n, n_orders, n_product, found = await conn.fetchrow(
+                f"SELECT count(DISTINCT k.id) {matched},"
+                f" count(k.id) FILTER (WHERE p.order_id IS NULL), count(p.order_id), {ids}"
                 f" FROM ({orders}) k FULL JOIN"
                 f" ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id",
                 *arg.values)
         cut = n + n_orders > COUNT_KEYS or n_product > COUNT_KEYS  # (matched or not)
-        return min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut
+        # An order holding the product twice is matched twice: once is enough.
+        return (min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut), list(dict.fromkeys(found or []))
     orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS)
     async with _merged(conn):
         joined, n = await conn.fetchrow(
@@ -493,7 +509,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
             f" JOIN ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id"
             f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
         if joined > LIST_COUNT_CAP:
-            return min(n, LIST_COUNT_CAP), True
+            return (min(n, LIST_COUNT_CAP), True), []
         # Fewer than the pilots promised: exact if neither side ran out of its budget before
         # its range ended (the keys just read: in shared buffers now).
         arg = _Args()
@@ -501,7 +517,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
         cut = await conn.fetchval(
             f"SELECT (SELECT count(*) FROM ({orders}) k) > {COUNT_KEYS}"
             f" OR (SELECT count(*) FROM ({product}) p) > {COUNT_KEYS}", *arg.values)
-    return n, cut
+    return (n, cut), []
 
 
 async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,

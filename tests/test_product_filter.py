@@ -170,6 +170,15 @@ async def test_a_count_that_runs_out_of_its_budget_says_how_many_at_least(
     first = await order_list.order_list(conn, f)
     assert first["count"] == (expected, True)
     assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE]  # pages: whole
+    # Both sides' keys (Cancelled, launched): a first page's ids come with its count's merge,
+    # unless the budget ran out before a page of them; the page is the truth either way.
+    f = SKEWED[3][0]
+    truth = await _truth(conn, f)
+    for budget in (1_500, 30):
+        monkeypatch.setattr(order_list, "COUNT_KEYS", budget)
+        first = await order_list.order_list(conn, f)
+        assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE], budget
+        assert first["count"][1] and order_list.PAGE_SIZE <= first["count"][0] < len(truth)
     # Walked: Active with the launched product, each of its first COUNT_WALK services' orders
     # probed (the orders side's pilot, from ten years ago, found none).
     monkeypatch.setattr(order_list, "COUNT_WALK", 250)
@@ -196,7 +205,9 @@ async def test_each_way_of_reading_a_product_uses_indexes(conn: asyncpg.Connecti
     wrong, used, merges = [], set(), set()
     for f, side, count in SKEWED:
         explaining = Explaining(conn)
-        await order_list.order_list(explaining, f)
+        first = await order_list.order_list(explaining, f)
+        if side == order_list.BOTH_SIDES:  # a later page: its ids merged (a first page's:
+            await order_list.order_list(explaining, f, after=first["last_id"])  # the count's)
         for sql, plan in explaining.plans:
             nodes = scans(plan)
             if " JOIN (SELECT DISTINCT s.created_at" in sql or " JOIN (SELECT s.created_at" in sql:
@@ -210,7 +221,8 @@ async def test_each_way_of_reading_a_product_uses_indexes(conn: asyncpg.Connecti
             if whole:
                 wrong.append(f"{f}: {' '.join(sql.split())[:200]} reads {whole} whole")
     assert not wrong, "\n".join(wrong)
-    # A page of both sides' keys, and each count that merges.
+    # A later page of both sides' keys, and each count that merges (a first page's ids are its
+    # count's full merge).
     assert merges == {("page", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.PRODUCT_SIDE, order_list.MERGE),
