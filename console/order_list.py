@@ -42,7 +42,7 @@ before its range ends:
   lately, or a side is small) the page's side walked, at most COUNT_WALK rows probed.
 
 An operator needs to know how many pages there are about, and that there are more, not the
-exact thousandth: "412+" at most costs a few hundred pages on a first visit, where "1,000+"
+exact thousandth: "206+" at most costs a few hundred pages on a first visit, where "1,000+"
 cost thousands. A first page's count is never fewer than the rows it shows."""
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ SMALL_SIDE = 1_000
 PILOT = 200
 
 # A product filter's count, when both sides are larger than SMALL_SIDE, merges both sides'
-# keys, at most this many of each (about 360 leaves of orders_status_created_idx and 270 of
+# keys, at most this many of each (about 180 leaves of orders_status_created_idx and 135 of
 # services_product_created_idx), so a first visit, its pages not in shared buffers, reads a
-# few hundred pages, not the thousands a probe per row touched (issue 13: 186-291 ms cold).
-COUNT_KEYS = 40_000
+# few hundred pages, not the thousands a probe per row touched (issue 13: 186-291 ms cold);
+# and its CPU stays under a probe count's (a merge of 2 x 40,000 keys took as long as 4,000
+# probes, 10-20 ms at load 3; 2 x 10,000: 4-8 ms).
+COUNT_KEYS = 20_000
 # Or it walks the page's side, probing each row (three or four buffers), at most this many
 # (more than LIST_COUNT_CAP: a side whose rows nearly all match still says "1,000+").
 COUNT_WALK = 1_200
@@ -478,7 +480,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     probe per row (each probe is a descent of an index, three or four buffers; a merge reads
     a leaf of 150-250 keys as one). A common product with a rare status (Fraud and business
     since 2021 at 1M: 1,463 match) probed about 4,000 orders, 12,000 buffers, to count 1,001;
-    merged, it reads at most about 600 leaves and says "N+" when its keys ran out first.
+    merged, it reads at most about 320 leaves and says "N+" when its keys ran out first.
 
     Dense matches: an inner merge that stops at LIST_COUNT_CAP + 1 (Active with a common
     product: 50 leaves). Else one pass of a full merge, which says at once how many matched and
