@@ -14,6 +14,12 @@ the page's whole time: each SELECT a page runs is first run under EXPLAIN (ANALY
 (its plan's planning + execution time and the buffers it touched, summed per request), then
 run as usual; the page times measured meanwhile include the EXPLAINs, so read the two columns
 of one run apart from a run without it.
+
+--cold: each page's first visit, for each of its paths once, after PostgreSQL's shared buffers
+were emptied of this database's pages (evict: two big tables read through an index, so their
+pages replace everyone else's; the operating system's cache still holds them, as it would on a
+server whose 128 MB of shared buffers are far smaller than its memory). With --explain, each
+statement's buffers read (not in shared buffers) and hit are printed too.
 """
 
 from __future__ import annotations
@@ -70,6 +76,21 @@ class NoBroker:
 
     async def close(self) -> None:
         pass
+
+
+async def evict(url: str) -> None:
+    """Replace the pages in PostgreSQL's shared buffers (by default 128 MB): read two of the
+    largest tables (history and invoice lines, about 470 MB at 1M orders) through their
+    primary keys, which, unlike a sequential scan (a ring of 256 kB), takes buffers from
+    the shared pool, several times over."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        for table, column in (("order_history", "detail::text"), ("invoice_items", "description"),
+                              ("order_history", "detail::text")):
+            await conn.fetchval(f"SELECT sum(length({column})) FROM {table} WHERE id > 0")
+    finally:
+        await conn.close()
 
 
 def _url(name: str) -> str:
@@ -178,11 +199,13 @@ class InDatabase:
         self.ms = 0.0
         self.buffers = 0
         self.statements = 0
+        self.read = 0  # of the buffers, those not found in shared buffers
         self.slowest: tuple[float, str] = (0.0, "")
         self._saved: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.ms, self.buffers, self.statements, self.slowest = 0.0, 0, 0, (0.0, "")
+        self.read = 0
 
     def install(self) -> None:
         """On asyncpg's Connection class: the pool's connections (and their proxies) use it."""
@@ -209,6 +232,7 @@ class InDatabase:
                 meter.statements += 1
                 meter.buffers += (plan["Plan"].get("Shared Hit Blocks", 0)
                                   + plan["Plan"].get("Shared Read Blocks", 0))
+                meter.read += plan["Plan"].get("Shared Read Blocks", 0)
                 if ms > meter.slowest[0]:
                     meter.slowest = (ms, " ".join(query.split()))
             return await original(conn, query, *args, **kw)
@@ -218,7 +242,8 @@ class InDatabase:
 
 async def measure(url: str, shape: Shape, requests: int,
                   only: list[str] | None = None,
-                  in_db: InDatabase | None = None) -> list[tuple[str, float, float, float]]:
+                  in_db: InDatabase | None = None,
+                  cold: bool = False) -> list[tuple[str, float, float, float]]:
     settings = Settings(database_url=url, amqp_url="amqp://guest:guest@127.0.0.1:5672/",
                         console_secret_key="b" * 40, log_level="WARNING")
     state = await open_state(settings, publisher=NoBroker())
@@ -235,8 +260,14 @@ async def measure(url: str, shape: Shape, requests: int,
             assert signed.status_code == 303, signed.text[:300]
             async with state.pool.acquire() as conn:
                 plan = await pages(conn, shape)
+            if cold:  # the process warm (templates compiled), as a server that has served
+                for path in ("/", "/orders", "/orders?status=all&client=1"):
+                    await client.get(path)
             for name, paths in plan:
                 if only and not any(part in name for part in only):
+                    continue
+                if cold:
+                    out.append(await first_visits(client, url, name, paths, in_db))
                     continue
                 for path in paths[:3]:  # warm: the plans and the buffers
                     await client.get(path)
@@ -270,6 +301,25 @@ async def measure(url: str, shape: Shape, requests: int,
     return out
 
 
+async def first_visits(client: httpx.AsyncClient, url: str, name: str, paths: list[str],
+                       in_db: InDatabase | None) -> tuple[str, float, float, float]:
+    """Each path once, after the shared buffers were emptied (--cold)."""
+    times = []
+    for path in dict.fromkeys(paths):
+        await evict(url)
+        if in_db:
+            in_db.reset()
+        t0 = time.perf_counter()
+        response = await client.get(path)
+        times.append((time.perf_counter() - t0) * 1000)
+        assert response.status_code == 200, (path, response.status_code)
+        extra = (f"; in the database {in_db.ms:.1f} ms, {in_db.statements} statements,"
+                 f" {in_db.buffers:,} buffers ({in_db.read:,} read)" if in_db else "")
+        print(f"  {name[:28]:<28} first visit {times[-1]:7.1f} ms  {path}{extra}", flush=True)
+    times.sort()
+    return name, statistics.median(times), times[-1], times[-1]
+
+
 async def drop(url: str) -> None:
     conn = await asyncpg.connect(_url("postgres"))
     try:
@@ -289,6 +339,9 @@ async def main() -> None:
                         " comma-separated words (e.g. 'filtered')")
     parser.add_argument("--explain", action="store_true",
                         help="also the time inside the database (EXPLAIN ANALYZE) per page")
+    parser.add_argument("--cold", action="store_true",
+                        help="each path's first visit once, shared buffers emptied before each"
+                        " (p50 and p99 columns: the median and the slowest)")
     args = parser.parse_args()
     shape = Shape(orders=args.orders, clients=args.clients)
     url = args.database or _url(f"om_bench_console_{uuid.uuid4().hex[:8]}")
@@ -302,7 +355,7 @@ async def main() -> None:
         if in_db:
             in_db.install()
         rows = await measure(url, shape, args.requests,
-                             [w for w in (args.only or "").split(",") if w], in_db)
+                             [w for w in (args.only or "").split(",") if w], in_db, args.cold)
     finally:
         if args.keep or args.database:
             print(f"database kept: {url}")

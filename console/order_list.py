@@ -1,7 +1,8 @@
 """The console's order list (WHMCS's List Pending Orders) at a million orders: keyset pages in
 the list's order, placed then id, each read from where its range starts on an index of that
-order (migrations 0030, 0033), and a count exact up to LIST_COUNT_CAP ("1,000+" beyond it,
-and only when more than that many truly match).
+order (migrations 0030, 0033, 0040), and a count exact up to LIST_COUNT_CAP ("1,000+" beyond
+it, and only when more than that many truly match) — or, with a product, up to what its
+budget can read (below).
 
 A product filter has two ways to walk (issue 13's review: a product launched last month,
 filtered over ten years, walked every older order probing for it — slow — and counted "0+"):
@@ -21,16 +22,28 @@ SMALL_SIDE + 1 each, about a millisecond):
 - one side has at most SMALL_SIDE: it walks, at most SMALL_SIDE probes, and its count is
   exact;
 - else a short pilot walk of each side (PILOT probes) says which finds matches sooner, and
-  that side pages and counts (a common product with a common status: either finds them fast;
-  a product whose orders are all recent: its own side);
+  that side pages (a common product with a common status: either finds them fast; a product
+  whose orders are all recent: its own side);
 - unless both pilots found few (fewer than one in ten): then both sides' keys (placed time,
   id), read on their indexes alone in the list's order, are merged, with no probe (a product
   launched lately and the Cancelled orders since 2019, 12,000 and 60,000 rows with 769 in
   common: the product side probed all 12,000 orders, 42,700 buffers; the merge reads 800).
   PostgreSQL would hash one side whole instead, so the merge is asked for (_merged).
 
-Every count is exact up to LIST_COUNT_CAP, whichever way: a side walks until it has found
-LIST_COUNT_CAP + 1 matches or its range ends."""
+The count (issue 13, a first visit whose pages are not in PostgreSQL's shared buffers: each
+buffer touched may be a read): counting to 1,001 by a probe per row touched up to 16,000
+buffers (a common product with a rare status: 4,000 probes), so a product filter's count
+has a budget, and says "N+" — as many as it found, at least — when the budget runs out
+before its range ends:
+
+- both sides' keys merged (MERGE), from where both have some, at most COUNT_KEYS keys of each
+  (a few hundred index leaves; no probe): whenever both pilots found some match;
+- else (one side's matches lie far apart, as every older order's for a product launched
+  lately, or a side is small) the page's side walked, at most COUNT_WALK rows probed.
+
+An operator needs to know how many pages there are about, and that there are more, not the
+exact thousandth: "206+" at most costs a few hundred pages on a first visit, where "1,000+"
+cost thousands. A first page's count is never fewer than the rows it shows."""
 
 from __future__ import annotations
 
@@ -55,13 +68,25 @@ SCREENING_CHOICES = ["passed", "review", "failed", "skipped", "error", "queued"]
 # does not hold (a screening with a status, a product) costs a lookup for each row counted.
 LIST_COUNT_CAP = 1_000
 # A side of a product filter with at most this many rows in the range walks them all if need
-# be: at most this many probes (a few ms at 1M), and the count is exact.
-SMALL_SIDE = 2_000
+# be: at most this many probes (three or four buffers each), and the count is exact.
+SMALL_SIDE = 1_000
 # Both sides larger: each walks this many rows first, and the one that found more matches
 # pages and counts (orders side on a tie).
 PILOT = 200
 
+# A product filter's count, when both sides are larger than SMALL_SIDE, merges both sides'
+# keys, at most this many of each (about 180 leaves of orders_status_created_idx and 135 of
+# services_product_created_idx), so a first visit, its pages not in shared buffers, reads a
+# few hundred pages, not the thousands a probe per row touched (issue 13: 186-291 ms cold);
+# and its CPU stays under a probe count's (a merge of 2 x 40,000 keys took as long as 4,000
+# probes, 10-20 ms at load 3; 2 x 10,000: 4-8 ms).
+COUNT_KEYS = 20_000
+# Or it walks the page's side, probing each row (three or four buffers), at most this many
+# (more than LIST_COUNT_CAP: a side whose rows nearly all match still says "1,000+").
+COUNT_WALK = 1_200
+
 ORDERS_SIDE, PRODUCT_SIDE, BOTH_SIDES = "orders", "product", "both"
+MERGE, WALK = "merge", "walk"  # how a product filter is counted (_Plan)
 
 
 @dataclass
@@ -162,7 +187,7 @@ def _order_conds(f: OrderFilters, arg: _Args) -> list[str]:
     if f.flagged:
         # Screening errored, or scored over the threshold: the fraud service fails an order
         # whose latest score is over its threshold (services/fraud/handlers.py), so that is
-        # screening 'failed', read on orders_flagged_created_idx (its predicate, word for
+        # screening 'failed', read on orders_flagged_status_idx (its predicate, word for
         # word) rather than probing every order's latest check.
         conds.append("o.screening IN ('error', 'failed')")
     if f.client:
@@ -227,10 +252,11 @@ def _order_probe(f: OrderFilters, arg: _Args, columns: str) -> str:
 
 
 def _product_side(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
-                  columns: str = "o.*") -> str:
-    """FROM: the product side's walk, each order fetched as it goes (a LATERAL probe: OFFSET
-    0 keeps the planner from hashing every order of the filter instead)."""
-    walk = _services_walk(r, arg, product_id)
+                  columns: str = "o.*", limit: int | None = None) -> str:
+    """FROM: the product side's walk (its first `limit` rows), each order fetched as it goes
+    (a LATERAL probe: OFFSET 0 keeps the planner from hashing every order of the filter
+    instead)."""
+    walk = _services_walk(r, arg, product_id, limit)
     return f" FROM {walk} JOIN LATERAL ({_order_probe(f, arg, columns)} OFFSET 0) o ON true"
 
 
@@ -252,33 +278,59 @@ async def _merged(conn: asyncpg.Connection) -> AsyncIterator[None]:
     (it multiplies the two shares), and it would read one side whole into a hash table or
     probe the other side row by row."""
     async with conn.transaction():
+        # And each side read in that order on its index, from where it starts: a count's sides
+        # have a LIMIT of COUNT_KEYS, which the planner expects to read whole, and would fetch
+        # them all (a bitmap scan) to sort them, where the merge stops at LIST_COUNT_CAP + 1.
         await conn.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_nestloop = off;"
+                           " SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off;"
                            " SET LOCAL max_parallel_workers_per_gather = 0")
         yield
 
 
 async def _sizes(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
-                 cap: int) -> tuple[int, int]:
-    """Each side's rows in the range, counted up to cap + 1 on its index alone."""
+                 cap: int) -> tuple[int, int, tuple[datetime, int] | None]:
+    """Each side's rows in the range, counted up to cap + 1 on its index alone; and where the
+    later of the two sides' first keys (placed time, id) stands: a merged count starts there
+    (before it, one side has nothing to match)."""
     arg = _Args()
     orders = _orders_walk(f, r, arg)
     services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
-    n_orders, n_product = await conn.fetchrow(
-        f"SELECT (SELECT count(*) FROM (SELECT 1 FROM orders o{_clients(orders)}"
-        f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {cap + 1}) x),"
-        f" (SELECT count(*) FROM (SELECT 1 FROM services s WHERE {' AND '.join(services)}"
-        f" ORDER BY s.product_id, s.created_at, s.order_id LIMIT {cap + 1}) y)", *arg.values)
-    return n_orders, n_product
+    o_from = f"FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id"
+    s_from = (f"FROM services s WHERE {' AND '.join(services)}"
+              " ORDER BY s.product_id, s.created_at, s.order_id")
+    n_orders, n_product, first_order, first_product = await conn.fetchrow(
+        f"SELECT (SELECT count(*) FROM (SELECT 1 {o_from} LIMIT {cap + 1}) x),"
+        f" (SELECT count(*) FROM (SELECT 1 {s_from} LIMIT {cap + 1}) y),"
+        f" (SELECT ROW(o.created_at, o.id) {o_from} LIMIT 1),"
+        f" (SELECT ROW(s.created_at, s.order_id) {s_from} LIMIT 1)", *arg.values)
+    start = (None if first_order is None or first_product is None
+             else max(tuple(first_order), tuple(first_product)))
+    return n_orders, n_product, start
 
 
-async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int) -> str:
+@dataclass(frozen=True)
+class _Plan:
+    """How a product filter is read: the side its pages walk, how its count is read (MERGE:
+    both sides' keys from `start`; WALK: the page's side, probing each row)."""
+
+    side: str
+    count: str
+    start: tuple[datetime, int] | None = None
+    # A merged count's matches are dense enough that it will likely find LIST_COUNT_CAP + 1
+    # within its budget (the pilots' rates say so): it stops there.
+    dense: bool = False
+
+
+async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int) -> _Plan:
     """How a product filter is read (the module's docstring): the smaller side walks; else the
     side whose pilot found more matches, unless both found few (fewer than one in ten rows)
-    and both sides are middling: then their keys are intersected."""
+    and both sides are middling: then their keys are intersected. The count merges both
+    sides' keys, unless a pilot found no match at all (a side whose matches lie far apart, as
+    every older order's for a product launched lately): then it walks the page's side."""
     r = r.whole()
-    n_orders, n_product = await _sizes(conn, f, r, product_id, SMALL_SIDE)
+    n_orders, n_product, start = await _sizes(conn, f, r, product_id, SMALL_SIDE)
     if min(n_orders, n_product) <= SMALL_SIDE:
-        return ORDERS_SIDE if n_orders <= n_product else PRODUCT_SIDE
+        return _Plan(ORDERS_SIDE if n_orders <= n_product else PRODUCT_SIDE, WALK)
     arg = _Args()
     orders = _orders_walk(f, r, arg)
     found_orders, found_product = await conn.fetchrow(  # matches among each's first PILOT
@@ -288,8 +340,14 @@ async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id
         f" (SELECT count(*) FILTER (WHERE EXISTS ({_order_probe(f, arg, '1')}))"
         f" FROM {_services_walk(r, arg, product_id, PILOT)})", *arg.values)
     if max(found_orders, found_product) * 10 < PILOT:
-        return BOTH_SIDES
-    return PRODUCT_SIDE if found_product > found_orders else ORDERS_SIDE
+        side = BOTH_SIDES
+    else:
+        side = PRODUCT_SIDE if found_product > found_orders else ORDERS_SIDE
+    if side == BOTH_SIDES or min(found_orders, found_product) > 0:
+        needed = (LIST_COUNT_CAP + 1) * PILOT  # keys of a side to find that many, at its rate
+        dense = needed <= COUNT_KEYS * min(found_orders, found_product)
+        return _Plan(side, MERGE, start, dense)
+    return _Plan(side, WALK)
 
 
 def _empty(after: int | None, before: int | None) -> dict[str, Any]:
@@ -320,23 +378,27 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
                        ">" if after is not None else "<")
         else:  # no such order (an id typed into the address): the first page
             after = before = None
-    side = ORDERS_SIDE if product_id is None else await _side(conn, f, r, product_id)
+    plan = None if product_id is None else await _side(conn, f, r, product_id)
+    side = ORDERS_SIDE if plan is None else plan.side
     d = r.direction
     arg = _Args()
     count = None
     if side == BOTH_SIDES:
-        assert product_id is not None
-        # The page's ids, merged; then their rows, by id. The first page's merge goes on to
-        # LIST_COUNT_CAP + 1 ids, which are the count's: the two sides are merged once.
-        first = r.edge is None
-        async with _merged(conn):
-            ids = [row["id"] for row in await conn.fetch(
-                f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
-                f" ORDER BY k.created_at {d}, k.id {d}"
-                f" LIMIT {max(limit, LIST_COUNT_CAP) + 1 if first else limit + 1}", *arg.values)]
-        if first:
-            count = (min(len(ids), LIST_COUNT_CAP), len(ids) > LIST_COUNT_CAP)
-            ids = ids[:limit + 1]
+        assert plan is not None and product_id is not None
+        ids: list[int] | None = None
+        if r.edge is None and not plan.dense:
+            # A first page: the count's one pass over both sides' keys finds its ids too (a
+            # merge for the page would read them up to its 51st match, all over again).
+            count, found = await _merged_count(conn, f, r, product_id, plan.start, False,
+                                               with_ids=True)
+            if len(found) > limit or not count[1]:  # else its budget ran out before them
+                ids = found[:limit + 1]
+        if ids is None:  # the page's ids, merged
+            async with _merged(conn):
+                ids = [row["id"] for row in await conn.fetch(
+                    f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
+                    f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+        # Then their rows, by id.
         arg = _Args()
         page_sql = (f"SELECT {_ROW}{_FROM} WHERE o.id = ANY({arg(ids)}::bigint[])"
                     f" ORDER BY o.created_at {d}, o.id {d}")
@@ -357,8 +419,14 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     if d == "DESC":
         rows = list(reversed(rows))
     orders = [_order(row) for row in rows]
-    if count is None:
-        count = await _count(conn, f, r.whole(), product_id, side)
+    if plan is None:
+        count = await _count(conn, f, r.whole())
+    elif count is None:
+        assert product_id is not None
+        count = await _product_count(conn, f, r.whole(), product_id, plan)
+    if r.edge is None and (len(orders), more) > count:
+        # A count that stopped short (_product_count): never fewer than the first page shows.
+        count = (len(orders), more or count[1])
     first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
     return {
         "orders": orders, "count": count,
@@ -368,23 +436,109 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     }
 
 
-async def _count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int | None,
-                 side: str) -> tuple[int, bool]:
-    """The range's matches, counted on the side that walks, up to LIST_COUNT_CAP + 1 of them:
-    capped only when more than the cap truly match."""
+async def _count(conn: asyncpg.Connection, f: OrderFilters, r: _Range) -> tuple[int, bool]:
+    """The range's matches without a product, up to LIST_COUNT_CAP + 1 of them on the list's
+    index (capped only when more than the cap truly match): one range of an index, in order."""
     arg = _Args()
-    if side == BOTH_SIDES:
-        assert product_id is not None
-        async with _merged(conn):
-            return await capped_count(conn, f"SELECT 1{_both_sides(f, r, arg, product_id)}",
-                                      *arg.values, cap=LIST_COUNT_CAP)
-    if side == PRODUCT_SIDE:
-        assert product_id is not None
-        return await capped_count(conn, f"SELECT 1{_product_side(f, r, arg, product_id, '1')}",
-                                  *arg.values, cap=LIST_COUNT_CAP)
     conds = _orders_walk(f, r, arg)
-    if product_id is not None:
-        conds.append(_has_product(arg, product_id))
     return await capped_count(conn, f"SELECT 1 FROM orders o{_clients(conds)}"
                               f" WHERE {' AND '.join(conds)}", *arg.values, cap=LIST_COUNT_CAP,
                               order_by="o.created_at, o.id")
+
+
+async def _product_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
+                         plan: _Plan) -> tuple[int, bool]:
+    """The range's orders with the product: exact up to LIST_COUNT_CAP, else "N+" — N the
+    cap, or the matches found before the count's budget ran out (COUNT_KEYS keys of each side
+    merged, or COUNT_WALK rows of the page's side probed), as many as there are at least."""
+    if plan.count == MERGE:
+        return (await _merged_count(conn, f, r, product_id, plan.start, plan.dense))[0]
+    return await _walked_count(conn, f, r, product_id, plan.side)
+
+
+def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
+          start: tuple[datetime, int] | None, limit: int) -> tuple[str, str]:
+    """Both sides' keys (placed time, id) in the range from `start`, in the list's order, at
+    most `limit` of each, read on their indexes alone: (the orders', the product's). The
+    product's are not made distinct (an order may hold it twice): their count is."""
+    orders = _orders_walk(f, r, arg)
+    services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    if start is not None:
+        at, key = arg(start[0]), arg(start[1])
+        orders.append(f"(o.created_at, o.id) >= ({at}, {key})")
+        services.append(f"(s.created_at, s.order_id) >= ({at}, {key})")
+    return (f"SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
+            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {limit}",
+            f"SELECT s.created_at, s.order_id FROM services s WHERE {' AND '.join(services)}"
+            f" ORDER BY s.created_at, s.order_id LIMIT {limit}")
+
+
+async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
+                        start: tuple[datetime, int] | None, dense: bool, *,
+                        with_ids: bool = False) -> tuple[tuple[int, bool], list[int]]:
+    """Both sides' keys merged, from where both have some, at most COUNT_KEYS of each: no
+    probe per row (each probe is a descent of an index, three or four buffers; a merge reads
+    a leaf of 150-250 keys as one). A common product with a rare status (Fraud and business
+    since 2021 at 1M: 1,463 match) probed about 4,000 orders, 12,000 buffers, to count 1,001;
+    merged, it reads at most about 320 leaves and says "N+" when its keys ran out first.
+
+    Dense matches: an inner merge that stops at LIST_COUNT_CAP + 1 (Active with a common
+    product: 50 leaves). Else one pass of a full merge, which says at once how many matched and
+    whether a side had more keys than its budget (an inner merge, then the sides counted
+    again, read them twice: a side whose heap pages are not all visible, the newest orders'
+    until autovacuum has been, is fetched from the heap key by key). `with_ids` (a full merge
+    only): the matches' ids too, in the list's order (a first page's)."""
+    arg = _Args()
+    if not dense:
+        orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
+        matched = "FILTER (WHERE p.order_id IS NOT NULL AND k.id IS NOT NULL)"
+        ids = (f"array_agg(k.id ORDER BY k.created_at, k.id) {matched}" if with_ids
+               else "NULL::bigint[]")
+        async with _merged(conn):
+            n, n_orders, n_product, found = await conn.fetchrow(
+                f"SELECT count(DISTINCT k.id) {matched},"
+                f" count(k.id) FILTER (WHERE p.order_id IS NULL), count(p.order_id), {ids}"
+                f" FROM ({orders}) k FULL JOIN"
+                f" ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id",
+                *arg.values)
+        cut = n + n_orders > COUNT_KEYS or n_product > COUNT_KEYS  # (matched or not)
+        # An order holding the product twice is matched twice: once is enough.
+        return (min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut), list(dict.fromkeys(found or []))
+    orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS)
+    async with _merged(conn):
+        joined, n = await conn.fetchrow(
+            f"SELECT count(*), count(DISTINCT id) FROM (SELECT k.id FROM ({orders}) k"
+            f" JOIN ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id"
+            f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
+        if joined > LIST_COUNT_CAP:
+            return (min(n, LIST_COUNT_CAP), True), []
+        # Fewer than the pilots promised: exact if neither side ran out of its budget before
+        # its range ended (the keys just read: in shared buffers now).
+        arg = _Args()
+        orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
+        cut = await conn.fetchval(
+            f"SELECT (SELECT count(*) FROM ({orders}) k) > {COUNT_KEYS}"
+            f" OR (SELECT count(*) FROM ({product}) p) > {COUNT_KEYS}", *arg.values)
+    return (n, cut), []
+
+
+async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
+                        side: str) -> tuple[int, bool]:
+    """The page's side walked, at most COUNT_WALK of its rows, each probed (the other side's
+    matches lie far apart, or one side is small: SMALL_SIDE < COUNT_WALK, so that count is
+    exact), until LIST_COUNT_CAP + 1 match."""
+    arg = _Args()
+    if side == ORDERS_SIDE:
+        orders = _orders_walk(f, r, arg)
+        walk = (f"SELECT o.id, o.created_at FROM orders o{_clients(orders)}"
+                f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id")
+        found = (f"SELECT 1 FROM ({walk} LIMIT {COUNT_WALK}) o"
+                 f" WHERE {_has_product(arg, product_id)} LIMIT {LIST_COUNT_CAP + 1}")
+        walked = f"SELECT 1 FROM ({walk} LIMIT {COUNT_WALK + 1}) o"
+    else:
+        found = (f"SELECT 1{_product_side(f, r, arg, product_id, '1', COUNT_WALK)}"
+                 f" LIMIT {LIST_COUNT_CAP + 1}")
+        walked = f"SELECT 1 FROM {_services_walk(r, arg, product_id, COUNT_WALK + 1)}"
+    n, rows = await conn.fetchrow(f"SELECT (SELECT count(*) FROM ({found}) x),"
+                                  f" (SELECT count(*) FROM ({walked}) y)", *arg.values)
+    return min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or rows > COUNT_WALK

@@ -6,6 +6,7 @@ orders side, the product side, both sides' keys intersected) reads through index
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -86,31 +87,37 @@ async def _truth(conn: asyncpg.Connection, f: OrderFilters) -> list[int]:
         " AND p.slug = $1) ORDER BY o.created_at, o.id", *args)]
 
 
-async def _side(conn: asyncpg.Connection, f: OrderFilters) -> str:
+async def _side(conn: asyncpg.Connection, f: OrderFilters) -> order_list._Plan:
     product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
     since = order_list._day(f.since, "from")
     return await order_list._side(conn, f, order_list._Range(since), product_id)
 
 
-# Each filter, with the way order_list reads it.
+# Each filter, with the way order_list reads it: the side its pages walk, and its count
+# (both sides' keys merged, or the page's side walked with a probe per row).
 SKEWED = [
-    (OrderFilters(status="all", product="launch"), order_list.PRODUCT_SIDE),
-    (OrderFilters(status="Active", product="launch"), order_list.PRODUCT_SIDE),
-    (OrderFilters(status="Fraud", product="launch"), order_list.ORDERS_SIDE),  # 371 Fraud
-    (OrderFilters(status="Cancelled", product="launch"), order_list.BOTH_SIDES),
-    (OrderFilters(status="all", flagged="1", product="launch"), order_list.ORDERS_SIDE),
-    (OrderFilters(status="Active", product="common"), order_list.PRODUCT_SIDE),
+    (OrderFilters(status="all", product="launch"), order_list.PRODUCT_SIDE, order_list.WALK),
+    (OrderFilters(status="Active", product="launch"), order_list.PRODUCT_SIDE, order_list.WALK),
+    # 371 Fraud orders: the small side, walked whole.
+    (OrderFilters(status="Fraud", product="launch"), order_list.ORDERS_SIDE, order_list.WALK),
+    (OrderFilters(status="Cancelled", product="launch"), order_list.BOTH_SIDES,
+     order_list.MERGE),
+    (OrderFilters(status="all", flagged="1", product="launch"), order_list.ORDERS_SIDE,
+     order_list.WALK),
+    (OrderFilters(status="Active", product="common"), order_list.PRODUCT_SIDE, order_list.MERGE),
     (OrderFilters(status="Cancelled", product="common", since="2000-01-01"),
-     order_list.ORDERS_SIDE),
+     order_list.ORDERS_SIDE, order_list.MERGE),
 ]
 
 
 async def test_a_skewed_product_is_counted_and_paged_right(conn: asyncpg.Connection) -> None:
     """Walked from ten years ago, the orders side found no launched order among the first
-    2,000 and said "0+"; every count is now the truth (capped at 1,000 only when more match),
-    and the pages, forwards and back, are the plain query's."""
-    for f, side in SKEWED:
-        assert await _side(conn, f) == side, f
+    2,000 and said "0+"; every count is now the truth (capped at 1,000 only when more match:
+    here no count runs out of its budget), and the pages, forwards and back, are the plain
+    query's."""
+    for f, side, count in SKEWED:
+        plan = await _side(conn, f)
+        assert (plan.side, plan.count) == (side, count), f
         truth = await _truth(conn, f)
         first = await order_list.order_list(conn, f)
         cap = order_list.LIST_COUNT_CAP
@@ -134,33 +141,143 @@ async def test_a_skewed_product_is_counted_and_paged_right(conn: asyncpg.Connect
     assert [o["id"] for o in back["orders"]] == [o["id"] for o in pages[-2]["orders"]]
 
 
+async def _keys(conn: asyncpg.Connection, sql: str, *args: Any) -> list[int]:
+    return [r[0] for r in await conn.fetch(sql, *args)]
+
+
+async def test_a_count_that_runs_out_of_its_budget_says_how_many_at_least(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A count reads at most a budget of rows: a merged count COUNT_KEYS keys of each side, a
+    walked one COUNT_WALK rows of its side. When the budget runs out before the range ends,
+    the count says "N+", N the matches among what it read (never fewer than the first page
+    shows), and never more than truly match."""
+    monkeypatch.setattr(order_list, "COUNT_KEYS", 1_500)
+    # Cancelled with the common product: 838 match among 2,770 Cancelled orders (merged).
+    f = SKEWED[6][0]
+    plan = await _side(conn, f)
+    assert plan.count == order_list.MERGE and plan.start is not None
+    truth = await _truth(conn, f)
+    cancelled = await _keys(conn, "SELECT id FROM orders WHERE status = 'Cancelled' AND"
+                            " (created_at, id) >= ($1, $2) ORDER BY created_at, id LIMIT 1500",
+                            *plan.start)
+    common = await _keys(conn, "SELECT s.order_id FROM services s JOIN products p ON"
+                         " p.id = s.product_id WHERE p.slug = 'common' AND (s.created_at,"
+                         " s.order_id) >= ($1, $2) ORDER BY s.created_at, s.order_id LIMIT 1500",
+                         *plan.start)
+    expected = len(set(cancelled) & set(common))
+    assert 0 < expected < len(truth) == 838
+    first = await order_list.order_list(conn, f)
+    assert first["count"] == (expected, True)
+    assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE]  # pages: whole
+    # Both sides' keys (Cancelled, launched): a first page's ids come with its count's merge,
+    # unless the budget ran out before a page of them; the page is the truth either way.
+    f = SKEWED[3][0]
+    truth = await _truth(conn, f)
+    for budget in (1_500, 30):
+        monkeypatch.setattr(order_list, "COUNT_KEYS", budget)
+        first = await order_list.order_list(conn, f)
+        assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE], budget
+        assert first["count"][1] and order_list.PAGE_SIZE <= first["count"][0] < len(truth)
+    # Walked: Active with the launched product, each of its first COUNT_WALK services' orders
+    # probed (the orders side's pilot, from ten years ago, found none).
+    monkeypatch.setattr(order_list, "COUNT_WALK", 250)
+    f = SKEWED[1][0]
+    assert (await _side(conn, f)).count == order_list.WALK
+    truth = await _truth(conn, f)
+    launched = await _keys(conn, "SELECT s.order_id FROM services s JOIN products p ON"
+                           " p.id = s.product_id WHERE p.slug = 'launch'"
+                           " ORDER BY s.created_at, s.order_id LIMIT 250")
+    expected = len(set(launched) & set(truth))
+    assert order_list.PAGE_SIZE < expected < 250  # some of them are not Active
+    assert (await order_list.order_list(conn, f))["count"] == (expected, True)
+    # A budget smaller than the first page's matches: the count is at least the page.
+    monkeypatch.setattr(order_list, "COUNT_WALK", 40)
+    first = await order_list.order_list(conn, f)
+    assert len(first["orders"]) == order_list.PAGE_SIZE and first["more_after"]
+    assert first["count"] == (order_list.PAGE_SIZE, True)
+
+
 async def test_each_way_of_reading_a_product_uses_indexes(conn: asyncpg.Connection) -> None:
     """No statement of a product filter reads a growing table whole; the product side walks
-    services_product_created_idx (migration 0033) and fetches orders by id."""
-    wrong, used, merged = [], set(), 0
-    for f, side in SKEWED:
+    services_product_created_idx (migration 0033) and fetches orders by id; a merge of both
+    sides' keys (a page's, a count's) reads each on its index alone."""
+    wrong, used, merges = [], set(), set()
+    for f, side, count in SKEWED:
         explaining = Explaining(conn)
-        await order_list.order_list(explaining, f)
+        first = await order_list.order_list(explaining, f)
+        if side == order_list.BOTH_SIDES:  # a later page: its ids merged (a first page's:
+            await order_list.order_list(explaining, f, after=first["last_id"])  # the count's)
         for sql, plan in explaining.plans:
             nodes = scans(plan)
-            if side == order_list.BOTH_SIDES and "JOIN (SELECT DISTINCT" in sql:
+            if " JOIN (SELECT DISTINCT s.created_at" in sql or " JOIN (SELECT s.created_at" in sql:
                 # Both sides' keys merged, each read on its index alone.
                 assert "Merge Join" in _node_types(plan), plan
-                assert {(n, i) for n, _, i in nodes} == {
-                    ("Index Only Scan", "orders_status_created_idx"),
-                    ("Index Only Scan", "services_product_created_idx")}, nodes
-                merged += 1
+                assert {n for n, _, _ in nodes} == {"Index Only Scan"}, nodes
+                assert {i for _, _, i in nodes} >= {"services_product_created_idx"}, nodes
+                merges.add(("page" if "JOIN (SELECT DISTINCT" in sql else "count", side, count))
             used |= {index for _, _, index in nodes if index}
             whole = [rel for node, rel, _ in nodes if node == "Seq Scan" and rel in FILLED]
             if whole:
                 wrong.append(f"{f}: {' '.join(sql.split())[:200]} reads {whole} whole")
     assert not wrong, "\n".join(wrong)
-    # A first page's keys and its count are one merge (up to LIST_COUNT_CAP + 1 keys).
-    assert merged == 1
+    # A later page of both sides' keys, and each count that merges (a first page's ids are its
+    # count's full merge).
+    assert merges == {("page", order_list.BOTH_SIDES, order_list.MERGE),
+                      ("count", order_list.BOTH_SIDES, order_list.MERGE),
+                      ("count", order_list.PRODUCT_SIDE, order_list.MERGE),
+                      ("count", order_list.ORDERS_SIDE, order_list.MERGE)}, merges
     # The orders side probes services_product_created_idx too (one key: product, placed time,
     # order), no index of its own (migration 0036 dropped services_product_order_idx).
     assert {"services_product_created_idx", "orders_pkey"} <= used, used
     assert "services_product_order_idx" not in used, used
+
+
+class Buffers(Explaining):
+    """Runs each statement under EXPLAIN (ANALYZE, BUFFERS) first: the buffers it touched
+    (shared hits and reads), which a busy machine does not change."""
+
+    async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
+        raw = await self.conn.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
+        plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+        self.plans.append((sql, plan))
+
+    def touched(self) -> list[tuple[int, str]]:
+        return [(plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0),
+                 " ".join(sql.split())[:160]) for sql, plan in self.plans]
+
+
+# A request may touch: the sizes and the pilots (2 x PILOT probes, 3-4 buffers each), its page
+# (51 rows and their clients, items and checks: here about 7 buffers a row), and its count.
+PILOTS = 2 * order_list.PILOT * 4
+PAGE = 51 * 8
+COUNTED = 600  # a count: a few hundred index pages at most
+
+
+async def test_the_costliest_filters_touch_a_bounded_number_of_buffers(
+    conn: asyncpg.Connection,
+) -> None:
+    """Issue 13: a first visit whose pages are not in shared buffers pays for each page it
+    touches. A common product with a rare status was counted by probing each order of the
+    status (four buffers each) until 1,001 matched, or the range ended: Cancelled with the
+    common product here, 838 of 2,770, was about 10,000 buffers (at 1M, Fraud and business
+    since 2021: 15,900). Counted by merging both sides' keys, read on their indexes alone, it
+    is a few hundred; and "Fraud and flagged" reads its keys and their status on the flagged
+    orders' index (migration 0040), where it fetched each Fraud order from the heap."""
+    for f in (SKEWED[6][0], OrderFilters(status="Cancelled", product="common"),
+              OrderFilters(status="Fraud", product="common"),
+              OrderFilters(status="all", flagged="1", product="common")):
+        measured = Buffers(conn)
+        first = await order_list.order_list(measured, f)
+        assert first["count"][0] > order_list.PAGE_SIZE, f
+        touched = measured.touched()
+        assert sum(n for n, _ in touched) <= PILOTS + PAGE + COUNTED, (f, touched)
+    measured = Buffers(conn)
+    first = await order_list.order_list(measured, OrderFilters(status="Fraud", flagged="1"))
+    assert first["count"] == (371, False)  # one order in 97, every one flagged
+    (count_buffers, count_sql), = [t for t in measured.touched() if "count(*)" in t[1]]
+    assert count_buffers <= 10, (count_buffers, count_sql)
+    assert "Index Only Scan" in _node_types(measured.plans[-1][1]), measured.plans[-1]
 
 
 def _node_types(plan: dict[str, Any]) -> list[str]:
