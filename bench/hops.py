@@ -5,7 +5,7 @@ flow), from the bench database's own timestamps and the bench's publish and rece
 `clock_timestamp()` (the moment, not the transaction's start) when an outbox row is written
 and when the relay marks it published (after the broker's confirms), and when a job changes
 status (claimed: `running`; `done`). With the columns the product writes anyway (`orders`,
-`fraud_checks` and `payments`' `created_at`: the consuming transaction's start; `outbox.
+`fraud_checks` `created_at`, `payments.received_at`: the consuming transaction's start; `outbox.
 published_at`: the relay pass's start, when it claimed the row), each order's path splits into:
 
     screened: publish -> placement txn starts -> order.placed written -> relay claims it ->
@@ -79,7 +79,7 @@ SELECT o.order_ref AS ref,
         AND routing_key = 'order.placed') AS placed_claimed,
     (SELECT extract(epoch FROM at) FROM tr WHERE tr.ref = o.order_ref
         AND kind = 'marked:order.placed') AS placed_marked,
-    (SELECT extract(epoch FROM min(created_at)) FROM fraud_checks f WHERE f.order_id = o.id)
+    (SELECT extract(epoch FROM min(f.created_at)) FROM fraud_checks f WHERE f.order_id = o.id)
         AS fraud_txn,
     (SELECT extract(epoch FROM at) FROM tr WHERE tr.ref = o.order_ref
         AND kind = 'written:order.screened') AS screened_written,
@@ -87,7 +87,7 @@ SELECT o.order_ref AS ref,
         AND routing_key = 'order.screened') AS screened_claimed,
     (SELECT extract(epoch FROM at) FROM tr WHERE tr.ref = o.order_ref
         AND kind = 'marked:order.screened') AS screened_marked,
-    (SELECT extract(epoch FROM min(created_at)) FROM payments p WHERE p.order_ref = o.order_ref)
+    (SELECT extract(epoch FROM min(p.received_at)) FROM payments p WHERE p.order_ref = o.order_ref)
         AS payment_txn,
     (SELECT extract(epoch FROM at) FROM jt WHERE jt.order_id = o.id AND kind = 'job:running')
         AS job_claimed,
