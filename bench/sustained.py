@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import hops
 import psutil
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from pipeline import (
@@ -165,10 +166,14 @@ class Backlog:
                 ready = sum([(await q.declare()).message_count or 0 for q in declared])
                 row = await conn.fetchrow(
                     "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS events,"
-                    " (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending')) AS mails")
-                self.samples.append({"t": round(time.time() - started, 1),
+                    " (SELECT count(*) FROM emails WHERE status IN ('pending', 'sending')) AS mails,"
+                    " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)"
+                    " AS checkpoints")
+                now = time.time()
+                self.samples.append({"t": round(now - started, 1), "at": now,
                                      "in_flight": self.store.in_flight, "ready": ready,
-                                     "events": row["events"], "mails": row["mails"]})
+                                     "events": row["events"], "mails": row["mails"],
+                                     "checkpoints": row["checkpoints"]})
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 except TimeoutError:
@@ -223,6 +228,30 @@ class Run:
     worker: WorkerProcess
     store: FullFlow
     cpu: CpuMeter
+    hops: bool = False
+
+    async def hop_report(self, refs: list[str], first: float, ended: float,
+                         samples: list[dict[str, float]]) -> dict[str, Any]:
+        """The phase's orders hop by hop (bench/hops.py), and its timeline per second."""
+        store = self.store
+        mine: dict[str, dict[str, float]] = {}
+        for ref in refs:
+            stamp = {"published": store.placed_at[ref]}
+            if (heard := store.at("order.screened", ref)) is not None:
+                stamp["screened_heard"] = heard
+            if ref in store.paid_at and (active := store.at("service.created", ref)) is not None:
+                stamp |= {"paid": store.paid_at[ref], "active_heard": active}
+            mine[ref] = stamp
+        url = self.bench.settings.database_url
+        orders = await hops.stamps(url, mine)
+        passes, claims, counts = await hops.passes_and_claims(url, first, ended)
+        checkpoints = [s for s in samples if s.get("checkpoints") is not None]
+        rebased = [{**s, "t": s["at"] - first} for s in samples if "at" in s]
+        return {"breakdown": hops.breakdown(orders),
+                "per_order": {k: round(v / len(refs), 2) for k, v in counts.items()},
+                "checkpoints": (checkpoints[-1]["checkpoints"] - checkpoints[0]["checkpoints"])
+                if checkpoints else None,
+                "timeline": hops.timeline(orders, first, claims, passes, rebased)}
 
     async def phase(self, label: str, orders: list[tuple[str, bool]], rate: float | None,
                     *, wait_mail: bool = True) -> dict[str, Any]:
@@ -276,7 +305,10 @@ class Run:
             # a second), and its wall-clock span, to find its statements in the server's log.
             "transactions_per_order": round(transactions / len(refs), 1),
             "started_at": first, "ended_at": ended,
+            "samples": backlog.samples,
         }
+        if self.hops:
+            result["hops"] = await self.hop_report(refs, first, ended, backlog.samples)
         _progress(result)
         return result
 
@@ -305,7 +337,7 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
                           opts: argparse.Namespace, label: str, env: dict[str, str]) -> dict[str, Any]:
     """Warm-up, burst, then steady at rate-share of the burst, on a fresh worker."""
     worker, store, cpu = await with_worker(bench, connection, env, label)
-    run = Run(bench, connection, worker, store, cpu)
+    run = Run(bench, connection, worker, store, cpu, hops=opts.hops)
     before = await database_counters(bench.settings)
     started_at = time.time()
     try:
@@ -503,6 +535,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
             await create_database(s)
             if opts.log_statements:
                 await log_statements(s.database_url)
+            if opts.hops:
+                await hops.install(s.database_url)
             connection = await broker.connect(s.amqp_url, attempts=3)
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
             orders = Orders(bench.run_id, opts.pay_share)
@@ -578,6 +612,10 @@ def print_report(data: dict[str, Any]) -> None:
                   f" {s['transactions_per_order']} transactions per order steady"
                   f" ({r['burst']['transactions_per_order']} in the burst,"
                   f" {r['transactions_per_order']} over the round)")
+        for r in data["rounds"]:
+            for part in ("burst", "steady"):
+                if "hops" in r[part]:
+                    print_hops(f"round {r['round']} {r['label']}, {part}", r[part]["hops"])
     if "volume" in data:
         v = data["volume"]
         print(f"volume: {v['orders']:,} orders, retention windows {v['window_seconds']:g} s\n")
@@ -590,6 +628,31 @@ def print_report(data: dict[str, Any]) -> None:
         print(_table(("after orders", "secs", *BOUNDED_TABLES, "orders"), rows))
         print(f"final prune: {v['final_prune_deleted']} in {v['final_prune_seconds']} s")
     print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
+
+
+def print_hops(title: str, h: dict[str, Any]) -> None:
+    per = h["per_order"]
+    print(f"\n{title}: per order {per.get('relay_passes', 0):.2f} relay passes,"
+          f" {per.get('events', 0):.2f} events, {per.get('job_claims', 0):.2f} job claims;"
+          f" {h['checkpoints']} checkpoint(s)")
+    for path, b in h["breakdown"].items():
+        e = b["end_to_end"]
+        print(f"{path}: {b['orders']} orders, end to end p50/p99 {e['p50']:.0f}/{e['p99']:.0f} ms;"
+              f" tail = the slowest {b['tail_orders']}")
+        print(_table(("hop", "p50 ms", "p90", "p99", "max", "mean", "tail mean"),
+                     [[x["hop"], f"{x['p50']:.0f}", f"{x['p90']:.0f}", f"{x['p99']:.0f}",
+                       f"{x['max']:.0f}", f"{x['mean']:.0f}", f"{x['tail_mean']:.0f}"]
+                      for x in b["hops"]]))
+    slow = sorted((s for s in h["timeline"] if s["screened_p99"] is not None),
+                  key=lambda s: -s["screened_p99"])[:8]
+    if slow:
+        print("slowest seconds (by screened p99 of the orders published in them):")
+        print(_table(("t s", "orders", "screened p99", "worst hop", "ms", "job claims",
+                      "relay passes", "ready", "events", "mails", "ckpt"),
+                     [[str(s["t"]), str(s["orders"]), f"{s['screened_p99']:.0f}", s["worst_hop"],
+                       f"{s['worst_hop_ms']:.0f}", str(s["job_claims"]), str(s["relay_passes"]),
+                       str(s["ready"]), str(s["events"]), str(s["mails"]), str(s["checkpoints"])]
+                      for s in sorted(slow, key=lambda s: s["t"])]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -617,6 +680,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-statements", action="store_true",
                         help="log every statement of the bench database (log_statement = all,"
                              " set on the database) for bench/transactions.py")
+    parser.add_argument("--hops", action="store_true",
+                        help="stamp events and jobs in the bench database (bench/hops.py) and"
+                             " report each order's latency hop by hop, and a timeline")
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
         parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")

@@ -419,19 +419,22 @@ class Runner:
                  linger_seconds: float = 0.0, busy_linger_seconds: float = 0.0,
                  before_claim: Callable[[], Awaitable[object]] | None = None,
                  claimed: Callable[[asyncpg.Pool, list[asyncpg.Record]], Awaitable[None]]
-                 | None = None) -> None:
+                 | None = None, lane_limit: Callable[[str], int] | None = None) -> None:
         """`linger_seconds`: once woken, wait this long before claiming, so one pass claims
         what several wake-ups brought (short work such as an HTTP call: not a pass each).
         `busy_linger_seconds`: the same, only while work of an earlier pass still runs (an
         idle runner starts a lone row at once). `before_claim`: awaited before each pass
         claims (the webhook sender gives way to the order pipeline there). `claimed`:
         awaited with each pass's rows before their work starts (the job runner reads what
-        their calls need in one query); it must not raise."""
+        their calls need in one query); it must not raise. `lane_limit(lane)`: that lane's
+        cap instead of `lane_concurrency` (the job runner's lanes that call no server: no
+        server to protect, so only `concurrency` bounds them)."""
         self.queue, self.work = queue, work
         self.concurrency, self.lane_concurrency = concurrency, lane_concurrency
         self.poll_seconds, self.stop_timeout = poll_seconds, stop_timeout
         self.linger_seconds, self.busy_linger_seconds = linger_seconds, busy_linger_seconds
         self.before_claim, self.claimed = before_claim, claimed
+        self.lane_limit = lane_limit or (lambda _lane: lane_concurrency)
         self._wakeup = Wakeup(database_url, queue.table.channel)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
@@ -495,7 +498,10 @@ class Runner:
             claimed = await self.queue.claim(pool, limit)
             self._capped = self._capped or len(claimed) >= limit
             return claimed
-        safe = min(limit, self.lane_concurrency - max(self._lane_load.values(), default=0))
+        # A row from a lane not running yet may have the default cap; one from a running
+        # lane, what its own cap leaves.
+        safe = min(limit, self.lane_concurrency,
+                   *(self.lane_limit(lane) - n for lane, n in self._lane_load.items()))
         claimed: list[asyncpg.Record] = []
         if safe > 0:
             claimed = await self.queue.claim(pool, safe)
@@ -505,7 +511,7 @@ class Runner:
         lanes = await self.queue.due_lanes(pool)
         random.shuffle(lanes)  # no lane waits behind the others when the runner is full
         for lane in lanes:
-            free = min(limit - len(claimed), self.lane_concurrency - load[lane])
+            free = min(limit - len(claimed), self.lane_limit(lane) - load[lane])
             if free <= 0:
                 self._capped = True  # rows of this lane wait for a slot
                 continue

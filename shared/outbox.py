@@ -166,7 +166,7 @@ class OutboxRelay:
         )
         exchange = self.direct if row["direct"] and self.direct is not None else self.exchange
         started = time.perf_counter()
-        await exchange.publish(message, routing_key=row["routing_key"], mandatory=True)
+        await broker.publish_queued(exchange, row["routing_key"], message)
         took = time.perf_counter() - started
         metrics.RELAY_PUBLISH.observe(took)
         metrics.OUTBOX_DELAY.observe(max(0.0, row["waited"] or 0.0) + took)

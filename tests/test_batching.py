@@ -12,7 +12,7 @@ from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from shared.runtime import REASON_HEADER, Middleware, Runtime
 from shared.runtime.batching import Busy, InFlight, batcher, take_batch
-from shared.runtime.testing import InMemoryFlow
+from shared.runtime.testing import InMemoryFlow, MemoryMessage, MemoryTransport
 
 LONG = 60.0  # a linger no test could wait out: a test that waited for it would time out
 
@@ -167,3 +167,32 @@ async def test_group_commit_on_the_broker_poison_alone_and_idle_prompt(harness: 
 
 async def _dead(harness: Harness) -> list[Any] | None:
     return await harness.dead_letters("placement") or None
+
+
+class _AcksHeldUntilAllStarted(MemoryTransport):
+    """An ack that does not finish until every ack of the batch has started: a pipeline that
+    acks one after another never gets past the first."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected, self.started = expected, 0
+        self.all_started = asyncio.Event()
+
+    async def ack(self, message: MemoryMessage) -> None:
+        self.started += 1
+        if self.started >= self.expected:
+            self.all_started.set()
+        await self.all_started.wait()
+        await message.ack()
+
+
+async def test_a_committed_batch_is_acked_together_not_one_by_one(flow: InMemoryFlow) -> None:
+    """Each ack waits for its frame to be written: one after another, a batch paid a few
+    turns of a busy event loop per message before the batcher could take the next one."""
+    flow.transport = _AcksHeldUntilAllStarted(expected=4)
+    flow.add(placement_worker(flow.settings))
+    messages = [flow.message("order.place", order_body(f"acks-{n}")) for n in range(4)]
+    await asyncio.wait_for(flow.deliver(messages), timeout=30)
+    assert flow.transport.started == 4
+    assert all(m.processed and m.outcome == "acked" for m in messages)
+    assert await flow.pool.fetchval("SELECT count(*) FROM orders") == 4

@@ -486,3 +486,19 @@ async def test_a_claim_stays_renewed_until_its_outcome_commits(pool) -> None:
         assert not q._held
     assert (await row(pool, id_))["status"] == "done"
     await q.close()
+
+
+async def test_a_lane_given_its_own_limit_is_claimed_past_the_lane_cap(pool, settings: Settings) -> None:
+    """The job runner's autorelease lane calls no server: only the runner's concurrency bounds
+    it, while a server's lane keeps JOB_LANE_CONCURRENCY, however the claims are split."""
+    await add(pool, 7, lane="autorelease")
+    await add(pool, 5, lane="slow-server")
+    runner = Runner(queue(), lambda pool, row: asyncio.sleep(0), database_url=settings.database_url,
+                    concurrency=10, lane_concurrency=2, poll_seconds=1,
+                    lane_limit=lambda lane: 10 if lane == "autorelease" else 2)
+    claimed = await runner.claim(pool, 10)
+    lanes = sorted(r["lane"] for r in claimed)
+    assert lanes == ["autorelease"] * 7 + ["slow-server"] * 2
+    runner._lane_load.update(lanes)  # as _pass records them: 7 and 2 running
+    again = await runner.claim(pool, 1)  # the server's lane is full; nothing else is due
+    assert again == []

@@ -304,3 +304,17 @@ async def test_a_slow_server_does_not_hold_back_the_others(harness: Harness, whm
         await eventually(lambda o=order: active(harness, o["id"]), timeout=60)
     # At most its lane's share of calls was ever in flight on the slow server.
     assert whm.calls["createacct"] == len(slow)
+
+
+def test_the_autorelease_lane_is_bounded_by_the_runner_alone_a_servers_by_its_lane(
+        settings: Any) -> None:
+    """Autorelease calls no server: JOB_CONCURRENCY bounds its lane, not JOB_LANE_CONCURRENCY
+    (a server's lane, and a module's on a server, keep theirs)."""
+    from services.provisioning.jobs import JobRunner
+    from services.provisioning.providers import Providers
+
+    s = settings.model_copy(update={"job_concurrency": 40, "job_lane_concurrency": 3})
+    runner = JobRunner(Providers(s.providers), s.jobs, None).runner
+    assert runner.lane_limit("autorelease") == 40
+    assert runner.lane_limit("cpanel:1") == 3
+    assert runner.lane_limit("autorelease:1") == 3

@@ -10,11 +10,12 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 import pytest
+from aio_pika.exceptions import PublishError
 
 from conftest import Harness, eventually, order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
-from shared import db
+from shared import broker, db
 from shared.contracts import OrderRejected
 from shared.housekeeping import Housekeeper
 from shared.outbox import OutboxRelay
@@ -282,6 +283,37 @@ async def test_relay_wakes_on_notify_without_waiting_for_the_sweep(harness: Harn
     start = loop.time()
     await store.wait_for("wake.event", lambda b: True, timeout=5)
     assert loop.time() - start < 5  # well before the 30 s sweep
+
+
+async def test_publishes_at_once_are_queued_together_not_flushed_one_by_one(
+        harness: Harness) -> None:
+    """The relay's publish (broker.publish_queued) holds the channel only to queue a
+    message's frames: within two turns of the event loop a pass's messages are queued up
+    to the connection's frame buffer and beyond, where `exchange.publish` holds it until
+    each frame is written (one or two in that time), and every one is still confirmed and
+    delivered."""
+    listener = await harness.listen("queued.test")
+    channel = await harness.exchange.channel.get_underlay_channel()
+    first = channel.delivery_tag
+    tasks = [asyncio.create_task(broker.publish_queued(
+        harness.exchange, "queued.test", broker.json_message({"n": n}, routing_key="queued.test")))
+        for n in range(50)]
+    for _ in range(2):
+        await asyncio.sleep(0)
+    queued = channel.delivery_tag - first
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert queued >= 10
+    assert channel.delivery_tag - first == 50
+
+    async def received() -> bool:
+        return sorted(b["n"] for _, b, _ in listener.received) == list(range(50))
+    await eventually(received)
+
+
+async def test_a_queued_publish_no_queue_takes_raises_as_publish_does(harness: Harness) -> None:
+    with pytest.raises(PublishError):
+        await asyncio.wait_for(broker.publish_queued(
+            harness.exchange, "nobody.listens", broker.json_message({}, routing_key="x")), 30)
 
 
 async def test_unroutable_events_are_recorded_not_retried(harness: Harness) -> None:
