@@ -351,7 +351,7 @@ async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id
 
 
 def _empty(after: int | None, before: int | None) -> dict[str, Any]:
-    return {"orders": [], "count": (0, False), "more_after": before is not None,
+    return {"orders": [], "count": (0, False), "partial": False, "more_after": before is not None,
             "more_before": after is not None, "first_id": None, "last_id": None}
 
 
@@ -424,12 +424,16 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     elif count is None:
         assert product_id is not None
         count = await _product_count(conn, f, r.whole(), product_id, plan)
-    if r.edge is None and (len(orders), more) > count:
-        # A count that stopped short (_product_count): never fewer than the first page shows.
+    if (len(orders), more) > count:
+        # A count that stopped short (_product_count): never fewer than the page shows, the
+        # first or a later one (each counts the whole range with the same budget).
         count = (len(orders), more or count[1])
     first_id, last_id = (orders[0]["id"], orders[-1]["id"]) if orders else (None, None)
     return {
         "orders": orders, "count": count,
+        # Counting stopped on its budget, not at LIST_COUNT_CAP: "at least n", not "n+" (a
+        # count capped at the cap has found more than it says; this one stopped looking).
+        "partial": count[1] and count[0] < LIST_COUNT_CAP,
         "more_after": more if d == "ASC" else before is not None,
         "more_before": (after is not None) if d == "ASC" else more,
         "first_id": first_id, "last_id": last_id,
@@ -460,7 +464,8 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
           start: tuple[datetime, int] | None, limit: int) -> tuple[str, str]:
     """Both sides' keys (placed time, id) in the range from `start`, in the list's order, at
     most `limit` of each, read on their indexes alone: (the orders', the product's). The
-    product's are not made distinct (an order may hold it twice): their count is."""
+    product's are one per order (DISTINCT, streamed off the index in its order): an order
+    holding the product twice would be matched twice, and spend the budgets twice."""
     orders = _orders_walk(f, r, arg)
     services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
     if start is not None:
@@ -469,8 +474,8 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
         services.append(f"(s.created_at, s.order_id) >= ({at}, {key})")
     return (f"SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
             f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {limit}",
-            f"SELECT s.created_at, s.order_id FROM services s WHERE {' AND '.join(services)}"
-            f" ORDER BY s.created_at, s.order_id LIMIT {limit}")
+            f"SELECT DISTINCT s.created_at, s.order_id FROM services s"
+            f" WHERE {' AND '.join(services)} ORDER BY s.created_at, s.order_id LIMIT {limit}")
 
 
 async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,

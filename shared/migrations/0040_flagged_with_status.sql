@@ -17,14 +17,28 @@
 --   CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_flagged_status_idx ON orders (created_at, id)
 --       INCLUDE (status) WHERE deleted_at IS NULL AND screening IN ('error', 'failed');
 --   DROP INDEX CONCURRENTLY IF EXISTS orders_flagged_created_idx;
--- then `ordermill migrate` finds them so (IF NOT EXISTS, IF EXISTS). Check first that none was
--- left INVALID by a failed concurrent build (psql \d orders); drop such an index and build it
--- again.
+-- then `ordermill migrate` finds them so (IF NOT EXISTS, IF EXISTS); it refuses an INVALID
+-- one left by a failed concurrent build (below): drop it and build it again.
+--
+-- Both locks are waited for at most a few seconds (then run `ordermill migrate` again): the
+-- build's SHARE lock queues behind any open write on orders, and every placement and
+-- screening would queue behind it; DROP INDEX's ACCESS EXCLUSIVE lock (reads wait too, for
+-- the drop only) queues behind any long read.
+SET LOCAL lock_timeout = '5s';
+
+-- A concurrent build that failed leaves an INVALID index under the name: IF NOT EXISTS would
+-- take it, and the drop below would then leave the flagged list no valid index at all.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               WHERE c.relname = 'orders_flagged_status_idx' AND NOT i.indisvalid) THEN
+        RAISE EXCEPTION USING
+            MESSAGE = 'orders_flagged_status_idx is INVALID (a failed CREATE INDEX CONCURRENTLY)',
+            HINT = 'DROP INDEX CONCURRENTLY orders_flagged_status_idx; then run ordermill migrate again';
+    END IF;
+END $$;
+
 CREATE INDEX IF NOT EXISTS orders_flagged_status_idx ON orders (created_at, id)
     INCLUDE (status) WHERE deleted_at IS NULL AND screening IN ('error', 'failed');
 
--- DROP INDEX takes an ACCESS EXCLUSIVE lock on orders until the commit (reads wait too, for
--- the drop only); give up after a few seconds behind a long read (run `ordermill migrate`
--- again).
-SET LOCAL lock_timeout = '5s';
 DROP INDEX IF EXISTS orders_flagged_created_idx;
