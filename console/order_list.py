@@ -33,7 +33,7 @@ SMALL_SIDE + 1 each, about a millisecond):
 The count (issue 13, a first visit whose pages are not in PostgreSQL's shared buffers: each
 buffer touched may be a read): counting to 1,001 by a probe per row touched up to 16,000
 buffers (a common product with a rare status: 4,000 probes), so a product filter's count
-has a budget, and says "N+" — as many as it found, at least — when the budget runs out
+has a budget, and says "at least N" (`partial`) — as many as it found — when the budget runs out
 before its range ends:
 
 - both sides' keys merged (MERGE), from where both have some, at most COUNT_KEYS keys of each
@@ -42,7 +42,7 @@ before its range ends:
   lately, or a side is small) the page's side walked, at most COUNT_WALK rows probed.
 
 An operator needs to know how many pages there are about, and that there are more, not the
-exact thousandth: "206+" at most costs a few hundred pages on a first visit, where "1,000+"
+exact thousandth: "at least 206" at most costs a few hundred pages on a first visit, where "1,000+"
 cost thousands. A first page's count is never fewer than the rows it shows."""
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ async def _count(conn: asyncpg.Connection, f: OrderFilters, r: _Range) -> tuple[
 
 async def _product_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
                          plan: _Plan) -> tuple[int, bool]:
-    """The range's orders with the product: exact up to LIST_COUNT_CAP, else "N+" — N the
+    """The range's orders with the product: exact up to LIST_COUNT_CAP, else n with "more" — n the
     cap, or the matches found before the count's budget ran out (COUNT_KEYS keys of each side
     merged, or COUNT_WALK rows of the page's side probed), as many as there are at least."""
     if plan.count == MERGE:
@@ -485,7 +485,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     probe per row (each probe is a descent of an index, three or four buffers; a merge reads
     a leaf of 150-250 keys as one). A common product with a rare status (Fraud and business
     since 2021 at 1M: 1,463 match) probed about 4,000 orders, 12,000 buffers, to count 1,001;
-    merged, it reads at most about 320 leaves and says "N+" when its keys ran out first.
+    merged, it reads at most about 320 leaves and says "at least N" when its keys ran out first.
 
     Dense matches: an inner merge that stops at LIST_COUNT_CAP + 1 (Active with a common
     product: 50 leaves). Else one pass of a full merge, which says at once how many matched and
