@@ -274,12 +274,7 @@ async def measure(url: str, shape: Shape, requests: int,
                 times, db_times, slowest = [], [], (0.0, "", "")
                 for k in range(requests):
                     path = paths[k % len(paths)]
-                    if in_db:
-                        in_db.reset()
-                    t0 = time.perf_counter()
-                    response = await client.get(path)
-                    times.append((time.perf_counter() - t0) * 1000)
-                    assert response.status_code == 200, (path, response.status_code)
+                    times.append(await timed_get(client, path, in_db))
                     if in_db:
                         db_times.append((in_db.ms, in_db.statements, in_db.buffers))
                         if in_db.slowest[0] > slowest[0]:
@@ -301,18 +296,24 @@ async def measure(url: str, shape: Shape, requests: int,
     return out
 
 
+async def timed_get(client: httpx.AsyncClient, path: str, in_db: InDatabase | None) -> float:
+    """One request's time in ms (and its statements in `in_db`, reset first); it must be 200."""
+    if in_db:
+        in_db.reset()
+    t0 = time.perf_counter()
+    response = await client.get(path)
+    took = (time.perf_counter() - t0) * 1000
+    assert response.status_code == 200, (path, response.status_code)
+    return took
+
+
 async def first_visits(client: httpx.AsyncClient, url: str, name: str, paths: list[str],
                        in_db: InDatabase | None) -> tuple[str, float, float, float]:
     """Each path once, after the shared buffers were emptied (--cold)."""
     times = []
     for path in dict.fromkeys(paths):
         await evict(url)
-        if in_db:
-            in_db.reset()
-        t0 = time.perf_counter()
-        response = await client.get(path)
-        times.append((time.perf_counter() - t0) * 1000)
-        assert response.status_code == 200, (path, response.status_code)
+        times.append(await timed_get(client, path, in_db))
         extra = (f"; in the database {in_db.ms:.1f} ms, {in_db.statements} statements,"
                  f" {in_db.buffers:,} buffers ({in_db.read:,} read)" if in_db else "")
         print(f"  {name[:28]:<28} first visit {times[-1]:7.1f} ms  {path}{extra}", flush=True)
