@@ -43,7 +43,7 @@ before its range ends:
 
 An operator needs to know how many pages there are about, and that there are more, not the
 exact thousandth: "at least 206" at most costs a few hundred pages on a first visit, where "1,000+"
-cost thousands. A first page's count is never fewer than the rows it shows."""
+cost thousands. A page's count, first or later, is never fewer than the rows it shows."""
 
 from __future__ import annotations
 
