@@ -573,16 +573,20 @@ class WorkerProcess:
 
 
 class WorkerGroup:
-    """One `ordermill run SERVICE` process per service, as docker-compose deploys them; measured
-    together (CPU and RSS summed, busy of the busiest)."""
+    """Several `ordermill run SERVICE...` processes: one per service as docker-compose deploys
+    them (`--split`), or the groups given (sustained.py's `--processes`); measured together
+    (CPU and RSS summed, busy of the busiest)."""
 
-    def __init__(self, services: Sequence[str], env: dict[str, str], names: Names) -> None:
-        self.label = "ordermill run, one process per service"
+    def __init__(self, groups: Sequence[Sequence[str]], env: dict[str, str], names: Names,
+                 prefix: str = "ordermill") -> None:
+        self.label = (f"ordermill run, {len(groups)} processes"
+                      if any(len(group) > 1 for group in groups)
+                      else "ordermill run, one process per service")
         self.names = names
-        self.processes = {service: WorkerProcess(
-            f"ordermill run {service}", [str(ORDERMILL), "run", service], env,
-            RESULTS / f"ordermill-{service}-worker.log") for service in services}
-        self.log_path = RESULTS / "ordermill-*-worker.log"
+        self.processes = {tuple(group): WorkerProcess(
+            f"ordermill run {' '.join(group)}", [str(ORDERMILL), "run", *group], env,
+            RESULTS / f"{prefix}-{'-'.join(group)}-worker.log") for group in groups}
+        self.log_path = RESULTS / f"{prefix}-*-worker.log"
 
     @property
     def pids(self) -> list[int]:
@@ -593,8 +597,8 @@ class WorkerGroup:
         return sum(process.peak_rss for process in self.processes.values())
 
     async def start(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
-        for service, process in self.processes.items():
-            await process.start(connection, [self.names.queue(service)])
+        for group, process in self.processes.items():
+            await process.start(connection, [self.names.queue(service) for service in group])
 
     def rss(self) -> int:
         return sum(process.rss() for process in self.processes.values())
@@ -842,7 +846,8 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
     names = bench.names
     worker: WorkerProcess | WorkerGroup
     if opts.split:
-        worker = WorkerGroup(opts.services or tuple(WORKERS), bench.env(), names)
+        worker = WorkerGroup([[service] for service in opts.services or tuple(WORKERS)],
+                             bench.env(), names)
     else:
         worker = WorkerProcess(" ".join(["ordermill run", *opts.services]),
                                [str(ORDERMILL), "run", *opts.services], bench.env(),

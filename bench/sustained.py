@@ -52,6 +52,7 @@ from pipeline import (
     Bench,
     CpuMeter,
     MailSink,
+    WorkerGroup,
     WorkerProcess,
     _free_port,
     _git_commit,
@@ -225,7 +226,7 @@ class Orders:
 class Run:
     bench: Bench
     connection: AbstractRobustConnection
-    worker: WorkerProcess
+    worker: WorkerProcess | WorkerGroup
     store: FullFlow
     cpu: CpuMeter
     hops: bool = False
@@ -322,21 +323,27 @@ def _progress(r: dict[str, Any]) -> None:
 
 
 async def with_worker(bench: Bench, connection: AbstractRobustConnection, env: dict[str, str],
-                      label: str) -> tuple[WorkerProcess, FullFlow, CpuMeter]:
+                      label: str, processes: list[list[str]] | None = None,
+                      ) -> tuple[WorkerProcess | WorkerGroup, FullFlow, CpuMeter]:
     store = FullFlow(exchange=await (await broker.open_publisher(connection)).get_exchange(
         bench.names.exchange), user_id=amqp_user(bench.settings.amqp_url))
     await store.listen(connection, bench.names.exchange)
-    worker = WorkerProcess(label, [str(ORDERMILL), "run"], env,
-                           RESULTS / f"sustained-{label.replace(' ', '-')}-worker.log")
+    worker: WorkerProcess | WorkerGroup
+    if processes:  # --processes: the workers in several processes, the console left out
+        worker = WorkerGroup(processes, env, bench.names,
+                             prefix=f"sustained-{label.replace(' ', '-')}")
+    else:
+        worker = WorkerProcess(label, [str(ORDERMILL), "run"], env,
+                               RESULTS / f"sustained-{label.replace(' ', '-')}-worker.log")
     await worker.start(connection, [bench.names.queue(s) for s in SERVICE_BINDINGS])
     db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
-    return worker, store, CpuMeter(worker.pid, db_name)
+    return worker, store, CpuMeter(worker.pids, db_name)
 
 
 async def sustained_round(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
                           opts: argparse.Namespace, label: str, env: dict[str, str]) -> dict[str, Any]:
     """Warm-up, burst, then steady at rate-share of the burst, on a fresh worker."""
-    worker, store, cpu = await with_worker(bench, connection, env, label)
+    worker, store, cpu = await with_worker(bench, connection, env, label, opts.processes)
     run = Run(bench, connection, worker, store, cpu, hops=opts.hops)
     before = await database_counters(bench.settings)
     started_at = time.time()
@@ -655,6 +662,17 @@ def print_hops(title: str, h: dict[str, Any]) -> None:
                       for s in sorted(slow, key=lambda s: s["t"])]))
 
 
+def _process_groups(text: str) -> list[list[str]]:
+    """--processes: every worker once, in the groups given (a queue no process consumed would
+    only grow, and a worker twice would take its queue's messages in two processes)."""
+    groups = [group.replace(",", " ").split() for group in text.split("/")]
+    named = [service for group in groups for service in group]
+    if [] in groups or sorted(named) != sorted(SERVICE_BINDINGS):
+        raise argparse.ArgumentTypeError(
+            f"name every worker once: {', '.join(sorted(SERVICE_BINDINGS))}")
+    return groups
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--warmup", type=int, default=300, help="orders before the burst")
@@ -683,6 +701,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hops", action="store_true",
                         help="stamp events and jobs in the bench database (bench/hops.py) and"
                              " report each order's latency hop by hop, and a timeline")
+    parser.add_argument("--processes", type=_process_groups, default=None,
+                        metavar="'SERVICES/SERVICES...'",
+                        help="the workers in several processes instead of one `ordermill run`:"
+                             " groups of services (spaces or commas) separated by '/', e.g."
+                             " 'placement fraud review webhooks alerts/provisioning notify'")
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.seconds <= 0 or not 0 < args.rate_share <= 1:
         parser.error("--orders and --warmup at least 1, --seconds positive, --rate-share in (0, 1]")
