@@ -193,6 +193,8 @@ def migrate() -> None:
                                     statement_cache_size=s.statement_cache_size)
         try:
             applied = await db.migrate(pool)
+        except db.MigrationFailed as exc:
+            raise UserError(str(exc)) from None
         finally:
             await pool.close()
         connection = await broker.connect(s.amqp_url, attempts=s.startup_attempts)

@@ -49,6 +49,11 @@ class ReadOnlyDatabase(ConnectionError):
     `default_transaction_read_only` on): refused like an unreachable server, so the pool never
     keeps a connection that every handler would fail on."""
 
+class MigrationFailed(ConfigurationError):
+    """A migration the database refused (a lock not granted in time, a check that failed):
+    rolled back whole, nothing of it applied; the message names it and says what to do."""
+
+
 class SchemaNotReady(ConfigurationError):
     """The database lacks migrations this code needs and this worker may not (or is told not
     to) apply them: it refuses to start, in one line, rather than fail on every message."""
@@ -182,13 +187,30 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
                 if await conn.fetchval(
                         "SELECT 1 FROM schema_migrations WHERE version = $1", version):
                     continue
-                await conn.execute(sql)
+                try:
+                    await conn.execute(sql)
+                except asyncpg.exceptions.InsufficientPrivilegeError:
+                    raise  # ensure_schema says who may apply it
+                except asyncpg.PostgresError as exc:
+                    raise MigrationFailed(_refusal(version, exc)) from None
                 await conn.execute(
                     "INSERT INTO schema_migrations (version) VALUES ($1)", version
                 )
             applied_now.append(version)
             log.info("migration applied", extra={"version": version})
     return applied_now
+
+
+def _refusal(version: str, exc: asyncpg.PostgresError) -> str:
+    """One line: the migration, the server's message, and its hint, or what to do about a
+    lock (a migration waits a few seconds for one, behind a long transaction, then gives up)."""
+    message = " ".join((getattr(exc, "message", None) or str(exc)).split())
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        hint = "another transaction held a lock it needs: run `ordermill migrate` again"
+    else:
+        hint = " ".join((getattr(exc, "hint", None) or "").split())
+    return (f"migration {version} failed and was rolled back: {message}"
+            + (f" ({hint})" if hint else ""))
 
 
 async def pending_migrations(conn: asyncpg.Connection) -> list[str]:

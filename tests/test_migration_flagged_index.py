@@ -1,12 +1,13 @@
 """Migration 0040 on a database an operator prepared by hand (its comment tells how: build the
 new index CONCURRENTLY beforehand): a valid one is taken as it is; an INVALID one, left by a
-failed concurrent build, is refused, and the old index stays, so the flagged list never loses
-its only valid index."""
+failed concurrent build, is refused (by `ordermill migrate` in one line), and the old index
+stays, so the flagged list never loses its only valid index."""
 
 from __future__ import annotations
 
 import asyncpg
 import pytest
+from test_cli import cli
 
 from shared import db
 from shared.settings import Settings
@@ -37,6 +38,17 @@ async def test_an_invalid_prebuilt_index_is_refused_and_the_old_one_kept(
         with pytest.raises(asyncpg.RaiseError, match="INVALID"):
             async with conn.transaction():
                 await conn.execute(_migration())
+        assert await _indexes(conn) == {"orders_flagged_status_idx": False,
+                                        "orders_flagged_created_idx": True}
+        # `ordermill migrate` says it in one line, with the server's hint, and applies nothing.
+        await conn.execute("DELETE FROM schema_migrations WHERE version = '0040_flagged_with_status'")
+        code, out, err = await cli(db_settings, "migrate")
+        assert code == 1 and "Traceback" not in out + err
+        assert err.strip().splitlines()[-1] == (
+            "error: migration 0040_flagged_with_status failed and was rolled back:"
+            " orders_flagged_status_idx is INVALID (a failed CREATE INDEX CONCURRENTLY)"
+            " (DROP INDEX CONCURRENTLY orders_flagged_status_idx; then run ordermill migrate"
+            " again)")
         assert await _indexes(conn) == {"orders_flagged_status_idx": False,
                                         "orders_flagged_created_idx": True}
 
