@@ -500,13 +500,13 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
         ids = (f"array_agg(k.id ORDER BY k.created_at, k.id) {matched}" if with_ids
                else "NULL::bigint[]")
         async with _merged(conn):
-            n, n_orders, n_product, found = await conn.fetchrow(
+            n, n_orders, n_product, last_order, last_product, found = await conn.fetchrow(
                 f"SELECT count(DISTINCT k.id) {matched},"
-                f" count(k.id) FILTER (WHERE p.order_id IS NULL), count(p.order_id), {ids}"
+                f" count(k.id), count(p.order_id), max(k.created_at), max(p.created_at), {ids}"
                 f" FROM ({orders}) k FULL JOIN"
                 f" ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id",
                 *arg.values)
-        cut = n + n_orders > COUNT_KEYS or n_product > COUNT_KEYS  # (matched or not)
+        cut = _stopped(n_orders, last_order, n_product, last_product)
         # An order holding the product twice is matched twice: once is enough.
         return (min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut), list(dict.fromkeys(found or []))
     orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS)
@@ -517,14 +517,32 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
             f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
         if joined > LIST_COUNT_CAP:
             return (min(n, LIST_COUNT_CAP), True), []
-        # Fewer than the pilots promised: exact if neither side ran out of its budget before
-        # its range ended (the keys just read: in shared buffers now).
+        # Fewer than the pilots promised: exact unless a side ran out of its budget where the
+        # other still had keys (the keys just read: in shared buffers now).
         arg = _Args()
         orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
-        cut = await conn.fetchval(
-            f"SELECT (SELECT count(*) FROM ({orders}) k) > {COUNT_KEYS}"
-            f" OR (SELECT count(*) FROM ({product}) p) > {COUNT_KEYS}", *arg.values)
-    return (n, cut), []
+        sides = await conn.fetchrow(
+            f"SELECT * FROM (SELECT count(*), max(created_at) FROM ({orders}) k) o,"
+            f" (SELECT count(*), max(created_at) FROM ({product}) p) p", *arg.values)
+    return (n, _stopped(*sides)), []
+
+
+def _stopped(n_orders: int, last_order: datetime | None, n_product: int,
+             last_product: datetime | None) -> bool:
+    """Whether a merge of both sides' keys (each read up to COUNT_KEYS + 1 from the same start,
+    in the list's order: n keys, the last placed at `last`) stopped before its range ended: a
+    side had more keys than its budget, and the other side has keys from where the cut side's
+    reading stopped (so matches may lie beyond). A side that ended before the other was cut
+    has no key beyond, and the count is exact (it said "at least" for those too). The placed
+    times alone decide: on a tie (the same microsecond) it says it stopped, which is safe."""
+    cut_orders, cut_product = n_orders > COUNT_KEYS, n_product > COUNT_KEYS
+    if cut_orders and cut_product:
+        return True
+    if cut_orders:
+        return last_product is not None and last_order is not None and last_product >= last_order
+    if cut_product:
+        return last_order is not None and last_product is not None and last_order >= last_product
+    return False
 
 
 async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,

@@ -353,3 +353,46 @@ async def test_an_order_holding_the_product_twice_is_counted_once(
 
 class _RolledBack(Exception):
     pass
+
+
+async def test_a_merge_whose_cut_side_outlasted_the_other_is_exact(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A merged count read past its budget on one side (more keys than COUNT_KEYS) said "at
+    least N" even when the other side's keys had all been read and ended before the cut one's
+    reading stopped: no match can lie beyond, and the count is exact (stop 22's note). Both
+    ways of merging: the full merge (sparse matches) and the dense one's recount. Counts that
+    truly stopped early still say so."""
+    monkeypatch.setattr(order_list, "SMALL_SIDE", 100)
+    with pytest.raises(_RolledBack):
+        async with conn.transaction():
+            # A product on every third of the first 3,000 orders (1,000 services): its keys end
+            # early in the range, long before either side's budget below is spent.
+            await conn.execute(
+                "INSERT INTO products (slug, name, type, module, auto_setup) VALUES"
+                " ('early', 'Early', 'hosting', 'autorelease', 'never')")
+            await conn.execute(
+                "INSERT INTO services (order_id, product_id, billing_cycle, status, amount,"
+                " created_at) SELECT o.id, (SELECT id FROM products WHERE slug = 'early'),"
+                " 'monthly', 'Active', 10, o.created_at FROM orders o"
+                " WHERE o.order_number - 1000000000 BETWEEN 1 AND 3000"
+                " AND o.order_number % 3 = 0")
+            for f, keys, dense in ((OrderFilters(status="Cancelled", product="early"), 1_500, False),
+                                   (OrderFilters(status="Active", product="early"), 5_000, True)):
+                monkeypatch.setattr(order_list, "COUNT_KEYS", keys)
+                plan = await _side(conn, f)
+                assert (plan.count, plan.dense) == (order_list.MERGE, dense), f
+                truth = await _truth(conn, f)
+                status_orders = await conn.fetchval(
+                    "SELECT count(*) FROM orders WHERE status = $1", f.status)
+                assert status_orders > keys > 1_000  # the orders side is cut, the product's not
+                assert order_list.PAGE_SIZE < len(truth) < order_list.LIST_COUNT_CAP
+                first = await order_list.order_list(conn, f)
+                assert first["count"] == (len(truth), False), (f, len(truth))
+                assert not first["partial"]
+                # Its budget cut before the product's keys end: it did stop early.
+                monkeypatch.setattr(order_list, "COUNT_KEYS", 120)
+                short = await order_list.order_list(conn, f)
+                assert short["count"][1] and short["partial"], short["count"]
+                assert short["count"][0] < len(truth)
+            raise _RolledBack
