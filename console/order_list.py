@@ -565,3 +565,49 @@ async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     n, rows = await conn.fetchrow(f"SELECT (SELECT count(*) FROM ({found}) x),"
                                   f" (SELECT count(*) FROM ({walked}) y)", *arg.values)
     return min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or rows > COUNT_WALK
+
+
+# The exact count an operator is shown after a budgeted one stopped early (or asks for beyond
+# "1,000+"): the plain COUNT, fetched by the page after it is shown (GET /orders/count), and
+# stopped by the server after this long, when it says the bound instead.
+EXACT_COUNT_SECONDS = 2.5
+
+
+class CountStopped(Exception):
+    """The exact count ran past EXACT_COUNT_SECONDS (statement_timeout) and was cancelled."""
+
+
+async def exact_count(conn: asyncpg.Connection, f: OrderFilters,
+                      seconds: float | None = None) -> int:
+    """Every order matching the filters, counted, with no cap and no budget: the plain query
+    (the planner's choice: a hash of the product's services, or the range's orders probed),
+    in a read-only transaction whose statement_timeout is `seconds` (EXACT_COUNT_SECONDS);
+    CountStopped past it. The same filters as order_list, validated the same way
+    (FilterError)."""
+    since, until = _day(f.since, "from"), _day(f.until, "to")
+    product_id = None
+    if f.product:
+        product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
+        if product_id is None:
+            return 0
+    r = _Range(since, until + timedelta(days=1) if until else None)
+    arg = _Args()
+    conds = _orders_walk(f, r, arg)
+    if product_id is not None:
+        conds.append(f"EXISTS (SELECT 1 FROM services s WHERE s.product_id = {arg(product_id)}"
+                     " AND s.created_at = o.created_at AND s.order_id = o.id)")
+    limit_ms = max(1, round(1000 * (EXACT_COUNT_SECONDS if seconds is None else seconds)))
+    try:
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {limit_ms}")
+            return await conn.fetchval(f"SELECT count(*) FROM orders o{_clients(conds)}"
+                                       f" WHERE {' AND '.join(conds)}", *arg.values)
+    except asyncpg.QueryCanceledError:
+        raise CountStopped from None
+
+
+async def list_count(conn: asyncpg.Connection, f: OrderFilters) -> tuple[tuple[int, bool], bool]:
+    """The first page's count as the list shows it ((n, more), partial: budgeted, and never
+    fewer than the page's rows): what the exact count falls back to when it is stopped."""
+    first = await order_list(conn, f)
+    return first["count"], first["partial"]
