@@ -85,6 +85,10 @@ COUNT_KEYS = 20_000
 # (more than LIST_COUNT_CAP: a side whose rows nearly all match still says "1,000+").
 COUNT_WALK = 1_200
 
+# A walked count first merges both sides' last keys, at most this many of each (about 25
+# leaves of each index): found 1,001 matches there, it says "1,000+" without its walk.
+TAIL_KEYS = 4_000
+
 ORDERS_SIDE, PRODUCT_SIDE, BOTH_SIDES = "orders", "product", "both"
 MERGE, WALK = "merge", "walk"  # how a product filter is counted (_Plan)
 
@@ -319,6 +323,10 @@ class _Plan:
     # A merged count's matches are dense enough that it will likely find LIST_COUNT_CAP + 1
     # within its budget (the pilots' rates say so): it stops there.
     dense: bool = False
+    # A walked count whose sides are both large (a pilot found no match at the range's start:
+    # a product launched lately): first both sides' last keys are merged, backwards from the
+    # range's end (_tail_count), where such a product's orders are.
+    tail: bool = False
 
 
 async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int) -> _Plan:
@@ -347,7 +355,7 @@ async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id
         needed = (LIST_COUNT_CAP + 1) * PILOT  # keys of a side to find that many, at its rate
         dense = needed <= COUNT_KEYS * min(found_orders, found_product)
         return _Plan(side, MERGE, start, dense)
-    return _Plan(side, WALK)
+    return _Plan(side, WALK, tail=True)
 
 
 def _empty(after: int | None, before: int | None) -> dict[str, Any]:
@@ -457,11 +465,13 @@ async def _product_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, p
     merged, or COUNT_WALK rows of the page's side probed), as many as there are at least."""
     if plan.count == MERGE:
         return (await _merged_count(conn, f, r, product_id, plan.start, plan.dense))[0]
+    if plan.tail and await _tail_count(conn, f, r, product_id) > LIST_COUNT_CAP:
+        return LIST_COUNT_CAP, True
     return await _walked_count(conn, f, r, product_id, plan.side)
 
 
 def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
-          start: tuple[datetime, int] | None, limit: int) -> tuple[str, str]:
+          start: tuple[datetime, int] | None, limit: int, d: str = "ASC") -> tuple[str, str]:
     """Both sides' keys (placed time, id) in the range from `start`, in the list's order, at
     most `limit` of each, read on their indexes alone: (the orders', the product's). The
     product's are one per order (DISTINCT, streamed off the index in its order): an order
@@ -473,9 +483,9 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
         orders.append(f"(o.created_at, o.id) >= ({at}, {key})")
         services.append(f"(s.created_at, s.order_id) >= ({at}, {key})")
     return (f"SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
-            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {limit}",
-            f"SELECT DISTINCT s.created_at, s.order_id FROM services s"
-            f" WHERE {' AND '.join(services)} ORDER BY s.created_at, s.order_id LIMIT {limit}")
+            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at {d}, o.id {d} LIMIT {limit}",
+            f"SELECT DISTINCT s.created_at, s.order_id FROM services s WHERE"
+            f" {' AND '.join(services)} ORDER BY s.created_at {d}, s.order_id {d} LIMIT {limit}")
 
 
 async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
@@ -543,6 +553,24 @@ def _stopped(n_orders: int, last_order: datetime | None, n_product: int,
     if cut_product:
         return last_order is not None and last_product is not None and last_order >= last_product
     return False
+
+
+async def _tail_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range,
+                      product_id: int) -> int:
+    """The matches among both sides' last TAIL_KEYS keys of the range, merged backwards from
+    its end with no probe, up to LIST_COUNT_CAP + 1 (then more than the cap truly match,
+    wherever the rest are). A product launched lately, filtered over ten years: its pilot
+    from the range's start found nothing (its orders of five years ago), and its count walked
+    COUNT_WALK rows probing each (4,000-4,400 buffers at 1M); its newest keys and the
+    range's newest orders hold 1,001 matches within a few index leaves (a few dozen buffers).
+    Fewer found: the walk counts, as before (these keys read were the price)."""
+    arg = _Args()
+    orders, product = _keys(f, r, arg, product_id, None, TAIL_KEYS, "DESC")
+    async with _merged(conn):
+        return await conn.fetchval(
+            f"SELECT count(DISTINCT id) FROM (SELECT k.id FROM ({orders}) k"
+            f" JOIN ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id"
+            f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
 
 
 async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,

@@ -187,7 +187,9 @@ async def test_a_count_that_runs_out_of_its_budget_says_how_many_at_least(
         assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE], budget
         assert first["count"][1] and order_list.PAGE_SIZE <= first["count"][0] < len(truth)
     # Walked: Active with the launched product, each of its first COUNT_WALK services' orders
-    # probed (the orders side's pilot, from ten years ago, found none).
+    # probed (the orders side's pilot, from ten years ago, found none), once the merge of both
+    # sides' last keys found too few (a budget of 30 keys here: it finds 1,001 otherwise).
+    monkeypatch.setattr(order_list, "TAIL_KEYS", 30)
     monkeypatch.setattr(order_list, "COUNT_WALK", 250)
     f = SKEWED[1][0]
     assert (await _side(conn, f)).count == order_list.WALK
@@ -233,7 +235,9 @@ async def test_each_way_of_reading_a_product_uses_indexes(conn: asyncpg.Connecti
     assert merges == {("page", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.PRODUCT_SIDE, order_list.MERGE),
-                      ("count", order_list.ORDERS_SIDE, order_list.MERGE)}, merges
+                      ("count", order_list.ORDERS_SIDE, order_list.MERGE),
+                      # A walked count's first try: both sides' last keys, backwards.
+                      ("count", order_list.PRODUCT_SIDE, order_list.WALK)}, merges
     # The orders side probes services_product_created_idx too (one key: product, placed time,
     # order), no index of its own (migration 0036 dropped services_product_order_idx).
     assert {"services_product_created_idx", "orders_pkey"} <= used, used
@@ -521,3 +525,34 @@ async def test_bad_filter_input_is_one_readable_error(viewer: httpx.AsyncClient)
     assert _count_head(answer.text).startswith("exactly 0 orders match")
     answer = await viewer.get("/orders/count", params={"status": "bogus"})
     assert answer.status_code == 200 and "exactly" in answer.text
+
+
+async def test_a_product_launched_lately_is_counted_from_the_ranges_end(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13 (b): a product launched lately, over all time, walked COUNT_WALK of its
+    services probing each order to say "1,000+" (about 4,000 buffers at 1M: the pilot from
+    the range's start found none of its orders). Its newest keys and the range's newest
+    orders, merged backwards on their indexes alone, hold 1,001 matches within a few leaves;
+    the count says the same "1,000+", true (more than 1,000 match), for a few dozen buffers.
+    Too few there (a small budget), the walk counts as before."""
+    for f in (SKEWED[0][0], SKEWED[1][0]):  # any status, Active: each with the launched one
+        plan = await _side(conn, f)
+        assert (plan.count, plan.tail) == (order_list.WALK, True), f
+        truth = await _truth(conn, f)
+        assert len(truth) > order_list.LIST_COUNT_CAP
+        measured = Buffers(conn)
+        first = await order_list.order_list(measured, f)
+        assert first["count"] == (order_list.LIST_COUNT_CAP, True) and not first["partial"]
+        tails = [(plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0), sql)
+                 for sql, plan in measured.plans if "s.order_id DESC LIMIT" in sql]
+        assert len(tails) == 1 and tails[0][0] <= 60, tails
+        walk = f"LIMIT {order_list.COUNT_WALK + 1}"
+        assert not any(walk in sql for sql, _ in measured.plans), "walked anyway"
+        assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE]
+    monkeypatch.setattr(order_list, "TAIL_KEYS", 30)
+    measured = Buffers(conn)
+    first = await order_list.order_list(measured, SKEWED[1][0])
+    assert first["count"] == (order_list.LIST_COUNT_CAP, True)  # the walk: 1,001 within 1,200
+    assert any(f"LIMIT {order_list.COUNT_WALK + 1}" in " ".join(sql.split())
+               for sql, _ in measured.plans)
