@@ -43,7 +43,15 @@ before its range ends:
 
 An operator needs to know how many pages there are about, and that there are more, not the
 exact thousandth: "at least 206" at most costs a few hundred pages on a first visit, where "1,000+"
-cost thousands. A page's count, first or later, is never fewer than the rows it shows."""
+cost thousands. A page's count, first or later, is never fewer than the rows it shows.
+
+A walked count whose sides are both large first merges both sides' last keys, backwards from
+the range's end (_tail_count): a product launched lately has its orders there, and 1,001 matches
+found there say "1,000+" for a few dozen buffers instead of COUNT_WALK probes.
+
+The exact number is still the operator's (exact_count): the list shows "at least N" at once
+and fetches the plain COUNT by itself (console/routes/orders.py, GET /orders/count), stopped
+by the server after EXACT_COUNT_SECONDS."""
 
 from __future__ import annotations
 
