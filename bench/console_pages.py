@@ -20,6 +20,11 @@ were emptied of this database's pages (evict: two big tables read through an ind
 pages replace everyone else's; the operating system's cache still holds them, as it would on a
 server whose 128 MB of shared buffers are far smaller than its memory). With --explain, each
 statement's buffers read (not in shared buffers) and hit are printed too.
+
+--drop-os-cache (with --cold, as root): before each first visit, the operating system's page
+cache is emptied as well (`sync; echo 3 > /proc/sys/vm/drop_caches`, the whole machine's), so
+what a visit reads outside shared buffers comes from the disk: a server just started, or one
+whose memory is far smaller than its database.
 """
 
 from __future__ import annotations
@@ -243,7 +248,8 @@ class InDatabase:
 async def measure(url: str, shape: Shape, requests: int,
                   only: list[str] | None = None,
                   in_db: InDatabase | None = None,
-                  cold: bool = False) -> list[tuple[str, float, float, float]]:
+                  cold: bool = False,
+                  os_cache: bool = False) -> list[tuple[str, float, float, float]]:
     settings = Settings(database_url=url, amqp_url="amqp://guest:guest@127.0.0.1:5672/",
                         console_secret_key="b" * 40, log_level="WARNING")
     state = await open_state(settings, publisher=NoBroker())
@@ -267,7 +273,7 @@ async def measure(url: str, shape: Shape, requests: int,
                 if only and not any(part in name for part in only):
                     continue
                 if cold:
-                    out.append(await first_visits(client, url, name, paths, in_db))
+                    out.append(await first_visits(client, url, name, paths, in_db, os_cache))
                     continue
                 for path in paths[:3]:  # warm: the plans and the buffers
                     await client.get(path)
@@ -307,12 +313,30 @@ async def timed_get(client: httpx.AsyncClient, path: str, in_db: InDatabase | No
     return took
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_os_cache() -> None:
+    """Empty the operating system's page cache (root only; the whole machine's: every other
+    process's next reads come from the disk too), so a first visit's reads that miss
+    PostgreSQL's shared buffers go to the disk. Raises SystemExit if the kernel refuses."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--drop-os-cache: the kernel refused ({DROP_CACHES}: {exc})") from None
+
+
 async def first_visits(client: httpx.AsyncClient, url: str, name: str, paths: list[str],
-                       in_db: InDatabase | None) -> tuple[str, float, float, float]:
-    """Each path once, after the shared buffers were emptied (--cold)."""
+                       in_db: InDatabase | None,
+                       os_cache: bool = False) -> tuple[str, float, float, float]:
+    """Each path once, after the shared buffers were emptied (--cold), and the operating
+    system's cache too (--drop-os-cache)."""
     times = []
     for path in dict.fromkeys(paths):
         await evict(url)
+        if os_cache:
+            drop_os_cache()
         times.append(await timed_get(client, path, in_db))
         extra = (f"; in the database {in_db.ms:.1f} ms, {in_db.statements} statements,"
                  f" {in_db.buffers:,} buffers ({in_db.read:,} read)" if in_db else "")
@@ -343,7 +367,12 @@ async def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="each path's first visit once, shared buffers emptied before each"
                         " (p50 and p99 columns: the median and the slowest)")
+    parser.add_argument("--drop-os-cache", action="store_true",
+                        help="with --cold: the operating system's page cache emptied too before"
+                        " each first visit (root; the whole machine's cache)")
     args = parser.parse_args()
+    if args.drop_os_cache and not args.cold:
+        parser.error("--drop-os-cache goes with --cold")
     shape = Shape(orders=args.orders, clients=args.clients)
     url = args.database or _url(f"om_bench_console_{uuid.uuid4().hex[:8]}")
     try:
@@ -356,7 +385,8 @@ async def main() -> None:
         if in_db:
             in_db.install()
         rows = await measure(url, shape, args.requests,
-                             [w for w in (args.only or "").split(",") if w], in_db, args.cold)
+                             [w for w in (args.only or "").split(",") if w], in_db, args.cold,
+                             args.drop_os_cache)
     finally:
         if args.keep or args.database:
             print(f"database kept: {url}")

@@ -43,7 +43,15 @@ before its range ends:
 
 An operator needs to know how many pages there are about, and that there are more, not the
 exact thousandth: "at least 206" at most costs a few hundred pages on a first visit, where "1,000+"
-cost thousands. A page's count, first or later, is never fewer than the rows it shows."""
+cost thousands. A page's count, first or later, is never fewer than the rows it shows.
+
+A walked count whose sides are both large first merges both sides' last keys, backwards from
+the range's end (_tail_count): a product launched lately has its orders there, and 1,001 matches
+found there say "1,000+" for a few dozen buffers instead of COUNT_WALK probes.
+
+The exact number is still the operator's (exact_count): the list shows "at least N" at once
+and fetches the plain COUNT by itself (console/routes/orders.py, GET /orders/count), stopped
+by the server after EXACT_COUNT_SECONDS."""
 
 from __future__ import annotations
 
@@ -84,6 +92,10 @@ COUNT_KEYS = 20_000
 # Or it walks the page's side, probing each row (three or four buffers), at most this many
 # (more than LIST_COUNT_CAP: a side whose rows nearly all match still says "1,000+").
 COUNT_WALK = 1_200
+
+# A walked count first merges both sides' last keys, at most this many of each (about 25
+# leaves of each index): found 1,001 matches there, it says "1,000+" without its walk.
+TAIL_KEYS = 4_000
 
 ORDERS_SIDE, PRODUCT_SIDE, BOTH_SIDES = "orders", "product", "both"
 MERGE, WALK = "merge", "walk"  # how a product filter is counted (_Plan)
@@ -319,6 +331,10 @@ class _Plan:
     # A merged count's matches are dense enough that it will likely find LIST_COUNT_CAP + 1
     # within its budget (the pilots' rates say so): it stops there.
     dense: bool = False
+    # A walked count whose sides are both large (a pilot found no match at the range's start:
+    # a product launched lately): first both sides' last keys are merged, backwards from the
+    # range's end (_tail_count), where such a product's orders are.
+    tail: bool = False
 
 
 async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int) -> _Plan:
@@ -347,7 +363,7 @@ async def _side(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id
         needed = (LIST_COUNT_CAP + 1) * PILOT  # keys of a side to find that many, at its rate
         dense = needed <= COUNT_KEYS * min(found_orders, found_product)
         return _Plan(side, MERGE, start, dense)
-    return _Plan(side, WALK)
+    return _Plan(side, WALK, tail=True)
 
 
 def _empty(after: int | None, before: int | None) -> dict[str, Any]:
@@ -457,11 +473,13 @@ async def _product_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, p
     merged, or COUNT_WALK rows of the page's side probed), as many as there are at least."""
     if plan.count == MERGE:
         return (await _merged_count(conn, f, r, product_id, plan.start, plan.dense))[0]
+    if plan.tail and await _tail_count(conn, f, r, product_id) > LIST_COUNT_CAP:
+        return LIST_COUNT_CAP, True
     return await _walked_count(conn, f, r, product_id, plan.side)
 
 
 def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
-          start: tuple[datetime, int] | None, limit: int) -> tuple[str, str]:
+          start: tuple[datetime, int] | None, limit: int, d: str = "ASC") -> tuple[str, str]:
     """Both sides' keys (placed time, id) in the range from `start`, in the list's order, at
     most `limit` of each, read on their indexes alone: (the orders', the product's). The
     product's are one per order (DISTINCT, streamed off the index in its order): an order
@@ -473,9 +491,9 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
         orders.append(f"(o.created_at, o.id) >= ({at}, {key})")
         services.append(f"(s.created_at, s.order_id) >= ({at}, {key})")
     return (f"SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
-            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT {limit}",
-            f"SELECT DISTINCT s.created_at, s.order_id FROM services s"
-            f" WHERE {' AND '.join(services)} ORDER BY s.created_at, s.order_id LIMIT {limit}")
+            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at {d}, o.id {d} LIMIT {limit}",
+            f"SELECT DISTINCT s.created_at, s.order_id FROM services s WHERE"
+            f" {' AND '.join(services)} ORDER BY s.created_at {d}, s.order_id {d} LIMIT {limit}")
 
 
 async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
@@ -500,13 +518,13 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
         ids = (f"array_agg(k.id ORDER BY k.created_at, k.id) {matched}" if with_ids
                else "NULL::bigint[]")
         async with _merged(conn):
-            n, n_orders, n_product, found = await conn.fetchrow(
+            n, n_orders, n_product, last_order, last_product, found = await conn.fetchrow(
                 f"SELECT count(DISTINCT k.id) {matched},"
-                f" count(k.id) FILTER (WHERE p.order_id IS NULL), count(p.order_id), {ids}"
+                f" count(k.id), count(p.order_id), max(k.created_at), max(p.created_at), {ids}"
                 f" FROM ({orders}) k FULL JOIN"
                 f" ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id",
                 *arg.values)
-        cut = n + n_orders > COUNT_KEYS or n_product > COUNT_KEYS  # (matched or not)
+        cut = _stopped(n_orders, last_order, n_product, last_product)
         # An order holding the product twice is matched twice: once is enough.
         return (min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut), list(dict.fromkeys(found or []))
     orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS)
@@ -517,14 +535,50 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
             f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
         if joined > LIST_COUNT_CAP:
             return (min(n, LIST_COUNT_CAP), True), []
-        # Fewer than the pilots promised: exact if neither side ran out of its budget before
-        # its range ended (the keys just read: in shared buffers now).
+        # Fewer than the pilots promised: exact unless a side ran out of its budget where the
+        # other still had keys (the keys just read: in shared buffers now).
         arg = _Args()
         orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
-        cut = await conn.fetchval(
-            f"SELECT (SELECT count(*) FROM ({orders}) k) > {COUNT_KEYS}"
-            f" OR (SELECT count(*) FROM ({product}) p) > {COUNT_KEYS}", *arg.values)
-    return (n, cut), []
+        sides = await conn.fetchrow(
+            f"SELECT * FROM (SELECT count(*), max(created_at) FROM ({orders}) k) o,"
+            f" (SELECT count(*), max(created_at) FROM ({product}) p) p", *arg.values)
+    return (n, _stopped(*sides)), []
+
+
+def _stopped(n_orders: int, last_order: datetime | None, n_product: int,
+             last_product: datetime | None) -> bool:
+    """Whether a merge of both sides' keys (each read up to COUNT_KEYS + 1 from the same start,
+    in the list's order: n keys, the last placed at `last`) stopped before its range ended: a
+    side had more keys than its budget, and the other side has keys from where the cut side's
+    reading stopped (so matches may lie beyond). A side that ended before the other was cut
+    has no key beyond, and the count is exact (it said "at least" for those too). The placed
+    times alone decide: on a tie (the same microsecond) it says it stopped, which is safe."""
+    cut_orders, cut_product = n_orders > COUNT_KEYS, n_product > COUNT_KEYS
+    if cut_orders and cut_product:
+        return True
+    if cut_orders:
+        return last_product is not None and last_order is not None and last_product >= last_order
+    if cut_product:
+        return last_order is not None and last_product is not None and last_order >= last_product
+    return False
+
+
+async def _tail_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range,
+                      product_id: int) -> int:
+    """The matches among both sides' last TAIL_KEYS keys of the range, merged backwards from
+    its end with no probe, up to LIST_COUNT_CAP + 1 (then more than the cap truly match,
+    wherever the rest are). A product launched lately, filtered over ten years: its pilot
+    from the range's start found nothing (its orders of five years ago), and its count walked
+    COUNT_WALK rows probing each (4,000-4,400 buffers at 1M); its newest keys and the
+    range's newest orders hold 1,001 matches within a few index leaves (a few dozen buffers).
+    Fewer found: the walk counts, as before (these keys read were the price)."""
+    arg = _Args()
+    orders, product = _keys(f, r, arg, product_id, None, TAIL_KEYS, "DESC")
+    async with _merged(conn):
+        return await conn.fetchval(
+            f"SELECT count(DISTINCT id) FROM (SELECT k.id FROM ({orders}) k"
+            f" JOIN ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id"
+            f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
 
 
 async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
@@ -547,3 +601,49 @@ async def _walked_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     n, rows = await conn.fetchrow(f"SELECT (SELECT count(*) FROM ({found}) x),"
                                   f" (SELECT count(*) FROM ({walked}) y)", *arg.values)
     return min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or rows > COUNT_WALK
+
+
+# The exact count an operator is shown after a budgeted one stopped early (or asks for beyond
+# "1,000+"): the plain COUNT, fetched by the page after it is shown (GET /orders/count), and
+# stopped by the server after this long, when it says the bound instead.
+EXACT_COUNT_SECONDS = 2.5
+
+
+class CountStopped(Exception):
+    """The exact count ran past EXACT_COUNT_SECONDS (statement_timeout) and was cancelled."""
+
+
+async def exact_count(conn: asyncpg.Connection, f: OrderFilters,
+                      seconds: float | None = None) -> int:
+    """Every order matching the filters, counted, with no cap and no budget: the plain query
+    (the planner's choice: a hash of the product's services, or the range's orders probed),
+    in a read-only transaction whose statement_timeout is `seconds` (EXACT_COUNT_SECONDS);
+    CountStopped past it. The same filters as order_list, validated the same way
+    (FilterError)."""
+    since, until = _day(f.since, "from"), _day(f.until, "to")
+    product_id = None
+    if f.product:
+        product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
+        if product_id is None:
+            return 0
+    r = _Range(since, until + timedelta(days=1) if until else None)
+    arg = _Args()
+    conds = _orders_walk(f, r, arg)
+    if product_id is not None:
+        conds.append(f"EXISTS (SELECT 1 FROM services s WHERE s.product_id = {arg(product_id)}"
+                     " AND s.created_at = o.created_at AND s.order_id = o.id)")
+    limit_ms = max(1, round(1000 * (EXACT_COUNT_SECONDS if seconds is None else seconds)))
+    try:
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {limit_ms}")
+            return await conn.fetchval(f"SELECT count(*) FROM orders o{_clients(conds)}"
+                                       f" WHERE {' AND '.join(conds)}", *arg.values)
+    except asyncpg.QueryCanceledError:
+        raise CountStopped from None
+
+
+async def list_count(conn: asyncpg.Connection, f: OrderFilters) -> tuple[tuple[int, bool], bool]:
+    """The first page's count as the list shows it ((n, more), partial: budgeted, and never
+    fewer than the page's rows): what the exact count falls back to when it is stopped."""
+    first = await order_list(conn, f)
+    return first["count"], first["partial"]

@@ -389,3 +389,68 @@ def test_a_form_without_its_csrf_token_is_refused(browser: Any, stack: Stack) ->
     assert "Refused: the form's security token is missing or wrong." in page.content()
     assert stack.value("SELECT count(*) FROM order_notes") == notes
     page.context.close()
+
+
+def test_a_count_that_stopped_early_turns_exact_in_the_page(browser: Any, stack: Stack) -> None:
+    """Issue 13: a product filter's count that ran out of its budget shows "at least N" at
+    once, then the page fetches the exact count itself (htmx, on load) and shows it; the
+    list's refreshes every 5 s keep it (hx-preserve) rather than count again. A viewer is
+    enough. Seeded (and removed after): 300 old Active orders without the product, then 2,400
+    with it, a third of them Active: the orders side's pilot finds none, the merge of both
+    sides' last keys finds fewer than 1,001, and the product's walk stops at COUNT_WALK
+    (1,200) with 400 matched; 800 match."""
+    seed = [
+        "INSERT INTO products (slug, name, type, module, auto_setup) VALUES"
+        " ('br-old', 'Old', 'hosting', 'autorelease', 'never'),"
+        " ('br-launch', 'Launched', 'hosting', 'autorelease', 'never')",
+        "INSERT INTO clients (email, storefront, country) VALUES ('br-seed@seed.example', '', 'GB')",
+        "INSERT INTO orders (order_ref, order_number, client_id, status, screening, currency,"
+        " send_confirmation, generate_invoice, total, storefront, created_at)"
+        " SELECT 'br-seed-' || g, 2000000000 + g,"
+        "  (SELECT id FROM clients WHERE email = 'br-seed@seed.example'),"
+        "  CASE WHEN g <= 300 OR g % 3 = 0 THEN 'Active' ELSE 'Cancelled' END, 'passed', 'USD',"
+        "  true, true, 10, '', timestamptz '2015-01-01' + make_interval(hours => g)"
+        " FROM generate_series(1, 2700) g",
+        "INSERT INTO services (order_id, product_id, billing_cycle, status, amount, created_at)"
+        " SELECT o.id, (SELECT id FROM products WHERE slug = CASE WHEN o.order_number"
+        "  - 2000000000 <= 300 THEN 'br-old' ELSE 'br-launch' END), 'monthly', 'Active', 10,"
+        "  o.created_at FROM orders o WHERE o.order_ref LIKE 'br-seed-%'",
+        "ANALYZE orders, services",
+    ]
+    for statement in seed:
+        stack.sql(statement)
+    page = None
+    try:
+        truth = stack.value("SELECT count(*) FROM orders o JOIN services s ON s.order_id = o.id"
+                            " JOIN products p ON p.id = s.product_id"
+                            " WHERE p.slug = 'br-launch' AND o.status = 'Active'")
+        assert truth == 800
+        page = signed_in(browser, stack, "victor")
+        expect = sync_api.expect
+        url = "/orders?status=Active&product=br-launch"
+        served = page.request.get(url).text()  # as the server sends it, before any script
+        assert re.search(r"at least <strong>400</strong> orders match", served), served[:3000]
+        counted, refreshed = [], []
+        page.on("request", lambda r: (counted if "/orders/count?" in r.url else
+                                      refreshed if "/orders/list?" in r.url else []).append(r))
+        page.goto(url)
+        count = page.locator("#order-count")
+        expect(count).to_contain_text("exactly 800 orders match")
+        expect(count).to_have_class(re.compile(r"\bexact\b"))
+        shoot(page, "pending-exact-count")
+        # A refresh of the list (every 5 s) keeps the exact count and does not count again.
+        deadline = time.monotonic() + 15
+        while not refreshed and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        page.wait_for_timeout(500)  # its swap
+        assert refreshed, "the list did not refresh itself"
+        expect(count).to_contain_text("exactly 800 orders match")
+        assert len(counted) == 1, [r.url for r in counted]
+    finally:
+        if page is not None:
+            page.context.close()
+        stack.sql("DELETE FROM services WHERE order_id IN"
+                  " (SELECT id FROM orders WHERE order_ref LIKE 'br-seed-%')")
+        stack.sql("DELETE FROM orders WHERE order_ref LIKE 'br-seed-%'")
+        stack.sql("DELETE FROM clients WHERE email = 'br-seed@seed.example'")
+        stack.sql("DELETE FROM products WHERE slug IN ('br-old', 'br-launch')")

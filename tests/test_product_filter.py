@@ -6,16 +6,23 @@ orders side, the product side, both sides' keys intersected) reads through index
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from test_console import PASSWORD, csrf_of, password_hash
 from test_query_plans import Explaining, scans
 
-from conftest import order_body, seeded_database
+from conftest import _test_settings, order_body, seeded_database
 from console import order_list
+from console.accounts import Role
+from console.app import close_state, create_app, open_state
 from console.order_list import OrderFilters
 from services.placement.worker import worker as placement_worker
 from shared import db
@@ -180,7 +187,9 @@ async def test_a_count_that_runs_out_of_its_budget_says_how_many_at_least(
         assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE], budget
         assert first["count"][1] and order_list.PAGE_SIZE <= first["count"][0] < len(truth)
     # Walked: Active with the launched product, each of its first COUNT_WALK services' orders
-    # probed (the orders side's pilot, from ten years ago, found none).
+    # probed (the orders side's pilot, from ten years ago, found none), once the merge of both
+    # sides' last keys found too few (a budget of 30 keys here: it finds 1,001 otherwise).
+    monkeypatch.setattr(order_list, "TAIL_KEYS", 30)
     monkeypatch.setattr(order_list, "COUNT_WALK", 250)
     f = SKEWED[1][0]
     assert (await _side(conn, f)).count == order_list.WALK
@@ -226,7 +235,9 @@ async def test_each_way_of_reading_a_product_uses_indexes(conn: asyncpg.Connecti
     assert merges == {("page", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.BOTH_SIDES, order_list.MERGE),
                       ("count", order_list.PRODUCT_SIDE, order_list.MERGE),
-                      ("count", order_list.ORDERS_SIDE, order_list.MERGE)}, merges
+                      ("count", order_list.ORDERS_SIDE, order_list.MERGE),
+                      # A walked count's first try: both sides' last keys, backwards.
+                      ("count", order_list.PRODUCT_SIDE, order_list.WALK)}, merges
     # The orders side probes services_product_created_idx too (one key: product, placed time,
     # order), no index of its own (migration 0036 dropped services_product_order_idx).
     assert {"services_product_created_idx", "orders_pkey"} <= used, used
@@ -353,3 +364,195 @@ async def test_an_order_holding_the_product_twice_is_counted_once(
 
 class _RolledBack(Exception):
     pass
+
+
+async def test_a_merge_whose_cut_side_outlasted_the_other_is_exact(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A merged count read past its budget on one side (more keys than COUNT_KEYS) said "at
+    least N" even when the other side's keys had all been read and ended before the cut one's
+    reading stopped: no match can lie beyond, and the count is exact (stop 22's note). Both
+    ways of merging: the full merge (sparse matches) and the dense one's recount. Counts that
+    truly stopped early still say so."""
+    monkeypatch.setattr(order_list, "SMALL_SIDE", 100)
+    with pytest.raises(_RolledBack):
+        async with conn.transaction():
+            # A product on every third of the first 3,000 orders (1,000 services): its keys end
+            # early in the range, long before either side's budget below is spent.
+            await conn.execute(
+                "INSERT INTO products (slug, name, type, module, auto_setup) VALUES"
+                " ('early', 'Early', 'hosting', 'autorelease', 'never')")
+            await conn.execute(
+                "INSERT INTO services (order_id, product_id, billing_cycle, status, amount,"
+                " created_at) SELECT o.id, (SELECT id FROM products WHERE slug = 'early'),"
+                " 'monthly', 'Active', 10, o.created_at FROM orders o"
+                " WHERE o.order_number - 1000000000 BETWEEN 1 AND 3000"
+                " AND o.order_number % 3 = 0")
+            for f, keys, dense in ((OrderFilters(status="Cancelled", product="early"), 1_500, False),
+                                   (OrderFilters(status="Active", product="early"), 5_000, True)):
+                monkeypatch.setattr(order_list, "COUNT_KEYS", keys)
+                plan = await _side(conn, f)
+                assert (plan.count, plan.dense) == (order_list.MERGE, dense), f
+                truth = await _truth(conn, f)
+                status_orders = await conn.fetchval(
+                    "SELECT count(*) FROM orders WHERE status = $1", f.status)
+                assert status_orders > keys > 1_000  # the orders side is cut, the product's not
+                assert order_list.PAGE_SIZE < len(truth) < order_list.LIST_COUNT_CAP
+                first = await order_list.order_list(conn, f)
+                assert first["count"] == (len(truth), False), (f, len(truth))
+                assert not first["partial"]
+                # Its budget cut before the product's keys end: it did stop early.
+                monkeypatch.setattr(order_list, "COUNT_KEYS", 120)
+                short = await order_list.order_list(conn, f)
+                assert short["count"][1] and short["partial"], short["count"]
+                assert short["count"][0] < len(truth)
+            raise _RolledBack
+
+
+# -- the exact count, over HTTP ----------------------------------------------------------------
+
+
+class _NoBroker:
+    """The console's publisher, absent: these pages only read."""
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def viewer(infra: Any, seeded_url: str,
+                 conn: asyncpg.Connection) -> AsyncIterator[httpx.AsyncClient]:
+    """The console on the seeded history, a viewer signed in (reading is all it needs)."""
+    s = _test_settings(infra, 0, "unused").model_copy(update={"database_url": seeded_url})
+    state = await open_state(s, publisher=_NoBroker())  # type: ignore[arg-type]
+    try:
+        await conn.execute("INSERT INTO operators (name, role, password_hash)"
+                           " SELECT 'vera', $1, $2 WHERE NOT EXISTS"
+                           " (SELECT 1 FROM operators WHERE name = 'vera')",
+                           Role.VIEWER, await password_hash())
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(state)),
+                                   base_url="http://console.test")
+        async with aclosing(client):
+            page = await client.get("/sign-in")
+            signed = await client.post("/sign-in", data={
+                "name": "vera", "password": PASSWORD, "csrf": csrf_of(page.text), "next": "/"})
+            assert signed.status_code == 303, signed.text
+            yield client
+    finally:
+        await close_state(state)
+
+
+def _count_head(page: str) -> str:
+    """The list head's count, as read (tags dropped, spaces joined)."""
+    found = re.search(r'<span id="order-count".*?</span>\s*(?:</span>)?', page, re.S)
+    assert found, page[:2000]
+    return " ".join(re.sub(r"<[^>]+>", " ", html.unescape(found.group(0))).split())
+
+
+async def test_a_partial_count_is_followed_by_the_exact_one(
+    viewer: httpx.AsyncClient, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13 (an operator wants the real total): a list whose count stopped on its budget
+    shows "at least N" at once and asks for the exact count itself (an htmx GET on load, the
+    same filters); the fragment's number is the plain COUNT's, for every skewed filter. A
+    capped count ("1,000+") offers the same on a click."""
+    monkeypatch.setattr(order_list, "COUNT_KEYS", 30)
+    f = SKEWED[3][0]  # Cancelled with the launched product: both sides' keys merged
+    listed = await viewer.get("/orders", params=f.query())
+    assert listed.status_code == 200
+    head = _count_head(listed.text)
+    assert head.startswith("at least ") and "counting them all" in head, head
+    tag = re.search(r'<span id="order-count"[^>]*>', listed.text).group(0)
+    assert 'hx-trigger="load"' in tag and "hx-preserve" in tag, tag
+    fetch = html.unescape(re.search(r'hx-get="([^"]+)"', tag).group(1))
+    assert fetch.startswith("/orders/count?")
+    truth = await _truth(conn, f)
+    answer = await viewer.get(fetch)
+    assert answer.status_code == 200
+    assert _count_head(answer.text).startswith(f"exactly {len(truth):,} orders match"), answer.text
+    # The list's refreshes keep it (its span's hx-preserve), and do not count again.
+    assert "hx-trigger" not in answer.text and "hx-preserve" not in answer.text
+    # Every skewed filter: the exact count is the plain query's, capped or not in the list.
+    for f, _, _ in SKEWED:
+        truth = await _truth(conn, f)
+        answer = await viewer.get("/orders/count", params=f.query())
+        head = _count_head(answer.text)
+        assert head.startswith(f"exactly {len(truth):,} order"), (f, head)
+    # A count capped at 1,000 offers the exact one, on a click.
+    listed = await viewer.get("/orders", params={"status": "all", "product": "launch"})
+    head = _count_head(listed.text)
+    assert head.startswith("1,000+ orders match") and "count them all" in head, head
+    assert 'hx-trigger="load"' not in listed.text
+    # No product: a plain count, the same.
+    answer = await viewer.get("/orders/count", params={"status": "Cancelled"})
+    cancelled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'Cancelled'")
+    assert _count_head(answer.text).startswith(f"exactly {cancelled:,} orders match")
+
+
+async def test_an_exact_count_stopped_by_its_timeout_says_the_bound(
+    viewer: httpx.AsyncClient, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its statement_timeout the exact count is cancelled by the server, and the fragment
+    says what the list's budgeted count knows and how long it tried: never a traceback, never
+    a number more than match."""
+    monkeypatch.setattr(order_list, "EXACT_COUNT_SECONDS", 0.001)  # 1 ms: no count of 36,000
+    for f, keys in ((SKEWED[3][0], 30), (OrderFilters(status="all", product="common"), 20_000)):
+        monkeypatch.setattr(order_list, "COUNT_KEYS", keys)
+        answer = await viewer.get("/orders/count", params=f.query())
+        assert answer.status_code == 200
+        (n, more), partial = await order_list.list_count(conn, f)
+        # Stopped on its budget ("at least"), or at the cap ("1,000+"): one of each here.
+        said = f"at least {n:,}" if partial else f"{n:,}+"
+        assert (partial, more) == ((True, True) if keys == 30 else (False, True))
+        assert _count_head(answer.text) == (
+            f"{said} orders match (counting them all stopped after 0.001 s)")
+        assert n <= len(await _truth(conn, f))
+        assert "Traceback" not in answer.text
+
+
+async def test_bad_filter_input_is_one_readable_error(viewer: httpx.AsyncClient) -> None:
+    """The fragment validates its filters as the list does: a date that is none is refused in
+    one line (400), the input escaped; a status it does not know reads as the review queue's,
+    as the list reads it; a product nobody has counts none."""
+    answer = await viewer.get("/orders/count", params={"since": "2021-13-01", "product": "common"})
+    assert answer.status_code == 400
+    assert _count_head(answer.text) == \
+        "Could not count: from '2021-13-01' is not a date (YYYY-MM-DD)"
+    hostile = await viewer.get("/orders/count", params={"until": "<script>x</script>"})
+    assert hostile.status_code == 400 and "<script>" not in hostile.text
+    assert "&lt;script&gt;" in hostile.text and "Traceback" not in hostile.text
+    answer = await viewer.get("/orders/count", params={"product": "no-such-thing"})
+    assert _count_head(answer.text).startswith("exactly 0 orders match")
+    answer = await viewer.get("/orders/count", params={"status": "bogus"})
+    assert answer.status_code == 200 and "exactly" in answer.text
+
+
+async def test_a_product_launched_lately_is_counted_from_the_ranges_end(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13 (b): a product launched lately, over all time, walked COUNT_WALK of its
+    services probing each order to say "1,000+" (about 4,000 buffers at 1M: the pilot from
+    the range's start found none of its orders). Its newest keys and the range's newest
+    orders, merged backwards on their indexes alone, hold 1,001 matches within a few leaves;
+    the count says the same "1,000+", true (more than 1,000 match), for a few dozen buffers.
+    Too few there (a small budget), the walk counts as before."""
+    for f in (SKEWED[0][0], SKEWED[1][0]):  # any status, Active: each with the launched one
+        plan = await _side(conn, f)
+        assert (plan.count, plan.tail) == (order_list.WALK, True), f
+        truth = await _truth(conn, f)
+        assert len(truth) > order_list.LIST_COUNT_CAP
+        measured = Buffers(conn)
+        first = await order_list.order_list(measured, f)
+        assert first["count"] == (order_list.LIST_COUNT_CAP, True) and not first["partial"]
+        tails = [(plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0), sql)
+                 for sql, plan in measured.plans if "s.order_id DESC LIMIT" in sql]
+        assert len(tails) == 1 and tails[0][0] <= 60, tails
+        walk = f"LIMIT {order_list.COUNT_WALK + 1}"
+        assert not any(walk in sql for sql, _ in measured.plans), "walked anyway"
+        assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE]
+    monkeypatch.setattr(order_list, "TAIL_KEYS", 30)
+    measured = Buffers(conn)
+    first = await order_list.order_list(measured, SKEWED[1][0])
+    assert first["count"] == (order_list.LIST_COUNT_CAP, True)  # the walk: 1,001 within 1,200
+    assert any(f"LIMIT {order_list.COUNT_WALK + 1}" in " ".join(sql.split())
+               for sql, _ in measured.plans)

@@ -1,8 +1,11 @@
 """Pending orders (WHMCS's List Pending Orders): filters, search, keyset pages, bulk actions.
-The list refreshes itself (htmx polls its partial; ticked boxes are kept, hx-preserve)."""
+The list refreshes itself (htmx polls its partial; ticked boxes are kept, hx-preserve). A
+count that stopped early ("at least 206") is followed by the exact one (GET /orders/count,
+fetched by the page itself once it is shown, and kept across the list's refreshes)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -47,6 +50,27 @@ async def orders_partial(request: Request, ctx: Ctx) -> Response:
     return ctx.render(request, "_order_list.html", **await _list(request, ctx))
 
 
+@page()
+async def order_count(request: Request, ctx: Ctx) -> Response:
+    """The exact number of orders the filters match (a read: any operator), for the list's
+    head: the plain count, stopped after order_list.EXACT_COUNT_SECONDS, when it says the
+    budgeted count ("at least N") and how long it tried instead. A filter the list would
+    refuse is refused the same way, in one line (400)."""
+    f = OrderFilters.of(request.query_params)
+    seconds = order_list.EXACT_COUNT_SECONDS
+    try:
+        async with ctx.state.pool.acquire() as conn:
+            try:
+                exact, count, partial = await order_list.exact_count(conn, f, seconds), None, False
+            except order_list.CountStopped:
+                exact = None
+                count, partial = await order_list.list_count(conn, f)
+    except FilterError as exc:
+        return ctx.render(request, "_order_count.html", status_code=400, error=str(exc))
+    return ctx.render(request, "_order_count.html", error=None, exact=exact, count=count,
+                      partial=partial, seconds=seconds, at=datetime.now(UTC))
+
+
 @page(act=True)
 async def bulk(request: Request, ctx: Ctx) -> Response:
     """First the confirmation (the orders and what will happen), then, confirmed, one review
@@ -70,4 +94,5 @@ async def bulk(request: Request, ctx: Ctx) -> Response:
 
 routes = [Route("/orders", orders, methods=["GET"]),
           Route("/orders/list", orders_partial, methods=["GET"]),
+          Route("/orders/count", order_count, methods=["GET"]),
           Route("/orders/bulk", bulk, methods=["POST"])]
