@@ -6,6 +6,7 @@ A page is `@page()` (any operator signed in) or `@page(act=True)` (a reviewer: a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import secrets
@@ -55,6 +56,9 @@ def templates() -> Environment:
     return env
 
 
+EXACT_COUNTS_AT_ONCE = 2  # of the pool's POOL_SIZE (5) connections
+
+
 @dataclass
 class ConsoleState:
     """A console process's resources: handed to every page through `request.app.state`."""
@@ -64,6 +68,11 @@ class ConsoleState:
     publisher: Publisher
     codec: SessionCodec
     env: Environment = field(default_factory=templates)
+    # Exact counts (GET /orders/count) run one after another, EXACT_COUNTS_AT_ONCE at most:
+    # each may hold a connection of the small pool for seconds, and a few operators paging
+    # through filters must not leave the other pages waiting for one.
+    counting: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(EXACT_COUNTS_AT_ONCE))
 
     @property
     def policy(self) -> SignInPolicy:

@@ -6,6 +6,7 @@ orders side, the product side, both sides' keys intersected) reads through index
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
@@ -24,6 +25,7 @@ from console import order_list
 from console.accounts import Role
 from console.app import close_state, create_app, open_state
 from console.order_list import OrderFilters
+from console.web import EXACT_COUNTS_AT_ONCE
 from services.placement.worker import worker as placement_worker
 from shared import db
 from shared.runtime.testing import InMemoryFlow
@@ -556,3 +558,26 @@ async def test_a_product_launched_lately_is_counted_from_the_ranges_end(
     assert first["count"] == (order_list.LIST_COUNT_CAP, True)  # the walk: 1,001 within 1,200
     assert any(f"LIMIT {order_list.COUNT_WALK + 1}" in " ".join(sql.split())
                for sql, _ in measured.plans)
+
+
+async def test_exact_counts_take_turns(
+    viewer: httpx.AsyncClient, conn: asyncpg.Connection,
+) -> None:
+    """Each exact count may hold one of the console's few connections for seconds: at most
+    EXACT_COUNTS_AT_ONCE run together. One more waits its turn, then counts as usual; the
+    list's pages do not wait for counts."""
+    state = viewer._transport.app.state.console  # type: ignore[attr-defined]
+    for _ in range(EXACT_COUNTS_AT_ONCE):
+        await state.counting.acquire()  # as many counts as may run, running
+    try:
+        waiting = asyncio.create_task(viewer.get("/orders/count", params={"status": "Cancelled"}))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "a count ran past the limit"
+        listed = await asyncio.wait_for(viewer.get("/orders", params={"status": "Cancelled"}), 10)
+        assert listed.status_code == 200
+    finally:
+        for _ in range(EXACT_COUNTS_AT_ONCE):
+            state.counting.release()
+    answer = await asyncio.wait_for(waiting, 10)
+    cancelled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'Cancelled'")
+    assert _count_head(answer.text).startswith(f"exactly {cancelled:,} orders match")

@@ -55,11 +55,12 @@ async def order_count(request: Request, ctx: Ctx) -> Response:
     """The exact number of orders the filters match (a read: any operator), for the list's
     head: the plain count, stopped after order_list.EXACT_COUNT_SECONDS, when it says the
     budgeted count ("at least N") and how long it tried instead. A filter the list would
-    refuse is refused the same way, in one line (400)."""
+    refuse is refused the same way, in one line (400). At most EXACT_COUNTS_AT_ONCE run at
+    a time (the others wait their turn, holding no connection)."""
     f = OrderFilters.of(request.query_params)
     seconds = order_list.EXACT_COUNT_SECONDS
     try:
-        async with ctx.state.pool.acquire() as conn:
+        async with ctx.state.counting, ctx.state.pool.acquire() as conn:
             try:
                 exact, count, partial = await order_list.exact_count(conn, f, seconds), None, False
             except order_list.CountStopped:
