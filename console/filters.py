@@ -7,7 +7,7 @@ the CLI does (cli/views.py printable), so a hostile name shows what it holds."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jinja2 import Environment
@@ -44,6 +44,21 @@ def _age(value: Any) -> str:
     return f"{seconds} s"
 
 
+RECENT_DAYS = 30
+
+
+def _ago(value: Any) -> str:
+    """When something happened, as an operator scans a list: "3 h ago" within RECENT_DAYS,
+    the day after that ("2015-03-02": an age of "4343 d" has to be worked out)."""
+    if value is None:
+        return "\u2013"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if datetime.now(UTC) - value >= timedelta(days=RECENT_DAYS):
+        return value.astimezone(UTC).strftime("%Y-%m-%d")
+    return f"{_age(value)} ago"
+
+
 def _badge(value: Any) -> str:
     return BADGES.get(str(value), "muted")
 
@@ -57,6 +72,6 @@ def _number(value: Any) -> str:
 
 
 def install(env: Environment) -> None:
-    env.filters.update(t=lambda v: printable(v, multiline=True), when=_when, age=_age,
+    env.filters.update(t=lambda v: printable(v, multiline=True), when=_when, age=_age, ago=_ago,
                        badge=_badge, pretty=lambda v: printable(_pretty(v), multiline=True),
                        number=_number)
