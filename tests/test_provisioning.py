@@ -101,6 +101,58 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert username.startswith("payexam")
 
 
+async def test_a_payment_waiting_for_its_orders_lock_sees_the_order_cancelled_meanwhile(
+    fast: Harness,
+) -> None:
+    """A payment by invoice id finds and locks its order in one statement (the invoice
+    joined to it): when a cancel holds the order's lock, the payment waits for it and then
+    reads the order as the cancel left it, Cancelled: kept unapplied for an operator, the
+    invoice not paid, no setup queued; its inserted row is used as inserted, not read again."""
+    from datetime import UTC, datetime
+
+    from services.provisioning.handlers import reconcile_paid
+    from services.provisioning.payments import Payments
+    from shared.contracts import PaymentReceived
+    from shared.uow import MessageContext, UnitOfWork
+
+    await fast.start(workers(fast, "placement", "fraud"))
+    await fast.publish("order.place", starter("race-1"))
+    order = await fast.screened("race-1")
+    invoice = await invoice_of(fast, order["id"])
+    payments = Payments(on_paid=reconcile_paid)
+    async with fast.pool.acquire() as cancel, fast.pool.acquire() as paying:
+        cancelling = cancel.transaction()
+        await cancelling.start()
+        await cancel.execute("UPDATE orders SET status = 'Cancelled' WHERE id = $1", order["id"])
+
+        async def pay_it() -> None:
+            async with paying.transaction():
+                uow = UnitOfWork(paying, MessageContext(
+                    consumer="provisioning", message_id="race-payment-1",
+                    routing_key="payment.received", received_at=datetime.now(UTC),
+                    user_id="gateway"))
+                await payments.on_payment(PaymentReceived(
+                    amount="5.95", invoice_id=invoice["id"], currency="USD", gateway="stripe",
+                    transaction_id="race-1"), uow)
+
+        task = asyncio.create_task(pay_it())
+        waiting_pid = paying.get_server_pid()
+
+        async def blocked() -> bool:
+            return await fast.pool.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                waiting_pid) is True
+        await eventually(blocked)  # waiting for the order's lock, which the cancel holds
+        await cancelling.commit()
+        await asyncio.wait_for(task, 10)
+    row = await fast.pool.fetchrow("SELECT * FROM payments WHERE transaction_id = 'race-1'")
+    assert (row["status"], row["waiting_for"], row["invoice_id"]) == ("unapplied", "review", None)
+    assert "Cancelled" in row["reason"]
+    invoice = await invoice_of(fast, order["id"])
+    assert (invoice["status"], invoice["amount_paid"]) == ("Unpaid", Decimal("0.00"))
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
 async def test_a_payment_is_applied_once_however_many_events_find_it_waiting(
     fast: Harness,
 ) -> None:
