@@ -67,6 +67,17 @@ JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lan
 _Outcome = tuple[asyncpg.Record, dict[str, Any],
                  Callable[[UnitOfWork, asyncpg.Record], Awaitable[None]], asyncio.Future[None]]
 # A service as its job's call needs it: its order's state, product, client and server.
+# Read by the claim itself (what the job's call and outcome use, as JSON: one column next
+# to the job's own); _SERVICES reads it again for a retry after a transient error.
+_SERVICE_WITH_CLAIM = (
+    "*, (SELECT jsonb_build_object('id', s.id, 'domain', s.domain, 'username', s.username,"
+    " 'order_status', o.status, 'order_ref', o.order_ref, 'module', p.module, 'plan', p.plan,"
+    " 'slug', p.slug, 'email', c.email, 'use_server', coalesce(s.server_id, p.server_id),"
+    " 'server', to_jsonb(sv))"
+    " FROM services s JOIN orders o ON o.id = s.order_id"
+    " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
+    " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
+    " WHERE s.id = jobs.service_id) AS service")
 _SERVICES = (
     "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
     " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
@@ -82,7 +93,8 @@ class JobRunner:
     def __init__(self, providers: Providers, jobs: JobSettings,
                  database_url: str | None) -> None:
         self.providers = providers
-        self.queue = LeasedQueue.from_settings(JOBS, jobs.queue)
+        self.queue = LeasedQueue.from_settings(JOBS, jobs.queue,
+                                               claim_returning=_SERVICE_WITH_CLAIM)
         self.runner = Runner(self.queue, self.execute, database_url=database_url,
                              concurrency=jobs.concurrency,
                              lane_concurrency=jobs.lane_concurrency,
@@ -110,24 +122,14 @@ class JobRunner:
                     await asyncio.wait({writer}, timeout=5)
 
     async def read_ahead(self, pool: asyncpg.Pool, jobs: list[asyncpg.Record]) -> None:
-        """The services of a pass's service jobs, in one query rather than one a job (a
-        lone job reads its own, as before). Read just before the jobs start, as each would
-        read its own; the outcome still reads the order again under its lock. Whatever goes
-        wrong here, each job reads its own."""
-        wanted = {j["id"]: j["service_id"] for j in jobs if j["service_id"] is not None}
-        if len(wanted) < 2:
-            return
-        try:
-            rows = await pool.fetch(_SERVICES + " WHERE s.id = ANY($1::bigint[])",
-                                    list(set(wanted.values())))
-        except Exception as exc:
-            log.warning("services not read ahead; each job reads its own",
-                        extra={"jobs": len(wanted), "error": f"{type(exc).__name__}: {exc}"})
-            return
-        services = {r["id"]: r for r in rows}
-        for job_id, service_id in wanted.items():
-            if service_id in services:
-                self._read[job_id] = services[service_id]
+        """The services of a pass's service jobs, as their claim read them (no query a job,
+        lone or not: at a moderate rate most passes carry one job, and its read was a
+        transaction of its own). Read when the jobs are claimed, just before they start;
+        the outcome still reads the order again under its lock. A job whose claim brought
+        no service (none found) reads its own, as does a retry."""
+        for job in jobs:
+            if job["service_id"] is not None and job.get("service") is not None:
+                self._read[job["id"]] = job["service"]
 
     async def execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
         try:
