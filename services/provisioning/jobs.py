@@ -52,12 +52,6 @@ T = TypeVar("T")
 # well within the lease. The claim's token still guards the write: if a commit went through
 # before its connection dropped, the next try finds the claim ended and records nothing twice.
 OUTCOME_WRITE_ATTEMPTS = 8
-# Lanes whose jobs call no server (a module with none, answering at once): nothing to protect
-# from a burst of calls, so only JOB_CONCURRENCY bounds them, not JOB_LANE_CONCURRENCY. With 8
-# at a time, at a steady 40 payments/s on a loaded machine (each job about a shared outcome
-# write long) setups were claimed 8 at a time and payment->Active grew to seconds (README,
-# "Where the tail came from").
-NO_CALL_LANES = frozenset({"autorelease"})
 # How long a shared outcome write waits for a lock before each outcome is written alone.
 SHARED_LOCK_TIMEOUT_MS = 100
 
@@ -101,11 +95,24 @@ class JobRunner:
                              poll_seconds=jobs.queue.poll_seconds,
                              busy_linger_seconds=jobs.busy_linger_seconds,
                              claimed=self.read_ahead,
-                             lane_limit=lambda lane: jobs.concurrency if lane in NO_CALL_LANES
-                             else jobs.lane_concurrency)
-        self._read: dict[int, asyncpg.Record] = {}  # job id -> its service, read with its pass
+                             lane_limit=self._lane_limit)
+        self._jobs = jobs
+        self._read: dict[int, Any] = {}  # job id -> its service (JSON), read with its claim
         self._outcomes: list[_Outcome] = []  # successes waiting for the next shared write
         self._writer: asyncio.Task[None] | None = None
+
+    def _lane_limit(self, lane: str) -> int:
+        """A lane's cap on jobs at once. A module's lane that names no server, of a module
+        that calls none (`calls_server`, as autorelease: answering at once), has nothing to
+        protect from a burst of calls: only JOB_CONCURRENCY bounds it. With 8 at a time, at a
+        steady 40 payments/s on a loaded machine (each job about a shared outcome write
+        long) setups were claimed 8 at a time and payment->Active grew to seconds (README,
+        "Where the tail came from"). Every other lane (a server's, a registrar's) keeps
+        JOB_LANE_CONCURRENCY."""
+        module, _, server = lane.partition(":")
+        if not server and not self.providers.calls_server(module):
+            return self._jobs.concurrency
+        return self._jobs.lane_concurrency
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         """Run jobs until `stop`; then the outcome writer is awaited too (bounded by the stop
