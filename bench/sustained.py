@@ -10,8 +10,12 @@ bench's SMTP sink. An order is done when its service is Active (paid) or it is s
 
 1. warm-up: --warmup orders as a burst.
 2. burst: --orders orders published as fast as confirms allow (payments as each is
-   screened): the all-in-one burst throughput (orders done per second).
-3. steady: --rate-share (default 0.8) of that throughput, for --seconds: publish->screened
+   screened): the all-in-one burst throughput of the full flow (orders per second until
+   the last order is screened, every paid one Active and every customer mail sent). Also
+   reported: the rate to the last order done (screened, Active if paid; mails still going
+   out: the steady phase's reference before stop 23) and to the last order screened.
+3. steady: --rate-share (default 0.8) of the --reference rate (default the full flow's),
+   for --seconds: publish->screened
    and payment->Active p50/p99, the backlog (orders in flight, messages ready in the queues,
    unpublished events, unsent mails) sampled each second and its growth, the worker's CPU per
    order against the burst's.
@@ -138,6 +142,11 @@ class FullFlow(Storefront):
             self.to_pay.add(ref)
         self.placed_at[ref] = time.time()
         await self.place(ref, PRODUCT)
+
+    def screening_at(self, ref: str) -> float | None:
+        """When the bench heard the order's screening outcome (screened, Fraud or rejected)."""
+        return min((at for key in SCREENING_KEYS if (at := self.at(key, ref)) is not None),
+                   default=None)
 
     @property
     def in_flight(self) -> int:
@@ -278,6 +287,11 @@ class Run:
                                f" see {self.worker.log_path}")
         done = max(store.ended_at[ref] for ref in refs) - first
         mail_seconds = await mail_drained(self.bench.settings) if wait_mail else 0.0
+        # The full flow's end: every order done (screened; paid ones Active) and every mail
+        # of theirs sent (the emails' own sent_at: the sink is on this machine's clock).
+        last_mail = await last_mail_sent(self.bench.settings.database_url, refs) \
+            if wait_mail else None
+        full = max(done, (last_mail or first) - first)
         cpu = self.cpu.stop()
         ended = time.time()
         stop.set()
@@ -287,10 +301,20 @@ class Run:
             - counted["transactions"]
         paid = [ref for ref in refs if ref in store.paid_at and store.at("service.created", ref)]
         screened = [ref for ref in refs if store.at("order.screened", ref)]
+        screening = [at for ref in refs if (at := store.screening_at(ref)) is not None]
+        screened_seconds = max(screening) - first if screening else done
         result = {
             "phase": label, "orders": len(refs), "paid": len(paid), "target_rate": rate,
             "publish_seconds": round(published, 2), "seconds": round(done, 2),
+            # Three rates, each the phase's orders over the time until the last of them was
+            # (1) screened, (2) done: screened, and Active if paid (the steady phase's
+            # reference until stop 23), (3) done and every customer mail sent: the full flow
+            # (issue 15's "all-in-one burst throughput", the reference now).
             "orders_per_second": round(len(refs) / done, 1),
+            "screened_seconds": round(screened_seconds, 2),
+            "screened_per_second": round(len(refs) / screened_seconds, 1),
+            "full_flow_seconds": round(full, 2),
+            "full_flow_per_second": round(len(refs) / full, 1),
             "not_screened": len(refs) - len(screened),
             "screened_ms": latency_summary([(store.at("order.screened", r) - store.placed_at[r]) * 1000
                                             for r in screened]),
@@ -314,9 +338,29 @@ class Run:
         return result
 
 
+async def last_mail_sent(database_url: str, refs: list[str]) -> float | None:
+    """When the last customer mail of these orders was sent (epoch seconds), if any was."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval(
+            "SELECT extract(epoch FROM max(e.sent_at))::float8 FROM emails e"
+            " JOIN orders o ON o.id = e.order_id WHERE o.order_ref = ANY($1::text[])", refs)
+    finally:
+        await conn.close()
+
+
+# --reference: which of the burst's rates the steady phase takes its share of.
+REFERENCES = {"full": "full_flow_per_second", "done": "orders_per_second",
+              "screened": "screened_per_second"}
+REFERENCE_NAMES = {"full": "full flow: screened, Active and mailed",
+                   "done": "screened and Active, mails not waited for",
+                   "screened": "screened only"}
+
+
 def _progress(r: dict[str, Any]) -> None:
     print(f"  {r['phase']:22} {r['orders']} orders ({r['paid']} paid) in {r['seconds']:.1f} s:"
-          f" {r['orders_per_second']:.0f}/s; screened p99 {r['screened_ms']['p99']:.0f} ms,"
+          f" {r['orders_per_second']:.0f}/s (screened {r['screened_per_second']:.0f}/s,"
+          f" full flow {r['full_flow_per_second']:.0f}/s); screened p99 {r['screened_ms']['p99']:.0f} ms,"
           f" active p99 {r['active_ms']['p99']:.0f} ms; worker {r['worker_cpu_ms_per_order']:.2f}"
           f" ms/order; mails +{r['mail_drain_seconds']:.1f} s;"
           f" {r['transactions_per_order']:.1f} transactions/order", flush=True)
@@ -350,7 +394,7 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
-        rate = opts.rate or round(opts.rate_share * burst["orders_per_second"], 1)
+        rate = opts.rate or round(opts.rate_share * burst[REFERENCES[opts.reference]], 1)
         steady = await run.phase(f"{label}: steady {rate:g}/s",
                                  orders.take(round(rate * opts.seconds), "s"), rate)
     finally:
@@ -583,7 +627,8 @@ def _round_rows(data: dict[str, Any]) -> list[list[str]]:
             p = r[part]
             b = p["backlog"]
             rows.append([f"{r['round']} {r['label']}", part, str(p["orders"]),
-                         f"{p['orders_per_second']:.0f}",
+                         f"{p['screened_per_second']:.0f}/{p['orders_per_second']:.0f}"
+                         f"/{p['full_flow_per_second']:.0f}",
                          f"{p['screened_ms']['p50']:.0f}/{p['screened_ms']['p99']:.0f}",
                          f"{p['active_ms']['p50']:.0f}/{p['active_ms']['p99']:.0f}",
                          f"{b.get('first_quarter', 0):.0f}->{b.get('last_quarter', 0):.0f}",
@@ -593,7 +638,7 @@ def _round_rows(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-COLUMNS = ("round", "phase", "orders", "orders/s", "screened p50/p99 ms", "active p50/p99 ms",
+COLUMNS = ("round", "phase", "orders", "orders/s scr/done/full", "screened p50/p99 ms", "active p50/p99 ms",
            "in flight", "growth/s", "mail +s", "busy", "worker ms/order", "pg ms/order", "other")
 
 
@@ -607,11 +652,18 @@ def print_report(data: dict[str, Any]) -> None:
               " publishing; growth: its slope.\n")
         print(_table(COLUMNS, _round_rows(data)))
         print()
+        reference = data["options"].get("reference", "done")
         for r in data["rounds"]:
-            s = r["steady"]
+            s, b = r["steady"], r["burst"]
+            rates = ", ".join(f"{name} {b[REFERENCES[name]]:.1f}/s"
+                              + (f" (80 % = {0.8 * b[REFERENCES[name]]:.1f}/s)" if name != "screened" else "")
+                              for name in ("full", "done", "screened"))
+            print(f"round {r['round']} {r['label']}: burst {rates}")
+            share = (f"a fixed rate (--rate), {s['target_rate'] / b[REFERENCES[reference]]:.0%}"
+                     if data["options"].get("rate") else f"{data['options']['rate_share']:.0%}")
             print(f"round {r['round']} {r['label']}: steady at {s['target_rate']:g}/s"
-                  f" ({data['options']['rate_share']:.0%} of the burst's"
-                  f" {r['burst']['orders_per_second']:.0f}/s):"
+                  f" ({share} of the burst's {reference} rate, {REFERENCE_NAMES[reference]}:"
+                  f" {b[REFERENCES[reference]]:.1f}/s):"
                   f" screened p99 {s['screened_ms']['p99']:.0f} ms (target < 250),"
                   f" active p99 {s['active_ms']['p99']:.0f} ms (< 500), worker CPU per order"
                   f" {r['steady_vs_burst_cpu']:.2f}x the burst's (<= 1.3); backlog growth"
@@ -680,6 +732,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the steady phase")
     parser.add_argument("--rate-share", type=float, default=0.8,
                         help="steady rate as a share of the burst's throughput")
+    parser.add_argument("--reference", choices=sorted(REFERENCES), default="full",
+                        help="the burst's rate that --rate-share takes a share of: full (every"
+                             " order screened, every paid one Active, every mail sent: issue"
+                             " 15's reference), done (screened and Active, mails not waited"
+                             " for: the reference before stop 23) or screened")
     parser.add_argument("--rate", type=float, default=0.0, help="a fixed steady rate instead")
     parser.add_argument("--pay-share", type=float, default=0.9, help="orders paid when screened")
     parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",

@@ -44,7 +44,8 @@ KINDS: list[tuple[str, str]] = [
     ("jobs: due lanes", r"^SELECT DISTINCT lane FROM jobs"),
     ("jobs: claim (leased queue)", r"^UPDATE jobs SET status = 'running'"),
     ("jobs: read the service before the call", r"^SELECT s\.\*, o\.status AS order_status"),
-    ("jobs: outcome (unit of work)", r"^SELECT (id, )?status, order_ref, accept_options FROM orders"),
+    ("jobs: outcome (unit of work)",
+     r"(^|; )SELECT (id, )?status, order_ref, accept_options FROM orders"),
     ("leases: heartbeat renew", r"SET lease_until = now\(\) \+ \$3::interval"),
     ("webhooks: due endpoints + claim", r"FROM webhook_deliveries WHERE \(\(status"),
     ("alerts: claim", r"^UPDATE alert_deliveries SET status = 'sending'"),
@@ -70,16 +71,21 @@ class Tally:
     kinds: Counter[str] = field(default_factory=Counter)
     unnamed: Counter[str] = field(default_factory=Counter)  # signature of the first statement
     statements: int = 0
+    kind_statements: Counter[str] = field(default_factory=Counter)  # statements by kind
+    # (kind, a statement's first 90 characters): what each kind's statements are
+    signatures: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def add(self, statements: list[str]) -> None:
         self.statements += len(statements)
         joined = " ; ".join(statements)
-        for kind, pattern in KINDS:
-            if re.search(pattern, joined, re.MULTILINE):
-                self.kinds[kind] += 1
-                return
-        self.kinds["other"] += 1
-        self.unnamed[re.sub(r"\s+", " ", statements[0])[:110]] += 1
+        kind = next((kind for kind, pattern in KINDS if re.search(pattern, joined, re.MULTILINE)),
+                    "other")
+        self.kinds[kind] += 1
+        self.kind_statements[kind] += len(statements)
+        for text in statements:
+            self.signatures[kind, re.sub(r"\s+", " ", text)[:90]] += 1
+        if kind == "other":
+            self.unnamed[re.sub(r"\s+", " ", statements[0])[:110]] += 1
 
 
 def _epoch(stamp: str) -> float:
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", default="steady", help="burst, steady or warm-up")
     parser.add_argument("--round", type=int, default=0, help="the report's round (index)")
     parser.add_argument("--top", type=int, default=15, help="unnamed kinds to show")
+    parser.add_argument("--detail", action="store_true",
+                        help="each kind's statements, by their first 90 characters")
     opts = parser.parse_args(argv)
     report = json.loads(opts.report.read_text())
     rnd = report["rounds"][opts.round]
@@ -149,8 +157,15 @@ def main(argv: list[str] | None = None) -> None:
         f" {total} transactions ({total / orders:.2f} an order),"
         f" {counted.statements / orders:.2f} statements an order"
     )
+    print("  an order  transactions  statements an order  kind")
     for kind, n in counted.kinds.most_common():
-        print(f"  {n / orders:6.2f}  {n:7}  {kind}")
+        print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}  {kind}")
+    if opts.detail:
+        for kind, _ in counted.kinds.most_common():
+            print(f"{kind}:")
+            for (k, text), n in counted.signatures.most_common():
+                if k == kind and n / orders >= 0.01:
+                    print(f"    {n / orders:6.2f}  {text}")
     if "transactions" in rnd:  # the round's exact count against the log's, over the round
         with opts.log.open(errors="replace") as lines:
             logged = sum(

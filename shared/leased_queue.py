@@ -99,13 +99,19 @@ def _key(row: asyncpg.Record) -> tuple[int, str]:
 
 class LeasedQueue:
     @classmethod
-    def from_settings(cls, table: Table, queue: QueueSettings) -> LeasedQueue:
+    def from_settings(cls, table: Table, queue: QueueSettings, *,
+                      claim_returning: str = "*") -> LeasedQueue:
         """A queue with the JOB_* policy: lease, attempts before parking, backoff base."""
         return cls(table, lease=timedelta(seconds=queue.lease_seconds),
-                   backoff=Backoff(queue.max_attempts, queue.backoff_seconds))
+                   backoff=Backoff(queue.max_attempts, queue.backoff_seconds),
+                   claim_returning=claim_returning)
 
     def __init__(self, table: Table, *, lease: timedelta = timedelta(seconds=30),
-                 backoff: Backoff = Backoff(), runner_id: str | None = None) -> None:
+                 backoff: Backoff = Backoff(), runner_id: str | None = None,
+                 claim_returning: str = "*") -> None:
+        """`claim_returning`: what a claim returns of each row it claims (its RETURNING list,
+        naming the table's columns by its name): more than the row (a scalar subquery, say),
+        read in the claim's statement rather than one more round trip."""
         self.table = table
         self.lease = lease
         self.backoff = backoff
@@ -126,7 +132,7 @@ class LeasedQueue:
             " leased_by = $1 || '/' || left(md5(random()::text), 8),"
             f" lease_until = now() + $2::interval{touch}"
             f" WHERE id IN (SELECT id FROM {t.name} WHERE {{}}{self._due}"
-            f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING *")
+            f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {claim_returning}")
         many = (f" FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
                 f" AND q.leased_by = c.token AND q.status = '{t.claimed}'")
         self._renew = (f"UPDATE {t.name} q SET lease_until = now() + $3::interval{many}"

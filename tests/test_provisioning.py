@@ -101,6 +101,58 @@ async def test_on_payment_product_is_set_up_when_paid_while_the_order_stays_pend
     assert username.startswith("payexam")
 
 
+async def test_a_payment_waiting_for_its_orders_lock_sees_the_order_cancelled_meanwhile(
+    fast: Harness,
+) -> None:
+    """A payment by invoice id finds and locks its order in one statement (the invoice
+    joined to it): when a cancel holds the order's lock, the payment waits for it and then
+    reads the order as the cancel left it, Cancelled: kept unapplied for an operator, the
+    invoice not paid, no setup queued; its inserted row is used as inserted, not read again."""
+    from datetime import UTC, datetime
+
+    from services.provisioning.handlers import reconcile_paid
+    from services.provisioning.payments import Payments
+    from shared.contracts import PaymentReceived
+    from shared.uow import MessageContext, UnitOfWork
+
+    await fast.start(workers(fast, "placement", "fraud"))
+    await fast.publish("order.place", starter("race-1"))
+    order = await fast.screened("race-1")
+    invoice = await invoice_of(fast, order["id"])
+    payments = Payments(on_paid=reconcile_paid)
+    async with fast.pool.acquire() as cancel, fast.pool.acquire() as paying:
+        cancelling = cancel.transaction()
+        await cancelling.start()
+        await cancel.execute("UPDATE orders SET status = 'Cancelled' WHERE id = $1", order["id"])
+
+        async def pay_it() -> None:
+            async with paying.transaction():
+                uow = UnitOfWork(paying, MessageContext(
+                    consumer="provisioning", message_id="race-payment-1",
+                    routing_key="payment.received", received_at=datetime.now(UTC),
+                    user_id="gateway"))
+                await payments.on_payment(PaymentReceived(
+                    amount="5.95", invoice_id=invoice["id"], currency="USD", gateway="stripe",
+                    transaction_id="race-1"), uow)
+
+        task = asyncio.create_task(pay_it())
+        waiting_pid = paying.get_server_pid()
+
+        async def blocked() -> bool:
+            return await fast.pool.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                waiting_pid) is True
+        await eventually(blocked)  # waiting for the order's lock, which the cancel holds
+        await cancelling.commit()
+        await asyncio.wait_for(task, 10)
+    row = await fast.pool.fetchrow("SELECT * FROM payments WHERE transaction_id = 'race-1'")
+    assert (row["status"], row["waiting_for"], row["invoice_id"]) == ("unapplied", "review", None)
+    assert "Cancelled" in row["reason"]
+    invoice = await invoice_of(fast, order["id"])
+    assert (invoice["status"], invoice["amount_paid"]) == ("Unpaid", Decimal("0.00"))
+    assert await fast.pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
 async def test_a_payment_is_applied_once_however_many_events_find_it_waiting(
     fast: Harness,
 ) -> None:
@@ -673,12 +725,13 @@ async def test_a_stopping_job_runner_awaits_its_outcome_writer(fast: Harness) ->
     assert await service_active(fast, order_id)
 
 
-async def test_a_pass_of_jobs_reads_their_services_in_one_query_and_a_lone_job_its_own(
+async def test_a_pass_of_jobs_reads_their_services_with_their_claim_lone_or_not(
     fast: Harness,
 ) -> None:
-    """The runner's pass claims the setups of three paid orders and reads their services in
-    one query before the calls (not one read a job); each is set up once. A lone job reads
-    its own, as before."""
+    """The runner's pass claims the setups of three paid orders, and the claim's statement
+    reads their services too (no read a job, nor one for the pass); each is set up once. A
+    lone job's claim reads its service as well (at a moderate rate most passes carry one job,
+    whose read was a transaction of its own)."""
     runner = await _runner_of_its_own(fast)
     service_reads: list[str] = []
 
@@ -693,17 +746,60 @@ async def test_a_pass_of_jobs_reads_their_services_in_one_query_and_a_lone_job_i
                 service_reads.append(query)
             return await fast.pool.fetchrow(query, *args, **kwargs)
 
+        async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("SELECT s.*, o.status AS order_status"):
+                service_reads.append(query)
+            return await fast.pool.fetch(query, *args, **kwargs)
+
     pool: Any = Counted()
 
     together = await paid(fast, ["ahead-0", "ahead-1", "ahead-2"], first_ip=60)
     await runner.runner._start_due(pool)
     await _recorded_once(fast, together)
-    assert service_reads == []  # read ahead, all three in one query
+    assert service_reads == []  # read with their claim
     assert not runner._read  # nothing left behind
 
     [alone] = await paid(fast, ["ahead-3"], first_ip=70)
     await runner.runner._start_due(pool)
     await eventually(lambda: service_active(fast, alone))
-    assert len(service_reads) == 1
+    assert service_reads == []  # read with its claim too
     assert await fast.pool.fetchval(
         "SELECT count(*) FROM order_history WHERE action = 'service created'") == 4
+
+
+
+async def test_a_job_tried_again_after_a_transient_error_before_its_call_reads_its_service_anew(
+    fast: Harness,
+) -> None:
+    """What the claim read is used once: when the step before the call fails on a transient
+    database error (here saving an older job's username), the next try reads the service
+    again, and the account is set up once, with the username saved."""
+    runner = await _runner_of_its_own(fast)
+    [order_id] = await paid(fast, ["again-0"], first_ip=80)
+    await fast.pool.execute("UPDATE services SET username = NULL WHERE order_id = $1", order_id)
+    service_reads: list[str] = []
+    failed: list[str] = []
+
+    class Flaky:
+        """The pool, failing the first username save as a dropped connection would."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fast.pool, name)
+
+        async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("SELECT s.*, o.status AS order_status"):
+                service_reads.append(query)
+            return await fast.pool.fetchrow(query, *args, **kwargs)
+
+        async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+            if query.startswith("UPDATE services SET username") and not failed:
+                failed.append(query)
+                raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+            return await fast.pool.execute(query, *args, **kwargs)
+
+    await runner.runner._start_due(Flaky())
+    await _recorded_once(fast, [order_id])
+    assert len(failed) == 1 and len(service_reads) == 1  # the claim's read, then its own
+    assert not runner._read
+    assert await fast.pool.fetchval(
+        "SELECT username FROM services WHERE order_id = $1", order_id) is not None

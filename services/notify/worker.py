@@ -5,6 +5,11 @@ sender gets only `settings.mail` (SMTP and its queue's policy)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
 from services.notify.mail import SUBJECTS, message_id_for
 from services.notify.sender import MailSender
 from shared.contracts import EmailSend
@@ -15,19 +20,47 @@ from shared.settings import Settings
 from shared.uow import UnitOfWork
 
 
+@dataclass(frozen=True)
+class _Mail:
+    """One `email.send` request, to be recorded with the others of its transaction."""
+
+    dedupe_key: str
+    template: str
+    recipient: str
+    order_id: int
+    message_id: str
+
+
 async def on_email(request: EmailSend, uow: UnitOfWork, *, domain: str) -> None:
     if request.template not in SUBJECTS:
         raise Rejected(f"unknown email template {request.template!r}")
-    recorded = await uow.conn.fetchval(
+    uow.defer(record_mails, _Mail(request.dedupe_key, request.template, request.recipient,
+                                  request.order_id, message_id_for(request.dedupe_key, domain)))
+
+
+async def record_mails(conn: asyncpg.Connection, mails: Sequence[_Mail]) -> None:
+    """The mail requests of every message sharing the transaction, in one statement (a
+    steady flow's batches carry a few orders' mails: one insert, not one a mail), in the
+    messages' order (the sender takes them by id). A request recorded before (a resend, by
+    its dedupe key) writes nothing. One for an order that does not exist refuses the batch:
+    it is handled again message by message, and that request alone is dead-lettered."""
+    inserted = await conn.fetch(
         "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
-        " SELECT $1, $2, $3, id, $5 FROM orders WHERE id = $4"
+        " SELECT u.k, u.t, u.r, o.id, u.m FROM unnest($1::text[], $2::text[], $3::text[],"
+        "  $4::bigint[], $5::text[]) WITH ORDINALITY AS u(k, t, r, order_id, m, n)"
+        " JOIN orders o ON o.id = u.order_id ORDER BY u.n"
         " ON CONFLICT (dedupe_key) DO NOTHING RETURNING true",
-        request.dedupe_key, request.template, request.recipient, request.order_id,
-        message_id_for(request.dedupe_key, domain))
-    # Nothing written: a request recorded before (a resend), or an order that does not exist.
-    if not recorded and not await uow.conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)", request.order_id):
-        raise Rejected(f"unknown order {request.order_id}")
+        [m.dedupe_key for m in mails], [m.template for m in mails],
+        [m.recipient for m in mails], [m.order_id for m in mails],
+        [m.message_id for m in mails])
+    if len(inserted) == len(mails):
+        return
+    # Fewer written: requests recorded before, or orders that do not exist.
+    unknown = await conn.fetchval(
+        "SELECT min(u.order_id) FROM unnest($1::bigint[]) AS u(order_id)"
+        " WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = u.order_id)", [m.order_id for m in mails])
+    if unknown is not None:
+        raise Rejected(f"unknown order {unknown}")
 
 
 def worker(settings: Settings) -> WorkerSpec:

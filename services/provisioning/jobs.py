@@ -52,12 +52,6 @@ T = TypeVar("T")
 # well within the lease. The claim's token still guards the write: if a commit went through
 # before its connection dropped, the next try finds the claim ended and records nothing twice.
 OUTCOME_WRITE_ATTEMPTS = 8
-# Lanes whose jobs call no server (a module with none, answering at once): nothing to protect
-# from a burst of calls, so only JOB_CONCURRENCY bounds them, not JOB_LANE_CONCURRENCY. With 8
-# at a time, at a steady 40 payments/s on a loaded machine (each job about a shared outcome
-# write long) setups were claimed 8 at a time and payment->Active grew to seconds (README,
-# "Where the tail came from").
-NO_CALL_LANES = frozenset({"autorelease"})
 # How long a shared outcome write waits for a lock before each outcome is written alone.
 SHARED_LOCK_TIMEOUT_MS = 100
 
@@ -67,6 +61,17 @@ JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lan
 _Outcome = tuple[asyncpg.Record, dict[str, Any],
                  Callable[[UnitOfWork, asyncpg.Record], Awaitable[None]], asyncio.Future[None]]
 # A service as its job's call needs it: its order's state, product, client and server.
+# Read by the claim itself (what the job's call and outcome use, as JSON: one column next
+# to the job's own); _SERVICES reads it again for a retry after a transient error.
+_SERVICE_WITH_CLAIM = (
+    "*, (SELECT jsonb_build_object('id', s.id, 'domain', s.domain, 'username', s.username,"
+    " 'order_status', o.status, 'order_ref', o.order_ref, 'module', p.module, 'plan', p.plan,"
+    " 'slug', p.slug, 'email', c.email, 'use_server', coalesce(s.server_id, p.server_id),"
+    " 'server', to_jsonb(sv))"
+    " FROM services s JOIN orders o ON o.id = s.order_id"
+    " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
+    " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
+    " WHERE s.id = jobs.service_id) AS service")
 _SERVICES = (
     "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
     " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
@@ -82,18 +87,32 @@ class JobRunner:
     def __init__(self, providers: Providers, jobs: JobSettings,
                  database_url: str | None) -> None:
         self.providers = providers
-        self.queue = LeasedQueue.from_settings(JOBS, jobs.queue)
+        self.queue = LeasedQueue.from_settings(JOBS, jobs.queue,
+                                               claim_returning=_SERVICE_WITH_CLAIM)
         self.runner = Runner(self.queue, self.execute, database_url=database_url,
                              concurrency=jobs.concurrency,
                              lane_concurrency=jobs.lane_concurrency,
                              poll_seconds=jobs.queue.poll_seconds,
                              busy_linger_seconds=jobs.busy_linger_seconds,
                              claimed=self.read_ahead,
-                             lane_limit=lambda lane: jobs.concurrency if lane in NO_CALL_LANES
-                             else jobs.lane_concurrency)
-        self._read: dict[int, asyncpg.Record] = {}  # job id -> its service, read with its pass
+                             lane_limit=self._lane_limit)
+        self._jobs = jobs
+        self._read: dict[int, Any] = {}  # job id -> its service (JSON), read with its claim
         self._outcomes: list[_Outcome] = []  # successes waiting for the next shared write
         self._writer: asyncio.Task[None] | None = None
+
+    def _lane_limit(self, lane: str) -> int:
+        """A lane's cap on jobs at once. A module's lane that names no server, of a module
+        that calls none (`calls_server`, as autorelease: answering at once), has nothing to
+        protect from a burst of calls: only JOB_CONCURRENCY bounds it. With 8 at a time, at a
+        steady 40 payments/s on a loaded machine (each job about a shared outcome write
+        long) setups were claimed 8 at a time and payment->Active grew to seconds (README,
+        "Where the tail came from"). Every other lane (a server's, a registrar's) keeps
+        JOB_LANE_CONCURRENCY."""
+        module, _, server = lane.partition(":")
+        if not server and not self.providers.calls_server(module):
+            return self._jobs.concurrency
+        return self._jobs.lane_concurrency
 
     async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
         """Run jobs until `stop`; then the outcome writer is awaited too (bounded by the stop
@@ -110,24 +129,14 @@ class JobRunner:
                     await asyncio.wait({writer}, timeout=5)
 
     async def read_ahead(self, pool: asyncpg.Pool, jobs: list[asyncpg.Record]) -> None:
-        """The services of a pass's service jobs, in one query rather than one a job (a
-        lone job reads its own, as before). Read just before the jobs start, as each would
-        read its own; the outcome still reads the order again under its lock. Whatever goes
-        wrong here, each job reads its own."""
-        wanted = {j["id"]: j["service_id"] for j in jobs if j["service_id"] is not None}
-        if len(wanted) < 2:
-            return
-        try:
-            rows = await pool.fetch(_SERVICES + " WHERE s.id = ANY($1::bigint[])",
-                                    list(set(wanted.values())))
-        except Exception as exc:
-            log.warning("services not read ahead; each job reads its own",
-                        extra={"jobs": len(wanted), "error": f"{type(exc).__name__}: {exc}"})
-            return
-        services = {r["id"]: r for r in rows}
-        for job_id, service_id in wanted.items():
-            if service_id in services:
-                self._read[job_id] = services[service_id]
+        """The services of a pass's service jobs, as their claim read them (no query a job,
+        lone or not: at a moderate rate most passes carry one job, and its read was a
+        transaction of its own). Read when the jobs are claimed, just before they start;
+        the outcome still reads the order again under its lock. A job whose claim brought
+        no service (none found) reads its own, as does a retry."""
+        for job in jobs:
+            if job["service_id"] is not None and job.get("service") is not None:
+                self._read[job["id"]] = job["service"]
 
     async def execute(self, pool: asyncpg.Pool, job: asyncpg.Record) -> None:
         try:

@@ -53,17 +53,20 @@ class Payments:
         requested_invoice = _int_or_none(payment.invoice_id)
         payment, too_long = _fitted(payment)
         amount_problem = amount_problem or too_long
-        payment_id = await conn.fetchval(
+        # The whole row back: `apply` needs it, and a row this transaction inserted is
+        # already as locked as its `SELECT ... FOR UPDATE` would make it (no other
+        # transaction sees it before the commit), so it is not read again.
+        recorded = await conn.fetchrow(
             "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency,"
             " requested_invoice_id, order_ref, publisher, status, message_id, trusted)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $11, $9, $10)"
             " ON CONFLICT (gateway, transaction_id) WHERE gateway IS NOT NULL"
-            "  AND transaction_id IS NOT NULL AND trusted DO NOTHING RETURNING id",
+            "  AND transaction_id IS NOT NULL AND trusted DO NOTHING RETURNING *",
             payment.gateway, payment.transaction_id, amount, str(payment.amount),
             payment.currency, requested_invoice, payment.order_ref, uow.context.user_id,
             uow.context.message_id, uow.context.authorized, PaymentStatus.UNAPPLIED,
         )
-        if payment_id is None:
+        if recorded is None:
             log.info("payment already recorded", extra={
                 "gateway": payment.gateway, "transaction_id": payment.transaction_id})
             return
@@ -73,9 +76,9 @@ class Payments:
         if problem:
             # Nothing at intake clears up by itself: such a payment waits for nothing (one from
             # a publisher that is not a gateway above all: it is never applied).
-            await _leave_unapplied(uow, payment_id, Problem(problem))
+            await _leave_unapplied(uow, recorded["id"], Problem(problem))
             return
-        await self.apply(uow, payment_id)
+        await self.apply(uow, recorded["id"], recorded=recorded)
 
     def _intake_problem(
         self, payment: PaymentReceived, uow: UnitOfWork, invoice_id: int | None
@@ -90,10 +93,13 @@ class Payments:
             return "names neither an invoice nor an order"
         return None
 
-    async def apply(self, uow: UnitOfWork, payment_id: int) -> bool:
-        """Apply a recorded payment to its invoice if it can be; True when applied."""
+    async def apply(self, uow: UnitOfWork, payment_id: int, *,
+                    recorded: asyncpg.Record | None = None) -> bool:
+        """Apply a recorded payment to its invoice if it can be; True when applied.
+        `recorded`: the payment's row as this transaction inserted it (not read again)."""
         conn = uow.conn
-        p = await conn.fetchrow("SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
+        p = recorded if recorded is not None else await conn.fetchrow(
+            "SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
         if p["status"] == PaymentStatus.APPLIED or not p["trusted"]:
             # Another event about the order applied it since the caller listed it (two events
             # handled at once, each finding it waiting): counted once, never twice. One from a
@@ -110,16 +116,15 @@ class Payments:
         newly_paid = target["status"] == InvoiceStatus.UNPAID and paid_now >= target["total"]
         # What goes over the total becomes client credit (all of it, on an invoice already paid).
         credit = max(Decimal("0.00"), paid_now - max(target["total"], paid_before))
+        # The invoice and the payment in one statement (one round trip, not two).
         await conn.execute(
-            "UPDATE invoices SET amount_paid = $2,"
-            " status = CASE WHEN $3 THEN $4 ELSE status END,"
-            " paid_at = CASE WHEN $3 THEN now() ELSE paid_at END WHERE id = $1",
-            target["id"], paid_now, newly_paid, InvoiceStatus.PAID,
-        )
-        await conn.execute(
-            "UPDATE payments SET status = $4, reason = NULL, waiting_for = NULL,"
+            "WITH paid AS (UPDATE invoices SET amount_paid = $5,"
+            "  status = CASE WHEN $6 THEN $7 ELSE status END,"
+            "  paid_at = CASE WHEN $6 THEN now() ELSE paid_at END WHERE id = $2)"
+            " UPDATE payments SET status = $4, reason = NULL, waiting_for = NULL,"
             " invoice_id = $2, credit = $3, applied_at = now() WHERE id = $1",
             payment_id, target["id"], credit, PaymentStatus.APPLIED,
+            paid_now, newly_paid, InvoiceStatus.PAID,
         )
         if credit:
             await conn.execute(
@@ -165,9 +170,14 @@ async def _find_invoice(
 ) -> asyncpg.Record | Problem:
     """The invoice, locked with its order (order first: the lock order everyone uses)."""
     if invoice_id is not None:
-        order_id = await conn.fetchval("SELECT order_id FROM invoices WHERE id = $1", invoice_id)
-        if order_id is None:
+        # The invoice's order, locked, in one statement: an invoice's order_id never changes,
+        # and FOR UPDATE returns the order's latest version (the invoice is read below).
+        order = await conn.fetchrow(
+            "SELECT o.id, o.status, o.order_ref FROM invoices i JOIN orders o ON o.id = i.order_id"
+            " WHERE i.id = $1 FOR UPDATE OF o", invoice_id)
+        if order is None:
             return Problem(f"unknown invoice {invoice_id}", WaitingFor.ORDER)
+        order_id = order["id"]
     else:
         # A ref is unique per storefront only, and a gateway's payment does not say whose
         # order it pays: a ref that two storefronts use pays neither (kept unapplied, for an
@@ -180,8 +190,8 @@ async def _find_invoice(
             return Problem(f"order_ref {order_ref} is used by more than one storefront: the"
                            " payment cannot say whose order it pays (it needs an invoice id)")
         order_id = orders[0]["id"]
-    order = await conn.fetchrow(
-        "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
+        order = await conn.fetchrow(
+            "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
     # Read after the order's lock is held: a row joined into the locking statement could be
     # a stale version, and two payments would then both add to the same old amount.
     row = await conn.fetchrow(

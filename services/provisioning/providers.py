@@ -25,6 +25,8 @@ class Misconfigured:
     """Stands in for a module or registrar that cannot be built: every call fails
     definitively with the reason, so the job is parked where an operator sees why."""
 
+    calls_server = True  # what it stands in for may
+
     def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
@@ -67,6 +69,11 @@ class Providers:
             self._modules[key] = self._build_module(name, server)
         return self._modules[key]
 
+    def calls_server(self, module: str) -> bool:
+        """Whether the module of that name calls a server (its class's `calls_server`; an
+        unknown module is taken to call one), without building it."""
+        return getattr(_module_class(module), "calls_server", True)
+
     def registrar(self, name: str) -> Registrar:
         if name not in self._registrars:
             self._registrars[name] = self._build_registrar(name)
@@ -80,9 +87,7 @@ class Providers:
 
     def _build_module(self, name: str, server: asyncpg.Record | None) -> Any:
         if name == "autorelease":
-            from services.provisioning.modules.autorelease import AutoreleaseModule
-
-            return AutoreleaseModule()
+            return _module_class(name)()
         if name == "cpanel":
             if server is None:
                 return Misconfigured(name, "product uses cpanel but names no server")
@@ -90,10 +95,8 @@ class Providers:
             if not token:
                 return Misconfigured(name, f"server {server['name']}: environment variable "
                                            f"{server['token_env'] or '(token_env unset)'} is not set")
-            from services.provisioning.modules.cpanel import CpanelModule
-
             host, _, port = (server["hostname"] or "").partition(":")
-            return CpanelModule.for_server(self.settings.whm, hostname=host,
+            return _module_class(name).for_server(self.settings.whm, hostname=host,
                                            port=int(port or 2087),
                                            username=server["username"], token=token)
         return Misconfigured(name, f"unknown server module {name!r}")
@@ -113,3 +116,16 @@ class Providers:
 
             return EppRegistrar.from_settings(epp, password)
         return Misconfigured(name, f"unknown registrar {name!r}")
+
+
+def _module_class(name: str) -> Any:
+    """The server module's class by its catalog name (imported when first needed), or None."""
+    if name == "autorelease":
+        from services.provisioning.modules.autorelease import AutoreleaseModule
+
+        return AutoreleaseModule
+    if name == "cpanel":
+        from services.provisioning.modules.cpanel import CpanelModule
+
+        return CpanelModule
+    return None

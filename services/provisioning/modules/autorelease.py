@@ -11,6 +11,9 @@ from services.provisioning.modules.base import Account, ModuleResult
 
 class AutoreleaseModule:
     name = "autorelease"
+    # No server to protect from a burst of calls: its lane is bounded by JOB_CONCURRENCY
+    # alone, not JOB_LANE_CONCURRENCY (services/provisioning/jobs.py).
+    calls_server = False
 
     async def create(self, account: Account) -> ModuleResult:
         return ModuleResult.success()

@@ -40,6 +40,9 @@ class ModuleResult:
 
 class ServerModule(Protocol):
     name: str
+    # Whether its operations call a server: a lane of a module that calls none (and names
+    # no server) is bounded by JOB_CONCURRENCY alone, having no server to protect.
+    calls_server: bool
 
     async def create(self, account: Account) -> ModuleResult: ...
 

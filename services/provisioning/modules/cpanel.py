@@ -71,6 +71,7 @@ class CpanelModule:
     """
 
     name = "cpanel"
+    calls_server = True  # its lane's calls are capped by JOB_LANE_CONCURRENCY
 
     def __init__(
         self,
