@@ -55,28 +55,35 @@ class Promotion:
         return min(off, line.price)
 
 
-# One round trip for the catalog rows of any number of orders: the default currency; each
-# product asked for, with its prices in the currencies asked (and the default) for the cycles
-# asked; each TLD asked for (every suffix of every domain), with its prices likewise; each
-# promotion code asked for, matched as placement always matched it (upper() on both sides,
-# PostgreSQL's, not Python's). Amounts stay numeric (Decimal). Each list is keyed by what was
-# asked, so a missing row is a missing key.
+# One round trip for the catalog rows of any number of orders, a row each: the default
+# currency; each product asked for, with its prices in the currencies asked (and the default)
+# for the cycles asked; each TLD asked for (every suffix of every domain), with its prices
+# likewise; each promotion code asked for, matched as placement always matched it (upper() on
+# both sides, PostgreSQL's, not Python's). Rows of built-in types only (an array of records
+# would make asyncpg introspect `record[]` on every new connection). Amounts stay numeric.
 _CATALOG = """
 WITH cur AS (SELECT value FROM catalog_meta WHERE key = 'default_currency')
-SELECT (SELECT value FROM cur) AS default_currency,
-  ARRAY(SELECT ROW(p.slug, p.id, p.name, p.require_domain, pp.currency, pp.billing_cycle,
-      pp.price, pp.setup_fee)
-    FROM products p LEFT JOIN product_prices pp ON pp.product_id = p.id
-      AND pp.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
-      AND pp.billing_cycle = ANY($3::text[])
-    WHERE p.slug = ANY($1::text[])) AS products,
-  ARRAY(SELECT ROW(t.tld, p.currency, p.register_price, p.transfer_price)
-    FROM tlds t LEFT JOIN tld_prices p ON p.tld = t.tld
-      AND p.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
-    WHERE t.tld = ANY($4::text[])) AS tlds,
-  ARRAY(SELECT ROW(asked.code, p.code, p.kind, p.value, p.products, p.expires_at, p.max_uses)
-    FROM unnest($5::text[]) AS asked(code)
-    JOIN promotions p ON upper(p.code) = upper(asked.code)) AS promotions
+SELECT 'currency' AS kind, value AS key, NULL::bigint AS id, NULL AS name, NULL::bool AS flag,
+  NULL AS currency, NULL AS cycle, NULL::numeric AS a, NULL::numeric AS b,
+  NULL::timestamptz AS expires_at, NULL::int AS max_uses, NULL::text[] AS products
+FROM cur
+UNION ALL
+SELECT 'product', p.slug, p.id, p.name, p.require_domain, pp.currency, pp.billing_cycle,
+  pp.price, pp.setup_fee, NULL, NULL, NULL
+FROM products p LEFT JOIN product_prices pp ON pp.product_id = p.id
+  AND pp.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
+  AND pp.billing_cycle = ANY($3::text[])
+WHERE p.slug = ANY($1::text[])
+UNION ALL
+SELECT 'tld', t.tld, NULL, NULL, NULL, p.currency, NULL, p.register_price, p.transfer_price,
+  NULL, NULL, NULL
+FROM tlds t LEFT JOIN tld_prices p ON p.tld = t.tld
+  AND p.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
+WHERE t.tld = ANY($4::text[])
+UNION ALL
+SELECT 'promotion', asked.code, NULL, p.code, NULL, p.kind, NULL, p.value, NULL, p.expires_at,
+  p.max_uses, p.products
+FROM unnest($5::text[]) AS asked(code) JOIN promotions p ON upper(p.code) = upper(asked.code)
 """
 
 
@@ -168,23 +175,27 @@ async def _read(conn: asyncpg.Connection,
                 cycles.add(item.billing_cycle)
             else:
                 suffixes.update(_suffixes(item.domain))
-    row = await conn.fetchrow(_CATALOG, list(slugs), list(currencies), list(cycles),
-                              list(suffixes), list(codes))
+    rows = await conn.fetch(_CATALOG, list(slugs), list(currencies), list(cycles),
+                            list(suffixes), list(codes))
+    default: str | None = None
     products: dict[str, tuple[int, str, bool]] = {}
     product_prices: dict[tuple[str, str, str], tuple[Decimal, Decimal]] = {}
-    for slug, product_id, name, require_domain, currency, cycle, price, setup_fee in row["products"]:
-        products[slug] = (product_id, name, require_domain)
-        if currency is not None:
-            product_prices[slug, currency, cycle] = (price, setup_fee)
     tlds: dict[str, dict[str, tuple[Decimal, Decimal]]] = {}
-    for tld, currency, register, transfer in row["tlds"]:
-        prices = tlds.setdefault(tld, {})
-        if currency is not None:
-            prices[currency] = (register, transfer)
-    promotions: dict[str, Any] = {}
-    for asked, *promotion in row["promotions"]:
-        promotions.setdefault(asked, tuple(promotion))
-    return Catalog(row["default_currency"], products, product_prices, tlds, promotions)
+    promotions: dict[str, tuple[Any, ...]] = {}
+    for kind, key, id_, name, flag, currency, cycle, a, b, expires_at, max_uses, slugs_ in rows:
+        if kind == "product":
+            products[key] = (id_, name, flag)
+            if currency is not None:
+                product_prices[key, currency, cycle] = (a, b)
+        elif kind == "tld":
+            prices = tlds.setdefault(key, {})
+            if currency is not None:
+                prices[currency] = (a, b)
+        elif kind == "promotion":
+            promotions.setdefault(key, (name, currency, a, slugs_, expires_at, max_uses))
+        else:
+            default = key
+    return Catalog(default, products, product_prices, tlds, promotions)
 
 
 async def price_items(
