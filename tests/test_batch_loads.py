@@ -56,37 +56,39 @@ async def test_a_load_step_runs_once_per_transaction_with_its_messages_in_order(
     assert loads == [["a", "b", "own"]]
     assert seen == [("a", "a@1"), ("p", None), ("b", "b@1"), ("own", None)]
 
-    # A batch that fails falls back to one by one: each transaction loads again, and no
-    # handler sees what the rolled-back one read.
+    # A message alone is not loaded: its handler reads for itself.
     loads.clear()
     seen.clear()
-    batch = [flow.message("order.place", {"order_ref": r, "reason": "x"}) for r in ("c", "bad")]
-    await flow.deliver(batch, to="placement")
-    assert [m.outcome for m in batch] == ["acked", "dead"]
-    assert loads[:2] == [["c", "bad"], ["c"]] and set(map(tuple, loads[2:])) == {("bad",)}
-    assert seen[2] == ("c", "c@2")  # alone, its own transaction's read
+    await flow.deliver([flow.message("order.place", {"order_ref": "lone", "reason": "x"})])
+    assert loads == [] and seen == [("lone", None)]
 
 
-async def test_a_load_step_is_read_again_when_the_transaction_is_retried(
+async def test_what_a_rolled_back_batch_loaded_never_reaches_a_handler(
     flow: InMemoryFlow,
 ) -> None:
     loads: list[int] = []
-    seen: list[Any] = []
+    seen: list[tuple[str, Any]] = []
 
     async def load(events: list[OrderRejected], conn: asyncpg.Connection) -> list[int]:
         loads.append(await conn.fetchval("SELECT txid_current()"))
         return [loads[-1]] * len(events)
 
     async def handle(event: OrderRejected, uow: UnitOfWork) -> None:
-        seen.append(uow.loaded)
+        seen.append((event.order_ref, uow.loaded))
+        if event.order_ref == "bad":
+            raise ValueError("refused")
         if len(seen) == 1:
             raise asyncpg.DeadlockDetectedError("deadlock detected (test)")
 
     flow.add(WorkerSpec(service="placement", routes={"order.place": route(handle, load=load)}))
-    sent = await flow.send("order.place", {"order_ref": "r", "reason": "x"})
-    assert sent.outcome == "acked"
-    assert len(loads) == 2 and loads[0] != loads[1]  # read in each attempt's transaction
-    assert seen == loads
+    batch = [flow.message("order.place", {"order_ref": r, "reason": "x"})
+             for r in ("x", "y", "bad")]
+    await flow.deliver(batch)
+    assert [m.outcome for m in batch] == ["acked", "acked", "dead"]
+    # The batch's transaction loaded and rolled back; one by one, each handler reads alone.
+    assert len(loads) == 1 and seen[0] == ("x", loads[0])
+    assert {value for _, value in seen[1:]} == {None}
+    assert [ref for ref, _ in seen[1:3]] == ["x", "y"]
 
 
 # -- placement: the catalog, once per batch --------------------------------------------------

@@ -49,7 +49,7 @@ def route(handler: Handler, *, prepare: Prepare | None = None, load: Load | None
 
     `load(messages, conn)` runs in the transaction, after the inbox and before the handlers,
     once for all the messages of the transaction whose route has that same `load` (a batch
-    under load; one message when idle), in the order their handlers run: reads each handler
+    under load; not for a message alone), in the order their handlers run: reads each handler
     would otherwise make on its own, made in one statement. Its result for each message is
     `uow.loaded` (None: the handler reads for itself). What it read is as new as a handler's
     own read in that transaction would be, but it was read before any handler of the batch
