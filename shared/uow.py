@@ -152,6 +152,7 @@ class UnitOfWork:
     # a job's events trace back to the message that made the job needed.
     caused_by: str | None = None
     prepared: Any = None  # what the route's prepare step returned (a remote score), if any
+    loaded: Any = None  # what the route's load step read for it with its batch, if any
     _emitted: int = field(default=0, init=False)
     _events: list[Event] = field(default_factory=list, init=False)
     _deferred: list[tuple[Deferred, Any]] = field(default_factory=list, init=False)

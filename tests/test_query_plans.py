@@ -25,7 +25,7 @@ import pytest
 from cli import views
 from conftest import seeded_database
 from console import order_list
-from services.fraud.facts import lock_with_facts, read_facts
+from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
 from shared import db
 from shared.contracts import PlaceOrder
@@ -191,7 +191,10 @@ async def test_fraud_facts_velocity_and_existing_client_use_indexes(
     assert not facts.client_is_new  # the client's earlier orders were found (and counted)
     async with conn.transaction():
         assert await lock_with_facts(explaining, latest - 1, timedelta(hours=24)) is not None
-    assert_indexed(explaining, expected=2)
+        # A batch's orders, locked and read together (the fraud routes' load step).
+        batch = [latest - 7, latest - 3, latest - 2]
+        assert list(await lock_many_with_facts(explaining, batch, timedelta(hours=24))) == batch
+    assert_indexed(explaining, expected=3)
     # Orders are read three times a screening: the order, its client's orders once for all five
     # counts, the IP's; the order's items once for the cart and the domain names. (Five scans of
     # the client's orders, one a bitmap AND over the primary key's range below the order, were

@@ -21,7 +21,7 @@ from services.fraud.providers.base import CartLine, OrderFacts
 # The cart and the domain names are read from the order's items once. The order's storefront
 # may use its client when it created it (clients.storefront, never unlinked) or an operator
 # linked it: the link table is read only in the second case.
-_FACTS = """
+_SELECT_FACTS = """
 SELECT o.*, c.email, c.first_name, c.last_name, c.company, c.country,
   c.address1, c.address2, c.city, c.state, c.postcode, c.phone,
   k.earlier, k.earlier_fraud, k.earlier_cancelled, k.from_client, k.active_orders,
@@ -57,15 +57,29 @@ CROSS JOIN LATERAL (
           FROM domains d WHERE d.order_id = o.id
        ) item
 ) items
-WHERE o.id = $1
 """
+_FACTS = _SELECT_FACTS + "WHERE o.id = $1"
 _LOCK_WITH_FACTS = _FACTS + " FOR UPDATE OF o"
+# A batch's orders, locked in the order of their ids (as any two batches lock them).
+_LOCK_MANY_WITH_FACTS = (_SELECT_FACTS
+                         + "WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR UPDATE OF o")
 
 
 async def lock_with_facts(
     conn: asyncpg.Connection, order_id: int, velocity_window: timedelta
 ) -> tuple[asyncpg.Record, OrderFacts] | None:
     return _facts(await conn.fetchrow(_LOCK_WITH_FACTS, order_id, velocity_window))
+
+
+async def lock_many_with_facts(
+    conn: asyncpg.Connection, order_ids: list[int], velocity_window: timedelta
+) -> dict[int, tuple[asyncpg.Record, OrderFacts]]:
+    """`lock_with_facts` for several orders in one statement, by order id (a missing order is
+    missing)."""
+    found = {}
+    for row in await conn.fetch(_LOCK_MANY_WITH_FACTS, order_ids, velocity_window):
+        found[row["id"]] = _facts(row)
+    return found
 
 
 async def read_facts(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal
@@ -11,7 +12,7 @@ from functools import cached_property
 import asyncpg
 
 from services.fraud.banned import BannedLists
-from services.fraud.facts import lock_with_facts, read_facts, velocity
+from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts, velocity
 from services.fraud.operator_rules import RuleFacts, RuleMatch, RuleSet
 from services.fraud.providers.base import (
     MAX_SCORE,
@@ -31,6 +32,8 @@ from shared.states import CLEARED, OrderStatus, RuleAction, Screening
 from shared.uow import UnitOfWork
 
 log = logging.getLogger("ordermill.fraud")
+
+Facts = tuple[asyncpg.Record, OrderFacts]  # the order (locked) and what the rules read
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,38 @@ class Screener:
     def _window(self) -> timedelta:
         return timedelta(minutes=self.settings.velocity_window_minutes)
 
-    # With a remote provider, `uow.prepared` is what score_* asked it before the transaction.
+    # With a remote provider, `uow.prepared` is what score_* asked it before the transaction;
+    # `uow.loaded` is the order, locked, and its facts, read with the batch's (load_facts).
     async def on_placed(self, event: OrderPlaced, uow: UnitOfWork) -> None:
-        await self.screen(uow, event.order_id, rescreen=False, scored=uow.prepared)
+        await self.screen(uow, event.order_id, rescreen=False, scored=uow.prepared,
+                          loaded=uow.loaded)
 
     async def on_rescreen(self, event: OrderRescreen, uow: UnitOfWork) -> None:
-        await self.screen(uow, event.order_id, rescreen=True, scored=uow.prepared)
+        await self.screen(uow, event.order_id, rescreen=True, scored=uow.prepared,
+                          loaded=uow.loaded)
+
+    async def load_facts(self, events: Sequence[OrderPlaced | OrderRescreen],
+                         conn: asyncpg.Connection) -> list[Facts | None]:
+        """The routes' load step: every order of the batch locked and its facts read in one
+        statement (its rule set's id too), in the batch's transaction, so no order is screened
+        under rules older than those committed before that transaction began.
+
+        Read before any of the batch's handlers wrote, so a fact another screening of the batch
+        may change is not shared: only the first order of each client gets its facts from here
+        (the client's earlier Fraud, Cancelled and cleared orders, and the order's own status
+        and screening when it comes twice); the others are read by their handler, after the
+        earlier ones wrote, as one transaction each would have read them."""
+        found = await lock_many_with_facts(conn, [e.order_id for e in events], self._window)
+        clients: set[int] = set()
+        loaded: list[Facts | None] = []
+        for event in events:
+            facts = found.get(event.order_id)
+            if facts is not None and facts[0]["client_id"] not in clients:
+                clients.add(facts[0]["client_id"])
+                loaded.append(facts)
+            else:
+                loaded.append(None)
+        return loaded
 
     async def score_placed(self, event: OrderPlaced, pool: asyncpg.Pool) -> Scored | None:
         return await self._score_outside(pool, event.order_id, rescreen=False)
@@ -135,9 +164,10 @@ class Screener:
             return Scored(error=str(exc))
 
     async def screen(self, uow: UnitOfWork, order_id: int, *, rescreen: bool,
-                     scored: Scored | None = None) -> None:
+                     scored: Scored | None = None, loaded: Facts | None = None) -> None:
         conn = uow.conn
-        found = await lock_with_facts(conn, order_id, self._window)
+        found = (loaded if loaded is not None and loaded[0]["id"] == order_id
+                 else await lock_with_facts(conn, order_id, self._window))
         if found is None:
             raise Rejected(f"order {order_id} does not exist")
         order, facts = found

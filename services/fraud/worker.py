@@ -29,14 +29,18 @@ def worker(settings: Settings) -> WorkerSpec:
     screener = Screener(settings.fraud, provider)
     remote = provider.remote  # a local scorer needs no step outside the transaction
     sweeper = QueuedOrderSweeper(settings.screening_sweep)
-    placed = route(screener.on_placed, prepare=screener.score_placed if remote else None)
+    # The three routes share one load step: a batch's orders are locked and read together.
+    load = screener.load_facts
+    placed = route(screener.on_placed, prepare=screener.score_placed if remote else None,
+                   load=load)
     return WorkerSpec(
         service="fraud",
         routes={
             "order.placed": placed,
             "fraud.redrive": placed,  # the sweeper's re-drive of an order left queued
             "order.rescreen": route(
-                screener.on_rescreen, prepare=screener.score_rescreen if remote else None),
+                screener.on_rescreen, prepare=screener.score_rescreen if remote else None,
+                load=load),
         },
         on_stop=(provider.close,),
         background=(sweeper.run,),

@@ -15,12 +15,12 @@ from decimal import Decimal
 import asyncpg
 
 from services.placement.pricing import (
+    Catalog,
     PricedDomain,
     PricedProduct,
     Promotion,
-    default_currency,
     load_promotion,
-    price_items,
+    read_catalog,
 )
 from shared.contracts import (
     ExistingClient,
@@ -64,9 +64,11 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
         log.info("order already placed", extra={"order_ref": cmd.order_ref, "order_id": existing})
         await _reply_placed(uow, cmd.order_ref, publisher)
         return
-    currency = cmd.currency or await default_currency(conn)
-    lines = await price_items(conn, cmd.items, currency)
-    promotion = await load_promotion(conn, cmd.promo_code)
+    # The catalog rows read with the batch's other orders (the route's load step), or alone.
+    catalog = uow.loaded if isinstance(uow.loaded, Catalog) else await read_catalog(conn, [cmd])
+    currency = catalog.currency(cmd)
+    lines = catalog.price(cmd.items, currency)
+    promotion = await load_promotion(conn, cmd.promo_code, catalog)
     products = [line for line in lines if isinstance(line, PricedProduct)]
     domains = [line for line in lines if isinstance(line, PricedDomain)]
     discount = sum((promotion.discount(p) for p in products), ZERO) if promotion else ZERO

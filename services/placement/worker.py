@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.placement.handlers import place_order
+from services.placement.pricing import load_catalog
 from shared.contracts import OrderRejected, PlaceOrder, PlaceReply
 from shared.epp_codes import EppCodes, warn_if_plain
 from shared.parties import OPERATORS, PLACERS
@@ -31,7 +32,8 @@ def worker(settings: Settings) -> WorkerSpec:
 
     return WorkerSpec(
         service="placement",
-        routes={"order.place": route(place, publishers=PLACERS)},
+        # The batch's catalog rows (prices, TLDs, promotions) are read once for its orders.
+        routes={"order.place": route(place, publishers=PLACERS, load=load_catalog)},
         rejection_event=OrderRejected,
         rejection_reply=PlaceReply,
     )

@@ -9,7 +9,7 @@ middleware, each in its own small module.
     pipeline.py     Pipeline: the declared order, and a failed batch's fallback to one by one
     middleware/     one concern each: property checks, routing, publisher check, parse,
                     dead letter, outage hold, transient retry, prepare, transaction,
-                    inbox dedupe, outbox flush, handler
+                    inbox dedupe, outbox flush, load (a batch's shared reads), handler
     work.py         Work and Batch (what flows through), the Transport protocol
     text.py         reasons, dead-letter headers, redaction
     testing.py      a broker-free harness: the same pipeline, in memory, on a real database
@@ -18,7 +18,7 @@ middleware, each in its own small module.
 from shared.runtime.chain import Middleware
 from shared.runtime.pipeline import Pipeline
 from shared.runtime.process import Runtime
-from shared.runtime.routes import Handler, Prepare, Route, WorkerSpec, route
+from shared.runtime.routes import Handler, Load, Prepare, Route, WorkerSpec, route
 from shared.runtime.text import (
     REASON_HEADER,
     REASON_LIMIT,
@@ -36,6 +36,7 @@ __all__ = [
     "REPLAYS_HEADER",
     "SECRET_KEYS",
     "Handler",
+    "Load",
     "Middleware",
     "Pipeline",
     "Prepare",

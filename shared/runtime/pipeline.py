@@ -8,13 +8,14 @@ out, in reverse (dramatiq's before/after hooks, as one coroutine):
     metrics (with METRICS_PORT) >                                       (the deliveries taken)
       dead letter > property checks > routing > publisher check > parse  (intake, one by one)
       dead letter > outage hold > transient retry > prepare
-          > transaction > inbox dedupe > outbox flush > handler            (work)
+          > transaction > inbox dedupe > outbox flush > load > handler     (work)
 
 so a handler's failure meets, on its way out, the outbox (not flushed), the transaction
 (rolled back), the transient retry (again), the outage hold (wait for the database) and
 the dead letter (with its reason). Under load, several deliveries share one transaction
 (from the transaction inward); if that batch fails, each goes through the chain alone, so
-one bad message never takes the others with it.
+one bad message never takes the others with it. A route's load step reads, once for the
+batch's messages, what each handler would read on its own (`route(load=...)`).
 
 The metrics middleware wraps all of it (the deliveries a batcher took, as one batch): it
 counts what intake refused as well as what the work chain handled, and reads how each was
@@ -61,7 +62,7 @@ class Pipeline:
         self.intake = Chain([dead_letter.bad_input_only(), m.PropertyChecks(), m.Routing(),
                              m.PublisherCheck(publishers),
                              m.Parse(settings.max_message_bytes)])
-        core = [m.Transaction(pool), m.InboxDedupe(), m.OutboxFlush(), m.CallHandler()]
+        core = [m.Transaction(pool), m.InboxDedupe(), m.OutboxFlush(), m.Load(), m.CallHandler()]
         self.core = Chain(core)  # a batch under load, all or nothing
         hold = m.OutageHold(spec.service, database, transport, in_flight)
         self.preparing = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool)])

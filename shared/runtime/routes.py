@@ -19,6 +19,9 @@ from shared.uow import UnitOfWork
 Handler = Callable[[Any, UnitOfWork], Awaitable[None]]  # (message, uow)
 # Work a handler needs done outside its transaction (a remote call), once per delivery.
 Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
+# Reads a handler needs, done once for a transaction's messages (a batch under load), in it:
+# one result per message, in their order (None: the handler reads for itself).
+Load = Callable[[Sequence[Any], asyncpg.Connection], Awaitable[Sequence[Any]]]
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,10 @@ class Route:
     # `uow.context.authorized` false and decides (a payment is kept, unapplied, never dropped).
     publishers: frozenset[Party] = INTERNAL
     handle_unauthorized: bool = False
+    load: Load | None = None
 
 
-def route(handler: Handler, *, prepare: Prepare | None = None,
+def route(handler: Handler, *, prepare: Prepare | None = None, load: Load | None = None,
           publishers: frozenset[Party] = INTERNAL, handle_unauthorized: bool = False) -> Route:
     """A route whose contract is the type of the handler's first parameter, sent only by
     `publishers` (by default Ordermill's own services). Every handler takes (message, uow).
@@ -41,7 +45,16 @@ def route(handler: Handler, *, prepare: Prepare | None = None,
     `prepare(message, pool)` runs before the transaction, with no row lock or connection
     held, for work such as a remote API call; its result is `uow.prepared` in the handler.
     It runs once per delivery: a batch that falls back to one by one, or a transaction
-    retried after a deadlock, reuses it."""
+    retried after a deadlock, reuses it.
+
+    `load(messages, conn)` runs in the transaction, after the inbox and before the handlers,
+    once for all the messages of the transaction whose route has that same `load` (a batch
+    under load; not for a message alone), in the order their handlers run: reads each handler
+    would otherwise make on its own, made in one statement. Its result for each message is
+    `uow.loaded` (None: the handler reads for itself). What it read is as new as a handler's
+    own read in that transaction would be, but it was read before any handler of the batch
+    wrote: a message whose handler must see what an earlier one in the batch wrote (the same
+    order, the same client) gets None. It runs again with each attempt of the transaction."""
     params = [p for p in inspect.signature(handler, eval_str=True).parameters.values()
               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(params) != 2:
@@ -50,7 +63,7 @@ def route(handler: Handler, *, prepare: Prepare | None = None,
     first = params[0]
     if not (isinstance(first.annotation, type) and issubclass(first.annotation, BaseModel)):
         raise TypeError(f"{handler!r}: first parameter must be typed with a contract model")
-    return Route(first.annotation, handler, prepare, publishers, handle_unauthorized)
+    return Route(first.annotation, handler, prepare, publishers, handle_unauthorized, load)
 
 
 @dataclass

@@ -70,6 +70,7 @@ class Work:
     context: MessageContext | None = None
     prepared: Any = None
     has_prepared: bool = False
+    loaded: Any = None  # what the route's load step read for it, in this transaction
     settled: bool = False  # dead-lettered or requeued: nothing more to do with it
     # Recorded as it is settled, for the metrics: how, why it was rejected, and how often it
     # ran again in process (a transient retry, the database back after an outage).

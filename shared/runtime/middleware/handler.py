@@ -12,7 +12,8 @@ class CallHandler(Middleware):
         assert batch.conn is not None
         for item in batch.todo:
             assert item.route and item.context
-            uow = UnitOfWork(batch.conn, item.context, prepared=item.prepared)
+            uow = UnitOfWork(batch.conn, item.context, prepared=item.prepared,
+                             loaded=item.loaded)
             await item.route.handler(item.payload, uow)
             batch.uows.append(uow)
         await call_next(batch)
