@@ -162,11 +162,18 @@ async def test_a_connection_dropped_while_recording_a_create_is_retried_in_proce
 async def test_a_connection_dropped_before_the_call_is_retried_in_process(
     harness: Harness, whm: FakeWhm, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The job's first read of its service loses its database connection (a PostgreSQL
-    restart, seen in bench/chaos.py with a real restart: every claim being started then
-    failed). Nothing has reached the server yet: the read is done again at once on a fresh
-    connection, no attempt spent and no backoff waited (30 s by default), one account."""
+    """A job's own read of its service loses its database connection (a PostgreSQL restart,
+    seen in bench/chaos.py with a real restart: every claim being started then failed). A
+    job's claim brings its service; it reads its own when the claim brought none, and on a
+    retry: that read is made here by dropping what the claim brought. Nothing has reached
+    the server yet: the read is done again at once on a fresh connection, no attempt spent
+    and no backoff waited (30 s by default), one account."""
     read_service, dropped = asyncpg.Pool.fetchrow, []
+
+    async def nothing_read_with_the_claim(self: JobRunner, pool: Any, jobs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(JobRunner, "read_ahead", nothing_read_with_the_claim)
 
     async def fetchrow_once_cut(pool: asyncpg.Pool, query: str, *args: Any, **kw: Any) -> Any:
         if "FROM services s JOIN orders o" in query and not dropped:
