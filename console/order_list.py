@@ -139,9 +139,12 @@ def _day(value: str, name: str) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.combine(date.fromisoformat(value), time(), UTC)
+        day = date.fromisoformat(value)
     except ValueError:
         raise FilterError(f"{name} {value!r} is not a date (YYYY-MM-DD)") from None
+    if day.year > 9998:  # the day after it (a range's end) must be a date too
+        raise FilterError(f"{name} {value!r} is too far ahead (before 9999-01-01)")
+    return datetime.combine(day, time(), UTC)
 
 
 class _Args:
@@ -203,7 +206,7 @@ def _order_conds(f: OrderFilters, arg: _Args) -> list[str]:
         # word) rather than probing every order's latest check.
         conds.append("o.screening IN ('error', 'failed')")
     if f.client:
-        if f.client.isdigit() and len(f.client) < 19:
+        if f.client.isascii() and f.client.isdigit() and len(f.client) < 19:  # not '²'
             conds.append(f"o.client_id = {arg(int(f.client))}")
         else:
             conds.append(f"lower(c.email) = lower({arg(f.client)})")

@@ -6,7 +6,6 @@ A page is `@page()` (any operator signed in) or `@page(act=True)` (a reviewer: a
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import secrets
@@ -23,6 +22,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 
 from console import accounts, filters
 from console.accounts import Operator, SignInPolicy
+from console.exact_counts import ExactCounts
 from console.publisher import Publisher, Reply, Unavailable
 from console.security import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, SessionCodec
 from shared.settings_parts import ConsoleSettings
@@ -56,9 +56,6 @@ def templates() -> Environment:
     return env
 
 
-EXACT_COUNTS_AT_ONCE = 2  # of the pool's POOL_SIZE (5) connections
-
-
 @dataclass
 class ConsoleState:
     """A console process's resources: handed to every page through `request.app.state`."""
@@ -68,11 +65,7 @@ class ConsoleState:
     publisher: Publisher
     codec: SessionCodec
     env: Environment = field(default_factory=templates)
-    # Exact counts (GET /orders/count) run one after another, EXACT_COUNTS_AT_ONCE at most:
-    # each may hold a connection of the small pool for seconds, and a few operators paging
-    # through filters must not leave the other pages waiting for one.
-    counting: asyncio.Semaphore = field(
-        default_factory=lambda: asyncio.Semaphore(EXACT_COUNTS_AT_ONCE))
+    counts: ExactCounts = field(default_factory=ExactCounts)  # GET /orders/count's turns
 
     @property
     def policy(self) -> SignInPolicy:

@@ -97,6 +97,12 @@ def _key(row: asyncpg.Record) -> tuple[int, str]:
     return row["id"], row["leased_by"]
 
 
+def _literal_braces(sql: str) -> str:
+    """SQL kept as written through the claim's `str.format` (its lane condition): an array
+    literal or a jsonb path in a RETURNING list would otherwise be taken for a field."""
+    return sql.replace("{", "{{").replace("}", "}}")
+
+
 class LeasedQueue:
     @classmethod
     def from_settings(cls, table: Table, queue: QueueSettings, *,
@@ -132,7 +138,8 @@ class LeasedQueue:
             " leased_by = $1 || '/' || left(md5(random()::text), 8),"
             f" lease_until = now() + $2::interval{touch}"
             f" WHERE id IN (SELECT id FROM {t.name} WHERE {{}}{self._due}"
-            f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {claim_returning}")
+            f"  ORDER BY {t.order} LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {_literal_braces(claim_returning)}")
         many = (f" FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
                 f" AND q.leased_by = c.token AND q.status = '{t.claimed}'")
         self._renew = (f"UPDATE {t.name} q SET lease_until = now() + $3::interval{many}"

@@ -502,3 +502,13 @@ async def test_a_lane_given_its_own_limit_is_claimed_past_the_lane_cap(pool, set
     runner._lane_load.update(lanes)  # as _pass records them: 7 and 2 running
     again = await runner.claim(pool, 1)  # the server's lane is full; nothing else is due
     assert again == []
+
+
+async def test_a_claim_returns_what_it_is_asked_to_braces_and_all(pool) -> None:
+    """`claim_returning` is SQL kept as written: more than the row, read by the claim's own
+    statement (the job runner's service), even with braces in it (an array literal)."""
+    asked = LeasedQueue(WORK, claim_returning="*, '{3,4}'::int[] AS pair, id * 10 AS tenfold")
+    [one] = await add(pool, lane="a")
+    [claimed] = await asked.claim(pool, 5, lane="a")
+    assert (claimed["id"], claimed["status"]) == (one, "busy")
+    assert (claimed["pair"], claimed["tenfold"]) == ([3, 4], one * 10)

@@ -179,7 +179,11 @@ async def test_the_statement_cache_must_be_off_behind_pgbouncer(
             return [r for r in results if isinstance(r, BaseException)]
 
         assert await hammer(0) == []
-        failures = await hammer(100)
+        # With it on, the clash depends on how the clients interleave on the server sessions
+        # (one run in about eight of the fast tier met none on a quiet machine): a few rounds.
+        for _ in range(5):
+            if failures := await hammer(100):
+                break
         assert failures and all(isinstance(f, asyncpg.PostgresError) for f in failures), failures
 
 

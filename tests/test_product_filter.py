@@ -24,8 +24,8 @@ from conftest import _test_settings, order_body, seeded_database
 from console import order_list
 from console.accounts import Role
 from console.app import close_state, create_app, open_state
+from console.exact_counts import AT_ONCE
 from console.order_list import OrderFilters
-from console.web import EXACT_COUNTS_AT_ONCE
 from services.placement.worker import worker as placement_worker
 from shared import db
 from shared.runtime.testing import InMemoryFlow
@@ -523,6 +523,19 @@ async def test_bad_filter_input_is_one_readable_error(viewer: httpx.AsyncClient)
     hostile = await viewer.get("/orders/count", params={"until": "<script>x</script>"})
     assert hostile.status_code == 400 and "<script>" not in hostile.text
     assert "&lt;script&gt;" in hostile.text and "Traceback" not in hostile.text
+    # The last day there is (no day after it to end a range) and a digit that is not 0-9.
+    for params, line in (({"until": "9999-12-31"},
+                          "Could not count: to '9999-12-31' is too far ahead (before 9999-01-01)"),
+                         ({"since": "9999-01-01"},
+                          "Could not count: from '9999-01-01' is too far ahead (before 9999-01-01)")):
+        answer = await viewer.get("/orders/count", params=params)
+        assert (answer.status_code, _count_head(answer.text)) == (400, line)
+        listed = await viewer.get("/orders", params=params)
+        assert listed.status_code == 200 and line.split(": ", 1)[1] in html.unescape(listed.text)
+    answer = await viewer.get("/orders/count", params={"client": "\u00b2"})
+    assert answer.status_code == 200 and _count_head(answer.text).startswith("exactly 0 orders match")
+    listed = await viewer.get("/orders", params={"client": "\u00b2"})
+    assert listed.status_code == 200
     answer = await viewer.get("/orders/count", params={"product": "no-such-thing"})
     assert _count_head(answer.text).startswith("exactly 0 orders match")
     answer = await viewer.get("/orders/count", params={"status": "bogus"})
@@ -560,24 +573,45 @@ async def test_a_product_launched_lately_is_counted_from_the_ranges_end(
                for sql, _ in measured.plans)
 
 
-async def test_exact_counts_take_turns(
+async def test_exact_counts_take_turns_and_are_kept_a_minute(
     viewer: httpx.AsyncClient, conn: asyncpg.Connection,
 ) -> None:
-    """Each exact count may hold one of the console's few connections for seconds: at most
-    EXACT_COUNTS_AT_ONCE run together. One more waits its turn, then counts as usual; the
-    list's pages do not wait for counts."""
-    state = viewer._transport.app.state.console  # type: ignore[attr-defined]
-    for _ in range(EXACT_COUNTS_AT_ONCE):
-        await state.counting.acquire()  # as many counts as may run, running
-    try:
-        waiting = asyncio.create_task(viewer.get("/orders/count", params={"status": "Cancelled"}))
-        await asyncio.sleep(0.3)
-        assert not waiting.done(), "a count ran past the limit"
-        listed = await asyncio.wait_for(viewer.get("/orders", params={"status": "Cancelled"}), 10)
-        assert listed.status_code == 200
-    finally:
-        for _ in range(EXACT_COUNTS_AT_ONCE):
-            state.counting.release()
-    answer = await asyncio.wait_for(waiting, 10)
+    """Each exact count may hold one of the console's few connections for seconds, and any
+    operator may ask: at most AT_ONCE run and AT_ONCE wait; one more is answered at once
+    with the bound it has. A count made is said again for a minute, not made again."""
+    counts = viewer._transport.app.state.console.counts  # type: ignore[attr-defined]
     cancelled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'Cancelled'")
-    assert _count_head(answer.text).startswith(f"exactly {cancelled:,} orders match")
+    fraud = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'Fraud'")
+    for _ in range(AT_ONCE):
+        await counts.running.acquire()  # as many counts as may run, running
+    try:
+        waiting = [asyncio.create_task(viewer.get("/orders/count", params={"status": status}))
+                   for status in ("Cancelled", "Fraud")]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiting), "a count ran past the limit"
+        busy = await asyncio.wait_for(viewer.get("/orders/count", params={"status": "Active"}), 10)
+        assert busy.status_code == 200
+        assert _count_head(busy.text).endswith(
+            "orders match (other counts are running: reload to count them all)"), busy.text
+        listed = await asyncio.wait_for(viewer.get("/orders", params={"status": "Cancelled"}), 10)
+        assert listed.status_code == 200  # the pages do not wait for the counts
+    finally:
+        for _ in range(AT_ONCE):
+            counts.running.release()
+    answers = [await asyncio.wait_for(w, 10) for w in waiting]
+    assert _count_head(answers[0].text).startswith(f"exactly {cancelled:,} orders match")
+    assert _count_head(answers[1].text).startswith(f"exactly {fraud:,} orders match")
+    # Counted once: said again with nothing left to run it (every turn taken, none waiting).
+    for _ in range(AT_ONCE):
+        await counts.running.acquire()
+    try:
+        again = await asyncio.wait_for(viewer.get("/orders/count", params={"status": "Cancelled"}), 10)
+        assert _count_head(again.text) == _count_head(answers[0].text)
+    finally:
+        for _ in range(AT_ONCE):
+            counts.running.release()
+    # Past its minute it is counted again.
+    counts.keep_seconds = 0.0
+    await asyncio.sleep(0.01)
+    fresh = await viewer.get("/orders/count", params={"status": "Cancelled"})
+    assert _count_head(fresh.text).startswith(f"exactly {cancelled:,} orders match")

@@ -5,7 +5,6 @@ fetched by the page itself once it is shown, and kept across the list's refreshe
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -55,21 +54,30 @@ async def order_count(request: Request, ctx: Ctx) -> Response:
     """The exact number of orders the filters match (a read: any operator), for the list's
     head: the plain count, stopped after order_list.EXACT_COUNT_SECONDS, when it says the
     budgeted count ("at least N") and how long it tried instead. A filter the list would
-    refuse is refused the same way, in one line (400). At most EXACT_COUNTS_AT_ONCE run at
-    a time (the others wait their turn, holding no connection)."""
+    refuse is refused the same way, in one line (400). Counts take turns, and one made in
+    the last minute is said again, not made again (console/exact_counts.py); with too many
+    waiting, the bound is said at once."""
     f = OrderFilters.of(request.query_params)
-    seconds = order_list.EXACT_COUNT_SECONDS
+    counts, seconds = ctx.state.counts, order_list.EXACT_COUNT_SECONDS
+    key = counts.key(f.query())
+    view: dict[str, Any] = {"error": None, "exact": None, "count": None, "partial": False,
+                            "seconds": seconds, "busy": False}
     try:
-        async with ctx.state.counting, ctx.state.pool.acquire() as conn:
+        if kept := counts.kept(key):
+            view["exact"], view["at"] = kept
+            return ctx.render(request, "_order_count.html", **view)
+        async with counts.turn() as counting, ctx.state.pool.acquire() as conn:
             try:
-                exact, count, partial = await order_list.exact_count(conn, f, seconds), None, False
+                if not counting:
+                    view["busy"] = True
+                    raise order_list.CountStopped
+                exact = await order_list.exact_count(conn, f, seconds)
+                view["exact"], view["at"] = exact, counts.keep(key, exact)
             except order_list.CountStopped:
-                exact = None
-                count, partial = await order_list.list_count(conn, f)
+                view["count"], view["partial"] = await order_list.list_count(conn, f)
     except FilterError as exc:
         return ctx.render(request, "_order_count.html", status_code=400, error=str(exc))
-    return ctx.render(request, "_order_count.html", error=None, exact=exact, count=count,
-                      partial=partial, seconds=seconds, at=datetime.now(UTC))
+    return ctx.render(request, "_order_count.html", **view)
 
 
 @page(act=True)

@@ -51,10 +51,13 @@ def route(handler: Handler, *, prepare: Prepare | None = None, load: Load | None
     once for all the messages of the transaction whose route has that same `load` (a batch
     under load; not for a message alone), in the order their handlers run: reads each handler
     would otherwise make on its own, made in one statement. Its result for each message is
-    `uow.loaded` (None: the handler reads for itself). What it read is as new as a handler's
-    own read in that transaction would be, but it was read before any handler of the batch
-    wrote: a message whose handler must see what an earlier one in the batch wrote (the same
-    order, the same client) gets None. It runs again with each attempt of the transaction."""
+    `uow.loaded` (None: the handler reads for itself). It reads what was committed when its
+    statement began (inside the transaction: anything committed before the transaction began
+    is there), not what commits while the batch's handlers run, which a handler's own later
+    statement would see (READ COMMITTED: a snapshot a statement); and it reads before any
+    handler of the batch wrote: a message whose handler must see what an earlier one in the
+    batch wrote (the same order, the same client) gets None. It runs again with each attempt
+    of the transaction."""
     params = [p for p in inspect.signature(handler, eval_str=True).parameters.values()
               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(params) != 2:
