@@ -725,6 +725,35 @@ async def test_a_stopping_job_runner_awaits_its_outcome_writer(fast: Harness) ->
     assert await service_active(fast, order_id)
 
 
+class _ServiceReads:
+    """The harness's pool, counting the reads of one job's service; with
+    `fail_first_username_save`, the first username save fails as a dropped connection would."""
+
+    def __init__(self, pool: asyncpg.Pool, *, fail_first_username_save: bool = False) -> None:
+        self.pool, self.fail = pool, fail_first_username_save
+        self.reads: list[str] = []
+        self.failed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query.startswith("SELECT s.*, o.status AS order_status"):
+            self.reads.append(query)
+        return await self.pool.fetchrow(query, *args, **kwargs)
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query.startswith("SELECT s.*, o.status AS order_status"):
+            self.reads.append(query)
+        return await self.pool.fetch(query, *args, **kwargs)
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if self.fail and query.startswith("UPDATE services SET username") and not self.failed:
+            self.failed.append(query)
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+        return await self.pool.execute(query, *args, **kwargs)
+
+
 async def test_a_pass_of_jobs_reads_their_services_with_their_claim_lone_or_not(
     fast: Harness,
 ) -> None:
@@ -733,25 +762,8 @@ async def test_a_pass_of_jobs_reads_their_services_with_their_claim_lone_or_not(
     lone job's claim reads its service as well (at a moderate rate most passes carry one job,
     whose read was a transaction of its own)."""
     runner = await _runner_of_its_own(fast)
-    service_reads: list[str] = []
-
-    class Counted:
-        """The pool, counting the reads of one job's service."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(fast.pool, name)
-
-        async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
-            if query.startswith("SELECT s.*, o.status AS order_status"):
-                service_reads.append(query)
-            return await fast.pool.fetchrow(query, *args, **kwargs)
-
-        async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
-            if query.startswith("SELECT s.*, o.status AS order_status"):
-                service_reads.append(query)
-            return await fast.pool.fetch(query, *args, **kwargs)
-
-    pool: Any = Counted()
+    pool = _ServiceReads(fast.pool)
+    service_reads = pool.reads
 
     together = await paid(fast, ["ahead-0", "ahead-1", "ahead-2"], first_ip=60)
     await runner.runner._start_due(pool)
@@ -767,7 +779,6 @@ async def test_a_pass_of_jobs_reads_their_services_with_their_claim_lone_or_not(
         "SELECT count(*) FROM order_history WHERE action = 'service created'") == 4
 
 
-
 async def test_a_job_tried_again_after_a_transient_error_before_its_call_reads_its_service_anew(
     fast: Harness,
 ) -> None:
@@ -777,27 +788,9 @@ async def test_a_job_tried_again_after_a_transient_error_before_its_call_reads_i
     runner = await _runner_of_its_own(fast)
     [order_id] = await paid(fast, ["again-0"], first_ip=80)
     await fast.pool.execute("UPDATE services SET username = NULL WHERE order_id = $1", order_id)
-    service_reads: list[str] = []
-    failed: list[str] = []
-
-    class Flaky:
-        """The pool, failing the first username save as a dropped connection would."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(fast.pool, name)
-
-        async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
-            if query.startswith("SELECT s.*, o.status AS order_status"):
-                service_reads.append(query)
-            return await fast.pool.fetchrow(query, *args, **kwargs)
-
-        async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
-            if query.startswith("UPDATE services SET username") and not failed:
-                failed.append(query)
-                raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
-            return await fast.pool.execute(query, *args, **kwargs)
-
-    await runner.runner._start_due(Flaky())
+    pool = _ServiceReads(fast.pool, fail_first_username_save=True)
+    service_reads, failed = pool.reads, pool.failed
+    await runner.runner._start_due(pool)
     await _recorded_once(fast, [order_id])
     assert len(failed) == 1 and len(service_reads) == 1  # the claim's read, then its own
     assert not runner._read
