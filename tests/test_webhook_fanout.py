@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import pytest
 
 from conftest import order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
+from services.webhooks import worker as webhooks_module
 from services.webhooks.outbound import webhook_id_for
 from services.webhooks.sealing import Sealer
 from services.webhooks.worker import worker as webhooks_worker
@@ -76,11 +78,12 @@ async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFl
     await flow.deliver(batch, to="webhooks")
 
     assert [m.outcome for m in batch] == ["acked"] * len(batch)
-    # One transaction: its inbox row, one INSERT for every delivery of the six events.
+    # One transaction: one INSERT for every delivery of the six events, and no inbox row
+    # (WorkerSpec.inbox=False: the webhook-ids make a redelivery write nothing twice).
     assert statements.count("INSERT INTO webhook_deliveries") == 1
     assert statements.count("webhook_endpoints") == 1  # read inside that INSERT
-    assert statements.count("INSERT INTO inbox") == 1 and statements.count("BEGIN") == 1
-    assert len(statements.seen) == 4, statements.seen  # BEGIN, inbox, deliveries, COMMIT
+    assert statements.count("INSERT INTO inbox") == 0 and statements.count("BEGIN") == 1
+    assert len(statements.seen) == 3, statements.seen  # BEGIN, deliveries, COMMIT
     rows = await pool.fetch("SELECT endpoint_id, event_id, event_type, webhook_id, body"
                             " FROM webhook_deliveries ORDER BY id")
     expected = [(e.message_id, endpoint) for e in taken for endpoint in (everything, placed)
@@ -93,15 +96,50 @@ async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFl
         assert (body["type"], body["data"]) == (r["event_type"], by_id[r["event_id"]].body)
 
     # An endpoint added now gets the next events at once (nothing cached to wait out), and
-    # the same events past the inbox (a re-run) write nothing twice.
+    # the same events delivered again (a redelivery) write nothing twice.
     before = await pool.fetchval("SELECT max(id) FROM webhook_deliveries")
     late = await add(pool, ["order.screened"])
-    await pool.execute("DELETE FROM inbox WHERE consumer = 'webhooks'")
     await flow.deliver([flow.as_delivery(e) for e in taken], to="webhooks")
     new = await pool.fetch("SELECT endpoint_id, event_type FROM webhook_deliveries"
                            " WHERE id > $1", before)
     assert sorted((r["endpoint_id"], r["event_type"]) for r in new) == [
         (late, "order.screened")] * 3
+
+
+async def test_with_no_endpoint_subscribed_the_webhooks_worker_writes_nothing(
+    flow: InMemoryFlow, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Most providers subscribe no endpoint: then the webhooks worker's transactions write
+    no row at all (no inbox row, no delivery: PostgreSQL gives them no transaction id, so
+    their commit flushes nothing), and its events are acked; delivered twice, still none."""
+    s, pool = flow.settings, flow.pool
+    flow.add(placement_worker(s), fraud_worker(s))
+    for n in range(2):
+        await flow.send("order.place", order_body(f"none-{n}"))
+    events = await flow.run()
+    flow.add(webhooks_worker(s))
+    taken = [e for e in events if flow.routed(e.routing_key)]
+    assert len(taken) == 4
+    await add(pool, ["*"], status="disabled")  # one endpoint, disabled: none to deliver to
+    written: list[Any] = []
+
+    async def record_xid(conn: Any, *_: Any) -> None:
+        written.append(await conn.fetchval("SELECT pg_current_xact_id_if_assigned()"))
+
+    enqueue = webhooks_module.enqueue
+
+    async def enqueue_then_look(conn: Any, items: Any) -> None:  # the transaction's last write
+        await enqueue(conn, items)
+        await record_xid(conn)
+
+    monkeypatch.setattr(webhooks_module, "enqueue", enqueue_then_look)
+    for _ in range(2):
+        batch = [flow.as_delivery(e) for e in taken]
+        await flow.deliver(batch, to="webhooks")
+        assert [m.outcome for m in batch] == ["acked"] * len(batch)
+    assert written == [None, None]  # nothing written: no transaction id was assigned
+    assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+    assert await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'webhooks'") == 0
 
 
 async def test_deferred_writes_are_one_call_per_writer_before_the_events(

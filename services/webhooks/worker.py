@@ -33,6 +33,8 @@ def worker(settings: Settings) -> WorkerSpec:
     routes = {key: Route(EVENTS[key], on_event) for key in EVENT_TYPES}
     # Off the order's critical path: events wait up to 20 ms to share a transaction.
     # Its messages are not the pipeline its sender gives way to (gives_way).
-    return WorkerSpec(service="webhooks", routes=routes, linger=0.02, gives_way=True,
+    # No inbox: its one write is keyed by the webhook-id the event's id makes (a redelivery
+    # writes nothing twice), so with no endpoint subscribed its transactions write nothing.
+    return WorkerSpec(service="webhooks", routes=routes, linger=0.02, gives_way=True, inbox=False,
                       background=(sender.run,), on_stop=(sender.close,),
                       gauges=(WEBHOOK_DELIVERIES_BY_STATE,))

@@ -62,7 +62,8 @@ class Pipeline:
         self.intake = Chain([dead_letter.bad_input_only(), m.PropertyChecks(), m.Routing(),
                              m.PublisherCheck(publishers),
                              m.Parse(settings.max_message_bytes)])
-        core = [m.Transaction(pool), m.InboxDedupe(), m.OutboxFlush(), m.Load(), m.CallHandler()]
+        dedupe = m.InboxDedupe() if spec.inbox else m.OncePerBatch()
+        core = [m.Transaction(pool), dedupe, m.OutboxFlush(), m.Load(), m.CallHandler()]
         self.core = Chain(core)  # a batch under load, all or nothing
         hold = m.OutageHold(spec.service, database, transport, in_flight)
         self.preparing = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool)])

@@ -97,3 +97,8 @@ class WorkerSpec:
     # Counts of its tables a process running this worker exports (shared/metrics.py), read
     # when /metrics is scraped (with METRICS_PORT): jobs by state, emails by state.
     gauges: Sequence[StateGauge] = ()
+    # False for a worker whose writes are already idempotent by the message's id (the webhooks
+    # worker: a delivery's webhook-id derives from the event's id, ON CONFLICT DO NOTHING):
+    # no inbox row is written, so a batch whose handlers write nothing (no endpoint subscribed)
+    # commits no write at all. A redelivery runs its handler again and writes nothing twice.
+    inbox: bool = True

@@ -4,7 +4,7 @@
 from shared.runtime.middleware.checks import PropertyChecks
 from shared.runtime.middleware.dead_letter import DeadLetter, dead_letter_copy
 from shared.runtime.middleware.handler import CallHandler
-from shared.runtime.middleware.inbox import InboxDedupe
+from shared.runtime.middleware.inbox import InboxDedupe, OncePerBatch
 from shared.runtime.middleware.load import Load
 from shared.runtime.middleware.metrics import MessageMetrics
 from shared.runtime.middleware.outage import OutageHold
@@ -22,6 +22,7 @@ __all__ = [
     "InboxDedupe",
     "Load",
     "MessageMetrics",
+    "OncePerBatch",
     "OutageHold",
     "OutboxFlush",
     "Parse",

@@ -46,6 +46,20 @@ class InboxDedupe(Middleware):
         await call_next(batch)
 
 
+class OncePerBatch(Middleware):
+    """In place of the inbox, for a worker whose writes are idempotent by the message's id
+    (`WorkerSpec.inbox=False`): every message of the batch is handled, each id once (twice in
+    one batch: handled once, as the inbox would)."""
+
+    async def __call__(self, batch: Batch, call_next: Next) -> None:
+        seen: set[str] = set()
+        for item in batch.items:
+            if item.message_id not in seen:
+                seen.add(item.message_id)
+                batch.todo.append(item)
+        await call_next(batch)
+
+
 async def refuse_reused_ids(conn: asyncpg.Connection, consumer: str, ids: list[str],
                             hashes: list[bytes]) -> None:
     """A message id seen before is a redelivery, skipped, only if the body is the same: a
