@@ -238,13 +238,21 @@ def _orders_walk(f: OrderFilters, r: _Range, arg: _Args) -> list[str]:
     return _order_conds(f, arg) + r.conds(arg, "o.created_at", "o.id")
 
 
-def _has_product(arg: _Args, product_id: int) -> str:
+def _has_product(arg: _Args, product_id: int, *, probe: bool = True) -> str:
     """The orders side's probe, per order: one key of services_product_created_idx (product,
     the order's placed time, id: a service is written with its order, migration 0033), so no
     index of its own is kept for it (migration 0036). OFFSET 0 keeps it a probe: as a plain
-    EXISTS the planner may merge the list with every service of the product, 90 ms at 1M."""
+    EXISTS the planner may merge the list with every service of the product, 90 ms at 1M —
+    which is what the exact count of a large product wants (`probe=False`)."""
     return (f"EXISTS (SELECT 1 FROM services s WHERE s.product_id = {arg(product_id)}"
-            " AND s.created_at = o.created_at AND s.order_id = o.id OFFSET 0)")
+            " AND s.created_at = o.created_at AND s.order_id = o.id"
+            + (" OFFSET 0)" if probe else ")"))
+
+
+def _range_of(f: OrderFilters) -> _Range:
+    """The filters' dates as a range of placed times (the `to` day included), validated."""
+    since, until = _day(f.since, "from"), _day(f.until, "to")
+    return _Range(since, until + timedelta(days=1) if until else None)
 
 
 def _services_walk(r: _Range, arg: _Args, product_id: int, limit: int | None = None) -> str:
@@ -385,8 +393,7 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
         product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
         if product_id is None:  # no such product: no order has it
             return _empty(after, before)
-    since, until = _day(f.since, "from"), _day(f.until, "to")
-    r = _Range(since, until + timedelta(days=1) if until else None)
+    r = _range_of(f)
     anchor_id = after if after is not None else before
     if anchor_id is not None:
         # The page's edge, named by its order's id in the link: where that order stands.
@@ -623,18 +630,16 @@ async def exact_count(conn: asyncpg.Connection, f: OrderFilters,
     in a read-only transaction whose statement_timeout is `seconds` (EXACT_COUNT_SECONDS);
     CountStopped past it. The same filters as order_list, validated the same way
     (FilterError)."""
-    since, until = _day(f.since, "from"), _day(f.until, "to")
+    r = _range_of(f)
     product_id = None
     if f.product:
         product_id = await conn.fetchval("SELECT id FROM products WHERE slug = $1", f.product)
         if product_id is None:
             return 0
-    r = _Range(since, until + timedelta(days=1) if until else None)
     arg = _Args()
     conds = _orders_walk(f, r, arg)
-    if product_id is not None:
-        conds.append(f"EXISTS (SELECT 1 FROM services s WHERE s.product_id = {arg(product_id)}"
-                     " AND s.created_at = o.created_at AND s.order_id = o.id)")
+    if product_id is not None:  # the planner free to hash the product's services instead
+        conds.append(_has_product(arg, product_id, probe=False))
     limit_ms = max(1, round(1000 * (EXACT_COUNT_SECONDS if seconds is None else seconds)))
     try:
         async with conn.transaction(readonly=True):

@@ -59,14 +59,21 @@ class Statements:
         return sum(fragment in q for q in self.seen)
 
 
-async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFlow) -> None:
-    s, pool = flow.settings, flow.pool
+async def _events_of_orders(flow: InMemoryFlow, prefix: str, n: int) -> list[Any]:
+    """`n` orders placed and screened; the events they published that the webhooks worker
+    (added now) takes."""
+    s = flow.settings
     flow.add(placement_worker(s), fraud_worker(s))
-    for n in range(3):
-        await flow.send("order.place", order_body(f"fan-{n}"))
+    for i in range(n):
+        await flow.send("order.place", order_body(f"{prefix}-{i}"))
     events = await flow.run()
     flow.add(webhooks_worker(s))
-    taken = [e for e in events if flow.routed(e.routing_key)]
+    return [e for e in events if flow.routed(e.routing_key)]
+
+
+async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFlow) -> None:
+    pool = flow.pool
+    taken = await _events_of_orders(flow, "fan", 3)
     assert {e.routing_key for e in taken} == {"order.placed", "order.screened"} and len(taken) == 6
 
     everything = await add(pool, ["*"])
@@ -112,13 +119,8 @@ async def test_with_no_endpoint_subscribed_the_webhooks_worker_writes_nothing(
     """Most providers subscribe no endpoint: then the webhooks worker's transactions write
     no row at all (no inbox row, no delivery: PostgreSQL gives them no transaction id, so
     their commit flushes nothing), and its events are acked; delivered twice, still none."""
-    s, pool = flow.settings, flow.pool
-    flow.add(placement_worker(s), fraud_worker(s))
-    for n in range(2):
-        await flow.send("order.place", order_body(f"none-{n}"))
-    events = await flow.run()
-    flow.add(webhooks_worker(s))
-    taken = [e for e in events if flow.routed(e.routing_key)]
+    pool = flow.pool
+    taken = await _events_of_orders(flow, "none", 2)
     assert len(taken) == 4
     await add(pool, ["*"], status="disabled")  # one endpoint, disabled: none to deliver to
     written: list[Any] = []

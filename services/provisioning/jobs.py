@@ -61,23 +61,22 @@ JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lan
 _Outcome = tuple[asyncpg.Record, dict[str, Any],
                  Callable[[UnitOfWork, asyncpg.Record], Awaitable[None]], asyncio.Future[None]]
 # A service as its job's call needs it: its order's state, product, client and server.
-# Read by the claim itself (what the job's call and outcome use, as JSON: one column next
-# to the job's own); _SERVICES reads it again for a retry after a transient error.
-_SERVICE_WITH_CLAIM = (
-    "*, (SELECT jsonb_build_object('id', s.id, 'domain', s.domain, 'username', s.username,"
-    " 'order_status', o.status, 'order_ref', o.order_ref, 'module', p.module, 'plan', p.plan,"
-    " 'slug', p.slug, 'email', c.email, 'use_server', coalesce(s.server_id, p.server_id),"
-    " 'server', to_jsonb(sv))"
-    " FROM services s JOIN orders o ON o.id = s.order_id"
-    " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
-    " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)"
-    " WHERE s.id = jobs.service_id) AS service")
-_SERVICES = (
-    "SELECT s.*, o.status AS order_status, o.order_ref, p.module, p.plan, p.slug, c.email,"
-    " coalesce(s.server_id, p.server_id) AS use_server, to_jsonb(sv) AS server"
+_SERVICE_FROM = (
     " FROM services s JOIN orders o ON o.id = s.order_id"
     " JOIN products p ON p.id = s.product_id JOIN clients c ON c.id = o.client_id"
     " LEFT JOIN servers sv ON sv.id = coalesce(s.server_id, p.server_id)")
+_SERVICE_JOINED = (("order_status", "o.status"), ("order_ref", "o.order_ref"),
+                   ("module", "p.module"), ("plan", "p.plan"), ("slug", "p.slug"),
+                   ("email", "c.email"), ("use_server", "coalesce(s.server_id, p.server_id)"),
+                   ("server", "to_jsonb(sv)"))
+# Read by the claim itself (what the job's call and outcome use, as JSON: one column next
+# to the job's own); _SERVICES reads it again for a retry after a transient error.
+_SERVICE_WITH_CLAIM = (
+    "*, (SELECT jsonb_build_object('id', s.id, 'domain', s.domain, 'username', s.username, "
+    + ", ".join(f"'{name}', {sql}" for name, sql in _SERVICE_JOINED) + ")"
+    + _SERVICE_FROM + " WHERE s.id = jobs.service_id) AS service")
+_SERVICES = ("SELECT s.*, " + ", ".join(f"{sql} AS {name}" for name, sql in _SERVICE_JOINED)
+             + _SERVICE_FROM)
 
 
 class JobRunner:
