@@ -205,13 +205,32 @@ class InDatabase:
         self.buffers = 0
         self.statements = 0
         self.read = 0  # of the buffers, those not found in shared buffers
+        self.read_by: dict[str, int] = {}  # those reads by relation (index or table) read
         self.slowest: tuple[float, str] = (0.0, "")
         self._saved: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.ms, self.buffers, self.statements, self.slowest = 0.0, 0, 0, (0.0, "")
         self.read = 0
+        self.read_by = {}
 
+    def count_reads(self, node: dict[str, Any]) -> None:
+        """A plan node's own reads (its own less its children's), by the relation it reads:
+        an index scan's are its index's and its table's heap pages together ("idx+heap")."""
+        children = node.get("Plans", [])
+        own = node.get("Shared Read Blocks", 0) - sum(c.get("Shared Read Blocks", 0)
+                                                     for c in children)
+        if own > 0:
+            what = node.get("Index Name") or node.get("Relation Name") or node["Node Type"]
+            if node.get("Index Name") and node["Node Type"] == "Index Scan":
+                what += "+heap"
+            self.read_by[what] = self.read_by.get(what, 0) + own
+        for child in children:
+            self.count_reads(child)
+
+    def reads(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.read_by.items(),
+                                                       key=lambda kv: -kv[1]))
     def install(self) -> None:
         """On asyncpg's Connection class: the pool's connections (and their proxies) use it."""
         cls = asyncpg.connection.Connection
@@ -238,6 +257,7 @@ class InDatabase:
                 meter.buffers += (plan["Plan"].get("Shared Hit Blocks", 0)
                                   + plan["Plan"].get("Shared Read Blocks", 0))
                 meter.read += plan["Plan"].get("Shared Read Blocks", 0)
+                meter.count_reads(plan["Plan"])
                 if ms > meter.slowest[0]:
                     meter.slowest = (ms, " ".join(query.split()))
             return await original(conn, query, *args, **kw)
@@ -341,6 +361,8 @@ async def first_visits(client: httpx.AsyncClient, url: str, name: str, paths: li
         extra = (f"; in the database {in_db.ms:.1f} ms, {in_db.statements} statements,"
                  f" {in_db.buffers:,} buffers ({in_db.read:,} read)" if in_db else "")
         print(f"  {name[:28]:<28} first visit {times[-1]:7.1f} ms  {path}{extra}", flush=True)
+        if in_db and in_db.read_by:
+            print(f"  {'':28} read: {in_db.reads()}", flush=True)
     times.sort()
     return name, statistics.median(times), times[-1], times[-1]
 
