@@ -125,8 +125,7 @@ class WarmUp:
             async with asyncio.timeout(WARM_UP_SECONDS):
                 async with self._pool.acquire() as conn:
                     self.shown = await read_first_pages(conn)
-        except (asyncpg.PostgresError, OSError, TimeoutError,
-                asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # whatever it was, the pages read as they would have
             log.warning("console warm-up stopped: the first pages will read from the disk",
                         extra={"error": str(exc) or type(exc).__name__})
             return False
