@@ -8,9 +8,11 @@ import asyncio
 import itertools
 
 import asyncpg
+import pytest
 
 from conftest import eventually, order_body
 from console import order_list
+from console import warm_up as warm_up_module
 from console.app import close_state, open_state
 from console.testing import FlowPublisher
 from console.warm_up import WarmUp
@@ -88,6 +90,29 @@ async def test_no_warm_up_when_switched_off(db_settings: Settings) -> None:
     try:
         await asyncio.sleep(0.3)
         assert state.warm_up.runs == 0 and not state.warm_up.enabled
+    finally:
+        await close_state(state)
+
+
+async def test_a_failed_warm_up_is_one_log_line_and_is_tried_again(
+        db_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(conn: asyncpg.Connection) -> dict[str, int]:
+        raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+
+    monkeypatch.setattr(warm_up_module, "read_first_pages", broken)
+    warm_up = WarmUp(server_of=lambda conn: _true(True))
+    state = await open_state(db_settings, publisher=FlowPublisher(None, "c"),  # type: ignore[arg-type]
+                             warm_up=warm_up)
+    try:
+        await eventually(lambda: _true(warm_up.runs == 1))
+        assert "console warm-up stopped" in caplog.text
+        async with state.pool.acquire() as conn:  # the console goes on
+            assert await conn.fetchval("SELECT 1") == 1
+        monkeypatch.undo()
+        await _reconnect(state.pool, db_settings.database_url)  # the same server: tried again
+        await eventually(lambda: _true(warm_up.runs == 2))
+        assert warm_up.shown == {"awaiting": 0, "listed": 0}
     finally:
         await close_state(state)
 
