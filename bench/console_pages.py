@@ -25,6 +25,11 @@ statement's buffers read (not in shared buffers) and hit are printed too.
 cache is emptied as well (`sync; echo 3 > /proc/sys/vm/drop_caches`, the whole machine's), so
 what a visit reads outside shared buffers comes from the disk: a server just started, or one
 whose memory is far smaller than its database.
+
+--warm-up (with --cold): after emptying the caches, the console's warm-up runs (what it does
+when it starts or its database server restarted: console/warm_up.py), then the first visit:
+what an operator's first visit after a restart costs. Without it the console's own warm-up is
+switched off (CONSOLE_WARM_UP=0), so each first visit is cold.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from bench.seed import Shape, seed  # noqa: E402
 from cli.catalog import load_catalog, read_catalog  # noqa: E402
 from console import accounts  # noqa: E402
 from console.app import close_state, create_app, open_state, settle_heap  # noqa: E402
+from console.warm_up import read_first_pages  # noqa: E402
 from shared import db  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -205,13 +211,32 @@ class InDatabase:
         self.buffers = 0
         self.statements = 0
         self.read = 0  # of the buffers, those not found in shared buffers
+        self.read_by: dict[str, int] = {}  # those reads by relation (index or table) read
         self.slowest: tuple[float, str] = (0.0, "")
         self._saved: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.ms, self.buffers, self.statements, self.slowest = 0.0, 0, 0, (0.0, "")
         self.read = 0
+        self.read_by = {}
 
+    def count_reads(self, node: dict[str, Any]) -> None:
+        """A plan node's own reads (its own less its children's), by the relation it reads:
+        an index scan's are its index's and its table's heap pages together ("idx+heap")."""
+        children = node.get("Plans", [])
+        own = node.get("Shared Read Blocks", 0) - sum(c.get("Shared Read Blocks", 0)
+                                                     for c in children)
+        if own > 0:
+            what = node.get("Index Name") or node.get("Relation Name") or node["Node Type"]
+            if node.get("Index Name") and node["Node Type"] == "Index Scan":
+                what += "+heap"
+            self.read_by[what] = self.read_by.get(what, 0) + own
+        for child in children:
+            self.count_reads(child)
+
+    def reads(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.read_by.items(),
+                                                       key=lambda kv: -kv[1]))
     def install(self) -> None:
         """On asyncpg's Connection class: the pool's connections (and their proxies) use it."""
         cls = asyncpg.connection.Connection
@@ -238,6 +263,7 @@ class InDatabase:
                 meter.buffers += (plan["Plan"].get("Shared Hit Blocks", 0)
                                   + plan["Plan"].get("Shared Read Blocks", 0))
                 meter.read += plan["Plan"].get("Shared Read Blocks", 0)
+                meter.count_reads(plan["Plan"])
                 if ms > meter.slowest[0]:
                     meter.slowest = (ms, " ".join(query.split()))
             return await original(conn, query, *args, **kw)
@@ -249,9 +275,11 @@ async def measure(url: str, shape: Shape, requests: int,
                   only: list[str] | None = None,
                   in_db: InDatabase | None = None,
                   cold: bool = False,
-                  os_cache: bool = False) -> list[tuple[str, float, float, float]]:
+                  os_cache: bool = False,
+                  warm: bool = False) -> list[tuple[str, float, float, float]]:
     settings = Settings(database_url=url, amqp_url="amqp://guest:guest@127.0.0.1:5672/",
-                        console_secret_key="b" * 40, log_level="WARNING")
+                        console_secret_key="b" * 40, log_level="WARNING",
+                        console_warm_up=False)  # measured by --warm-up, after each emptying
     state = await open_state(settings, publisher=NoBroker())
     app = create_app(state)
     settle_heap()  # as the console's server does when it starts
@@ -273,7 +301,8 @@ async def measure(url: str, shape: Shape, requests: int,
                 if only and not any(part in name for part in only):
                     continue
                 if cold:
-                    out.append(await first_visits(client, url, name, paths, in_db, os_cache))
+                    out.append(await first_visits(client, url, name, paths, in_db, os_cache,
+                                                  state.pool if warm else None))
                     continue
                 for path in paths[:3]:  # warm: the plans and the buffers
                     await client.get(path)
@@ -328,19 +357,26 @@ def drop_os_cache() -> None:
 
 
 async def first_visits(client: httpx.AsyncClient, url: str, name: str, paths: list[str],
-                       in_db: InDatabase | None,
-                       os_cache: bool = False) -> tuple[str, float, float, float]:
+                       in_db: InDatabase | None, os_cache: bool = False,
+                       warm_pool: asyncpg.Pool | None = None) -> tuple[str, float, float, float]:
     """Each path once, after the shared buffers were emptied (--cold), and the operating
-    system's cache too (--drop-os-cache)."""
+    system's cache too (--drop-os-cache); then the console's warm-up first (--warm-up)."""
     times = []
     for path in dict.fromkeys(paths):
         await evict(url)
         if os_cache:
             drop_os_cache()
+        if warm_pool is not None:
+            t0 = time.perf_counter()
+            async with warm_pool.acquire() as conn:
+                await read_first_pages(conn)
+            print(f"  {'':28} warm-up {(time.perf_counter() - t0) * 1000:7.1f} ms", flush=True)
         times.append(await timed_get(client, path, in_db))
         extra = (f"; in the database {in_db.ms:.1f} ms, {in_db.statements} statements,"
                  f" {in_db.buffers:,} buffers ({in_db.read:,} read)" if in_db else "")
         print(f"  {name[:28]:<28} first visit {times[-1]:7.1f} ms  {path}{extra}", flush=True)
+        if in_db and in_db.read_by:
+            print(f"  {'':28} read: {in_db.reads()}", flush=True)
     times.sort()
     return name, statistics.median(times), times[-1], times[-1]
 
@@ -370,9 +406,12 @@ async def main() -> None:
     parser.add_argument("--drop-os-cache", action="store_true",
                         help="with --cold: the operating system's page cache emptied too before"
                         " each first visit (root; the whole machine's cache)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="with --cold: the console's warm-up runs after the caches are"
+                        " emptied, before each first visit")
     args = parser.parse_args()
-    if args.drop_os_cache and not args.cold:
-        parser.error("--drop-os-cache goes with --cold")
+    if (args.drop_os_cache or args.warm_up) and not args.cold:
+        parser.error("--drop-os-cache and --warm-up go with --cold")
     shape = Shape(orders=args.orders, clients=args.clients)
     url = args.database or _url(f"om_bench_console_{uuid.uuid4().hex[:8]}")
     try:
@@ -386,7 +425,7 @@ async def main() -> None:
             in_db.install()
         rows = await measure(url, shape, args.requests,
                              [w for w in (args.only or "").split(",") if w], in_db, args.cold,
-                             args.drop_os_cache)
+                             args.drop_os_cache, args.warm_up)
     finally:
         if args.keep or args.database:
             print(f"database kept: {url}")

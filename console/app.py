@@ -11,8 +11,9 @@ import contextlib
 import gc
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -22,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from console.publisher import AmqpPublisher, Publisher
 from console.routes import auth, client, dashboard, module_queue, new_order, order, orders, payments
 from console.security import SecurityHeaders, SessionCodec
+from console.warm_up import WarmUp
 from console.web import HERE, ConsoleState
 from shared import db
 from shared.errors import ConfigurationError
@@ -33,6 +35,7 @@ log = logging.getLogger("ordermill.console")
 # Every page family's routes; a new family adds its module here (and its NAV entry).
 PAGE_FAMILIES = (auth, dashboard, new_order, orders, order, client, module_queue, payments)
 POOL_SIZE = 5
+OnConnect = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 def secret_key(settings: ConsoleSettings) -> str:
@@ -56,17 +59,19 @@ def describe_identity(settings: ConsoleSettings) -> None:
                 extra={"user": user})
 
 
-async def read_only_pool(settings: Settings):  # -> asyncpg.Pool
-    """The console's pool, read-only by default. Asked for when each connection starts; behind
+async def read_only_pool(settings: Settings, on_connect: OnConnect | None = None):  # -> asyncpg.Pool
+    """The console's pool, read-only by default (`on_connect`: the warm-up's hook, each new
+    connection). Asked for when each connection starts; behind
     PgBouncer (DB_PGBOUNCER), which passes no such start-up parameter on and shares server
     sessions, it must be the database role's own default: checked, or the console refuses to
     start (its role, then, is not the workers')."""
     if not settings.db_pgbouncer:
         return await db.create_pool(settings.database_url, max_size=POOL_SIZE,
-                                    attempts=settings.startup_attempts,
+                                    attempts=settings.startup_attempts, on_connect=on_connect,
                                     server_settings={"default_transaction_read_only": "on"})
     pool = await db.create_pool(settings.database_url, max_size=POOL_SIZE,
-                                attempts=settings.startup_attempts, statement_cache_size=0)
+                                attempts=settings.startup_attempts, statement_cache_size=0,
+                                on_connect=on_connect)
     async with pool.acquire() as conn:
         read_only = await conn.fetchval("SELECT current_setting('default_transaction_read_only')")
         user = await conn.fetchval("SELECT current_user")
@@ -79,11 +84,17 @@ async def read_only_pool(settings: Settings):  # -> asyncpg.Pool
     return pool
 
 
-async def open_state(settings: Settings, *, publisher: Publisher | None = None) -> ConsoleState:
+async def open_state(settings: Settings, *, publisher: Publisher | None = None,
+                     warm_up: WarmUp | None = None) -> ConsoleState:
+    """`warm_up`: the console's own by default (CONSOLE_WARM_UP); a test may hand one in."""
     part = settings.console
     # Read-only by default: the console reads orders; only its own sign-in bookkeeping
     # writes, in transactions that ask for it (console/accounts.py).
-    pool = await read_only_pool(settings)
+    # Warms the dashboard and the list's first page in the background, once the schema is
+    # checked, and again when the pool reaches a server it has not warmed (console/warm_up.py).
+    if warm_up is None:
+        warm_up = WarmUp(enabled=part.warm_up)
+    pool = await read_only_pool(settings, warm_up.connected)
     try:
         await db.ensure_schema(pool, migrate_on_start=False)
         if publisher is None:
@@ -95,11 +106,14 @@ async def open_state(settings: Settings, *, publisher: Publisher | None = None) 
         await pool.close()
         raise
     describe_identity(part)
+    warm_up.start(pool)
     return ConsoleState(settings=part, pool=pool, publisher=publisher,
-                        codec=SessionCodec(secret_key(part), part.session_hours * 3600))
+                        codec=SessionCodec(secret_key(part), part.session_hours * 3600),
+                        warm_up=warm_up)
 
 
 async def close_state(state: ConsoleState) -> None:
+    await state.warm_up.close()
     await state.publisher.close()
     await state.pool.close()
 

@@ -255,11 +255,18 @@ def _range_of(f: OrderFilters) -> _Range:
     return _Range(since, until + timedelta(days=1) if until else None)
 
 
-def _services_walk(r: _Range, arg: _Args, product_id: int, limit: int | None = None) -> str:
+def _from(start: tuple[datetime, int] | None, arg: _Args, at: str, key: str) -> list[str]:
+    """A (placed time, order id) pair of columns from `start` on, if given."""
+    return [] if start is None else [f"({at}, {key}) >= ({arg(start[0])}, {arg(start[1])})"]
+
+
+def _services_walk(r: _Range, arg: _Args, product_id: int, limit: int | None = None, *,
+                   start: tuple[datetime, int] | None = None) -> str:
     """The product side's walk: its services in the range in the list's order (p.created_at,
     p.order_id: a service's created_at is its order's; services_product_created_idx), one row
-    per order (DISTINCT: an order may hold the product twice)."""
-    walk = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    per order (DISTINCT: an order may hold the product twice); from `start` if given."""
+    walk = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id"),
+            *_from(start, arg, "s.created_at", "s.order_id")]
     d = r.direction
     return (f"(SELECT DISTINCT s.created_at, s.order_id FROM services s"
             f" WHERE {' AND '.join(walk)} ORDER BY s.created_at {d}, s.order_id {d}"
@@ -283,15 +290,38 @@ def _product_side(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
     return f" FROM {walk} JOIN LATERAL ({_order_probe(f, arg, columns)} OFFSET 0) o ON true"
 
 
-def _both_sides(f: OrderFilters, r: _Range, arg: _Args, product_id: int) -> str:
+def _both_sides(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
+                start: tuple[datetime, int] | None = None) -> str:
     """FROM: the keys (placed time, id) of the range's orders that have the product, both
-    sides' keys joined in the list's order (each read on its index alone; merged: _merged)."""
+    sides' keys joined in the list's order (each read on its index alone; merged: _merged),
+    from `start` on (_jump) if given."""
     orders = _orders_walk(f, r, arg)
     d = r.direction
     return (f" FROM (SELECT o.created_at, o.id FROM orders o{_clients(orders)}"
-            f" WHERE {' AND '.join(orders)} ORDER BY o.created_at {d}, o.id {d}) k"
-            f" JOIN {_services_walk(r, arg, product_id)}"
+            f" WHERE {' AND '.join(orders + _from(start, arg, 'o.created_at', 'o.id'))}"
+            f" ORDER BY o.created_at {d}, o.id {d}) k"
+            f" JOIN {_services_walk(r, arg, product_id, start=start)}"
             " ON p.created_at = k.created_at AND p.order_id = k.id")
+
+
+async def _jump(conn: asyncpg.Connection, f: OrderFilters, r: _Range,
+                product_id: int) -> tuple[datetime, int] | None:
+    """Where a forward merge of both sides' keys in `r` can start: the later of the two sides'
+    first keys (before it, one side has nothing to match), found by one descent of each index;
+    None when a side has no key in `r` (nothing matches). A merge reads both sides in step
+    from where it starts: Cancelled with a product launched lately read every Cancelled key
+    since 2019 (413 pages on a first visit) to reach the product's keys of the last 60 days."""
+    arg = _Args()
+    orders = _orders_walk(f, r, arg)
+    services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
+    first_order, first_product = await conn.fetchrow(
+        f"SELECT (SELECT ROW(o.created_at, o.id) FROM orders o{_clients(orders)}"
+        f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT 1),"
+        f" (SELECT ROW(s.created_at, s.order_id) FROM services s WHERE {' AND '.join(services)}"
+        " ORDER BY s.product_id, s.created_at, s.order_id LIMIT 1)", *arg.values)
+    if first_order is None or first_product is None:
+        return None
+    return max(tuple(first_order), tuple(first_product))
 
 
 @asynccontextmanager
@@ -412,18 +442,32 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
     if side == BOTH_SIDES:
         assert plan is not None and product_id is not None
         ids: list[int] | None = None
+        found: list[int] = []
+        merge_from = r  # where the page's merge reads
         if r.edge is None and not plan.dense:
             # A first page: the count's one pass over both sides' keys finds its ids too (a
             # merge for the page would read them up to its 51st match, all over again).
-            count, found = await _merged_count(conn, f, r, product_id, plan.start, False,
-                                               with_ids=True)
-            if len(found) > limit or not count[1]:  # else its budget ran out before them
+            count, found, reached = await _merged_count(conn, f, r, product_id, plan.start,
+                                                        False, with_ids=True)
+            if len(found) > limit or not count[1]:
                 ids = found[:limit + 1]
+            elif reached is not None:
+                # Its budget ran out before them: every match placed before `reached` is in
+                # `found`; the page's merge goes on from there (those at `reached` itself may
+                # be found again: kept once).
+                merge_from = _Range(reached, r.until)
         if ids is None:  # the page's ids, merged
-            async with _merged(conn):
-                ids = [row["id"] for row in await conn.fetch(
-                    f"SELECT k.id{_both_sides(f, r, arg, product_id)}"
-                    f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+            start = None
+            if d == "ASC":
+                start = await _jump(conn, f, merge_from, product_id)
+            if d == "ASC" and start is None:
+                more_ids: list[int] = []
+            else:
+                async with _merged(conn):
+                    more_ids = [row["id"] for row in await conn.fetch(
+                        f"SELECT k.id{_both_sides(f, merge_from, arg, product_id, start)}"
+                        f" ORDER BY k.created_at {d}, k.id {d} LIMIT {limit + 1}", *arg.values)]
+            ids = list(dict.fromkeys(found + more_ids))[:limit + 1]
         # Then their rows, by id.
         arg = _Args()
         page_sql = (f"SELECT {_ROW}{_FROM} WHERE o.id = ANY({arg(ids)}::bigint[])"
@@ -508,7 +552,8 @@ def _keys(f: OrderFilters, r: _Range, arg: _Args, product_id: int,
 
 async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_id: int,
                         start: tuple[datetime, int] | None, dense: bool, *,
-                        with_ids: bool = False) -> tuple[tuple[int, bool], list[int]]:
+                        with_ids: bool = False,
+                        ) -> tuple[tuple[int, bool], list[int], datetime | None]:
     """Both sides' keys merged, from where both have some, at most COUNT_KEYS of each: no
     probe per row (each probe is a descent of an index, three or four buffers; a merge reads
     a leaf of 150-250 keys as one). A common product with a rare status (Fraud and business
@@ -520,7 +565,10 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
     whether a side had more keys than its budget (an inner merge, then the sides counted
     again, read them twice: a side whose heap pages are not all visible, the newest orders'
     until autovacuum has been, is fetched from the heap key by key). `with_ids` (a full merge
-    only): the matches' ids too, in the list's order (a first page's)."""
+    only): the matches' ids too, in the list's order (a first page's), and, when a side ran
+    out of its budget, the placed time its keys were read up to (the earlier of the two when
+    both did): every match placed before it is among the ids (a first page's merge goes on
+    from there)."""
     arg = _Args()
     if not dense:
         orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS + 1)
@@ -535,8 +583,12 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
                 f" ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id",
                 *arg.values)
         cut = _stopped(n_orders, last_order, n_product, last_product)
+        reached = min((last for n_side, last in ((n_orders, last_order),
+                                                 (n_product, last_product))
+                       if n_side > COUNT_KEYS), default=None)
         # An order holding the product twice is matched twice: once is enough.
-        return (min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut), list(dict.fromkeys(found or []))
+        return ((min(n, LIST_COUNT_CAP), n > LIST_COUNT_CAP or cut),
+                list(dict.fromkeys(found or [])), reached)
     orders, product = _keys(f, r, arg, product_id, start, COUNT_KEYS)
     async with _merged(conn):
         joined, n = await conn.fetchrow(
@@ -544,7 +596,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
             f" JOIN ({product}) p ON p.created_at = k.created_at AND p.order_id = k.id"
             f" LIMIT {LIST_COUNT_CAP + 1}) x", *arg.values)
         if joined > LIST_COUNT_CAP:
-            return (min(n, LIST_COUNT_CAP), True), []
+            return (min(n, LIST_COUNT_CAP), True), [], None
         # Fewer than the pilots promised: exact unless a side ran out of its budget where the
         # other still had keys (the keys just read: in shared buffers now).
         arg = _Args()
@@ -552,7 +604,7 @@ async def _merged_count(conn: asyncpg.Connection, f: OrderFilters, r: _Range, pr
         sides = await conn.fetchrow(
             f"SELECT * FROM (SELECT count(*), max(created_at) FROM ({orders}) k) o,"
             f" (SELECT count(*), max(created_at) FROM ({product}) p) p", *arg.values)
-    return (n, _stopped(*sides)), []
+    return (n, _stopped(*sides)), [], None
 
 
 def _stopped(n_orders: int, last_order: datetime | None, n_product: int,

@@ -25,6 +25,7 @@ from console.accounts import Operator, SignInPolicy
 from console.exact_counts import ExactCounts
 from console.publisher import Publisher, Reply, Unavailable
 from console.security import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, SessionCodec
+from console.warm_up import WarmUp
 from shared.settings_parts import ConsoleSettings
 
 log = logging.getLogger("ordermill.console")
@@ -66,6 +67,7 @@ class ConsoleState:
     codec: SessionCodec
     env: Environment = field(default_factory=templates)
     counts: ExactCounts = field(default_factory=ExactCounts)  # GET /orders/count's turns
+    warm_up: WarmUp = field(default_factory=lambda: WarmUp(enabled=False))
 
     @property
     def policy(self) -> SignInPolicy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,17 +99,29 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 30,
                       writable: bool = False,
                       server_settings: dict[str, str] | None = None,
-                      statement_cache_size: int = 100) -> asyncpg.Pool:
+                      statement_cache_size: int = 100,
+                      on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+                      ) -> asyncpg.Pool:
     """A pool, waiting (bounded) for PostgreSQL to come up; with `writable`, for a server that
     takes writes (a worker's: after a failover the address may reach a standby for a while).
     `server_settings` are each connection's (the console's read-only default);
-    `statement_cache_size` 0 behind PgBouncer (Settings.statement_cache_size)."""
+    `statement_cache_size` 0 behind PgBouncer (Settings.statement_cache_size); `on_connect`
+    is called with each new connection, the first ones and those made again after a restart
+    (the console's warm-up: console/warm_up.py)."""
+    init = init_writable_connection if writable else init_connection
+    if on_connect is not None:
+        first = init
+
+        async def init(conn: asyncpg.Connection) -> None:
+            await first(conn)
+            await on_connect(conn)
+
     async for attempt in _retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size,
                 statement_cache_size=statement_cache_size,
-                init=init_writable_connection if writable else init_connection,
+                init=init,
                 # A connection that cannot be made in 10 s (a host gone from the network)
                 # fails like a refused one, so an outage is seen in seconds, not minutes.
                 timeout=10, command_timeout=60, reset=_keep_session,

@@ -216,6 +216,9 @@ class Settings(BaseSettings):
     console_signin_max_failures: int = Field(5, gt=0)
     console_signin_window_minutes: float = Field(15, gt=0)
     console_review_timeout: float = Field(10, gt=0, le=120)  # seconds to wait for an answer
+    # At start and after its database server restarted, read in the background what the
+    # dashboard and the pending list's first page read (console/warm_up.py).
+    console_warm_up: bool = True
 
     # Outbound webhooks (services/webhooks/, docs/contract.md section 10).
     # Networks (CIDRs) an endpoint may be in although they are not public (loopback,
@@ -532,7 +535,8 @@ class Settings(BaseSettings):
             session_hours=self.console_session_hours,
             signin_max_failures=self.console_signin_max_failures,
             signin_window_minutes=self.console_signin_window_minutes,
-            review_timeout=self.console_review_timeout, user=amqp_user(self.amqp_url),
+            review_timeout=self.console_review_timeout, warm_up=self.console_warm_up,
+            user=amqp_user(self.amqp_url),
             console_users=frozenset(self.console_users),
             operator_users=frozenset(self.operator_users),
             service_users=frozenset(self.service_users) | (

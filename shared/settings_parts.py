@@ -265,6 +265,8 @@ class ConsoleSettings(Part):
     signin_max_failures: int
     signin_window_minutes: float
     review_timeout: float
+    # Read the dashboard's and the list's first page's pages when it starts (console/warm_up.py)
+    warm_up: bool
     user: str | None  # the console's RabbitMQ user (AMQP_URL's): the user_id it publishes with
     # Whether the review service will record the signed-in operator (the user is a console
     # user and not an operator user) or the broker user itself: said once at start.

@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 from test_console import PASSWORD, csrf_of, password_hash
-from test_query_plans import Explaining, scans
+from test_query_plans import Analyzing, Explaining, orders_read, scans
 
 from conftest import _test_settings, order_body, seeded_database
 from console import order_list
@@ -615,3 +615,28 @@ async def test_exact_counts_take_turns_and_are_kept_a_minute(
     await asyncio.sleep(0.01)
     fresh = await viewer.get("/orders/count", params={"status": "Cancelled"})
     assert _count_head(fresh.text).startswith(f"exactly {cancelled:,} orders match")
+
+
+async def test_a_first_pages_merge_goes_on_from_where_its_count_stopped(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled with the launched product (both sides' keys merged): its count reads
+    COUNT_KEYS keys of each side from the trial's orders years ago and stops before the
+    launched ones; the page's merge then read every Cancelled key again from the range's
+    start (1M orders: 413 of that first visit's 1,045 pages read from the disk). It now goes
+    on from where the count stopped, and from there starts where both sides have keys (the
+    product's next order: the launch), so it reads a few pages' worth of orders; and the
+    pages are the plain query's, whatever the budget."""
+    f = SKEWED[3][0]
+    truth = await _truth(conn, f)
+    for keys in (30, 300):  # budgets that stop before the launched orders
+        monkeypatch.setattr(order_list, "COUNT_KEYS", keys)
+        analyzing = Analyzing(conn)
+        first = await order_list.order_list(analyzing, f)
+        assert [o["id"] for o in first["orders"]] == truth[:order_list.PAGE_SIZE], keys
+        assert first["more_after"] and first["partial"], keys  # the count did stop
+        merges = [orders_read(plan) for sql, plan in analyzing.plans
+                  if sql.startswith("SELECT k.id")]  # the page's merge
+        assert merges and max(merges) <= 6 * order_list.PAGE_SIZE, (keys, merges)
+        second = await order_list.order_list(conn, f, after=first["last_id"])
+        assert [o["id"] for o in second["orders"]] == truth[50:100], keys

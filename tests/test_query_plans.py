@@ -24,7 +24,7 @@ import pytest
 
 from cli import views
 from conftest import seeded_database
-from console import order_list
+from console import order_list, queries
 from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
 from shared import db
@@ -354,3 +354,31 @@ async def test_console_list_filters_read_a_page_on_an_index(conn: asyncpg.Connec
             wrong.append(f"{' '.join(sql.split())[-200:]}: read whole {whole}, {n} orders read"
                          f" (at most {bound}), plan {nodes}")
     assert not wrong, "\n".join(wrong)
+
+
+def rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows of `relation` a plan read, in every loop (returned or removed by a filter)."""
+    read = 0
+    if plan.get("Relation Name") == relation:
+        read += (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+                 ) * plan.get("Actual Loops", 1)
+    return read + sum(rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+async def test_console_dashboard_counts_on_indexes_and_joins_only_the_rows_it_shows(
+        conn: asyncpg.Connection) -> None:
+    """The dashboard (issue 13, first visits from the disk): its counts by status read the
+    status's index (Active, most of the table, was read in a sequential scan: 261 heap pages
+    at 1M orders), and its lists of ten join each order's client and invoice for those ten
+    only (the flagged list joined every errored Pending order, then kept ten: 293 pages)."""
+    analyzing = Analyzing(conn)
+    data = await queries.dashboard(analyzing)
+    assert data["counts"]["Active"] == (10_000, True)
+    assert len(data["awaiting"]) == 10 and len(data["flagged"]) == 10
+    assert data["flagged_count"][0] > 20  # more errored orders than the list shows
+    whole = [(sql[:80], relation) for sql, plan in analyzing.plans
+             for node, relation, _ in scans(plan) if node == "Seq Scan" and relation in GROWING]
+    assert not whole
+    joined = {" ".join(sql.split())[:60]: rows_read(plan, "clients")
+              for sql, plan in analyzing.plans}
+    assert max(joined.values()) <= 10, joined
