@@ -208,6 +208,24 @@ async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool
         await q.finish_many(pool, claimed, "done", result="x")
 
 
+async def test_finish_many_sets_each_rows_own_json_value(pool) -> None:
+    """The job runner's shared outcome write ends its jobs in one statement, each with the
+    detail of its own call (as `finish(row, status, detail=...)` would, one by one)."""
+    await pool.execute("ALTER TABLE work ADD COLUMN detail jsonb")
+    q = queue()
+    ids = await add(pool, 3)
+    claimed = sorted(await q.claim(pool, 10), key=lambda r: r["id"])
+    await pool.execute("UPDATE work SET leased_by = 'another/runner' WHERE id = $1", ids[1])
+    details = [{"n": 0, "adopted": True}, {"n": 1}, {"n": 2, "why": "it's \"quoted\""}]
+    ended = await q.finish_many(pool, claimed, "done", json_per_row={"detail": details})
+    assert ended == {ids[0], ids[2]}
+    rows = await pool.fetch("SELECT status, detail FROM work ORDER BY id")
+    assert [(r["status"], r["detail"]) for r in rows] == [
+        ("done", details[0]), ("busy", None), ("done", details[2])]
+    with pytest.raises(ValueError, match="2 values"):
+        await q.finish_many(pool, claimed, "done", json_per_row={"detail": details[:2]})
+
+
 async def test_a_finisher_writes_what_came_during_a_write_in_the_next_one(pool) -> None:
     """Group commit of outcomes: the first claim ended is written at once (no timer), the
     ones handed over while that write is in flight all go in one more statement."""
