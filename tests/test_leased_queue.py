@@ -139,6 +139,28 @@ async def test_lanes_cap_what_one_runner_claims_per_lane(pool, settings: Setting
     assert [r["lane"] for r in await queue().claim(pool, 10, lane="other-server")] == []
 
 
+async def test_a_runner_pass_waits_for_one_connection_of_the_pool_however_many_lanes(
+        pool, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's claim, its look at the due lanes and its claim per lane share one connection:
+    in a busy worker the pool is often empty, and a statement that took a connection of its
+    own queued again behind the consumers' transactions for it."""
+    await add(pool, 5, lane="slow-server")
+    await add(pool, 2, lane="other-server")
+    runner = Runner(queue(), lambda pool, row: asyncio.sleep(0), database_url=settings.database_url,
+                    concurrency=10, lane_concurrency=2, poll_seconds=1)
+    acquired: list[int] = []
+    acquire = asyncpg.Pool._acquire
+
+    async def counted(self: asyncpg.Pool, timeout: float | None) -> object:
+        acquired.append(1)
+        return await acquire(self, timeout)
+
+    monkeypatch.setattr(asyncpg.Pool, "_acquire", counted)
+    claimed = await runner.claim(pool, 10)
+    assert len(claimed) == 4  # a first claim, the due lanes, a claim in each lane
+    assert len(acquired) == 1
+
+
 async def test_the_heartbeat_keeps_a_claim_longer_than_its_lease(pool) -> None:
     q, other = queue(lease=0.6), queue(lease=0.6)
     [id_] = await add(pool)

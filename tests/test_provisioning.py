@@ -648,6 +648,33 @@ async def test_a_shared_outcome_write_takes_as_many_statements_for_three_jobs_as
     assert len({statements for _, statements in writes}) == 1, writes
 
 
+async def test_the_outcome_writer_keeps_its_connection_while_outcomes_keep_coming(
+        fast: Harness) -> None:
+    """Writes that follow one another (outcomes came while one was written) take one
+    connection of the pool for all of them: taken again for each, the next write queued
+    behind the consumers' transactions for one while its jobs, done, waited."""
+    runner = await _runner_of_its_own(fast)
+    writes: list[int] = []
+    record = runner._record_outcomes
+
+    async def first_held(conn, batch) -> None:
+        writes.append(len(batch))
+        taken.append(conn)  # a proxy the pool makes for each time a connection is taken
+        if len(writes) == 1:  # held until the next pass's two are done and waiting
+            await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 2), timeout=30)
+        await record(conn, batch)
+
+    taken: list[Any] = []
+    runner._record_outcomes = first_held  # type: ignore[method-assign]
+    first = await paid(fast, ["keep-0"], first_ip=130)
+    await runner.runner._start_due(fast.pool)
+    more = await paid(fast, ["keep-1", "keep-2"], first_ip=131)
+    await runner.runner._start_due(fast.pool)
+    await _recorded_once(fast, first + more)
+    assert writes == [1, 2]
+    assert taken[0] is taken[1]  # taken from the pool once for both
+
+
 async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Harness) -> None:
     """A shared write that fails is rolled back and each outcome is written again alone, all
     at once (not one after another, each with its own retries). Their claims stay on the

@@ -319,32 +319,49 @@ class JobRunner:
         await written
 
     async def _write_outcomes(self, pool: asyncpg.Pool) -> None:
-        while self._outcomes:
-            batch, self._outcomes = self._outcomes, []
-            batch.sort(key=lambda item: item[0]["id"])
-            if len(batch) > 1:
+        """Write what is waiting, again while more came meanwhile, on one connection of the
+        pool kept from one write to the next (given back once nothing waits): taken again
+        for each write, a busy worker's next write queued behind the consumers'
+        transactions for a connection (p99 0.2-1.2 s on the shared machine) while its jobs,
+        their calls done, waited for it. A write that fails is tried again, each outcome
+        alone, on connections of their own."""
+        held: asyncpg.Connection | None = None
+        try:
+            while self._outcomes:
+                batch, self._outcomes = self._outcomes, []
+                batch.sort(key=lambda item: item[0]["id"])
+                if held is not None and held.is_closed():
+                    await pool.release(held)
+                    held = None
+                if held is None:
+                    held = await pool.acquire()  # type: ignore[assignment]  # a proxy
                 try:
-                    await self._transaction(pool, batch)
+                    await self._transaction(held, batch)
                 except Exception as exc:
                     level = (logging.INFO if isinstance(exc, asyncpg.LockNotAvailableError)
                              else logging.WARNING)  # a lock held elsewhere: expected now and then
-                    log.log(level, "job outcomes written together failed; each is written alone",
+                    log.log(level, "job outcomes written together failed; each is written alone"
+                            if len(batch) > 1 else "job outcome write failed; written again",
                             extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"})
                 else:
                     for *_, written in batch:
                         if not written.done():
                             written.set_result(None)
                     continue
-            # At once, not one after another: in an outage each job's retries take up to
-            # about 9 s, and the last of a long batch must not wait behind all the others.
-            await asyncio.gather(*(self._write_alone(pool, item) for item in batch))
+                # At once, not one after another: in an outage each job's retries take up to
+                # about 9 s, and the last of a long batch must not wait behind all the others.
+                await asyncio.gather(*(self._write_alone(pool, item) for item in batch))
+        finally:
+            if held is not None:
+                await pool.release(held)
 
     async def _write_alone(self, pool: asyncpg.Pool, item: _Outcome) -> None:
         written = item[3]
         try:
             async for attempt in transient_retrying(OUTCOME_WRITE_ATTEMPTS):
                 with attempt:
-                    await self._transaction(pool, [item])
+                    async with pool.acquire() as conn:  # a fresh one each try
+                        await self._transaction(conn, [item])
         except Exception as exc:
             if not written.done():
                 written.set_exception(exc)
@@ -352,11 +369,11 @@ class JobRunner:
             if not written.done():
                 written.set_result(None)
 
-    async def _transaction(self, pool: asyncpg.Pool, batch: list[_Outcome]) -> None:
+    async def _transaction(self, conn: asyncpg.Connection, batch: list[_Outcome]) -> None:
         """One transaction writing these outcomes; their claims leave the heartbeat only once
         it committed (a rolled-back one leaves them renewed for the next try)."""
         with self.queue.ending(job for job, *_ in batch):
-            async with pool.acquire() as conn, conn.transaction():
+            async with conn.transaction():
                 if len(batch) > 1:
                     # Shared, it locks several orders, which a consumer's batch may lock in
                     # another order: rather than wait for PostgreSQL's deadlock check (1 s:
