@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -281,10 +282,14 @@ class LeasedQueue:
         return finished
 
     async def finish_many(self, conn: asyncpg.Pool | asyncpg.Connection,
-                          rows: Sequence[asyncpg.Record], status: str, **values: Any) -> set[int]:
+                          rows: Sequence[asyncpg.Record], status: str, *,
+                          json_per_row: dict[str, Sequence[Any]] | None = None,
+                          **values: Any) -> set[int]:
         """End several claims with `status` in one statement (a sender that finishes many
-        small pieces of work: one round trip, not one each); `values` are NOW or None. The
-        ids that were still ours, now ended."""
+        small pieces of work, the job runner's shared outcome write: one round trip, not one
+        each); `values` are NOW or None; `json_per_row` sets a jsonb column to one value per
+        row (as `finish(row, status, detail=...)` does for one). The ids that were still
+        ours, now ended."""
         if not rows:
             return set()
         t = self.table
@@ -293,12 +298,22 @@ class LeasedQueue:
             if value is not NOW and value is not None:
                 raise ValueError(f"finish_many sets {column} to now() or NULL only")
             touch += f", {column} = {'now()' if value is NOW else 'NULL'}"
+        per_row = list((json_per_row or {}).items())
+        args: list[Any] = [[r["id"] for r in rows], [r["leased_by"] for r in rows], status]
+        arrays, names = "", ""
+        for n, (column, items) in enumerate(per_row):
+            if len(items) != len(rows):
+                raise ValueError(f"finish_many: {len(items)} values of {column} for {len(rows)} rows")
+            args.append([json.dumps(item) for item in items])
+            arrays += f", ${len(args)}::text[]"
+            names += f", v{n}"
+            touch += f", {column} = c.v{n}::jsonb"
         with self.ending(rows):
             ended = await conn.fetch(
                 f"UPDATE {t.name} q SET status = $3, lease_until = NULL{touch}"
-                " FROM unnest($1::bigint[], $2::text[]) AS c(id, token) WHERE q.id = c.id"
-                f" AND q.leased_by = c.token AND q.status = '{t.claimed}' RETURNING q.id",
-                [r["id"] for r in rows], [r["leased_by"] for r in rows], status)
+                f" FROM unnest($1::bigint[], $2::text[]{arrays}) AS c(id, token{names})"
+                f" WHERE q.id = c.id AND q.leased_by = c.token AND q.status = '{t.claimed}'"
+                " RETURNING q.id", *args)
         if ended:
             metrics.LEASED_OUTCOMES.labels(self.table.name, status).inc(len(ended))
         return {r[0] for r in ended}
@@ -506,9 +521,18 @@ class Runner:
 
         First, as many rows as no lane could exceed its share with, wherever they come from,
         in one statement: when that finds fewer, nothing else is due (the usual case, a few
-        rows a pass: one statement, not a look at the due lanes and a claim per lane)."""
+        rows a pass: one statement, not a look at the due lanes and a claim per lane).
+
+        A pass's statements share one connection of the pool: each statement taking its own
+        queued again behind the consumers' transactions for one (a busy all-in-one worker's
+        pool is often empty: a wait of 100-200 ms each, README "Where payment->Active
+        waited"), and a pass of three statements waited three times."""
+        async with pool.acquire() as conn:
+            return await self._claim(conn, limit)
+
+    async def _claim(self, conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
         if not self.queue.table.lane:
-            claimed = await self.queue.claim(pool, limit)
+            claimed = await self.queue.claim(conn, limit)
             self._capped = self._capped or len(claimed) >= limit
             return claimed
         # A row from a lane not running yet may have the default cap; one from a running
@@ -517,18 +541,18 @@ class Runner:
                    *(self.lane_limit(lane) - n for lane, n in self._lane_load.items()))
         claimed: list[asyncpg.Record] = []
         if safe > 0:
-            claimed = await self.queue.claim(pool, safe)
+            claimed = await self.queue.claim(conn, safe)
             if len(claimed) < safe:
                 return claimed
         load = self._lane_load + Counter(r[self.queue.table.lane] for r in claimed)
-        lanes = await self.queue.due_lanes(pool)
+        lanes = await self.queue.due_lanes(conn)
         random.shuffle(lanes)  # no lane waits behind the others when the runner is full
         for lane in lanes:
             free = min(limit - len(claimed), self.lane_limit(lane) - load[lane])
             if free <= 0:
                 self._capped = True  # rows of this lane wait for a slot
                 continue
-            got = await self.queue.claim(pool, free, lane=lane)
+            got = await self.queue.claim(conn, free, lane=lane)
             claimed += got
             self._capped = self._capped or len(got) >= free
         return claimed

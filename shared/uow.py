@@ -144,6 +144,26 @@ async def write_history(
     )
 
 
+# A history row left to the end of its transaction (`UnitOfWork.history_later`):
+# (order_id, actor, action, from_status, to_status, detail).
+HistoryRow = tuple[int, str, str, str | None, str | None, dict[str, Any]]
+
+
+async def write_histories(conn: asyncpg.Connection, rows: Sequence[HistoryRow]) -> None:
+    """Several rows of history in one statement, in the order given (a shared transaction's
+    rows: one round trip, however many units of work wrote them)."""
+    if not rows:
+        return
+    order_ids, actors, actions, froms, tos, details = zip(*rows, strict=True)
+    await conn.execute(
+        "INSERT INTO order_history (order_id, actor, action, from_status, to_status, detail)"
+        " SELECT o, a, k, f, t, d::jsonb FROM unnest($1::bigint[], $2::text[], $3::text[],"
+        " $4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS h(o, a, k, f, t, d, n)"
+        " ORDER BY n",
+        list(order_ids), list(actors), list(actions), list(froms), list(tos),
+        [json.dumps(detail) for detail in details])
+
+
 @dataclass
 class UnitOfWork:
     conn: asyncpg.Connection
@@ -181,6 +201,14 @@ class UnitOfWork:
         named."""
         await write_history(self.conn, order_id, actor=actor or self.actor, action=action,
                           from_status=from_status, to_status=to_status, detail=detail)
+
+    def history_later(self, order_id: int, action: str, *,
+                      detail: dict[str, Any] | None = None) -> None:
+        """As `history`, written at the end of the transaction with every other unit of
+        work's sharing it (`defer`): one statement for a batch, not one each. Only where
+        nothing in the transaction reads the history back."""
+        self.defer(write_histories,
+                   (order_id, self.actor, action, None, None, detail or {}))
 
     def reply(self, body: BaseModel | dict[str, object]) -> None:
         """Answer the message's `reply_to` queue, with its correlation_id, after commit.

@@ -140,15 +140,15 @@ async def test_a_connection_dropped_while_recording_a_create_is_retried_in_proce
     s = harness.settings
     provisioning = provisioning_worker(s)
     runner: JobRunner = provisioning.background[0].__self__
-    finish, dropped = runner.queue.finish, []
+    finish, dropped = runner.queue.finish_many, []
 
-    async def finish_once_cut(conn: Any, row: Any, status: str, **values: Any) -> bool:
+    async def finish_once_cut(conn: Any, rows: Any, status: str, **values: Any) -> set[int]:
         if status == "done" and not dropped:
-            dropped.append(row["id"])  # this session ends: the server "restarts" under it
+            dropped.append(rows[0]["id"])  # this session ends: the server "restarts" under it
             await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-        return await finish(conn, row, status, **values)
+        return await finish(conn, rows, status, **values)
 
-    monkeypatch.setattr(runner.queue, "finish", finish_once_cut)
+    monkeypatch.setattr(runner.queue, "finish_many", finish_once_cut)
     await harness.start([placement_worker(s), fraud_worker(s), provisioning])
     order = await place_and_pay(harness, "drop-on-record")
     row = await eventually(lambda: active(harness, order["id"]), timeout=60)

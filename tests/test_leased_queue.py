@@ -139,6 +139,28 @@ async def test_lanes_cap_what_one_runner_claims_per_lane(pool, settings: Setting
     assert [r["lane"] for r in await queue().claim(pool, 10, lane="other-server")] == []
 
 
+async def test_a_runner_pass_waits_for_one_connection_of_the_pool_however_many_lanes(
+        pool, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's claim, its look at the due lanes and its claim per lane share one connection:
+    in a busy worker the pool is often empty, and a statement that took a connection of its
+    own queued again behind the consumers' transactions for it."""
+    await add(pool, 5, lane="slow-server")
+    await add(pool, 2, lane="other-server")
+    runner = Runner(queue(), lambda pool, row: asyncio.sleep(0), database_url=settings.database_url,
+                    concurrency=10, lane_concurrency=2, poll_seconds=1)
+    acquired: list[int] = []
+    acquire = asyncpg.Pool._acquire
+
+    async def counted(self: asyncpg.Pool, timeout: float | None) -> object:
+        acquired.append(1)
+        return await acquire(self, timeout)
+
+    monkeypatch.setattr(asyncpg.Pool, "_acquire", counted)
+    claimed = await runner.claim(pool, 10)
+    assert len(claimed) == 4  # a first claim, the due lanes, a claim in each lane
+    assert len(acquired) == 1
+
+
 async def test_the_heartbeat_keeps_a_claim_longer_than_its_lease(pool) -> None:
     q, other = queue(lease=0.6), queue(lease=0.6)
     [id_] = await add(pool)
@@ -206,6 +228,24 @@ async def test_finish_many_ends_only_the_claims_still_held_in_one_statement(pool
     assert rows[2]["status"] == "busy" and rows[2]["done_at"] is None
     with pytest.raises(ValueError, match="now"):
         await q.finish_many(pool, claimed, "done", result="x")
+
+
+async def test_finish_many_sets_each_rows_own_json_value(pool) -> None:
+    """The job runner's shared outcome write ends its jobs in one statement, each with the
+    detail of its own call (as `finish(row, status, detail=...)` would, one by one)."""
+    await pool.execute("ALTER TABLE work ADD COLUMN detail jsonb")
+    q = queue()
+    ids = await add(pool, 3)
+    claimed = sorted(await q.claim(pool, 10), key=lambda r: r["id"])
+    await pool.execute("UPDATE work SET leased_by = 'another/runner' WHERE id = $1", ids[1])
+    details = [{"n": 0, "adopted": True}, {"n": 1}, {"n": 2, "why": "it's \"quoted\""}]
+    ended = await q.finish_many(pool, claimed, "done", json_per_row={"detail": details})
+    assert ended == {ids[0], ids[2]}
+    rows = await pool.fetch("SELECT status, detail FROM work ORDER BY id")
+    assert [(r["status"], r["detail"]) for r in rows] == [
+        ("done", details[0]), ("busy", None), ("done", details[2])]
+    with pytest.raises(ValueError, match="2 values"):
+        await q.finish_many(pool, claimed, "done", json_per_row={"detail": details[:2]})
 
 
 async def test_a_finisher_writes_what_came_during_a_write_in_the_next_one(pool) -> None:

@@ -609,6 +609,72 @@ async def test_job_outcomes_that_come_during_a_write_share_the_next_one(fast: Ha
     assert sum(writes) == 3 and len(writes) < 3
 
 
+# What asyncpg sends of its own the first time a connection meets a type (not counted).
+ASYNCPG_OWN = ("typeinfo_tree", "set_config('jit'")
+
+
+async def test_a_shared_outcome_write_takes_as_many_statements_for_three_jobs_as_for_one(
+        fast: Harness) -> None:
+    """A setup's outcome (job finished, service Active, history, events) is written by
+    statements that carry the whole shared write, not a few statements a job: at a steady
+    rate a batch of 20 took 60 round trips on the busy worker, and the jobs that finished
+    meanwhile waited for all of them (README, "Where payment->Active waited")."""
+    runner = await _runner_of_its_own(fast)
+    writes: list[tuple[int, int]] = []  # (outcomes, statements) per write
+    record = runner._record_outcomes
+
+    async def counted(conn, batch) -> None:
+        statements: list[str] = []
+
+        def logged(query: Any) -> None:
+            if not any(own in query.query for own in ASYNCPG_OWN):
+                statements.append(query.query)
+
+        conn.add_query_logger(logged)
+        try:
+            await record(conn, batch)
+        finally:
+            conn.remove_query_logger(logged)
+        writes.append((len(batch), len(statements)))
+
+    runner._record_outcomes = counted  # type: ignore[method-assign]
+    ids = await paid(fast, ["stmts-0"], first_ip=120)
+    await runner.runner._start_due(fast.pool)  # one job: a write of its own
+    await _recorded_once(fast, ids)
+    more = await paid(fast, ["stmts-1", "stmts-2", "stmts-3"], first_ip=121)
+    await runner.runner._start_due(fast.pool)  # three at once: one write for them
+    await _recorded_once(fast, more)
+    assert [n for n, _ in writes] == [1, 3]
+    assert len({statements for _, statements in writes}) == 1, writes
+
+
+async def test_the_outcome_writer_keeps_its_connection_while_outcomes_keep_coming(
+        fast: Harness) -> None:
+    """Writes that follow one another (outcomes came while one was written) take one
+    connection of the pool for all of them: taken again for each, the next write queued
+    behind the consumers' transactions for one while its jobs, done, waited."""
+    runner = await _runner_of_its_own(fast)
+    writes: list[int] = []
+    record = runner._record_outcomes
+
+    async def first_held(conn, batch) -> None:
+        writes.append(len(batch))
+        taken.append(conn)  # a proxy the pool makes for each time a connection is taken
+        if len(writes) == 1:  # held until the next pass's two are done and waiting
+            await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 2), timeout=30)
+        await record(conn, batch)
+
+    taken: list[Any] = []
+    runner._record_outcomes = first_held  # type: ignore[method-assign]
+    first = await paid(fast, ["keep-0"], first_ip=130)
+    await runner.runner._start_due(fast.pool)
+    more = await paid(fast, ["keep-1", "keep-2"], first_ip=131)
+    await runner.runner._start_due(fast.pool)
+    await _recorded_once(fast, first + more)
+    assert writes == [1, 2]
+    assert taken[0] is taken[1]  # taken from the pool once for both
+
+
 async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Harness) -> None:
     """A shared write that fails is rolled back and each outcome is written again alone, all
     at once (not one after another, each with its own retries). Their claims stay on the
