@@ -15,7 +15,8 @@ orders").
 
 Bounded: one warm-up at a time, on one pooled connection, in a read-only transaction whose
 statements are stopped after WARM_UP_STATEMENT_MS, the whole stopped after WARM_UP_SECONDS;
-a failure is one log line and changes nothing else (the pages read as they would have). A
+a failure is one log line and changes nothing else (the pages read as they would have); it
+is tried again on the pool's next new connection, WARM_UP_TRIES times a server at most. A
 server is recognised by its start time (pg_postmaster_start_time()): a pool that reconnects to
 the same server after a dropped connection finds its buffers as they were and does not warm
 again."""
@@ -23,7 +24,6 @@ again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +38,12 @@ log = logging.getLogger("ordermill.console")
 
 WARM_UP_STATEMENT_MS = 5_000
 WARM_UP_SECONDS = 20.0
+# Tries a server gets: a warm-up that keeps failing (a permission the console's role lacks,
+# a disk too slow for WARM_UP_SECONDS) would otherwise run again, up to 20 s of reads on one
+# of the console's connections, each time the pool opens one (idle ones close after 300 s).
+WARM_UP_TRIES = 2
+# What a warm-up may meet that is the database's or the network's doing, not the code's.
+_EXPECTED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 # What identifies the server a new connection reached (its start time); a test may stand in.
 ServerOf = Callable[[asyncpg.Connection], Awaitable[Any]]
@@ -70,6 +76,7 @@ class WarmUp:
         self._pool: asyncpg.Pool | None = None
         self._seen: Any = None  # the server the newest connection reached
         self._warmed: Any = None  # the server last warmed
+        self._tries: dict[Any, int] = {}  # failed warm-ups per server
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.runs = 0  # warm-ups finished (read by tests)
@@ -78,12 +85,13 @@ class WarmUp:
 
     async def connected(self, conn: asyncpg.Connection) -> None:
         """A new pool connection: note its server, and wake the warm-up if it is a new one.
-        Never fails the connection (a warm-up is not worth refusing a page for)."""
+        Never fails the connection for the warm-up's sake (a warm-up is not worth refusing a
+        page for): what the query meets is logged and the connection goes on."""
         if not self.enabled:
             return
         try:
             self._seen = await self._server_of(conn)
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _EXPECTED as exc:
             log.warning("console warm-up: could not tell which server this is",
                         extra={"error": str(exc)})
             return
@@ -99,8 +107,7 @@ class WarmUp:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # not `await`: the caller's own cancel is kept
             self._task = None
 
     async def _run(self) -> None:
@@ -110,10 +117,18 @@ class WarmUp:
             server = self._seen
             if server is None or server == self._warmed:
                 continue
+            if self._tries.get(server, 0) >= WARM_UP_TRIES:
+                continue  # given up on this server (logged when it was)
             self.done.clear()
             try:
                 if await self._warm():
                     self._warmed = server  # a failed one is tried again on the next connection
+                else:
+                    self._tries[server] = self._tries.get(server, 0) + 1
+                    if self._tries[server] >= WARM_UP_TRIES:
+                        log.warning("console warm-up given up for this database server after"
+                                    f" {WARM_UP_TRIES} tries: its first pages read from the"
+                                    " disk")
             finally:
                 self.runs += 1
                 self.done.set()
@@ -125,9 +140,12 @@ class WarmUp:
             async with asyncio.timeout(WARM_UP_SECONDS):
                 async with self._pool.acquire() as conn:
                     self.shown = await read_first_pages(conn)
-        except Exception as exc:  # whatever it was, the pages read as they would have
+        except _EXPECTED as exc:  # the pages read as they would have
             log.warning("console warm-up stopped: the first pages will read from the disk",
                         extra={"error": str(exc) or type(exc).__name__})
+            return False
+        except Exception:  # the code's mistake (a query changed): its traceback, never the page's
+            log.exception("console warm-up failed: the first pages will read from the disk")
             return False
         log.info("console warm-up done", extra={
             "ms": round((time.monotonic() - t0) * 1000, 1), **self.shown})

@@ -117,5 +117,32 @@ async def test_a_failed_warm_up_is_one_log_line_and_is_tried_again(
         await close_state(state)
 
 
+async def test_a_warm_up_that_keeps_failing_is_given_up_for_that_server(
+        db_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Failing every time (a permission the console's role lacks, a disk too slow), it is not
+    run again on each new connection (up to 20 s of reads on one of the console's five):
+    WARM_UP_TRIES tries a server, then one line saying it gave up."""
+    calls: list[int] = []
+
+    async def broken(conn: asyncpg.Connection) -> dict[str, int]:
+        calls.append(1)
+        raise asyncpg.InsufficientPrivilegeError("permission denied for table orders")
+
+    monkeypatch.setattr(warm_up_module, "read_first_pages", broken)
+    warm_up = WarmUp(server_of=lambda conn: _true(True))
+    state = await open_state(db_settings, publisher=FlowPublisher(None, "c"),  # type: ignore[arg-type]
+                             warm_up=warm_up)
+    try:
+        for tried in range(1, warm_up_module.WARM_UP_TRIES + 1):
+            await eventually(lambda tried=tried: _true(warm_up.runs == tried))
+            await _reconnect(state.pool, db_settings.database_url)
+        await asyncio.sleep(0.5)  # a further try would have started by now
+        assert len(calls) == warm_up_module.WARM_UP_TRIES
+        assert "console warm-up given up" in caplog.text
+    finally:
+        await close_state(state)
+
+
 async def _true(value: bool) -> bool:
     return value

@@ -675,6 +675,75 @@ async def test_the_outcome_writer_keeps_its_connection_while_outcomes_keep_comin
     assert taken[0] is taken[1]  # taken from the pool once for both
 
 
+class _WriterPool:
+    """The pool as the outcome writer sees it, with the test's hooks on the writer's own
+    acquire and release; every other caller (claims, calls, consumers) gets the pool itself."""
+
+    def __init__(self, pool: asyncpg.Pool, runner: JobRunner) -> None:
+        self._pool, self._runner = pool, runner
+        self.before_release: Any = None  # an async callable, once, before the writer's release
+        self.refusals = 0  # the writer's next acquires refused (a server restarting)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def _in_writer(self) -> bool:
+        return asyncio.current_task() is self._runner._writer
+
+    def acquire(self, **kwargs: Any) -> Any:
+        if self._in_writer() and self.refusals:
+            self.refusals -= 1
+
+            async def refused() -> None:
+                raise ConnectionRefusedError("server restarting")
+            return refused()
+        return self._pool.acquire(**kwargs)
+
+    async def release(self, conn: Any, **kwargs: Any) -> None:
+        if self._in_writer() and self.before_release is not None:
+            hook, self.before_release = self.before_release, None
+            await hook()
+        await self._pool.release(conn, **kwargs)
+
+
+async def test_an_outcome_that_comes_while_the_writer_gives_its_connection_back_is_written(
+        fast: Harness) -> None:
+    """The writer's release awaits; an outcome that comes meanwhile starts no writer (one is
+    still running), so the writer looks again after giving its connection back. Looking only
+    before, it ended with that outcome unwritten, its job's lease renewed for ever."""
+    runner = await _runner_of_its_own(fast)
+    pool = _WriterPool(fast.pool, runner)
+    later: list[int] = []
+    came = asyncio.Event()
+
+    async def another_finishes() -> None:
+        later.extend(await paid(fast, ["gap-1"], first_ip=141))
+        await runner.runner._start_due(pool)
+        await eventually(lambda: asyncio.sleep(0, len(runner._outcomes) == 1), timeout=30)
+        came.set()  # its outcome waits, and the writer (still running) is giving back
+
+    pool.before_release = another_finishes
+    first = await paid(fast, ["gap-0"], first_ip=140)
+    await runner.runner._start_due(pool)
+    await _recorded_once(fast, first)
+    await asyncio.wait_for(came.wait(), timeout=60)
+    await _recorded_once(fast, later)
+
+
+async def test_an_outcome_whose_writer_cannot_get_a_connection_is_written_alone(
+        fast: Harness) -> None:
+    """The writer's connection refused (a server restarting, a standby after a failover):
+    the outcomes it took are written alone with their retries, never left unresolved (their
+    jobs would wait, their leases renewed, until the worker stopped)."""
+    runner = await _runner_of_its_own(fast)
+    pool = _WriterPool(fast.pool, runner)
+    pool.refusals = 1
+    ids = await paid(fast, ["refused-0"], first_ip=150)
+    await runner.runner._start_due(pool)
+    await _recorded_once(fast, ids)
+    assert pool.refusals == 0  # it was refused once
+
+
 async def test_job_outcomes_whose_shared_write_fails_are_written_alone(fast: Harness) -> None:
     """A shared write that fails is rolled back and each outcome is written again alone, all
     at once (not one after another, each with its own retries). Their claims stay on the

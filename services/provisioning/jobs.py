@@ -305,10 +305,12 @@ class JobRunner:
 
         Successes share transactions (group commit, as the consumers'): the first is written
         at once; those that come while a write is in flight go together in the next one,
-        their orders locked, and their jobs finished, in id order (as the heartbeat renews
-        them: no deadlock between the two). If that shared transaction fails, each is
-        written again alone, all at once, each with its own retries, so one outcome's error
-        is only its own; their claims stay on the heartbeat until their own commit."""
+        their orders locked in id order, their jobs finished by one statement (as the
+        heartbeat renews them; neither statement promises an order of row locks, so a
+        shared write that meets the heartbeat's gives way at its lock_timeout). If that
+        shared transaction fails, each is written again alone, all at once, each with its
+        own retries, so one outcome's error is only its own; their claims stay on the
+        heartbeat until their own commit."""
         if not result.ok:
             await self._failed(pool, job, result.error or "failed", transient=result.transient)
             return
@@ -323,19 +325,30 @@ class JobRunner:
         pool kept from one write to the next (given back once nothing waits): taken again
         for each write, a busy worker's next write queued behind the consumers'
         transactions for a connection (p99 0.2-1.2 s on the shared machine) while its jobs,
-        their calls done, waited for it. A write that fails is tried again, each outcome
-        alone, on connections of their own."""
+        their calls done, waited for it. A write that fails, or a connection that cannot be
+        had, is tried again, each outcome alone, on connections of their own.
+
+        The writer ends only when it finds nothing waiting *after* giving its connection
+        back: the release awaits, and an outcome that comes meanwhile starts no writer (this
+        one is still running), so a last look before the release would leave it unwritten,
+        its lease renewed for ever."""
         held: asyncpg.Connection | None = None
         try:
-            while self._outcomes:
+            while True:
+                if not self._outcomes:
+                    if held is None:
+                        return
+                    await _give_back(pool, held)
+                    held = None
+                    continue
                 batch, self._outcomes = self._outcomes, []
                 batch.sort(key=lambda item: item[0]["id"])
-                if held is not None and held.is_closed():
-                    await pool.release(held)
-                    held = None
-                if held is None:
-                    held = await pool.acquire()  # type: ignore[assignment]  # a proxy
                 try:
+                    if held is not None and held.is_closed():
+                        await _give_back(pool, held)
+                        held = None
+                    if held is None:
+                        held = await pool.acquire()  # type: ignore[assignment]  # a proxy
                     await self._transaction(held, batch)
                 except Exception as exc:
                     level = (logging.INFO if isinstance(exc, asyncpg.LockNotAvailableError)
@@ -343,6 +356,9 @@ class JobRunner:
                     log.log(level, "job outcomes written together failed; each is written alone"
                             if len(batch) > 1 else "job outcome write failed; written again",
                             extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"})
+                    if held is not None:  # it may be broken; and the writes alone need one
+                        await _give_back(pool, held)
+                        held = None
                 else:
                     for *_, written in batch:
                         if not written.done():
@@ -353,7 +369,7 @@ class JobRunner:
                 await asyncio.gather(*(self._write_alone(pool, item) for item in batch))
         finally:
             if held is not None:
-                await pool.release(held)
+                await _give_back(pool, held)
 
     async def _write_alone(self, pool: asyncpg.Pool, item: _Outcome) -> None:
         written = item[3]
@@ -468,3 +484,14 @@ def _body(job: asyncpg.Record, item: dict[str, Any], order_ref: str,
           detail: dict[str, Any]) -> dict[str, Any]:
     return {**item, "order_id": job["order_id"], "order_ref": order_ref, "job_id": job["id"],
             "detail": detail}
+
+
+async def _give_back(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    """Return a held connection to the pool. asyncpg terminates a connection whose reset
+    fails and raises: the pool makes a new one when asked, and the writer goes on (it must
+    never end with outcomes taken and unwritten)."""
+    try:
+        await pool.release(conn)
+    except Exception as exc:
+        log.info("job outcome writer's connection closed on release",
+                 extra={"error": f"{type(exc).__name__}: {exc}"})
