@@ -122,9 +122,10 @@ class Pipeline:
                      extra={"service": self.spec.service, "size": len(items),
                             "error": f"{type(exc).__name__}: {exc}"})
             return False
-        # Together, not one after another: an ack waits for its frame to be written, and a
-        # batch acked one by one paid a few turns of a busy event loop per message.
-        await asyncio.gather(*(self.transport.ack(item.message) for item in items))
+        # One multiple ack where the batch's delivery tags allow it (shared/runtime/acks.py),
+        # the others together, not one after another: an ack waits for its frame to be
+        # written, and a batch acked one by one paid a few turns of a busy event loop each.
+        await self.transport.ack_all([item.message for item in items])
         for item in items:
             item.outcome = Outcome.ACKED
         return True
