@@ -70,11 +70,13 @@ def rabbitmq_cpu() -> float:
     return total
 
 
-async def commits(bench: Bench) -> int:
+async def commits(bench: Bench) -> tuple[int, int]:
+    """This database's transactions committed and rows inserted so far."""
     conn = await asyncpg.connect(bench.settings.database_url)
     try:
-        return await conn.fetchval("SELECT xact_commit FROM pg_stat_database"
-                                   " WHERE datname = current_database()")
+        row = await conn.fetchrow("SELECT xact_commit, tup_inserted FROM pg_stat_database"
+                                  " WHERE datname = current_database()")
+        return row["xact_commit"], row["tup_inserted"]
     finally:
         await conn.close()
 
@@ -125,13 +127,15 @@ async def main(opts: argparse.Namespace) -> None:
         await drained(channel, queues, time.monotonic() + 600)
         await asyncio.sleep(0.5)  # the last batch's acks
         cpu = sum(proc.cpu_times()[:2]) - cpu0
-        rmq, xact, wall = rabbitmq_cpu() - rmq0, await commits(bench) - xact0, time.monotonic() - t0
+        (xact1, rows1), wall = await commits(bench), time.monotonic() - t0
+        rmq, xact, rows = rabbitmq_cpu() - rmq0, xact1 - xact0[0], rows1 - xact0[1]
         dead = [(await channel.declare_queue(names.dead_queue(q), passive=True)).declaration_result
                 .message_count for q in ("webhooks", "alerts")]
         assert dead == [0, 0], f"dead letters: {dead}"
         deliveries = 2 * opts.events
         print(f"{deliveries} deliveries in {wall:.1f} s; per delivery: worker CPU"
-              f" {cpu / deliveries * 1e3:.3f} ms, PostgreSQL transactions {xact / deliveries:.3f},"
+              f" {cpu / deliveries * 1e3:.3f} ms, PostgreSQL transactions {xact / deliveries:.3f}"
+              f" and rows inserted {rows / deliveries:.3f},"
               f" RabbitMQ CPU {rmq / deliveries * 1e3:.3f} ms (with the publishing);"
               f" load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
