@@ -10,7 +10,8 @@ message ids, `--events` in all, each taken by both queues. The worker starts on 
 queues; its CPU is read once it consumes, and again when both queues are empty and every
 delivery acked. Its own database and namespace, removed at the end.
 
-Run: PYTHONPATH=$PWD .venv/bin/python bench/event_drain.py [--events 10000] [--orders 100] [--profile FILE]
+Run: PYTHONPATH=$PWD .venv/bin/python bench/event_drain.py [--events 10000] [--orders 100]
+     [--rate N] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ async def main(opts: argparse.Namespace) -> None:
         exchange = await channel.get_exchange(names.exchange)
         user = amqp_user(s.amqp_url)
         pending = []
+        started = time.monotonic()
         for n in range(opts.events):
+            if opts.rate and n % 10 == 0:  # paced: ten at a time, as a pipeline emits them
+                await asyncio.sleep(max(0.0, started + n / opts.rate - time.monotonic()))
             event = events[n % len(events)]
             message = broker.json_message(event.body, routing_key=event.routing_key,
                                           message_id=f"drain-{n}", user_id=user)
@@ -125,7 +129,7 @@ async def main(opts: argparse.Namespace) -> None:
                 pending.clear()
         await asyncio.gather(*pending)
         await drained(channel, queues, time.monotonic() + 600)
-        await asyncio.sleep(0.5)  # the last batch's acks
+        await asyncio.sleep(1.5)  # the last batch's acks; PostgreSQL's counters (flushed each second)
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         (xact1, rows1), wall = await commits(bench), time.monotonic() - t0
         rmq, xact, rows = rabbitmq_cpu() - rmq0, xact1 - xact0[0], rows1 - xact0[1]
@@ -150,6 +154,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10000)
     parser.add_argument("--orders", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="events/s to publish at (default: as fast as confirms allow)")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the worker under cProfile, its stats written to FILE at its stop")
     asyncio.run(main(parser.parse_args()))
