@@ -380,6 +380,61 @@ async def test_fraud_rules_narrowed_by_source(flow: InMemoryFlow, pool: asyncpg.
     assert await alerts(pool) == []
 
 
+async def test_a_rule_loaded_while_running_alerts_on_the_very_next_event(
+    flow: InMemoryFlow, pool: asyncpg.Pool,
+) -> None:
+    """The worker has taken events with no rule loaded (and cached that); a rule loaded now
+    alerts on the very next event, and one loaded over it (no longer about new orders) stops
+    the next: the set in force is read once a batch, not trusted for seconds."""
+    s = flow.settings
+    flow.add(placement_worker(s), fraud_worker(s), alerts_worker(s))
+    await flow.send("order.place", order_body("before-rule"))
+    await flow.run()
+    await load(pool, '[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n'
+                     '[[rules]]\nname = "n"\ntrigger = "new_order"\nchannels = ["m"]')
+    await flow.send("order.place", order_body("after-rule"))
+    await flow.run()
+    await load(pool, '[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n'
+                     '[[rules]]\nname = "f"\ntrigger = "fraud"\nchannels = ["m"]')
+    await flow.send("order.place", order_body("after-another"))
+    await flow.run()
+    refs = [r["order_ref"] for r in await pool.fetch(
+        "SELECT o.order_ref FROM alerts a JOIN orders o ON o.id = a.order_id ORDER BY a.id")]
+    assert refs == ["after-rule"]
+
+
+async def test_events_no_rule_is_about_cost_one_read_and_no_transaction(
+    flow: InMemoryFlow, pool: asyncpg.Pool,
+) -> None:
+    """No rule about an event (no rule set, or rules about other triggers, or a screening
+    that ended well): a batch costs the alerts worker one read of the set in force, no
+    transaction and no inbox row; its events are acked."""
+    s = flow.settings
+    flow.add(placement_worker(s), fraud_worker(s))
+    for n in range(2):
+        await flow.send("order.place", order_body(f"quiet-{n}"))
+    events = [e for e in await flow.run() if e.routing_key in KEYS]
+    assert {e.routing_key for e in events} == {"order.placed", "order.screened"}
+    flow.add(alerts_worker(s))
+    seen: list[str] = []
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    for conn in held:
+        conn.add_query_logger(lambda q: seen.append(" ".join(q.query.split())))
+    for conn in held:
+        await pool.release(conn)
+    for rules in (None, '[channels.m]\ntype = "email"\nto = ["ops@x.example"]\n'
+                        '[[rules]]\nname = "s"\ntrigger = "screening_error"\nchannels = ["m"]'):
+        if rules:
+            await load(pool, rules)
+        seen.clear()
+        batch = [flow.as_delivery(e) for e in events]
+        await flow.deliver(batch, to="alerts")
+        assert [m.outcome for m in batch] == ["acked"] * len(batch)
+        assert [q for q in seen if "alert_rule_sets" not in q] == [], seen
+    assert await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'alerts'") == 0
+    assert await alerts(pool) == []
+
+
 # -- Slack ------------------------------------------------------------------------------------
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,8 @@
 """The webhooks worker's fan-out is set-based: a batch of events (as the runtime hands one
 under load) becomes every subscribed endpoint's deliveries in one INSERT ... SELECT, counted
-here statement by statement on a real database; subscriptions are read in that statement,
-so an endpoint added or disabled a moment ago counts at once; the webhook-ids computed by
+here statement by statement on a real database; subscriptions are read in that statement
+(and once before the batch's transaction, which a batch nothing subscribes to does not
+get), so an endpoint added or disabled a moment ago counts at once; the webhook-ids computed by
 PostgreSQL are those `webhook_id_for` gives. And the unit of work's deferred writes, which
 the handler uses: one call per writer for the whole transaction, before the events."""
 
@@ -12,12 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import pytest
 
 from conftest import order_body
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
-from services.webhooks import worker as webhooks_module
 from services.webhooks.outbound import webhook_id_for
 from services.webhooks.sealing import Sealer
 from services.webhooks.worker import worker as webhooks_worker
@@ -85,12 +84,13 @@ async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFl
     await flow.deliver(batch, to="webhooks")
 
     assert [m.outcome for m in batch] == ["acked"] * len(batch)
-    # One transaction: one INSERT for every delivery of the six events, and no inbox row
+    # The subscriptions read once for the batch (which events have one), then one
+    # transaction: one INSERT for every delivery of the six events, and no inbox row
     # (WorkerSpec.inbox=False: the webhook-ids make a redelivery write nothing twice).
     assert statements.count("INSERT INTO webhook_deliveries") == 1
-    assert statements.count("webhook_endpoints") == 1  # read inside that INSERT
+    assert statements.count("webhook_endpoints") == 2  # the batch's read; inside that INSERT
     assert statements.count("INSERT INTO inbox") == 0 and statements.count("BEGIN") == 1
-    assert len(statements.seen) == 3, statements.seen  # BEGIN, deliveries, COMMIT
+    assert len(statements.seen) == 4, statements.seen  # read, BEGIN, deliveries, COMMIT
     rows = await pool.fetch("SELECT endpoint_id, event_id, event_type, webhook_id, body"
                             " FROM webhook_deliveries ORDER BY id")
     expected = [(e.message_id, endpoint) for e in taken for endpoint in (everything, placed)
@@ -114,34 +114,43 @@ async def test_a_batch_of_events_is_fanned_out_in_one_statement(flow: InMemoryFl
 
 
 async def test_with_no_endpoint_subscribed_the_webhooks_worker_writes_nothing(
-    flow: InMemoryFlow, monkeypatch: pytest.MonkeyPatch,
+    flow: InMemoryFlow,
 ) -> None:
-    """Most providers subscribe no endpoint: then the webhooks worker's transactions write
-    no row at all (no inbox row, no delivery: PostgreSQL gives them no transaction id, so
-    their commit flushes nothing), and its events are acked; delivered twice, still none."""
+    """Most providers subscribe no endpoint: then a batch of events costs the webhooks
+    worker one read of the subscriptions and no transaction at all (no BEGIN, no inbox row,
+    no delivery), and its events are acked; delivered twice, still none. An endpoint
+    subscribed to one key leaves the others' batches so too."""
     pool = flow.pool
     taken = await _events_of_orders(flow, "none", 2)
     assert len(taken) == 4
     await add(pool, ["*"], status="disabled")  # one endpoint, disabled: none to deliver to
-    written: list[Any] = []
-
-    async def record_xid(conn: Any, *_: Any) -> None:
-        written.append(await conn.fetchval("SELECT pg_current_xact_id_if_assigned()"))
-
-    enqueue = webhooks_module.enqueue
-
-    async def enqueue_then_look(conn: Any, items: Any) -> None:  # the transaction's last write
-        await enqueue(conn, items)
-        await record_xid(conn)
-
-    monkeypatch.setattr(webhooks_module, "enqueue", enqueue_then_look)
+    await add(pool, ["invoice.paid"])  # one about another event
+    statements = Statements()
+    await statements.watch(pool)
     for _ in range(2):
         batch = [flow.as_delivery(e) for e in taken]
         await flow.deliver(batch, to="webhooks")
         assert [m.outcome for m in batch] == ["acked"] * len(batch)
-    assert written == [None, None]  # nothing written: no transaction id was assigned
+    assert len(statements.seen) == 2 and statements.count("FROM webhook_endpoints") == 2, \
+        statements.seen  # one read a batch, nothing else
     assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
     assert await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'webhooks'") == 0
+
+
+async def test_an_endpoint_subscribed_while_running_gets_the_very_next_event(
+    flow: InMemoryFlow,
+) -> None:
+    """The worker, having taken events with nothing subscribed, gets an endpoint: the very
+    next event is delivered to it (read before each batch: nothing cached to wait out)."""
+    pool = flow.pool
+    taken = await _events_of_orders(flow, "next", 2)
+    first, *rest = [e for e in taken if e.routing_key == "order.placed"]
+    await flow.deliver([flow.as_delivery(first)], to="webhooks")
+    endpoint = await add(pool, ["order.placed"])
+    await flow.deliver([flow.as_delivery(e) for e in rest], to="webhooks")
+    rows = await pool.fetch("SELECT endpoint_id, event_id FROM webhook_deliveries")
+    assert [(r["endpoint_id"], r["event_id"]) for r in rows] == [
+        (endpoint, e.message_id) for e in rest]
 
 
 async def test_deferred_writes_are_one_call_per_writer_before_the_events(

@@ -58,7 +58,10 @@ def _loaded(row: asyncpg.Record) -> AlertRules:
 
 
 class RuleStore:
-    """The set in force, cached by its id; its id is read again every CURRENT_TTL_SECONDS."""
+    """The set in force, cached by its id. `refresh` reads the id again (the alerts worker,
+    once a batch of events, before their transaction: a set loaded before an event was
+    published is the one that event meets); `current` only every CURRENT_TTL_SECONDS (the
+    sweep; a handler, right after its batch's refresh)."""
 
     def __init__(self, ttl: float = CURRENT_TTL_SECONDS) -> None:
         self.ttl = ttl
@@ -68,6 +71,11 @@ class RuleStore:
     async def current(self, conn: asyncpg.Connection | asyncpg.Pool) -> AlertRules:
         if time.monotonic() - self._checked < self.ttl:
             return self._cached
+        return await self.refresh(conn)
+
+    async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> AlertRules:
+        """The set in force now: its id read (an index's last entry), the set itself only
+        when that id is new to this store."""
         latest = await conn.fetchval("SELECT max(id) FROM alert_rule_sets")
         if latest is None:
             self._cached = EMPTY

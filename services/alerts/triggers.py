@@ -7,7 +7,9 @@ cost the pipeline nothing when nobody asked for them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import asyncpg
 
 from services.alerts.facts import OrderFacts, order_facts
 from services.alerts.raising import Cause, Delivery, raise_alert
@@ -46,9 +48,38 @@ def _detail(detail: dict[str, object]) -> str | None:
     return str(error if error is not None else detail)[:500]
 
 
+# The trigger each event may fire (order.screened only with screening `error`).
+TRIGGER_OF: dict[str, AlertTrigger] = {
+    "order.placed": AlertTrigger.NEW_ORDER,
+    "order.fraud": AlertTrigger.FRAUD,
+    "order.screened": AlertTrigger.SCREENING_ERROR,
+    "service.failed": AlertTrigger.SETUP_PARKED,
+    "domain.failed": AlertTrigger.SETUP_PARKED,
+    "payment.unapplied": AlertTrigger.PAYMENT_UNAPPLIED,
+}
+
+
+def may_alert(triggers: set[AlertTrigger], key: str, event: object) -> bool:
+    """Whether a rule in force (of `triggers`, the set's) could alert on this event: a rule of
+    its trigger exists (whether a fraud rule's source or a new-order rule's conditions hold
+    is the handler's to say). False for most events of a burst: no rule, or a screening that
+    did not end in `error`."""
+    if TRIGGER_OF.get(key) not in triggers:
+        return False
+    return not isinstance(event, OrderScreened) or event.screening == Screening.ERROR
+
+
 class Triggers:
     def __init__(self, store: RuleStore, delivery: Delivery) -> None:
         self.store, self.delivery = store, delivery
+
+    async def wanted(self, events: Sequence[tuple[str, object]],
+                     conn: asyncpg.Connection) -> list[bool]:
+        """WorkerSpec.wanted: the rule set in force read afresh, once a batch, before its
+        transaction; only the events a rule could alert on get one (with no rule loaded, or
+        none about these events, none does)."""
+        triggers = (await self.store.refresh(conn)).triggers
+        return [may_alert(triggers, key, event) for key, event in events]
 
     async def _rules(self, uow: UnitOfWork, trigger: AlertTrigger) -> tuple[AlertRules, list[Rule]]:
         rules = await self.store.current(uow.conn)

@@ -40,6 +40,8 @@ def worker(settings: Settings) -> WorkerSpec:
         "payment.unapplied": route(triggers.on_unapplied),
     }
     # Off the order's critical path: events wait up to 20 ms to share a transaction.
-    return WorkerSpec(service="alerts", routes=routes, linger=0.02,
+    # Only the events a rule in force could alert on (read once a batch, before its
+    # transaction) get one: with no rule about them (most events) a batch is that one read.
+    return WorkerSpec(service="alerts", routes=routes, linger=0.02, wanted=triggers.wanted,
                       background=(sweeper.run, sender.run), on_stop=(sender.close,),
                       gauges=(ALERT_DELIVERIES_BY_STATE,))

@@ -86,6 +86,22 @@ _TO_ENDPOINT = (
     " ON CONFLICT (webhook_id) DO NOTHING")
 
 
+# The routing keys some active endpoint is subscribed to (`*`: every one), for the worker's
+# read before a batch's transaction (WorkerSpec.wanted): the same condition as _TO_SUBSCRIBERS.
+_SUBSCRIBED_KEYS = ("SELECT coalesce(array_agg(DISTINCT k), '{}') FROM webhook_endpoints e,"
+                    " unnest(e.events) AS k WHERE e.status <> 'disabled'")
+
+
+async def subscribed(events: Sequence[tuple[str, Any]], conn: asyncpg.Connection) -> list[bool]:
+    """Which of a batch's events (routing key, message) some active endpoint subscribes to: one
+    read of the subscriptions for the batch. Most providers subscribe nothing: their events
+    then cost the worker this read and no transaction."""
+    keys = set(await conn.fetchval(_SUBSCRIBED_KEYS))
+    if ALL in keys:
+        return [True] * len(events)
+    return [key in keys for key, _ in events]
+
+
 def _count(status: str) -> int:
     return int(status.rpartition(" ")[2])
 

@@ -7,7 +7,7 @@ The factory takes the whole Settings and hands the sender `settings.webhooks`.""
 
 from __future__ import annotations
 
-from services.webhooks.outbound import EVENT_TYPES, Outbound, enqueue
+from services.webhooks.outbound import EVENT_TYPES, Outbound, enqueue, subscribed
 from services.webhooks.sender import WebhookSender
 from shared.contracts import EVENTS, Event
 from shared.metrics import WEBHOOK_DELIVERIES_BY_STATE
@@ -35,6 +35,9 @@ def worker(settings: Settings) -> WorkerSpec:
     # Its messages are not the pipeline its sender gives way to (gives_way).
     # No inbox: its one write is keyed by the webhook-id the event's id makes (a redelivery
     # writes nothing twice), so with no endpoint subscribed its transactions write nothing.
+    # Only the events some endpoint subscribes to (read once a batch, before its transaction)
+    # get one: with none subscribed (most providers) a batch is that one read.
     return WorkerSpec(service="webhooks", routes=routes, linger=0.02, gives_way=True, inbox=False,
+                      wanted=subscribed,
                       background=(sender.run,), on_stop=(sender.close,),
                       gauges=(WEBHOOK_DELIVERIES_BY_STATE,))

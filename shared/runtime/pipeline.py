@@ -7,7 +7,7 @@ out, in reverse (dramatiq's before/after hooks, as one coroutine):
 
     metrics (with METRICS_PORT) >                                       (the deliveries taken)
       dead letter > property checks > routing > publisher check > parse  (intake, one by one)
-      dead letter > outage hold > transient retry > prepare
+      dead letter > outage hold > transient retry > prepare > [wanted]
           > transaction > inbox dedupe > outbox flush > load > handler     (work)
 
 so a handler's failure meets, on its way out, the outbox (not flushed), the transaction
@@ -63,7 +63,10 @@ class Pipeline:
                              m.PublisherCheck(publishers),
                              m.Parse(settings.max_message_bytes)])
         dedupe = m.InboxDedupe() if spec.inbox else m.OncePerBatch()
-        core = [m.Transaction(pool), dedupe, m.OutboxFlush(), m.Load(), m.CallHandler()]
+        # A worker that acts only on what something asked for reads that first (once a batch):
+        # a batch nothing asked for has no transaction at all.
+        wanted = [m.Wanted(pool, spec.wanted)] if spec.wanted is not None else []
+        core = [*wanted, m.Transaction(pool), dedupe, m.OutboxFlush(), m.Load(), m.CallHandler()]
         self.core = Chain(core)  # a batch under load, all or nothing
         hold = m.OutageHold(spec.service, database, transport, in_flight)
         self.preparing = Chain([*extra, dead_letter, hold, retry, m.Prepare(pool)])
@@ -119,9 +122,10 @@ class Pipeline:
                      extra={"service": self.spec.service, "size": len(items),
                             "error": f"{type(exc).__name__}: {exc}"})
             return False
-        # Together, not one after another: an ack waits for its frame to be written, and a
-        # batch acked one by one paid a few turns of a busy event loop per message.
-        await asyncio.gather(*(self.transport.ack(item.message) for item in items))
+        # One multiple ack where the batch's delivery tags allow it (shared/runtime/acks.py),
+        # the others together, not one after another: an ack waits for its frame to be
+        # written, and a batch acked one by one paid a few turns of a busy event loop each.
+        await self.transport.ack_all([item.message for item in items])
         for item in items:
             item.outcome = Outcome.ACKED
         return True

@@ -22,6 +22,9 @@ Prepare = Callable[[Any, asyncpg.Pool], Awaitable[Any]]
 # Reads a handler needs, done once for a transaction's messages (a batch under load), in it:
 # one result per message, in their order (None: the handler reads for itself).
 Load = Callable[[Sequence[Any], asyncpg.Connection], Awaitable[Sequence[Any]]]
+# Which of a batch's messages need their handler now, from (routing key, message) pairs: one
+# read for the whole batch, before any transaction (WorkerSpec.wanted). True: handle it.
+Wanted = Callable[[Sequence[tuple[str, Any]], asyncpg.Connection], Awaitable[Sequence[bool]]]
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,11 @@ class WorkerSpec:
     # no inbox row is written, so a batch whose handlers write nothing (no endpoint subscribed)
     # commits no write at all. A redelivery runs its handler again and writes nothing twice.
     inbox: bool = True
+    # For a worker that acts on an event only when something asked for it (a webhook endpoint
+    # subscribed to it, an alert rule about it): reads, once a batch and before its
+    # transaction, which of the batch's messages need their handler now (in a statement of
+    # its own, begun after every message of the batch was received: a subscription
+    # committed before an event was published is always seen). The others are acked with no
+    # transaction at all: with nothing subscribed, a batch costs that one read. A message
+    # acked unhandled wrote nothing, so its redelivery writes nothing twice either.
+    wanted: Wanted | None = None

@@ -125,6 +125,10 @@ class MemoryTransport:
     async def ack(self, message: MemoryMessage) -> None:
         await message.ack()
 
+    async def ack_all(self, messages: Sequence[MemoryMessage]) -> None:
+        """Together, as the AMQP transport sends a batch's acks (no delivery tags here)."""
+        await asyncio.gather(*(self.ack(message) for message in messages))
+
     async def requeue(self, messages: Sequence[MemoryMessage]) -> None:
         for message in messages:
             if not message.processed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aio_pika
 from aio_pika.abc import (
@@ -18,6 +18,7 @@ from aio_pika.abc import (
 )
 
 from shared import broker
+from shared.runtime.acks import AckLedger
 
 log = logging.getLogger("ordermill.runtime")
 
@@ -29,6 +30,7 @@ class AmqpTransport:
         self.dead_letter_exchange = dead_letter_exchange
         self.startup_attempts = startup_attempts
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self.acks = AckLedger()  # which delivery tags are settled: a batch is one ack frame
 
     async def consume(self, queue_name: str, prefetch: int,
                       deliver: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> None:
@@ -54,25 +56,44 @@ class AmqpTransport:
         self._consumers.clear()
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
+        await self.ack_all([message])
+
+    async def ack_all(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Committed messages (a batch): one multiple ack for the run of delivery tags they
+        complete, the others one by one, together (shared/runtime/acks.py)."""
+        top, rest = self.acks.plan(messages)
+        sends = [self._ack(m, multiple=False) for m in rest]
+        if top is not None:
+            sends.append(self._ack(top, multiple=True, covered=[
+                m for m in messages if m.delivery_tag and m.delivery_tag <= top.delivery_tag]))
+        # Together, not one after another: an ack waits for its frame to be written.
+        await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
+
+    async def _ack(self, message: AbstractIncomingMessage, *, multiple: bool,
+                   covered: Sequence[AbstractIncomingMessage] = ()) -> None:
         try:
-            await message.ack()
+            await message.ack(multiple=multiple)
         except broker.TRANSIENT_BROKER_ERRORS as exc:
             # The channel went away after the commit: the broker redelivers the message and the
             # inbox row makes the redelivery a no-op.
             log.warning("ack failed; the message will be redelivered and deduplicated",
                         extra={"message_id": message.message_id, "error": repr(exc)})
+            return
+        self.acks.record(covered or [message], upto=message.delivery_tag if multiple else 0)
 
     async def requeue(self, messages: list[AbstractIncomingMessage]) -> None:
         """A message neither acked nor dead-lettered goes back to the queue, so it is not held
         unacknowledged (taking a prefetch slot) until the channel closes."""
         for message in messages:
-            if message.processed:
+            if self.acks.settled(message):
                 continue
             try:
                 await message.nack(requeue=True)
             except Exception as exc:  # the channel is gone: the broker redelivers anyway
                 log.warning("could not requeue a message", extra={
                     "message_id": message.message_id, "error": str(exc)})
+                continue
+            self.acks.record([message])
 
     async def dead_letter(self, queue: str, message: AbstractIncomingMessage,
                           copy: aio_pika.Message) -> None:
@@ -80,3 +101,4 @@ class AmqpTransport:
         queue's own key (its `.dead` queue), confirmed, then the original is acked."""
         await broker.publish(self.dead_letter_exchange, queue, copy)
         await message.ack()
+        self.acks.record([message])

@@ -26,6 +26,9 @@ class Transport(Protocol):
 
     async def ack(self, message: AbstractIncomingMessage) -> None: ...
 
+    async def ack_all(self, messages: list[AbstractIncomingMessage]) -> None:
+        """A committed batch's messages (in one frame where the transport can)."""
+
     async def requeue(self, messages: list[AbstractIncomingMessage]) -> None:
         """Back to the queue, unsettled messages only, never raising."""
 

@@ -15,6 +15,7 @@ from shared.runtime.middleware.publishers import PublisherCheck
 from shared.runtime.middleware.retry import TransientRetry
 from shared.runtime.middleware.routing import Routing
 from shared.runtime.middleware.transaction import Transaction
+from shared.runtime.middleware.wanted import Wanted
 
 __all__ = [
     "CallHandler",
@@ -32,5 +33,6 @@ __all__ = [
     "Routing",
     "Transaction",
     "TransientRetry",
+    "Wanted",
     "dead_letter_copy",
 ]

@@ -1,0 +1,117 @@
+"""A committed batch is acked with one frame (`basic.ack` multiple) when its delivery tags
+complete the run of settled ones on their channel, else one by one; a message a multiple ack
+covered is never nacked after; a requeued one in the middle is not acked by a later multiple
+ack (shared/runtime/acks.py). On fake messages for the frames, then on real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+
+from shared.runtime.transport import AmqpTransport
+from shared.settings import Settings
+
+
+class _Channel:
+    """Stands for an aiormq channel (a reconnect makes another: tags start at 1 again)."""
+
+
+@dataclass(eq=False)
+class _Message:
+    delivery_tag: int
+    channel: _Channel
+    sent: list[tuple[str, int, bool]] = field(default_factory=list)
+    processed: bool = False
+    message_id: str = ""
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.sent.append(("ack", self.delivery_tag, multiple))
+        self.processed = True
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.sent.append(("nack", self.delivery_tag, False))
+        self.processed = True
+
+
+def _messages(channel: _Channel, sent: list[Any], tags: range) -> list[Any]:
+    return [_Message(tag, channel, sent) for tag in tags]
+
+
+async def test_a_batch_completing_the_run_is_one_frame_and_a_later_one_first_is_one_by_one() -> None:
+    transport = AmqpTransport(None, None, startup_attempts=1)  # type: ignore[arg-type]
+    channel, sent = _Channel(), []
+    first, second, third = (_messages(channel, sent, r) for r in
+                            (range(1, 5), range(5, 9), range(9, 13)))
+    await transport.ack_all(first)
+    assert sent == [("ack", 4, True)]  # 1..4: one frame
+    sent.clear()
+    await transport.ack_all(third)  # 5..8 still in hand: not covered, never held back
+    assert sorted(sent) == [("ack", tag, False) for tag in range(9, 13)]
+    sent.clear()
+    await transport.ack_all(second)  # completes the run: one frame up to 8 (9..12 are done)
+    assert sent == [("ack", 8, True)]
+    sent.clear()
+    # Covered by a multiple ack, not marked processed by the message itself: never nacked.
+    assert not any(m.processed for m in second[:3])
+    await transport.requeue(first + second + third)
+    assert sent == []
+
+    # A message requeued in the middle: the next batch's multiple ack goes past it only
+    # because its nack was sent first (the broker no longer holds it for this channel).
+    middle = _messages(channel, sent, range(13, 14))
+    await transport.requeue(middle)
+    later = _messages(channel, sent, range(14, 16))
+    await transport.ack_all(later)
+    assert sent == [("nack", 13, False), ("ack", 15, True)]
+
+    # A reconnected channel counts from 1 again, on its own.
+    sent.clear()
+    await transport.ack_all(_messages(_Channel(), sent, range(1, 3)))
+    assert sent == [("ack", 2, True)]
+
+
+async def test_on_rabbitmq_nothing_is_acked_that_was_not_committed(settings: Settings) -> None:
+    """Twenty messages in hand: the last ten acked first (one by one), then the first five
+    (one frame); the five between, never acked, are all the broker holds once the worker's
+    connection is gone: no multiple ack covered a message still in hand."""
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    name = f"{settings.namespace}.acks"
+    admin = await aio_pika.connect_robust(settings.amqp_url)
+    try:
+        channel = await admin.channel()
+        queue = await channel.declare_queue(name, durable=True,
+                                            arguments={"x-queue-type": "quorum"})
+        for n in range(20):
+            await channel.default_exchange.publish(aio_pika.Message(str(n).encode()),
+                                                   routing_key=name)
+        transport = AmqpTransport(connection, channel.default_exchange, startup_attempts=1)
+        got: list[Any] = []
+        all_in = asyncio.Event()
+
+        async def deliver(message: Any) -> None:
+            got.append(message)
+            if len(got) == 20:
+                all_in.set()
+
+        await transport.consume(name, 32, deliver)
+        await asyncio.wait_for(all_in.wait(), 30)
+        got.sort(key=lambda m: m.delivery_tag)
+        await transport.ack_all(got[10:])
+        await transport.ack_all(got[:5])
+        await connection.close()  # 5..9 were never acked: back to the queue
+        await asyncio.sleep(0.5)
+        assert (await queue.declare()).message_count == 5  # (a robust channel caches passive)
+        bodies = []
+        for _ in range(5):
+            message = await queue.get(timeout=5)
+            assert message is not None
+            bodies.append(int(message.body))
+            await message.ack()
+        assert sorted(bodies) == [5, 6, 7, 8, 9]
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+        await admin.close()
