@@ -10,7 +10,7 @@ trusted extension) and reads whole relations or block ranges, while these pages 
 hundred pages scattered over tables of hundreds of megabytes; running the pages' own
 statements reads exactly those, with the console's read-only role. A server's own
 `pg_prewarm.autoprewarm` (shared_preload_libraries) restores the whole of shared buffers after
-a clean restart and is the DBA's complement to this (README, "The console at a million
+a clean restart and is the DBA's complement to this (docs/performance.md, "The console at a million
 orders").
 
 Bounded: one warm-up at a time, on one pooled connection, in a read-only transaction whose

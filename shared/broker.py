@@ -246,7 +246,7 @@ async def publish_queued(
     publishes on one channel go out one at a time, each after two or three turns of the
     event loop; in a busy worker (every consumer, the job runner and the relay in one
     process) a pass of a few dozen events took hundreds of milliseconds to leave, and what
-    it carried reached its consumers that much later (README, "Where the tail came from").
+    it carried reached its consumers that much later (docs/performance.md, "Where the tail came from").
     Queued, a pass's frames leave in one writer run and its confirms come back together."""
     channel = await exchange.channel.get_underlay_channel()
     await channel.basic_publish(

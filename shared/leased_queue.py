@@ -525,7 +525,7 @@ class Runner:
 
         A pass's statements share one connection of the pool: each statement taking its own
         queued again behind the consumers' transactions for one (a busy all-in-one worker's
-        pool is often empty: a wait of 100-200 ms each, README "Where payment->Active
+        pool is often empty: a wait of 100-200 ms each, docs/performance.md "Where payment->Active
         waited"), and a pass of three statements waited three times."""
         async with pool.acquire() as conn:
             return await self._claim(conn, limit)

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     # Group commit: while a worker handles a batch, a message taken meanwhile waits up to this
     # long for more to share its transaction; an idle worker starts at once (0: never waits).
     # It stops early when the batch in hand ends. 25 rather than 5: at a steady 80 % of the
-    # burst's rate, 5 ms batches too little and the backlog grew (README, "Sustained load").
+    # burst's rate, 5 ms batches too little and the backlog grew (docs/performance.md, "Sustained load").
     worker_linger_ms: float = Field(25.0, ge=0, le=1000)
     # A message over this is dead-lettered unread: an order is a few kilobytes.
     max_message_bytes: int = Field(1_048_576, ge=1024)

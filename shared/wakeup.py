@@ -7,7 +7,7 @@ at each commit that notifies, whatever its channels, and each one signalled read
 notification queue in a transaction of its own. With a connection per loop, the five of
 `ordermill run` made five such transactions (and five backend wake-ups) for every commit
 that inserted an event, a job or a mail: about half of the full flow's transactions (see
-README, "Sustained load"). One connection makes one.
+docs/performance.md, "Sustained load"). One connection makes one.
 
 The connection is reopened when lost (by whichever loop next calls `ensure`); on reopening,
 every loop is woken once, since what was committed meanwhile was not heard. The loops keep

@@ -26,6 +26,7 @@ from services.alerts.sender import SlackSender
 from services.alerts.slack import escape
 from services.alerts.store import RuleStore, latest, store
 from services.alerts.sweeper import Sweeper
+from services.alerts.triggers import TRIGGER_OF, may_alert
 from services.alerts.worker import KEYS
 from services.alerts.worker import worker as alerts_worker
 from services.fraud.worker import worker as fraud_worker
@@ -101,6 +102,43 @@ async def load(pool: asyncpg.Pool, text: str, sealer: Sealer = Sealer()) -> Aler
     async with pool.acquire() as conn:
         rule_set_id = await store(conn, rules, source="test.toml", loaded_by="test", sealer=sealer)
     return await RuleStore(ttl=0).current(pool) if rule_set_id else rules
+
+
+async def test_a_slower_refresh_never_takes_the_rule_store_back_to_an_older_set(
+        pool: asyncpg.Pool) -> None:
+    """Refreshes overlap (a worker's batchers, the sweep): one that read before `notify load`
+    committed and answers last must not put the old set back, or the next event's handler,
+    within the TTL, alerts under it after `wanted` chose the event under the new one."""
+    rules = RuleStore()
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    class Late:  # the database's answer, read at once, handed over once told
+        async def fetchval(self, query: str, *args: object) -> object:
+            async with pool.acquire() as conn:
+                value = await conn.fetchval(query, *args)
+            asked.set()
+            await answer.wait()
+            return value
+
+        async def fetchrow(self, query: str, *args: object) -> object:
+            return await pool.fetchrow(query, *args)
+
+    slow = asyncio.create_task(rules.refresh(Late()))  # type: ignore[arg-type]
+    await asyncio.wait_for(asked.wait(), 10)  # it read: no set loaded yet
+    loaded = await load(pool, EVERY_TRIGGER)
+    assert (await rules.refresh(pool)).id == loaded.id
+    answer.set()
+    await slow
+    assert (await rules.current(pool)).id == loaded.id
+    older = await load(pool, EVERY_TRIGGER)  # and a newer one still replaces it
+    assert (await rules.refresh(pool)).id == older.id > loaded.id
+
+
+def test_every_event_the_alerts_worker_takes_has_its_trigger() -> None:
+    """An event whose key has no trigger is left to its handler, never acked unhandled; and
+    every key the worker is bound to has one (else `wanted` could not skip any of them)."""
+    assert all(key in TRIGGER_OF for key in KEYS)
+    assert may_alert(set(), "order.unknown", object())
 
 
 def fast(settings: Settings) -> Settings:

@@ -4,7 +4,7 @@ linked; older databases also hold creators' rows, which change nothing). The cre
 reuses its client by email and by id, fraud counts it as the storefront's own, the console's
 client page lists it, and `ordermill clients link` to the creator has nothing to do. (The row
 per new client was 0.7 of the rows placement + fraud wrote per order more than 520e86b: issue
-12's Keep, README "Performance".)"""
+12's Keep, docs/performance.md.)"""
 
 from __future__ import annotations
 

@@ -618,7 +618,7 @@ async def test_a_shared_outcome_write_takes_as_many_statements_for_three_jobs_as
     """A setup's outcome (job finished, service Active, history, events) is written by
     statements that carry the whole shared write, not a few statements a job: at a steady
     rate a batch of 20 took 60 round trips on the busy worker, and the jobs that finished
-    meanwhile waited for all of them (README, "Where payment->Active waited")."""
+    meanwhile waited for all of them (docs/performance.md, "Where payment->Active waited")."""
     runner = await _runner_of_its_own(fast)
     writes: list[tuple[int, int]] = []  # (outcomes, statements) per write
     record = runner._record_outcomes

@@ -75,16 +75,22 @@ class RuleStore:
 
     async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> AlertRules:
         """The set in force now: its id read (an index's last entry), the set itself only
-        when that id is new to this store."""
+        when that id is newer than this store's. Never older: refreshes overlap (a worker's
+        batchers, the sweep), and a slow one that read before `notify load` committed must
+        not put back the set a faster one has already replaced, or the next event's handler
+        (`current`, within its TTL) would alert under the old set after `wanted` chose the
+        event under the new one. Sets are only ever added, their ids rising."""
         latest = await conn.fetchval("SELECT max(id) FROM alert_rule_sets")
-        if latest is None:
-            self._cached = EMPTY
-        elif latest != self._cached.id:
+        if latest is not None and self._older_than(latest):
             row = await conn.fetchrow("SELECT id, rules, channels FROM alert_rule_sets"
                                       " WHERE id = $1", latest)
-            self._cached = _loaded(row)
+            if self._older_than(row["id"]):  # not replaced by a newer one meanwhile
+                self._cached = _loaded(row)
         self._checked = time.monotonic()
         return self._cached
+
+    def _older_than(self, rule_set_id: int) -> bool:
+        return self._cached.id is None or self._cached.id < rule_set_id
 
 
 async def latest(conn: asyncpg.Connection) -> dict[str, Any] | None:

@@ -63,8 +63,12 @@ def may_alert(triggers: set[AlertTrigger], key: str, event: object) -> bool:
     """Whether a rule in force (of `triggers`, the set's) could alert on this event: a rule of
     its trigger exists (whether a fraud rule's source or a new-order rule's conditions hold
     is the handler's to say). False for most events of a burst: no rule, or a screening that
-    did not end in `error`."""
-    if TRIGGER_OF.get(key) not in triggers:
+    did not end in `error`. A key the map does not know is left to its handler (True): a
+    route added without its trigger here must not be acked unhandled."""
+    trigger = TRIGGER_OF.get(key)
+    if trigger is None:
+        return True
+    if trigger not in triggers:
         return False
     return not isinstance(event, OrderScreened) or event.screening == Screening.ERROR
 

@@ -403,7 +403,7 @@ class JobRunner:
         (those still ours), and what a setup writes (its service Active, its history, its
         events) deferred to one statement each for the whole batch. Written a statement a
         job, a batch of 20 took 60 round trips, each a turn of the busy event loop: the
-        jobs that came meanwhile waited for all of them (README, "Where payment->Active
+        jobs that came meanwhile waited for all of them (docs/performance.md, "Where payment->Active
         waited")."""
         orders = sorted({job["order_id"] for job, *_ in batch})
         states = {r["id"]: r for r in await conn.fetch(
