@@ -27,7 +27,6 @@ import random
 import sys
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +34,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.webhook_fanout import Counted
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
 from services.alerts.rules import parse_toml
@@ -74,24 +74,6 @@ def kind(query: str) -> str:
     return "other"
 
 
-class Counted:
-    """Every statement the pool's connections send, by kind (all opened first, each with the
-    logger; the pool is Ordermill's own, db.create_pool: no reset query)."""
-
-    def __init__(self) -> None:
-        self.statements: Counter[str] = Counter()
-
-    def log(self, query: asyncpg.connection.LoggedQuery) -> None:
-        self.statements.update([kind(query.query)])
-
-    async def watch(self, pool: asyncpg.Pool, size: int) -> None:
-        held = [await pool.acquire() for _ in range(size)]
-        for conn in held:
-            conn.add_query_logger(self.log)
-        for conn in held:
-            await pool.release(conn)
-
-
 async def events_of(s: Settings, pool: asyncpg.Pool, orders: int) -> list[Published]:
     flow = InMemoryFlow(s, pool).add(placement_worker(s), fraud_worker(s))
     rng = random.Random(15)
@@ -119,7 +101,7 @@ async def measure(s: Settings, events: list[Published], service: str, case: str,
                   profile: str | None) -> str:
     pool = await db.create_pool(s.database_url, max_size=2, attempts=3)
     try:
-        counted, calls, cpu, taken = Counted(), 0.0, 0.0, 0
+        counted, calls, cpu, taken = Counted(kind), 0.0, 0.0, 0
         for measured in (False, True):
             await subscribe(pool, case)
             # A worker of its own each time: nothing cached from the pass before.
