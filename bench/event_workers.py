@@ -23,25 +23,18 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import random
 import sys
 import time
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.webhook_fanout import Counted
-from cli.catalog import load_catalog, read_catalog
-from cli.demo import make_order
+from bench.webhook_fanout import Counted, bench_database
 from services.alerts.rules import parse_toml
 from services.alerts.store import store
 from services.alerts.worker import worker as alerts_worker
-from services.fraud.worker import worker as fraud_worker
-from services.placement.worker import worker as placement_worker
 from services.webhooks.sealing import Sealer
 from services.webhooks.signing import new_secret
 from services.webhooks.worker import worker as webhooks_worker
@@ -72,14 +65,6 @@ def kind(query: str) -> str:
         if f"from {table}" in q:
             return f"select {table}"
     return "other"
-
-
-async def events_of(s: Settings, pool: asyncpg.Pool, orders: int) -> list[Published]:
-    flow = InMemoryFlow(s, pool).add(placement_worker(s), fraud_worker(s))
-    rng = random.Random(15)
-    for n in range(orders):
-        await flow.send("order.place", make_order(rng, f"events-{n}", "honest", "203.0.113.9"))
-    return await flow.run()
 
 
 async def subscribe(pool: asyncpg.Pool, case: str) -> None:
@@ -138,31 +123,11 @@ async def measure(s: Settings, events: list[Published], service: str, case: str,
 
 
 async def main(opts: argparse.Namespace) -> None:
-    run_id = uuid.uuid4().hex[:8]
-    base = Settings()
-    url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/om_events_{run_id}"))
-    s = base.model_copy(update={"database_url": url, "ordermill_namespace": f"events.{run_id}",
-                                "trust_any_publisher": True})
-    await db.ensure_database(url, attempts=3)
-    try:
-        pool = await db.create_pool(url, max_size=4, attempts=3)
-        try:
-            await db.migrate(pool)
-            async with pool.acquire() as conn:
-                await load_catalog(conn, read_catalog(ROOT / "catalog.example.toml"))
-            events = await events_of(s, pool, opts.orders)
-        finally:
-            await pool.close()
+    async with bench_database("events", opts.orders, seed=15) as (s, events):
         for case in opts.cases.split(","):
             for service in ("webhooks", "alerts"):
                 for batch in (int(b) for b in opts.batch.split(",")):
                     print(await measure(s, events, service, case, batch, opts.profile), flush=True)
-    finally:
-        admin = await asyncpg.connect(urlunsplit(urlsplit(url)._replace(path="/postgres")))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "om_events_{run_id}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -76,13 +77,6 @@ class Counted:
             await pool.release(conn)
 
 
-async def events_of(flow: InMemoryFlow, orders: int) -> list[Published]:
-    rng = random.Random(14)
-    for n in range(orders):
-        await flow.send("order.place", make_order(rng, f"fanout-{n}", "honest", "203.0.113.9"))
-    return await flow.run()
-
-
 async def handle_all(s: Settings, pool: asyncpg.Pool, events: list[Published],
                      endpoints: int, batch: int, counted: Counted | None = None
                      ) -> tuple[int, float]:
@@ -122,11 +116,16 @@ async def measure(s: Settings, events: list[Published], endpoints: int, batch: i
     return {"statements_per_event": total / taken, "cpu_ms_per_event": cpu / taken * 1e3}
 
 
-async def main(orders: int, endpoint_counts: list[int], batches: list[int]) -> None:
+@contextlib.asynccontextmanager
+async def bench_database(name: str, orders: int, seed: int
+                         ) -> AsyncIterator[tuple[Settings, list[Published]]]:
+    """A database and namespace of the run's own (`om_<name>_<hex>`), migrated, the sample
+    catalog loaded, `orders` honest orders placed and screened through the broker-free flow
+    (their events returned for the workers to take); the database dropped at the end."""
     run_id = uuid.uuid4().hex[:8]
     base = Settings()
-    url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/om_fanout_{run_id}"))
-    s = base.model_copy(update={"database_url": url, "ordermill_namespace": f"fanout.{run_id}",
+    url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/om_{name}_{run_id}"))
+    s = base.model_copy(update={"database_url": url, "ordermill_namespace": f"{name}.{run_id}",
                                 "trust_any_publisher": True})
     await db.ensure_database(url, attempts=3)
     try:
@@ -136,18 +135,27 @@ async def main(orders: int, endpoint_counts: list[int], batches: list[int]) -> N
             async with pool.acquire() as conn:
                 await load_catalog(conn, read_catalog(ROOT / "catalog.example.toml"))
             flow = InMemoryFlow(s, pool).add(placement_worker(s), fraud_worker(s))
-            events = await events_of(flow, orders)
+            rng = random.Random(seed)
+            for n in range(orders):
+                await flow.send("order.place",
+                                make_order(rng, f"{name}-{n}", "honest", "203.0.113.9"))
+            events = await flow.run()
         finally:
             await pool.close()
-        for endpoints in endpoint_counts:
-            for batch in batches:
-                await measure(s, events, endpoints, batch)
+        yield s, events
     finally:
         admin = await asyncpg.connect(urlunsplit(urlsplit(url)._replace(path="/postgres")))
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "om_fanout_{run_id}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE IF EXISTS "om_{name}_{run_id}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def main(orders: int, endpoint_counts: list[int], batches: list[int]) -> None:
+    async with bench_database("fanout", orders, seed=14) as (s, events):
+        for endpoints in endpoint_counts:
+            for batch in batches:
+                await measure(s, events, endpoints, batch)
 
 
 if __name__ == "__main__":
