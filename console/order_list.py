@@ -312,13 +312,25 @@ async def _jump(conn: asyncpg.Connection, f: OrderFilters, r: _Range,
     from where it starts: Cancelled with a product launched lately read every Cancelled key
     since 2019 (413 pages on a first visit) to reach the product's keys of the last 60 days."""
     arg = _Args()
+    o_from, s_from = _sides_in_order(f, r, arg, product_id)
+    return _later_first(*await conn.fetchrow(
+        f"SELECT (SELECT ROW(o.created_at, o.id) {o_from} LIMIT 1),"
+        f" (SELECT ROW(s.created_at, s.order_id) {s_from} LIMIT 1)", *arg.values))
+
+
+def _sides_in_order(f: OrderFilters, r: _Range, arg: _Args, product_id: int) -> tuple[str, str]:
+    """Each side's rows in `r` in the list's order, read on its index alone (FROM ... ORDER BY):
+    the orders of the filter, and the product's services."""
     orders = _orders_walk(f, r, arg)
     services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
-    first_order, first_product = await conn.fetchrow(
-        f"SELECT (SELECT ROW(o.created_at, o.id) FROM orders o{_clients(orders)}"
-        f" WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id LIMIT 1),"
-        f" (SELECT ROW(s.created_at, s.order_id) FROM services s WHERE {' AND '.join(services)}"
-        " ORDER BY s.product_id, s.created_at, s.order_id LIMIT 1)", *arg.values)
+    return (f"FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)}"
+            " ORDER BY o.created_at, o.id",
+            f"FROM services s WHERE {' AND '.join(services)}"
+            " ORDER BY s.product_id, s.created_at, s.order_id")
+
+
+def _later_first(first_order: Any, first_product: Any) -> tuple[datetime, int] | None:
+    """The later of the two sides' first keys; None when a side has none (nothing matches)."""
     if first_order is None or first_product is None:
         return None
     return max(tuple(first_order), tuple(first_product))
@@ -346,19 +358,13 @@ async def _sizes(conn: asyncpg.Connection, f: OrderFilters, r: _Range, product_i
     later of the two sides' first keys (placed time, id) stands: a merged count starts there
     (before it, one side has nothing to match)."""
     arg = _Args()
-    orders = _orders_walk(f, r, arg)
-    services = [f"s.product_id = {arg(product_id)}", *r.conds(arg, "s.created_at", "s.order_id")]
-    o_from = f"FROM orders o{_clients(orders)} WHERE {' AND '.join(orders)} ORDER BY o.created_at, o.id"
-    s_from = (f"FROM services s WHERE {' AND '.join(services)}"
-              " ORDER BY s.product_id, s.created_at, s.order_id")
+    o_from, s_from = _sides_in_order(f, r, arg, product_id)
     n_orders, n_product, first_order, first_product = await conn.fetchrow(
         f"SELECT (SELECT count(*) FROM (SELECT 1 {o_from} LIMIT {cap + 1}) x),"
         f" (SELECT count(*) FROM (SELECT 1 {s_from} LIMIT {cap + 1}) y),"
         f" (SELECT ROW(o.created_at, o.id) {o_from} LIMIT 1),"
         f" (SELECT ROW(s.created_at, s.order_id) {s_from} LIMIT 1)", *arg.values)
-    start = (None if first_order is None or first_product is None
-             else max(tuple(first_order), tuple(first_product)))
-    return n_orders, n_product, start
+    return n_orders, n_product, _later_first(first_order, first_product)
 
 
 @dataclass(frozen=True)
@@ -458,8 +464,9 @@ async def order_list(conn: asyncpg.Connection, f: OrderFilters, *, after: int | 
                 merge_from = _Range(reached, r.until)
         if ids is None:  # the page's ids, merged
             start = None
-            if d == "ASC":
-                start = await _jump(conn, f, merge_from, product_id)
+            if d == "ASC":  # a first page merging its whole range: the plan found it already
+                start = (plan.start if merge_from is r and r.edge is None
+                         else await _jump(conn, f, merge_from, product_id))
             if d == "ASC" and start is None:
                 more_ids: list[int] = []
             else:
