@@ -511,6 +511,7 @@ class WorkerProcess:
         self._log: IO[bytes] = log_path.open("wb")
         self.proc: asyncio.subprocess.Process | None = None
         self.peak_rss = 0
+        self._pids: list[int] = []
         self._sampler: asyncio.Task[None] | None = None
 
     @property
@@ -520,12 +521,15 @@ class WorkerProcess:
 
     @property
     def pids(self) -> list[int]:
-        return [self.pid]
+        """The process and, when it supervises worker processes (WORKER_PROCESSES), those."""
+        return self._pids or [self.pid]
 
     async def start(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
         await self._wait_for_consumers(connection, queues)
+        # Consuming on every queue: any worker processes it supervises have started.
+        self._pids = [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
         self._sampler = asyncio.create_task(self._sample_rss())
 
     async def _wait_for_consumers(self, connection: AbstractRobustConnection, queues: list[str]) -> None:
@@ -547,7 +551,7 @@ class WorkerProcess:
 
     def rss(self) -> int:
         try:
-            rss = psutil.Process(self.pid).memory_info().rss
+            rss = sum(psutil.Process(pid).memory_info().rss for pid in self.pids)
         except psutil.Error:  # it exited: the phase reports that, with its log
             return 0
         self.peak_rss = max(self.peak_rss, rss)
@@ -584,13 +588,14 @@ class WorkerGroup:
                       else "ordermill run, one process per service")
         self.names = names
         self.processes = {tuple(group): WorkerProcess(
-            f"ordermill run {' '.join(group)}", [str(ORDERMILL), "run", *group], env,
+            f"ordermill run {' '.join(group)}", [str(ORDERMILL), "run", *group],
+            {**env, "WORKER_PROCESSES": "1"},  # each group one process, as asked
             RESULTS / f"{prefix}-{'-'.join(group)}-worker.log") for group in groups}
         self.log_path = RESULTS / f"{prefix}-*-worker.log"
 
     @property
     def pids(self) -> list[int]:
-        return [process.pid for process in self.processes.values()]
+        return [pid for process in self.processes.values() for pid in process.pids]
 
     @property
     def peak_rss(self) -> int:

@@ -1,5 +1,7 @@
 """Ordermill under sustained load (issue 15, target 2), and its tables after a large volume
-(target 3), through `ordermill run` (every worker and the relay in one process).
+(target 3), through `ordermill run` (every worker and the relay; laid out as WORKER_PROCESSES
+says, `auto` by default: three processes on two or more cores. `WORKER_PROCESSES=1` measures
+them all in one process; the report says how many processes ran).
 
 The full flow, as a storefront and a gateway drive it: an order (one autorelease `starter`
 product, a new client each) is placed; when it is screened, its invoice is paid (for
@@ -403,6 +405,7 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     after = await database_counters(bench.settings)
     total = opts.warmup + opts.orders + steady["orders"]
     return {"label": label, "env": {k: v for k, v in env.items() if k.startswith("WORKER_")},
+            "worker_pids": len(worker.pids),
             "burst": burst, "steady": steady,
             "steady_vs_burst_cpu": round(steady["worker_cpu_ms_per_order"]
                                          / burst["worker_cpu_ms_per_order"], 2),
@@ -658,7 +661,8 @@ def print_report(data: dict[str, Any]) -> None:
             rates = ", ".join(f"{name} {b[REFERENCES[name]]:.1f}/s"
                               + (f" (80 % = {0.8 * b[REFERENCES[name]]:.1f}/s)" if name != "screened" else "")
                               for name in ("full", "done", "screened"))
-            print(f"round {r['round']} {r['label']}: burst {rates}")
+            print(f"round {r['round']} {r['label']}: {r['worker_pids']} process(es)"
+                  f" (WORKER_PROCESSES={r['env'].get('WORKER_PROCESSES', 'auto')}); burst {rates}")
             share = (f"a fixed rate (--rate), {s['target_rate'] / b[REFERENCES[reference]]:.0%}"
                      if data["options"].get("rate") else f"{data['options']['rate_share']:.0%}")
             print(f"round {r['round']} {r['label']}: steady at {s['target_rate']:g}/s"

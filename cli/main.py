@@ -40,6 +40,7 @@ from shared.errors import ConfigurationError
 from shared.orders import ORDER_STATUSES, add_history
 from shared.parties import Party, Publishers, amqp_user
 from shared.runtime import Runtime, describe_validation_error
+from shared.runtime.supervisor import PROCESS_ENV, Supervisor, ready_pipe
 from shared.settings import Settings
 from shared.settings_parts import amqp_urls, hide_password
 from shared.topology import Names, declare_topology
@@ -325,19 +326,32 @@ CONSOLE = "console"  # `ordermill run ... console`: the web console in the same 
 
 @app.command()
 def run(services: list[str] = typer.Argument(
-        None, help="Services to run (default: every worker); `console` adds the web console.")) -> None:
-    """Run workers (all of them, plus the outbox relay, in one process by default), and the
-    web console too when `console` is named."""
+        None, help="Services to run (default: every worker); `console` adds the web console."),
+        processes: str = typer.Option(
+            None, "--processes",
+            help="How the workers are laid out in processes: auto (three on two or more cores),"
+                 " 1 (one process), or groups such as placement,fraud/provisioning,review/"
+                 "notify,webhooks,alerts (default: WORKER_PROCESSES, else auto).")) -> None:
+    """Run workers (all of them, plus the outbox relay; on two or more cores in three
+    processes: the order path, provisioning, the rest), and the web console too when
+    `console` is named (in the first process)."""
+    from services import layout
     from services.registry import WORKERS
 
     s = settings()
-    chosen = services or list(WORKERS)
-    unknown = [name for name in chosen if name not in WORKERS and name != CONSOLE]
+    spec = processes if processes is not None else s.worker_processes
+    unknown = [name for name in services or [] if name not in WORKERS and name != CONSOLE]
     if unknown:
         raise UserError(f"unknown service {unknown[0]!r}; known: {', '.join(WORKERS)}, {CONSOLE}")
-    with_console = CONSOLE in chosen
-    chosen = [name for name in chosen if name != CONSOLE]
-    logs.configure(s.log_level, s.log_format)
+    with_console = CONSOLE in (services or [])
+    try:
+        # Nothing named: every worker, or those an explicit layout names.
+        chosen = ([name for name in services if name != CONSOLE] if services
+                  else layout.named(spec, list(WORKERS)))
+        groups = layout.plan(chosen, spec, list(WORKERS)) if chosen else []
+    except layout.LayoutError as exc:
+        raise UserError(f"{exc} (--processes, WORKER_PROCESSES)") from None
+    logs.configure(s.log_level, s.log_format, group=os.environ.get(PROCESS_ENV))
 
     async def go() -> None:
         from console.server import ConsoleServer
@@ -349,27 +363,44 @@ def run(services: list[str] = typer.Argument(
         except ConfigurationError as exc:
             raise UserError(str(exc)) from None
         server = ConsoleServer(s) if with_console else None
+        supervisor = Supervisor(s.supervisor, groups) if len(groups) > 1 else None
+
+        async def supervised(supervisor: Supervisor) -> int:
+            # The servers answer and the schema is current before any worker process starts.
+            if not await runtime.prepare(workers):
+                return 0
+            return await supervisor.serve()
+
+        def stop() -> None:
+            runtime.stop()
+            if supervisor is not None:
+                supervisor.stop()
+            if server is not None:
+                server.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runtime.stop)
-            if server is not None:
-                loop.add_signal_handler(sig, lambda: (runtime.stop(), server.stop()))
+            loop.add_signal_handler(sig, stop)
         tasks = [asyncio.create_task(server.serve())] if server is not None else []
-        if chosen:
-            tasks.append(asyncio.create_task(runtime.serve(workers)))
+        if supervisor is not None:
+            tasks.append(asyncio.create_task(supervised(supervisor)))
+        elif chosen:
+            tasks.append(asyncio.create_task(runtime.serve(workers, ready=ready_pipe())))
+        code = 0
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED
+                                         if supervisor is not None else asyncio.FIRST_EXCEPTION)
             for task in done:
-                task.result()
+                code = task.result() or code
         except ConfigurationError as exc:  # a schema this worker may not migrate, and such
             raise UserError(str(exc)) from None
         except SystemExit as exc:  # the console could not start
             raise UserError(str(exc.code)) from None
         finally:
-            runtime.stop()
-            if server is not None:
-                server.stop()
+            stop()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if code:
+            raise typer.Exit(code)  # a worker process ended by itself: it said why in its log
 
     run_async(go())
 
@@ -1212,3 +1243,5 @@ def main() -> None:
         raise SystemExit(1) from None
     # A command's own Exit (and --help) come back as an exit code.
     raise SystemExit(code if isinstance(code, int) else 0)
+if __name__ == "__main__":  # how a supervisor starts its worker processes (python -m cli.main)
+    main()

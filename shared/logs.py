@@ -11,6 +11,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, group: str | None = None) -> None:
+        super().__init__()
+        self.group = group
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "at": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -18,6 +22,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        if self.group:
+            entry["group"] = self.group
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
@@ -27,20 +33,28 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self, group: str | None = None) -> None:
+        super().__init__()
+        self.group = group
+
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
             f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")
         )
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        if self.group:
+            line = f"[{self.group}] {line}"
         line = f"{line} {extras}" if extras else line
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
+def configure(level: str = "INFO", fmt: str = "json", *, group: str | None = None) -> None:
+    """Log lines to stderr; `group`: the worker process's services when `ordermill run` runs
+    its workers in several processes (shared/runtime/supervisor.py), on every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(group) if fmt == "json" else TextFormatter(group))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -40,6 +40,7 @@ from shared.settings_parts import (
     RulesSettings,
     ScreeningSweepSettings,
     SmtpSettings,
+    SupervisorSettings,
     WebhookSettings,
     WhmSettings,
     amqp_urls,
@@ -126,6 +127,10 @@ class Settings(BaseSettings):
     # cluster: 3 on three nodes. Unset: RabbitMQ's default. An existing queue keeps its own.
     queue_replicas: int | None = Field(None, ge=1)
     startup_attempts: int = Field(30, gt=0)
+    # How `ordermill run` lays its workers out in processes (services/layout.py): `auto` (the
+    # order path, provisioning and the rest in three processes on two or more cores), `1`
+    # (one process), or groups such as `placement,fraud/provisioning,review/notify,webhooks,alerts`.
+    worker_processes: str = Field("auto", min_length=1)
     # A worker applies missing migrations at start (the quick start's one user). Off where
     # workers use a DML-only role: the owner runs `ordermill migrate`, workers only check.
     migrate_on_start: bool = True
@@ -446,6 +451,11 @@ class Settings(BaseSettings):
     def metrics(self) -> MetricsSettings:
         return MetricsSettings(port=self.metrics_port, host=self.metrics_host,
                                cache_seconds=self.metrics_cache_seconds)
+
+    @property
+    def supervisor(self) -> SupervisorSettings:
+        return SupervisorSettings(heartbeat_file=self.heartbeat_file,
+                                  heartbeat_seconds=self.heartbeat_seconds, metrics=self.metrics)
 
     @property
     def housekeeping(self) -> HousekeepingSettings:

@@ -100,6 +100,15 @@ class MetricsSettings(Part):
     cache_seconds: float
 
 
+class SupervisorSettings(Part):
+    """`ordermill run` with worker processes (shared/runtime/supervisor.py): its heartbeat
+    file (None: none) and /metrics, which stand for all its processes."""
+
+    heartbeat_file: str | None
+    heartbeat_seconds: float
+    metrics: MetricsSettings
+
+
 class HousekeepingSettings(Part):
     outbox_retention_hours: float
     inbox_retention_days: float

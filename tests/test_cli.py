@@ -254,6 +254,10 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
          f"error: {negative}: schema: products.0.prices.USD.monthly: Input should be greater"),
         (("orders", "--status", "bogus"), "error: unknown status 'Bogus'"),
         (("run", "nosuch"), "error: unknown service 'nosuch'"),
+        (("run", "--processes", "placement/nosuch"), "error: unknown service 'nosuch' in layout"),
+        (("run", "placement", "--processes", "fraud"),
+         "error: layout 'fraud' must name each service run exactly once: missing placement;"
+         " not asked to run fraud (--processes, WORKER_PROCESSES)"),
         (("dead-letters", "nosuch"), "error: unknown queue 'nosuch'"),
         (("catalog", "load", str(tmp_path / "missing.toml")), "error: cannot read"),
         (("catalog", "load", str(bad_toml)),

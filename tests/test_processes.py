@@ -14,13 +14,19 @@ from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import asyncpg
+import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Harness, eventually, order_body
 from shared.settings import Settings
 
 ORDERMILL = str(Path(sys.executable).with_name("ordermill"))
 pytestmark = pytest.mark.slow
+# `ordermill run`'s workers in the three processes `auto` gives on two or more cores, named
+# so that a one-core machine tests the same (services/layout.py); WORKER_PROCESSES=1 where a
+# test is about one process's own behaviour.
+THREE = "placement,fraud/provisioning,review/notify,webhooks,alerts"
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -33,6 +39,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STOREFRONT_USERS": ",".join(settings.storefront_users),
         "PAYMENT_PUBLISHERS": ",".join(settings.payment_publishers),
         "OPERATOR_USERS": ",".join(settings.operator_users),
+        "WORKER_PROCESSES": THREE,
     })
     env.update(extra)
     return env
@@ -55,7 +62,7 @@ async def test_worker_killed_mid_stream_then_restarted_screens_every_order_once(
 ) -> None:
     total = 300
     log = tmp_path / "worker.log"
-    process = await spawn(harness.settings, log)
+    process = await spawn(harness.settings, log, WORKER_PROCESSES="1")  # the workers' process itself
     try:
         await asyncio.gather(*(harness.publish("order.place", order_body(f"kill-{n:04d}"))
                                for n in range(total)))
@@ -64,7 +71,7 @@ async def test_worker_killed_mid_stream_then_restarted_screens_every_order_once(
         await process.wait()
         before = await screened_count(harness, "kill-")
         assert before < total, "the kill came too late to test anything"
-        process = await spawn(harness.settings, log)
+        process = await spawn(harness.settings, log, WORKER_PROCESSES="1")
         await eventually(lambda: _at_least(harness, "kill-", total), timeout=120)
         await eventually(lambda: _outbox_empty(harness), timeout=30)
     finally:
@@ -80,6 +87,110 @@ async def test_worker_killed_mid_stream_then_restarted_screens_every_order_once(
     assert await harness.pool.fetchval("SELECT count(*) FROM fraud_checks") == total
     assert await harness.pool.fetchval(
         "SELECT count(*) FROM order_history WHERE action = 'placed'") == total
+
+
+async def _running(log: Path) -> bool:
+    """Every worker consumes: the supervisor's line, or a lone process's own."""
+    text = log.read_text() if log.exists() else ""
+    if "worker process started" in text:
+        return "all worker processes running" in text
+    return "workers running" in text
+
+
+def _children(process: asyncio.subprocess.Process) -> dict[str, psutil.Process]:
+    """The supervisor's worker processes by their services ("placement,fraud")."""
+    found = {}
+    for child in psutil.Process(process.pid).children():
+        cmdline = child.cmdline()
+        found[",".join(cmdline[cmdline.index("1") + 1:])] = child
+    return found
+
+
+async def _gone(pids: list[int]) -> bool:
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+    return True
+
+
+async def test_three_worker_processes_serve_one_metrics_one_heartbeat_and_stop_together(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    log, beat, port = tmp_path / "worker.log", tmp_path / "beat", _free_port()
+    process = await spawn(harness.settings, log, METRICS_PORT=str(port),
+                          HEARTBEAT_FILE=str(beat), HEARTBEAT_SECONDS="0.5")
+    try:
+        await eventually(lambda: _running(log), timeout=60)
+        children = _children(process)
+        assert sorted(children) == ["notify,webhooks,alerts", "placement,fraud",
+                                    "provisioning,review"]
+        await asyncio.gather(*(harness.publish("order.place", order_body(f"three-{n:02d}"))
+                               for n in range(20)))
+        await eventually(lambda: _at_least(harness, "three-", 20), timeout=60)
+        await eventually(lambda: asyncio.sleep(0, beat.exists()), timeout=10)
+        assert sorted(p.name for p in tmp_path.glob("beat.*")) == ["beat.1", "beat.2", "beat.3"]
+        text = await asyncio.to_thread(
+            lambda: urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        for group in children:
+            assert samples[("ordermill_process_up", (("process", group),))] == 1
+            assert ("process_resident_memory_bytes", (("process", group),)) in samples
+        # Counted in the placement process, served by the supervisor.
+        placed = ("ordermill_messages_acked_total",
+                  (("queue", harness.names.queue("placement")), ("route", "order.place")))
+        assert samples[placed] >= 20
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 0
+        assert await _gone([c.pid for c in children.values()])
+        assert not list(tmp_path.glob("beat*"))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_worker_process_that_dies_stops_the_others_and_loses_no_order(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    process = await spawn(harness.settings, log)
+    try:
+        await eventually(lambda: _running(log), timeout=60)
+        children = _children(process)
+        await asyncio.gather(*(harness.publish("order.place", order_body(f"die-{n:03d}"))
+                               for n in range(200)))
+        await eventually(lambda: _at_least(harness, "die-", 10), timeout=60)
+        children["placement,fraud"].kill()
+        # The whole stops, non-zero, for its service manager to restart: a group gone would
+        # leave its queues to grow unseen.
+        assert await asyncio.wait_for(process.wait(), timeout=45) == 128 + signal.SIGKILL
+        assert await _gone([c.pid for c in children.values()])
+        assert "worker process ended by itself" in log.read_text()
+        process = await spawn(harness.settings, log)
+        await eventually(lambda: _at_least(harness, "die-", 200), timeout=120)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+    assert await harness.pool.fetchval("SELECT count(*) FROM fraud_checks") == 200
+    assert await harness.pool.fetchval(
+        "SELECT count(*) FROM order_history WHERE action = 'placed'") == 200
+
+
+async def test_the_worker_processes_stop_when_their_supervisor_is_killed(
+    harness: Harness, tmp_path: Path,
+) -> None:
+    log = tmp_path / "worker.log"
+    process = await spawn(harness.settings, log)
+    await eventually(lambda: _running(log), timeout=60)
+    pids = [c.pid for c in _children(process).values()]
+    assert len(pids) == 3
+    process.kill()  # no chance to pass anything on: the kernel tells the children
+    await process.wait()
+    await eventually(lambda: _gone(pids), timeout=45)
+    assert log.read_text().count('"stopped"') == 3  # each stopped cleanly, not killed
 
 
 async def _outbox_empty(h: Harness) -> bool:
@@ -394,7 +505,7 @@ async def test_a_worker_stopped_during_a_database_outage_stops_at_once_and_loses
     s = harness.settings
     log = tmp_path / "worker.log"
     async with worker_behind(harness, log, 5432) as (process, pg):
-        await eventually(lambda: _log_has(log, "workers running"), timeout=60)
+        await eventually(lambda: _running(log), timeout=60)
         pg.down()
         await asyncio.gather(*(harness.publish("order.place", order_body(f"halt-{n:03d}"))
                                for n in range(60)))
@@ -480,7 +591,7 @@ async def test_a_worker_stops_on_sigterm_while_the_broker_is_away(
 ) -> None:
     log = tmp_path / "worker.log"
     async with worker_behind(harness, log, 5672) as (process, mq):
-        await eventually(lambda: _log_has(log, "workers running"), timeout=60)
+        await eventually(lambda: _running(log), timeout=60)
         mq.down()
         await asyncio.sleep(1)
         process.send_signal(signal.SIGTERM)

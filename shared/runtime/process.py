@@ -133,6 +133,19 @@ class Runtime:
                         in_flight=lambda: self._inflight.count, extra=self.middleware,
                         metrics=self.settings.metrics_port is not None)
 
+    async def prepare(self, workers: Sequence[WorkerSpec]) -> bool:
+        """Start and close again: what a supervisor does once before it starts its worker
+        processes (shared/runtime/supervisor.py), so that a server that never answers or a
+        schema this role may not migrate is said once, in one line, and the processes do not
+        race to migrate. False when stopped meanwhile."""
+        self.check_publishers(workers)
+        if self.settings.service_users and workers:
+            self._own_queues = [spec.service for spec in workers]
+        if not await self._started_unless_stopped():
+            return False
+        await self.close()
+        return True
+
     async def serve(
         self,
         workers: Sequence[WorkerSpec],
