@@ -454,3 +454,70 @@ def test_a_count_that_stopped_early_turns_exact_in_the_page(browser: Any, stack:
         stack.sql("DELETE FROM orders WHERE order_ref LIKE 'br-seed-%'")
         stack.sql("DELETE FROM clients WHERE email = 'br-seed@seed.example'")
         stack.sql("DELETE FROM products WHERE slug IN ('br-old', 'br-launch')")
+
+
+WIDE_EMAIL = "accounts.payable.department@very-long-company-name-holdings.example"
+
+
+def _place_wide_orders(stack: Stack) -> list[int]:
+    """Three orders of one client as wide as real ones get: a long name and address, several
+    items with long domains, five reason codes on their latest fraud check (added here: the
+    rules rarely give that many at once)."""
+    refs = [f"br-wide-{n}" for n in range(3)]
+    for ref in refs:
+        stack.place(ref, client={
+            "email": WIDE_EMAIL,
+            "first_name": "Maximiliana-Alexandra", "last_name": "Featherstonehaugh-Wolfeschlegel",
+            "country": "GB", "company": "Featherstonehaugh International Holdings Ltd"},
+            items=[{"type": "product", "product": "business", "billing_cycle": "annually",
+                    "domain": f"{ref}-an-exceptionally-long-hostname-for-a-shop.example"},
+                   {"type": "domain", "domain": f"{ref}-another-rather-long-domain-name.com",
+                    "action": "register", "years": 2},
+                   {"type": "domain", "domain": f"{ref}-and-a-third.co.uk", "action": "transfer",
+                    "years": 1}])
+    stack.wait("SELECT count(*) = 3 FROM orders WHERE order_ref LIKE 'br-wide-%'"
+               " AND screening <> 'queued'")
+    ids = [r["id"] for r in stack.sql(
+        "SELECT id FROM orders WHERE order_ref LIKE 'br-wide-%' ORDER BY id")]
+    codes = ["free_email_new_client", "ip_velocity", "client_velocity", "earlier_fraud",
+             "large_first_order"]
+    stack.sql("INSERT INTO fraud_checks (order_id, provider, result, score, threshold, reasons)"
+              " SELECT id, 'rules', 'passed', 18, 20, $1::jsonb FROM orders"
+              " WHERE id = ANY($2::bigint[])",
+              json.dumps([{"code": c, "text": c} for c in codes]), ids)
+    return ids
+
+
+def _overflow(page: Any) -> dict[str, Any]:
+    """How far the page scrolls sideways, and whether every flag shows inside the list."""
+    return page.evaluate("""() => {
+        const root = document.documentElement, list = document.querySelector('#order-list');
+        const box = list.getBoundingClientRect();
+        const flags = [...list.querySelectorAll('td.flags .flag')];
+        return {page: root.scrollWidth - root.clientWidth, flags: flags.length,
+                outside: flags.filter(f => f.getBoundingClientRect().right > box.right + 0.5
+                                      || f.getBoundingClientRect().right > root.clientWidth)
+                              .map(f => f.textContent)};
+    }""")
+
+
+def test_the_pending_list_fits_1280_pixels_and_scrolls_in_its_card_when_narrower(
+        browser: Any, stack: Stack) -> None:
+    """At 1280 px (the operators' laptops) and at 1024 the list, its flags column included,
+    fits the page (long names, emails and domains wrap in their cells); narrower, the page
+    itself never scrolls sideways: the table does, inside its card."""
+    _place_wide_orders(stack)
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+    page.goto(f"/orders?status=all&q={WIDE_EMAIL}")
+    expect(page.locator("#order-list tbody tr")).to_have_count(3)
+    shoot(page, "pending-wide")
+    assert _overflow(page) == {"page": 0, "flags": 15, "outside": []}
+    page.set_viewport_size({"width": 1024, "height": 800})
+    assert _overflow(page) == {"page": 0, "flags": 15, "outside": []}
+    page.set_viewport_size({"width": 760, "height": 800})
+    assert _overflow(page)["page"] == 0
+    scroll = page.evaluate("""() => { const s = document.querySelector('#order-list .scroll');
+        return {scrolls: s.scrollWidth > s.clientWidth, overflow: getComputedStyle(s).overflowX}; }""")
+    assert scroll == {"scrolls": True, "overflow": "auto"}
+    page.context.close()
