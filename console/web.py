@@ -2,7 +2,8 @@
 rendering (Jinja2, autoescaped) and publishing a review command as the operator.
 
 A page is `@page()` (any operator signed in) or `@page(act=True)` (a reviewer: a viewer gets
-403); every POST must carry the session's CSRF token. Pages take (request, ctx)."""
+403); every POST must carry the session's CSRF token (one from a session that has expired
+is sent to sign in). Pages take (request, ctx)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -159,6 +160,8 @@ def page(*, act: bool = False, signed_in: bool = True) -> Callable[[Page], Endpo
                     value = form.get(CSRF_FIELD)
                     given = value if isinstance(value, str) else None
                 if not ctx.session.csrf_ok(given):
+                    if signed_in and ctx.operator is None:  # expired: its token went with it
+                        return sign_in_redirect(request)
                     return forbidden("Refused: the form's security token is missing or wrong."
                                      " Reload the page and try again.")
             if signed_in and ctx.operator is None:
@@ -175,11 +178,28 @@ def page(*, act: bool = False, signed_in: bool = True) -> Callable[[Page], Endpo
 
 
 def sign_in_redirect(request: Request) -> Response:
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    """To sign in, then back to the page the operator was on: for htmx (a list refreshing
+    itself, a search) the page it was sent from (HX-Current-URL), not the fragment it asked
+    for; for a refused POST the page its form was on."""
+    target = _page_of(request)
     location = "/sign-in" + (f"?next={quote(target)}" if target != "/" else "")
     if request.headers.get("hx-request"):
         return Response(status_code=204, headers={"HX-Redirect": location})
     return RedirectResponse(location, status_code=303)
+
+
+def _page_of(request: Request) -> str:
+    """The path and query of the page a request was made from, if on this site; else "/"."""
+    if request.headers.get("hx-request"):
+        given = request.headers.get("hx-current-url") or ""
+    elif request.method != "GET":
+        given = request.headers.get("referer") or ""
+    else:
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    parts = urlsplit(given)
+    if parts.netloc != request.url.netloc or not parts.path.startswith("/"):
+        return "/"
+    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def new_session(operator: Operator) -> Session:

@@ -115,3 +115,89 @@ async def test_on_rabbitmq_nothing_is_acked_that_was_not_committed(settings: Set
     finally:
         await connection.close()
         await admin.close()
+
+
+def _runs(transport: AmqpTransport, channel: _Channel) -> int:
+    return len(transport.acks._channels[channel].starts)
+
+
+async def test_a_message_held_while_many_after_it_are_settled_does_not_end_multiple_acks() -> None:
+    """Tag 1 held (a slow handler) while 20,000 after it are acked one by one: the ledger keeps
+    one run for them, not 20,000 tags; once 1 is acked the floor is past them all and the next
+    batch is one frame again (it was one by one for good past 10,000)."""
+    transport = AmqpTransport(None, None, startup_attempts=1)  # type: ignore[arg-type]
+    channel, sent = _Channel(), []
+    held = _messages(channel, sent, range(1, 2))
+    for start in range(2, 20_002, 100):
+        await transport.ack_all(_messages(channel, sent, range(start, start + 100)))
+    assert len(sent) == 20_000 and not any(multiple for _, _, multiple in sent)
+    assert _runs(transport, channel) == 1
+    sent.clear()
+    await transport.ack_all(held)
+    assert sent == [("ack", 1, True)]
+    assert _runs(transport, channel) == 0
+    sent.clear()
+    await transport.ack_all(_messages(channel, sent, range(20_002, 20_018)))
+    assert sent == [("ack", 20_017, True)]
+
+
+class _Gated(_Message):
+    """A message whose ack frame waits for `gate` (a busy socket)."""
+    gate: asyncio.Event
+
+    async def ack(self, multiple: bool = False) -> None:
+        await self.gate.wait()
+        await super().ack(multiple)
+
+
+async def test_messages_a_multiple_ack_covered_stay_settled_while_many_others_settle() -> None:
+    """A multiple ack up to 2 still in flight while 3 is held and 12,000 tags after it are
+    acked: once it is sent, 1 (covered, never marked processed by its own frame) is settled,
+    so a requeue leaves it alone (a nack of a settled tag closes the channel); 3 is nacked."""
+    transport = AmqpTransport(None, None, startup_attempts=1)  # type: ignore[arg-type]
+    channel, sent = _Channel(), []
+    first = _Message(1, channel, sent)
+    second = _Gated(2, channel, sent)
+    second.gate = asyncio.Event()
+    held = _Message(3, channel, sent)
+    in_flight = asyncio.create_task(transport.ack_all([first, second]))
+    await asyncio.sleep(0)
+    for start in range(4, 12_004, 100):
+        await transport.ack_all(_messages(channel, sent, range(start, start + 100)))
+    second.gate.set()
+    await in_flight
+    assert ("ack", 2, True) in sent and not first.processed
+    sent.clear()
+    await transport.requeue([first, second, held])
+    assert sent == [("nack", 3, False)]
+    sent.clear()
+    await transport.ack_all(_messages(channel, sent, range(12_004, 12_010)))
+    assert sent == [("ack", 12_009, True)]
+
+
+async def test_the_runs_kept_are_bounded_and_one_forgotten_never_covers_a_tag_in_hand(
+        monkeypatch: Any) -> None:
+    """Gaps that never close (tags settled elsewhere) keep at most LIMIT runs: the highest are
+    forgotten. A forgotten tag only stops the floor there (one by one above it); its message
+    was marked processed by its own frame, so it is still never settled twice."""
+    from shared.runtime import acks
+
+    monkeypatch.setattr(acks, "LIMIT", 4)
+    transport = AmqpTransport(None, None, startup_attempts=1)  # type: ignore[arg-type]
+    channel, sent = _Channel(), []
+    odd = [_Message(tag, channel, sent) for tag in range(3, 23, 2)]
+    for message in odd:
+        await transport.ack_all([message])
+    assert _runs(transport, channel) == 4  # 3, 5, 7, 9 kept; 11..21 forgotten
+    sent.clear()
+    await transport.requeue(odd)
+    assert sent == []
+    await transport.ack_all(_messages(channel, sent, range(1, 2)) +
+                            [_Message(tag, channel, sent) for tag in (2, 4, 6, 8)])
+    assert sent == [("ack", 8, True)]  # 1..9 complete: one frame, 10 (in hand) not covered
+    sent.clear()
+    await transport.ack_all(_messages(channel, sent, range(10, 11)))
+    assert sent == [("ack", 10, True)]  # 11 was forgotten: the floor stops at 10
+    sent.clear()
+    await transport.ack_all(_messages(channel, sent, range(12, 13)))
+    assert sent == [("ack", 12, False)]

@@ -139,8 +139,9 @@ async def test_every_page_renders_for_a_reviewer_and_a_viewer(console: Console) 
         response = await anonymous.get(f"/orders/{placed['id']}")
         assert response.status_code == 303
         assert response.headers["location"] == f"/sign-in?next=/orders/{placed['id']}"
-        htmx = await anonymous.get("/orders/list", headers={"HX-Request": "true"})
-        assert htmx.headers["hx-redirect"] == "/sign-in?next=/orders/list"
+        htmx = await anonymous.get("/orders/list", headers={
+            "HX-Request": "true", "HX-Current-URL": "http://console.test/orders"})
+        assert htmx.headers["hx-redirect"] == "/sign-in?next=/orders"  # the page, not /list
 
 
 async def test_the_pages_show_what_an_order_holds(console: Console) -> None:
@@ -272,6 +273,29 @@ async def test_a_post_without_its_csrf_token_is_refused(console: Console) -> Non
                                      headers={"X-CSRF-Token": csrf})
         assert response.status_code == 200
     assert (await console.order(placed["id"]))["status"] == "Cancelled"
+
+
+async def test_an_ended_session_is_sent_to_sign_in_and_back_to_its_page(console: Console) -> None:
+    """Signed out under it (its password changed elsewhere): an htmx request (a list refreshing
+    itself) is redirected to sign in with `next` the page it came from, not the fragment it
+    asked for; a form posted from it goes to sign in too (its CSRF token ended with it), back
+    to the form's page, rather than a 403. Only this site's pages are `next`."""
+    client, csrf = await signed_in(console)
+    async with aclosing(client):
+        await console.flow.pool.execute(
+            "UPDATE operators SET password_changed_at = now() WHERE name = 'alice'")
+        htmx = {"HX-Request": "true"}
+        refresh = await client.get("/orders/list?status=all", headers={
+            **htmx, "HX-Current-URL": "http://console.test/orders?status=all&flagged=1"})
+        assert refresh.status_code == 204
+        assert refresh.headers["HX-Redirect"] == "/sign-in?next=/orders%3Fstatus%3Dall%26flagged%3D1"
+        elsewhere = await client.get("/orders/list", headers={
+            **htmx, "HX-Current-URL": "http://evil.example/orders"})
+        assert elsewhere.headers["HX-Redirect"] == "/sign-in"
+        posted = await client.post("/orders/1/notes", data={"csrf": csrf, "note": "hi"},
+                                   headers={"Referer": "http://console.test/orders/1"})
+        assert posted.status_code == 303
+        assert posted.headers["location"] == "/sign-in?next=/orders/1"
 
 
 async def test_a_viewer_cannot_act(console: Console) -> None:

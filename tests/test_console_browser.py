@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aio_pika
 import asyncpg
@@ -454,3 +455,139 @@ def test_a_count_that_stopped_early_turns_exact_in_the_page(browser: Any, stack:
         stack.sql("DELETE FROM orders WHERE order_ref LIKE 'br-seed-%'")
         stack.sql("DELETE FROM clients WHERE email = 'br-seed@seed.example'")
         stack.sql("DELETE FROM products WHERE slug IN ('br-old', 'br-launch')")
+
+
+WIDE_EMAIL = "accounts.payable.department@very-long-company-name-holdings.example"
+
+
+def _place_wide_orders(stack: Stack) -> list[int]:
+    """Three orders of one client as wide as real ones get: a long name and address, several
+    items with long domains, five reason codes on their latest fraud check (added here: the
+    rules rarely give that many at once)."""
+    refs = [f"br-wide-{n}" for n in range(3)]
+    for ref in refs:
+        stack.place(ref, client={
+            "email": WIDE_EMAIL,
+            "first_name": "Maximiliana-Alexandra", "last_name": "Featherstonehaugh-Wolfeschlegel",
+            "country": "GB", "company": "Featherstonehaugh International Holdings Ltd"},
+            items=[{"type": "product", "product": "business", "billing_cycle": "annually",
+                    "domain": f"{ref}-an-exceptionally-long-hostname-for-a-shop.example"},
+                   {"type": "domain", "domain": f"{ref}-another-rather-long-domain-name.com",
+                    "action": "register", "years": 2},
+                   {"type": "domain", "domain": f"{ref}-and-a-third.co.uk", "action": "transfer",
+                    "years": 1}])
+    stack.wait("SELECT count(*) = 3 FROM orders WHERE order_ref LIKE 'br-wide-%'"
+               " AND screening <> 'queued'")
+    ids = [r["id"] for r in stack.sql(
+        "SELECT id FROM orders WHERE order_ref LIKE 'br-wide-%' ORDER BY id")]
+    codes = ["free_email_new_client", "ip_velocity", "client_velocity", "earlier_fraud",
+             "large_first_order"]
+    stack.sql("INSERT INTO fraud_checks (order_id, provider, result, score, threshold, reasons)"
+              " SELECT id, 'rules', 'passed', 18, 20, $1::jsonb FROM orders"
+              " WHERE id = ANY($2::bigint[])",
+              json.dumps([{"code": c, "text": c} for c in codes]), ids)
+    return ids
+
+
+def _overflow(page: Any) -> dict[str, Any]:
+    """How far the page scrolls sideways, and whether every flag shows inside the list."""
+    return page.evaluate("""() => {
+        const root = document.documentElement, list = document.querySelector('#order-list');
+        const box = list.getBoundingClientRect();
+        const flags = [...list.querySelectorAll('td.flags .flag')];
+        return {page: root.scrollWidth - root.clientWidth, flags: flags.length,
+                outside: flags.filter(f => f.getBoundingClientRect().right > box.right + 0.5
+                                      || f.getBoundingClientRect().right > root.clientWidth)
+                              .map(f => f.textContent)};
+    }""")
+
+
+def test_the_pending_list_fits_1280_pixels_and_scrolls_in_its_card_when_narrower(
+        browser: Any, stack: Stack) -> None:
+    """At 1280 px (the operators' laptops) and at 1024 the list, its flags column included,
+    fits the page (long names, emails and domains wrap in their cells); narrower, the page
+    itself never scrolls sideways: the table does, inside its card."""
+    _place_wide_orders(stack)
+    page = signed_in(browser, stack)
+    expect = sync_api.expect
+    page.goto(f"/orders?status=all&q={WIDE_EMAIL}")
+    expect(page.locator("#order-list tbody tr")).to_have_count(3)
+    shoot(page, "pending-wide")
+    assert _overflow(page) == {"page": 0, "flags": 15, "outside": []}
+    page.set_viewport_size({"width": 1024, "height": 800})
+    assert _overflow(page) == {"page": 0, "flags": 15, "outside": []}
+    page.set_viewport_size({"width": 760, "height": 800})
+    assert _overflow(page)["page"] == 0
+    scroll = page.evaluate("""() => { const s = document.querySelector('#order-list .scroll');
+        return {scrolls: s.scrollWidth > s.clientWidth, overflow: getComputedStyle(s).overflowX}; }""")
+    assert scroll == {"scrolls": True, "overflow": "auto"}
+    page.context.close()
+
+
+def _operator(stack: Stack, name: str) -> None:
+    """A reviewer of its own (alice's password), for a test that changes it under its session."""
+    stack.sql("INSERT INTO operators (name, role, password_hash) SELECT $1, 'reviewer',"
+              " password_hash FROM operators WHERE name = 'alice'", name)
+
+
+def test_an_error_answered_to_an_htmx_request_is_said_in_one_line(browser: Any,
+                                                                  stack: Stack) -> None:
+    """htmx 2 swaps no 4xx: a reviewer made a viewer while on Add New Order types in the
+    client search (htmx) and is refused (403, text): the page says so in its error bar, not
+    nothing; once the search answers again the bar goes. A refusal quoting markup shows it
+    as text."""
+    _operator(stack, "rita")
+    page = signed_in(browser, stack, "rita")
+    expect = sync_api.expect
+    page.goto("/orders/new")
+    bar = page.locator("#request-error")
+    expect(bar).to_be_hidden()
+    stack.sql("UPDATE operators SET role = 'viewer' WHERE name = 'rita'")
+    page.locator("input[name=q]").first.fill("Ann")
+    expect(bar).to_be_visible()
+    expect(bar).to_contain_text("Refused: a viewer cannot act on orders.")
+    # Made a reviewer again, the search answers: the bar goes.
+    stack.sql("UPDATE operators SET role = 'reviewer' WHERE name = 'rita'")
+    page.locator("input[name=q]").first.fill("Annie")
+    expect(bar).to_be_hidden()
+    # An answer quoting what was sent stays text (here a made-up action, refused by name).
+    page.evaluate("htmx.ajax('POST', '/orders/1/act/%3Cimg%20src%3Dx%3Ebold',"
+                  " {target: '#request-error', swap: 'none'})")
+    expect(bar.locator(".message")).to_have_text("Unknown action '<img src=x>bold'.")
+    assert bar.locator("img").count() == 0
+    bar.locator("button.dismiss").click()
+    expect(bar).to_be_hidden()
+    # An error answer that is the element it was asked for (the list's count, refused in its
+    # own words: a bad date) takes its place, as a 200 would, rather than the bar.
+    page.goto("/orders")
+    page.evaluate("""() => {
+        document.querySelector('.listhead').insertAdjacentHTML('afterbegin',
+            '<span id="order-count">counting…</span>');
+        htmx.ajax('GET', '/orders/count?since=2024-13-45',
+                  {target: '#order-count', swap: 'outerHTML'}); }""")
+    expect(page.locator("#order-count")).to_have_text(
+        "Could not count: from '2024-13-45' is not a date (YYYY-MM-DD)")
+    expect(bar).to_be_hidden()
+    page.context.close()
+
+
+def test_a_session_ending_while_the_list_refreshes_leads_to_sign_in_and_back(
+        browser: Any, stack: Stack) -> None:
+    """The list refreshes itself (htmx, every 5 s): once the session has ended (here its
+    password changed elsewhere) the next refresh takes the browser to sign in, and signing in
+    returns to the list page with its filters (not to the fragment the refresh asked for)."""
+    _operator(stack, "sam")
+    page = signed_in(browser, stack, "sam")
+    expect = sync_api.expect
+    page.goto("/orders?status=all&flagged=1")
+    expect(page.locator("h1")).to_contain_text("Orders")
+    stack.sql("UPDATE operators SET password_changed_at = now() WHERE name = 'sam'")
+    page.wait_for_url(re.compile(r".*/sign-in\?next=.*"), timeout=15_000)
+    assert page.url.endswith("/sign-in?next=" + quote("/orders?status=all&flagged=1", safe="/"))
+    page.fill("input[name=name]", "sam")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/orders\?status=all&flagged=1$"))
+    expect(page.locator("h1")).to_contain_text("Orders")
+    expect(page.locator("#order-list")).to_be_visible()
+    page.context.close()

@@ -9,39 +9,67 @@ which every one has been settled by this process (acked, requeued, dead-lettered
 only once its frame was sent), and the settled tags above it. A batch's tags that extend
 that run are acked with one frame; the others (a later batch that finished first) one by
 one, as before, never held back: an ack waiting for an earlier batch would keep its message
-counting against the prefetch. A channel whose run cannot close (a tag settled elsewhere)
-stops being tracked past `LIMIT` tags and is acked one by one from then on.
+counting against the prefetch.
+
+The settled tags above the floor are kept as runs (first, last), not one by one: a message
+held for minutes while thousands after it are settled is one run, and once it is settled the
+floor moves past them all and multiple acks go on. What is kept is one run per tag still
+unsettled above the floor (at most the prefetch, unless a tag was settled elsewhere, never
+recorded). Past `LIMIT` runs the highest are forgotten: only a lost multiple ack above them,
+never a wrong settle, since a run only holds tags sent with their own frame (which aio-pika
+marks processed); a multiple ack's tags are always at or below the floor once recorded.
 
 A message a multiple ack covered is not marked processed by aio-pika (only the one whose tag
 was sent is): `settled()` says so for the transport's requeue, which must not nack it."""
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
 
-LIMIT = 10_000  # settled tags kept above a gap before a channel is given up on
+LIMIT = 4096  # runs kept above the floor: far more than tags in hand (the prefetch, <= 1000)
 
 
 @dataclass
 class _Channel:
     floor: int = 0  # every tag <= floor is settled
-    above: set[int] = field(default_factory=set)  # settled tags > floor
-    tracked: bool = True
+    starts: list[int] = field(default_factory=list)  # the settled runs above the floor:
+    ends: list[int] = field(default_factory=list)  # sorted, disjoint, a gap before each
 
     def settled(self, tag: int) -> bool:
-        return tag <= self.floor or tag in self.above
+        if tag <= self.floor:
+            return True
+        at = bisect.bisect_right(self.starts, tag) - 1
+        return at >= 0 and self.ends[at] >= tag
+
+    def run_from(self, tag: int) -> int:
+        """The last tag of the settled run starting at `tag` (tag - 1: none starts there)."""
+        at = bisect.bisect_left(self.starts, tag)
+        return self.ends[at] if at < len(self.starts) and self.starts[at] == tag else tag - 1
+
+    def add(self, first: int, last: int) -> None:
+        """Tags first..last are settled: merged with the runs they touch, the floor moved up."""
+        first = max(first, self.floor + 1)
+        if first > last:
+            return
+        lo = bisect.bisect_left(self.ends, first - 1)  # first run ending at or after first - 1
+        hi = bisect.bisect_right(self.starts, last + 1)  # runs from lo to hi touch or overlap
+        if lo < hi:
+            first, last = min(first, self.starts[lo]), max(last, self.ends[hi - 1])
+        self.starts[lo:hi], self.ends[lo:hi] = [first], [last]
+        if self.starts[0] == self.floor + 1:
+            self.floor = self.ends[0]
+            del self.starts[0], self.ends[0]
+        if len(self.starts) > LIMIT:
+            del self.starts[LIMIT:], self.ends[LIMIT:]
 
     def record(self, tags: Sequence[int]) -> None:
-        self.above.update(tag for tag in tags if tag > self.floor)
-        while self.floor + 1 in self.above:
-            self.floor += 1
-            self.above.discard(self.floor)
-        if len(self.above) > LIMIT:
-            self.tracked, self.above = False, set()
+        for tag in sorted(tags):
+            self.add(tag, tag)
 
 
 class AckLedger:
@@ -59,7 +87,7 @@ class AckLedger:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-        return state if state.tracked else None
+        return state
 
     def plan(self, messages: Sequence[AbstractIncomingMessage]
              ) -> tuple[AbstractIncomingMessage | None, list[AbstractIncomingMessage]]:
@@ -71,8 +99,13 @@ class AckLedger:
             return None, list(messages)
         mine = {m.delivery_tag: m for m in tagged}
         end = state.floor  # the run of settled-or-ours tags from the floor up
-        while end + 1 in mine or end + 1 in state.above:
-            end += 1
+        while True:
+            if end + 1 in mine:
+                end += 1
+            elif (last := state.run_from(end + 1)) > end:
+                end = last
+            else:
+                break
         top = max((tag for tag in mine if tag <= end), default=None)
         if top is None:
             return None, list(messages)
@@ -94,6 +127,5 @@ class AckLedger:
         state = self._of(messages[0])
         if state is None:
             return
-        if upto > state.floor:
-            state.above.update(range(state.floor + 1, upto + 1))
+        state.add(state.floor + 1, upto)
         state.record([m.delivery_tag for m in messages if m.delivery_tag])
