@@ -368,6 +368,12 @@ def _progress(r: dict[str, Any]) -> None:
           f" {r['transactions_per_order']:.1f} transactions/order", flush=True)
 
 
+def as_shipped() -> dict[str, str]:
+    """`ordermill run`'s own layout (`auto`) unless the environment sets WORKER_PROCESSES
+    (bench/pipeline.py's default is one process)."""
+    return {"WORKER_PROCESSES": os.environ.get("WORKER_PROCESSES", "auto")}
+
+
 async def with_worker(bench: Bench, connection: AbstractRobustConnection, env: dict[str, str],
                       label: str, processes: list[list[str]] | None = None,
                       ) -> tuple[WorkerProcess | WorkerGroup, FullFlow, CpuMeter]:
@@ -508,7 +514,7 @@ async def volume(bench: Bench, connection: AbstractRobustConnection, orders: Ord
 
 async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
                   opts: argparse.Namespace) -> dict[str, Any]:
-    env = {**bench.env(), "JOB_BACKOFF_SECONDS": "1", **retention_env(opts.window)}
+    env = {**bench.env(), **as_shipped(), "JOB_BACKOFF_SECONDS": "1", **retention_env(opts.window)}
     worker, store, cpu = await with_worker(bench, connection, env, "volume")
     run = Run(bench, connection, worker, store, cpu)
     checkpoints = []
@@ -598,7 +604,7 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
                 data["volume"] = await volume(bench, connection, orders, opts)
             else:
                 rounds = []
-                base = {**bench.env(), "JOB_BACKOFF_SECONDS": "1"}
+                base = {**bench.env(), **as_shipped(), "JOB_BACKOFF_SECONDS": "1"}
                 for n in range(max(1, opts.ab)):
                     variants = [("linger 0", {**base, "WORKER_LINGER_MS": "0"}),
                                 (f"linger {opts.linger:g}", {**base, "WORKER_LINGER_MS": str(opts.linger)})]

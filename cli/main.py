@@ -334,7 +334,7 @@ def run(services: list[str] = typer.Argument(
                  "notify,webhooks,alerts (default: WORKER_PROCESSES, else auto).")) -> None:
     """Run workers (all of them, plus the outbox relay; on two or more cores in three
     processes: the order path, provisioning, the rest), and the web console too when
-    `console` is named (in the first process)."""
+    `console` is named (in the supervising process)."""
     from services import layout
     from services.registry import WORKERS
 
@@ -344,10 +344,9 @@ def run(services: list[str] = typer.Argument(
     if unknown:
         raise UserError(f"unknown service {unknown[0]!r}; known: {', '.join(WORKERS)}, {CONSOLE}")
     with_console = CONSOLE in (services or [])
+    # Named services, else every worker (`ordermill run console`: the console alone).
+    chosen = [name for name in services if name != CONSOLE] if services else list(WORKERS)
     try:
-        # Nothing named: every worker, or those an explicit layout names.
-        chosen = ([name for name in services if name != CONSOLE] if services
-                  else layout.named(spec, list(WORKERS)))
         groups = layout.plan(chosen, spec, list(WORKERS)) if chosen else []
     except layout.LayoutError as exc:
         raise UserError(f"{exc} (--processes, WORKER_PROCESSES)") from None
@@ -385,7 +384,8 @@ def run(services: list[str] = typer.Argument(
         if supervisor is not None:
             tasks.append(asyncio.create_task(supervised(supervisor)))
         elif chosen:
-            tasks.append(asyncio.create_task(runtime.serve(workers, ready=ready_pipe())))
+            tasks.append(asyncio.create_task(runtime.serve(workers, ready=ready_pipe(
+                lambda: runtime.metrics_server.port if runtime.metrics_server else None))))
         code = 0
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED

@@ -18,8 +18,10 @@ groups above on two or more cores, one process on one; `1` is one process.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 AUTO = "auto"
 ONE = "1"
@@ -35,12 +37,21 @@ class LayoutError(ValueError):
     """A layout that names an unknown service, one twice, or not the services asked for."""
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the host's)."""
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU set (taskset, a container's cpuset), and no
+    more than its CPU quota allows (cgroup v2 `cpu.max`: `docker --cpus`, a Kubernetes
+    limit), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or no quota read
+        pass
+    return cores
 
 
 def parse(text: str, known: Sequence[str]) -> list[list[str]]:
@@ -61,14 +72,6 @@ def parse(text: str, known: Sequence[str]) -> list[list[str]]:
     return groups
 
 
-def named(spec: str, known: Sequence[str]) -> list[str]:
-    """The services a layout runs: those it names, or every one for `auto` and `1`."""
-    if _keyword(spec) in (AUTO, ONE):
-        return list(known)
-    named = {name for group in parse(spec, known) for name in group}
-    return [name for name in known if name in named]
-
-
 def _keyword(spec: str) -> str:
     return spec.strip().lower()
 
@@ -77,10 +80,12 @@ def plan(chosen: Sequence[str], spec: str, known: Sequence[str], *,
          cpus: int | None = None) -> list[list[str]]:
     """The groups of processes to run `chosen` in (one group: one process, no supervisor).
 
-    `auto`: DEFAULT_GROUPS restricted to what is chosen, a chosen service no default group
-    names joining the last group, on one core a single group. An explicit layout must name
-    exactly the chosen services: a worker left out would leave its queue to grow, and one run
-    twice in one `ordermill run` is better said with a second command."""
+    A layout groups, it does not choose: the services run are those named on the command
+    line, else every worker. `auto`: DEFAULT_GROUPS kept to what is run (a service no default
+    group names joins the last group), on one core a single group. An explicit layout must
+    place every service run (a worker left out would leave its queue to grow unseen); the
+    groups it names are kept to what is run, so one WORKER_PROCESSES shared by every
+    deployment also serves `ordermill run placement` (one process)."""
     if _keyword(spec) == ONE:
         return [list(chosen)]
     if _keyword(spec) == AUTO:
@@ -91,16 +96,12 @@ def plan(chosen: Sequence[str], spec: str, known: Sequence[str], *,
         groups[-1].extend(name for name in chosen if name not in grouped)
         return [group for group in groups if group] or [list(chosen)]
     groups = parse(spec, known)
-    named = [name for group in groups for name in group]
-    if sorted(named) != sorted(chosen):
-        missing = [name for name in chosen if name not in named]
-        extra = [name for name in named if name not in chosen]
-        raise LayoutError(
-            f"layout {spec!r} must name each service run exactly once:"
-            + (f" missing {', '.join(missing)}" if missing else "")
-            + (";" if missing and extra else "")
-            + (f" not asked to run {', '.join(extra)}" if extra else ""))
-    return groups
+    placed = {name for group in groups for name in group}
+    missing = [name for name in chosen if name not in placed]
+    if missing:
+        raise LayoutError(f"layout {spec!r} places no {', '.join(missing)}: name every service"
+                          " run in one of its groups")
+    return [kept for group in groups if (kept := [name for name in group if name in chosen])]
 
 
 def label(group: Sequence[str]) -> str:

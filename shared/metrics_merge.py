@@ -93,12 +93,20 @@ class MergedCollector(Collector):
     def __init__(self, sources: Callable[[], Sequence[Source]]) -> None:
         self.sources = sources
 
+    def describe(self) -> list[Metric]:
+        """Its own family (the merged ones are the processes')."""
+        return [_process_up()]
+
     def collect(self) -> Iterator[Metric]:
         sources = self.sources()
         yield from merge(sources)
-        up = GaugeMetricFamily("ordermill_process_up",
-                               "1 when the worker process answered this scrape (its services"
-                               " in the label), else 0.", labels=["process"])
+        up = _process_up()
         for source in sources:
             up.add_metric([source.label], 1.0 if source.up else 0.0)
         yield up
+
+
+def _process_up() -> GaugeMetricFamily:
+    return GaugeMetricFamily("ordermill_process_up",
+                             "1 when the worker process answered this scrape (its services in"
+                             " the label), else 0.", labels=["process"])

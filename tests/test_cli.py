@@ -256,8 +256,8 @@ async def test_mistakes_print_one_line_and_exit_non_zero(settings: Settings, tmp
         (("run", "nosuch"), "error: unknown service 'nosuch'"),
         (("run", "--processes", "placement/nosuch"), "error: unknown service 'nosuch' in layout"),
         (("run", "placement", "--processes", "fraud"),
-         "error: layout 'fraud' must name each service run exactly once: missing placement;"
-         " not asked to run fraud (--processes, WORKER_PROCESSES)"),
+         "error: layout 'fraud' places no placement: name every service run in one of its groups"
+         " (--processes, WORKER_PROCESSES)"),
         (("dead-letters", "nosuch"), "error: unknown queue 'nosuch'"),
         (("catalog", "load", str(tmp_path / "missing.toml")), "error: cannot read"),
         (("catalog", "load", str(bad_toml)),

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,25 +26,39 @@ def test_auto_runs_the_order_path_provisioning_and_the_rest_apart_on_two_cores()
     assert layout.plan(KNOWN, "1", KNOWN, cpus=8) == [KNOWN]
 
 
+def test_the_cores_counted_are_no_more_than_the_cpu_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus=1.5
+    assert layout.usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert layout.usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert layout.usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
+    assert layout.usable_cpus(tmp_path / "nowhere") == len(os.sched_getaffinity(0))
+
+
 def test_auto_keeps_only_the_groups_of_the_services_asked_for() -> None:
     assert layout.plan(["placement", "fraud"], "auto", KNOWN, cpus=4) == [["placement", "fraud"]]
     assert layout.plan(["notify", "fraud", "review"], "auto", KNOWN, cpus=4) == [
         ["fraud"], ["review"], ["notify"]]
 
 
-def test_an_explicit_layout_names_each_service_once() -> None:
+def test_an_explicit_layout_groups_the_services_run_and_must_place_each() -> None:
     assert layout.plan(["placement", "fraud", "notify"], " placement / fraud,notify ", KNOWN) == [
         ["placement"], ["fraud", "notify"]]
-    assert layout.named("notify/placement", KNOWN) == ["placement", "notify"]
-    assert layout.named("auto", KNOWN) == KNOWN
+    # One WORKER_PROCESSES for every deployment: a one-service run keeps its own group only.
+    everything = "placement,fraud/provisioning,review/notify,webhooks,alerts"
+    assert layout.plan(["provisioning"], everything, KNOWN) == [["provisioning"]]
+    assert layout.plan(KNOWN, everything, KNOWN) == [
+        ["placement", "fraud"], ["provisioning", "review"], ["notify", "webhooks", "alerts"]]
 
 
 @pytest.mark.parametrize(("spec", "chosen", "message"), [
     ("placement/nosuch", ["placement"], "unknown service 'nosuch' in layout"),
     ("placement/placement", ["placement"], "service 'placement' is named twice"),
     ("placement//fraud", ["placement", "fraud"], "empty service name"),
-    ("placement", ["placement", "fraud"], "missing fraud"),
-    ("placement,fraud", ["placement"], "not asked to run fraud"),
+    ("placement", ["placement", "fraud"], "places no fraud"),
+    # Every worker run, one forgotten: said, not run without it (its queue would grow unseen).
+    ("placement,fraud/provisioning,review/notify,webhooks", KNOWN, "places no alerts"),
 ])
 def test_a_wrong_layout_says_what_is_wrong(spec: str, chosen: list[str], message: str) -> None:
     with pytest.raises(layout.LayoutError, match=message):

@@ -22,6 +22,7 @@ import shared.runtime.middleware.metrics  # noqa: F401  (the message metrics, re
 from cli.exporter import DOMAIN_GAUGES, QueueGauges, SourcesUp
 from shared.errors import RejectKind
 from shared.metrics import DatabaseGauges, ProcessState, StateGauge
+from shared.metrics_merge import MergedCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -44,7 +45,8 @@ def worker_collectors() -> list[Any]:
     """What a worker serves besides the default registry: its database gauges (all of them:
     relay, jobs, emails) and its process state, described without a database."""
     gauges = [g for g in _state_gauges() if g not in DOMAIN_GAUGES]
-    return [DatabaseGauges(None, gauges, ttl=5), ProcessState(lambda: False, lambda: True)]
+    return [DatabaseGauges(None, gauges, ttl=5), ProcessState(lambda: False, lambda: True),
+            MergedCollector(lambda: [])]  # a supervisor's own (shared/runtime/supervisor.py)
 
 
 def exporter_collectors() -> list[Any]:
@@ -167,6 +169,34 @@ def test_promtool_checks_the_rules() -> None:
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)
+def test_a_worker_process_that_stops_answering_behind_its_supervisor_alerts(tmp_path: Path) -> None:
+    """The supervisor still answers (`up` 1) and keeps the silent process's last metrics
+    (connected, no outage): only ordermill_process_up says it, and a rule must read it."""
+    (tmp_path / "alerts.yml").write_text(RULES.read_text())
+    [rule] = [r for r in rules() if r["alert"] == "OrdermillWorkerProcessDown"]
+    series = 'ordermill_process_up{job="ordermill-workers",instance="vm1:9101",process="%s"}'
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["alerts.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": [
+            {"series": series % "provisioning,review", "values": "1 0 0 0 0"},
+            {"series": series % "placement,fraud", "values": "1 1 1 1 1"},
+            {"series": 'up{job="ordermill-workers",instance="vm1:9101"}', "values": "1 1 1 1 1"}],
+            "alert_rule_test": [{"eval_time": "4m", "alertname": "OrdermillWorkerProcessDown",
+                                 "exp_alerts": [{"exp_labels": {
+                                     "severity": "critical", "job": "ordermill-workers",
+                                     "instance": "vm1:9101", "process": "provisioning,review"},
+                                     "exp_annotations": {
+                                         "summary": "worker process provisioning,review on"
+                                                    " vm1:9101 does not answer",
+                                         "description": rule["annotations"]["description"]}}]},
+                                {"eval_time": "4m", "alertname": "OrdermillWorkerDown",
+                                 "exp_alerts": []}]}]}))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "test.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMTOOL)

@@ -10,10 +10,11 @@ starts one `ordermill run --processes 1 GROUP...` per group and stands for them 
   as it would restart a one-process run whose worker died. A group that is gone would
   otherwise leave its queues to grow unseen.
 - Health: with HEARTBEAT_FILE set, each child beats its own file (`FILE.1`, `FILE.2`, ...) and
-  the parent touches FILE while every child's beat is fresh: the container's check is the
-  same file, and it fails when any group cannot work.
-- Metrics: with METRICS_PORT set, each child serves on a free port of 127.0.0.1, and the
-  parent serves METRICS_HOST:METRICS_PORT, merging the children's (shared/metrics_merge.py).
+  the parent keeps FILE as old as the oldest of theirs: the container's check reads the same
+  file with the same meaning, and fails as soon as any group could not work for as long.
+- Metrics: with METRICS_PORT set, each child serves on a port of 127.0.0.1 it chose itself
+  (and tells through its ready pipe), and the parent serves METRICS_HOST:METRICS_PORT,
+  merging the children's (shared/metrics_merge.py).
 - Logs: the children write to the parent's stdout and stderr; each line names its `group`.
 """
 
@@ -25,11 +26,10 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -58,6 +58,7 @@ class Child:
     metrics_port: int | None = None
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
+    metrics_wanted: bool = False
     metrics: Source = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,20 +73,19 @@ class Child:
         return self.process is not None and self.process.returncode is None
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """Run in the child before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """Run in the child before exec: SIGTERM when the parent dies (Linux only; elsewhere the
+    children outlive a supervisor killed outright). libc is loaded here, in the parent: the
+    child only calls into it (loading a library between fork and exec may deadlock)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
     def setup() -> None:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:  # the parent died before the call
-                os.kill(os.getpid(), signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return setup
 
@@ -105,7 +105,7 @@ class Supervisor:
         self.children = [
             Child(i, list(group),
                   heartbeat=beat.with_name(f"{beat.name}.{i}") if beat else None,
-                  metrics_port=_free_port() if settings.metrics.port is not None else None)
+                  metrics_wanted=settings.metrics.port is not None)
             for i, group in enumerate(groups, start=1)]
         self._stop = asyncio.Event()
         self.metrics_server: MetricsServer | None = None
@@ -120,14 +120,18 @@ class Supervisor:
         env[READY_FD_ENV] = str(ready_fd)
         if child.heartbeat is not None:
             env["HEARTBEAT_FILE"] = str(child.heartbeat)
-        if child.metrics_port is not None:
+        if child.metrics_wanted:  # any free port, told through the ready pipe
             env["METRICS_HOST"] = "127.0.0.1"
-            env["METRICS_PORT"] = str(child.metrics_port)
+            env["METRICS_PORT"] = "0"
         return env
 
     async def serve(self) -> int:
         """Run the children until stopped or one ends; the exit code for the parent."""
         await self._serve_metrics()
+        for child in self.children:  # a beat left by an earlier run killed outright is no beat
+            if child.heartbeat is not None:
+                with contextlib.suppress(OSError):
+                    child.heartbeat.unlink(missing_ok=True)
         ended: asyncio.Task[Child] | None = None
         helpers: list[asyncio.Task[None]] = []
         code = 0
@@ -136,6 +140,8 @@ class Supervisor:
                 if self._stop.is_set():
                     break
                 await self._start(child)
+            if not any(child.process for child in self.children):
+                return 0  # stopped before any started
             if self.heartbeat is not None:
                 helpers.append(asyncio.create_task(self._beat(self.heartbeat)))
             ended = asyncio.create_task(self._first_ended())
@@ -171,6 +177,9 @@ class Supervisor:
             child.process = await asyncio.create_subprocess_exec(
                 *self.command(child.group), env=self._env(child, write_fd), pass_fds=(write_fd,),
                 preexec_fn=_die_with_parent(os.getpid()))
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         log.info("worker process started", extra={"group": child.label, "pid": child.process.pid})
@@ -178,10 +187,14 @@ class Supervisor:
 
         def readable() -> None:
             loop.remove_reader(read_fd)
-            got = os.read(read_fd, 1)
-            os.close(read_fd)
+            try:
+                got = os.read(read_fd, 64)
+            finally:
+                os.close(read_fd)
             if not got:  # it ended before it was running
                 return
+            port = got.decode("ascii", "replace").strip()
+            child.metrics_port = int(port) if port.isdigit() and int(port) else None
             child.ready = True
             if all(c.ready for c in self.children):
                 log.info("all worker processes running",
@@ -216,24 +229,28 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------
 
     async def _beat(self, path: Path) -> None:
-        """Touch `path` while every child's own beat is fresh (younger than two beats)."""
+        """Keep `path` as old as the oldest child's beat, once every child has beaten (a
+        check of its age then means what it means for one process)."""
         every = self.settings.heartbeat_seconds
         while True:
-            if all(self._fresh(child, 2 * every + 1) for child in self.children):
+            oldest = self._oldest_beat()
+            if oldest is not None:
                 try:
-                    await asyncio.to_thread(path.write_text, f"{time.time():.0f}\n")
+                    await asyncio.to_thread(_write_beat, path, oldest)
                 except OSError as exc:
                     log.warning("heartbeat not written", extra={"path": str(path), "error": str(exc)})
-            await asyncio.sleep(every)
+            await asyncio.sleep(min(every, 1.0))
 
-    @staticmethod
-    def _fresh(child: Child, seconds: float) -> bool:
-        if not child.running or child.heartbeat is None:
-            return False
-        try:
-            return time.time() - child.heartbeat.stat().st_mtime < seconds
-        except OSError:
-            return False
+    def _oldest_beat(self) -> float | None:
+        times = []
+        for child in self.children:
+            if not child.running or child.heartbeat is None:
+                return None
+            try:
+                times.append(child.heartbeat.stat().st_mtime)
+            except OSError:
+                return None
+        return min(times) if times else None
 
     # -- metrics --------------------------------------------------------------------------
 
@@ -262,6 +279,9 @@ class Supervisor:
 
     async def _scrape_one(self, session: aiohttp.ClientSession, child: Child) -> None:
         """The child's metrics; when it does not answer, the last it gave, marked not up."""
+        if child.metrics_port is None:  # not running yet (its port comes with its ready word)
+            child.metrics = Source(child.label, child.metrics.families, up=False)
+            return
         try:
             async with session.get(f"http://127.0.0.1:{child.metrics_port}/metrics") as response:
                 response.raise_for_status()
@@ -273,14 +293,20 @@ class Supervisor:
                 "group": child.label, "error": f"{type(exc).__name__}: {exc}"})
 
 
+def _write_beat(path: Path, at: float) -> None:
+    path.write_text(datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") + "\n")
+    os.utime(path, (at, at))
+
+
 def _exit_code(returncode: int) -> int:
     """A child's exit status as a shell gives it (killed by signal N: 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
 
 
-def ready_pipe() -> asyncio.Event | None:
+def ready_pipe(metrics_port: Callable[[], int | None]) -> asyncio.Event | None:
     """In a worker process a supervisor started: an event that, once set (the runtime's
-    workers consume), tells the supervisor through its pipe. Elsewhere None."""
+    workers consume), tells the supervisor through its pipe, with the port its /metrics
+    took (0: none). Elsewhere None."""
     fd = os.environ.pop(READY_FD_ENV, None)
     if fd is None or not fd.isdigit():
         return None
@@ -290,7 +316,7 @@ def ready_pipe() -> asyncio.Event | None:
         try:
             await ready.wait()
             with contextlib.suppress(OSError):
-                os.write(int(fd), b"1")
+                os.write(int(fd), f"{metrics_port() or 0}\n".encode())
         finally:
             with contextlib.suppress(OSError):
                 os.close(int(fd))
