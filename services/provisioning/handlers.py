@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.provisioning.payments import Payments
-from services.provisioning.reconcile import reconcile, retry_parked
+from services.provisioning.reconcile import OrderState, reconcile, retry_parked
 from shared.contracts import OrderEvent, OrderRetry, OrderSetPending
 from shared.uow import UnitOfWork
 
@@ -28,6 +28,7 @@ class OrderEvents:
         await self.on_event(event, uow)
 
 
-async def reconcile_paid(uow: UnitOfWork, order_id: int) -> None:
-    """Called in the payment's transaction once its invoice is Paid."""
-    await reconcile(uow.conn, order_id, caused_by=uow.context.message_id)
+async def reconcile_paid(uow: UnitOfWork, order_id: int, state: OrderState) -> None:
+    """Called in the payment's transaction once its invoice is Paid, with the order's state
+    as the payment read it under the order's lock (no second locking read)."""
+    await reconcile(uow.conn, order_id, caused_by=uow.context.message_id, state=state)
