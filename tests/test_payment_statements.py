@@ -93,3 +93,54 @@ async def test_a_batch_of_payments_writes_its_history_in_one_statement(
         (i, "create", "pending") for i in ids]
     assert await flow.pool.fetchval(
         "SELECT count(*) FROM outbox WHERE routing_key = 'invoice.paid'") == 3
+
+
+async def _screened_events(flow: InMemoryFlow, refs: list[str]) -> list:
+    """Orders placed and screened without the provisioning worker; their order.screened
+    events, for it (added now)."""
+    s = flow.settings
+    flow.add(placement_worker(s), fraud_worker(s))
+    for n, ref in enumerate(refs):
+        await flow.send("order.place", _starter(ref, n))
+    events = await flow.run()
+    flow.add(provisioning_worker(s))
+    return [e for e in events if e.routing_key == "order.screened"]
+
+
+async def test_an_order_event_locks_its_order_and_finds_its_waiting_payments_at_once(
+    flow: InMemoryFlow,
+) -> None:
+    """order.screened with no payment waiting (the usual case): the order locked, read and
+    its waiting payments listed in one statement, and the reconcile step reads nothing
+    again; one that finds a payment waiting applies it and sets the order up."""
+    [alone, early] = await _screened_events(flow, ["pste-0", "pste-1"])
+    statements = Statements()
+    await statements.watch(flow.pool)
+    delivery = flow.as_delivery(alone)
+    await flow.deliver([delivery], to="provisioning")
+
+    assert delivery.outcome == "acked"
+    assert _order_locks(statements) == 1
+    assert statements.count("FROM payments") == 1  # main: a statement of its own (JOIN payments)
+    # BEGIN, inbox, order and waiting payments, items, COMMIT (main: 6)
+    assert len(statements.seen) == 5, statements.seen
+    assert await flow.pool.fetchval("SELECT count(*) FROM jobs") == 0  # not paid
+
+    # A payment by ref that came before the screening (kept waiting for its order's event).
+    order_id = early.body["order_id"]
+    total = await flow.pool.fetchval("SELECT total FROM invoices WHERE order_id = $1", order_id)
+    await flow.pool.execute(
+        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
+        " publisher, status, reason, waiting_for, trusted, message_id) VALUES ('stripe',"
+        " 'ch_early', $1, $2, 'USD', 'pste-1', $3, 'unapplied', 'order not placed yet: pste-1',"
+        " 'order', true, 'pay-early')",
+        total, str(total), flow.user)
+    delivery = flow.as_delivery(early)
+    await flow.deliver([delivery], to="provisioning")
+    assert delivery.outcome == "acked"
+    assert await flow.pool.fetchval(
+        "SELECT status FROM payments WHERE transaction_id = 'ch_early'") == "applied"
+    assert await flow.pool.fetchval(
+        "SELECT status FROM invoices WHERE order_id = $1", order_id) == "Paid"
+    jobs = await flow.pool.fetch("SELECT kind, status FROM jobs WHERE order_id = $1", order_id)
+    assert [(j["kind"], j["status"]) for j in jobs] == [("create", "pending")]

@@ -18,8 +18,8 @@ class OrderEvents:
     async def on_event(self, event: OrderEvent, uow: UnitOfWork) -> None:
         """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
         reopened = uow.context.routing_key == OrderSetPending.routing_key
-        await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
-        await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id)
+        state = await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
+        await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id, state=state)
 
     async def on_retry(self, event: OrderRetry, uow: UnitOfWork) -> None:
         """order.retry: parked setups run again, and anything still missing is queued."""

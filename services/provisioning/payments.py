@@ -158,21 +158,34 @@ class Payments:
         return True
 
     async def apply_waiting(self, uow: UnitOfWork, order_id: int, *,
-                            reopened: bool = False) -> None:
+                            reopened: bool = False) -> OrderState | None:
         """Payments that arrived before their order are applied once it exists (called with
         every event about the order, in its transaction); `reopened` (the order was set back
-        to Pending) also retries those refused because the order had ended."""
+        to Pending) also retries those refused because the order had ended.
+
+        The order is locked and its state read by the same statement that lists them (the
+        order row locked, the waiting payments read as the reconcile step's own locking read
+        would have read its invoice). Returned when no payment was waiting (the usual case):
+        the state the reconcile step needs, read under the lock this transaction now holds,
+        so that step reads nothing again (one statement fewer an event). None when payments
+        were applied (they changed it: read it again) or the order does not exist."""
         waiting = [WaitingFor.ORDER, WaitingFor.REVIEW] if reopened else [WaitingFor.ORDER]
         # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
-        rows = await uow.conn.fetch(
-            "SELECT p.id FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
-            " JOIN payments p ON p.waiting_for IS NOT NULL"
+        row = await uow.conn.fetchrow(
+            "SELECT o.id, o.order_ref, o.status, o.screening, o.screening_override,"
+            " o.accept_options, i.status AS invoice_status,"
+            " ARRAY(SELECT p.id FROM payments p WHERE p.waiting_for IS NOT NULL"
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
-            " WHERE o.id = $1 AND p.waiting_for = ANY($2::text[]) ORDER BY p.id",
+            "  AND p.waiting_for = ANY($2::text[]) ORDER BY p.id) AS waiting"
+            " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1"
+            " FOR UPDATE OF o",
             order_id, waiting,
         )
-        for row in rows:
-            await self.apply(uow, row["id"])
+        if row is None:
+            return None
+        for payment_id in row["waiting"]:
+            await self.apply(uow, payment_id)
+        return None if row["waiting"] else OrderState.of(row)
 
 
 # The order's columns a payment reads under the order's lock: its status and ref, and what
