@@ -10,8 +10,10 @@ published_at`: the relay pass's start, when it claimed the row), each order's pa
 
     screened: publish -> placement txn starts -> order.placed written -> relay claims it ->
               fraud txn starts -> order.screened written -> relay claims it -> bench hears it
-    active:   payment published -> payment txn starts -> job claimed -> job done ->
-              service.created written -> relay claims it -> bench hears it
+    active:   payment published -> payment txn starts -> invoice.paid written (the end of
+              the payment's batch transaction: its outbox rows are its last statement) ->
+              job claimed -> job done -> service.created written -> relay claims it ->
+              bench hears it
 
 A hop ending at a transaction's start includes the broker, the consumer's prefetch queue and
 the batcher's linger; one ending at a relay claim includes the writer's commit and the
@@ -89,6 +91,8 @@ SELECT o.order_ref AS ref,
         AND kind = 'marked:order.screened') AS screened_marked,
     (SELECT extract(epoch FROM min(p.received_at)) FROM payments p WHERE p.order_ref = o.order_ref)
         AS payment_txn,
+    (SELECT extract(epoch FROM at) FROM tr WHERE tr.ref = o.order_ref
+        AND kind = 'written:invoice.paid') AS paid_written,
     (SELECT extract(epoch FROM at) FROM jt WHERE jt.order_id = o.id AND kind = 'job:running')
         AS job_claimed,
     (SELECT extract(epoch FROM at) FROM jt WHERE jt.order_id = o.id AND kind = 'job:done')
@@ -115,7 +119,8 @@ SCREENED_HOPS = (
 )
 ACTIVE_HOPS = (
     ("payment -> payment txn", "paid", "payment_txn"),
-    ("payment txn -> job claimed", "payment_txn", "job_claimed"),
+    ("payment txn -> invoice.paid written", "payment_txn", "paid_written"),
+    ("invoice.paid written -> job claimed", "paid_written", "job_claimed"),
     ("job claimed -> job done", "job_claimed", "job_done"),
     ("job done -> service.created written", "job_done", "active_written"),
     ("written -> relay claims service.created", "active_written", "active_claimed"),
@@ -246,3 +251,32 @@ async def passes_and_claims(database_url: str, since: float, until: float
         await conn.close()
     return passes, claims, {"relay_passes": len(passes), "events": int(events or 0),
                             "job_claims": len(claims)}
+
+
+async def batch_sizes(database_url: str, since: float, until: float,
+                      consumer: str = "provisioning") -> dict[str, Any]:
+    """Messages per transaction of a consumer in the span, from its inbox rows (a
+    transaction's rows share `processed_at`, its start): over its transactions, and as each
+    payment saw it (the size of the transaction its payment shared: a payment waits for every
+    statement of its batch before the commit that lets its job be claimed)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT processed_at, count(*) AS n FROM inbox WHERE consumer = $1"
+            " AND processed_at BETWEEN to_timestamp($2) AND to_timestamp($3) GROUP BY 1",
+            consumer, since, until)
+        per_payment = [int(r[0]) for r in await conn.fetch(
+            "SELECT b.n FROM payments p JOIN (SELECT processed_at, count(*) AS n FROM inbox"
+            "  WHERE consumer = $1 GROUP BY 1) b ON b.processed_at = p.received_at"
+            " WHERE p.received_at BETWEEN to_timestamp($2) AND to_timestamp($3)",
+            consumer, since, until)]
+    finally:
+        await conn.close()
+    sizes = [int(r["n"]) for r in rows]
+    if not sizes:
+        return {}
+    return {"transactions": len(sizes), "mean": round(sum(sizes) / len(sizes), 2),
+            "per_transaction": latency_summary([float(n) for n in sizes]),
+            "per_payment": latency_summary([float(n) for n in per_payment])
+            if per_payment else {}}
+

@@ -257,10 +257,12 @@ class Run:
         url = self.bench.settings.database_url
         orders = await hops.stamps(url, mine)
         passes, claims, counts = await hops.passes_and_claims(url, first, ended)
+        sizes = await hops.batch_sizes(url, first, ended)
         checkpoints = [s for s in samples if s.get("checkpoints") is not None]
         rebased = [{**s, "t": s["at"] - first} for s in samples if "at" in s]
         return {"breakdown": hops.breakdown(orders),
                 "per_order": {k: round(v / len(refs), 2) for k, v in counts.items()},
+                "provisioning_batches": sizes,
                 "checkpoints": (checkpoints[-1]["checkpoints"] - checkpoints[0]["checkpoints"])
                 if checkpoints else None,
                 "timeline": hops.timeline(orders, first, claims, passes, rebased)}
@@ -704,6 +706,11 @@ def print_hops(title: str, h: dict[str, Any]) -> None:
     print(f"\n{title}: per order {per.get('relay_passes', 0):.2f} relay passes,"
           f" {per.get('events', 0):.2f} events, {per.get('job_claims', 0):.2f} job claims;"
           f" {h['checkpoints']} checkpoint(s)")
+    if sizes := h.get("provisioning_batches"):
+        t, p = sizes["per_transaction"], sizes.get("per_payment") or {}
+        print(f"provisioning consumer: {sizes['transactions']} transactions, messages in one"
+              f" p50/p99/max {t['p50']:.0f}/{t['p99']:.0f}/{t['max']:.0f} (mean {sizes['mean']});"
+              f" as a payment saw it p50/p99 {p.get('p50', 0):.0f}/{p.get('p99', 0):.0f}")
     for path, b in h["breakdown"].items():
         e = b["end_to_end"]
         print(f"{path}: {b['orders']} orders, end to end p50/p99 {e['p50']:.0f}/{e['p99']:.0f} ms;"

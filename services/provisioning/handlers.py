@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.provisioning.payments import Payments
-from services.provisioning.reconcile import reconcile, retry_parked
+from services.provisioning.reconcile import OrderState, reconcile, retry_parked
 from shared.contracts import OrderEvent, OrderRetry, OrderSetPending
 from shared.uow import UnitOfWork
 
@@ -18,8 +18,8 @@ class OrderEvents:
     async def on_event(self, event: OrderEvent, uow: UnitOfWork) -> None:
         """order.screened, order.fraud, order.accepted, order.cancelled, order.pending."""
         reopened = uow.context.routing_key == OrderSetPending.routing_key
-        await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
-        await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id)
+        state = await self.payments.apply_waiting(uow, event.order_id, reopened=reopened)
+        await reconcile(uow.conn, event.order_id, caused_by=uow.context.message_id, state=state)
 
     async def on_retry(self, event: OrderRetry, uow: UnitOfWork) -> None:
         """order.retry: parked setups run again, and anything still missing is queued."""
@@ -28,6 +28,7 @@ class OrderEvents:
         await self.on_event(event, uow)
 
 
-async def reconcile_paid(uow: UnitOfWork, order_id: int) -> None:
-    """Called in the payment's transaction once its invoice is Paid."""
-    await reconcile(uow.conn, order_id, caused_by=uow.context.message_id)
+async def reconcile_paid(uow: UnitOfWork, order_id: int, state: OrderState) -> None:
+    """Called in the payment's transaction once its invoice is Paid, with the order's state
+    as the payment read it under the order's lock (no second locking read)."""
+    await reconcile(uow.conn, order_id, caused_by=uow.context.message_id, state=state)

@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
+from services.provisioning.reconcile import OrderState
 from shared.contracts import BIGINT_MAX, InvoicePaid, PaymentReceived, PaymentUnapplied, shown
 from shared.states import ENDED, InvoiceStatus, OrderStatus, PaymentStatus, WaitingFor
 from shared.uow import UnitOfWork
@@ -39,8 +40,10 @@ class Problem:
     reason: str
     waiting_for: WaitingFor | None = None
 
-# Called with the locked order after its invoice became Paid (the reconcile step).
-OnPaid = Callable[[UnitOfWork, int], Awaitable[None]]
+# Called with the locked order after its invoice became Paid (the reconcile step), and the
+# order's state as the payment's own statements left it (read under the lock they took, the
+# invoice now Paid): the step needs no read of its own (`reconcile(state=...)`).
+OnPaid = Callable[[UnitOfWork, int, OrderState], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,14 @@ class Payments:
             # handled at once, each finding it waiting): counted once, never twice. One from a
             # publisher that is not a gateway is never applied.
             return False
-        target = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
+        found = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
+        target = found if isinstance(found, Problem) else found[0]
         problem = _application_problem(p, target)
         if problem:
             await _leave_unapplied(uow, payment_id, problem)
             return False
-        assert target is not None
+        assert not isinstance(found, Problem)
+        target, order = found
         paid_before = target["amount_paid"]
         paid_now = paid_before + p["amount"]
         newly_paid = target["status"] == InvoiceStatus.UNPAID and paid_now >= target["total"]
@@ -133,7 +138,9 @@ class Payments:
                 " UPDATE clients SET credit = credit + $2 WHERE id = $1",
                 target["client_id"], credit, p["currency"], payment_id,
             )
-        await uow.history(target["order_id"], "payment", detail={
+        # With the other history rows of the transaction, in one statement for a batch of
+        # payments (nothing in it reads the history back).
+        uow.history_later(target["order_id"], "payment", detail={
             "payment_id": payment_id, "amount": str(p["amount"]), "gateway": p["gateway"],
             "transaction_id": p["transaction_id"], "credit": str(credit)})
         log.info("payment applied", extra={
@@ -144,36 +151,58 @@ class Payments:
             uow.emit(InvoicePaid(
                 invoice_id=target["id"], order_id=target["order_id"],
                 order_ref=target["order_ref"], amount=target["total"]))
-            await self.on_paid(uow, target["order_id"])
+            # The order as locked above, with its invoice Paid now: what the reconcile
+            # step's own locking read would find (this transaction holds the order's lock).
+            await self.on_paid(uow, target["order_id"], OrderState.of(
+                {**order, "invoice_status": InvoiceStatus.PAID}))
         return True
 
     async def apply_waiting(self, uow: UnitOfWork, order_id: int, *,
-                            reopened: bool = False) -> None:
+                            reopened: bool = False) -> OrderState | None:
         """Payments that arrived before their order are applied once it exists (called with
         every event about the order, in its transaction); `reopened` (the order was set back
-        to Pending) also retries those refused because the order had ended."""
+        to Pending) also retries those refused because the order had ended.
+
+        The order is locked and its state read by the same statement that lists them (the
+        order row locked, the waiting payments read as the reconcile step's own locking read
+        would have read its invoice). Returned when no payment was waiting (the usual case):
+        the state the reconcile step needs, read under the lock this transaction now holds,
+        so that step reads nothing again (one statement fewer an event). None when payments
+        were applied (they changed it: read it again) or the order does not exist."""
         waiting = [WaitingFor.ORDER, WaitingFor.REVIEW] if reopened else [WaitingFor.ORDER]
         # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
-        rows = await uow.conn.fetch(
-            "SELECT p.id FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
-            " JOIN payments p ON p.waiting_for IS NOT NULL"
+        row = await uow.conn.fetchrow(
+            "SELECT o.id, o.order_ref, o.status, o.screening, o.screening_override,"
+            " o.accept_options, i.status AS invoice_status,"
+            " ARRAY(SELECT p.id FROM payments p WHERE p.waiting_for IS NOT NULL"
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
-            " WHERE o.id = $1 AND p.waiting_for = ANY($2::text[]) ORDER BY p.id",
+            "  AND p.waiting_for = ANY($2::text[]) ORDER BY p.id) AS waiting"
+            " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1"
+            " FOR UPDATE OF o",
             order_id, waiting,
         )
-        for row in rows:
-            await self.apply(uow, row["id"])
+        if row is None:
+            return None
+        for payment_id in row["waiting"]:
+            await self.apply(uow, payment_id)
+        return None if row["waiting"] else OrderState.of(row)
+
+
+# The order's columns a payment reads under the order's lock: its status and ref, and what
+# the reconcile step decides from once the invoice is Paid (reconcile.OrderState).
+_ORDER_COLUMNS = "o.id, o.status, o.order_ref, o.screening, o.screening_override, o.accept_options"
 
 
 async def _find_invoice(
     conn: asyncpg.Connection, invoice_id: int | None, order_ref: str | None
-) -> asyncpg.Record | Problem:
-    """The invoice, locked with its order (order first: the lock order everyone uses)."""
+) -> tuple[asyncpg.Record, asyncpg.Record] | Problem:
+    """The invoice, locked with its order (order first: the lock order everyone uses), and
+    the order as locked."""
     if invoice_id is not None:
         # The invoice's order, locked, in one statement: an invoice's order_id never changes,
         # and FOR UPDATE returns the order's latest version (the invoice is read below).
         order = await conn.fetchrow(
-            "SELECT o.id, o.status, o.order_ref FROM invoices i JOIN orders o ON o.id = i.order_id"
+            f"SELECT {_ORDER_COLUMNS} FROM invoices i JOIN orders o ON o.id = i.order_id"
             " WHERE i.id = $1 FOR UPDATE OF o", invoice_id)
         if order is None:
             return Problem(f"unknown invoice {invoice_id}", WaitingFor.ORDER)
@@ -191,7 +220,7 @@ async def _find_invoice(
                            " payment cannot say whose order it pays (it needs an invoice id)")
         order_id = orders[0]["id"]
         order = await conn.fetchrow(
-            "SELECT status, order_ref FROM orders WHERE id = $1 FOR UPDATE", order_id)
+            f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = $1 FOR UPDATE", order_id)
     # Read after the order's lock is held: a row joined into the locking statement could be
     # a stale version, and two payments would then both add to the same old amount.
     row = await conn.fetchrow(
@@ -199,7 +228,7 @@ async def _find_invoice(
         " WHERE i.order_id = $1 FOR UPDATE", order_id, order["status"], order["order_ref"])
     if row is None:
         return Problem(f"order {order['order_ref']} has no invoice")
-    return row
+    return row, order
 
 
 def _application_problem(p: asyncpg.Record, target: asyncpg.Record | Problem) -> Problem | None:

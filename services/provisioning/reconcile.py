@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -50,7 +52,7 @@ class OrderState:
     register_domains: bool
 
     @classmethod
-    def of(cls, row: asyncpg.Record) -> OrderState:
+    def of(cls, row: Mapping[str, Any]) -> OrderState:
         options = row["accept_options"] or {}
         accepted = row["status"] == OrderStatus.ACTIVE
         return cls(
@@ -90,10 +92,13 @@ async def lock_order_state(conn: asyncpg.Connection, order_id: int) -> OrderStat
 
 
 async def reconcile(conn: asyncpg.Connection, order_id: int, *,
-                    caused_by: str | None = None) -> list[str]:
+                    caused_by: str | None = None, state: OrderState | None = None) -> list[str]:
     """Queue the jobs the order's items need now. Returns what it queued, for logs and tests.
-    `caused_by`, the message that made them needed, is their events' correlation_id."""
-    order = await lock_order_state(conn, order_id)
+    `caused_by`, the message that made them needed, is their events' correlation_id.
+    `state`: the order's state as the caller read it under the order's lock, which its
+    transaction still holds, with nothing it wrote since left out (a payment: the invoice it
+    paid); without it the step locks the order and reads it (one statement more)."""
+    order = state if state is not None else await lock_order_state(conn, order_id)
     if order is None:
         return []
     queued: list[str] = []
