@@ -187,11 +187,13 @@ async def test_the_worker_processes_stop_when_their_supervisor_is_killed(
 ) -> None:
     log = tmp_path / "worker.log"
     process = await spawn(harness.settings, log)
-    await eventually(lambda: _running(log), timeout=60)
-    pids = [c.pid for c in _children(process).values()]
-    assert len(pids) == 3
-    process.kill()  # no chance to pass anything on: the kernel tells the children
-    await process.wait()
+    try:
+        await eventually(lambda: _running(log), timeout=60)
+        pids = [c.pid for c in _children(process).values()]
+        assert len(pids) == 3
+    finally:
+        process.kill()  # no chance to pass anything on: the kernel tells the children
+        await process.wait()
     await eventually(lambda: _gone(pids), timeout=45)
     assert log.read_text().count('"stopped"') == 3  # each stopped cleanly, not killed
 
