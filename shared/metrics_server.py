@@ -11,6 +11,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from shared.errors import ConfigurationError
+
 log = logging.getLogger("ordermill.metrics")
 
 Refresh = Callable[[], Awaitable[None]]
@@ -52,3 +54,16 @@ class MetricsServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+async def serve(registries: Sequence[CollectorRegistry], host: str, port: int, *,
+                refresh: Sequence[Refresh] = ()) -> MetricsServer:
+    """A started server on METRICS_HOST:METRICS_PORT, or one line saying why not (a port in
+    use, an address not this machine's): a worker's or a supervisor's."""
+    server = MetricsServer(registries, refresh=refresh)
+    try:
+        await server.start(host, port)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on {host}:{port}"
+                                 f" (METRICS_HOST, METRICS_PORT): {exc.strerror or exc}") from None
+    return server

@@ -225,7 +225,7 @@ async def test_a_port_in_use_stops_the_worker_with_one_line(harness: Harness) ->
 
 @pytest.mark.slow
 async def test_ordermill_run_serves_metrics_on_metrics_port(harness: Harness, tmp_path: Path) -> None:
-    from test_processes import spawn
+    from test_processes import _running, spawn
 
     log = tmp_path / "worker.log"
     process = await spawn(harness.settings, log, METRICS_PORT="0", METRICS_HOST="127.0.0.1",
@@ -238,6 +238,8 @@ async def test_ordermill_run_serves_metrics_on_metrics_port(harness: Harness, tm
             return None
 
         bound = await eventually(port, timeout=30)
+        # Every worker process consuming (a process not yet running has no metrics to merge).
+        await eventually(lambda: _running(log), timeout=60)
         await harness.publish("order.place", order_body("proc-1"))
         await harness.screened("proc-1")
 

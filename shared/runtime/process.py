@@ -15,8 +15,7 @@ import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from shared import broker, db
-from shared.errors import ConfigurationError
+from shared import broker, db, metrics_server
 from shared.health import DatabaseWatch, heartbeat
 from shared.housekeeping import Housekeeper
 from shared.metrics import RELAY_GAUGES, DatabaseGauges, ProcessState
@@ -210,13 +209,8 @@ class Runtime:
         own.register(ProcessState(
             database_outage=lambda: self.database.down,
             broker_connected=lambda: bool(self.connection and self.connection.connected.is_set())))
-        server = MetricsServer([REGISTRY, own], refresh=[database.refresh])
-        try:
-            await server.start(part.host, part.port)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot serve metrics on {part.host}:{part.port}"
-                                     f" (METRICS_HOST, METRICS_PORT): {exc.strerror or exc}") from None
-        self.metrics_server = server
+        self.metrics_server = await metrics_server.serve(
+            [REGISTRY, own], part.host, part.port, refresh=[database.refresh])
 
     async def _consume(self, spec: WorkerSpec) -> None:
         """The worker's pipeline, its batchers, and its consumer feeding them."""

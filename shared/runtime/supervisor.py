@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from shared.errors import ConfigurationError
+from shared import metrics_server
 from shared.metrics_merge import MergedCollector, Source, from_registry, parse
 from shared.metrics_server import MetricsServer
 from shared.settings_parts import SupervisorSettings
@@ -260,13 +260,8 @@ class Supervisor:
             return
         registry = CollectorRegistry(auto_describe=False)
         registry.register(MergedCollector(self._sources))
-        server = MetricsServer([registry], refresh=[self._scrape])
-        try:
-            await server.start(part.host, part.port)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot serve metrics on {part.host}:{part.port}"
-                                     f" (METRICS_HOST, METRICS_PORT): {exc.strerror or exc}") from None
-        self.metrics_server = server
+        self.metrics_server = await metrics_server.serve(
+            [registry], part.host, part.port, refresh=[self._scrape])
 
     def _sources(self) -> list[Source]:
         own = Source("supervisor", from_registry(REGISTRY), up=True)
