@@ -66,7 +66,8 @@ class SchemaNotReady(ConfigurationError):
 _MIGRATION_LOCK = 7_311_204_517
 
 
-def _retrying(attempts: int) -> AsyncRetrying:
+def retrying(attempts: int) -> AsyncRetrying:
+    """Attempts (bounded, with backoff) at a step a database restart or failover may cut."""
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=0.2, max=5),
@@ -116,7 +117,7 @@ async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 
             await first(conn)
             await on_connect(conn)
 
-    async for attempt in _retrying(attempts):
+    async for attempt in retrying(attempts):
         with attempt:
             return await asyncpg.create_pool(
                 database_url, min_size=1, max_size=max_size,
@@ -145,7 +146,7 @@ async def ensure_database(database_url: str, *, attempts: int = 30,
     role) finds it there without the `postgres` database or the right to create one."""
     admin_url, name = _split_database(database_url)
     try:
-        async for attempt in _retrying(attempts):
+        async for attempt in retrying(attempts):
             with attempt:
                 conn = await asyncpg.connect(database_url,
                                              statement_cache_size=statement_cache_size)
@@ -153,7 +154,7 @@ async def ensure_database(database_url: str, *, attempts: int = 30,
         return False
     except asyncpg.exceptions.InvalidCatalogNameError:
         pass  # missing: created below
-    async for attempt in _retrying(attempts):
+    async for attempt in retrying(attempts):
         with attempt:
             conn = await asyncpg.connect(admin_url, statement_cache_size=statement_cache_size)
     try:

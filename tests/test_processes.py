@@ -418,6 +418,7 @@ async def test_a_failover_onto_a_read_only_server_holds_orders_until_writes_retu
         s, log, DATABASE_URL=s.database_url + "?application_name=om-failover" + query)
     admin = await asyncpg.connect(s.database_url.replace(f"/{database}", "/postgres"))
     try:
+        await eventually(lambda: _running(log), timeout=60)  # the failover meets running workers
         for n in range(10):
             await harness.publish("order.place", order_body(f"standby-{n:03d}"))
         await eventually(lambda: _at_least(harness, "standby-", 10), timeout=60)

@@ -528,3 +528,30 @@ async def test_a_dead_letter_queue_an_older_release_declared_is_kept_and_still_f
             await message.ack()
         finally:
             await delete_topology(channel, names)
+
+
+async def test_a_connection_cut_while_the_schema_is_checked_at_start_is_waited_out(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failover cutting the pool's connections while a worker starts (one process of a
+    supervisor's may still be starting when it comes): the start waits it out as it waits for
+    the first connection, instead of ending with "cannot reach PostgreSQL" (and, under a
+    supervisor, ending the whole run)."""
+    real = db.ensure_schema
+    calls = 0
+
+    async def cut_once(pool: asyncpg.Pool, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation")
+        await real(pool, **kwargs)
+
+    monkeypatch.setattr(db, "ensure_schema", cut_once)
+    runtime = Runtime(settings.model_copy(update={"startup_attempts": 3}))
+    try:
+        await runtime.start()
+        assert calls == 2 and runtime.pool is not None and runtime.connection is not None
+    finally:
+        await runtime.close()

@@ -101,7 +101,12 @@ class Runtime:
         # Migrations applied only when missing and allowed: a DML-only role starts on a
         # current schema, and refuses in one line on one that is not.
         try:
-            await db.ensure_schema(self.pool, migrate_on_start=s.migrate_on_start)
+            # A failover or restart cutting the pool's connections meanwhile is waited out as
+            # the pool's first connection was (one process of several may still be starting
+            # when it comes: it must not end the whole run).
+            async for attempt in db.retrying(s.startup_attempts):
+                with attempt:
+                    await db.ensure_schema(self.pool, migrate_on_start=s.migrate_on_start)
         except db.SchemaNotReady:
             await self.pool.close()
             self.pool = None
