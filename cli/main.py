@@ -330,8 +330,8 @@ def run(services: list[str] = typer.Argument(
         processes: str = typer.Option(
             None, "--processes",
             help="How the workers are laid out in processes: auto (three on two or more cores),"
-                 " 1 (one process), or groups such as placement,fraud/provisioning,review/"
-                 "notify,webhooks,alerts (default: WORKER_PROCESSES, else auto).")) -> None:
+                 " 1 (one process), or groups such as 'placement,fraud / provisioning,review /"
+                 " notify,webhooks,alerts' (default: WORKER_PROCESSES, else auto).")) -> None:
     """Run workers (all of them, plus the outbox relay; on two or more cores in three
     processes: the order path, provisioning, the rest), and the web console too when
     `console` is named (in the supervising process)."""

@@ -10,11 +10,15 @@ from datetime import UTC, datetime
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-class JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """`group`: the worker process's services, on every line (shared/runtime/supervisor.py)."""
+
     def __init__(self, group: str | None = None) -> None:
         super().__init__()
         self.group = group
 
+
+class JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "at": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -32,11 +36,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
-    def __init__(self, group: str | None = None) -> None:
-        super().__init__()
-        self.group = group
-
+class TextFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
             f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")

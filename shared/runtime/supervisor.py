@@ -151,10 +151,9 @@ class Supervisor:
             if ended.done() and not self._stop.is_set():  # not asked: Ctrl-C reaches all at once
                 child = ended.result()
                 assert child.process is not None
-                code = _exit_code(child.process.returncode)
                 log.error("worker process ended by itself: stopping the others", extra={
                     "group": child.label, "exit_code": child.process.returncode})
-                code = code or 1
+                code = _exit_code(child.process.returncode) or 1  # ended, not asked: never 0
         finally:
             codes = await self._stop_children()
             if ended is not None:
