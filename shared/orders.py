@@ -1,6 +1,7 @@
 """The one place that changes an order's status (docs/contract.md, section 4, rule 8):
 allowed transitions, items and invoice following along, history written, all under the
-order's row lock."""
+order's row lock. Every order lock is `FOR NO KEY UPDATE` (rule 8 says why: a `FOR UPDATE`
+blocked, and deadlocked with, the foreign-key checks of mails inserted for the same orders)."""
 
 from __future__ import annotations
 

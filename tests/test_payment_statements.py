@@ -42,7 +42,8 @@ def _payment(flow: InMemoryFlow, order: dict, *, by_ref: bool = False):
 
 
 def _order_locks(statements: Statements) -> int:
-    return sum("FOR UPDATE" in q and "orders o" in q for q in statements.seen)
+    return sum(("FOR UPDATE" in q or "FOR NO KEY UPDATE" in q) and "orders o" in q
+               for q in statements.seen)
 
 
 async def test_a_payment_locks_and_reads_its_order_once(flow: InMemoryFlow) -> None:

@@ -59,10 +59,10 @@ CROSS JOIN LATERAL (
 ) items
 """
 _FACTS = _SELECT_FACTS + "WHERE o.id = $1"
-_LOCK_WITH_FACTS = _FACTS + " FOR UPDATE OF o"
+_LOCK_WITH_FACTS = _FACTS + " FOR NO KEY UPDATE OF o"
 # A batch's orders, locked in the order of their ids (as any two batches lock them).
 _LOCK_MANY_WITH_FACTS = (_SELECT_FACTS
-                         + "WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR UPDATE OF o")
+                         + "WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR NO KEY UPDATE OF o")
 
 
 async def lock_with_facts(

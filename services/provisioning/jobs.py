@@ -408,7 +408,7 @@ class JobRunner:
         orders = sorted({job["order_id"] for job, *_ in batch})
         states = {r["id"]: r for r in await conn.fetch(
             "SELECT id, status, order_ref, accept_options FROM orders"
-            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", orders)}
+            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", orders)}
         ours = await self.queue.finish_many(
             conn, [job for job, *_ in batch], JobStatus.DONE,
             json_per_row={"detail": [detail for _, detail, *_ in batch]})
@@ -430,7 +430,7 @@ class JobRunner:
     async def _record_failure(self, conn: asyncpg.Connection, job: asyncpg.Record, error: str, *,
                               transient: bool) -> None:
         order_ref = await conn.fetchval(
-            "SELECT order_ref FROM orders WHERE id = $1 FOR UPDATE", job["order_id"])
+            "SELECT order_ref FROM orders WHERE id = $1 FOR NO KEY UPDATE", job["order_id"])
         status = await self.queue.fail(conn, job, error, transient=transient)
         if status is None:  # no longer ours: the runner that took it over decides
             return

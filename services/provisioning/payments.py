@@ -102,7 +102,7 @@ class Payments:
         `recorded`: the payment's row as this transaction inserted it (not read again)."""
         conn = uow.conn
         p = recorded if recorded is not None else await conn.fetchrow(
-            "SELECT * FROM payments WHERE id = $1 FOR UPDATE", payment_id)
+            "SELECT * FROM payments WHERE id = $1 FOR NO KEY UPDATE", payment_id)
         if p["status"] == PaymentStatus.APPLIED or not p["trusted"]:
             # Another event about the order applied it since the caller listed it (two events
             # handled at once, each finding it waiting): counted once, never twice. One from a
@@ -178,7 +178,7 @@ class Payments:
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
             "  AND p.waiting_for = ANY($2::text[]) ORDER BY p.id) AS waiting"
             " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1"
-            " FOR UPDATE OF o",
+            " FOR NO KEY UPDATE OF o",
             order_id, waiting,
         )
         if row is None:
@@ -200,10 +200,10 @@ async def _find_invoice(
     the order as locked."""
     if invoice_id is not None:
         # The invoice's order, locked, in one statement: an invoice's order_id never changes,
-        # and FOR UPDATE returns the order's latest version (the invoice is read below).
+        # and the lock returns the order's latest version (the invoice is read below).
         order = await conn.fetchrow(
             f"SELECT {_ORDER_COLUMNS} FROM invoices i JOIN orders o ON o.id = i.order_id"
-            " WHERE i.id = $1 FOR UPDATE OF o", invoice_id)
+            " WHERE i.id = $1 FOR NO KEY UPDATE OF o", invoice_id)
         if order is None:
             return Problem(f"unknown invoice {invoice_id}", WaitingFor.ORDER)
         order_id = order["id"]
@@ -220,12 +220,12 @@ async def _find_invoice(
                            " payment cannot say whose order it pays (it needs an invoice id)")
         order_id = orders[0]["id"]
         order = await conn.fetchrow(
-            f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = $1 FOR UPDATE", order_id)
+            f"SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.id = $1 FOR NO KEY UPDATE", order_id)
     # Read after the order's lock is held: a row joined into the locking statement could be
     # a stale version, and two payments would then both add to the same old amount.
     row = await conn.fetchrow(
         "SELECT i.*, $2::text AS order_status, $3::text AS order_ref FROM invoices i"
-        " WHERE i.order_id = $1 FOR UPDATE", order_id, order["status"], order["order_ref"])
+        " WHERE i.order_id = $1 FOR NO KEY UPDATE", order_id, order["status"], order["order_ref"])
     if row is None:
         return Problem(f"order {order['order_ref']} has no invoice")
     return row, order

@@ -86,7 +86,7 @@ async def lock_order_state(conn: asyncpg.Connection, order_id: int) -> OrderStat
         "SELECT o.id, o.order_ref, o.status, o.screening, o.screening_override,"
         " o.accept_options, i.status AS invoice_status"
         " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id WHERE o.id = $1"
-        " FOR UPDATE OF o", order_id,
+        " FOR NO KEY UPDATE OF o", order_id,
     )
     return OrderState.of(row) if row else None
 

@@ -133,7 +133,7 @@ async def on_command(cmd: ReviewCommand, uow: UnitOfWork) -> None:
     conn = uow.conn
     order = await conn.fetchrow(
         "SELECT o.*, c.email FROM orders o JOIN clients c ON c.id = o.client_id"
-        " WHERE o.id = $1 FOR UPDATE OF o", cmd.order_id)
+        " WHERE o.id = $1 FOR NO KEY UPDATE OF o", cmd.order_id)
     try:
         expires_at = uow.context.expires_at
         late = expires_at is not None and datetime.now(UTC) > expires_at

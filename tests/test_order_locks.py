@@ -1,0 +1,107 @@
+"""An order's row lock never waits for a row being inserted for the order elsewhere.
+
+Every writer of an order locks it `FOR NO KEY UPDATE` (docs/contract.md, section 4, rule 8).
+A `FOR UPDATE` also conflicts with the `FOR KEY SHARE` lock a foreign-key check takes when
+a row referencing the order is inserted (a mail, a history line, a job): at a steady flow
+the notify consumer's batch, inserting several orders' mails, and the payment consumer's
+batch, locking several orders, each waited for the other and PostgreSQL broke the deadlock
+only after its `deadlock_timeout` (1 s), a payment->Active p99 of about a second
+(docs/performance.md, "Order locks and the mails' foreign keys").
+
+Each test holds a mail inserted for the order, not committed (the notify consumer's own
+statement, `record_mails`), while a worker locks the order: before, the worker waited until
+that transaction ended; now it goes on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from test_payment_statements import _payment, _screened
+
+from services.notify.worker import _Mail, record_mails
+from services.provisioning.jobs import JobRunner
+from services.provisioning.providers import Providers
+from services.provisioning.reconcile import lock_order_state
+from shared.runtime.testing import InMemoryFlow
+
+# Far longer than any of these takes unblocked; far shorter than the suite's patience.
+WAIT_SECONDS = 5.0
+
+
+@asynccontextmanager
+async def mail_being_inserted(flow: InMemoryFlow, order_id: int, key: str) -> AsyncIterator[None]:
+    """A mail for the order inserted in a transaction left open, as the notify consumer's
+    batch holds it until its commit: the foreign-key check's lock on the order is held."""
+    conn: asyncpg.Connection = await asyncpg.connect(flow.settings.database_url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await record_mails(conn, [_Mail(f"lock-test:{key}", "order_confirmation",
+                                        "client@example.com", order_id, f"<{key}@test>")])
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+async def test_a_payment_does_not_wait_for_a_mail_being_inserted_for_its_order(
+    flow: InMemoryFlow,
+) -> None:
+    [order] = await _screened(flow, ["lock-pay"])
+    payment = _payment(flow, order)
+    async with mail_being_inserted(flow, order["id"], "pay"):
+        # Before: waited for the mail's transaction (FOR UPDATE against FOR KEY SHARE).
+        await asyncio.wait_for(flow.deliver([payment], to="provisioning"), WAIT_SECONDS)
+    assert payment.outcome == "acked"
+    assert await flow.pool.fetchval(
+        "SELECT status FROM invoices WHERE id = $1", order["invoice_id"]) == "Paid"
+
+
+async def test_a_setups_outcome_does_not_wait_for_a_mail_being_inserted_for_its_order(
+    flow: InMemoryFlow,
+) -> None:
+    [order] = await _screened(flow, ["lock-job"])
+    await flow.deliver([_payment(flow, order)], to="provisioning")
+    s = flow.settings
+    runner = JobRunner(Providers(s.providers), s.jobs, None)
+    [job] = await runner.queue.claim(flow.pool, 10)
+    await runner.read_ahead(flow.pool, [job])
+    try:
+        async with mail_being_inserted(flow, order["id"], "job"):
+            await asyncio.wait_for(runner.execute(flow.pool, job), WAIT_SECONDS)
+    finally:
+        await runner.queue.close()
+    assert await flow.pool.fetchval(
+        "SELECT status FROM jobs WHERE id = $1", job["id"]) == "done"
+    assert await flow.pool.fetchval(
+        "SELECT status FROM services WHERE order_id = $1", order["id"]) == "Active"
+
+
+async def test_the_reconcile_lock_does_not_wait_for_a_mail_being_inserted(
+    flow: InMemoryFlow,
+) -> None:
+    [order] = await _screened(flow, ["lock-rec"])
+    async with mail_being_inserted(flow, order["id"], "rec"), flow.pool.acquire() as conn:
+        async with conn.transaction():
+            state = await asyncio.wait_for(lock_order_state(conn, order["id"]), WAIT_SECONDS)
+    assert state is not None and state.status == "Pending"
+
+
+async def test_two_order_locks_still_exclude_each_other(flow: InMemoryFlow) -> None:
+    """The weaker lock still serialises the order's writers (rule 8)."""
+    [order] = await _screened(flow, ["lock-two"])
+    async with flow.pool.acquire() as first, first.transaction():
+        await lock_order_state(first, order["id"])
+        async with flow.pool.acquire() as second, second.transaction():
+            await second.execute("SET LOCAL lock_timeout = '200ms'")
+            try:
+                await lock_order_state(second, order["id"])
+            except asyncpg.LockNotAvailableError:
+                pass
+            else:
+                raise AssertionError("a second writer took the order's lock while it was held")
