@@ -18,7 +18,7 @@ from services.provisioning.payments import (
     _amount,
     _application_problem,
     _fitted,
-    _int_or_none,
+    int_or_none,
 )
 from services.provisioning.reconcile import OrderState, username_for
 from shared.contracts import PaymentReceived, ProductItem
@@ -204,7 +204,7 @@ def test_over_long_payment_texts_are_kept_shortened_and_distinct() -> None:
     (2**63, None), ("x", None), (None, None),
 ])
 def test_an_id_is_one_a_bigint_holds(value: Any, expected: int | None) -> None:
-    assert _int_or_none(value) == expected
+    assert int_or_none(value) == expected
 
 
 # -- fraud: the banned lists' view of an address -----------------------------------------------

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from test_payment_statements import _payment, _screened
 
+from conftest import eventually
 from services.notify.worker import _Mail, record_mails
 from services.provisioning.jobs import JobRunner
 from services.provisioning.providers import Providers
@@ -105,3 +106,32 @@ async def test_two_order_locks_still_exclude_each_other(flow: InMemoryFlow) -> N
                 pass
             else:
                 raise AssertionError("a second writer took the order's lock while it was held")
+
+
+async def test_a_batch_of_payments_locks_its_orders_in_id_order(flow: InMemoryFlow) -> None:
+    """Paid newest first, a batch locked the newest order, then waited for the oldest while
+    another writer (locking in id order, as fraud's batches and the job outcome writer do)
+    held it and waited for the newest: a deadlock, broken after 1 s. The batch now locks
+    both first, oldest first, so it holds nothing the other wants while it waits."""
+    older, newer = await _screened(flow, ["lock-ord-0", "lock-ord-1"])
+    batch = [_payment(flow, newer), _payment(flow, older)]
+    async with flow.pool.acquire() as other, other.transaction():
+        await lock_order_state(other, older["id"])
+        paying = asyncio.create_task(flow.deliver(batch, to="provisioning"))
+        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
+        # Shorter than PostgreSQL's deadlock_timeout (1 s), which would otherwise break the
+        # cycle by rolling the batch back. Before: the batch held the newer order
+        # (LockNotAvailableError).
+        await other.execute("SET LOCAL lock_timeout = '500ms'")
+        assert await lock_order_state(other, newer["id"]) is not None
+    await asyncio.wait_for(paying, WAIT_SECONDS)
+    assert [m.outcome for m in batch] == ["acked", "acked"]
+    paid = await flow.pool.fetch("SELECT status FROM invoices WHERE id = ANY($1::bigint[])",
+                                 [older["invoice_id"], newer["invoice_id"]])
+    assert [r["status"] for r in paid] == ["Paid", "Paid"]
+
+
+async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:
+    return bool(await flow.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock'"))

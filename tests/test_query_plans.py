@@ -27,8 +27,9 @@ from conftest import seeded_database
 from console import order_list, queries
 from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
+from services.provisioning.locks import lock_orders
 from shared import db
-from shared.contracts import PlaceOrder
+from shared.contracts import OrderEvent, PaymentReceived, PlaceOrder
 
 ORDERS = 40_000
 CLIENTS = 15_000
@@ -205,6 +206,26 @@ async def test_fraud_facts_velocity_and_existing_client_use_indexes(
         assert [relation for _, relation, _ in read].count("services") == 1, read
         assert [relation for _, relation, _ in read].count("domains") == 1, read
         assert ("Bitmap Index Scan", None, "orders_pkey") not in read, read
+
+
+async def test_the_provisioning_batchs_order_locks_use_indexes(conn: asyncpg.Connection) -> None:
+    """A batch's payments (by invoice id, by order ref) and order events lock their orders in
+    one statement, on the primary key: never every order."""
+    explaining = Explaining(conn)
+    newest = await conn.fetchval("SELECT max(id) FROM orders")
+    invoice = await conn.fetchval("SELECT id FROM invoices WHERE order_id = $1", newest - 1)
+    batch = [PaymentReceived(amount="10", invoice_id=invoice),
+             PaymentReceived(amount="10", order_ref=f"seed-{newest - 2}"),
+             OrderEvent(order_id=newest, order_ref=f"seed-{newest}")]
+    async with conn.transaction():
+        assert await lock_orders(batch, explaining) == [None, None, None]
+        # A row this transaction locked carries its id (xmax), and only those three.
+        held = await conn.fetch("SELECT id FROM orders WHERE id >= $1 - 2 AND"
+                                " xmax::text::bigint = txid_current() % 4294967296", newest)
+        assert sorted(r["id"] for r in held) == [newest - 2, newest - 1, newest]
+    assert_indexed(explaining, expected=1)
+    [(_, plan)] = explaining.plans
+    assert ("Seq Scan", "orders", None) not in scans(plan)
 
 
 async def test_client_lookup_by_email_at_placement_uses_an_index(conn: asyncpg.Connection) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.provisioning.payments import Problem, _amount, _int_or_none, _leave_unapplied
+from services.provisioning.payments import Problem, _amount, _leave_unapplied, int_or_none
 from shared import dead_letters as dl
 from shared.contracts import shown
 from shared.parties import Party, Publishers
@@ -127,7 +127,7 @@ class DeadPayments(BrokerSweep):
                 " dead_letter) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'unapplied', $9, false,"
                 " $10) RETURNING id",
                 _field(data, "gateway"), _field(data, "transaction_id"), amount, raw_amount,
-                _field(data, "currency"), _int_or_none(_field(data, "invoice_id")),
+                _field(data, "currency"), int_or_none(_field(data, "invoice_id")),
                 _field(data, "order_ref"), publisher or None, message_id,
                 message.body.decode(errors="replace").replace("\x00", "\ufffd")[:BODY_LIMIT])
             uow = UnitOfWork(conn, MessageContext(

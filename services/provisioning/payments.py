@@ -53,7 +53,7 @@ class Payments:
     async def on_payment(self, payment: PaymentReceived, uow: UnitOfWork) -> None:
         conn = uow.conn
         amount, amount_problem = _amount(payment.amount)
-        requested_invoice = _int_or_none(payment.invoice_id)
+        requested_invoice = int_or_none(payment.invoice_id)
         payment, too_long = _fitted(payment)
         amount_problem = amount_problem or too_long
         # The whole row back: `apply` needs it, and a row this transaction inserted is
@@ -304,7 +304,7 @@ def _fitted(payment: PaymentReceived) -> tuple[PaymentReceived, str | None]:
     return payment.model_copy(update=changes), f"{names} (kept shortened)"
 
 
-def _int_or_none(value: int | str | None) -> int | None:
+def int_or_none(value: int | str | None) -> int | None:
     """An id as a bigint can hold it; None for anything else (superscript digits included)."""
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
