@@ -171,6 +171,60 @@ class MailSink:
         self._controller.stop()
 
 
+class MailSinkProcess:
+    """MailSink's SMTP server in a process of its own (`--serve-mail`), as a relay is: in a
+    thread of the bench, every SMTP reply waited for the bench's own event loop to let go of
+    the GIL, so on a busy bench the sink, not the sender, set the pace (bench/sustained.py:
+    docs/performance.md, "Customer mail at the steady rate"). It counts what it accepts and
+    says how many when stopped (`received`)."""
+
+    def __init__(self, port: int, log_path: Path | None = None) -> None:
+        self.port = port
+        self.received = 0
+        self._log_path = log_path or RESULTS / "mail-sink.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> MailSinkProcess:
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, str(THIS_SCRIPT), "--serve-mail", str(self.port)],
+                stdout=subprocess.PIPE, stderr=log)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return self
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the mail sink did not start; see {self._log_path}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()  # SIGTERM: it prints its count and ends
+        out, _ = self._proc.communicate(timeout=10)
+        with contextlib.suppress(ValueError, IndexError):
+            self.received = int(out.split()[-1])
+        self._proc = None
+
+
+async def serve_mail(port: int) -> None:
+    """--serve-mail: MailSink's server in this process until SIGTERM, then the number of
+    mails it accepted on stdout."""
+    from aiosmtpd.smtp import SMTP
+
+    sink = MailSink(port)  # its handler only: its thread is never started
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(sink, hostname="bench-mail-sink", enable_SMTPUTF8=True),
+        host="127.0.0.1", port=port)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+    print(sink.received, flush=True)
+
+
 BARE_TABLE = """
 CREATE TABLE IF NOT EXISTS bare_orders (
     order_ref   text PRIMARY KEY,
@@ -1248,6 +1302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bursts with the endpoints (and as many without) for --webhooks")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-receiver", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-mail", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.orders, args.warmup) < 1 or args.rate <= 0 or args.seconds <= 0:
         parser.error("--orders and --warmup must be at least 1; --rate and --seconds positive")
@@ -1256,6 +1311,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.serve_mail:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_mail(args.serve_mail))
+        return
     if args.serve_receiver:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(serve_receiver(args.serve_receiver))

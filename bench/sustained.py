@@ -57,7 +57,7 @@ from pipeline import (
     STATS_FLUSH_SECONDS,
     Bench,
     CpuMeter,
-    MailSink,
+    MailSinkProcess,
     WorkerGroup,
     WorkerProcess,
     _free_port,
@@ -591,7 +591,7 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
                             "options": vars(opts),
                             "machine": {"cpus": psutil.cpu_count(),
                                         "load_avg_1m": round(os.getloadavg()[0], 2)}}
-    with MailSink(s.smtp_port) as mail:
+    with MailSinkProcess(s.smtp_port) as mail:
         connection = None
         try:
             await create_database(s)

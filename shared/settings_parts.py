@@ -246,6 +246,7 @@ class SmtpSettings(Part):
     security: Literal["none", "starttls", "tls"]
     sender: str  # MAIL_FROM
     timeout: float
+    connections: int  # at most this many at once (SMTP_CONNECTIONS)
 
 
 class MailSettings(Part):

@@ -59,8 +59,15 @@ class MailSender:
         # slow the server), so it can be short: a dead sender's mails go out soon after.
         self.queue = LeasedQueue.from_settings(EMAILS, mail.queue)
         self.poll_seconds = mail.queue.poll_seconds
-        self.connections = 4  # SMTP connections at once, each sending several mails
-        self.batch = 64  # mails claimed by one pass
+        # SMTP connections at once, each sending several mails of a pass (SMTP_CONNECTIONS).
+        self.connections = mail.smtp.connections
+        # Mails claimed by one pass: a few for each connection, so that the pass's claim,
+        # context query and marks (about 40 ms on a busy machine) are shared by many mails.
+        self.batch = max(64, 8 * self.connections)
+        # A server that refused a connection beyond the ones it had taken (a limit per client,
+        # as Exim's smtp_accept_max_per_host) is asked for no more than it took, for a while.
+        self.capped_seconds = 60.0
+        self._cap: tuple[int, float] | None = None  # (connections, until monotonic)
         # An open connection is kept this long for the next mails (Postfix's connection cache
         # does the same): at a steady flow, passes are small and a connection's greeting,
         # EHLO, TLS and login would cost more than its mails. Far below the 5 minutes a
@@ -131,20 +138,58 @@ class MailSender:
             with contextlib.suppress(*db.TRANSIENT_DB_ERRORS):
                 await self.queue.release(pool, emails)
             raise
+        connections = await self._open(min(self._limit(), len(emails)))
+        if isinstance(connections, BaseException):  # not one opened: the server is away
+            for email in emails:
+                await self._failed(pool, email, connections)
+            return
         # The mails the server took are marked sent together, as many in each statement as
         # went while the previous one was written (not one transaction a mail).
         sent = Finisher(self.queue, pool, "sent", attempts=OUTCOME_WRITE_ATTEMPTS,
                         ended=self._log_sent, sent_at=NOW, last_error=None)
-        chunks = [emails[i::self.connections] for i in range(min(self.connections, len(emails)))]
+        n = len(connections)
         try:
             results = await asyncio.gather(
-                *(self._send_over_one_connection(pool, chunk, contexts, sent) for chunk in chunks),
+                *(self._send_over_one_connection(pool, smtp, reused, emails[i::n], contexts, sent)
+                  for i, (smtp, reused) in enumerate(connections)),
                 return_exceptions=True)
         finally:
             await sent.flush()  # whatever went is recorded, even if a connection failed
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the others finished; a lease brings these back
+
+    def _limit(self) -> int:
+        """Connections a pass may open: SMTP_CONNECTIONS, or what the server took lately."""
+        if self._cap is not None:
+            if time.monotonic() < self._cap[1]:
+                return self._cap[0]
+            self._cap = None  # ask for them all again: the server's limit may have been others'
+        return self.connections
+
+    async def _open(self, wanted: int) -> list[tuple[aiosmtplib.SMTP, bool]] | BaseException:
+        """Up to `wanted` connections, opened together; the error if none could be.
+
+        Some opened and some refused (a 421 at the greeting, a reset): the server limits its
+        clients' connections. The pass's mails go over those it took, no attempt spent, and
+        later passes ask for no more than that until `capped_seconds` have gone by."""
+        results = await asyncio.gather(*(self._connection() for _ in range(wanted)),
+                                       return_exceptions=True)
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        unexpected = [e for e in errors if not isinstance(e, _SMTP_ERRORS)]
+        if unexpected:  # a cancellation or a bug: no connection is left behind
+            for smtp, _ in opened:
+                smtp.close()
+            raise unexpected[0]
+        if not opened:
+            return errors[0]
+        if errors:
+            self._cap = (len(opened), time.monotonic() + self.capped_seconds)
+            log.warning("the SMTP server refused connections beyond some: using only those", extra={
+                "connections": len(opened), "refused": len(errors),
+                "error": f"{type(errors[0]).__name__}: {errors[0]}"})
+        return opened
 
     async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """A kept connection that still answers, or a new one."""
@@ -180,15 +225,10 @@ class MailSender:
                 except _SMTP_ERRORS:
                     smtp.close()
 
-    async def _send_over_one_connection(self, pool: asyncpg.Pool, emails: list[asyncpg.Record],
+    async def _send_over_one_connection(self, pool: asyncpg.Pool, smtp: aiosmtplib.SMTP,
+                                        reused: bool, emails: list[asyncpg.Record],
                                         contexts: Mapping[int, dict[str, Any]],
                                         sent: Finisher) -> None:
-        try:
-            smtp, reused = await self._connection()
-        except _SMTP_ERRORS as exc:
-            for email in emails:
-                await self._failed(pool, email, exc)
-            return
         kept = False
         try:
             for n, email in enumerate(emails):
