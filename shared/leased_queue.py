@@ -132,8 +132,12 @@ class LeasedQueue:
         self._heartbeat: asyncio.Task[None] | None = None
         t, mine = table, f"status = '{table.claimed}' AND leased_by = $2"
         touch = f", {t.touch}" if t.touch else ""
-        self._due = (f"((status = '{t.pending}' AND next_attempt_at <= now())"
-                     f" OR (status = '{t.claimed}' AND lease_until < now()))")
+        # A claimed row's next_attempt_at is never later than its claim (only a pending row's
+        # is set ahead: a failure's backoff), so every due row has next_attempt_at <= now():
+        # said first, it bounds the claim's index range on next_attempt_at, and rows waiting
+        # out a backoff (a whole outage's, say) are not read on every pass.
+        self._due = (f"(next_attempt_at <= now() AND (status = '{t.pending}'"
+                     f" OR (status = '{t.claimed}' AND lease_until < now())))")
         self._claim = (
             f"UPDATE {t.name} SET status = '{t.claimed}', attempts = attempts + 1,"
             " leased_by = $1 || '/' || left(md5(random()::text), 8),"

@@ -201,7 +201,7 @@ def test_over_long_payment_texts_are_kept_shortened_and_distinct() -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     (17, 17), ("17", 17), (" 17 ", 17), ("\u00b9\u00b2", None), (0, None), (-3, None),
-    (2**63, None), ("x", None), (None, None),
+    (2**63, None), ("x", None), (None, None), ("9" * 4301, None), ("0" * 30 + "17", None),
 ])
 def test_an_id_is_one_a_bigint_holds(value: Any, expected: int | None) -> None:
     assert int_or_none(value) == expected

@@ -64,22 +64,51 @@ async def test_a_claim_reads_the_due_mails_not_the_sent_history_before_them(
     await pool.execute("ANALYZE emails")
     queue = LeasedQueue(EMAILS)
     async with pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            explained = await conn.fetchval(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue._claim.format(""),
-                queue.runner_id, queue.lease, 64)
-        finally:
-            await tx.rollback()
-        plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
-        read = sum(node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
-                   for node in _nodes(plan) if node.get("Relation Name") == "emails"
-                   and node["Node Type"] in ("Index Scan", "Index Only Scan", "Seq Scan",
-                                             "Bitmap Heap Scan"))
+        read, plan = await _rows_a_claim_reads(conn, queue, 64)
         assert read <= 3 * 64, plan
         claimed = await queue.claim(conn, 64)
     assert sorted(r["id"] for r in claimed) == list(range(20_001, 20_065))  # the oldest due
+
+
+async def test_a_claim_does_not_read_the_mails_waiting_out_a_backoff(pool: asyncpg.Pool) -> None:
+    """After an SMTP outage 50,000 mails wait for their next attempt; a claim reads the few
+    that are due, not every one waiting (0041's index in id order read them all, every pass),
+    and takes them in the order they became due."""
+    await queue_mails(pool, 50_000)
+    await pool.execute("UPDATE emails SET next_attempt_at = now() + interval '1 hour',"
+                       " attempts = 1")
+    await queue_mails(pool, 50, first=50_001)
+    await pool.execute("UPDATE emails SET next_attempt_at = now() - interval '1 minute'"
+                       " WHERE id > 50025")  # due earlier than the others: first out
+    await pool.execute("ANALYZE emails")
+    queue = LeasedQueue(EMAILS)
+    async with pool.acquire() as conn:
+        read, plan = await _rows_a_claim_reads(conn, queue, 64)
+        assert read <= 3 * 64, plan
+        claimed = await queue.claim(conn, 30)
+    # The 25 due a minute ago, then the oldest 5 of those due now (none of the 50,000).
+    assert sorted(r["id"] for r in claimed) == (list(range(50_001, 50_006))
+                                               + list(range(50_026, 50_051)))
+
+
+async def _rows_a_claim_reads(conn: asyncpg.Connection, queue: LeasedQueue,
+                              n: int) -> tuple[int, dict[str, Any]]:
+    """The rows of emails the claim's plan read (returned or filtered out), claiming n, in a
+    transaction rolled back."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue._claim.format(""),
+            queue.runner_id, queue.lease, n)
+    finally:
+        await tx.rollback()
+    plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
+    read = sum(node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)
+               for node in _nodes(plan) if node.get("Relation Name") == "emails"
+               and node["Node Type"] in ("Index Scan", "Index Only Scan", "Seq Scan",
+                                         "Bitmap Heap Scan"))
+    return read, plan
 
 
 class LimitedSMTP(SMTP):

@@ -41,7 +41,7 @@ class QueuedOrderSweeper:
                 " WHERE screening = 'queued' AND status = 'Pending' AND deleted_at IS NULL"
                 " AND screening_driven_at < now() - make_interval(secs => $1)"
                 " AND screening_redrives < $2"
-                " ORDER BY screening_driven_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+                " ORDER BY screening_driven_at LIMIT 100 FOR NO KEY UPDATE SKIP LOCKED",
                 float(self.stuck_seconds), self.max_redrives,
             )
             for row in stuck:

@@ -30,7 +30,10 @@ _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
 # UnicodeEncodeError), possibly after MAIL FROM went: the envelope is reset like a refusal's.
 _MAIL_ERRORS = (*_SMTP_ERRORS, ValueError)
 
-EMAILS = Table(name="emails", channel="ordermill_emails", claimed="sending", order="id")
+# Claimed in the order they became due, then created (0042's index): a backlog's mails leave
+# oldest first, and mails waiting out a backoff are never read by a claim.
+EMAILS = Table(name="emails", channel="ordermill_emails", claimed="sending",
+               order="next_attempt_at, id")
 # A mail the server took (or refused) is recorded so even if the database connection drops
 # meanwhile (a PostgreSQL restart, seen in bench/chaos.py): the write is tried again in
 # process on a fresh connection, about 9 s in all (contract rule 5), instead of leaving the

@@ -16,17 +16,15 @@ from typing import Any
 
 import asyncpg
 
-from services.provisioning.payments import int_or_none
+from services.provisioning.payments import TEXT_LIMITS, int_or_none
 from shared.contracts import OrderEvent, PaymentReceived
-
-# An order ref longer than this is none (the payment keeps a shortened copy, which no order
-# has; the contract has taken any NUL out).
-_REF_LIMIT = 100
 
 
 async def lock_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list[None]:
     """Lock every order the batch's messages name, in id order. Nothing is read for the
-    handlers (each still reads its order under the lock it now holds)."""
+    handlers (each still reads its order under the lock it now holds). An order whose
+    payment its handler will not apply (an unauthorized publisher, no currency) is locked
+    all the same, for the batch's transaction only: cheaper than deciding twice."""
     order_ids: set[int] = set()
     invoice_ids: set[int] = set()
     refs: set[str] = set()
@@ -37,8 +35,10 @@ async def lock_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list
             invoice_id = int_or_none(message.invoice_id)
             if invoice_id is not None:
                 invoice_ids.add(invoice_id)
-            elif message.order_ref is not None and len(message.order_ref) <= _REF_LIMIT:
-                refs.add(message.order_ref)
+            elif message.order_ref is not None:
+                # A longer one is none (the payment keeps a shortened copy, no order's).
+                if len(message.order_ref) <= TEXT_LIMITS["order_ref"]:
+                    refs.add(message.order_ref)
     if order_ids or invoice_ids or refs:
         await conn.fetch(
             # The ids first, as an array: the lock is then an index scan of the primary key

@@ -285,7 +285,7 @@ def _amount(raw: Decimal | str) -> tuple[Decimal | None, str | None]:
 
 # What the payments' indexes can hold (a btree entry is at most about 2,700 bytes), with room:
 # no real gateway's ids come near.
-_TEXT_LIMITS = {"gateway": 100, "transaction_id": 255, "order_ref": 100, "currency": 10}
+TEXT_LIMITS = {"gateway": 100, "transaction_id": 255, "order_ref": 100, "currency": 10}
 
 
 def _fitted(payment: PaymentReceived) -> tuple[PaymentReceived, str | None]:
@@ -293,21 +293,25 @@ def _fitted(payment: PaymentReceived) -> tuple[PaymentReceived, str | None]:
     shortened value ends with a hash of the whole, so two long ids that share a beginning
     stay two payments, and the payment is stored, never dropped."""
     changes: dict[str, str] = {}
-    for name, limit in _TEXT_LIMITS.items():
+    for name, limit in TEXT_LIMITS.items():
         value = getattr(payment, name)
         if value is not None and len(value) > limit:
             digest = hashlib.sha256(value.encode()).hexdigest()[:32]
             changes[name] = f"{value[:limit - 40]}...{digest}"
     if not changes:
         return payment, None
-    names = ", ".join(f"{name} over {_TEXT_LIMITS[name]} characters" for name in changes)
+    names = ", ".join(f"{name} over {TEXT_LIMITS[name]} characters" for name in changes)
     return payment.model_copy(update=changes), f"{names} (kept shortened)"
 
 
 def int_or_none(value: int | str | None) -> int | None:
-    """An id as a bigint can hold it; None for anything else (superscript digits included)."""
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
+    """An id as a bigint can hold it; None for anything else (superscript digits included,
+    and more digits than a bigint has: Python refuses to read over 4,300 of them)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= len(str(BIGINT_MAX))):
+            return None
+        value = int(text)
     if isinstance(value, int) and 0 < value <= BIGINT_MAX:
         return value
     return None
