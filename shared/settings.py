@@ -205,11 +205,15 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None  # a secret: from the environment only
     smtp_security: Literal["none", "starttls", "tls"] = "none"
-    # SMTP connections the mail sender keeps at once. Each mail over one costs four round trips
-    # (MAIL, RCPT, DATA, the message), so a sender's pace is connections / (4 x round trip):
-    # 4 connections sent about 170 mails/s at 80 % of the full-flow burst on 2 cores, less than
-    # the 270 it asked for (docs/performance.md, "Customer mail at the steady rate"). Postfix
-    # opens up to 20 to one destination; a server that takes fewer is met at its limit.
+    # The most SMTP connections the mail sender keeps at once: a ceiling, not a count opened
+    # at once. As Postfix's destination concurrency (initial 5, limit 20) the sender starts at
+    # min(4, this), doubles while a backlog wants more and every connection opens, keeps to
+    # what a server took when it refused more (for a minute, then one more is asked for), and
+    # probes a server that took none with one connection a pass. Each mail over one costs four
+    # round trips (MAIL, RCPT, DATA, the message), so a sender's pace is connections / (4 x
+    # round trip): 4 connections sent about 170 mails/s at 80 % of the full-flow burst on 2
+    # cores, less than the 270 it asked for (docs/performance.md, "Customer mail at the
+    # steady rate").
     smtp_connections: int = Field(16, ge=1, le=100)
     mail_from: str = "Ordermill <billing@ordermill.local>"
 

@@ -497,7 +497,7 @@ def test_mail_goes_to_a_server_of_the_compose_file_unless_the_host_names_one(
     # The host's settings for a real relay reach the container (some were fixed, or left out).
     raw = services()["notify"]["environment"]
     for var in ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_USERNAME", "SMTP_PASSWORD",
-                "MAIL_FROM"):
+                "SMTP_CONNECTIONS", "MAIL_FROM"):
         assert str(raw.get(var, "")).startswith("${" + var + ":-"), f"notify: {var} is not the host's"
 
 

@@ -5,7 +5,10 @@ than SMTP_CONNECTIONS gets every mail over the ones it took, no attempt spent. S
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 from test_notify import Inbox, free_port
 
 from services.notify.mail import STAFF_TEMPLATE
@@ -127,6 +130,7 @@ class LimitedSMTP(SMTP):
             self.transport.close()
             return
         self.server.open += 1
+        self.server.peak = max(self.server.peak, self.server.open)
         self.server.sessions += 1
         try:
             await super()._handle_client()
@@ -141,6 +145,7 @@ class LimitedServer(Controller):
     def __init__(self, inbox: Inbox, port: int, limit: int) -> None:
         super().__init__(inbox, hostname="127.0.0.1", port=port)
         self.limit, self.open, self.refused, self.sessions = limit, 0, 0, 0
+        self.peak = 0  # the most sessions open at once
 
     def factory(self) -> SMTP:
         return LimitedSMTP(self, self.handler, **self.SMTP_kwargs)
@@ -190,3 +195,148 @@ async def test_a_server_taking_fewer_connections_gets_every_mail_over_those_none
         rows = await pool.fetch("SELECT status, attempts, last_error FROM emails WHERE id > 16")
         assert all(r["status"] == "pending" and r["attempts"] == 1 and "421" in r["last_error"]
                    for r in rows) and len(rows) == 4
+
+
+async def _closed(server: LimitedServer) -> None:
+    """Wait until the server has ended the sessions a sender quit (in its own thread)."""
+    for _ in range(200):
+        if server.open == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.open} sessions still open")
+
+
+def _sender(db_settings: Settings, port: int, **update: Any) -> MailSender:
+    s = db_settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port,
+                                       "job_max_attempts": 5, **update})
+    return MailSender(s.mail, None)
+
+
+class LoginRefusingServer(Controller):
+    """Takes every connection and refuses every login (a wrong or changed password); counts
+    the connections that tried to log in (aiosmtplib tries each mechanism on one)."""
+
+    def __init__(self, inbox: Inbox, port: int) -> None:
+        super().__init__(inbox, hostname="127.0.0.1", port=port, auth_require_tls=False,
+                         authenticator=self._refuse)
+        self.peers: set[tuple[str, int]] = set()
+
+    def _refuse(self, server: SMTP, session: Any, envelope: Any, mechanism: str,
+                auth_data: Any) -> AuthResult:
+        self.peers.add(session.peer)
+        return AuthResult(success=False, handled=False)
+
+
+@pytest.mark.parametrize("refusal", ["421", "login"])
+async def test_a_server_taking_no_connection_is_probed_with_one_a_pass(
+    pool: asyncpg.Pool, db_settings: Settings, refusal: str,
+) -> None:
+    """Every connection refused (a 421, or a login refused): after the first failed pass, one
+    connection a pass, not SMTP_CONNECTIONS failed logins that trip fail2ban or lock the
+    account. The mails are failed and retried as before; a pass once one opens grows again."""
+    inbox = Inbox()
+    with contextlib.ExitStack() as stack:
+        if refusal == "421":
+            server, port = stack.enter_context(limited(inbox, limit=0))
+
+            def attempts() -> int:
+                return server.refused
+            sender = _sender(db_settings, port)
+        else:
+            port = free_port()
+            login = LoginRefusingServer(inbox, port)
+            login.start()
+            stack.callback(login.stop)
+
+            def attempts() -> int:
+                return len(login.peers)
+            sender = _sender(db_settings, port, smtp_username="shop", smtp_password="wrong")
+        assert sender.connections == 16  # SMTP_CONNECTIONS' default
+        sender.batch = 16
+        per_pass = []
+        for n in range(4):
+            await queue_mails(pool, 16, first=1 + 16 * n)  # new mails: the failed ones back off
+            before = attempts()
+            assert await sender.send_due(pool) == 16
+            per_pass.append(attempts() - before)
+        assert per_pass == [4, 1, 1, 1]  # the first pass at the initial 4
+        rows = await pool.fetch("SELECT status, attempts FROM emails")
+        assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 1)} and len(rows) == 64
+        assert not inbox.messages
+
+        if refusal == "421":  # the server is back: the probe opens, the next pass has more
+            server.limit = 100
+            await pool.execute("UPDATE emails SET next_attempt_at = now()")
+            peaks = []
+            for _ in range(3):
+                server.peak = server.open
+                await sender.send_due(pool)
+                peaks.append(server.peak)
+            await sender.close()
+            assert peaks == [1, 2, 4]
+
+
+async def test_a_healthy_server_with_a_backlog_gets_more_connections_up_to_smtp_connections(
+    pool: asyncpg.Pool, db_settings: Settings,
+) -> None:
+    """As Postfix's destination concurrency: a few connections at first, doubling while a
+    backlog wants more and every connection opens, never above SMTP_CONNECTIONS."""
+    inbox = Inbox()
+    with limited(inbox, limit=100) as (server, port):
+        first = 1
+        for ceiling, expected in ((16, [4, 8, 16, 16, 16]), (6, [4, 6, 6])):
+            sender = _sender(db_settings, port, smtp_connections=ceiling)
+            sender.batch = 40  # more mails than connections in every pass
+            peaks = []
+            for _ in expected:
+                await queue_mails(pool, sender.batch, first=first)
+                first += sender.batch
+                server.peak = server.open  # kept connections count: they are the server's
+                assert await sender.send_due(pool) == sender.batch
+                peaks.append(server.peak)
+            await sender.close()
+            await _closed(server)
+            assert peaks == expected, ceiling
+        assert server.refused == 0  # none refused: the server takes 100
+        assert len(inbox.messages) == first - 1
+        assert await pool.fetchval("SELECT count(*) FROM emails WHERE status <> 'sent'") == 0
+
+
+async def test_a_server_limiting_to_two_is_not_asked_for_a_third_then_probed_with_one(
+    pool: asyncpg.Pool, db_settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A relay that takes 2: after its refusal, no third connection for capped_seconds, then
+    one more is asked for now and then (one refusal, not SMTP_CONNECTIONS - 2), and its limit
+    is warned of once, not on every probe."""
+    inbox = Inbox()
+    caplog.set_level(logging.INFO, logger="ordermill.notify")
+    with limited(inbox, limit=2) as (server, port):
+        first = 1
+
+        async def passes(sender: MailSender, count: int) -> list[int]:
+            nonlocal first
+            refused = []
+            for _ in range(count):
+                await queue_mails(pool, 16, first=first)
+                first += 16
+                before = server.refused
+                assert await sender.send_due(pool) == 16
+                refused.append(server.refused - before)
+            return refused
+
+        sender = _sender(db_settings, port)
+        assert await passes(sender, 4) == [2, 0, 0, 0]  # 4 asked for at first
+        assert server.peak == 2
+        await sender.close()
+        await _closed(server)
+
+        sender = _sender(db_settings, port)
+        sender.capped_seconds = 0  # its time has gone by at once: probed again
+        assert await passes(sender, 5) == [2, 0, 1, 0, 1]  # 3 asked for every other pass
+        await sender.close()
+        assert server.peak == 2
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING
+                  and "refused connections" in r.getMessage()]
+        assert len(warned) == 2  # once for each sender
+    rows = await pool.fetch("SELECT status, attempts FROM emails")
+    assert {(r["status"], r["attempts"]) for r in rows} == {("sent", 1)} and len(rows) == first - 1

@@ -62,15 +62,27 @@ class MailSender:
         # slow the server), so it can be short: a dead sender's mails go out soon after.
         self.queue = LeasedQueue.from_settings(EMAILS, mail.queue)
         self.poll_seconds = mail.queue.poll_seconds
-        # SMTP connections at once, each sending several mails of a pass (SMTP_CONNECTIONS).
+        # SMTP connections at once, each sending several mails of a pass: at most this many
+        # (SMTP_CONNECTIONS), the ceiling of the count a pass is allowed (`_limit`).
         self.connections = mail.smtp.connections
         # Mails claimed by one pass: a few for each connection, so that the pass's claim,
         # context query and marks (about 40 ms on a busy machine) are shared by many mails.
         self.batch = max(64, 8 * self.connections)
-        # A server that refused a connection beyond the ones it had taken (a limit per client,
-        # as Exim's smtp_accept_max_per_host) is asked for no more than it took, for a while.
+        # The count a pass is allowed adapts, as Postfix's per-destination concurrency does
+        # (initial_destination_concurrency 5, growing toward its limit while deliveries go
+        # and backing off on failures): a small relay is not met with SMTP_CONNECTIONS at once.
+        # It starts at `initial_connections` and doubles after a pass that opened all it was
+        # allowed and had mails for more. A server that refused connections beyond some (a
+        # limit per client, as Exim's smtp_accept_max_per_host) is allowed what it took, with
+        # no growth for `capped_seconds`, then asked for one more than it took. A server
+        # that took none (down, a wrong password) gets one connection a pass, a probe: not a
+        # burst of failed logins that trips fail2ban or locks the account.
+        self.initial_connections = 4
         self.capped_seconds = 60.0
-        self._cap: tuple[int, float] | None = None  # (connections, until monotonic)
+        self._allowed: int | None = None  # None: initial_connections (read at the first pass)
+        self._no_growth_until = 0.0  # monotonic
+        self._refused_above: int | None = None  # what the server took when it last refused more
+        self._warned: int | None = None  # the limit last warned of: one warning per change
         # An open connection is kept this long for the next mails (Postfix's connection cache
         # does the same): at a steady flow, passes are small and a connection's greeting,
         # EHLO, TLS and login would cost more than its mails. Far below the 5 minutes a
@@ -141,7 +153,7 @@ class MailSender:
             with contextlib.suppress(*db.TRANSIENT_DB_ERRORS):
                 await self.queue.release(pool, emails)
             raise
-        connections = await self._open(min(self._limit(), len(emails)))
+        connections = await self._open(self._limit(), len(emails))
         if isinstance(connections, BaseException):  # not one opened: the server is away
             for email in emails:
                 await self._failed(pool, email, connections)
@@ -163,19 +175,19 @@ class MailSender:
                 raise result  # the others finished; a lease brings these back
 
     def _limit(self) -> int:
-        """Connections a pass may open: SMTP_CONNECTIONS, or what the server took lately."""
-        if self._cap is not None:
-            if time.monotonic() < self._cap[1]:
-                return self._cap[0]
-            self._cap = None  # ask for them all again: the server's limit may have been others'
-        return self.connections
+        """Connections a pass may open: what the server took lately, never above
+        SMTP_CONNECTIONS."""
+        allowed = self.initial_connections if self._allowed is None else self._allowed
+        return max(1, min(allowed, self.connections))
 
-    async def _open(self, wanted: int) -> list[tuple[aiosmtplib.SMTP, bool]] | BaseException:
-        """Up to `wanted` connections, opened together; the error if none could be.
+    async def _open(self, allowed: int, mails: int
+                    ) -> list[tuple[aiosmtplib.SMTP, bool]] | BaseException:
+        """Up to `allowed` connections for `mails` mails, opened together; the error if none
+        could be. What opened sets what the next passes are allowed (see __init__).
 
         Some opened and some refused (a 421 at the greeting, a reset): the server limits its
-        clients' connections. The pass's mails go over those it took, no attempt spent, and
-        later passes ask for no more than that until `capped_seconds` have gone by."""
+        clients' connections. The pass's mails go over those it took, no attempt spent."""
+        wanted = min(allowed, mails)
         results = await asyncio.gather(*(self._connection() for _ in range(wanted)),
                                        return_exceptions=True)
         opened = [r for r in results if not isinstance(r, BaseException)]
@@ -186,13 +198,41 @@ class MailSender:
                 smtp.close()
             raise unexpected[0]
         if not opened:
+            if allowed > 1:
+                log.warning("no SMTP connection opened: one a pass until one does", extra={
+                    "connections": 1, "error": f"{type(errors[0]).__name__}: {errors[0]}"})
+            self._allowed = 1
             return errors[0]
         if errors:
-            self._cap = (len(opened), time.monotonic() + self.capped_seconds)
-            log.warning("the SMTP server refused connections beyond some: using only those", extra={
-                "connections": len(opened), "refused": len(errors),
-                "error": f"{type(errors[0]).__name__}: {errors[0]}"})
+            self._refused(len(opened), errors)
+        elif wanted == allowed < mails:
+            self._grow(allowed)
         return opened
+
+    def _refused(self, took: int, errors: Sequence[BaseException]) -> None:
+        """The server took `took` connections and refused the others: it is allowed that
+        many, with no growth for `capped_seconds`; warned of once while its limit stays."""
+        self._allowed = self._refused_above = took
+        self._no_growth_until = time.monotonic() + self.capped_seconds
+        (log.warning if took != self._warned else log.debug)(
+            "the SMTP server refused connections beyond some: using only those", extra={
+                "connections": took, "refused": len(errors),
+                "error": f"{type(errors[0]).__name__}: {errors[0]}"})
+        self._warned = took
+
+    def _grow(self, allowed: int) -> None:
+        """A pass opened all it was allowed and had mails for more: allow more, doubling, but
+        no further than one past the count a server last refused beyond (a probe costs it
+        one refusal, not many)."""
+        if allowed >= self.connections or time.monotonic() < self._no_growth_until:
+            return
+        if self._refused_above is not None and allowed > self._refused_above:
+            self._refused_above = self._warned = None  # the server takes more now
+        grown = 2 * allowed
+        if self._refused_above is not None:
+            grown = min(grown, self._refused_above + 1)
+        self._allowed = min(grown, self.connections)
+        log.info("SMTP connections allowed: more", extra={"connections": self._allowed})
 
     async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """A kept connection that still answers, or a new one."""
