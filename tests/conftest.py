@@ -252,6 +252,16 @@ async def db_settings(infra: Infra) -> AsyncIterator[Settings]:
 
 
 @pytest.fixture
+async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test's own database (its schema migrated), for code given a pool."""
+    made = await db.create_pool(db_settings.database_url, max_size=6, attempts=3)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture
 async def flow(db_settings: Settings) -> AsyncIterator[InMemoryFlow]:
     """Workers joined by their outbox, through the same pipeline, without RabbitMQ."""
     pool = await db.create_pool(db_settings.database_url, max_size=4, attempts=3)

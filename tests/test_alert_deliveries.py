@@ -5,7 +5,6 @@ secret in every listing, even when Slack's answer quotes it; a mistake is one li
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -17,18 +16,10 @@ from conftest import eventually
 from services.alerts import deliveries as ops
 from services.alerts.raising import Cause, Delivery, raise_alert
 from services.alerts.rules import AlertRules
-from shared import db
 from shared.settings import Settings
 from shared.states import AlertTrigger
 
 SECRET_PATH = "/services/T0/B0/s3cr3tTOKEN"
-
-
-@pytest.fixture
-async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(db_settings.database_url, max_size=6, attempts=3)
-    yield p
-    await p.close()
 
 
 async def rules_for(pool: asyncpg.Pool, url: str) -> AlertRules:

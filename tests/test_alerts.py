@@ -90,13 +90,6 @@ when = { waiting_hours = 2 }
 """
 
 
-@pytest.fixture
-async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(db_settings.database_url, max_size=6, attempts=3)
-    yield p
-    await p.close()
-
-
 async def load(pool: asyncpg.Pool, text: str, sealer: Sealer = Sealer()) -> AlertRules:
     rules = parse_toml(text)
     async with pool.acquire() as conn:

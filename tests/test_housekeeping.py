@@ -7,25 +7,13 @@ age; and every table's rule reads its rows by an index."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
-from shared import db
 from shared.housekeeping import Housekeeper, retention_rules
 from shared.settings import Settings
 
 OLD, NEW = "now() - interval '200 days'", "now() - interval '1 hour'"
-
-
-@pytest.fixture
-async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(db_settings.database_url, max_size=2, attempts=3)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def _seed(conn: asyncpg.Connection) -> None:

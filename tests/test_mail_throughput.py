@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,21 +21,11 @@ from test_notify import Inbox, free_port
 
 from services.notify.mail import STAFF_TEMPLATE
 from services.notify.sender import EMAILS, MailSender
-from shared import db
 from shared.leased_queue import LeasedQueue
 from shared.settings import Settings
 
 CONTEXT = {"subject": "Queue backlog", "description": "", "facts": {"queue": "notify"},
            "link": None, "rule": "backlog"}
-
-
-@pytest.fixture
-async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    made = await db.create_pool(db_settings.database_url, max_size=4, attempts=3)
-    try:
-        yield made
-    finally:
-        await made.close()
 
 
 async def queue_mails(pool: asyncpg.Pool, count: int, *, status: str = "pending",

@@ -37,7 +37,6 @@ from services.webhooks.outbound import (
 from services.webhooks.sealing import Sealer
 from services.webhooks.sender import WebhookSender
 from services.webhooks.worker import worker as webhooks_worker
-from shared import db
 from shared.metrics import WEBHOOK_DELIVERIES_BY_STATE, DatabaseGauges
 from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
@@ -59,13 +58,6 @@ def spec_verifies(secret: str, headers: dict[str, str], body: bytes) -> bool:
 
 def package_verifies(secret: str, headers: dict[str, str], body: bytes) -> Any:
     return Webhook(secret).verify(body, headers)  # raises WebhookVerificationError
-
-
-@pytest.fixture
-async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(db_settings.database_url, max_size=6, attempts=3)
-    yield p
-    await p.close()
 
 
 @pytest.fixture
