@@ -125,6 +125,8 @@ async def test_three_worker_processes_serve_one_metrics_one_heartbeat_and_stop_t
         children = _children(process)
         assert sorted(children) == ["notify,webhooks,alerts", "placement,fraud",
                                     "provisioning,review"]
+        # A setting's warning is said once, by the supervisor, not again by its process.
+        assert log.read_text().count("EPP_CODE_KEY is not set") == 1
         await asyncio.gather(*(harness.publish("order.place", order_body(f"three-{n:02d}"))
                                for n in range(20)))
         await eventually(lambda: _at_least(harness, "three-", 20), timeout=60)
