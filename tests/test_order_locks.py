@@ -21,12 +21,15 @@ from contextlib import asynccontextmanager
 import asyncpg
 from test_payment_statements import _payment, _screened
 
-from conftest import eventually
+from conftest import eventually, order_body
+from services.fraud.sweeper import QueuedOrderSweeper
 from services.notify.worker import _Mail, record_mails
+from services.placement.worker import worker as placement_worker
 from services.provisioning.jobs import JobRunner
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import lock_order_state
 from shared.runtime.testing import InMemoryFlow
+from shared.settings import Settings
 
 # Far longer than any of these takes unblocked; far shorter than the suite's patience.
 WAIT_SECONDS = 5.0
@@ -135,3 +138,22 @@ async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:
     return bool(await flow.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND wait_event_type = 'Lock'"))
+
+
+async def test_the_sweeper_redrives_a_stuck_order_while_a_mail_is_inserted_for_it(
+    flow: InMemoryFlow,
+) -> None:
+    """Its `FOR UPDATE SKIP LOCKED` skipped an order whose mail was being inserted (the
+    foreign-key check's lock), and held the mails back while it re-drove the others."""
+    s = flow.settings
+    flow.add(placement_worker(s))  # no fraud worker: the order stays queued
+    await flow.send("order.place", order_body("lock-sweep"))
+    await flow.run()
+    order_id = await flow.pool.fetchval(
+        "UPDATE orders SET screening_driven_at = now() - interval '2 minutes'"
+        " WHERE order_ref = 'lock-sweep' AND screening = 'queued' RETURNING id")
+    assert order_id is not None
+    sweeper = QueuedOrderSweeper(
+        Settings(screening_stuck_seconds=60, screening_max_redrives=2).screening_sweep)
+    async with mail_being_inserted(flow, order_id, "sweep"):
+        assert await asyncio.wait_for(sweeper.sweep(flow.pool), WAIT_SECONDS) == 1
