@@ -171,6 +171,17 @@ class MailSink:
         self._controller.stop()
 
 
+def answers(port: int, proc: subprocess.Popen[bytes], seconds: float = 20) -> bool:
+    """Whether a server process the bench started answers on its port within `seconds`
+    (False at once if it ended)."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class MailSinkProcess:
     """MailSink's SMTP server in a process of its own (`--serve-mail`), as a relay is: in a
     thread of the bench, every SMTP reply waited for the bench's own event loop to let go of
@@ -190,14 +201,10 @@ class MailSinkProcess:
             self._proc = subprocess.Popen(
                 [sys.executable, str(THIS_SCRIPT), "--serve-mail", str(self.port)],
                 stdout=subprocess.PIPE, stderr=log)
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                return self
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"the mail sink did not start; see {self._log_path}")
-            time.sleep(0.1)
+        if not answers(self.port, self._proc):
+            self.__exit__()
+            raise RuntimeError(f"the mail sink did not start; see {self._log_path}")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is None:
@@ -695,11 +702,7 @@ def webhook_receiver(port: int, log_path: Path) -> Iterator[subprocess.Popen[byt
         proc = subprocess.Popen([sys.executable, str(THIS_SCRIPT), "--serve-receiver", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            time.sleep(0.1)
+        answers(port, proc)
         yield proc
     finally:
         proc.terminate()

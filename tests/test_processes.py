@@ -125,7 +125,8 @@ async def test_three_worker_processes_serve_one_metrics_one_heartbeat_and_stop_t
         children = _children(process)
         assert sorted(children) == ["notify,webhooks,alerts", "placement,fraud",
                                     "provisioning,review"]
-        # A setting's warning is said once, by the supervisor, not again by its process.
+        # A setting's warning is said once, by the worker process that runs placement, not
+        # again by the supervisor, which builds every worker only to check who may publish.
         assert log.read_text().count("EPP_CODE_KEY is not set") == 1
         await asyncio.gather(*(harness.publish("order.place", order_body(f"three-{n:02d}"))
                                for n in range(20)))

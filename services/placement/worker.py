@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from functools import partial
 
 from services.placement.handlers import place_order
 from services.placement.pricing import load_catalog
@@ -10,7 +10,6 @@ from shared.contracts import OrderRejected, PlaceOrder, PlaceReply
 from shared.epp_codes import EppCodes, warn_if_plain
 from shared.parties import OPERATORS, PLACERS
 from shared.runtime import WorkerSpec, route
-from shared.runtime.supervisor import PROCESS_ENV
 from shared.settings import Settings
 from shared.uow import UnitOfWork
 
@@ -22,8 +21,6 @@ def worker(settings: Settings) -> WorkerSpec:
     # Who may name any client (the console places orders for the operator signed in).
     operators = frozenset(settings.operator_users) | frozenset(settings.console_users)
     epp_codes = EppCodes.from_environ()  # a bad EPP_CODE_KEY stops the worker at start
-    if os.environ.get(PROCESS_ENV) is None:  # a supervisor's worker process: it said it once
-        warn_if_plain(epp_codes)
 
     async def place(cmd: PlaceOrder, uow: UnitOfWork) -> None:
         if not cmd.generate_invoice and not (open_desk or uow.context.parties & OPERATORS):
@@ -40,4 +37,5 @@ def worker(settings: Settings) -> WorkerSpec:
         routes={"order.place": route(place, publishers=PLACERS, load=load_catalog)},
         rejection_event=OrderRejected,
         rejection_reply=PlaceReply,
+        on_start=(partial(warn_if_plain, epp_codes),),
     )

@@ -159,6 +159,9 @@ class Runtime:
     ) -> None:
         """Consume until stop() (or SIGTERM via the CLI), then drain in-flight work and close."""
         self.check_publishers(workers)
+        for spec in workers:
+            for said in spec.on_start:
+                said()
         if self.settings.service_users and workers:
             self._own_queues = [spec.service for spec in workers]
         if self.pool is None and not await self._started_unless_stopped():

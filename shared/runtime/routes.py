@@ -91,6 +91,10 @@ class WorkerSpec:
     # The answer to a refused message that named a reply queue (`reply_to`) and an order_ref
     # (a contract class of `ok`, `order_ref` and `error`: PlaceReply).
     rejection_reply: type[PlaceReply] | None = None
+    # Said when the worker runs in a process (Runtime.serve): a warning about its settings
+    # (a key not set). Not when a supervisor only builds it to check who may publish: its
+    # worker process says it, once.
+    on_start: Sequence[Callable[[], None]] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     # Periodic jobs of this service (sweepers), run until the stop event is set.
     background: Sequence[Callable[[asyncpg.Pool, asyncio.Event], Awaitable[None]]] = ()
