@@ -17,6 +17,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from shared import wakeup
 from shared.errors import ConfigurationError
 
 log = logging.getLogger("ordermill.db")
@@ -127,6 +128,8 @@ async def create_pool(database_url: str, *, max_size: int = 10, attempts: int = 
                 # fails like a refused one, so an outage is seen in seconds, not minutes.
                 timeout=10, command_timeout=60, reset=_keep_session,
                 server_settings=server_settings,
+                # Wakes this process's loops after a commit that wrote their rows (wakeup.py).
+                connection_class=wakeup.Connection,
             )
     raise AssertionError("unreachable")
 

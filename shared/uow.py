@@ -14,7 +14,9 @@ import asyncpg
 from pydantic import BaseModel
 
 from shared.contracts import Event as EventBody
+from shared.outbox import CHANNEL as OUTBOX_CHANNEL
 from shared.parties import Party
+from shared.wakeup import heard_here
 
 log = logging.getLogger("ordermill.uow")
 
@@ -63,22 +65,26 @@ Deferred = Callable[[asyncpg.Connection, Sequence[Any]], Awaitable[object]]
 # (message id, routing key, body, correlation id, direct, source: the service that wrote it)
 Event = tuple[uuid.UUID, str, dict[str, object], str | None, bool, str | None]
 # Events as one statement: executemany would run the insert (and the outbox's NOTIFY
-# trigger) once per event.
+# trigger) once per event. $7: the relay of this process publishes them, woken in memory
+# after the commit (wakeup.heard_here), or NULL: the trigger notifies every relay.
 _INSERT_EVENTS = (
     "INSERT INTO outbox (message_id, routing_key, body, correlation_id, direct, source)"
     " SELECT m, k, b::jsonb, c, d, s FROM unnest($1::uuid[], $2::text[], $3::text[],"
     " $4::text[], $5::bool[], $6::text[]) AS e(m, k, b, c, d, s)"
+    " WHERE (SELECT ordermill_heard_here($7::text))"
     " ON CONFLICT (message_id) DO NOTHING"
 )
 
 
-async def _insert(conn: asyncpg.Connection, events: list[Event]) -> None:
+async def _insert(conn: asyncpg.Connection, events: list[Event], *, here: bool = False) -> None:
+    """`here`: the events are this process's services' own (a unit of work's), which its own
+    relay publishes; others' (a sweeper's, written for another service) notify every relay."""
     if not events:
         return
     ids, keys, bodies, correlations, direct, sources = zip(*events, strict=True)
     await conn.execute(_INSERT_EVENTS, list(ids), list(keys),
                        [json.dumps(body) for body in bodies], list(correlations), list(direct),
-                       list(sources))
+                       list(sources), heard_here(conn, OUTBOX_CHANNEL) if here else None)
 
 
 def _payload(body: BaseModel | dict[str, object]) -> dict[str, object]:
@@ -257,4 +263,4 @@ async def flush_events(conn: asyncpg.Connection, uows: list[UnitOfWork]) -> None
             writes.setdefault(write, []).append(item)
     for write, items in writes.items():
         await write(conn, items)
-    await _insert(conn, [event for uow in uows for event in uow.take_events()])
+    await _insert(conn, [event for uow in uows for event in uow.take_events()], here=True)

@@ -13,7 +13,15 @@ The connection is reopened when lost (by whichever loop next calls `ensure`); on
 every loop is woken once, since what was committed meanwhile was not heard. The loops keep
 their timers, so nothing waits forever while LISTEN is down. With no URL (behind PgBouncer
 in transaction pooling and no DATABASE_DIRECT_URL: a LISTEN there hears nothing) there is
-no listener: the loops run on their timers alone (RELAY_SWEEP_SECONDS, JOB_POLL_SECONDS)."""
+no listener: the loops run on their timers alone (RELAY_SWEEP_SECONDS, JOB_POLL_SECONDS).
+
+Work written by the process whose loop takes it is heard without NOTIFY (`heard_here`): the
+statement that writes it tells its trigger not to notify (migration 0043), and the
+connection (`Connection`, every pool's) wakes the process's loops on that channel once the
+transaction commits. With three worker processes, every notifying commit cost three
+listeners' reads of the queue and woke three relays for events one would publish, and
+notifying commits queue behind one lock of the whole cluster (docs/performance.md, "Work
+heard where it is written")."""
 
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import weakref
 from typing import Any
 
 import asyncpg
+from asyncpg.transaction import Transaction
 
 log = logging.getLogger("ordermill.wakeup")
 
@@ -111,6 +120,96 @@ def _listener(database_url: str) -> _Listener:
     return mine[database_url]
 
 
+# The loops of this process that a commit of its own wakes in memory, per event loop (tests
+# run several) and channel: those whose `Wakeup` is open (between `ensure` and `close`).
+_HERE: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, set[Wakeup]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _here() -> dict[str, set[Wakeup]]:
+    return _HERE.setdefault(asyncio.get_running_loop(), {})
+
+
+def heard_here(conn: asyncpg.Connection, channel: str) -> str | None:
+    """For a statement about to write rows that `channel`'s loops take: the channel to give
+    `ordermill_heard_here($n)` in that statement when a loop of this process wakes on it and
+    the connection will wake that loop once its transaction commits. The statement's trigger
+    then does not notify. None otherwise (no such loop here, no transaction, a connection of
+    another class): the trigger notifies as before, so a caller that gets None, or a writer
+    that never asks, only costs the NOTIFY it always did."""
+    note = getattr(conn, "wake_after_commit", None)  # a pool's proxy passes it on
+    if note is None or not conn.is_in_transaction() or not _here().get(channel):
+        return None
+    note(channel)
+    return channel
+
+
+def wake_here(channels: set[str]) -> None:
+    """Wake this process's loops on these channels (their rows were just committed here)."""
+    here = _here()
+    for channel in channels:
+        for wakeup in here.get(channel, ()):
+            wakeup.event.set()
+
+
+class _WakingTransaction(Transaction):
+    """asyncpg's transaction; the outermost one, once it ends, lets its connection wake what
+    it wrote for (committed) or forget it (rolled back)."""
+
+    __slots__ = ()
+
+    async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
+        committed = False
+        try:
+            await super().__aexit__(extype, ex, tb)
+            committed = extype is None
+        finally:
+            self._ended(committed)
+
+    async def commit(self) -> None:
+        committed = False
+        try:
+            await super().commit()
+            committed = True
+        finally:
+            self._ended(committed)
+
+    async def rollback(self) -> None:
+        try:
+            await super().rollback()
+        finally:
+            self._ended(False)
+
+    def _ended(self, committed: bool) -> None:
+        if not self._nested:
+            self._connection.transaction_ended(committed)
+
+
+class Connection(asyncpg.Connection):
+    """The connection of every Ordermill pool (`db.create_pool`): it remembers which channels
+    its transaction wrote for (`heard_here`) and wakes this process's loops on them when the
+    transaction commits. Only transactions opened with `transaction()` are followed; a
+    statement outside one is never told it is heard here, so it notifies."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._heard: set[str] = set()
+
+    def wake_after_commit(self, channel: str) -> None:
+        self._heard.add(channel)
+
+    def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                    deferrable: bool = False) -> Transaction:
+        self._check_open()
+        return _WakingTransaction(self, isolation, readonly, deferrable)
+
+    def transaction_ended(self, committed: bool) -> None:
+        heard, self._heard = self._heard, set()
+        if committed and heard:
+            wake_here(heard)
+
+
 class Wakeup:
     def __init__(self, database_url: str | None, channel: str) -> None:
         self.database_url = database_url
@@ -119,7 +218,9 @@ class Wakeup:
         self._said_none = False
 
     async def ensure(self) -> None:
-        """Listen, if not listening already (and there is somewhere to)."""
+        """Listen, if not listening already (and there is somewhere to); heard in memory
+        after this process's own commits (`heard_here`) until `close`."""
+        _here().setdefault(self.channel, set()).add(self)
         if self.database_url is None:
             if not self._said_none:
                 log.info(
@@ -144,6 +245,7 @@ class Wakeup:
         )
 
     async def close(self) -> None:
+        _here().get(self.channel, set()).discard(self)
         if self.database_url is None:
             return
         mine = _LISTENERS.get(asyncio.get_running_loop(), {})

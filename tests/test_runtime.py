@@ -555,3 +555,40 @@ async def test_a_connection_cut_while_the_schema_is_checked_at_start_is_waited_o
         assert calls == 2 and runtime.pool is not None and runtime.connection is not None
     finally:
         await runtime.close()
+
+
+async def test_the_relay_hears_its_own_process_commit_without_a_notify(harness: Harness) -> None:
+    """A unit of work's events wake the relay of its own process in memory (wakeup.heard_here):
+    published at once, with the sweep 30 s away, and no NOTIFY for every other process."""
+    store = await harness.listen("here.event")
+    await harness.start([], relay_sweep_seconds=30.0)
+    await asyncio.sleep(0.3)  # the relay is idle, waiting
+    heard: list[str] = []
+    listener = await asyncpg.connect(harness.settings.database_url)
+    await listener.add_listener("ordermill_outbox", lambda *args: heard.append(args[3]))
+    try:
+        async with harness.pool.acquire() as conn, conn.transaction():
+            uow = UnitOfWork(conn, MessageContext(consumer="placement", message_id="here-1",
+                                                  routing_key="order.place",
+                                                  received_at=datetime.now(UTC)))
+            uow.emit("here.event", {"n": 1})
+            await flush_events(conn, [uow])
+        await store.wait_for("here.event", lambda b: True, timeout=5)
+        await listener.execute("SELECT pg_notify('ordermill_outbox', 'mark')")
+        await eventually(lambda: asyncio.sleep(0, "mark" in heard), timeout=5)
+        assert heard == ["mark"]  # notifications come in commit order: none before the mark
+    finally:
+        await listener.close()
+
+
+async def test_a_relay_pass_takes_the_wake_ups_of_what_it_read(harness: Harness) -> None:
+    """A wake-up heard before a pass reads is answered by that pass: left set, it started
+    another pass that found nothing (half the relay's passes at a steady rate)."""
+    relay = OutboxRelay(harness.pool, harness.exchange, harness.settings.database_url,
+                        harness.settings.relay)
+    async with harness.pool.acquire() as conn:
+        await write_event(conn, "taken.event", {"n": 1}, message_id=event_id("taken", 1),
+                          correlation_id=None)
+    relay._wake.set()  # as the commit's wake-up, heard while the pass waited for its slot
+    assert await relay.drain_once() == 1
+    assert not relay._wake.is_set()

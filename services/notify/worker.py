@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.notify.mail import SUBJECTS, message_id_for
-from services.notify.sender import MailSender
+from services.notify.sender import EMAILS, MailSender
 from shared.contracts import EmailSend
 from shared.errors import Rejected
 from shared.metrics import EMAILS_BY_STATE
 from shared.runtime import WorkerSpec, route
 from shared.settings import Settings
 from shared.uow import UnitOfWork
+from shared.wakeup import heard_here
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,18 @@ async def record_mails(conn: asyncpg.Connection, mails: Sequence[_Mail]) -> None
     steady flow's batches carry a few orders' mails: one insert, not one a mail), in the
     messages' order (the sender takes them by id). A request recorded before (a resend, by
     its dedupe key) writes nothing. One for an order that does not exist refuses the batch:
-    it is handled again message by message, and that request alone is dead-lettered."""
+    it is handled again message by message, and that request alone is dead-lettered. The
+    sender of this process, when it runs here, is woken in memory after the commit
+    (wakeup.heard_here), not by a NOTIFY to every process."""
     inserted = await conn.fetch(
         "INSERT INTO emails (dedupe_key, template, recipient, order_id, message_id)"
         " SELECT u.k, u.t, u.r, o.id, u.m FROM unnest($1::text[], $2::text[], $3::text[],"
         "  $4::bigint[], $5::text[]) WITH ORDINALITY AS u(k, t, r, order_id, m, n)"
-        " JOIN orders o ON o.id = u.order_id ORDER BY u.n"
-        " ON CONFLICT (dedupe_key) DO NOTHING RETURNING true",
+        " JOIN orders o ON o.id = u.order_id WHERE (SELECT ordermill_heard_here($6::text))"
+        " ORDER BY u.n ON CONFLICT (dedupe_key) DO NOTHING RETURNING true",
         [m.dedupe_key for m in mails], [m.template for m in mails],
         [m.recipient for m in mails], [m.order_id for m in mails],
-        [m.message_id for m in mails])
+        [m.message_id for m in mails], heard_here(conn, EMAILS.channel))
     if len(inserted) == len(mails):
         return
     # Fewer written: requests recorded before, or orders that do not exist.

@@ -24,7 +24,9 @@ from typing import Any
 
 import asyncpg
 
+from services.webhooks.sender import DELIVERIES
 from shared.contracts import EVENTS
+from shared.wakeup import heard_here
 
 # The routing keys an integrator may subscribe to: every event on the exchange except the
 # internal re-drives and commands (docs/contract.md section 10). `*` subscribes to them all.
@@ -75,6 +77,7 @@ _TO_SUBSCRIBERS = (
     " FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS v(event_type, event_id, body, n)"
     " JOIN webhook_endpoints e ON e.status <> 'disabled'"
     "  AND (v.event_type = ANY (e.events) OR '*' = ANY (e.events))"
+    " WHERE (SELECT ordermill_heard_here($4::text))"
     " ORDER BY v.n, e.id"
     " ON CONFLICT (webhook_id) DO NOTHING")
 # One event to one endpoint, subscribed or not (not to a disabled or missing one).
@@ -110,12 +113,13 @@ async def enqueue(conn: asyncpg.Connection, events: Sequence[Outbound]) -> int:
     """One delivery per event and active endpoint subscribed to its type, in one statement
     (a batch of events: still one); returns how many were new. As a unit of work's deferred
     write (`uow.defer(enqueue, event)`), the events of every message sharing the
-    transaction go in together."""
+    transaction go in together. The sender of this process, when it runs here, is woken in
+    memory after the commit (wakeup.heard_here)."""
     if not events:
         return 0
     return _count(await conn.execute(
         _TO_SUBSCRIBERS, [e.event_type for e in events], [e.event_id for e in events],
-        [e.body for e in events]))
+        [e.body for e in events], heard_here(conn, DELIVERIES.channel)))
 
 
 async def enqueue_to_subscribers(conn: asyncpg.Connection, event_type: str, data: dict[str, Any],

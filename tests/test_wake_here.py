@@ -1,0 +1,156 @@
+"""Work heard where it is written (shared/wakeup.py, migration 0043): a commit that wrote
+events, mails or deliveries for a loop of its own process wakes that loop in memory, and its
+trigger does not NOTIFY (every process's listener, and every relay, would wake for rows one
+of them takes). Any other writer still notifies."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from conftest import eventually
+from services.notify.worker import _Mail, record_mails
+from services.webhooks.outbound import Outbound, enqueue
+from shared.outbox import CHANNEL as OUTBOX
+from shared.settings import Settings
+from shared.uow import MessageContext, UnitOfWork, flush_events
+from shared.wakeup import Wakeup
+
+Notifies = Callable[[str], Awaitable[int]]
+
+
+@pytest.fixture
+async def notifies(db_settings: Settings) -> AsyncIterator[Notifies]:
+    """How many NOTIFYs a channel has had so far. Notifications arrive in commit order, so
+    once a mark sent after the writes is heard, every NOTIFY of theirs has been."""
+    heard: list[tuple[str, str]] = []
+    listener = await asyncpg.connect(db_settings.database_url)
+    marker = await asyncpg.connect(db_settings.database_url)
+    for channel in (OUTBOX, "ordermill_emails", "ordermill_webhooks"):
+        await listener.add_listener(channel, lambda _c, _p, ch, payload: heard.append((ch, payload)))
+
+    async def count(channel: str) -> int:
+        mark = f"mark-{len(heard)}"
+        await marker.execute("SELECT pg_notify($1, $2)", channel, mark)
+        await eventually(lambda: asyncio.sleep(0, (channel, mark) in heard), timeout=5)
+        return sum(1 for ch, payload in heard if ch == channel and payload == "")
+
+    try:
+        yield count
+    finally:
+        await listener.close()
+        await marker.close()
+
+
+def _uow(conn: asyncpg.Connection, n: int) -> UnitOfWork:
+    uow = UnitOfWork(conn, MessageContext(consumer="placement", message_id=f"m-{n}",
+                                          routing_key="order.place",
+                                          received_at=datetime.now(UTC)))
+    uow.emit("order.test", {"n": n})
+    return uow
+
+
+async def _emit(pool: asyncpg.Pool, n: int, *, fail: bool = False) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await flush_events(conn, [_uow(conn, n)])
+        if fail:
+            raise RuntimeError("rolled back")
+
+
+async def test_a_units_events_wake_the_relay_here_and_notify_nobody(
+        pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
+    relay = Wakeup(db_settings.database_url, OUTBOX)
+    await relay.ensure()
+    try:
+        await _emit(pool, 1)
+        assert relay.event.is_set()  # at once, in memory: no round trip through the server
+        assert await notifies(OUTBOX) == 0
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+        relay.event.clear()
+        with pytest.raises(RuntimeError):
+            await _emit(pool, 2, fail=True)
+        assert not relay.event.is_set()  # nothing committed: nothing to wake for
+
+        # A savepoint's commit is not the transaction's: the wake waits for the end.
+        async with pool.acquire() as conn, conn.transaction():
+            async with conn.transaction():
+                await flush_events(conn, [_uow(conn, 3)])
+            assert not relay.event.is_set()
+        assert relay.event.is_set()
+        assert await notifies(OUTBOX) == 0
+    finally:
+        await relay.close()
+
+
+async def test_with_no_loop_here_or_no_transaction_the_trigger_notifies(
+        pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
+    await _emit(pool, 1)  # no relay in this process: every other process's must hear it
+    assert await notifies(OUTBOX) == 1
+
+    relay = Wakeup(db_settings.database_url, OUTBOX)
+    await relay.ensure()
+    try:
+        async with pool.acquire() as conn:  # a statement on its own: nothing follows its commit
+            await flush_events(conn, [_uow(conn, 2)])
+        assert await notifies(OUTBOX) == 2
+        assert not relay.event.is_set() or relay.listening  # heard, if at all, by its LISTEN
+    finally:
+        await relay.close()
+    await _emit(pool, 3)  # closed: no longer here
+    assert await notifies(OUTBOX) == 3
+
+
+async def test_a_wake_here_lasts_only_its_transaction(
+        pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
+    """The trigger's skip is the transaction's setting: the next transaction on the same
+    connection, written for nobody here, notifies again."""
+    relay = Wakeup(db_settings.database_url, OUTBOX)
+    await relay.ensure()
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await flush_events(conn, [_uow(conn, 1)])
+            await conn.execute(
+                "INSERT INTO outbox (message_id, routing_key, body) VALUES ($1, 'x', '{}')",
+                uuid.uuid4())
+        assert await notifies(OUTBOX) == 1
+    finally:
+        await relay.close()
+
+
+async def test_mails_and_deliveries_wake_their_senders_here(
+        pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
+    client_id = await pool.fetchval(
+        "INSERT INTO clients (email) VALUES ('a@example.com') RETURNING id")
+    order_id = await pool.fetchval(
+        "INSERT INTO orders (order_ref, order_number, client_id, currency, send_confirmation,"
+        " generate_invoice, total) VALUES ('w-1', 1, $1, 'USD', true, true, 10) RETURNING id",
+        client_id)
+    await pool.execute(
+        "INSERT INTO webhook_endpoints (url, events, secret)"
+        " VALUES ('https://hooks.example/in', '{order.placed}', 'plain:whsec_x')")
+    mails = Wakeup(db_settings.database_url, "ordermill_emails")
+    hooks = Wakeup(db_settings.database_url, "ordermill_webhooks")
+    await mails.ensure()
+    await hooks.ensure()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await record_mails(conn, [_Mail("k-1", "order_confirmation", "a@example.com", order_id,
+                                            "<k-1@example.com>")])
+            assert await enqueue(conn, [Outbound("order.placed", {"order_ref": "w-1"}, "e-1")]) == 1
+        assert mails.event.is_set() and hooks.event.is_set()
+        assert await notifies("ordermill_emails") == 0
+        assert await notifies("ordermill_webhooks") == 0
+    finally:
+        await mails.close()
+        await hooks.close()
+    async with pool.acquire() as conn, conn.transaction():
+        await record_mails(conn, [_Mail("k-2", "order_confirmation", "a@example.com", order_id,
+                                        "<k-2@example.com>")])
+    assert await notifies("ordermill_emails") == 1
