@@ -6,6 +6,8 @@ statement of its batch before the commit that lets its setup be claimed (docs/pe
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from test_webhook_fanout import Statements
 
 from conftest import order_body
@@ -79,8 +81,9 @@ async def test_a_batch_of_payments_writes_its_history_in_one_statement(
     assert statements.count("BEGIN") == 1
     assert statements.count("INSERT INTO order_history") == 1  # main: 3
     # The batch's orders locked together in id order (services/provisioning/locks.py), then
-    # each payment's own lock, already held (stop 25: 3; before: 6).
-    assert _order_locks(statements) == 4
+    # read once for the batch (batch.py): only the payment by ref locks its order again, as
+    # it finds it by ref (before: 4, each payment's own lock; stop 25: 3; before: 6).
+    assert _order_locks(statements) == 2
     ids = [o["id"] for o in orders]
     history = await flow.pool.fetch(
         "SELECT order_id, actor, detail FROM order_history WHERE action = 'payment'"
@@ -147,3 +150,151 @@ async def test_an_order_event_locks_its_order_and_finds_its_waiting_payments_at_
         "SELECT status FROM invoices WHERE order_id = $1", order_id) == "Paid"
     jobs = await flow.pool.fetch("SELECT kind, status FROM jobs WHERE order_id = $1", order_id)
     assert [(j["kind"], j["status"]) for j in jobs] == [("create", "pending")]
+
+
+async def _invoices(flow: InMemoryFlow, refs: list[str]) -> list[dict]:
+    rows = await flow.pool.fetch(
+        "SELECT o.id, o.order_ref, i.id AS invoice_id, i.total FROM orders o"
+        " JOIN invoices i ON i.order_id = o.id WHERE o.order_ref = ANY($1::text[])"
+        " ORDER BY o.id", refs)
+    return [dict(r) for r in rows]
+
+
+async def test_a_batch_of_screenings_and_payments_costs_two_statements_a_payment(
+    flow: InMemoryFlow,
+) -> None:
+    """As bench/sustained.py's steady phase fills a batch: each order's order.screened, then
+    its payment (the storefront pays once it sees the order screened). The batch's orders are
+    locked, then read once (services/provisioning/batch.py); a payment is its own insert and
+    its application; the reconcile steps run together at the end of the batch."""
+    refs = [f"pstx-{n}" for n in range(3)]
+    screened = await _screened_events(flow, refs)
+    orders = await _invoices(flow, refs)
+    batch = []
+    for event, order in zip(screened, orders, strict=True):
+        batch += [flow.as_delivery(event), _payment(flow, order)]
+    statements = Statements()
+    await statements.watch(flow.pool)
+    await flow.deliver(batch, to="provisioning")
+
+    assert [m.outcome for m in batch] == ["acked"] * 6
+    # BEGIN, inbox, lock, read, 3 x (payment, invoice and payment), items, jobs, history,
+    # outbox, COMMIT (main: 30; 2 a screening, 6 a payment)
+    assert len(statements.seen) == 15, statements.seen
+    assert statements.count("INSERT INTO payments") == 3
+    assert statements.count("UPDATE invoices") == 3
+    assert statements.count("WITH reinstated") == 1  # main: 6
+    assert statements.count("INSERT INTO jobs") == 1  # main: 3
+    assert _order_locks(statements) == 1  # main: 4
+    ids = [o["id"] for o in orders]
+    jobs = await flow.pool.fetch(
+        "SELECT j.order_id, j.kind, j.status, j.caused_by, s.username FROM jobs j"
+        " JOIN services s ON s.id = j.service_id WHERE j.order_id = ANY($1::bigint[])"
+        " ORDER BY j.id", ids)
+    # One setup an order, caused by its payment (the screening did not want it: not paid).
+    assert [(j["order_id"], j["kind"], j["status"]) for j in jobs] == [
+        (i, "create", "pending") for i in ids]
+    assert [j["caused_by"] for j in jobs] == [m.message_id for m in batch[1::2]]
+    assert all(j["username"] for j in jobs)
+    invoices = await flow.pool.fetch(
+        "SELECT status, amount_paid, total FROM invoices WHERE order_id = ANY($1::bigint[])"
+        " ORDER BY order_id", ids)
+    assert [(r["status"], r["amount_paid"]) for r in invoices] == [
+        ("Paid", o["total"]) for o in orders]
+    assert await flow.pool.fetchval(
+        "SELECT count(*) FROM payments WHERE status = 'applied' AND credit = 0") == 3
+    assert await flow.pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'invoice.paid'") == 3
+
+
+async def test_a_batch_of_payments_alone_costs_two_statements_a_payment(
+    flow: InMemoryFlow,
+) -> None:
+    orders = await _screened(flow, ["psty-0", "psty-1", "psty-2", "psty-3"])
+    statements = Statements()
+    await statements.watch(flow.pool)
+    batch = [_payment(flow, o) for o in orders]
+    await flow.deliver(batch, to="provisioning")
+
+    assert [m.outcome for m in batch] == ["acked"] * 4
+    # BEGIN, inbox, lock, read, 4 x 2, items, jobs, history, outbox, COMMIT (main: 30)
+    assert len(statements.seen) == 17, statements.seen
+    jobs = await flow.pool.fetch(
+        "SELECT order_id, caused_by FROM jobs WHERE kind = 'create' ORDER BY id")
+    assert [(j["order_id"], j["caused_by"]) for j in jobs] == [
+        (o["id"], m.message_id) for o, m in zip(orders, batch, strict=True)]
+
+
+async def test_two_payments_of_one_invoice_in_a_batch_add_up(flow: InMemoryFlow) -> None:
+    """The second payment of an invoice in the batch reads the invoice the first one paid
+    (the batch's read of it is dropped once a payment is applied): two parts make it
+    Paid, and a payment in full on top of that is client credit, never counted twice."""
+    [order, other] = await _screened(flow, ["pstz-0", "pstz-1"])
+    first = (order["total"] / 2).quantize(Decimal("0.01"))
+    rest = order["total"] - first
+    assert first > 0 and rest > 0
+    body = {"currency": "USD", "gateway": "stripe", "invoice_id": order["invoice_id"]}
+    batch = [
+        flow.message("payment.received", body | {"amount": str(first), "transaction_id": "h1"}),
+        _payment(flow, other),
+        flow.message("payment.received", body | {"amount": str(rest), "transaction_id": "h2"}),
+        flow.message("payment.received", body | {"amount": str(order["total"]),
+                                                 "transaction_id": "h3"}),
+    ]
+    await flow.deliver(batch, to="provisioning")
+
+    assert [m.outcome for m in batch] == ["acked"] * 4
+    invoice = await flow.pool.fetchrow(
+        "SELECT status, amount_paid FROM invoices WHERE id = $1", order["invoice_id"])
+    assert (invoice["status"], invoice["amount_paid"]) == ("Paid", 2 * order["total"])
+    payments = await flow.pool.fetch(
+        "SELECT transaction_id, status, credit FROM payments WHERE invoice_id = $1"
+        " ORDER BY id", order["invoice_id"])
+    assert [(p["transaction_id"], p["status"], p["credit"]) for p in payments] == [
+        ("h1", "applied", 0), ("h2", "applied", 0), ("h3", "applied", order["total"])]
+    assert await flow.pool.fetchval(
+        "SELECT credit FROM clients c JOIN invoices i ON i.client_id = c.id WHERE i.id = $1",
+        order["invoice_id"]) == order["total"]
+    # Paid by the second part: its setup caused by that payment, once.
+    jobs = await flow.pool.fetch(
+        "SELECT order_id, caused_by FROM jobs WHERE kind = 'create' ORDER BY id")
+    assert [(j["order_id"], j["caused_by"]) for j in jobs] == [
+        (other["id"], batch[1].message_id), (order["id"], batch[2].message_id)]
+    paid = [e for e in await flow.drain() if e.routing_key == "invoice.paid"]
+    assert sorted(e.body["invoice_id"] for e in paid) == sorted(
+        [order["invoice_id"], other["invoice_id"]])
+
+
+async def test_a_screening_in_a_batch_applies_the_payment_waiting_for_its_order(
+    flow: InMemoryFlow,
+) -> None:
+    """A payment by ref that came before its order, and a payment refused in the same batch
+    before the screening (left waiting: the batch's reads are dropped, the screening reads
+    its order again): the waiting one is applied and the order set up; the other order's
+    screening, in the same batch, queues nothing (not paid)."""
+    [early, plain] = await _screened_events(flow, ["pstw-0", "pstw-1"])
+    order_id = early.body["order_id"]
+    total = await flow.pool.fetchval("SELECT total FROM invoices WHERE order_id = $1", order_id)
+    await flow.pool.execute(
+        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
+        " publisher, status, reason, waiting_for, trusted, message_id) VALUES ('stripe',"
+        " 'ch_w', $1, $2, 'USD', 'pstw-0', $3, 'unapplied', 'order not placed yet: pstw-0',"
+        " 'order', true, 'pay-w')",
+        total, str(total), flow.user)
+    refused = flow.message("payment.received", {
+        "amount": "1.00", "currency": "EUR", "gateway": "stripe", "transaction_id": "ch_eur",
+        "order_ref": "pstw-1"})
+    batch = [refused, flow.as_delivery(early), flow.as_delivery(plain)]
+    await flow.deliver(batch, to="provisioning")
+
+    assert [m.outcome for m in batch] == ["acked"] * 3
+    rows = await flow.pool.fetch(
+        "SELECT transaction_id, status, reason FROM payments ORDER BY id")
+    assert [(r["transaction_id"], r["status"]) for r in rows] == [
+        ("ch_w", "applied"), ("ch_eur", "unapplied")]
+    assert "currency EUR" in rows[1]["reason"]
+    assert await flow.pool.fetchval(
+        "SELECT status FROM invoices WHERE order_id = $1", order_id) == "Paid"
+    jobs = await flow.pool.fetch("SELECT order_id, kind, caused_by FROM jobs ORDER BY id")
+    assert [(j["order_id"], j["kind"], j["caused_by"]) for j in jobs] == [
+        (order_id, "create", batch[1].message_id)]

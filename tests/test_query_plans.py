@@ -27,9 +27,12 @@ from conftest import seeded_database
 from console import order_list, queries
 from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
+from services.provisioning.batch import LockedOrders
 from services.provisioning.locks import lock_orders
+from services.provisioning.reconcile import OrderState, reconcile_many
 from shared import db
 from shared.contracts import OrderEvent, PaymentReceived, PlaceOrder
+from shared.states import ENDED
 
 ORDERS = 40_000
 CLIENTS = 15_000
@@ -226,6 +229,29 @@ async def test_the_provisioning_batchs_order_locks_use_indexes(conn: asyncpg.Con
     assert_indexed(explaining, expected=1)
     [(_, plan)] = explaining.plans
     assert ("Seq Scan", "orders", None) not in scans(plan)
+
+
+async def test_the_provisioning_batchs_reads_of_its_locked_orders_use_indexes(
+    conn: asyncpg.Connection,
+) -> None:
+    """After the lock, the batch reads its orders, their invoices and waiting payments in one
+    statement, and runs its reconcile steps in two (items, jobs): on indexes, never every
+    order, payment, service or job."""
+    explaining = Explaining(conn)
+    newest = await conn.fetchval("SELECT max(id) FROM orders")
+    ids = [newest - 2, newest - 1, newest]
+    async with conn.transaction():
+        locked = await LockedOrders.read(explaining, ids)
+        assert sorted(locked.orders) == ids
+        states = [OrderState.of(locked.order_state(i, ["order"]) or {}) for i in ids]
+        steps = [(s.id, s, "plan") for s in states if s.status not in ENDED]
+        assert len(steps) >= 2
+        await reconcile_many(explaining, steps)
+    assert_indexed(explaining, expected=len(explaining.plans))
+    assert len(explaining.plans) in (1, 2, 3)  # read, items (and jobs, if any is wanted)
+    for _, plan in explaining.plans:
+        assert not {r for node, r, _ in scans(plan) if node == "Seq Scan"} & {
+            "orders", "payments", "services", "domains", "jobs", "invoices"}, scans(plan)
 
 
 async def test_client_lookup_by_email_at_placement_uses_an_index(conn: asyncpg.Connection) -> None:

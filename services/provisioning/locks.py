@@ -7,7 +7,11 @@ against the fraud worker's batch or the job outcome writer, both locking in id o
 made cycles, and PostgreSQL broke each after its 1 s `deadlock_timeout` (seen in
 bench/sustained.py: a three-way deadlock of a payment batch, an order event and a job
 outcome write). Locked here first, in one statement, the handlers' own locks are already
-held and cost no wait. A message alone is not loaded (its one lock cannot make a cycle)."""
+held and cost no wait. A message alone is not loaded (its one lock cannot make a cycle).
+
+`load_orders`, the routes' load step, then reads the locked orders for the handlers, in one
+statement for the batch (services/provisioning/batch.py): their own reads of the order and
+its invoice are not made again, message by message."""
 
 from __future__ import annotations
 
@@ -16,15 +20,30 @@ from typing import Any
 
 import asyncpg
 
+from services.provisioning.batch import LockedOrders
 from services.provisioning.payments import TEXT_LIMITS, int_or_none
 from shared.contracts import OrderEvent, PaymentReceived
 
 
+async def load_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list[LockedOrders]:
+    """Lock the batch's orders (`lock_orders`), then read them, their invoices and the
+    payments waiting for them, once for every message (the same object: the handlers share
+    it, and what one of them changes it forgets)."""
+    locked = await LockedOrders.read(conn, await _lock(messages, conn))
+    return [locked] * len(messages)
+
+
 async def lock_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list[None]:
-    """Lock every order the batch's messages name, in id order. Nothing is read for the
-    handlers (each still reads its order under the lock it now holds). An order whose
-    payment its handler will not apply (an unauthorized publisher, no currency) is locked
-    all the same, for the batch's transaction only: cheaper than deciding twice."""
+    """Lock every order the batch's messages name, in id order; nothing is read for the
+    handlers. An order whose payment its handler will not apply (an unauthorized publisher,
+    no currency) is locked all the same, for the batch's transaction only: cheaper than
+    deciding twice."""
+    await _lock(messages, conn)
+    return [None] * len(messages)
+
+
+async def _lock(messages: Sequence[Any], conn: asyncpg.Connection) -> list[int]:
+    """The orders locked, in id order."""
     order_ids: set[int] = set()
     invoice_ids: set[int] = set()
     refs: set[str] = set()
@@ -39,14 +58,15 @@ async def lock_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list
                 # A longer one is none (the payment keeps a shortened copy, no order's).
                 if len(message.order_ref) <= TEXT_LIMITS["order_ref"]:
                     refs.add(message.order_ref)
-    if order_ids or invoice_ids or refs:
-        await conn.fetch(
-            # The ids first, as an array: the lock is then an index scan of the primary key
-            # (an OR of the three would scan every order).
-            "SELECT 1 FROM orders o WHERE o.id = ANY(ARRAY("
-            "  SELECT unnest($1::bigint[])"
-            "  UNION ALL SELECT i.order_id FROM invoices i WHERE i.id = ANY($2::bigint[])"
-            "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])))"
-            " ORDER BY o.id FOR NO KEY UPDATE",
-            sorted(order_ids), sorted(invoice_ids), sorted(refs))
-    return [None] * len(messages)
+    if not (order_ids or invoice_ids or refs):
+        return []
+    rows = await conn.fetch(
+        # The ids first, as an array: the lock is then an index scan of the primary key
+        # (an OR of the three would scan every order).
+        "SELECT o.id FROM orders o WHERE o.id = ANY(ARRAY("
+        "  SELECT unnest($1::bigint[])"
+        "  UNION ALL SELECT i.order_id FROM invoices i WHERE i.id = ANY($2::bigint[])"
+        "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])))"
+        " ORDER BY o.id FOR NO KEY UPDATE",
+        sorted(order_ids), sorted(invoice_ids), sorted(refs))
+    return [r["id"] for r in rows]

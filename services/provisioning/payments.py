@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
+from services.provisioning.batch import WAITING_ALWAYS, WAITING_REOPENED, locked_orders
 from services.provisioning.reconcile import OrderState
 from shared.contracts import BIGINT_MAX, InvoicePaid, PaymentReceived, PaymentUnapplied, shown
 from shared.states import ENDED, InvoiceStatus, OrderStatus, PaymentStatus, WaitingFor
@@ -108,7 +109,12 @@ class Payments:
             # handled at once, each finding it waiting): counted once, never twice. One from a
             # publisher that is not a gateway is never applied.
             return False
-        found = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
+        # The batch read the invoice and its order under its lock (batch.py); else read here.
+        batch = locked_orders(uow)
+        found = batch.invoice(p["requested_invoice_id"]) \
+            if batch is not None and p["requested_invoice_id"] is not None else None
+        if found is None:
+            found = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
         target = found if isinstance(found, Problem) else found[0]
         problem = _application_problem(p, target)
         if problem:
@@ -131,6 +137,8 @@ class Payments:
             payment_id, target["id"], credit, PaymentStatus.APPLIED,
             paid_now, newly_paid, InvoiceStatus.PAID,
         )
+        if batch is not None:
+            batch.paid(target["order_id"])
         if credit:
             await conn.execute(
                 "WITH c AS (INSERT INTO client_credit (client_id, amount, currency, payment_id,"
@@ -168,10 +176,14 @@ class Payments:
         would have read its invoice). Returned when no payment was waiting (the usual case):
         the state the reconcile step needs, read under the lock this transaction now holds,
         so that step reads nothing again (one statement fewer an event). None when payments
-        were applied (they changed it: read it again) or the order does not exist."""
-        waiting = [WaitingFor.ORDER, WaitingFor.REVIEW] if reopened else [WaitingFor.ORDER]
+        were applied (they changed it: read it again) or the order does not exist. In a
+        batch, the batch's read after its lock gives the same row (batch.py), unless a
+        handler before this one changed it."""
+        waiting = list(WAITING_REOPENED if reopened else WAITING_ALWAYS)
+        batch = locked_orders(uow)
+        row = batch.order_state(order_id, waiting) if batch is not None else None
         # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
-        row = await uow.conn.fetchrow(
+        row = row or await uow.conn.fetchrow(
             "SELECT o.id, o.order_ref, o.status, o.screening, o.screening_override,"
             " o.accept_options, i.status AS invoice_status,"
             " ARRAY(SELECT p.id FROM payments p WHERE p.waiting_for IS NOT NULL"
@@ -260,6 +272,8 @@ async def _leave_unapplied(uow: UnitOfWork, payment_id: int, problem: Problem) -
         " requested_invoice_id", payment_id, problem.reason, problem.waiting_for,
         PaymentStatus.UNAPPLIED,
     )
+    if (batch := locked_orders(uow)) is not None:
+        batch.payments_changed()
     uow.emit(PaymentUnapplied(
         payment_id=payment_id, reason=problem.reason, order_ref=row["order_ref"],
         invoice_id=row["requested_invoice_id"]))

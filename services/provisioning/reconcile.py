@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,67 +101,111 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
     order = state if state is not None else await lock_order_state(conn, order_id)
     if order is None:
         return []
+    if order.status not in ENDED:
+        return (await reconcile_many(conn, [(order_id, order, caused_by)])).get(order_id, [])
     queued: list[str] = []
-    if order.status in ENDED:
-        # Nothing of an ended order is set up; what is live on a server is terminated.
-        await conn.execute(
-            "UPDATE jobs SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
-            " AND kind IN ('create', 'register', 'transfer') AND status IN ('pending', 'parked')",
-            order_id,
-        )
-        rows = await conn.fetch(
-            "INSERT INTO jobs (order_id, service_id, kind, lane, caused_by)"
-            f" SELECT s.order_id, s.id, 'terminate', {SERVICE_LANE}, $2 FROM services s"
-            "  JOIN products p ON p.id = s.product_id WHERE s.order_id = $1 AND s.live"
-            " ON CONFLICT DO NOTHING RETURNING service_id", order_id, caused_by,
-        )
-        queued += [f"terminate service {r['service_id']}" for r in rows]
-    else:
-        # Every item still waiting, services and domains, in one read; and, in the same
-        # statement, an order set back to Pending before its accounts were terminated keeps
-        # them (its waiting terminations are cancelled).
-        items = await conn.fetch(
-            "WITH reinstated AS (UPDATE jobs SET status = 'cancelled', updated_at = now()"
-            "  WHERE order_id = $1 AND kind = 'terminate' AND status IN ('pending', 'parked'))"
-            " SELECT 'service' AS kind, s.id, p.auto_setup AS rule, NULL::boolean AS auto_register,"
-            f"  NULL AS action, s.domain, p.slug, p.server_id, {SERVICE_LANE} AS lane"
-            "  FROM services s"
-            "  JOIN products p ON p.id = s.product_id"
-            "  WHERE s.order_id = $1 AND s.status = 'Pending' AND NOT s.live"
-            " UNION ALL SELECT 'domain', d.id, NULL, t.auto_register, d.action, d.domain, NULL, NULL,"
-            "  'registrar:' || t.registrar FROM domains d JOIN tlds t ON t.tld = d.tld"
-            "  WHERE d.order_id = $1 AND d.status = 'Pending'", order_id,
-        )
-        setups = [i for i in items if i["kind"] == "service" and order.wants_setup(i["rule"])]
-        registrations = [i for i in items
-                         if i["kind"] == "domain" and order.wants_registration(i["auto_register"])]
-        if setups or registrations:
-            # The account's identity (username, server) is saved with the job, before any
-            # call: every attempt addresses the same account.
-            rows = await conn.fetch(
-                "WITH ident AS (UPDATE services s SET username = coalesce(s.username, u.username),"
-                "   server_id = coalesce(s.server_id, u.server_id)"
-                "  FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS u(id, username, server_id)"
-                "  WHERE s.id = u.id)"
-                " INSERT INTO jobs (order_id, service_id, domain_id, kind, lane, caused_by)"
-                " SELECT $1, u.service_id, u.domain_id, u.kind, u.lane, $9"
-                " FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::text[])"
-                "  AS u(service_id, domain_id, kind, lane)"
-                " ON CONFLICT DO NOTHING RETURNING kind, coalesce(service_id, domain_id) AS item",
-                order_id,
-                [i["id"] for i in setups],
-                [username_for(i["domain"], i["slug"], i["id"]) for i in setups],
-                [i["server_id"] for i in setups],
-                [i["id"] for i in setups] + [None] * len(registrations),
-                [None] * len(setups) + [i["id"] for i in registrations],
-                ["create"] * len(setups) + [i["action"] for i in registrations],
-                [i["lane"] for i in setups + registrations],
-                caused_by,
-            )
-            queued += [f"{r['kind']} {r['item']}" for r in rows]
+    # Nothing of an ended order is set up; what is live on a server is terminated.
+    await conn.execute(
+        "UPDATE jobs SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
+        " AND kind IN ('create', 'register', 'transfer') AND status IN ('pending', 'parked')",
+        order_id,
+    )
+    rows = await conn.fetch(
+        "INSERT INTO jobs (order_id, service_id, kind, lane, caused_by)"
+        f" SELECT s.order_id, s.id, 'terminate', {SERVICE_LANE}, $2 FROM services s"
+        "  JOIN products p ON p.id = s.product_id WHERE s.order_id = $1 AND s.live"
+        " ON CONFLICT DO NOTHING RETURNING service_id", order_id, caused_by,
+    )
+    queued += [f"terminate service {r['service_id']}" for r in rows]
     if queued:
         log.info("jobs queued", extra={"order_id": order_id, "order_ref": order.order_ref,
                                        "jobs": queued})
+    return queued
+
+
+# One step of an order not ended: (order id, its state as read under its lock, caused_by).
+Step = tuple[int, OrderState, str | None]
+
+
+async def reconcile_many(conn: asyncpg.Connection, steps: Sequence[Step]) -> dict[int, list[str]]:
+    """The steps of orders not ended (their locks held), in two statements for all of them,
+    the same as running `reconcile` for each in turn: what each queued, by order.
+
+    Equal because nothing between two steps of one order changes what the next reads: the
+    order's items (services and domains still Pending) change only under the order's lock by
+    a status change, never by a payment or this step (its identity update sets a username
+    and a server, to the same values every time); a terminate job, which the first statement
+    cancels, is queued only by an ended order's step, which runs after the steps before it
+    (handlers.py). Each item's job goes to the first step that wants it (the one whose own
+    insert would have won: `ON CONFLICT DO NOTHING`), in the order the steps came."""
+    assert all(state.status not in ENDED for _, state, _ in steps)
+    order_ids = sorted({order_id for order_id, _, _ in steps})
+    if not order_ids:
+        return {}
+    # Every item still waiting, services and domains, in one read; and, in the same
+    # statement, an order set back to Pending before its accounts were terminated keeps
+    # them (its waiting terminations are cancelled).
+    items = await conn.fetch(
+        "WITH reinstated AS (UPDATE jobs SET status = 'cancelled', updated_at = now()"
+        "  WHERE order_id = ANY($1::bigint[]) AND kind = 'terminate'"
+        "  AND status IN ('pending', 'parked'))"
+        " SELECT s.order_id, 'service' AS kind, s.id, p.auto_setup AS rule,"
+        "  NULL::boolean AS auto_register, NULL AS action, s.domain, p.slug, p.server_id,"
+        f"  {SERVICE_LANE} AS lane"
+        "  FROM services s"
+        "  JOIN products p ON p.id = s.product_id"
+        "  WHERE s.order_id = ANY($1::bigint[]) AND s.status = 'Pending' AND NOT s.live"
+        " UNION ALL SELECT d.order_id, 'domain', d.id, NULL, t.auto_register, d.action,"
+        "  d.domain, NULL, NULL, 'registrar:' || t.registrar FROM domains d"
+        "  JOIN tlds t ON t.tld = d.tld"
+        "  WHERE d.order_id = ANY($1::bigint[]) AND d.status = 'Pending'", order_ids,
+    )
+    by_order: dict[int, list[asyncpg.Record]] = {}
+    for item in items:
+        by_order.setdefault(item["order_id"], []).append(item)
+    taken: set[tuple[str, int]] = set()
+    wanted: list[tuple[asyncpg.Record, str | None]] = []  # (item, caused_by), as inserted
+    for order_id, order, caused_by in steps:
+        mine = by_order.get(order_id, [])
+        for item in [i for i in mine if i["kind"] == "service" and order.wants_setup(i["rule"])] \
+                + [i for i in mine if i["kind"] == "domain"
+                   and order.wants_registration(i["auto_register"])]:
+            if (item["kind"], item["id"]) not in taken:
+                taken.add((item["kind"], item["id"]))
+                wanted.append((item, caused_by))
+    setups = [(i, c) for i, c in wanted if i["kind"] == "service"]
+    queued: dict[int, list[str]] = {}
+    if wanted:
+        # The account's identity (username, server) is saved with the job, before any
+        # call: every attempt addresses the same account.
+        rows = await conn.fetch(
+            "WITH ident AS (UPDATE services s SET username = coalesce(s.username, u.username),"
+            "   server_id = coalesce(s.server_id, u.server_id)"
+            "  FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, username, server_id)"
+            "  WHERE s.id = u.id)"
+            " INSERT INTO jobs (order_id, service_id, domain_id, kind, lane, caused_by)"
+            " SELECT u.order_id, u.service_id, u.domain_id, u.kind, u.lane, u.caused_by"
+            " FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::text[], $8::text[],"
+            "  $9::text[]) WITH ORDINALITY AS u(order_id, service_id, domain_id, kind, lane,"
+            "  caused_by, n) ORDER BY u.n"
+            " ON CONFLICT DO NOTHING"
+            " RETURNING order_id, kind, coalesce(service_id, domain_id) AS item",
+            [i["id"] for i, _ in setups],
+            [username_for(i["domain"], i["slug"], i["id"]) for i, _ in setups],
+            [i["server_id"] for i, _ in setups],
+            [i["order_id"] for i, _ in wanted],
+            [i["id"] if i["kind"] == "service" else None for i, _ in wanted],
+            [i["id"] if i["kind"] == "domain" else None for i, _ in wanted],
+            ["create" if i["kind"] == "service" else i["action"] for i, _ in wanted],
+            [i["lane"] for i, _ in wanted],
+            [caused_by for _, caused_by in wanted],
+        )
+        for r in rows:
+            queued.setdefault(r["order_id"], []).append(f"{r['kind']} {r['item']}")
+    refs = {order_id: state.order_ref for order_id, state, _ in steps}
+    for order_id, jobs in queued.items():
+        log.info("jobs queued", extra={"order_id": order_id, "order_ref": refs[order_id],
+                                       "jobs": jobs})
     return queued
 
 

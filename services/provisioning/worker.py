@@ -9,7 +9,7 @@ from __future__ import annotations
 from services.provisioning.dead_payments import DeadPayments
 from services.provisioning.handlers import OrderEvents, reconcile_paid
 from services.provisioning.jobs import JobRunner
-from services.provisioning.locks import lock_orders
+from services.provisioning.locks import load_orders
 from services.provisioning.payments import Payments
 from services.provisioning.providers import Providers
 from shared.metrics import JOBS_BY_STATE
@@ -25,19 +25,19 @@ def worker(settings: Settings) -> WorkerSpec:
     events = OrderEvents(payments)
     dead = DeadPayments(settings.dead_payments)
     # Every route of the consumer's batches locks their orders first, together (locks.py).
-    reconciling = route(events.on_event, load=lock_orders)
+    reconciling = route(events.on_event, load=load_orders)
     return WorkerSpec(
         service="provisioning",
         routes={
             # From anyone else a payment is still kept (unapplied, flagged), never dropped.
             "payment.received": route(payments.on_payment, publishers=PAYERS,
-                                      handle_unauthorized=True, load=lock_orders),
+                                      handle_unauthorized=True, load=load_orders),
             "order.screened": reconciling,
             "order.fraud": reconciling,
             "order.accepted": reconciling,
             "order.cancelled": reconciling,
             "order.pending": reconciling,
-            "order.retry": route(events.on_retry, load=lock_orders),
+            "order.retry": route(events.on_retry, load=load_orders),
         },
         background=(runner.run, dead.run),
         on_stop=(providers.close,),
