@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from test_payment_statements import _payment, _screened
+
 from conftest import eventually
+from services.provisioning.reconcile import JOBS_CHANNEL
 from services.notify.worker import _Mail, record_mails
 from services.webhooks.outbound import Outbound, enqueue
 from shared.outbox import CHANNEL as OUTBOX
+from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
 from shared.uow import MessageContext, UnitOfWork, flush_events
 from shared.wakeup import Wakeup
@@ -31,7 +35,7 @@ async def notifies(db_settings: Settings) -> AsyncIterator[Notifies]:
     heard: list[tuple[str, str]] = []
     listener = await asyncpg.connect(db_settings.database_url)
     marker = await asyncpg.connect(db_settings.database_url)
-    for channel in (OUTBOX, "ordermill_emails", "ordermill_webhooks"):
+    for channel in (OUTBOX, "ordermill_emails", "ordermill_webhooks", JOBS_CHANNEL):
         await listener.add_listener(channel, lambda _c, _p, ch, payload: heard.append((ch, payload)))
 
     async def count(channel: str) -> int:
@@ -154,3 +158,21 @@ async def test_mails_and_deliveries_wake_their_senders_here(
         await record_mails(conn, [_Mail("k-2", "order_confirmation", "a@example.com", order_id,
                                         "<k-2@example.com>")])
     assert await notifies("ordermill_emails") == 1
+
+
+async def test_a_payments_setup_wakes_the_job_runner_here(
+        flow: InMemoryFlow, db_settings: Settings, notifies: Notifies) -> None:
+    """The setup a payment queues wakes the job runner of the provisioning consumer's own
+    process; with no runner here (a layout that runs it elsewhere) it notifies."""
+    first, second = await _screened(flow, ["wake-j1", "wake-j2"])
+    runner = Wakeup(db_settings.database_url, JOBS_CHANNEL)
+    await runner.ensure()
+    try:
+        await flow.deliver([_payment(flow, first)], to="provisioning")
+        assert runner.event.is_set()
+        assert await notifies(JOBS_CHANNEL) == 0
+    finally:
+        await runner.close()
+    await flow.deliver([_payment(flow, second)], to="provisioning")
+    assert await notifies(JOBS_CHANNEL) == 1
+    assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE kind = 'create'") == 2

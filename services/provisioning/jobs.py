@@ -24,7 +24,7 @@ import asyncpg
 
 from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
-from services.provisioning.reconcile import ENDED, reconcile, username_for
+from services.provisioning.reconcile import ENDED, JOBS_CHANNEL, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
 from shared import metrics
 from shared.contracts import (
@@ -55,7 +55,7 @@ OUTCOME_WRITE_ATTEMPTS = 8
 # How long a shared outcome write waits for a lock before each outcome is written alone.
 SHARED_LOCK_TIMEOUT_MS = 100
 
-JOBS = Table(name="jobs", channel="ordermill_jobs", claimed="running", lane="lane",
+JOBS = Table(name="jobs", channel=JOBS_CHANNEL, claimed="running", lane="lane",
              touch="updated_at = now()")
 # A success to record: the job, its call's detail, what records it, and who waits for it.
 _Outcome = tuple[asyncpg.Record, dict[str, Any],

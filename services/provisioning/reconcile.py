@@ -15,6 +15,10 @@ from typing import Any
 import asyncpg
 
 from shared.states import CLEARED, ENDED, InvoiceStatus, OrderStatus
+from shared.wakeup import heard_here
+
+# The channel new and rescheduled jobs wake the job runner on (jobs.JOBS).
+JOBS_CHANNEL = "ordermill_jobs"
 
 log = logging.getLogger("ordermill.provisioning")
 
@@ -187,7 +191,7 @@ async def reconcile_many(conn: asyncpg.Connection, steps: Sequence[Step]) -> dic
             " SELECT u.order_id, u.service_id, u.domain_id, u.kind, u.lane, u.caused_by"
             " FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::text[], $8::text[],"
             "  $9::text[]) WITH ORDINALITY AS u(order_id, service_id, domain_id, kind, lane,"
-            "  caused_by, n) ORDER BY u.n"
+            "  caused_by, n) WHERE (SELECT ordermill_heard_here($10::text)) ORDER BY u.n"
             " ON CONFLICT DO NOTHING"
             " RETURNING order_id, kind, coalesce(service_id, domain_id) AS item",
             [i["id"] for i, _ in setups],
@@ -199,6 +203,9 @@ async def reconcile_many(conn: asyncpg.Connection, steps: Sequence[Step]) -> dic
             ["create" if i["kind"] == "service" else i["action"] for i, _ in wanted],
             [i["lane"] for i, _ in wanted],
             [caused_by for _, caused_by in wanted],
+            # The job runner of this process, when it runs here, is woken after the commit
+            # in memory, not by a NOTIFY to every process (shared/wakeup.py).
+            heard_here(conn, JOBS_CHANNEL),
         )
         for r in rows:
             queued.setdefault(r["order_id"], []).append(f"{r['kind']} {r['item']}")
