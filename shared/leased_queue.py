@@ -467,7 +467,10 @@ class Runner:
         self.linger_seconds, self.busy_linger_seconds = linger_seconds, busy_linger_seconds
         self.before_claim, self.claimed = before_claim, claimed
         self.lane_limit = lane_limit or (lambda _lane: lane_concurrency)
-        self._wakeup = Wakeup(database_url, queue.table.channel)
+        # With every slot taken, this process's commits notify the other runners (another
+        # machine's may be idle) instead of waiting here for a slot.
+        self._wakeup = Wakeup(database_url, queue.table.channel,
+                              accepting=lambda: not self._capped)
         self._running: set[asyncio.Task[None]] = set()
         self._lane_load: Counter[str] = Counter()
         # The last pass left due rows behind (the runner or a lane was full): a finished

@@ -52,7 +52,9 @@ class OutboxRelay:
         self.last_failed = 0
         self.concurrency = settings.concurrency
         self._failures = 0
-        self._wakeup = Wakeup(database_url, CHANNEL)
+        # Backing off (the broker away), it lets this process's commits notify the other
+        # relays, which may reach another node.
+        self._wakeup = Wakeup(database_url, CHANNEL, accepting=lambda: self._failures == 0)
         self._wake = self._wakeup.event
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -87,6 +89,7 @@ class OutboxRelay:
                     await asyncio.sleep(self.linger_seconds)
         finally:
             stopping.cancel()
+            self._wakeup.leave_here()  # what commits now is for another relay: notified
             if passes:
                 await asyncio.wait(passes, timeout=10)
             await self._wakeup.close()

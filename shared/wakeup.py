@@ -29,10 +29,12 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
-from asyncpg.transaction import Transaction
+from asyncpg.transaction import Transaction, TransactionState
 
 log = logging.getLogger("ordermill.wakeup")
 
@@ -131,59 +133,72 @@ def _here() -> dict[str, set[Wakeup]]:
     return _HERE.setdefault(asyncio.get_running_loop(), {})
 
 
+def _takers(channel: str, database: str | None) -> list[Wakeup]:
+    """This process's loops on `channel` for this database that take work now."""
+    return [w for w in _here().get(channel, ()) if w.serves(database) and w.accepting()]
+
+
 def heard_here(conn: asyncpg.Connection, channel: str) -> str | None:
     """For a statement about to write rows that `channel`'s loops take: the channel to give
-    `ordermill_heard_here($n)` in that statement when a loop of this process wakes on it and
-    the connection will wake that loop once its transaction commits. The statement's trigger
-    then does not notify. None otherwise (no such loop here, no transaction, a connection of
-    another class): the trigger notifies as before, so a caller that gets None, or a writer
-    that never asks, only costs the NOTIFY it always did."""
+    `ordermill_heard_here($n)` in that statement when a loop of this process wakes on it (on
+    this database, and taking work now: not a relay backing off from its broker, not a job
+    runner with every slot busy, not a loop stopping) and the connection will wake that loop
+    once its transaction commits. The statement's trigger then does not notify. None
+    otherwise (no such loop here, no transaction, a connection of another class): the
+    trigger notifies every process as before, so a caller that gets None, or a writer that
+    never asks, only costs the NOTIFY it always did."""
     note = getattr(conn, "wake_after_commit", None)  # a pool's proxy passes it on
-    if note is None or not conn.is_in_transaction() or not _here().get(channel):
+    if note is None or not conn.is_in_transaction():
+        return None
+    if not _takers(channel, getattr(conn, "database_name", None)):
         return None
     note(channel)
     return channel
 
 
-def wake_here(channels: set[str]) -> None:
+def wake_here(channels: set[str], database: str | None = None) -> None:
     """Wake this process's loops on these channels (their rows were just committed here)."""
     here = _here()
     for channel in channels:
         for wakeup in here.get(channel, ()):
-            wakeup.event.set()
+            if wakeup.serves(database):
+                wakeup.event.set()
+
+
+# A transaction object that has not ended the transaction (never started, or a call asyncpg
+# refused, such as `commit()` inside `async with`): it changes nothing of what is noted.
+_NOT_ENDED = (TransactionState.NEW, TransactionState.STARTED)
 
 
 class _WakingTransaction(Transaction):
-    """asyncpg's transaction; the outermost one, once it ends, lets its connection wake what
-    it wrote for (committed) or forget it (rolled back)."""
+    """asyncpg's transaction; the outermost one, once it ended the transaction, lets its
+    connection wake what it wrote for, or forget it after a rollback. A COMMIT that failed
+    wakes as well: its outcome may be unknown (the connection lost after the server
+    committed, a cancellation while waiting), and a wake-up for nothing costs one pass."""
 
     __slots__ = ()
 
     async def __aexit__(self, extype: Any, ex: Any, tb: Any) -> None:
-        committed = False
         try:
             await super().__aexit__(extype, ex, tb)
-            committed = extype is None
         finally:
-            self._ended(committed)
+            self._ended(committing=extype is None)
 
     async def commit(self) -> None:
-        committed = False
         try:
             await super().commit()
-            committed = True
         finally:
-            self._ended(committed)
+            self._ended(committing=True)
 
     async def rollback(self) -> None:
         try:
             await super().rollback()
         finally:
-            self._ended(False)
+            self._ended(committing=False)
 
-    def _ended(self, committed: bool) -> None:
-        if not self._nested:
-            self._connection.transaction_ended(committed)
+    def _ended(self, *, committing: bool) -> None:
+        if not self._nested and self._state not in _NOT_ENDED:
+            self._connection.transaction_ended(committing)
 
 
 class Connection(asyncpg.Connection):
@@ -196,6 +211,11 @@ class Connection(asyncpg.Connection):
         super().__init__(*args, **kwargs)
         self._heard: set[str] = set()
 
+    @property
+    def database_name(self) -> str | None:
+        params = getattr(self, "_params", None)
+        return getattr(params, "database", None)
+
     def wake_after_commit(self, channel: str) -> None:
         self._heard.add(channel)
 
@@ -204,18 +224,28 @@ class Connection(asyncpg.Connection):
         self._check_open()
         return _WakingTransaction(self, isolation, readonly, deferrable)
 
-    def transaction_ended(self, committed: bool) -> None:
+    def transaction_ended(self, committing: bool) -> None:
         heard, self._heard = self._heard, set()
-        if committed and heard:
-            wake_here(heard)
+        if committing and heard:
+            wake_here(heard, self.database_name)
 
 
 class Wakeup:
-    def __init__(self, database_url: str | None, channel: str) -> None:
+    def __init__(self, database_url: str | None, channel: str, *,
+                 accepting: Callable[[], bool] = lambda: True) -> None:
+        """`accepting()`: whether the loop takes work now; while it does not, this process's
+        commits notify every process, as if no loop were here (`heard_here`)."""
         self.database_url = database_url
         self.channel = channel
         self.event = asyncio.Event()
+        self.accepting = accepting
+        # The database its loop works on: only commits there are heard here (tests and
+        # benches run loops of several databases in one process). None: any (no URL).
+        self.database = (urlsplit(database_url).path.lstrip("/") or None) if database_url else None
         self._said_none = False
+
+    def serves(self, database: str | None) -> bool:
+        return self.database is None or database is None or self.database == database
 
     async def ensure(self) -> None:
         """Listen, if not listening already (and there is somewhere to); heard in memory
@@ -244,8 +274,13 @@ class Wakeup:
             and self.channel in listener._listening
         )
 
-    async def close(self) -> None:
+    def leave_here(self) -> None:
+        """No longer woken by this process's commits (stopping): they notify again, so
+        another process's loop takes what this one will not."""
         _here().get(self.channel, set()).discard(self)
+
+    async def close(self) -> None:
+        self.leave_here()
         if self.database_url is None:
             return
         mine = _LISTENERS.get(asyncio.get_running_loop(), {})

@@ -12,17 +12,16 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-
 from test_payment_statements import _payment, _screened
 
 from conftest import eventually
-from services.provisioning.reconcile import JOBS_CHANNEL
 from services.notify.worker import _Mail, record_mails
+from services.provisioning.reconcile import JOBS_CHANNEL
 from services.webhooks.outbound import Outbound, enqueue
 from shared.outbox import CHANNEL as OUTBOX
 from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
-from shared.uow import MessageContext, UnitOfWork, flush_events
+from shared.uow import MessageContext, UnitOfWork, flush_events, write_event
 from shared.wakeup import Wakeup
 
 Notifies = Callable[[str], Awaitable[int]]
@@ -68,7 +67,7 @@ async def _emit(pool: asyncpg.Pool, n: int, *, fail: bool = False) -> None:
 
 async def test_a_units_events_wake_the_relay_here_and_notify_nobody(
         pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
-    relay = Wakeup(db_settings.database_url, OUTBOX)
+    relay = Wakeup(None, OUTBOX)  # no LISTEN of its own: only the in-memory wake-up sets it
     await relay.ensure()
     try:
         await _emit(pool, 1)
@@ -97,13 +96,13 @@ async def test_with_no_loop_here_or_no_transaction_the_trigger_notifies(
     await _emit(pool, 1)  # no relay in this process: every other process's must hear it
     assert await notifies(OUTBOX) == 1
 
-    relay = Wakeup(db_settings.database_url, OUTBOX)
+    relay = Wakeup(None, OUTBOX)
     await relay.ensure()
     try:
         async with pool.acquire() as conn:  # a statement on its own: nothing follows its commit
             await flush_events(conn, [_uow(conn, 2)])
         assert await notifies(OUTBOX) == 2
-        assert not relay.event.is_set() or relay.listening  # heard, if at all, by its LISTEN
+        assert not relay.event.is_set()
     finally:
         await relay.close()
     await _emit(pool, 3)  # closed: no longer here
@@ -139,8 +138,8 @@ async def test_mails_and_deliveries_wake_their_senders_here(
     await pool.execute(
         "INSERT INTO webhook_endpoints (url, events, secret)"
         " VALUES ('https://hooks.example/in', '{order.placed}', 'plain:whsec_x')")
-    mails = Wakeup(db_settings.database_url, "ordermill_emails")
-    hooks = Wakeup(db_settings.database_url, "ordermill_webhooks")
+    mails = Wakeup(None, "ordermill_emails")
+    hooks = Wakeup(None, "ordermill_webhooks")
     await mails.ensure()
     await hooks.ensure()
     try:
@@ -165,7 +164,7 @@ async def test_a_payments_setup_wakes_the_job_runner_here(
     """The setup a payment queues wakes the job runner of the provisioning consumer's own
     process; with no runner here (a layout that runs it elsewhere) it notifies."""
     first, second = await _screened(flow, ["wake-j1", "wake-j2"])
-    runner = Wakeup(db_settings.database_url, JOBS_CHANNEL)
+    runner = Wakeup(None, JOBS_CHANNEL)
     await runner.ensure()
     try:
         await flow.deliver([_payment(flow, first)], to="provisioning")
@@ -176,3 +175,65 @@ async def test_a_payments_setup_wakes_the_job_runner_here(
     await flow.deliver([_payment(flow, second)], to="provisioning")
     assert await notifies(JOBS_CHANNEL) == 1
     assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE kind = 'create'") == 2
+
+
+async def test_the_flag_is_one_statements(
+        pool: asyncpg.Pool, notifies: Notifies) -> None:
+    """A unit of work's events are heard here; an event written after them in the same
+    transaction for another service (whose relay may be elsewhere) still notifies."""
+    relay = Wakeup(None, OUTBOX)
+    await relay.ensure()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await flush_events(conn, [_uow(conn, 1)])
+            await write_event(conn, "order.x", {"n": 2}, message_id=uuid.uuid4(),
+                              correlation_id=None, source="fraud")
+        assert relay.event.is_set()
+        assert await notifies(OUTBOX) == 1
+    finally:
+        await relay.close()
+
+
+async def test_a_refused_transaction_call_keeps_what_the_transaction_wrote_for(
+        pool: asyncpg.Pool, notifies: Notifies) -> None:
+    """A transaction object that ended nothing (never started; a commit asyncpg refuses
+    inside `async with`) does not make the real commit forget its wake-ups."""
+    relay = Wakeup(None, OUTBOX)
+    await relay.ensure()
+    try:
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            async with tx:
+                await flush_events(conn, [_uow(conn, 1)])
+                with pytest.raises(asyncpg.InterfaceError):
+                    await conn.transaction().rollback()
+                with pytest.raises(asyncpg.InterfaceError):
+                    await tx.commit()
+            assert relay.event.is_set()
+        assert await notifies(OUTBOX) == 0
+    finally:
+        await relay.close()
+
+
+async def test_a_loop_not_taking_work_or_of_another_database_leaves_it_notified(
+        pool: asyncpg.Pool, notifies: Notifies) -> None:
+    """A relay backing off from its broker, a job runner with every slot taken, a loop
+    stopping, or one working on another database: this process's commits notify the others."""
+    resting = Wakeup(None, OUTBOX, accepting=lambda: False)
+    elsewhere = Wakeup("postgresql://postgres@127.0.0.1/another_database", OUTBOX)
+    await resting.ensure()
+    elsewhere._said_none = True
+    from shared.wakeup import _here
+
+    _here().setdefault(OUTBOX, set()).add(elsewhere)  # registered as `ensure` would, unheard
+    try:
+        await _emit(pool, 1)
+        assert await notifies(OUTBOX) == 1
+        assert not elsewhere.event.is_set()
+        resting.leave_here()
+        async with pool.acquire() as conn, conn.transaction():
+            await flush_events(conn, [_uow(conn, 2)])
+        assert await notifies(OUTBOX) == 2
+    finally:
+        await resting.close()
+        _here()[OUTBOX].discard(elsewhere)

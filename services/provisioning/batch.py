@@ -139,6 +139,9 @@ async def reconcile_later(uow: UnitOfWork, order_id: int, state: OrderState) -> 
         return False
     batch.steps.append((order_id, state, uow.context.message_id))
     if not batch.flushing:
+        # Carried by the first unit of work that queued a step, for the whole batch: right
+        # because a batch commits or rolls back as one (shared/runtime/pipeline.py); a
+        # savepoint per message would need each unit of work to carry its own steps.
         batch.flushing = True
         uow.defer(_run_steps, batch)
     return True

@@ -9,20 +9,31 @@
 --
 -- A statement that writes such rows may now say, with `ordermill_heard_here(channel)`, that
 -- a loop of its own process wakes on the channel after the commit (the process does that
--- itself, in memory); its statement-level trigger then does not notify. The setting it
--- makes is the transaction's (set_config's is_local): it ends with the transaction, and it
--- is gone when a savepoint's rollback undoes the statement. Any other writer (the CLI, the
--- console, a process with no such loop, an older worker during a rolling upgrade) still
--- notifies as before. A NULL channel sets nothing: the statement's caller passes NULL where
--- no loop of its process hears the channel.
+-- itself, in memory); its statement-level trigger then does not notify. The flag is that
+-- statement's: set transaction-local (set_config's is_local, so a savepoint's rollback undoes
+-- it), it is taken by the statement's own trigger, and every later statement must say so
+-- again: any other writer (the CLI, the console, a sweeper writing another service's events,
+-- a process with no such loop, an older worker during a rolling upgrade) still notifies. A
+-- NULL channel sets nothing: the caller passes NULL where no loop of its process hears it.
 CREATE OR REPLACE FUNCTION ordermill_heard_here(channel text) RETURNS boolean
 LANGUAGE sql VOLATILE AS $$
     SELECT channel IS NULL OR set_config('ordermill.heard_' || channel, 'on', true) = 'on'
 $$;
 
+-- Whether this statement said its rows are heard in its process; the flag is taken.
+CREATE OR REPLACE FUNCTION ordermill_heard_taken(channel text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF coalesce(current_setting('ordermill.heard_' || channel, true), '') = 'on' THEN
+        PERFORM set_config('ordermill.heard_' || channel, '', true);
+        RETURN true;
+    END IF;
+    RETURN false;
+END $$;
+
 CREATE OR REPLACE FUNCTION ordermill_wake(channel text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    IF coalesce(current_setting('ordermill.heard_' || channel, true), '') <> 'on' THEN
+    IF NOT ordermill_heard_taken(channel) THEN
         PERFORM pg_notify(channel, '');
     END IF;
 END $$;
@@ -45,10 +56,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- An insert that added no delivery notifies nobody (0037), and takes its flag all the same.
 CREATE OR REPLACE FUNCTION webhook_deliveries_notify_added() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT FROM added) THEN
-        PERFORM ordermill_wake('ordermill_webhooks');
+    IF NOT ordermill_heard_taken('ordermill_webhooks') AND EXISTS (SELECT FROM added) THEN
+        PERFORM pg_notify('ordermill_webhooks', '');
     END IF;
     RETURN NULL;
 END $$;
