@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -195,6 +197,14 @@ async def connect(amqp_url: str, *, attempts: int = 30,
                     if len(urls) > 1:
                         log.warning("RabbitMQ node unreachable", extra={
                             "node": node_of(connection.url), "error": repr(exc)})
+                except BaseException:
+                    # Cancelled mid-attempt (stopped while the broker is still coming up):
+                    # aio-pika takes that for a failed attempt and schedules a reconnect of
+                    # its own, which outlived the cancellation and kept the process from
+                    # ending (its event loop waits for every task). Closed, it has none.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(connection.close())
+                    raise
                 await connection.close()
             assert failed is not None
             raise failed

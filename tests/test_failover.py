@@ -172,3 +172,29 @@ async def test_queue_replicas_apply_to_new_queues_and_an_existing_queue_is_kept(
         await declare_topology(connection, names, delivery_limit=20)  # unset: kept too
     finally:
         await connection.close()
+
+
+async def test_a_connect_cancelled_mid_attempt_leaves_no_reconnect_behind() -> None:
+    """A stop while the broker is still coming up cancels the connect: aio-pika took that
+    for a failed attempt and reconnected by itself 5 s later, a task that outlived the
+    cancellation and kept the worker process from ending (its event loop waited for it)."""
+    attempts = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1  # a TCP connection that never answers the AMQP handshake
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        connecting = asyncio.create_task(broker.connect(f"amqp://guest:guest@127.0.0.1:{port}/"))
+        await eventually(lambda: asyncio.sleep(0, attempts == 1), timeout=5)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        await asyncio.sleep(6)  # past aio-pika's 5 s reconnect delay
+        assert attempts == 1
+    finally:
+        server.close()
