@@ -22,7 +22,7 @@ from shared.outbox import CHANNEL as OUTBOX
 from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
 from shared.uow import MessageContext, UnitOfWork, flush_events, write_event
-from shared.wakeup import Wakeup
+from shared.wakeup import Wakeup, _here
 
 Notifies = Callable[[str], Awaitable[int]]
 
@@ -223,8 +223,6 @@ async def test_a_loop_not_taking_work_or_of_another_database_leaves_it_notified(
     elsewhere = Wakeup("postgresql://postgres@127.0.0.1/another_database", OUTBOX)
     await resting.ensure()
     elsewhere._said_none = True
-    from shared.wakeup import _here
-
     _here().setdefault(OUTBOX, set()).add(elsewhere)  # registered as `ensure` would, unheard
     try:
         await _emit(pool, 1)

@@ -29,7 +29,6 @@ from typing import Any
 import asyncpg
 
 from services.provisioning.reconcile import OrderState, Step, reconcile_many
-from shared.states import WaitingFor
 from shared.uow import UnitOfWork
 
 # The order's columns as the batch reads them (as `o__id`, ...: apart from the invoice's `i.*`).
@@ -152,6 +151,3 @@ async def _run_steps(conn: asyncpg.Connection, batches: Sequence[LockedOrders]) 
     for batch in {id(b): b for b in batches}.values():
         await batch.run_steps(conn)
 
-
-WAITING_ALWAYS = (WaitingFor.ORDER,)
-WAITING_REOPENED = (WaitingFor.ORDER, WaitingFor.REVIEW)

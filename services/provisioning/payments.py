@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
-from services.provisioning.batch import WAITING_ALWAYS, WAITING_REOPENED, locked_orders
+from services.provisioning.batch import locked_orders
 from services.provisioning.reconcile import OrderState
 from shared.contracts import BIGINT_MAX, InvoicePaid, PaymentReceived, PaymentUnapplied, shown
 from shared.states import ENDED, InvoiceStatus, OrderStatus, PaymentStatus, WaitingFor
@@ -179,7 +179,7 @@ class Payments:
         were applied (they changed it: read it again) or the order does not exist. In a
         batch, the batch's read after its lock gives the same row (batch.py), unless a
         handler before this one changed it."""
-        waiting = list(WAITING_REOPENED if reopened else WAITING_ALWAYS)
+        waiting = [WaitingFor.ORDER, WaitingFor.REVIEW] if reopened else [WaitingFor.ORDER]
         batch = locked_orders(uow)
         row = batch.order_state(order_id, waiting) if batch is not None else None
         # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
