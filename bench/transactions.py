@@ -38,6 +38,10 @@ KINDS: list[tuple[str, str]] = [
         r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox",
     ),
     ("relay: a pass that found nothing", r"^SELECT id, message_id.* FROM outbox WHERE published_at IS NULL"),
+    # Since stop 28 a pass claims and marks in one statement: a pass that found nothing
+    # looks the same in the log, so both count here.
+    ("relay: a pass, claimed and marked in one statement (shared/outbox.py)",
+     r"^WITH claimed AS \(SELECT id FROM outbox"),
     ("mail: claim (leased queue)", r"^UPDATE emails SET status = 'sending'"),
     ("mail: order contexts (notify/mail.py)", r"^SELECT o\.id, o\.order_number"),
     ("mail: mark sent (leased queue finish)", r"^UPDATE emails (q )?SET status = \$3"),
