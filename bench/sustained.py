@@ -572,16 +572,20 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 # -- the run and the report ------------------------------------------------------------------
 
 
-async def log_statements(database_url: str) -> None:
+async def log_statements(database_url: str, *, durations: bool = False) -> None:
     """Every statement of the bench database's sessions in the server's log (a per-database
-    setting, for sessions opened from now on), for bench/transactions.py to count."""
+    setting, for sessions opened from now on), for bench/transactions.py to count; with
+    `durations`, each one's time in the server too (log_duration)."""
     name = urlsplit(database_url).path.lstrip("/")
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'all\'')
+        if durations:
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_duration = on')
     finally:
         await conn.close()
-    print(f"  every statement of database {name} goes to the server's log", flush=True)
+    print(f"  every statement of database {name} goes to the server's log"
+          + (", with its duration" if durations else ""), flush=True)
 
 
 async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
@@ -595,8 +599,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
         connection = None
         try:
             await create_database(s)
-            if opts.log_statements:
-                await log_statements(s.database_url)
+            if opts.log_statements or opts.log_durations:
+                await log_statements(s.database_url, durations=opts.log_durations)
             if opts.hops:
                 await hops.install(s.database_url)
             connection = await broker.connect(s.amqp_url, attempts=3)
@@ -772,6 +776,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-statements", action="store_true",
                         help="log every statement of the bench database (log_statement = all,"
                              " set on the database) for bench/transactions.py")
+    parser.add_argument("--log-durations", action="store_true",
+                        help="--log-statements, and each statement's time in the server"
+                             " (log_duration): bench/transactions.py adds them up by kind")
     parser.add_argument("--hops", action="store_true",
                         help="stamp events and jobs in the bench database (bench/hops.py) and"
                              " report each order's latency hop by hop, and a timeline")

@@ -27,21 +27,21 @@ from pathlib import Path
 
 LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
-    r"LOG:  (?:statement|execute [^:]+): (.*)$"
+    r"LOG:  (?:(?:statement|execute [^:]+): (.*)|duration: ([0-9.]+) ms)$"
 )
 
 # (kind, pattern searched in the transaction's statements joined by " ; "): the first that
 # matches names the transaction. Call sites as of issue 15's target 2 (see README).
 KINDS: list[tuple[str, str]] = [
+    # Since stop 28 a pass claims and marks in one statement: a pass that found nothing
+    # looks the same in the log, so both count here.
+    ("relay: a pass, claimed and marked in one statement (shared/outbox.py)",
+     r"^WITH claimed AS \(SELECT id FROM outbox"),
     (
         "relay: a pass, claim + mark (shared/outbox.py)",
         r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox",
     ),
     ("relay: a pass that found nothing", r"^SELECT id, message_id.* FROM outbox WHERE published_at IS NULL"),
-    # Since stop 28 a pass claims and marks in one statement: a pass that found nothing
-    # looks the same in the log, so both count here.
-    ("relay: a pass, claimed and marked in one statement (shared/outbox.py)",
-     r"^WITH claimed AS \(SELECT id FROM outbox"),
     ("mail: claim (leased queue)", r"^UPDATE emails SET status = 'sending'"),
     ("mail: order contexts (notify/mail.py)", r"^SELECT o\.id, o\.order_number"),
     ("mail: mark sent (leased queue finish)", r"^UPDATE emails (q )?SET status = \$3"),
@@ -76,10 +76,13 @@ class Tally:
     unnamed: Counter[str] = field(default_factory=Counter)  # signature of the first statement
     statements: int = 0
     kind_statements: Counter[str] = field(default_factory=Counter)  # statements by kind
+    # Milliseconds the server spent on each kind's statements (parse, bind, execute), when the
+    # run logged durations too (`log_duration`): wall time in the backend, CPU waits included.
+    kind_ms: Counter[str] = field(default_factory=Counter)
     # (kind, a statement's first 90 characters): what each kind's statements are
     signatures: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def add(self, statements: list[str]) -> None:
+    def add(self, statements: list[str]) -> str:
         self.statements += len(statements)
         joined = " ; ".join(statements)
         kind = next((kind for kind, pattern in KINDS if re.search(pattern, joined, re.MULTILINE)),
@@ -90,15 +93,18 @@ class Tally:
             self.signatures[kind, re.sub(r"\s+", " ", text)[:90]] += 1
         if kind == "other":
             self.unnamed[re.sub(r"\s+", " ", statements[0])[:110]] += 1
+        return kind
 
 
 def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp + "+00:00").timestamp()
 
 
-def statements(lines: Iterable[str], database: str, since: float, until: float) -> Iterator[tuple[int, str]]:
+def statements(lines: Iterable[str], database: str, since: float,
+               until: float) -> Iterator[tuple[int, str | float]]:
     """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
-    statement's continuation lines (a tab first) are joined to it, as one line."""
+    statement's continuation lines (a tab first) are joined to it, as one line. A logged
+    duration comes as (pid, milliseconds)."""
     entry: tuple[int, list[str]] | None = None
     for line in lines:
         if line.startswith("\t"):
@@ -113,28 +119,45 @@ def statements(lines: Iterable[str], database: str, since: float, until: float) 
             continue
         if m.group(2) != "UTC":
             raise SystemExit(f"log times in {m.group(2)}: only UTC is read")
-        if since <= _epoch(m.group(1)) <= until:
+        if not since <= _epoch(m.group(1)) <= until:
+            continue
+        if m.group(6) is not None:
+            yield int(m.group(3)), float(m.group(6))
+        else:
             entry = (int(m.group(3)), [m.group(5).strip()])
     if entry is not None:
         yield entry[0], " ".join(p for p in entry[1] if p)
 
 
-def tally(pairs: Iterable[tuple[int, str]]) -> Tally:
-    """Group each backend's statements into transactions and count them by kind."""
+def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
+    """Group each backend's statements into transactions and count them by kind. A duration
+    goes to the transaction of the backend's last statement (a statement's parse and bind
+    are logged before it: the next one's go to the one before, a small error)."""
     out = Tally()
     open_: dict[int, list[str]] = {}
+    open_ms: dict[int, float] = {}
+    last_kind: dict[int, str] = {}  # the kind of the backend's last finished transaction
     for pid, text in pairs:
+        if isinstance(text, float):
+            if pid in open_:
+                open_ms[pid] += text
+            elif pid in last_kind:
+                out.kind_ms[last_kind[pid]] += text
+            continue
         word = text.rstrip(";").strip().upper()
         if word.startswith("BEGIN") or word.startswith("START TRANSACTION"):
             open_[pid] = []
+            open_ms[pid] = 0.0
         elif word in ("COMMIT", "ROLLBACK", "END"):
             body = open_.pop(pid, None)
+            ms = open_ms.pop(pid, 0.0)
             if body:
-                out.add(body)
+                last_kind[pid] = out.add(body)
+                out.kind_ms[last_kind[pid]] += ms
         elif pid in open_:
             open_[pid].append(text)
         else:
-            out.add([text])
+            last_kind[pid] = out.add([text])
     return out
 
 
@@ -161,9 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         f" {total} transactions ({total / orders:.2f} an order),"
         f" {counted.statements / orders:.2f} statements an order"
     )
-    print("  an order  transactions  statements an order  kind")
+    timed = sum(counted.kind_ms.values()) > 0
+    print("  an order  transactions  statements an order" + ("  server ms an order" if timed else "")
+          + "  kind")
     for kind, n in counted.kinds.most_common():
-        print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}  {kind}")
+        ms = f"  {counted.kind_ms[kind] / orders:8.3f}" if timed else ""
+        print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}{ms}  {kind}")
+    if timed:
+        print(f"  server time an order, every kind: {sum(counted.kind_ms.values()) / orders:.3f} ms"
+              " (wall time in the backends: parse, bind, execute; CPU waits included)")
     if opts.detail:
         for kind, _ in counted.kinds.most_common():
             print(f"{kind}:")
