@@ -575,13 +575,14 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 async def log_statements(database_url: str, *, durations: bool = False) -> None:
     """Every statement of the bench database's sessions in the server's log (a per-database
     setting, for sessions opened from now on), for bench/transactions.py to count; with
-    `durations`, each one's time in the server too (log_duration)."""
+    `durations`, each once with its time in the server instead (log_min_duration_statement)."""
     name = urlsplit(database_url).path.lstrip("/")
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'all\'')
-        if durations:
-            await conn.execute(f'ALTER DATABASE "{name}" SET log_duration = on')
+        if durations:  # each statement once, with its time (its parse and bind too)
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_min_duration_statement = 0')
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'none\'')
     finally:
         await conn.close()
     print(f"  every statement of database {name} goes to the server's log"
@@ -777,8 +778,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="log every statement of the bench database (log_statement = all,"
                              " set on the database) for bench/transactions.py")
     parser.add_argument("--log-durations", action="store_true",
-                        help="--log-statements, and each statement's time in the server"
-                             " (log_duration): bench/transactions.py adds them up by kind")
+                        help="as --log-statements, each statement with its time in the server"
+                             " (log_min_duration_statement = 0): bench/transactions.py adds"
+                             " them up by kind")
     parser.add_argument("--hops", action="store_true",
                         help="stamp events and jobs in the bench database (bench/hops.py) and"
                              " report each order's latency hop by hop, and a timeline")

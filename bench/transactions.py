@@ -27,7 +27,7 @@ from pathlib import Path
 
 LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
-    r"LOG:  (?:(?:statement|execute [^:]+): (.*)|duration: ([0-9.]+) ms)$"
+    r"LOG:  (?:duration: ([0-9.]+) ms  )?(statement|execute|parse|bind)(?: [^:]+)?: (.*)$"
 )
 
 # (kind, pattern searched in the transaction's statements joined by " ; "): the first that
@@ -77,8 +77,9 @@ class Tally:
     statements: int = 0
     kind_statements: Counter[str] = field(default_factory=Counter)  # statements by kind
     # Milliseconds the server spent on each kind's statements (parse, bind, execute), when the
-    # run logged durations too (`log_duration`): wall time in the backend, CPU waits included.
+    # run logged durations (`--log-durations`): wall time in the backend, CPU waits included.
     kind_ms: Counter[str] = field(default_factory=Counter)
+    text_ms: Counter[str] = field(default_factory=Counter)  # by a statement's first 90 characters
     # (kind, a statement's first 90 characters): what each kind's statements are
     signatures: Counter[tuple[str, str]] = field(default_factory=Counter)
 
@@ -103,9 +104,12 @@ def _epoch(stamp: str) -> float:
 def statements(lines: Iterable[str], database: str, since: float,
                until: float) -> Iterator[tuple[int, str | float]]:
     """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
-    statement's continuation lines (a tab first) are joined to it, as one line. A logged
-    duration comes as (pid, milliseconds)."""
-    entry: tuple[int, list[str]] | None = None
+    statement's continuation lines (a tab first) are joined to it, as one line. With
+    durations logged (`log_min_duration_statement = 0`: each statement once, with its time),
+    a statement is followed by (pid, its milliseconds): its execution's, and its parse's and
+    bind's (planning, for a custom plan), which the server logs before it."""
+    entry: tuple[int, list[str], float | None] | None = None
+    pending: dict[int, float] = {}  # a backend's parse and bind times, for its next execute
     for line in lines:
         if line.startswith("\t"):
             if entry is not None:
@@ -113,6 +117,8 @@ def statements(lines: Iterable[str], database: str, since: float,
             continue
         if entry is not None:
             yield entry[0], " ".join(p for p in entry[1] if p)
+            if entry[2] is not None:
+                yield entry[0], entry[2] + pending.pop(entry[0], 0.0)
             entry = None
         m = LINE.match(line)
         if m is None or m.group(4) != database:
@@ -121,29 +127,38 @@ def statements(lines: Iterable[str], database: str, since: float,
             raise SystemExit(f"log times in {m.group(2)}: only UTC is read")
         if not since <= _epoch(m.group(1)) <= until:
             continue
-        if m.group(6) is not None:
-            yield int(m.group(3)), float(m.group(6))
+        pid = int(m.group(3))
+        ms = None if m.group(5) is None else float(m.group(5))
+        if m.group(6) in ("parse", "bind"):
+            pending[pid] = pending.get(pid, 0.0) + (ms or 0.0)
         else:
-            entry = (int(m.group(3)), [m.group(5).strip()])
+            entry = (pid, [m.group(7).strip()], ms)
     if entry is not None:
         yield entry[0], " ".join(p for p in entry[1] if p)
+        if entry[2] is not None:
+            yield entry[0], entry[2] + pending.pop(entry[0], 0.0)
 
 
 def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
-    """Group each backend's statements into transactions and count them by kind. A duration
-    goes to the transaction of the backend's last statement (a statement's parse and bind
-    are logged before it: the next one's go to the one before, a small error)."""
+    """Group each backend's statements into transactions and count them by kind; a statement's
+    time goes to its transaction's kind."""
     out = Tally()
     open_: dict[int, list[str]] = {}
     open_ms: dict[int, float] = {}
     last_kind: dict[int, str] = {}  # the kind of the backend's last finished transaction
+    last_text: dict[int, str] = {}  # the backend's last statement
+    timed: set[int] = set()  # backends whose times are logged
     for pid, text in pairs:
         if isinstance(text, float):
+            timed.add(pid)
+            if pid in last_text:
+                out.text_ms[last_text[pid]] += text
             if pid in open_:
                 open_ms[pid] += text
             elif pid in last_kind:
                 out.kind_ms[last_kind[pid]] += text
             continue
+        last_text[pid] = re.sub(r"\s+", " ", text)[:90]
         word = text.rstrip(";").strip().upper()
         if word.startswith("BEGIN") or word.startswith("START TRANSACTION"):
             open_[pid] = []
@@ -153,7 +168,8 @@ def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
             ms = open_ms.pop(pid, 0.0)
             if body:
                 last_kind[pid] = out.add(body)
-                out.kind_ms[last_kind[pid]] += ms
+                if pid in timed:
+                    out.kind_ms[last_kind[pid]] += ms
         elif pid in open_:
             open_[pid].append(text)
         else:
@@ -198,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}:")
             for (k, text), n in counted.signatures.most_common():
                 if k == kind and n / orders >= 0.01:
-                    print(f"    {n / orders:6.2f}  {text}")
+                    ms = f"  {counted.text_ms[text] / n:6.3f} ms" if timed else ""
+                    print(f"    {n / orders:6.2f}{ms}  {text}")
     if "transactions" in rnd:  # the round's exact count against the log's, over the round
         with opts.log.open(errors="replace") as lines:
             logged = sum(

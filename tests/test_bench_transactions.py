@@ -8,6 +8,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_transactions", ROOT / "bench" / "transactions.py")
 assert _spec is not None and _spec.loader is not None
@@ -16,28 +18,48 @@ sys.modules[_spec.name] = transactions  # its dataclasses look their module up
 _spec.loader.exec_module(transactions)
 
 T = "2026-12-05 10:17:51.250 UTC"
-LOG = f"""{T} [7] postgres@bench LOG:  statement: BEGIN;
-{T} [7] postgres@bench LOG:  duration: 0.075 ms
+CLAIM = "WITH claimed AS (SELECT id FROM outbox WHERE published_at IS NULL) UPDATE outbox o"
+# log_statement = all: statements, no times.
+COUNTED = f"""{T} [7] postgres@bench LOG:  statement: BEGIN;
 {T} [8] postgres@bench LOG:  statement: SELECT 1
-{T} [7] postgres@bench LOG:  duration: 0.238 ms
 {T} [7] postgres@bench LOG:  execute __asyncpg_stmt_6d__: WITH claimed AS (SELECT id FROM outbox
-\tWHERE published_at IS NULL) UPDATE outbox o SET published_at = now()
+\tWHERE published_at IS NULL) UPDATE outbox o
 {T} [7] postgres@bench DETAIL:  parameters: $1 = '500'
-{T} [8] postgres@bench LOG:  duration: 0.500 ms
-{T} [7] postgres@bench LOG:  duration: 1.250 ms
 {T} [7] postgres@bench LOG:  statement: COMMIT;
-{T} [7] postgres@bench LOG:  duration: 0.437 ms
 {T} [9] postgres@other LOG:  statement: SELECT 2
-{T} [9] postgres@other LOG:  duration: 9.000 ms
 """
+# log_min_duration_statement = 0: each statement once, with its time; a prepared statement's
+# parse and bind before its execute.
+TIMED = f"""{T} [7] postgres@bench LOG:  duration: 0.075 ms  statement: BEGIN;
+{T} [7] postgres@bench LOG:  duration: 0.250 ms  parse __asyncpg_stmt_6d__: {CLAIM}
+{T} [8] postgres@bench LOG:  duration: 0.500 ms  statement: SELECT 1
+{T} [7] postgres@bench LOG:  duration: 2.000 ms  bind s6d: WITH claimed AS (SELECT id FROM outbox
+\tWHERE published_at IS NULL) UPDATE outbox o
+{T} [7] postgres@bench DETAIL:  parameters: $1 = '500'
+{T} [7] postgres@bench LOG:  duration: 1.250 ms  execute s6d: WITH claimed AS (SELECT id FROM outbox
+\tWHERE published_at IS NULL) UPDATE outbox o
+{T} [7] postgres@bench DETAIL:  parameters: $1 = '500'
+{T} [7] postgres@bench LOG:  duration: 0.125 ms  statement: COMMIT;
+{T} [9] postgres@other LOG:  duration: 9.000 ms  statement: SELECT 2
+"""
+RELAY = "relay: a pass, claimed and marked in one statement (shared/outbox.py)"
 
 
-def test_transactions_and_their_server_time_by_kind() -> None:
+def _tally(log: str) -> object:
     since = transactions._epoch("2026-12-05 10:17:51")
-    counted = transactions.tally(transactions.statements(LOG.splitlines(keepends=True), "bench",
-                                                         since, since + 1))
-    relay = "relay: a pass, claimed and marked in one statement (shared/outbox.py)"
-    assert counted.kinds == {relay: 1, "other": 1}
-    assert counted.statements == 2
-    assert round(counted.kind_ms[relay], 3) == 0.075 + 0.238 + 1.25 + 0.437
-    assert counted.kind_ms["other"] == 0.5  # another backend's; another database's not at all
+    return transactions.tally(transactions.statements(log.splitlines(keepends=True), "bench",
+                                                      since, since + 1))
+
+
+def test_transactions_are_counted_by_kind() -> None:
+    for log in (COUNTED, TIMED):
+        counted = _tally(log)
+        assert counted.kinds == {RELAY: 1, "other": 1}  # another database's not at all
+        assert counted.statements == 2
+
+
+def test_each_kind_has_its_statements_time_with_their_parse_and_bind() -> None:
+    timed = _tally(TIMED)
+    assert timed.kind_ms == {RELAY: pytest.approx(3.7), "other": 0.5}
+    assert timed.text_ms[CLAIM] == pytest.approx(3.5)  # parse 0.25, bind 2, execute 1.25
+    assert _tally(COUNTED).kind_ms == {}
