@@ -572,7 +572,8 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 # -- the run and the report ------------------------------------------------------------------
 
 
-async def log_statements(database_url: str, *, durations: bool = False) -> None:
+async def log_statements(database_url: str, *, durations: bool = False,
+                         cpu: bool = False) -> None:
     """Every statement of the bench database's sessions in the server's log (a per-database
     setting, for sessions opened from now on), for bench/transactions.py to count; with
     `durations`, each once with its time in the server instead (log_min_duration_statement)."""
@@ -583,6 +584,8 @@ async def log_statements(database_url: str, *, durations: bool = False) -> None:
         if durations:  # each statement once, with its time (its parse and bind too)
             await conn.execute(f'ALTER DATABASE "{name}" SET log_min_duration_statement = 0')
             await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'none\'')
+        if cpu:  # each plannable statement's CPU (the backend's, read after it)
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_executor_stats = on')
     finally:
         await conn.close()
     print(f"  every statement of database {name} goes to the server's log"
@@ -600,8 +603,9 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
         connection = None
         try:
             await create_database(s)
-            if opts.log_statements or opts.log_durations:
-                await log_statements(s.database_url, durations=opts.log_durations)
+            if opts.log_statements or opts.log_durations or opts.log_cpu:
+                await log_statements(s.database_url, durations=opts.log_durations or opts.log_cpu,
+                                     cpu=opts.log_cpu)
             if opts.hops:
                 await hops.install(s.database_url)
             connection = await broker.connect(s.amqp_url, attempts=3)
@@ -781,6 +785,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="as --log-statements, each statement with its time in the server"
                              " (log_min_duration_statement = 0): bench/transactions.py adds"
                              " them up by kind")
+    parser.add_argument("--log-cpu", action="store_true",
+                        help="as --log-durations, and the backends' CPU read after each"
+                             " statement (log_executor_stats): CPU by kind of transaction")
     parser.add_argument("--hops", action="store_true",
                         help="stamp events and jobs in the bench database (bench/hops.py) and"
                              " report each order's latency hop by hop, and a timeline")

@@ -80,6 +80,9 @@ class Tally:
     # run logged durations (`--log-durations`): wall time in the backend, CPU waits included.
     kind_ms: Counter[str] = field(default_factory=Counter)
     text_ms: Counter[str] = field(default_factory=Counter)  # by a statement's first 90 characters
+    # The backends' CPU (milliseconds), when the run logged the executor's statistics.
+    kind_cpu: Counter[str] = field(default_factory=Counter)
+    text_cpu: Counter[str] = field(default_factory=Counter)
     # (kind, a statement's first 90 characters): what each kind's statements are
     signatures: Counter[tuple[str, str]] = field(default_factory=Counter)
 
@@ -101,27 +104,62 @@ def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp + "+00:00").timestamp()
 
 
+class Cpu(float):
+    """Milliseconds of a backend's CPU (user and system), as opposed to its time."""
+
+
+# A backend's CPU since it started, in the statistics `log_executor_stats` logs.
+STATS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) \w+ \[(\d+)\] (?:\S*@(\S*) )?"
+                   r"DETAIL:  ! system usage stats:")
+TOTAL = re.compile(r"^\t!\t\[([0-9.]+) s user, ([0-9.]+) s system total\]")
+
+
 def statements(lines: Iterable[str], database: str, since: float,
                until: float) -> Iterator[tuple[int, str | float]]:
     """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
     statement's continuation lines (a tab first) are joined to it, as one line. With
     durations logged (`log_min_duration_statement = 0`: each statement once, with its time),
     a statement is followed by (pid, its milliseconds): its execution's, and its parse's and
-    bind's (planning, for a custom plan), which the server logs before it."""
+    bind's (planning, for a custom plan), which the server logs before it. With the
+    executor's statistics logged too, by (pid, Cpu(milliseconds)): the backend's CPU since
+    its reading before (the statement's parse, plan and execution, and the COMMIT before it
+    if any: the statistics come only with a plannable statement)."""
     entry: tuple[int, list[str], float | None] | None = None
     pending: dict[int, float] = {}  # a backend's parse and bind times, for its next execute
+    cpu: dict[int, float] = {}  # a backend's last reading of its CPU (seconds)
+    pending_cpu: dict[int, float] = {}
+    reading: int | None = None  # the backend whose statistics these lines are
+
+    def flush(entry: tuple[int, list[str], float | None]) -> Iterator[tuple[int, str | float]]:
+        pid = entry[0]
+        yield pid, " ".join(p for p in entry[1] if p)
+        if entry[2] is not None:
+            yield pid, entry[2] + pending.pop(pid, 0.0)
+        if pid in pending_cpu:
+            yield pid, Cpu(pending_cpu.pop(pid) * 1000)
+
     for line in lines:
         if line.startswith("\t"):
-            if entry is not None:
+            if reading is not None and (t := TOTAL.match(line)):
+                total = float(t.group(1)) + float(t.group(2))
+                if reading in cpu:
+                    pending_cpu[reading] = pending_cpu.get(reading, 0.0) + total - cpu[reading]
+                cpu[reading] = total
+                reading = None
+            elif entry is not None:
                 entry[1].append(line.strip())
             continue
         if entry is not None:
-            yield entry[0], " ".join(p for p in entry[1] if p)
-            if entry[2] is not None:
-                yield entry[0], entry[2] + pending.pop(entry[0], 0.0)
+            yield from flush(entry)
             entry = None
+        reading = None
         m = LINE.match(line)
-        if m is None or m.group(4) != database:
+        if m is None:
+            stats = STATS.match(line)
+            if stats and stats.group(3) == database and since <= _epoch(stats.group(1)) <= until:
+                reading = int(stats.group(2))
+            continue
+        if m.group(4) != database:
             continue
         if m.group(2) != "UTC":
             raise SystemExit(f"log times in {m.group(2)}: only UTC is read")
@@ -134,9 +172,7 @@ def statements(lines: Iterable[str], database: str, since: float,
         else:
             entry = (pid, [m.group(7).strip()], ms)
     if entry is not None:
-        yield entry[0], " ".join(p for p in entry[1] if p)
-        if entry[2] is not None:
-            yield entry[0], entry[2] + pending.pop(entry[0], 0.0)
+        yield from flush(entry)
 
 
 def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
@@ -145,10 +181,19 @@ def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
     out = Tally()
     open_: dict[int, list[str]] = {}
     open_ms: dict[int, float] = {}
+    open_cpu: dict[int, float] = {}
     last_kind: dict[int, str] = {}  # the kind of the backend's last finished transaction
     last_text: dict[int, str] = {}  # the backend's last statement
     timed: set[int] = set()  # backends whose times are logged
     for pid, text in pairs:
+        if isinstance(text, Cpu):
+            if pid in last_text:
+                out.text_cpu[last_text[pid]] += text
+            if pid in open_:
+                open_cpu[pid] += text
+            elif pid in last_kind:
+                out.kind_cpu[last_kind[pid]] += text
+            continue
         if isinstance(text, float):
             timed.add(pid)
             if pid in last_text:
@@ -162,14 +207,16 @@ def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
         word = text.rstrip(";").strip().upper()
         if word.startswith("BEGIN") or word.startswith("START TRANSACTION"):
             open_[pid] = []
-            open_ms[pid] = 0.0
+            open_ms[pid] = open_cpu[pid] = 0.0
         elif word in ("COMMIT", "ROLLBACK", "END"):
             body = open_.pop(pid, None)
-            ms = open_ms.pop(pid, 0.0)
+            ms, used = open_ms.pop(pid, 0.0), open_cpu.pop(pid, 0.0)
             if body:
                 last_kind[pid] = out.add(body)
                 if pid in timed:
                     out.kind_ms[last_kind[pid]] += ms
+                if used:
+                    out.kind_cpu[last_kind[pid]] += used
         elif pid in open_:
             open_[pid].append(text)
         else:
@@ -201,20 +248,26 @@ def main(argv: list[str] | None = None) -> None:
         f" {counted.statements / orders:.2f} statements an order"
     )
     timed = sum(counted.kind_ms.values()) > 0
+    used = sum(counted.kind_cpu.values()) > 0
     print("  an order  transactions  statements an order" + ("  server ms an order" if timed else "")
-          + "  kind")
+          + ("  CPU ms an order" if used else "") + "  kind")
     for kind, n in counted.kinds.most_common():
         ms = f"  {counted.kind_ms[kind] / orders:8.3f}" if timed else ""
+        ms += f"  {counted.kind_cpu[kind] / orders:8.3f}" if used else ""
         print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}{ms}  {kind}")
     if timed:
         print(f"  server time an order, every kind: {sum(counted.kind_ms.values()) / orders:.3f} ms"
               " (wall time in the backends: parse, bind, execute; CPU waits included)")
+    if used:
+        print(f"  backends' CPU an order, every kind: {sum(counted.kind_cpu.values()) / orders:.3f} ms"
+              " (each backend's CPU between two readings; a COMMIT's goes to the statement after)")
     if opts.detail:
         for kind, _ in counted.kinds.most_common():
             print(f"{kind}:")
             for (k, text), n in counted.signatures.most_common():
                 if k == kind and n / orders >= 0.01:
                     ms = f"  {counted.text_ms[text] / n:6.3f} ms" if timed else ""
+                    ms += f"  {counted.text_cpu[text] / n:6.3f} CPU ms" if used else ""
                     print(f"    {n / orders:6.2f}{ms}  {text}")
     if "transactions" in rnd:  # the round's exact count against the log's, over the round
         with opts.log.open(errors="replace") as lines:

@@ -63,3 +63,30 @@ def test_each_kind_has_its_statements_time_with_their_parse_and_bind() -> None:
     assert timed.kind_ms == {RELAY: pytest.approx(3.7), "other": 0.5}
     assert timed.text_ms[CLAIM] == pytest.approx(3.5)  # parse 0.25, bind 2, execute 1.25
     assert _tally(COUNTED).kind_ms == {}
+
+
+def _stats(pid: int, user: str, system: str) -> str:
+    return (f"{T} [{pid}] postgres@bench LOG:  EXECUTOR STATISTICS\n"
+            f"{T} [{pid}] postgres@bench DETAIL:  ! system usage stats:\n"
+            "\t!\t0.000003 s user, 0.000003 s system, 0.000006 s elapsed\n"
+            f"\t!\t[{user} s user, {system} s system total]\n"
+            "\t!\t16700 kB max resident size\n"
+            f"{T} [{pid}] postgres@bench STATEMENT:  SELECT 1\n")
+
+
+# log_executor_stats: after each plannable statement, the backend's CPU since it started.
+WITH_CPU = (_stats(7, "0.001000", "0.001000")  # the first reading: a start, nothing counted
+            + f"{T} [7] postgres@bench LOG:  duration: 0.100 ms  statement: SELECT 1\n"
+            + f"{T} [7] postgres@bench LOG:  duration: 0.075 ms  statement: BEGIN;\n"
+            + _stats(7, "0.001500", "0.001250")
+            + f"{T} [7] postgres@bench LOG:  duration: 1.250 ms  execute s6d: {CLAIM}\n"
+            + f"{T} [7] postgres@bench LOG:  duration: 0.125 ms  statement: COMMIT;\n"
+            + _stats(7, "0.001600", "0.001400")
+            + f"{T} [7] postgres@bench LOG:  duration: 0.500 ms  statement: SELECT 2\n")
+
+
+def test_each_kind_has_its_backends_cpu_read_between_two_statements() -> None:
+    used = _tally(WITH_CPU)
+    assert used.kinds == {RELAY: 1, "other": 2}
+    assert used.kind_cpu == {RELAY: pytest.approx(0.75), "other": pytest.approx(0.25)}
+    assert used.text_cpu[CLAIM] == pytest.approx(0.75)
