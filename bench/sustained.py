@@ -572,6 +572,17 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 # -- the run and the report ------------------------------------------------------------------
 
 
+async def set_database(database_url: str, setting: str, value: str) -> None:
+    """A setting of the bench database's sessions (opened from now on)."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = \'{value}\'')
+    finally:
+        await conn.close()
+    print(f"  database {name}: {setting} = {value}", flush=True)
+
+
 async def log_statements(database_url: str, *, durations: bool = False,
                          cpu: bool = False) -> None:
     """Every statement of the bench database's sessions in the server's log (a per-database
@@ -603,6 +614,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
         connection = None
         try:
             await create_database(s)
+            if opts.plan_cache_mode:  # the server's choice of plans, for every session
+                await set_database(s.database_url, "plan_cache_mode", opts.plan_cache_mode)
             if opts.log_statements or opts.log_durations or opts.log_cpu:
                 await log_statements(s.database_url, durations=opts.log_durations or opts.log_cpu,
                                      cpu=opts.log_cpu)
@@ -785,6 +798,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="as --log-statements, each statement with its time in the server"
                              " (log_min_duration_statement = 0): bench/transactions.py adds"
                              " them up by kind")
+    parser.add_argument("--plan-cache-mode", choices=["auto", "force_generic_plan",
+                                                      "force_custom_plan"],
+                        help="PostgreSQL's plan_cache_mode for the bench database's sessions")
     parser.add_argument("--log-cpu", action="store_true",
                         help="as --log-durations, and the backends' CPU read after each"
                              " statement (log_executor_stats): CPU by kind of transaction")
