@@ -572,16 +572,35 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
 # -- the run and the report ------------------------------------------------------------------
 
 
-async def log_statements(database_url: str) -> None:
+async def set_database(database_url: str, setting: str, value: str) -> None:
+    """A setting of the bench database's sessions (opened from now on)."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = \'{value}\'')
+    finally:
+        await conn.close()
+    print(f"  database {name}: {setting} = {value}", flush=True)
+
+
+async def log_statements(database_url: str, *, durations: bool = False,
+                         cpu: bool = False) -> None:
     """Every statement of the bench database's sessions in the server's log (a per-database
-    setting, for sessions opened from now on), for bench/transactions.py to count."""
+    setting, for sessions opened from now on), for bench/transactions.py to count; with
+    `durations`, each once with its time in the server instead (log_min_duration_statement)."""
     name = urlsplit(database_url).path.lstrip("/")
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'all\'')
+        if durations:  # each statement once, with its time (its parse and bind too)
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_min_duration_statement = 0')
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_statement = \'none\'')
+        if cpu:  # each plannable statement's CPU (the backend's, read after it)
+            await conn.execute(f'ALTER DATABASE "{name}" SET log_executor_stats = on')
     finally:
         await conn.close()
-    print(f"  every statement of database {name} goes to the server's log", flush=True)
+    print(f"  every statement of database {name} goes to the server's log"
+          + (", with its duration" if durations else ""), flush=True)
 
 
 async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
@@ -595,8 +614,11 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
         connection = None
         try:
             await create_database(s)
-            if opts.log_statements:
-                await log_statements(s.database_url)
+            if opts.plan_cache_mode:  # the server's choice of plans, for every session
+                await set_database(s.database_url, "plan_cache_mode", opts.plan_cache_mode)
+            if opts.log_statements or opts.log_durations or opts.log_cpu:
+                await log_statements(s.database_url, durations=opts.log_durations or opts.log_cpu,
+                                     cpu=opts.log_cpu)
             if opts.hops:
                 await hops.install(s.database_url)
             connection = await broker.connect(s.amqp_url, attempts=3)
@@ -772,6 +794,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-statements", action="store_true",
                         help="log every statement of the bench database (log_statement = all,"
                              " set on the database) for bench/transactions.py")
+    parser.add_argument("--log-durations", action="store_true",
+                        help="as --log-statements, each statement with its time in the server"
+                             " (log_min_duration_statement = 0): bench/transactions.py adds"
+                             " them up by kind")
+    parser.add_argument("--plan-cache-mode", choices=["auto", "force_generic_plan",
+                                                      "force_custom_plan"],
+                        help="PostgreSQL's plan_cache_mode for the bench database's sessions")
+    parser.add_argument("--log-cpu", action="store_true",
+                        help="as --log-durations, and the backends' CPU read after each"
+                             " statement (log_executor_stats): CPU by kind of transaction")
     parser.add_argument("--hops", action="store_true",
                         help="stamp events and jobs in the bench database (bench/hops.py) and"
                              " report each order's latency hop by hop, and a timeline")

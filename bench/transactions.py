@@ -27,12 +27,16 @@ from pathlib import Path
 
 LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\w+) \[(\d+)\] (?:\S*@(\S*) )?"
-    r"LOG:  (?:statement|execute [^:]+): (.*)$"
+    r"LOG:  (?:duration: ([0-9.]+) ms  )?(statement|execute|parse|bind)(?: [^:]+)?: (.*)$"
 )
 
 # (kind, pattern searched in the transaction's statements joined by " ; "): the first that
 # matches names the transaction. Call sites as of issue 15's target 2 (see README).
 KINDS: list[tuple[str, str]] = [
+    # Since stop 28 a pass claims and marks in one statement: a pass that found nothing
+    # looks the same in the log, so both count here.
+    ("relay: a pass, claimed and marked in one statement (shared/outbox.py)",
+     r"^WITH claimed AS \(SELECT id FROM outbox"),
     (
         "relay: a pass, claim + mark (shared/outbox.py)",
         r"FROM outbox WHERE published_at IS NULL.*UPDATE outbox",
@@ -72,10 +76,17 @@ class Tally:
     unnamed: Counter[str] = field(default_factory=Counter)  # signature of the first statement
     statements: int = 0
     kind_statements: Counter[str] = field(default_factory=Counter)  # statements by kind
+    # Milliseconds the server spent on each kind's statements (parse, bind, execute), when the
+    # run logged durations (`--log-durations`): wall time in the backend, CPU waits included.
+    kind_ms: Counter[str] = field(default_factory=Counter)
+    text_ms: Counter[str] = field(default_factory=Counter)  # by a statement's first 90 characters
+    # The backends' CPU (milliseconds), when the run logged the executor's statistics.
+    kind_cpu: Counter[str] = field(default_factory=Counter)
+    text_cpu: Counter[str] = field(default_factory=Counter)
     # (kind, a statement's first 90 characters): what each kind's statements are
     signatures: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def add(self, statements: list[str]) -> None:
+    def add(self, statements: list[str]) -> str:
         self.statements += len(statements)
         joined = " ; ".join(statements)
         kind = next((kind for kind, pattern in KINDS if re.search(pattern, joined, re.MULTILINE)),
@@ -86,51 +97,130 @@ class Tally:
             self.signatures[kind, re.sub(r"\s+", " ", text)[:90]] += 1
         if kind == "other":
             self.unnamed[re.sub(r"\s+", " ", statements[0])[:110]] += 1
+        return kind
 
 
 def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp + "+00:00").timestamp()
 
 
-def statements(lines: Iterable[str], database: str, since: float, until: float) -> Iterator[tuple[int, str]]:
+class Cpu(float):
+    """Milliseconds of a backend's CPU (user and system), as opposed to its time."""
+
+
+# A backend's CPU since it started, in the statistics `log_executor_stats` logs.
+STATS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) \w+ \[(\d+)\] (?:\S*@(\S*) )?"
+                   r"DETAIL:  ! system usage stats:")
+TOTAL = re.compile(r"^\t!\t\[([0-9.]+) s user, ([0-9.]+) s system total\]")
+
+
+def statements(lines: Iterable[str], database: str, since: float,
+               until: float) -> Iterator[tuple[int, str | float]]:
     """(backend pid, statement) of `database` between `since` and `until` (epoch seconds); a
-    statement's continuation lines (a tab first) are joined to it, as one line."""
-    entry: tuple[int, list[str]] | None = None
+    statement's continuation lines (a tab first) are joined to it, as one line. With
+    durations logged (`log_min_duration_statement = 0`: each statement once, with its time),
+    a statement is followed by (pid, its milliseconds): its execution's, and its parse's and
+    bind's (planning, for a custom plan), which the server logs before it. With the
+    executor's statistics logged too, by (pid, Cpu(milliseconds)): the backend's CPU since
+    its reading before (the statement's parse, plan and execution, and the COMMIT before it
+    if any: the statistics come only with a plannable statement)."""
+    entry: tuple[int, list[str], float | None] | None = None
+    pending: dict[int, float] = {}  # a backend's parse and bind times, for its next execute
+    cpu: dict[int, float] = {}  # a backend's last reading of its CPU (seconds)
+    pending_cpu: dict[int, float] = {}
+    reading: int | None = None  # the backend whose statistics these lines are
+
+    def flush(entry: tuple[int, list[str], float | None]) -> Iterator[tuple[int, str | float]]:
+        pid = entry[0]
+        yield pid, " ".join(p for p in entry[1] if p)
+        if entry[2] is not None:
+            yield pid, entry[2] + pending.pop(pid, 0.0)
+        if pid in pending_cpu:
+            yield pid, Cpu(pending_cpu.pop(pid) * 1000)
+
     for line in lines:
         if line.startswith("\t"):
-            if entry is not None:
+            if reading is not None and (t := TOTAL.match(line)):
+                total = float(t.group(1)) + float(t.group(2))
+                if reading in cpu:
+                    pending_cpu[reading] = pending_cpu.get(reading, 0.0) + total - cpu[reading]
+                cpu[reading] = total
+                reading = None
+            elif entry is not None:
                 entry[1].append(line.strip())
             continue
         if entry is not None:
-            yield entry[0], " ".join(p for p in entry[1] if p)
+            yield from flush(entry)
             entry = None
+        reading = None
         m = LINE.match(line)
-        if m is None or m.group(4) != database:
+        if m is None:
+            stats = STATS.match(line)
+            if stats and stats.group(3) == database and since <= _epoch(stats.group(1)) <= until:
+                reading = int(stats.group(2))
+            continue
+        if m.group(4) != database:
             continue
         if m.group(2) != "UTC":
             raise SystemExit(f"log times in {m.group(2)}: only UTC is read")
-        if since <= _epoch(m.group(1)) <= until:
-            entry = (int(m.group(3)), [m.group(5).strip()])
+        if not since <= _epoch(m.group(1)) <= until:
+            continue
+        pid = int(m.group(3))
+        ms = None if m.group(5) is None else float(m.group(5))
+        if m.group(6) in ("parse", "bind"):
+            pending[pid] = pending.get(pid, 0.0) + (ms or 0.0)
+        else:
+            entry = (pid, [m.group(7).strip()], ms)
     if entry is not None:
-        yield entry[0], " ".join(p for p in entry[1] if p)
+        yield from flush(entry)
 
 
-def tally(pairs: Iterable[tuple[int, str]]) -> Tally:
-    """Group each backend's statements into transactions and count them by kind."""
+def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
+    """Group each backend's statements into transactions and count them by kind; a statement's
+    time goes to its transaction's kind."""
     out = Tally()
     open_: dict[int, list[str]] = {}
+    open_ms: dict[int, float] = {}
+    open_cpu: dict[int, float] = {}
+    last_kind: dict[int, str] = {}  # the kind of the backend's last finished transaction
+    last_text: dict[int, str] = {}  # the backend's last statement
+    timed: set[int] = set()  # backends whose times are logged
     for pid, text in pairs:
+        if isinstance(text, Cpu):
+            if pid in last_text:
+                out.text_cpu[last_text[pid]] += text
+            if pid in open_:
+                open_cpu[pid] += text
+            elif pid in last_kind:
+                out.kind_cpu[last_kind[pid]] += text
+            continue
+        if isinstance(text, float):
+            timed.add(pid)
+            if pid in last_text:
+                out.text_ms[last_text[pid]] += text
+            if pid in open_:
+                open_ms[pid] += text
+            elif pid in last_kind:
+                out.kind_ms[last_kind[pid]] += text
+            continue
+        last_text[pid] = re.sub(r"\s+", " ", text)[:90]
         word = text.rstrip(";").strip().upper()
         if word.startswith("BEGIN") or word.startswith("START TRANSACTION"):
             open_[pid] = []
+            open_ms[pid] = open_cpu[pid] = 0.0
         elif word in ("COMMIT", "ROLLBACK", "END"):
             body = open_.pop(pid, None)
+            ms, used = open_ms.pop(pid, 0.0), open_cpu.pop(pid, 0.0)
             if body:
-                out.add(body)
+                last_kind[pid] = out.add(body)
+                if pid in timed:
+                    out.kind_ms[last_kind[pid]] += ms
+                if used:
+                    out.kind_cpu[last_kind[pid]] += used
         elif pid in open_:
             open_[pid].append(text)
         else:
-            out.add([text])
+            last_kind[pid] = out.add([text])
     return out
 
 
@@ -157,15 +247,28 @@ def main(argv: list[str] | None = None) -> None:
         f" {total} transactions ({total / orders:.2f} an order),"
         f" {counted.statements / orders:.2f} statements an order"
     )
-    print("  an order  transactions  statements an order  kind")
+    timed = sum(counted.kind_ms.values()) > 0
+    used = sum(counted.kind_cpu.values()) > 0
+    print("  an order  transactions  statements an order" + ("  server ms an order" if timed else "")
+          + ("  CPU ms an order" if used else "") + "  kind")
     for kind, n in counted.kinds.most_common():
-        print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}  {kind}")
+        ms = f"  {counted.kind_ms[kind] / orders:8.3f}" if timed else ""
+        ms += f"  {counted.kind_cpu[kind] / orders:8.3f}" if used else ""
+        print(f"  {n / orders:6.2f}  {n:7}  {counted.kind_statements[kind] / orders:6.2f}{ms}  {kind}")
+    if timed:
+        print(f"  server time an order, every kind: {sum(counted.kind_ms.values()) / orders:.3f} ms"
+              " (wall time in the backends: parse, bind, execute; CPU waits included)")
+    if used:
+        print(f"  backends' CPU an order, every kind: {sum(counted.kind_cpu.values()) / orders:.3f} ms"
+              " (each backend's CPU between two readings; a COMMIT's goes to the statement after)")
     if opts.detail:
         for kind, _ in counted.kinds.most_common():
             print(f"{kind}:")
             for (k, text), n in counted.signatures.most_common():
                 if k == kind and n / orders >= 0.01:
-                    print(f"    {n / orders:6.2f}  {text}")
+                    ms = f"  {counted.text_ms[text] / n:6.3f} ms" if timed else ""
+                    ms += f"  {counted.text_cpu[text] / n:6.3f} CPU ms" if used else ""
+                    print(f"    {n / orders:6.2f}{ms}  {text}")
     if "transactions" in rnd:  # the round's exact count against the log's, over the round
         with opts.log.open(errors="replace") as lines:
             logged = sum(

@@ -455,7 +455,8 @@ class Settings(BaseSettings):
     def relay(self) -> RelaySettings:
         return RelaySettings(batch=self.relay_batch, sweep_seconds=self.relay_sweep_seconds,
                              linger_seconds=self.relay_linger_ms / 1000,
-                             concurrency=self.relay_concurrency)
+                             concurrency=self.relay_concurrency,
+                             busy_linger_seconds=self.worker_linger_ms / 1000)
 
     @property
     def metrics(self) -> MetricsSettings:

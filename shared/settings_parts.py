@@ -90,6 +90,9 @@ class RelaySettings(Part):
     sweep_seconds: float
     linger_seconds: float
     concurrency: int
+    # While a pass waits for its confirms, the next waits for it to end, up to this long
+    # (WORKER_LINGER_MS, as the consumers' group commit; 0: only `linger_seconds`).
+    busy_linger_seconds: float = 0.0
 
 
 class MetricsSettings(Part):
