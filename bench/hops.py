@@ -3,7 +3,8 @@ flow), from the bench database's own timestamps and the bench's publish and rece
 
 `install` adds, to the bench database only, a table `bench_trace` and triggers that stamp
 `clock_timestamp()` (the moment, not the transaction's start) when an outbox row is written
-and when the relay marks it published (after the broker's confirms), and when a job changes
+and when the relay marks it published (since stop 28 in its claim, before the broker's
+confirms: the relay spans below are then about 0), and when a job changes
 status (claimed: `running`; `done`). With the columns the product writes anyway (`orders`,
 `fraud_checks` `created_at`, `payments.received_at`: the consuming transaction's start; `outbox.
 published_at`: the relay pass's start, when it claimed the row), each order's path splits into:
@@ -126,7 +127,8 @@ ACTIVE_HOPS = (
     ("written -> relay claims service.created", "active_written", "active_claimed"),
     ("relay claim -> bench hears service.created", "active_claimed", "active_heard"),
 )
-# Relay passes' own span (claim to the mark after the confirms), for reference.
+# Relay passes' own span (claim to the mark after the confirms), for reference; about 0 since
+# stop 28, when the relay claims and marks in one statement.
 RELAY_SPANS = (
     ("relay claim -> marked (order.placed)", "placed_claimed", "placed_marked"),
     ("relay claim -> marked (order.screened)", "screened_claimed", "screened_marked"),
