@@ -142,7 +142,7 @@ def statements(lines: Iterable[str], database: str, since: float,
         if line.startswith("\t"):
             if reading is not None and (t := TOTAL.match(line)):
                 total = float(t.group(1)) + float(t.group(2))
-                if reading in cpu:
+                if reading in cpu and total >= cpu[reading]:  # less: a new backend, same pid
                     pending_cpu[reading] = pending_cpu.get(reading, 0.0) + total - cpu[reading]
                 cpu[reading] = total
                 reading = None

@@ -89,14 +89,7 @@ class OutboxRelay:
                     delay = min(5.0, 0.2 * 2 ** min(self._failures, 5))
                     await asyncio.wait({stopping}, timeout=delay)
                     continue
-                waking = asyncio.create_task(self._wake.wait())
-                await asyncio.wait(
-                    {waking, stopping}, timeout=self.sweep_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                waking.cancel()
-                if self._wake.is_set():
-                    await self._linger(passes)
+                await self._next_wake(stopping, passes)
         finally:
             stopping.cancel()
             self._wakeup.leave_here()  # what commits now is for another relay: notified
@@ -104,14 +97,31 @@ class OutboxRelay:
                 await asyncio.wait(passes, timeout=10)
             await self._wakeup.close()
 
+    async def _next_wake(self, stopping: asyncio.Task[bool],
+                         passes: set[asyncio.Task[None]]) -> None:
+        """Until the next pass is due: a wake-up (then its linger), the sweep timer or a stop.
+        A pass in flight that read the rows a wake-up was for (it clears the wake-up just
+        before it reads) answers it: then wait again rather than start a pass for nothing."""
+        while True:
+            waking = asyncio.create_task(self._wake.wait())
+            await asyncio.wait({waking, stopping}, timeout=self.sweep_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waking.cancel()
+            if not self._wake.is_set() or stopping.done():
+                return  # the sweep's turn, or a stop
+            await self._linger(passes)
+            if self._wake.is_set() or self._more:
+                return
+
     async def _linger(self, passes: set[asyncio.Task[None]]) -> None:
         """Let the commits of the next few milliseconds join the next pass: one transaction
         and one confirm round for many events instead of one each. `linger_seconds` always;
         while a pass is still waiting for its confirms (a steady stream), until one ends, up
         to `busy_linger_seconds`: the events committed meanwhile then go together in the pass
-        after it instead of a pass each (1.2 passes an order at a steady 52/s, 0.24 in a
-        burst: docs/performance.md, "The relay's passes"). Not when the last pass was full:
-        a backlog goes out at once, as many passes at a time as `concurrency` allows."""
+        after it instead of a pass each (at a steady rate the relay ran one pass for every few
+        events: docs/performance.md, "Where PostgreSQL's CPU goes"). Not when the last pass
+        was full: a backlog goes out at once, as many passes at a time as `concurrency`
+        allows."""
         if self._more:
             return
         if passes and self.busy_linger_seconds > self.linger_seconds:

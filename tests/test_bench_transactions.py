@@ -90,3 +90,13 @@ def test_each_kind_has_its_backends_cpu_read_between_two_statements() -> None:
     assert used.kinds == {RELAY: 1, "other": 2}
     assert used.kind_cpu == {RELAY: pytest.approx(0.75), "other": pytest.approx(0.25)}
     assert used.text_cpu[CLAIM] == pytest.approx(0.75)
+
+
+def test_a_new_backend_with_a_pid_seen_before_starts_its_own_count() -> None:
+    reused = (_stats(7, "1.000000", "1.000000")
+              + f"{T} [7] postgres@bench LOG:  duration: 0.100 ms  statement: SELECT 1\n"
+              + _stats(7, "0.003000", "0.003000")  # another backend, same pid: a new start
+              + f"{T} [7] postgres@bench LOG:  duration: 0.100 ms  statement: SELECT 1\n"
+              + _stats(7, "0.003500", "0.003000")
+              + f"{T} [7] postgres@bench LOG:  duration: 0.100 ms  statement: SELECT 1\n")
+    assert _tally(reused).kind_cpu == {"other": pytest.approx(0.5)}

@@ -35,31 +35,49 @@ def _relay(harness: Harness, **update: Any) -> OutboxRelay:
 
 
 class Passes:
-    """The relay's passes, by how many rows each published or marked."""
+    """The relay's passes: how many rows each that found some published or marked, and how
+    many found nothing."""
 
     def __init__(self, relay: OutboxRelay) -> None:
         self.handled: list[int] = []
+        self.empty = 0
+        self.ran = asyncio.Event()  # a first pass has run: the relay is listening
         drain = relay.drain_once
 
         async def counted() -> int:
             handled = await drain()
             if handled:
                 self.handled.append(handled)
+            else:
+                self.empty += 1
+            self.ran.set()
             return handled
         relay.drain_once = counted  # type: ignore[method-assign]
 
 
-def _gate_first(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """The broker's confirm of event 1 waits until the gate opens (a slow quorum write)."""
-    gate = asyncio.Event()
-    real = broker.publish_queued
+class Gate:
+    """The broker's confirm of event 1 waits until the gate opens (a slow quorum write);
+    `entered` says the pass holding it has got there."""
 
-    async def gated(exchange: Any, routing_key: str, message: Any) -> None:
-        if message.message_id == str(event_id("pass", 1)):
-            await gate.wait()
-        await real(exchange, routing_key, message)
-    monkeypatch.setattr(broker, "publish_queued", gated)
-    return gate
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open, self.entered = asyncio.Event(), asyncio.Event()
+        real = broker.publish_queued
+
+        async def gated(exchange: Any, routing_key: str, message: Any) -> None:
+            if message.message_id == str(event_id("pass", 1)):
+                self.entered.set()
+                await self.open.wait()
+            await real(exchange, routing_key, message)
+        monkeypatch.setattr(broker, "publish_queued", gated)
+
+
+async def _running(relay: OutboxRelay, passes: Passes,
+                   stop: asyncio.Event) -> asyncio.Task[None]:
+    """The relay's loop, once its first pass (at start, before any event) has run: its LISTEN
+    is in place by then."""
+    running = asyncio.create_task(relay.run(stop))
+    await asyncio.wait_for(passes.ran.wait(), 10)
+    return running
 
 
 async def test_a_pass_claims_and_marks_its_rows_in_one_statement(harness: Harness) -> None:
@@ -105,26 +123,26 @@ async def test_what_the_broker_did_not_take_is_left_for_a_later_pass(
 async def test_events_committed_while_a_pass_waits_for_its_confirms_go_out_together(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await harness.listen(KEY)
-    gate = _gate_first(monkeypatch)
-    relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=5000)
+    gate = Gate(monkeypatch)
+    relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=1000)
     passes = Passes(relay)
     stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop))
+    running = await _running(relay, passes, stop)
     try:
-        await asyncio.sleep(0.3)  # listening, idle
+        empty = passes.empty
         await _write(harness, 1)
-        await eventually(lambda: asyncio.sleep(0, relay._wake.is_set() is False), timeout=5)
-        await asyncio.sleep(0.2)  # the first pass holds event 1, waiting for its confirm
+        await asyncio.wait_for(gate.entered.wait(), 10)  # a pass holds event 1
         for n in (2, 3, 4):
             await _write(harness, n)
-            await asyncio.sleep(0.1)  # each commit heard on its own
+            await asyncio.sleep(0.05)  # each commit heard on its own
         assert passes.handled == []  # before: a pass for each of 2, 3 and 4
-        gate.set()
-        await store.wait_for(KEY, lambda b: b["n"] == 4, timeout=5)
-        await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=5)
+        gate.open.set()
+        await store.wait_for(KEY, lambda b: b["n"] == 4, timeout=10)
+        await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=10)
         assert passes.handled == [1, 3]
+        assert passes.empty == empty  # the wake-ups answered by the pass that took 2 to 4
     finally:
-        gate.set()
+        gate.open.set()
         stop.set()
         await running
 
@@ -132,24 +150,26 @@ async def test_events_committed_while_a_pass_waits_for_its_confirms_go_out_toget
 async def test_the_next_pass_waits_for_one_in_flight_no_longer_than_its_linger(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await harness.listen(KEY)
-    gate = _gate_first(monkeypatch)
+    gate = Gate(monkeypatch)
     relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=300)
     passes = Passes(relay)
     stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop))
+    running = await _running(relay, passes, stop)
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.sleep(0.3)
         await _write(harness, 1)
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(gate.entered.wait(), 10)
+        written = loop.time()
         await _write(harness, 2)
-        # Event 1's confirm is still held: event 2 goes out once the linger is over.
-        await store.wait_for(KEY, lambda b: b["n"] == 2, timeout=5)
-        await eventually(lambda: asyncio.sleep(0, passes.handled == [1]), timeout=5)
+        # Event 1's confirm is still held: event 2 goes out once the linger (0.3 s) is over.
+        await store.wait_for(KEY, lambda b: b["n"] == 2, timeout=10)
+        assert loop.time() - written < 3  # not held until the gate opens
+        await eventually(lambda: asyncio.sleep(0, passes.handled == [1]), timeout=10)
         assert await _unpublished(harness) == [1]  # its pass has not committed
-        gate.set()
-        await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=5)
+        gate.open.set()
+        await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=10)
         assert await _unpublished(harness) == []
     finally:
-        gate.set()
+        gate.open.set()
         stop.set()
         await running
