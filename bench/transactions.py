@@ -186,22 +186,18 @@ def tally(pairs: Iterable[tuple[int, str | float]]) -> Tally:
     last_text: dict[int, str] = {}  # the backend's last statement
     timed: set[int] = set()  # backends whose times are logged
     for pid, text in pairs:
-        if isinstance(text, Cpu):
+        if isinstance(text, float):  # a statement's time, or its CPU (Cpu)
+            used = isinstance(text, Cpu)
+            if not used:
+                timed.add(pid)
+            by_text, by_kind, open_sum = ((out.text_cpu, out.kind_cpu, open_cpu) if used
+                                          else (out.text_ms, out.kind_ms, open_ms))
             if pid in last_text:
-                out.text_cpu[last_text[pid]] += text
+                by_text[last_text[pid]] += text
             if pid in open_:
-                open_cpu[pid] += text
+                open_sum[pid] += text
             elif pid in last_kind:
-                out.kind_cpu[last_kind[pid]] += text
-            continue
-        if isinstance(text, float):
-            timed.add(pid)
-            if pid in last_text:
-                out.text_ms[last_text[pid]] += text
-            if pid in open_:
-                open_ms[pid] += text
-            elif pid in last_kind:
-                out.kind_ms[last_kind[pid]] += text
+                by_kind[last_kind[pid]] += text
             continue
         last_text[pid] = re.sub(r"\s+", " ", text)[:90]
         word = text.rstrip(";").strip().upper()

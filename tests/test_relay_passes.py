@@ -6,6 +6,8 @@ burst). Real PostgreSQL and RabbitMQ; the broker's confirm is held back by a gat
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -71,13 +73,23 @@ class Gate:
         monkeypatch.setattr(broker, "publish_queued", gated)
 
 
-async def _running(relay: OutboxRelay, passes: Passes,
-                   stop: asyncio.Event) -> asyncio.Task[None]:
-    """The relay's loop, once its first pass (at start, before any event) has run: its LISTEN
-    is in place by then."""
+@asynccontextmanager
+async def _gated_relay(harness: Harness, monkeypatch: pytest.MonkeyPatch,
+                       linger_ms: float) -> AsyncIterator[tuple[Gate, Passes]]:
+    """The relay's loop, event 1's confirm held by a gate, once its first pass (at start,
+    before any event) has run: its LISTEN is in place by then. Stopped at the end."""
+    gate = Gate(monkeypatch)
+    relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=linger_ms)
+    passes = Passes(relay)
+    stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
-    await asyncio.wait_for(passes.ran.wait(), 10)
-    return running
+    try:
+        await asyncio.wait_for(passes.ran.wait(), 10)
+        yield gate, passes
+    finally:
+        gate.open.set()
+        stop.set()
+        await running
 
 
 async def test_a_pass_claims_and_marks_its_rows_in_one_statement(harness: Harness) -> None:
@@ -123,12 +135,7 @@ async def test_what_the_broker_did_not_take_is_left_for_a_later_pass(
 async def test_events_committed_while_a_pass_waits_for_its_confirms_go_out_together(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await harness.listen(KEY)
-    gate = Gate(monkeypatch)
-    relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=1000)
-    passes = Passes(relay)
-    stop = asyncio.Event()
-    running = await _running(relay, passes, stop)
-    try:
+    async with _gated_relay(harness, monkeypatch, 1000) as (gate, passes):
         empty = passes.empty
         await _write(harness, 1)
         await asyncio.wait_for(gate.entered.wait(), 10)  # a pass holds event 1
@@ -141,22 +148,13 @@ async def test_events_committed_while_a_pass_waits_for_its_confirms_go_out_toget
         await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=10)
         assert passes.handled == [1, 3]
         assert passes.empty == empty  # the wake-ups answered by the pass that took 2 to 4
-    finally:
-        gate.open.set()
-        stop.set()
-        await running
 
 
 async def test_the_next_pass_waits_for_one_in_flight_no_longer_than_its_linger(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await harness.listen(KEY)
-    gate = Gate(monkeypatch)
-    relay = _relay(harness, relay_linger_ms=0, worker_linger_ms=300)
-    passes = Passes(relay)
-    stop = asyncio.Event()
-    running = await _running(relay, passes, stop)
     loop = asyncio.get_running_loop()
-    try:
+    async with _gated_relay(harness, monkeypatch, 300) as (gate, passes):
         await _write(harness, 1)
         await asyncio.wait_for(gate.entered.wait(), 10)
         written = loop.time()
@@ -169,7 +167,3 @@ async def test_the_next_pass_waits_for_one_in_flight_no_longer_than_its_linger(
         gate.open.set()
         await eventually(lambda: asyncio.sleep(0, len(passes.handled) == 2), timeout=10)
         assert await _unpublished(harness) == []
-    finally:
-        gate.open.set()
-        stop.set()
-        await running
