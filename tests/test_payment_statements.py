@@ -43,6 +43,19 @@ def _payment(flow: InMemoryFlow, order: dict, *, by_ref: bool = False):
     return flow.message("payment.received", body)
 
 
+async def _waiting_payment(flow: InMemoryFlow, order_id: int, ref: str, transaction_id: str,
+                           message_id: str) -> None:
+    """A payment of the order's total by ref that came before its order: kept waiting for the
+    order's event, as the provisioning consumer records one."""
+    total = await flow.pool.fetchval("SELECT total FROM invoices WHERE order_id = $1", order_id)
+    await flow.pool.execute(
+        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
+        " publisher, status, reason, waiting_for, trusted, message_id) VALUES ('stripe',"
+        " $4, $1, $2, 'USD', $5, $3, 'unapplied', 'order not placed yet: ' || $5,"
+        " 'order', true, $6)",
+        total, str(total), flow.user, transaction_id, ref, message_id)
+
+
 def _order_locks(statements: Statements) -> int:
     return sum(("FOR UPDATE" in q or "FOR NO KEY UPDATE" in q) and "orders o" in q
                for q in statements.seen)
@@ -134,13 +147,7 @@ async def test_an_order_event_locks_its_order_and_finds_its_waiting_payments_at_
 
     # A payment by ref that came before the screening (kept waiting for its order's event).
     order_id = early.body["order_id"]
-    total = await flow.pool.fetchval("SELECT total FROM invoices WHERE order_id = $1", order_id)
-    await flow.pool.execute(
-        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
-        " publisher, status, reason, waiting_for, trusted, message_id) VALUES ('stripe',"
-        " 'ch_early', $1, $2, 'USD', 'pste-1', $3, 'unapplied', 'order not placed yet: pste-1',"
-        " 'order', true, 'pay-early')",
-        total, str(total), flow.user)
+    await _waiting_payment(flow, order_id, "pste-1", "ch_early", "pay-early")
     delivery = flow.as_delivery(early)
     await flow.deliver([delivery], to="provisioning")
     assert delivery.outcome == "acked"
@@ -274,13 +281,7 @@ async def test_a_screening_in_a_batch_applies_the_payment_waiting_for_its_order(
     screening, in the same batch, queues nothing (not paid)."""
     [early, plain] = await _screened_events(flow, ["pstw-0", "pstw-1"])
     order_id = early.body["order_id"]
-    total = await flow.pool.fetchval("SELECT total FROM invoices WHERE order_id = $1", order_id)
-    await flow.pool.execute(
-        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
-        " publisher, status, reason, waiting_for, trusted, message_id) VALUES ('stripe',"
-        " 'ch_w', $1, $2, 'USD', 'pstw-0', $3, 'unapplied', 'order not placed yet: pstw-0',"
-        " 'order', true, 'pay-w')",
-        total, str(total), flow.user)
+    await _waiting_payment(flow, order_id, "pstw-0", "ch_w", "pay-w")
     refused = flow.message("payment.received", {
         "amount": "1.00", "currency": "EUR", "gateway": "stripe", "transaction_id": "ch_eur",
         "order_ref": "pstw-1"})

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from test_webhook_fanout import Statements
 
 from conftest import Harness, eventually
 from shared import broker
@@ -96,16 +97,14 @@ async def test_a_pass_claims_and_marks_its_rows_in_one_statement(harness: Harnes
     store = await harness.listen(KEY)
     for n in range(5):
         await _write(harness, n)
-    seen: list[str] = []
+    statements = Statements()
+    await statements.watch(harness.pool)  # every connection of the pool: the pass takes any
     relay = _relay(harness)
-    held = [await harness.pool.acquire() for _ in range(harness.pool.get_max_size())]
-    for conn in held:  # every connection of the pool: the pass takes any
-        conn.add_query_logger(lambda q: seen.append(" ".join(q.query.split())))
-        await harness.pool.release(conn)
     assert await relay.drain_once() == 5
     await store.wait_for(KEY, lambda b: b["n"] == 4)
     assert [b["n"] for b in store.bodies(KEY)] == [0, 1, 2, 3, 4]  # oldest first
     assert await _unpublished(harness) == []
+    seen = statements.seen
     between = seen[seen.index("BEGIN;") + 1:seen.index("COMMIT;")]
     assert len(between) == 1, between  # before: the claim, then the mark
 

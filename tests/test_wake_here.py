@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import asyncpg
@@ -50,6 +51,18 @@ async def notifies(db_settings: Settings) -> AsyncIterator[Notifies]:
         await marker.close()
 
 
+@asynccontextmanager
+async def _loop_here(database_url: str | None, channel: str) -> AsyncIterator[Wakeup]:
+    """A loop of this process waiting on `channel` (None: no LISTEN of its own, so only the
+    in-memory wake-up can set it), closed at the end."""
+    loop = Wakeup(database_url, channel)
+    await loop.ensure()
+    try:
+        yield loop
+    finally:
+        await loop.close()
+
+
 def _uow(conn: asyncpg.Connection, n: int) -> UnitOfWork:
     uow = UnitOfWork(conn, MessageContext(consumer="placement", message_id=f"m-{n}",
                                           routing_key="order.place",
@@ -67,9 +80,7 @@ async def _emit(pool: asyncpg.Pool, n: int, *, fail: bool = False) -> None:
 
 async def test_a_units_events_wake_the_relay_here_and_notify_nobody(
         pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
-    relay = Wakeup(None, OUTBOX)  # no LISTEN of its own: only the in-memory wake-up sets it
-    await relay.ensure()
-    try:
+    async with _loop_here(None, OUTBOX) as relay:
         await _emit(pool, 1)
         assert relay.event.is_set()  # at once, in memory: no round trip through the server
         assert await notifies(OUTBOX) == 0
@@ -87,8 +98,6 @@ async def test_a_units_events_wake_the_relay_here_and_notify_nobody(
             assert not relay.event.is_set()
         assert relay.event.is_set()
         assert await notifies(OUTBOX) == 0
-    finally:
-        await relay.close()
 
 
 async def test_with_no_loop_here_or_no_transaction_the_trigger_notifies(
@@ -96,15 +105,11 @@ async def test_with_no_loop_here_or_no_transaction_the_trigger_notifies(
     await _emit(pool, 1)  # no relay in this process: every other process's must hear it
     assert await notifies(OUTBOX) == 1
 
-    relay = Wakeup(None, OUTBOX)
-    await relay.ensure()
-    try:
+    async with _loop_here(None, OUTBOX) as relay:
         async with pool.acquire() as conn:  # a statement on its own: nothing follows its commit
             await flush_events(conn, [_uow(conn, 2)])
         assert await notifies(OUTBOX) == 2
         assert not relay.event.is_set()
-    finally:
-        await relay.close()
     await _emit(pool, 3)  # closed: no longer here
     assert await notifies(OUTBOX) == 3
 
@@ -113,9 +118,7 @@ async def test_a_wake_here_lasts_only_its_transaction(
         pool: asyncpg.Pool, db_settings: Settings, notifies: Notifies) -> None:
     """The trigger's skip is the transaction's setting: the next transaction on the same
     connection, written for nobody here, notifies again."""
-    relay = Wakeup(db_settings.database_url, OUTBOX)
-    await relay.ensure()
-    try:
+    async with _loop_here(db_settings.database_url, OUTBOX):
         async with pool.acquire() as conn:
             async with conn.transaction():
                 await flush_events(conn, [_uow(conn, 1)])
@@ -123,8 +126,6 @@ async def test_a_wake_here_lasts_only_its_transaction(
                 "INSERT INTO outbox (message_id, routing_key, body) VALUES ($1, 'x', '{}')",
                 uuid.uuid4())
         assert await notifies(OUTBOX) == 1
-    finally:
-        await relay.close()
 
 
 async def test_mails_and_deliveries_wake_their_senders_here(
@@ -138,11 +139,8 @@ async def test_mails_and_deliveries_wake_their_senders_here(
     await pool.execute(
         "INSERT INTO webhook_endpoints (url, events, secret)"
         " VALUES ('https://hooks.example/in', '{order.placed}', 'plain:whsec_x')")
-    mails = Wakeup(None, "ordermill_emails")
-    hooks = Wakeup(None, "ordermill_webhooks")
-    await mails.ensure()
-    await hooks.ensure()
-    try:
+    async with (_loop_here(None, "ordermill_emails") as mails,
+                _loop_here(None, "ordermill_webhooks") as hooks):
         async with pool.acquire() as conn, conn.transaction():
             await record_mails(conn, [_Mail("k-1", "order_confirmation", "a@example.com", order_id,
                                             "<k-1@example.com>")])
@@ -150,9 +148,6 @@ async def test_mails_and_deliveries_wake_their_senders_here(
         assert mails.event.is_set() and hooks.event.is_set()
         assert await notifies("ordermill_emails") == 0
         assert await notifies("ordermill_webhooks") == 0
-    finally:
-        await mails.close()
-        await hooks.close()
     async with pool.acquire() as conn, conn.transaction():
         await record_mails(conn, [_Mail("k-2", "order_confirmation", "a@example.com", order_id,
                                         "<k-2@example.com>")])
@@ -164,14 +159,10 @@ async def test_a_payments_setup_wakes_the_job_runner_here(
     """The setup a payment queues wakes the job runner of the provisioning consumer's own
     process; with no runner here (a layout that runs it elsewhere) it notifies."""
     first, second = await _screened(flow, ["wake-j1", "wake-j2"])
-    runner = Wakeup(None, JOBS_CHANNEL)
-    await runner.ensure()
-    try:
+    async with _loop_here(None, JOBS_CHANNEL) as runner:
         await flow.deliver([_payment(flow, first)], to="provisioning")
         assert runner.event.is_set()
         assert await notifies(JOBS_CHANNEL) == 0
-    finally:
-        await runner.close()
     await flow.deliver([_payment(flow, second)], to="provisioning")
     assert await notifies(JOBS_CHANNEL) == 1
     assert await flow.pool.fetchval("SELECT count(*) FROM jobs WHERE kind = 'create'") == 2
@@ -181,26 +172,20 @@ async def test_the_flag_is_one_statements(
         pool: asyncpg.Pool, notifies: Notifies) -> None:
     """A unit of work's events are heard here; an event written after them in the same
     transaction for another service (whose relay may be elsewhere) still notifies."""
-    relay = Wakeup(None, OUTBOX)
-    await relay.ensure()
-    try:
+    async with _loop_here(None, OUTBOX) as relay:
         async with pool.acquire() as conn, conn.transaction():
             await flush_events(conn, [_uow(conn, 1)])
             await write_event(conn, "order.x", {"n": 2}, message_id=uuid.uuid4(),
                               correlation_id=None, source="fraud")
         assert relay.event.is_set()
         assert await notifies(OUTBOX) == 1
-    finally:
-        await relay.close()
 
 
 async def test_a_refused_transaction_call_keeps_what_the_transaction_wrote_for(
         pool: asyncpg.Pool, notifies: Notifies) -> None:
     """A transaction object that ended nothing (never started; a commit asyncpg refuses
     inside `async with`) does not make the real commit forget its wake-ups."""
-    relay = Wakeup(None, OUTBOX)
-    await relay.ensure()
-    try:
+    async with _loop_here(None, OUTBOX) as relay:
         async with pool.acquire() as conn:
             tx = conn.transaction()
             async with tx:
@@ -211,8 +196,6 @@ async def test_a_refused_transaction_call_keeps_what_the_transaction_wrote_for(
                     await tx.commit()
             assert relay.event.is_set()
         assert await notifies(OUTBOX) == 0
-    finally:
-        await relay.close()
 
 
 async def test_a_loop_not_taking_work_or_of_another_database_leaves_it_notified(

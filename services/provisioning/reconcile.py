@@ -107,7 +107,6 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
         return []
     if order.status not in ENDED:
         return (await reconcile_many(conn, [(order_id, order, caused_by)])).get(order_id, [])
-    queued: list[str] = []
     # Nothing of an ended order is set up; what is live on a server is terminated.
     await conn.execute(
         "UPDATE jobs SET status = 'cancelled', updated_at = now() WHERE order_id = $1"
@@ -120,7 +119,7 @@ async def reconcile(conn: asyncpg.Connection, order_id: int, *,
         "  JOIN products p ON p.id = s.product_id WHERE s.order_id = $1 AND s.live"
         " ON CONFLICT DO NOTHING RETURNING service_id", order_id, caused_by,
     )
-    queued += [f"terminate service {r['service_id']}" for r in rows]
+    queued = [f"terminate service {r['service_id']}" for r in rows]
     if queued:
         log.info("jobs queued", extra={"order_id": order_id, "order_ref": order.order_ref,
                                        "jobs": queued})
