@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
-from test_payment_statements import _payment, _screened
+from test_payment_statements import _payment, _screened, _screened_events
+from test_webhook_fanout import Statements
 
 from conftest import eventually, order_body
 from services.fraud.sweeper import QueuedOrderSweeper
@@ -28,6 +29,7 @@ from services.placement.worker import worker as placement_worker
 from services.provisioning.jobs import JobRunner
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import lock_order_state
+from services.review.worker import worker as review_worker
 from shared.runtime.testing import InMemoryFlow
 from shared.settings import Settings
 
@@ -132,6 +134,79 @@ async def test_a_batch_of_payments_locks_its_orders_in_id_order(flow: InMemoryFl
     paid = await flow.pool.fetch("SELECT status FROM invoices WHERE id = ANY($1::bigint[])",
                                  [older["invoice_id"], newer["invoice_id"]])
     assert [r["status"] for r in paid] == ["Paid", "Paid"]
+
+
+async def test_a_batch_locks_the_order_a_waiting_payment_pays_with_its_own(
+    flow: InMemoryFlow,
+) -> None:
+    """Two storefronts use a ref; a payment naming it and the older order's invoice came
+    before that invoice, and waits. The newer order's screening, in a batch, applies it
+    (`apply_waiting` finds it by the ref): the batch locked the newer order (and the other
+    one of the batch), then, applying the payment, the older one, out of id order: against
+    a writer holding the older order and wanting the newer, a deadlock, broken after 1 s.
+    The batch's lock now takes the older order too, first, so it holds nothing the other
+    wants while it waits."""
+    events = await _screened_events(flow, ["lock-wp-0", "lock-wp-1", "lock-wp-2"])
+    older, newer, third = sorted(events, key=lambda e: e.body["order_id"])
+    older_id, ref = older.body["order_id"], newer.body["order_ref"]
+    await flow.pool.execute(
+        "UPDATE orders SET storefront = 'another-shop', order_ref = $2 WHERE id = $1",
+        older_id, ref)
+    invoice = await flow.pool.fetchrow(
+        "SELECT id, total FROM invoices WHERE order_id = $1", older_id)
+    await flow.pool.execute(
+        "INSERT INTO payments (gateway, transaction_id, amount, raw_amount, currency, order_ref,"
+        " requested_invoice_id, publisher, status, reason, waiting_for, trusted, message_id)"
+        " VALUES ('stripe', 'ch_wp', $1, $2, 'USD', $3, $4::bigint, $5, 'unapplied',"
+        " 'unknown invoice ' || $4::text, 'order', true, 'pay-wp')",
+        invoice["total"], str(invoice["total"]), ref, invoice["id"], flow.user)
+    batch = [flow.as_delivery(newer), flow.as_delivery(third)]
+    async with flow.pool.acquire() as other, other.transaction():
+        await lock_order_state(other, older_id)
+        screening = asyncio.create_task(flow.deliver(batch, to="provisioning"))
+        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
+        # Shorter than deadlock_timeout (1 s). Before: the batch held the newer order
+        # (LockNotAvailableError).
+        await other.execute("SET LOCAL lock_timeout = '500ms'")
+        assert await lock_order_state(other, newer.body["order_id"]) is not None
+    await asyncio.wait_for(screening, WAIT_SECONDS)
+    assert [m.outcome for m in batch] == ["acked", "acked"]
+    assert await flow.pool.fetchval(
+        "SELECT invoice_id FROM payments WHERE transaction_id = 'ch_wp'"
+        " AND status = 'applied'") == invoice["id"]
+    assert await flow.pool.fetchval(
+        "SELECT status FROM invoices WHERE id = $1", invoice["id"]) == "Paid"
+
+
+async def test_a_batch_of_review_commands_locks_its_orders_in_id_order(
+    flow: InMemoryFlow,
+) -> None:
+    """Two operators' commands in one batch of the review worker, the newer order's first:
+    each locked its order as it came, so the batch held the newer order while it waited for
+    the older one, held by a writer locking in id order that then wanted the newer one (a
+    deadlock, broken after 1 s). The batch now locks both first, oldest first."""
+    older, newer = await _screened(flow, ["lock-rev-0", "lock-rev-1"])
+    flow.add(review_worker(flow.settings))
+    batch = [flow.message("review.command", {"order_id": o["id"], "action": "note",
+                                             "note": f"note {n}"},
+                          reply_to="amq.gen-operator", correlation_id=f"rev-{n}")
+             for n, o in enumerate([newer, older])]
+    statements = Statements()
+    await statements.watch(flow.pool)
+    async with flow.pool.acquire() as other, other.transaction():
+        await lock_order_state(other, older["id"])
+        reviewing = asyncio.create_task(flow.deliver(batch, to="review"))
+        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
+        # Shorter than deadlock_timeout (1 s). Before: the batch held the newer order.
+        await other.execute("SET LOCAL lock_timeout = '500ms'")
+        assert await lock_order_state(other, newer["id"]) is not None
+    await asyncio.wait_for(reviewing, WAIT_SECONDS)
+    assert [m.outcome for m in batch] == ["acked", "acked"]
+    notes = await flow.pool.fetch("SELECT order_id, note FROM order_notes ORDER BY id")
+    assert [(r["order_id"], r["note"]) for r in notes] == [
+        (newer["id"], "note 0"), (older["id"], "note 1")]
+    # One statement locked and read both orders for their commands (before: one a command).
+    assert statements.count("FROM orders o JOIN clients c") == 1
 
 
 async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:

@@ -94,9 +94,12 @@ async def test_a_batch_of_payments_writes_its_history_in_one_statement(
     assert statements.count("BEGIN") == 1
     assert statements.count("INSERT INTO order_history") == 1  # main: 3
     # The batch's orders locked together in id order (services/provisioning/locks.py), then
-    # read once for the batch (batch.py): only the payment by ref locks its order again, as
-    # it finds it by ref (before: 4, each payment's own lock; stop 25: 3; before: 6).
-    assert _order_locks(statements) == 2
+    # read once for the batch (batch.py), the payment by ref's too: it finds its order among
+    # them by the ref the batch locked by (main: 2, that payment found its order by ref,
+    # locked it again and read its invoice; before: 4, each payment's own lock; before: 6).
+    assert _order_locks(statements) == 1
+    # BEGIN, inbox, lock, read, 3 x 2, items, jobs, history, outbox, COMMIT (main: 18)
+    assert len(statements.seen) == 15, statements.seen
     ids = [o["id"] for o in orders]
     history = await flow.pool.fetch(
         "SELECT order_id, actor, detail FROM order_history WHERE action = 'payment'"
@@ -112,6 +115,29 @@ async def test_a_batch_of_payments_writes_its_history_in_one_statement(
         (i, "create", "pending") for i in ids]
     assert await flow.pool.fetchval(
         "SELECT count(*) FROM outbox WHERE routing_key = 'invoice.paid'") == 3
+
+
+async def test_a_payment_by_a_ref_two_storefronts_use_pays_neither_in_a_batch(
+    flow: InMemoryFlow,
+) -> None:
+    """The batch locked both orders by the ref; the payment by it is kept unapplied, for an
+    operator, as a payment alone is (test_storefronts.py), and the other is applied."""
+    first, second, other = await _screened(flow, ["pstr-0", "pstr-1", "pstr-2"])
+    await flow.pool.execute(
+        "UPDATE orders SET storefront = 'another-shop', order_ref = $2 WHERE id = $1",
+        second["id"], first["order_ref"])
+    batch = [_payment(flow, first, by_ref=True), _payment(flow, other)]
+    await flow.deliver(batch, to="provisioning")
+
+    assert [m.outcome for m in batch] == ["acked"] * 2
+    kept = await flow.pool.fetchrow(
+        "SELECT status, reason, invoice_id FROM payments WHERE transaction_id = $1",
+        f"ch_{first['order_ref']}")
+    assert (kept["status"], kept["invoice_id"]) == ("unapplied", None)
+    assert "more than one storefront" in kept["reason"]
+    paid = await flow.pool.fetch(
+        "SELECT order_id FROM invoices WHERE status = 'Paid' ORDER BY order_id")
+    assert [r["order_id"] for r in paid] == [other["id"]]
 
 
 async def _screened_events(flow: InMemoryFlow, refs: list[str]) -> list:

@@ -6,10 +6,11 @@ Read in one statement after the batch's lock (a statement of its own: begun once
 is held, it sees what their last holders committed; the locking statement's own snapshot is
 older than a lock it waited for): each order's row, its invoice, and the payments waiting
 for it. That is what each handler read on its own, one statement each (a payment: its order
-and its invoice; an order event: its order, invoice status and waiting payments), as long as
-nothing of the batch changed it since: a payment applied to an order drops the order (its
-invoice changed), a payment left unapplied drops everything (it may now wait for any of
-them); a handler that finds nothing reads for itself, as a message alone does.
+and its invoice, found by its ref too: `refs`, every order with the ref, locked by it; an
+order event: its order, invoice status and waiting payments), as long as nothing of the batch
+changed it since: a payment applied to an order drops the order (its invoice changed), a
+payment left unapplied drops everything (it may now wait for any of them); a handler that
+finds nothing reads for itself, as a message alone does.
 
 Every invoice writer holds its order's lock (payments here, `shared.orders.transition`): with
 the batch's orders locked, their invoices change only by this batch.
@@ -22,7 +23,7 @@ each order's steps and job changes keep the order their messages came in."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,14 +47,18 @@ class LockedOrder:
 class LockedOrders:
     orders: dict[int, LockedOrder]
     invoices: dict[int, int]  # invoice id -> order id
+    # The refs whose every order the batch locked (the payments' by ref) -> those orders' ids.
+    refs: dict[str, list[int]] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     flushing: bool = False  # its flush is deferred to the end of the batch already
 
     @classmethod
-    async def read(cls, conn: asyncpg.Connection, order_ids: Sequence[int]) -> LockedOrders:
-        """The locked orders, their invoices and waiting payments, in one statement."""
+    async def read(cls, conn: asyncpg.Connection, order_ids: Sequence[int],
+                   refs: Collection[str] = ()) -> LockedOrders:
+        """The locked orders, their invoices and waiting payments, in one statement. `refs`:
+        those whose every order was locked (by ref, in the same statement as the others)."""
         if not order_ids:
-            return cls({}, {})
+            return cls({}, {}, {ref: [] for ref in refs})
         # `waiting_for IS NOT NULL` as written: the partial indexes' predicate (0015).
         rows = await conn.fetch(
             "SELECT " + ", ".join(f"o.{c} AS o__{c}" for c in _ORDER) + ","
@@ -77,7 +82,11 @@ class LockedOrders:
                 invoices[row["id"]] = order["id"]
             waiting = list(zip(row["o__waiting"], row["o__waiting_for"], strict=True))
             orders[order["id"]] = LockedOrder(order, invoice, waiting)
-        return cls(orders, invoices)
+        by_ref: dict[str, list[int]] = {ref: [] for ref in refs}
+        for order_id in sorted(orders):
+            if (ref := orders[order_id].order["order_ref"]) in by_ref:
+                by_ref[ref].append(order_id)
+        return cls(orders, invoices, by_ref)
 
     # -- what the handlers read ----------------------------------------------------------------
 
@@ -96,7 +105,16 @@ class LockedOrders:
     def invoice(self, invoice_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """As `payments._find_invoice` returns it for an invoice id (the invoice with its
         order's status and ref, and the order); None: read it."""
-        locked = self.orders.get(self.invoices.get(invoice_id, 0))
+        return self._invoice_of(self.invoices.get(invoice_id, 0))
+
+    def invoice_by_ref(self, order_ref: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """As `payments._find_invoice` returns it for a ref that one order has; None: read it
+        (a ref the batch did not lock by, no order or two with it, its order's read dropped)."""
+        order_ids = self.refs.get(order_ref)
+        return self._invoice_of(order_ids[0]) if order_ids and len(order_ids) == 1 else None
+
+    def _invoice_of(self, order_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        locked = self.orders.get(order_id)
         if locked is None or locked.invoice is None:
             return None
         order = locked.order

@@ -9,9 +9,20 @@ bench/sustained.py: a three-way deadlock of a payment batch, an order event and 
 outcome write). Locked here first, in one statement, the handlers' own locks are already
 held and cost no wait. A message alone is not loaded (its one lock cannot make a cycle).
 
+Every order a handler of the batch may lock is locked here: an order event's order, a
+payment's (by invoice id or by ref), and the orders whose invoices the payments waiting for an
+event's order name. An event applies the payments waiting for its order (`apply_waiting`),
+found by the order's ref or its invoice; one that names the ref and another order's invoice
+(two storefronts use the ref, and it pays the other's order) locked that order in its handler,
+after the batch's orders, an older one included: out of id order, a cycle with any batch
+locking both (docs/performance.md, "A batch's last order locks"). What commits after this
+statement (an order placed meanwhile, a payment that starts waiting) is not locked here: its
+handler locks it as a message alone does (an event alone that applies such a payment still
+locks its order, then the other: as rare as the payment).
+
 `load_orders`, the routes' load step, then reads the locked orders for the handlers, in one
 statement for the batch (services/provisioning/batch.py): their own reads of the order and
-its invoice are not made again, message by message."""
+its invoice (a payment by ref: the order too) are not made again, message by message."""
 
 from __future__ import annotations
 
@@ -29,7 +40,8 @@ async def load_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list
     """Lock the batch's orders (`lock_orders`), then read them, their invoices and the
     payments waiting for them, once for every message (the same object: the handlers share
     it, and what one of them changes it forgets)."""
-    locked = await LockedOrders.read(conn, await _lock(messages, conn))
+    order_ids, refs = await _lock(messages, conn)
+    locked = await LockedOrders.read(conn, order_ids, refs)
     return [locked] * len(messages)
 
 
@@ -42,8 +54,10 @@ async def lock_orders(messages: Sequence[Any], conn: asyncpg.Connection) -> list
     return [None] * len(messages)
 
 
-async def _lock(messages: Sequence[Any], conn: asyncpg.Connection) -> list[int]:
-    """The orders locked, in id order."""
+async def _lock(messages: Sequence[Any],
+                conn: asyncpg.Connection) -> tuple[list[int], frozenset[str]]:
+    """The orders locked, in id order, and the refs whose every order is among them (the
+    payments' by ref)."""
     order_ids: set[int] = set()
     invoice_ids: set[int] = set()
     refs: set[str] = set()
@@ -59,14 +73,19 @@ async def _lock(messages: Sequence[Any], conn: asyncpg.Connection) -> list[int]:
                 if len(message.order_ref) <= TEXT_LIMITS["order_ref"]:
                     refs.add(message.order_ref)
     if not (order_ids or invoice_ids or refs):
-        return []
+        return [], frozenset()
     rows = await conn.fetch(
         # The ids first, as an array: the lock is then an index scan of the primary key
-        # (an OR of the three would scan every order).
+        # (an OR of them would scan every order). The last: the invoices' orders of the
+        # payments waiting for an event's order by its ref (`apply_waiting` applies them);
+        # `waiting_for IS NOT NULL` as written, the partial index's predicate (0015).
         "SELECT o.id FROM orders o WHERE o.id = ANY(ARRAY("
         "  SELECT unnest($1::bigint[])"
         "  UNION ALL SELECT i.order_id FROM invoices i WHERE i.id = ANY($2::bigint[])"
-        "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])))"
+        "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])"
+        "  UNION ALL SELECT i.order_id FROM orders e JOIN payments p"
+        "   ON p.order_ref = e.order_ref AND p.waiting_for IS NOT NULL"
+        "   JOIN invoices i ON i.id = p.requested_invoice_id WHERE e.id = ANY($1::bigint[])))"
         " ORDER BY o.id FOR NO KEY UPDATE",
         sorted(order_ids), sorted(invoice_ids), sorted(refs))
-    return [r["id"] for r in rows]
+    return [r["id"] for r in rows], frozenset(refs)

@@ -111,8 +111,10 @@ class Payments:
             return False
         # The batch read the invoice and its order under its lock (batch.py); else read here.
         batch = locked_orders(uow)
-        found = batch.invoice(p["requested_invoice_id"]) \
-            if batch is not None and p["requested_invoice_id"] is not None else None
+        found = None
+        if batch is not None:
+            found = batch.invoice(p["requested_invoice_id"]) \
+                if p["requested_invoice_id"] is not None else batch.invoice_by_ref(p["order_ref"])
         if found is None:
             found = await _find_invoice(conn, p["requested_invoice_id"], p["order_ref"])
         target = found if isinstance(found, Problem) else found[0]
