@@ -209,6 +209,35 @@ async def test_a_batch_of_review_commands_locks_its_orders_in_id_order(
     assert statements.count("FROM orders o JOIN clients c") == 1
 
 
+async def test_a_placement_batch_locks_its_limited_codes_in_their_order(
+    flow: InMemoryFlow,
+) -> None:
+    """Two orders in one batch with two limited codes, B's first: each order locked its code
+    as it came, so the batch held B while it waited for A, held by a writer that then wanted
+    B (a deadlock, broken after 1 s). The batch now locks both first, A first."""
+    await flow.pool.execute("INSERT INTO promotions (code, kind, value, max_uses) VALUES"
+                            " ('LOCK-A', 'fixed', 1.00, 5), ('LOCK-B', 'fixed', 1.00, 5)")
+    flow.add(placement_worker(flow.settings))
+    batch = [flow.message("order.place", order_body(
+        f"promo-lock-{n}", promo_code=code, ip_address=f"203.0.113.{80 + n}"))
+        for n, code in enumerate(["lock-b", "lock-a"])]
+    lock = "SELECT 1 FROM promotions WHERE code = $1 FOR NO KEY UPDATE"
+    async with flow.pool.acquire() as other, other.transaction():
+        await other.execute(lock, "LOCK-A")
+        placing = asyncio.create_task(flow.deliver(batch))
+        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
+        # Shorter than deadlock_timeout (1 s). Before: the batch held LOCK-B.
+        await other.execute("SET LOCAL lock_timeout = '500ms'")
+        await other.execute(lock, "LOCK-B")
+    await asyncio.wait_for(placing, WAIT_SECONDS)
+    assert [m.outcome for m in batch] == ["acked", "acked"]
+    placed = await flow.pool.fetch(
+        "SELECT order_ref, promo_code FROM orders WHERE order_ref LIKE 'promo-lock-%'"
+        " ORDER BY order_ref")
+    assert [(r["order_ref"], r["promo_code"]) for r in placed] == [
+        ("promo-lock-0", "LOCK-B"), ("promo-lock-1", "LOCK-A")]
+
+
 async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:
     return bool(await flow.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"

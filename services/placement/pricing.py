@@ -154,7 +154,18 @@ async def load_catalog(cmds: Sequence[PlaceOrder], conn: asyncpg.Connection) -> 
     Catalog rows change only by `ordermill catalog load`: read in the batch's transaction, they
     are as new as each order's own read would have been."""
     catalog = await read_catalog(conn, cmds)
+    # Each order locks its limited code (`load_promotion`) as it comes: two batches naming
+    # two such codes in opposite orders would each hold one and wait for the other (a
+    # deadlock, broken after 1 s). With more than one in the batch, all are locked first,
+    # in the order of their codes, as every batch takes them.
+    limited = sorted({row[0] for row in catalog.promotions.values() if row[5] is not None})
+    if len(limited) > 1:
+        await conn.execute(_LOCK_PROMOTIONS, limited)
     return [catalog] * len(cmds)
+
+
+_LOCK_PROMOTIONS = ("SELECT 1 FROM promotions WHERE code = ANY($1::text[]) ORDER BY code"
+                    " FOR NO KEY UPDATE")
 
 
 async def _read(conn: asyncpg.Connection,
