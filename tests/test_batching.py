@@ -106,6 +106,72 @@ async def test_batchers_take_turns_so_what_arrives_while_busy_shares_one_batch()
             task.cancel()
 
 
+def _flowing(gap: float) -> Busy:
+    """A worker whose last messages arrived `gap` seconds apart, the last one just now."""
+    busy = Busy()
+    now = asyncio.get_running_loop().time()
+    for n in (3, 2, 1, 0):
+        busy.arrived(now - n * gap, LONG)
+    return busy
+
+
+async def test_a_flowing_idle_worker_waits_for_the_next_message() -> None:
+    """Messages a steady half second apart: an idle worker's batch waits for the one due
+    next instead of starting alone (busy alone would not have made it wait)."""
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("first")
+    busy = _flowing(0.5)
+    assert busy.flowing(LONG) and not busy
+
+    async def arrive() -> None:
+        await asyncio.sleep(0.1)
+        waiting.put_nowait("second")
+
+    arriving = asyncio.create_task(arrive())
+    batch = await asyncio.wait_for(
+        take_batch(waiting, 2, 0.0, busy=busy, busy_linger=LONG), timeout=5)  # type: ignore[arg-type]
+    await arriving
+    assert batch == ["first", "second"]
+
+
+async def test_a_flow_that_stops_lets_its_batch_start_when_the_next_is_overdue() -> None:
+    """The wait lasts while a message is due (twice the average gap), not the whole linger."""
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("last")
+    busy = _flowing(0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    batch = await asyncio.wait_for(
+        take_batch(waiting, 16, 0.0, busy=busy, busy_linger=LONG), timeout=5)  # type: ignore[arg-type]
+    assert batch == ["last"]
+    assert 0.3 <= loop.time() - started < 5  # waited for the one due (0.4 s), then started
+
+
+def test_one_long_pause_ends_a_flow_and_no_linger_never_flows() -> None:
+    busy = Busy()
+    for t in range(6):
+        busy.arrived(t * 0.01, 1.0)
+    assert busy.flowing(1.0)
+    busy.arrived(100.0, 1.0)  # counted as four lingers: the average goes over one
+    assert not busy.flowing(1.0)
+    steady = Busy()
+    for t in range(6):
+        steady.arrived(t * 0.01, 0.0)
+    assert not steady.flowing(0.0)
+
+
+async def test_an_idle_worker_whose_messages_came_long_ago_starts_at_once() -> None:
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("lone")
+    busy = Busy()
+    now = asyncio.get_running_loop().time()
+    for t in (LONG * 9, LONG * 8, LONG * 7):  # minutes apart, long ago: not flowing
+        busy.arrived(now - t, LONG / 1000)
+    batch = await asyncio.wait_for(
+        take_batch(waiting, 16, 0.0, busy=busy, busy_linger=LONG / 1000), timeout=5)  # type: ignore[arg-type]
+    assert batch == ["lone"]
+
+
 async def test_a_poison_message_in_a_batch_fails_alone_in_the_harness(flow: InMemoryFlow) -> None:
     flow.add(placement_worker(flow.settings))
     messages = [flow.message("order.place", order_body("batch-1")),
@@ -196,3 +262,32 @@ async def test_a_committed_batch_is_acked_together_not_one_by_one(flow: InMemory
     assert flow.transport.started == 4
     assert all(m.processed and m.outcome == "acked" for m in messages)
     assert await flow.pool.fetchval("SELECT count(*) FROM orders") == 4
+
+
+async def test_a_steady_stream_to_an_idle_worker_shares_transactions(harness: Harness) -> None:
+    """On RabbitMQ: orders published a steady 0.3 s apart to a placement worker that handles
+    each in far less, with a 2 s linger. Idle between them, the worker used to give each its
+    own transaction; flowing, it waits for the next: later orders share one (same xmin)."""
+    s = harness.settings.model_copy(update={"worker_linger_ms": 2000.0, "worker_batch": 2,
+                                           "worker_concurrency": 1})
+    runtime = Runtime(s)
+    ready = asyncio.Event()
+    task = asyncio.create_task(runtime.serve([placement_worker(s)], ready=ready))
+    await asyncio.wait_for(ready.wait(), timeout=30)
+    refs = [f"flow-{n}" for n in range(5)]
+    try:
+        for ref in refs:
+            await harness.publish("order.place", order_body(ref))
+            await asyncio.sleep(0.3)
+
+        async def placed() -> list[Any] | None:
+            rows = await harness.pool.fetch(
+                "SELECT order_ref, xmin::text AS tx FROM orders WHERE order_ref = ANY($1)", refs)
+            return rows if len(rows) == len(refs) else None
+
+        rows = await eventually(placed, timeout=15)
+        transactions = {r["tx"] for r in rows}
+        assert len(transactions) < len(refs), rows  # at least two shared a transaction
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, timeout=30)

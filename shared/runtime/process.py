@@ -226,20 +226,24 @@ class Runtime:
         pipeline = self.pipeline(spec)
         waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         in_flight = InFlight(parent=self._inflight if spec.gives_way else self._pipeline)
+        # The worker's batches in hand and its messages' pace: its batchers group-commit
+        # while it is busy or its messages flow.
+        busy = Busy()
+        busy_linger = self.settings.worker_linger_ms / 1000
+        loop = asyncio.get_running_loop()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             in_flight.enter()
+            busy.arrived(loop.time(), busy_linger)
             waiting.put_nowait(message)
 
         await self.transport.consume(self.names.queue(spec.service),
                                      spec.prefetch or self.settings.worker_prefetch, on_message)
-        busy = Busy()  # the worker's batches in hand: its batchers group-commit while busy
         for n in range(spec.concurrency or self.settings.worker_concurrency):
             self._batchers.append(asyncio.create_task(batcher(
                 spec.service, waiting, limit=spec.batch or self.settings.worker_batch,
                 linger=spec.linger, handle=pipeline.handle, requeue=self.transport.requeue,
-                in_flight=in_flight, busy=busy,
-                busy_linger=self.settings.worker_linger_ms / 1000),
+                in_flight=in_flight, busy=busy, busy_linger=busy_linger),
                 name=f"{spec.service}-batcher-{n}"))
 
     async def _started_unless_stopped(self) -> bool:
