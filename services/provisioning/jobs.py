@@ -26,7 +26,7 @@ from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import ENDED, JOBS_CHANNEL, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
-from shared import metrics
+from shared import db, metrics
 from shared.contracts import (
     DomainFailed,
     DomainRegistered,
@@ -408,7 +408,8 @@ class JobRunner:
         orders = sorted({job["order_id"] for job, *_ in batch})
         states = {r["id"]: r for r in await conn.fetch(
             "SELECT id, status, order_ref, accept_options FROM orders"
-            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", orders)}
+            " WHERE id = ANY(" + db.planned_once("$1", "bigint[]") + ")"  # a generic plan
+            " ORDER BY id FOR NO KEY UPDATE", orders)}
         ours = await self.queue.finish_many(
             conn, [job for job, *_ in batch], JobStatus.DONE,
             json_per_row={"detail": [detail for _, detail, *_ in batch]})

@@ -22,6 +22,7 @@ import asyncpg
 
 from services.provisioning.batch import LockedOrders
 from services.provisioning.payments import TEXT_LIMITS, int_or_none
+from shared import db
 from shared.contracts import OrderEvent, PaymentReceived
 
 
@@ -62,11 +63,14 @@ async def _lock(messages: Sequence[Any], conn: asyncpg.Connection) -> list[int]:
         return []
     rows = await conn.fetch(
         # The ids first, as an array: the lock is then an index scan of the primary key
-        # (an OR of the three would scan every order).
+        # (an OR of the three would scan every order). The arrays through `db.planned_once`:
+        # a generic plan, not one planned for each batch.
         "SELECT o.id FROM orders o WHERE o.id = ANY(ARRAY("
-        "  SELECT unnest($1::bigint[])"
-        "  UNION ALL SELECT i.order_id FROM invoices i WHERE i.id = ANY($2::bigint[])"
-        "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])))"
+        f"  SELECT unnest({db.planned_once('$1', 'bigint[]')})"
+        "  UNION ALL SELECT i.order_id FROM invoices i"
+        f"   WHERE i.id = ANY({db.planned_once('$2', 'bigint[]')})"
+        "  UNION ALL SELECT x.id FROM orders x"
+        f"   WHERE x.order_ref = ANY({db.planned_once('$3', 'text[]')})))"
         " ORDER BY o.id FOR NO KEY UPDATE",
         sorted(order_ids), sorted(invoice_ids), sorted(refs))
     return [r["id"] for r in rows]
