@@ -67,6 +67,24 @@ class SchemaNotReady(ConfigurationError):
 _MIGRATION_LOCK = 7_311_204_517
 
 
+def planned_once(param: str, array_type: str) -> str:
+    """An array parameter as a statement that runs with a generic plan takes it: `o.id =
+    ANY($1::bigint[])` becomes `o.id = ANY(...)` of this, a scalar subquery (an InitPlan
+    run once per execution) cast back to the array's type.
+
+    PostgreSQL plans a prepared statement afresh (a custom plan) for each execution until
+    its generic plan, made for any value, looks no dearer than the custom ones did. Given
+    the array itself, a custom plan counts its elements (a batch's one to three orders; an
+    empty array, nothing to read); the generic one assumes ten: for the fraud facts read 164
+    against 799 in cost, so every execution was planned again (0.6 ms of planning for 0.2 of
+    execution on 50,000 orders; docs/performance.md, "Custom plans for a batch's arrays").
+    Behind a subquery, custom and generic plans both assume ten; the generic one wins after
+    the fifth execution and is kept for the connection. Use it where no value of the array
+    deserves a plan of its own (primary keys, a batch's few keys of a small table): the
+    plan is then the one a custom plan for ten values would be."""
+    return f"(SELECT {param}::{array_type})::{array_type}"
+
+
 def retrying(attempts: int) -> AsyncRetrying:
     """Attempts (bounded, with backoff) at a step a database restart or failover may cut."""
     return AsyncRetrying(

@@ -16,9 +16,11 @@ from services.fraud.rule_store import store
 from services.fraud.worker import worker as fraud_worker
 from services.placement import pricing
 from services.placement.worker import worker as placement_worker
-from shared.contracts import OrderPlaced, OrderRejected
+from shared import db
+from shared.contracts import OrderPlaced, OrderRejected, PlaceOrder
 from shared.runtime import WorkerSpec, route
 from shared.runtime.testing import InMemoryFlow, Published
+from shared.settings import Settings
 from shared.uow import UnitOfWork
 
 # -- the runtime's load step ---------------------------------------------------------------
@@ -150,6 +152,37 @@ async def test_a_batch_of_orders_is_priced_as_each_alone_with_one_catalog_read(
     assert alone["p-default"][0] == "USD" and alone["p-eur"][0] == "EUR"
     assert alone["p-welcome"][2] == "WELCOME10" and alone["p-business"][4] > 0  # discounted
     assert "co.uk" in alone["p-business"][6]
+
+
+async def test_the_catalog_read_keeps_a_generic_plan_on_tables_never_analyzed(
+    db_settings: Settings,
+) -> None:
+    """The catalog read is planned once for a connection, not for every batch, even where
+    the catalog's tables have no statistics (a new database; autovacuum analyzes a table only
+    after 50 of its rows changed, which a small catalog may never see; the bench's database):
+    after PostgreSQL's five custom plans it runs its generic plan. Given its arrays as they
+    are, the custom plans looked cheaper there and every execution was planned again (20
+    custom plans of 20 in bench/sustained.py's conditions: 0.35 ms of backend CPU a read
+    against 0.10; docs/performance.md)."""
+    conn = await asyncpg.connect(db_settings.database_url)
+    try:
+        await db.init_connection(conn)
+        assert await conn.fetchval(  # never analyzed, as in a new database
+            "SELECT bool_and(reltuples < 0) FROM pg_class WHERE relname IN"
+            " ('products', 'product_prices', 'tlds', 'tld_prices', 'promotions')")
+        # The bench's orders: a product, no domain, no promotion (empty arrays, which a
+        # custom plan sees as nothing to read).
+        orders = [PlaceOrder.model_validate(order_body(f"g-{n}", items=[
+            {"type": "product", "product": "starter", "billing_cycle": "monthly"}]))
+            for n in range(3)]
+        for n in range(8):  # one order or two, as batches at a steady rate are
+            catalog = await pricing.read_catalog(conn, orders[:1 + n % 2])
+            assert catalog.default_currency == "USD" and list(catalog.products) == ["starter"]
+        plans = await conn.fetchrow("SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                                    " WHERE statement = $1", pricing._CATALOG)
+    finally:
+        await conn.close()
+    assert tuple(plans) == (3, 5)
 
 
 async def test_an_order_the_catalog_refuses_is_refused_alone_in_a_batch(

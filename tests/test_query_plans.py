@@ -28,6 +28,7 @@ from console import order_list, queries
 from services.fraud.facts import lock_many_with_facts, lock_with_facts, read_facts
 from services.placement.handlers import Publisher, _order_and_client
 from services.provisioning.batch import LockedOrders
+from services.provisioning.jobs import LOCK_OUTCOME_ORDERS
 from services.provisioning.locks import lock_orders
 from services.provisioning.reconcile import OrderState, reconcile_many
 from shared import db
@@ -119,9 +120,10 @@ class Explaining:
     """A connection that plans every statement it is given (EXPLAIN, the same parameters) and
     keeps the plan, then runs it: the code under test runs its own SQL."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection,
+                 plans: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         self.conn = conn
-        self.plans: list[tuple[str, dict[str, Any]]] = []
+        self.plans: list[tuple[str, dict[str, Any]]] = [] if plans is None else plans
 
     async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
         plan = await self.conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
@@ -144,6 +146,32 @@ class Explaining:
 
     def transaction(self) -> Any:
         return self.conn.transaction()
+
+
+class Generic(Explaining):
+    """Plans each statement both ways a pooled connection runs it: the custom plan of its
+    first five executions (EXPLAIN with the parameters, as above) and then the generic plan,
+    made once for any value, that PostgreSQL keeps for the connection once it looks no
+    dearer (PREPARE, then EXPLAIN EXECUTE under plan_cache_mode = force_generic_plan). The
+    batch statements take their ids through `db.planned_once` so that they keep it
+    (test_a_batchs_statements_keep_a_generic_plan): both plans must use the indexes."""
+
+    async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
+        await super()._plan(sql, args)
+        name = f"generic_{len(self.plans)}"
+        await self.conn.execute(f"PREPARE {name} AS {sql}")
+        try:
+            types = await self.conn.fetchval("SELECT parameter_types::text[]"
+                                             " FROM pg_prepared_statements WHERE name = $1", name)
+            values = [await self.conn.fetchval(f"SELECT quote_literal($1::{t}) || '::{t}'", arg)
+                      for t, arg in zip(types, args, strict=True)]
+            await self.conn.execute("SET plan_cache_mode = force_generic_plan")
+            plan = await self.conn.fetchval(
+                f"EXPLAIN (FORMAT JSON) EXECUTE {name}({', '.join(values)})")
+        finally:
+            await self.conn.execute("RESET plan_cache_mode")
+            await self.conn.execute(f"DEALLOCATE {name}")
+        self.plans.append((sql, (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]))
 
 
 def scans(plan: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
@@ -193,17 +221,20 @@ async def test_fraud_facts_velocity_and_existing_client_use_indexes(
     _, facts = found
     assert facts.orders_from_ip >= 1 and facts.orders_from_client >= 1
     assert not facts.client_is_new  # the client's earlier orders were found (and counted)
+    generic = Generic(conn)
     async with conn.transaction():
         assert await lock_with_facts(explaining, latest - 1, timedelta(hours=24)) is not None
-        # A batch's orders, locked and read together (the fraud routes' load step).
+        # A batch's orders, locked and read together (the fraud routes' load step): its
+        # custom plan and the generic plan it keeps.
         batch = [latest - 7, latest - 3, latest - 2]
-        assert list(await lock_many_with_facts(explaining, batch, timedelta(hours=24))) == batch
-    assert_indexed(explaining, expected=3)
+        assert list(await lock_many_with_facts(generic, batch, timedelta(hours=24))) == batch
+    assert_indexed(explaining, expected=2)
+    assert_indexed(generic, expected=2)
     # Orders are read three times a screening: the order, its client's orders once for all five
     # counts, the IP's; the order's items once for the cart and the domain names. (Five scans of
     # the client's orders, one a bitmap AND over the primary key's range below the order, were
     # most of the screening's buffer accesses in bench/pipeline.py's burst.)
-    for _, plan in explaining.plans:
+    for _, plan in explaining.plans + generic.plans:
         read = scans(plan)
         assert [relation for _, relation, _ in read].count("orders") == 3, read
         assert [relation for _, relation, _ in read].count("services") == 1, read
@@ -214,7 +245,7 @@ async def test_fraud_facts_velocity_and_existing_client_use_indexes(
 async def test_the_provisioning_batchs_order_locks_use_indexes(conn: asyncpg.Connection) -> None:
     """A batch's payments (by invoice id, by order ref) and order events lock their orders in
     one statement, on the primary key: never every order."""
-    explaining = Explaining(conn)
+    explaining = Generic(conn)
     newest = await conn.fetchval("SELECT max(id) FROM orders")
     invoice = await conn.fetchval("SELECT id FROM invoices WHERE order_id = $1", newest - 1)
     batch = [PaymentReceived(amount="10", invoice_id=invoice),
@@ -226,9 +257,9 @@ async def test_the_provisioning_batchs_order_locks_use_indexes(conn: asyncpg.Con
         held = await conn.fetch("SELECT id FROM orders"
                                 " WHERE xmax::text::bigint = txid_current() % 4294967296")
         assert sorted(r["id"] for r in held) == [newest - 2, newest - 1, newest]
-    assert_indexed(explaining, expected=1)
-    [(_, plan)] = explaining.plans
-    assert ("Seq Scan", "orders", None) not in scans(plan)
+    assert_indexed(explaining, expected=2)  # custom and generic
+    for _, plan in explaining.plans:
+        assert ("Seq Scan", "orders", None) not in scans(plan)
 
 
 async def test_the_provisioning_batchs_reads_of_its_locked_orders_use_indexes(
@@ -241,17 +272,54 @@ async def test_the_provisioning_batchs_reads_of_its_locked_orders_use_indexes(
     newest = await conn.fetchval("SELECT max(id) FROM orders")
     ids = [newest - 2, newest - 1, newest]
     async with conn.transaction():
-        locked = await LockedOrders.read(explaining, ids)
+        locked = await LockedOrders.read(Generic(explaining.conn, explaining.plans), ids)
         assert sorted(locked.orders) == ids
         states = [OrderState.of(locked.order_state(i, ["order"]) or {}) for i in ids]
         steps = [(s.id, s, "plan") for s in states if s.status not in ENDED]
         assert len(steps) >= 2
         await reconcile_many(explaining, steps)
     assert_indexed(explaining, expected=len(explaining.plans))
-    assert len(explaining.plans) in (1, 2, 3)  # read, items (and jobs, if any is wanted)
+    # read (custom and generic), items (and jobs, if any is wanted)
+    assert len(explaining.plans) in (2, 3, 4)
     for _, plan in explaining.plans:
         assert not {r for node, r, _ in scans(plan) if node == "Seq Scan"} & {
             "orders", "payments", "services", "domains", "jobs", "invoices"}, scans(plan)
+
+
+async def test_a_batchs_statements_keep_a_generic_plan(conn: asyncpg.Connection) -> None:
+    """The statements that take a batch's ids as an array (fraud's facts, the provisioning
+    batch's lock and read, the job outcome writer's lock) are planned once for the connection,
+    not at every execution: after PostgreSQL's five custom plans, each runs its generic plan.
+    With `ANY($1::bigint[])` the generic plan assumed ten ids where a custom plan counted a
+    batch's one to three, always looked dearer, and was never used (0 generic plans): each
+    execution was planned again, most of the facts read's CPU (docs/performance.md)."""
+    newest = await conn.fetchval("SELECT max(id) FROM orders")
+    invoices = [r["id"] for r in await conn.fetch(
+        "SELECT id FROM invoices WHERE order_id > $1 ORDER BY id", newest - 20)]
+    executed: list[str] = []
+
+    class Recording(Explaining):
+        async def _plan(self, sql: str, args: tuple[Any, ...]) -> None:
+            executed.append(sql)
+
+    recording = Recording(conn)
+    async with conn.transaction():
+        for n in range(8):  # one to three ids each time, as a batch at the steady rate has
+            ids = list(range(newest - 3 * n, newest - 3 * n - 1 - n % 3, -1))[::-1]
+            assert len(await lock_many_with_facts(recording, ids, timedelta(hours=24))) == len(ids)
+            assert sorted((await LockedOrders.read(recording, ids)).orders) == ids
+            messages = [OrderEvent(order_id=i, order_ref=f"seed-{i}") for i in ids[1:]]
+            messages += [PaymentReceived(amount="10", invoice_id=invoices[n]),
+                         PaymentReceived(amount="10", order_ref=f"seed-{ids[0]}")]
+            await lock_orders(messages, recording)
+            await recording.fetch(LOCK_OUTCOME_ORDERS, ids)
+        plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await conn.fetch(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")}
+    assert len(set(executed)) == 4, executed
+    for sql in set(executed):
+        generic, custom = plans[sql]
+        assert (generic, custom) == (3, 5), (
+            f"{' '.join(sql.split())[:120]}: {generic} generic, {custom} custom plans")
 
 
 async def test_client_lookup_by_email_at_placement_uses_an_index(conn: asyncpg.Connection) -> None:

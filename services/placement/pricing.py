@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from shared import db
 from shared.contracts import DomainItem, OrderItem, PlaceOrder, ProductItem
 from shared.errors import Rejected
 
@@ -61,6 +62,10 @@ class Promotion:
 # likewise; each promotion code asked for, matched as placement always matched it (upper() on
 # both sides, PostgreSQL's, not Python's). Rows of built-in types only (an array of records
 # would make asyncpg introspect `record[]` on every new connection). Amounts stay numeric.
+# The arrays through `db.planned_once`: the statement keeps a generic plan. Given the arrays
+# themselves, its custom plans looked cheaper than the generic one wherever the catalog's
+# tables had no statistics (never analyzed: autovacuum analyzes a table after 50 rows
+# changed), so every batch was planned again (0.35 ms of backend CPU against 0.10).
 _CATALOG = """
 WITH cur AS (SELECT value FROM catalog_meta WHERE key = 'default_currency')
 SELECT 'currency' AS kind, value AS key, NULL::bigint AS id, NULL AS name, NULL::bool AS flag,
@@ -71,20 +76,20 @@ UNION ALL
 SELECT 'product', p.slug, p.id, p.name, p.require_domain, pp.currency, pp.billing_cycle,
   pp.price, pp.setup_fee, NULL, NULL, NULL
 FROM products p LEFT JOIN product_prices pp ON pp.product_id = p.id
-  AND pp.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
-  AND pp.billing_cycle = ANY($3::text[])
-WHERE p.slug = ANY($1::text[])
+  AND pp.currency = ANY({p2} || ARRAY(SELECT value FROM cur))
+  AND pp.billing_cycle = ANY({p3})
+WHERE p.slug = ANY({p1})
 UNION ALL
 SELECT 'tld', t.tld, NULL, NULL, NULL, p.currency, NULL, p.register_price, p.transfer_price,
   NULL, NULL, NULL
 FROM tlds t LEFT JOIN tld_prices p ON p.tld = t.tld
-  AND p.currency = ANY($2::text[] || ARRAY(SELECT value FROM cur))
-WHERE t.tld = ANY($4::text[])
+  AND p.currency = ANY({p2} || ARRAY(SELECT value FROM cur))
+WHERE t.tld = ANY({p4})
 UNION ALL
 SELECT 'promotion', asked.code, NULL, p.code, NULL, p.kind, NULL, p.value, NULL, p.expires_at,
   p.max_uses, p.products
-FROM unnest($5::text[]) AS asked(code) JOIN promotions p ON upper(p.code) = upper(asked.code)
-"""
+FROM unnest({p5}) AS asked(code) JOIN promotions p ON upper(p.code) = upper(asked.code)
+""".format(**{f"p{n}": db.planned_once(f"${n}", "text[]") for n in range(1, 6)})
 
 
 def _suffixes(domain: str) -> list[str]:

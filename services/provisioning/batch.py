@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from services.provisioning.reconcile import OrderState, Step, reconcile_many
+from shared import db
 from shared.uow import UnitOfWork
 
 # The order's columns as the batch reads them (as `o__id`, ...: apart from the invoice's `i.*`).
@@ -69,7 +70,7 @@ class LockedOrders:
             "  AND (p.order_ref = o.order_ref OR p.requested_invoice_id = i.id)"
             "  ORDER BY p.id) AS o__waiting_for, i.*"
             " FROM orders o LEFT JOIN invoices i ON i.order_id = o.id"
-            " WHERE o.id = ANY($1::bigint[])",
+            " WHERE o.id = ANY(" + db.planned_once("$1", "bigint[]") + ")",  # a generic plan
             list(order_ids),
         )
         orders: dict[int, LockedOrder] = {}

@@ -26,7 +26,7 @@ from services.provisioning.modules.base import Account, ModuleResult
 from services.provisioning.providers import Providers
 from services.provisioning.reconcile import ENDED, JOBS_CHANNEL, reconcile, username_for
 from services.provisioning.registrars.base import DomainRequest, Registrant, RegistrarResult
-from shared import metrics
+from shared import db, metrics
 from shared.contracts import (
     DomainFailed,
     DomainRegistered,
@@ -54,6 +54,12 @@ T = TypeVar("T")
 OUTCOME_WRITE_ATTEMPTS = 8
 # How long a shared outcome write waits for a lock before each outcome is written alone.
 SHARED_LOCK_TIMEOUT_MS = 100
+# The orders of a batch of outcomes, locked in id order (as every batch locks them); the ids
+# through `db.planned_once`, so the statement keeps a generic plan instead of being planned
+# for every batch.
+LOCK_OUTCOME_ORDERS = (
+    "SELECT id, status, order_ref, accept_options FROM orders"
+    " WHERE id = ANY(" + db.planned_once("$1", "bigint[]") + ") ORDER BY id FOR NO KEY UPDATE")
 
 JOBS = Table(name="jobs", channel=JOBS_CHANNEL, claimed="running", lane="lane",
              touch="updated_at = now()")
@@ -406,9 +412,7 @@ class JobRunner:
         jobs that came meanwhile waited for all of them (docs/performance.md, "Where payment->Active
         waited")."""
         orders = sorted({job["order_id"] for job, *_ in batch})
-        states = {r["id"]: r for r in await conn.fetch(
-            "SELECT id, status, order_ref, accept_options FROM orders"
-            " WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", orders)}
+        states = {r["id"]: r for r in await conn.fetch(LOCK_OUTCOME_ORDERS, orders)}
         ours = await self.queue.finish_many(
             conn, [job for job, *_ in batch], JobStatus.DONE,
             json_per_row={"detail": [detail for _, detail, *_ in batch]})

@@ -33,6 +33,7 @@ import asyncpg
 
 from services.provisioning.batch import LockedOrders
 from services.provisioning.payments import TEXT_LIMITS, int_or_none
+from shared import db
 from shared.contracts import OrderEvent, PaymentReceived
 
 
@@ -78,14 +79,18 @@ async def _lock(messages: Sequence[Any],
         # The ids first, as an array: the lock is then an index scan of the primary key
         # (an OR of them would scan every order). The last: the invoices' orders of the
         # payments waiting for an event's order by its ref (`apply_waiting` applies them);
-        # `waiting_for IS NOT NULL` as written, the partial index's predicate (0015).
+        # `waiting_for IS NOT NULL` as written, the partial index's predicate (0015). The
+        # arrays through `db.planned_once`: a generic plan, not one planned for each batch.
         "SELECT o.id FROM orders o WHERE o.id = ANY(ARRAY("
-        "  SELECT unnest($1::bigint[])"
-        "  UNION ALL SELECT i.order_id FROM invoices i WHERE i.id = ANY($2::bigint[])"
-        "  UNION ALL SELECT x.id FROM orders x WHERE x.order_ref = ANY($3::text[])"
+        f"  SELECT unnest({db.planned_once('$1', 'bigint[]')})"
+        "  UNION ALL SELECT i.order_id FROM invoices i"
+        f"   WHERE i.id = ANY({db.planned_once('$2', 'bigint[]')})"
+        "  UNION ALL SELECT x.id FROM orders x"
+        f"   WHERE x.order_ref = ANY({db.planned_once('$3', 'text[]')})"
         "  UNION ALL SELECT i.order_id FROM orders e JOIN payments p"
         "   ON p.order_ref = e.order_ref AND p.waiting_for IS NOT NULL"
-        "   JOIN invoices i ON i.id = p.requested_invoice_id WHERE e.id = ANY($1::bigint[])))"
+        "   JOIN invoices i ON i.id = p.requested_invoice_id"
+        f"   WHERE e.id = ANY({db.planned_once('$1', 'bigint[]')})))"
         " ORDER BY o.id FOR NO KEY UPDATE",
         sorted(order_ids), sorted(invoice_ids), sorted(refs))
     return [r["id"] for r in rows], frozenset(refs)
