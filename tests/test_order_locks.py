@@ -238,6 +238,40 @@ async def test_a_placement_batch_locks_its_limited_codes_in_their_order(
         ("promo-lock-0", "LOCK-B"), ("promo-lock-1", "LOCK-A")]
 
 
+async def test_a_lone_order_locks_its_limited_code_before_writing_its_client(
+    flow: InMemoryFlow,
+) -> None:
+    """An order alone wrote its new client, then waited for its code: held by a batch that
+    had locked it first and then wrote the same new client (a customer's order sent twice), each
+    waited for the other. Now the code is locked first: waiting for it, the order has
+    written nothing, and the client's row is free for the other."""
+    await flow.pool.execute("INSERT INTO promotions (code, kind, value, max_uses)"
+                            " VALUES ('LOCK-C', 'fixed', 1.00, 5)")
+    flow.add(placement_worker(flow.settings))
+    body = order_body("promo-lone", promo_code="lock-c", ip_address="203.0.113.90")
+    [message] = [flow.message("order.place", body)]
+    async with flow.pool.acquire() as other:
+        held = other.transaction()
+        await held.start()
+        try:
+            await other.execute(
+                "SELECT 1 FROM promotions WHERE code = 'LOCK-C' FOR NO KEY UPDATE")
+            placing = asyncio.create_task(flow.deliver([message]))
+            await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
+            # Shorter than deadlock_timeout (1 s). Before: the order's client insert held it.
+            await other.execute("SET LOCAL lock_timeout = '500ms'")
+            await other.execute(
+                "INSERT INTO clients (email, first_name, last_name, country, storefront)"
+                " VALUES ($1, 'Other', 'Writer', 'GB', $2) ON CONFLICT DO NOTHING",
+                body["client"]["email"], message.user_id or "")
+        finally:
+            await held.rollback()  # the other's client is not kept: the order writes its own
+    await asyncio.wait_for(placing, WAIT_SECONDS)
+    assert message.outcome == "acked"
+    assert await flow.pool.fetchval(
+        "SELECT promo_code FROM orders WHERE order_ref = 'promo-lone'") == "LOCK-C"
+
+
 async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:
     return bool(await flow.pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"

@@ -20,6 +20,7 @@ from services.placement.pricing import (
     PricedProduct,
     Promotion,
     load_promotion,
+    lock_promotions,
     read_catalog,
 )
 from shared.contracts import (
@@ -59,13 +60,17 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, *,
                       epp_codes: EppCodes | None = None) -> None:
     conn = uow.conn
     publisher = Publisher.of(uow, operators)
+    # The catalog rows read with the batch's other orders (the route's load step, which locked
+    # the batch's limited codes), or alone, its code locked before the client is written.
+    catalog = uow.loaded if isinstance(uow.loaded, Catalog) else None
+    if catalog is None:
+        catalog = await read_catalog(conn, [cmd])
+        await lock_promotions(conn, catalog)
     existing, client_id, shared_ref = await _order_and_client(conn, cmd, publisher)
     if existing is not None:
         log.info("order already placed", extra={"order_ref": cmd.order_ref, "order_id": existing})
         await _reply_placed(uow, cmd.order_ref, publisher)
         return
-    # The catalog rows read with the batch's other orders (the route's load step), or alone.
-    catalog = uow.loaded if isinstance(uow.loaded, Catalog) else await read_catalog(conn, [cmd])
     currency = catalog.currency(cmd)
     lines = catalog.price(cmd.items, currency)
     promotion = await load_promotion(conn, cmd.promo_code, catalog)

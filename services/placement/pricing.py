@@ -159,18 +159,25 @@ async def load_catalog(cmds: Sequence[PlaceOrder], conn: asyncpg.Connection) -> 
     Catalog rows change only by `ordermill catalog load`: read in the batch's transaction, they
     are as new as each order's own read would have been."""
     catalog = await read_catalog(conn, cmds)
-    # Each order locks its limited code (`load_promotion`) as it comes: two batches naming
-    # two such codes in opposite orders would each hold one and wait for the other (a
-    # deadlock, broken after 1 s). With more than one in the batch, all are locked first,
-    # in the order of their codes, as every batch takes them.
-    limited = sorted({row[0] for row in catalog.promotions.values() if row[5] is not None})
-    if len(limited) > 1:
-        await conn.execute(_LOCK_PROMOTIONS, limited)
+    await lock_promotions(conn, catalog)
     return [catalog] * len(cmds)
 
 
-_LOCK_PROMOTIONS = ("SELECT 1 FROM promotions WHERE code = ANY($1::text[]) ORDER BY code"
-                    " FOR NO KEY UPDATE")
+async def lock_promotions(conn: asyncpg.Connection, catalog: Catalog) -> None:
+    """Lock the limited codes the catalog read found, in the order of their codes, before
+    any client's row is written: every placing transaction, a batch (its load step) or an
+    order alone (`place_order`), takes its codes first, then writes clients. An order that
+    locked its code as it came held another's client insert, or code, while waiting for its
+    own: two batches naming two codes in opposite orders, or a batch and a lone order of the
+    same new client, each waited for the other (a deadlock, broken after 1 s). None limited:
+    no statement."""
+    limited = sorted({row[0] for row in catalog.promotions.values() if row[5] is not None})
+    if limited:
+        await conn.execute(_LOCK_PROMOTIONS, limited)
+
+
+_LOCK_PROMOTIONS = ("SELECT 1 FROM promotions WHERE code = ANY("
+                    f"{db.planned_once('$1', 'text[]')}) ORDER BY code FOR NO KEY UPDATE")
 
 
 async def _read(conn: asyncpg.Connection,
@@ -223,13 +230,15 @@ async def price_items(
 
 async def load_promotion(conn: asyncpg.Connection, code: str | None,
                          catalog: Catalog | None = None) -> Promotion | None:
-    """The promotion, checked. One with max_uses is locked, then its orders counted (after the
-    lock, in a new statement, so the count sees an order committed while we waited): orders
-    with a limited code take turns; with an unlimited one, they never wait for each other."""
+    """The promotion, checked. One with max_uses has been locked (`lock_promotions`), and its
+    orders are counted after the lock, in a new statement, so the count sees an order
+    committed while we waited: orders with a limited code take turns; with an unlimited one,
+    they never wait for each other."""
     if not code:
         return None
     if catalog is None:
         catalog = await _read(conn, [([], None, code)])
+        await lock_promotions(conn, catalog)
     row = catalog.promotions.get(code)
     if row is None:
         raise Rejected(f"unknown promotion code {code!r}")
@@ -237,7 +246,6 @@ async def load_promotion(conn: asyncpg.Connection, code: str | None,
     if expires_at is not None and expires_at <= datetime.now(UTC):
         raise Rejected(f"promotion code {found!r} has expired")
     if max_uses is not None:
-        await conn.execute("SELECT 1 FROM promotions WHERE code = $1 FOR NO KEY UPDATE", found)
         uses = await conn.fetchval("SELECT count(*) FROM orders WHERE promo_code = $1", found)
         if uses >= max_uses:
             raise Rejected(f"promotion code {found!r} has been used up")

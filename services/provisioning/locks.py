@@ -7,7 +7,8 @@ against the fraud worker's batch or the job outcome writer, both locking in id o
 made cycles, and PostgreSQL broke each after its 1 s `deadlock_timeout` (seen in
 bench/sustained.py: a three-way deadlock of a payment batch, an order event and a job
 outcome write). Locked here first, in one statement, the handlers' own locks are already
-held and cost no wait. A message alone is not loaded (its one lock cannot make a cycle).
+held and cost no wait. A message alone is not loaded: it locks its one order (and, an event
+applying a payment that names another order's invoice, that order after it: see below).
 
 Every order a handler of the batch may lock is locked here: an order event's order, a
 payment's (by invoice id or by ref), and the orders whose invoices the payments waiting for an

@@ -125,21 +125,18 @@ async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        if not lingering:
+        if not lingering or (flowing and busy is not None and not busy):
+            if lingering and busy is not None:  # flowing, idle: wait while the next is due
+                due = 2 * (busy.gap or 0.0) - (loop.time() - (busy.last_arrival or started))
+                if due <= 0:
+                    break
+                remaining = min(remaining, due)
             try:
                 batch.append(await asyncio.wait_for(waiting.get(), remaining))
             except TimeoutError:
                 break
             continue
         assert busy is not None
-        if flowing and not busy:
-            # Flowing and idle: wait for the next message while one is due, no longer.
-            due = 2 * (busy.gap or 0.0) - (loop.time() - (busy.last_arrival or started))
-            try:
-                batch.append(await asyncio.wait_for(waiting.get(), max(min(remaining, due), 0)))
-            except TimeoutError:
-                break
-            continue
         # Busy: wait for another message or for the worker to fall idle, whichever first.
         get = asyncio.ensure_future(waiting.get())
         idle = asyncio.ensure_future(busy.idle.wait())
