@@ -15,8 +15,9 @@ that transaction ended; now it goes on."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 from test_payment_statements import _payment, _screened, _screened_events
@@ -120,16 +121,8 @@ async def test_a_batch_of_payments_locks_its_orders_in_id_order(flow: InMemoryFl
     both first, oldest first, so it holds nothing the other wants while it waits."""
     older, newer = await _screened(flow, ["lock-ord-0", "lock-ord-1"])
     batch = [_payment(flow, newer), _payment(flow, older)]
-    async with flow.pool.acquire() as other, other.transaction():
-        await lock_order_state(other, older["id"])
-        paying = asyncio.create_task(flow.deliver(batch, to="provisioning"))
-        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
-        # Shorter than PostgreSQL's deadlock_timeout (1 s), which would otherwise break the
-        # cycle by rolling the batch back. Before: the batch held the newer order
-        # (LockNotAvailableError).
-        await other.execute("SET LOCAL lock_timeout = '500ms'")
-        assert await lock_order_state(other, newer["id"]) is not None
-    await asyncio.wait_for(paying, WAIT_SECONDS)
+    await _batch_waits_holding_nothing(flow, batch, "provisioning", hold=_order_lock(older["id"]),
+                                       then=_order_lock(newer["id"]))
     assert [m.outcome for m in batch] == ["acked", "acked"]
     paid = await flow.pool.fetch("SELECT status FROM invoices WHERE id = ANY($1::bigint[])",
                                  [older["invoice_id"], newer["invoice_id"]])
@@ -161,15 +154,8 @@ async def test_a_batch_locks_the_order_a_waiting_payment_pays_with_its_own(
         " 'unknown invoice ' || $4::text, 'order', true, 'pay-wp')",
         invoice["total"], str(invoice["total"]), ref, invoice["id"], flow.user)
     batch = [flow.as_delivery(newer), flow.as_delivery(third)]
-    async with flow.pool.acquire() as other, other.transaction():
-        await lock_order_state(other, older_id)
-        screening = asyncio.create_task(flow.deliver(batch, to="provisioning"))
-        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
-        # Shorter than deadlock_timeout (1 s). Before: the batch held the newer order
-        # (LockNotAvailableError).
-        await other.execute("SET LOCAL lock_timeout = '500ms'")
-        assert await lock_order_state(other, newer.body["order_id"]) is not None
-    await asyncio.wait_for(screening, WAIT_SECONDS)
+    await _batch_waits_holding_nothing(flow, batch, "provisioning", hold=_order_lock(older_id),
+                                       then=_order_lock(newer.body["order_id"]))
     assert [m.outcome for m in batch] == ["acked", "acked"]
     assert await flow.pool.fetchval(
         "SELECT invoice_id FROM payments WHERE transaction_id = 'ch_wp'"
@@ -193,14 +179,8 @@ async def test_a_batch_of_review_commands_locks_its_orders_in_id_order(
              for n, o in enumerate([newer, older])]
     statements = Statements()
     await statements.watch(flow.pool)
-    async with flow.pool.acquire() as other, other.transaction():
-        await lock_order_state(other, older["id"])
-        reviewing = asyncio.create_task(flow.deliver(batch, to="review"))
-        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
-        # Shorter than deadlock_timeout (1 s). Before: the batch held the newer order.
-        await other.execute("SET LOCAL lock_timeout = '500ms'")
-        assert await lock_order_state(other, newer["id"]) is not None
-    await asyncio.wait_for(reviewing, WAIT_SECONDS)
+    await _batch_waits_holding_nothing(flow, batch, "review", hold=_order_lock(older["id"]),
+                                       then=_order_lock(newer["id"]))
     assert [m.outcome for m in batch] == ["acked", "acked"]
     notes = await flow.pool.fetch("SELECT order_id, note FROM order_notes ORDER BY id")
     assert [(r["order_id"], r["note"]) for r in notes] == [
@@ -221,15 +201,8 @@ async def test_a_placement_batch_locks_its_limited_codes_in_their_order(
     batch = [flow.message("order.place", order_body(
         f"promo-lock-{n}", promo_code=code, ip_address=f"203.0.113.{80 + n}"))
         for n, code in enumerate(["lock-b", "lock-a"])]
-    lock = "SELECT 1 FROM promotions WHERE code = $1 FOR NO KEY UPDATE"
-    async with flow.pool.acquire() as other, other.transaction():
-        await other.execute(lock, "LOCK-A")
-        placing = asyncio.create_task(flow.deliver(batch))
-        await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
-        # Shorter than deadlock_timeout (1 s). Before: the batch held LOCK-B.
-        await other.execute("SET LOCAL lock_timeout = '500ms'")
-        await other.execute(lock, "LOCK-B")
-    await asyncio.wait_for(placing, WAIT_SECONDS)
+    await _batch_waits_holding_nothing(flow, batch, None, hold=_code_lock("LOCK-A"),
+                                       then=_code_lock("LOCK-B"))
     assert [m.outcome for m in batch] == ["acked", "acked"]
     placed = await flow.pool.fetch(
         "SELECT order_ref, promo_code FROM orders WHERE order_ref LIKE 'promo-lock-%'"
@@ -250,26 +223,56 @@ async def test_a_lone_order_locks_its_limited_code_before_writing_its_client(
     flow.add(placement_worker(flow.settings))
     body = order_body("promo-lone", promo_code="lock-c", ip_address="203.0.113.90")
     [message] = [flow.message("order.place", body)]
+
+    async def write_the_client(conn: asyncpg.Connection) -> object:
+        return await conn.execute(
+            "INSERT INTO clients (email, first_name, last_name, country, storefront)"
+            " VALUES ($1, 'Other', 'Writer', 'GB', $2) ON CONFLICT DO NOTHING",
+            body["client"]["email"], message.user_id or "")
+
+    # The other's client is rolled back: the order writes its own.
+    await _batch_waits_holding_nothing(flow, [message], None, hold=_code_lock("LOCK-C"),
+                                       then=write_the_client)
+    assert message.outcome == "acked"
+    assert await flow.pool.fetchval(
+        "SELECT promo_code FROM orders WHERE order_ref = 'promo-lone'") == "LOCK-C"
+
+
+Take = Callable[[asyncpg.Connection], Awaitable[object]]
+
+
+async def _batch_waits_holding_nothing(flow: InMemoryFlow, batch: list[Any], to: str | None,
+                                       *, hold: Take, then: Take) -> None:
+    """Another transaction takes `hold`; the batch, delivered meanwhile, waits for it; the
+    other then takes `then`, with a lock_timeout shorter than deadlock_timeout (1 s), which
+    would otherwise break the cycle by rolling the batch back: if the batch took `then`
+    before waiting (out of order), it fails with LockNotAvailableError. The other's
+    transaction is rolled back; the batch then finishes."""
     async with flow.pool.acquire() as other:
         held = other.transaction()
         await held.start()
         try:
-            await other.execute(
-                "SELECT 1 FROM promotions WHERE code = 'LOCK-C' FOR NO KEY UPDATE")
-            placing = asyncio.create_task(flow.deliver([message]))
+            await hold(other)
+            handling = asyncio.create_task(
+                flow.deliver(batch, to=to) if to else flow.deliver(batch))
             await eventually(lambda: _waiting_for_a_lock(flow), timeout=WAIT_SECONDS)
-            # Shorter than deadlock_timeout (1 s). Before: the order's client insert held it.
             await other.execute("SET LOCAL lock_timeout = '500ms'")
-            await other.execute(
-                "INSERT INTO clients (email, first_name, last_name, country, storefront)"
-                " VALUES ($1, 'Other', 'Writer', 'GB', $2) ON CONFLICT DO NOTHING",
-                body["client"]["email"], message.user_id or "")
+            await then(other)
         finally:
-            await held.rollback()  # the other's client is not kept: the order writes its own
-    await asyncio.wait_for(placing, WAIT_SECONDS)
-    assert message.outcome == "acked"
-    assert await flow.pool.fetchval(
-        "SELECT promo_code FROM orders WHERE order_ref = 'promo-lone'") == "LOCK-C"
+            await held.rollback()
+    await asyncio.wait_for(handling, WAIT_SECONDS)
+
+
+def _order_lock(order_id: int) -> Take:
+    async def take(conn: asyncpg.Connection) -> object:
+        assert await lock_order_state(conn, order_id) is not None
+        return None
+    return take
+
+
+def _code_lock(code: str) -> Take:
+    return lambda conn: conn.execute(
+        "SELECT 1 FROM promotions WHERE code = $1 FOR NO KEY UPDATE", code)
 
 
 async def _waiting_for_a_lock(flow: InMemoryFlow) -> bool:
