@@ -404,10 +404,10 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
         if opts.vacuum_phases:
-            await vacuum_analyze(bench.settings.database_url)
+            await vacuum(bench.settings.database_url, VACUUM_ANALYZE)
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
         if opts.vacuum_phases:
-            await vacuum_analyze(bench.settings.database_url)
+            await vacuum(bench.settings.database_url, VACUUM_ANALYZE)
         rate = opts.rate or round(opts.rate_share * burst[REFERENCES[opts.reference]], 1)
         steady = await run.phase(f"{label}: steady {rate:g}/s",
                                  orders.take(round(rate * opts.seconds), "s"), rate)
@@ -482,28 +482,23 @@ async def autovacuum_off(database_url: str) -> bool:
         await conn.close()
 
 
-async def vacuum_tables(database_url: str) -> None:
-    """What autovacuum would have done by now: the pruned rows' space made reusable. A
-    server with autovacuum off (as a test server may be) otherwise grows the files with
-    every chunk while the rows stay at the window's worth."""
+async def vacuum(database_url: str, statement: str) -> None:
+    """What autovacuum would have done by now, on a server whose autovacuum is off (as this
+    machine's test server is). `VACUUM_TABLES` after each --volume chunk: the pruned rows'
+    space made reusable, or the files grow with every chunk while the rows stay at the
+    window's worth. `VACUUM_ANALYZE` between the sustained phases: without it the steady
+    phase ran on tables never analyzed, their dead rows never vacuumed, and PostgreSQL's CPU
+    an order there was 13 % more than with autovacuum on (docs/performance.md, "The bench's
+    tables, vacuumed as autovacuum would")."""
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("VACUUM " + ", ".join(BOUNDED_TABLES))
+        await conn.execute(statement)
     finally:
         await conn.close()
 
 
-async def vacuum_analyze(database_url: str) -> None:
-    """What autovacuum would have done between two phases on a production server: the
-    tables vacuumed and analyzed. With the server's autovacuum off (as this machine's test
-    server is), the steady phase ran on tables never analyzed, their dead rows never
-    vacuumed: its PostgreSQL CPU an order was 12-15 % more than with autovacuum on
-    (docs/performance.md, "The bench's tables, vacuumed as autovacuum would")."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("VACUUM (ANALYZE)")
-    finally:
-        await conn.close()
+VACUUM_TABLES = "VACUUM " + ", ".join(BOUNDED_TABLES)
+VACUUM_ANALYZE = "VACUUM (ANALYZE)"
 
 
 async def add_endpoint(database_url: str, port: int, events: list[str]) -> None:
@@ -557,7 +552,7 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
             await settled(bench.settings.database_url, limit=1800)
             settle_seconds = round(time.perf_counter() - settling, 1)
             if vacuum:
-                await vacuum_tables(bench.settings.database_url)
+                await vacuum(bench.settings.database_url, VACUUM_TABLES)
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
                                 "settle_seconds": settle_seconds, "vacuumed": vacuum,
                                 "tables": await table_sizes(bench.settings.database_url),

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from shared import db
 from shared.contracts import (
     AcceptOptions,
     OperatorAction,
@@ -144,7 +145,8 @@ async def lock_orders(cmds: Sequence[ReviewCommand],
     statement. Each order's row goes to the first command naming it; a later one reads it
     again (under the lock already held), after what the first one wrote."""
     rows = {r["id"]: r for r in await conn.fetch(
-        _ORDER + " WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR NO KEY UPDATE OF o",
+        _ORDER + " WHERE o.id = ANY(" + db.planned_once("$1", "bigint[]")
+        + ") ORDER BY o.id FOR NO KEY UPDATE OF o",
         sorted({cmd.order_id for cmd in cmds}))}
     return [rows.pop(cmd.order_id, None) for cmd in cmds]
 
