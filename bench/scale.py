@@ -13,11 +13,12 @@ neither), on a fresh worker each:
   --burst orders published as fast as confirms allow, orders/s from the first publish to the
   last `order.screened` (pipeline.py's phases);
 
-then, once per side, the operator's reads, server-side, p50/p99 over --requests each (ids
-varied): the CLI's (`pending`, `show`, `orders --client` by id and by email, `failures`: the
+then, once per side, the operator's reads, server-side: each sample call (ids varied) once,
+its first visit timed apart, then p50/p99 over --requests warm ones: the CLI's (`pending`, `show`, `orders --client` by id and by email, `failures`: the
 functions the commands call, timed around their queries in-process) and the console's pages
 (bench/console_pages.py's measurement). The report sets the seeded side against the empty one
-(throughput ratio, target >= 0.9) and the reads' p99 against 50 ms, with the load average,
+(throughput ratio, target >= 0.9) and the reads' p99 against 50 ms, their first visits' slowest
+beside it (a view's p99 no longer depends on how many sample paths it has), with the load average,
 and goes to bench/results/scale.json. Nothing is asserted about time.
 
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py                        # 1M orders: ~25 min here
@@ -166,8 +167,11 @@ async def cli_reads(url: str, requests: int,
     out = []
     try:
         for name, calls in await read_plan(conn):
-            for call in calls[:3]:  # warm: the plans and the buffers
+            first = []  # each call once, timed apart: its first visit (console_pages.measure)
+            for call in calls:
+                t0 = time.perf_counter()
                 await call()
+                first.append((time.perf_counter() - t0) * 1000)
             times, db_ms = [], []
             for k in range(requests):
                 if in_db:
@@ -180,13 +184,15 @@ async def cli_reads(url: str, requests: int,
             times.sort()
             out.append({"read": f"CLI {name}", "p50_ms": round(percentile(times, 50), 1),
                         "p99_ms": round(percentile(times, 99), 1),
-                        "max_ms": round(times[-1], 1), **load()})
+                        "max_ms": round(times[-1], 1), "first_max_ms": round(max(first), 1),
+                        **load()})
             if in_db:
                 db_ms.sort()
                 out[-1] |= {"db_p50_ms": round(percentile(db_ms, 50), 1),
                             "db_p99_ms": round(percentile(db_ms, 99), 1)}
             print(f"  {out[-1]['read']:<30} p50 {out[-1]['p50_ms']:7.1f} ms"
                   f"   p99 {out[-1]['p99_ms']:7.1f} ms"
+                  f"   first visits at most {out[-1]['first_max_ms']:7.1f} ms"
                   + (f"   in the database p50 {out[-1]['db_p50_ms']:6.1f} ms"
                      f" p99 {out[-1]['db_p99_ms']:6.1f} ms" if in_db else ""), flush=True)
     finally:
@@ -197,7 +203,8 @@ async def cli_reads(url: str, requests: int,
 async def console_reads(url: str, requests: int) -> list[dict[str, Any]]:
     rows = await pages.measure(url, Shape(), requests)
     return [{"read": f"console {name}", "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
-             "max_ms": round(worst, 1), **load()} for name, p50, p99, worst in rows]
+             "max_ms": round(worst, 1), "first_max_ms": round(first, 1), **load()}
+            for name, p50, p99, worst, first in rows]
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -296,7 +303,11 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
     for r in data["reads"].get("seeded", []):
         reads[r["read"]] = {"empty_p99_ms": empty.get(r["read"], {}).get("p99_ms"),
                             "seeded_p50_ms": r["p50_ms"], "seeded_p99_ms": r["p99_ms"],
-                            "met": r["p99_ms"] < READ_TARGET_MS}
+                            "met": r["p99_ms"] < READ_TARGET_MS,
+                            # Shown apart, not hidden: a view's first visit reads its rows
+                            # from the disk or the OS's cache (issue 13's cold pages).
+                            "seeded_first_max_ms": r["first_max_ms"],
+                            "first_met": r["first_max_ms"] < READ_TARGET_MS}
     return {"throughput": throughput, "reads": reads}
 
 
@@ -317,9 +328,11 @@ def print_report(data: dict[str, Any]) -> None:
                  [[config, str(t["empty"]), str(t["seeded"]), str(t["ratio"]),
                    "yes" if t["met"] else "NO"] for config, t in s["throughput"].items()]))
     print()
-    print(_table(("read", "empty p99 ms", "seeded p50 ms", "seeded p99 ms", "< 50 ms"),
+    print(_table(("read", "empty p99 ms", "seeded p50 ms", "seeded p99 ms", "< 50 ms",
+                  "seeded first visits, max ms", "< 50 ms"),
                  [[name, str(r["empty_p99_ms"]), str(r["seeded_p50_ms"]), str(r["seeded_p99_ms"]),
-                   "yes" if r["met"] else "NO"] for name, r in s["reads"].items()]))
+                   "yes" if r["met"] else "NO", str(r["seeded_first_max_ms"]),
+                   "yes" if r["first_met"] else "NO"] for name, r in s["reads"].items()]))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (1 min)")
 
 
