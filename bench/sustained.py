@@ -327,6 +327,11 @@ class Run:
             "mail_drain_seconds": mail_seconds,
             "cpu_cores": cpu.cores(), "worker_busy": cpu.worker_busy(),
             "worker_cpu_ms_per_order": round(cpu.seconds.get("worker", 0.0) * 1000 / len(refs), 2),
+            # Each worker process's share: which group of services costs what (stop 30 found
+            # the mail group the heaviest by `ps`).
+            "worker_cpu_ms_per_order_by_process": {
+                process_label(pid): round(used * 1000 / len(refs), 2)
+                for pid, used in sorted(cpu.worker_seconds.items())},
             "postgres_cpu_ms_per_order": round(cpu.seconds.get("postgres", 0.0) * 1000 / len(refs), 2),
             "rabbitmq_cpu_ms_per_order": round(cpu.seconds.get("rabbitmq", 0.0) * 1000 / len(refs), 2),
             "backlog": backlog.growth(published),
@@ -361,6 +366,21 @@ REFERENCE_NAMES = {"full": "full flow: screened, Active and mailed",
                    "screened": "screened only"}
 
 
+def process_label(pid: int) -> str:
+    """A worker process by what it runs: the services after `--processes 1` in its command
+    line (`placement,fraud`), `supervisor` for the parent of several, `worker` for one
+    process of every service; its pid if it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        argv, children = proc.cmdline(), proc.children()
+    except psutil.Error:
+        return str(pid)
+    if "--processes" in argv and argv[argv.index("--processes") + 1:][:1] == ["1"]:
+        services = [a for a in argv[argv.index("--processes") + 2:] if not a.startswith("-")]
+        return ",".join(services) or "worker"
+    return "supervisor" if children else "worker"
+
+
 def _progress(r: dict[str, Any]) -> None:
     print(f"  {r['phase']:22} {r['orders']} orders ({r['paid']} paid) in {r['seconds']:.1f} s:"
           f" {r['orders_per_second']:.0f}/s (screened {r['screened_per_second']:.0f}/s,"
@@ -368,6 +388,10 @@ def _progress(r: dict[str, Any]) -> None:
           f" active p99 {r['active_ms']['p99']:.0f} ms; worker {r['worker_cpu_ms_per_order']:.2f}"
           f" ms/order; mails +{r['mail_drain_seconds']:.1f} s;"
           f" {r['transactions_per_order']:.1f} transactions/order", flush=True)
+    by_process = r.get("worker_cpu_ms_per_order_by_process") or {}
+    if len(by_process) > 1:
+        print(f"  {'':22} worker ms/order by process: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in by_process.items()), flush=True)
 
 
 def as_shipped() -> dict[str, str]:

@@ -1,0 +1,44 @@
+"""bench/sustained.py names each worker process by the services it runs, so its report can
+say which group of services costs what an order (`worker ms/order by process`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def sustained() -> Iterator[object]:
+    sys.path.insert(0, str(BENCH))  # the bench scripts import each other as top-level modules
+    try:
+        import sustained as module
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_worker_processes_are_named_by_their_services(sustained) -> None:  # type: ignore[no-untyped-def]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                              "--processes", "1", "notify", "webhooks", "alerts"])
+    parent = subprocess.Popen(["bash", "-c", "sleep 30 & wait"])
+    lone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the parent's child started
+        assert sustained.process_label(child.pid) == "notify,webhooks,alerts"
+        assert sustained.process_label(parent.pid) == "supervisor"
+        assert sustained.process_label(lone.pid) == "worker"
+    finally:
+        for p in (child, parent, lone):
+            p.kill()
+            p.wait()
+    assert sustained.process_label(child.pid) == str(child.pid)  # gone: its pid
