@@ -59,6 +59,7 @@ from cli.catalog import load_catalog, read_catalog  # noqa: E402
 from console import accounts  # noqa: E402
 from console.app import close_state, create_app, open_state, settle_heap  # noqa: E402
 from console.warm_up import read_first_pages  # noqa: E402
+from console.web import compile_all  # noqa: E402
 from shared import db  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -285,7 +286,8 @@ async def measure(url: str, shape: Shape, requests: int,
                         console_warm_up=False)  # measured by --warm-up, after each emptying
     state = await open_state(settings, publisher=NoBroker())
     app = create_app(state)
-    settle_heap()  # as the console's server does when it starts
+    compile_all(state.env)  # as the console does when it starts (CONSOLE_WARM_UP)
+    settle_heap()  # as the console's server does then
     out = []
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),

@@ -24,7 +24,7 @@ from console.publisher import AmqpPublisher, Publisher
 from console.routes import auth, client, dashboard, module_queue, new_order, order, orders, payments
 from console.security import SecurityHeaders, SessionCodec
 from console.warm_up import WarmUp
-from console.web import HERE, ConsoleState
+from console.web import HERE, ConsoleState, compile_all
 from shared import db
 from shared.errors import ConfigurationError
 from shared.settings import Settings
@@ -107,9 +107,12 @@ async def open_state(settings: Settings, *, publisher: Publisher | None = None,
         raise
     describe_identity(part)
     warm_up.start(pool)
-    return ConsoleState(settings=part, pool=pool, publisher=publisher,
-                        codec=SessionCodec(secret_key(part), part.session_hours * 3600),
-                        warm_up=warm_up)
+    state = ConsoleState(settings=part, pool=pool, publisher=publisher,
+                         codec=SessionCodec(secret_key(part), part.session_hours * 3600),
+                         warm_up=warm_up)
+    if warm_up.enabled:  # the templates too, before the first request (console/web.py)
+        compile_all(state.env)
+    return state
 
 
 async def close_state(state: ConsoleState) -> None:
@@ -147,6 +150,7 @@ def build_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.console = await open_state(settings)
+        settle_heap()  # after open_state: its compiled templates live as long as the process
         try:
             yield
         finally:

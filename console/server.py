@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from console.app import build_app, settle_heap
+from console.app import build_app
 from shared.settings import Settings
 
 log = logging.getLogger("ordermill.console")
@@ -48,7 +48,6 @@ class ConsoleServer:
             # address the sign-in limit counts. Behind a proxy, it counts the proxy.
             proxy_headers=False)
         self._server = _Server(config)
-        settle_heap()
 
     @property
     def address(self) -> str | None:

@@ -90,6 +90,18 @@ async def test_no_warm_up_when_switched_off(db_settings: Settings) -> None:
     try:
         await asyncio.sleep(0.3)
         assert state.warm_up.runs == 0 and not state.warm_up.enabled
+        assert len(state.env.cache or {}) == 0  # templates compiled at their first render
+    finally:
+        await close_state(state)
+
+
+async def test_every_template_is_compiled_before_the_first_request(db_settings: Settings) -> None:
+    state = await open_state(db_settings, publisher=FlowPublisher(None, "c"))  # type: ignore[arg-type]
+    try:
+        names = state.env.list_templates()
+        assert "order.html" in names and len(names) > 10
+        cached = {name for _, name in (state.env.cache or {}).keys()}
+        assert cached == set(names)
     finally:
         await close_state(state)
 
