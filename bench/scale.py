@@ -14,12 +14,13 @@ neither), on a fresh worker each:
   last `order.screened` (pipeline.py's phases);
 
 then, once per side, the operator's reads, server-side: each sample call (ids varied) once,
-its first visit timed apart, then p50/p99 over --requests warm ones: the CLI's (`pending`, `show`, `orders --client` by id and by email, `failures`: the
-functions the commands call, timed around their queries in-process) and the console's pages
-(bench/console_pages.py's measurement). The report sets the seeded side against the empty one
-(throughput ratio, target >= 0.9) and the reads' p99 against 50 ms, their first visits' slowest
-beside it (a view's p99 no longer depends on how many sample paths it has), with the load average,
-and goes to bench/results/scale.json. Nothing is asserted about time.
+its first visit timed apart, then p50/p99 over --requests warm ones: the CLI's (`pending`,
+`show`, `orders --client` by id and by email, `failures`: the functions the commands call,
+timed around their queries in-process) and the console's pages (bench/console_pages.py's
+measurement). The report sets the seeded side against the empty one (throughput ratio,
+target >= 0.9) and the reads' warm p99 against 50 ms, their first visits' slowest beside it
+(a view's p99 no longer depends on how many sample paths it has), with the load average, and
+goes to bench/results/scale.json. Nothing is asserted about time.
 
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py                        # 1M orders: ~25 min here
     PYTHONPATH=$PWD .venv/bin/python bench/scale.py --orders-history 20000 --burst 300 --rounds 1
