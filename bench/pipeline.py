@@ -817,18 +817,30 @@ class PipelineRun:
     rss_checkpoints: list[dict[str, float]] = field(default_factory=list)
     orders_done: int = 0
     per_order: dict[str, float] = field(default_factory=dict)  # database work, over every phase
-    vacuum_url: str | None = None  # --vacuum: the bench database, when wanted
+    vacuum_settings: Settings | None = None  # --vacuum: the bench's, when wanted
     vacuum_seconds: list[float] = field(default_factory=list)  # each VACUUM (ANALYZE)'s
+    vacuum_counts: dict[str, int] = field(default_factory=dict)  # theirs, left out of per_order
 
     async def vacuum(self) -> None:
         """Before a timed phase after the warm-up (--vacuum): the bench database as autovacuum
-        would have left it, outside every phase's time and CPU."""
-        if self.vacuum_url:
-            self.vacuum_seconds.append(await autovacuum.vacuum(self.vacuum_url))
+        would have left it, outside every phase's time and CPU, and its database counters
+        (a whole database's pages read: more than a bare burst's own) out of per_order. The
+        counters reach pg_stat_database up to a second late: the phase's before the first
+        reading, the vacuum's before the second."""
+        s = self.vacuum_settings
+        if s is None:
+            return
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        before = await database_counters(s)
+        self.vacuum_seconds.append(await autovacuum.vacuum(s.database_url))
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        for key, value in (await database_counters(s)).items():
+            self.vacuum_counts[key] = self.vacuum_counts.get(key, 0) + value - before[key]
 
     def add_per_order(self, before: dict[str, int], after: dict[str, int]) -> None:
         for key, value in after.items():
-            self.per_order[key] = round((value - before.get(key, 0)) / max(1, self.orders_done), 2)
+            own = value - before.get(key, 0) - self.vacuum_counts.get(key, 0)
+            self.per_order[key] = round(own / max(1, self.orders_done), 2)
 
     async def phase(self, label: str, orders: list[Order],
                     publish: Callable[[list[Order]], Awaitable[None]],
@@ -892,7 +904,7 @@ async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnec
         db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
         publisher = Publisher(exchange, tracker, amqp_user(bench.settings.amqp_url))
         run = PipelineRun(name, worker, tracker, publisher, CpuMeter(worker.pids, db_name),
-                          vacuum_url=bench.settings.database_url if vacuum else None)
+                          vacuum_settings=bench.settings if vacuum else None)
         run.rss_checkpoints.append({"orders": 0, "rss_mb": round(worker.rss() / 2**20, 1)})
         yield run
     finally:
@@ -1156,6 +1168,7 @@ def report_data(bench: Bench, opts: Options, runs: list[PipelineRun]) -> dict[st
             "rss_mb": run.rss_checkpoints,
             "peak_rss_mb": round(run.worker.peak_rss / 2**20, 1),
             "vacuum_seconds": run.vacuum_seconds,
+            "vacuum_counts": run.vacuum_counts,
         } for run in runs},
     }
     throughput = {run.name: next((r.orders_per_second for r in run.results if r.phase == "throughput"), None)

@@ -75,7 +75,8 @@ async def test_autovacuum_off_reads_the_servers_setting(pool: asyncpg.Pool,
 async def test_a_runs_vacuum_analyzes_the_bench_database_when_wanted(
         pool: asyncpg.Pool, db_settings: Settings, benches: Callable[[str], ModuleType]) -> None:
     """PipelineRun.vacuum (before each timed phase after the warm-up): VACUUM (ANALYZE) of the
-    whole database, its seconds recorded for the report; nothing without --vacuum's yes."""
+    whole database, its seconds recorded for the report and its counters kept out of the
+    run's per order; nothing without --vacuum's yes."""
     pipeline = benches("pipeline")
     analyzed = "SELECT count(*) FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL" \
                " AND last_vacuum IS NOT NULL AND relname IN ('orders', 'outbox')"
@@ -83,8 +84,12 @@ async def test_a_runs_vacuum_analyzes_the_bench_database_when_wanted(
     await idle.vacuum()
     assert idle.vacuum_seconds == []
     assert await pool.fetchval(analyzed) == 0
-    run = pipeline.PipelineRun("ordermill", None, None, None, None,
-                               vacuum_url=db_settings.database_url)
+    run = pipeline.PipelineRun("ordermill", None, None, None, None, vacuum_settings=db_settings)
+    before = await pipeline.database_counters(db_settings)
     await run.vacuum()
     assert len(run.vacuum_seconds) == 1
     assert await pool.fetchval(analyzed) == 2
+    assert run.vacuum_counts["buffer_accesses"] > 0
+    run.orders_done = 1
+    run.add_per_order(before, {k: before[k] + run.vacuum_counts[k] for k in before})
+    assert set(run.per_order.values()) == {0}
