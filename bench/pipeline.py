@@ -56,6 +56,7 @@ from aiosmtpd.controller import Controller
 # benches import this file first; tests/test_bench_layout.py keeps the names apart too).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import autovacuum
 from cli.catalog import load_catalog, read_catalog
 from cli.demo import make_order
 from cli.main import loop_factory
@@ -816,10 +817,30 @@ class PipelineRun:
     rss_checkpoints: list[dict[str, float]] = field(default_factory=list)
     orders_done: int = 0
     per_order: dict[str, float] = field(default_factory=dict)  # database work, over every phase
+    vacuum_settings: Settings | None = None  # --vacuum: the bench's, when wanted
+    vacuum_seconds: list[float] = field(default_factory=list)  # each VACUUM (ANALYZE)'s
+    vacuum_counts: dict[str, int] = field(default_factory=dict)  # theirs, left out of per_order
+
+    async def vacuum(self) -> None:
+        """Before a timed phase after the warm-up (--vacuum): the bench database as autovacuum
+        would have left it, outside every phase's time and CPU, and its database counters
+        (a whole database's pages read: more than a bare burst's own) out of per_order. The
+        counters reach pg_stat_database up to a second late: the phase's before the first
+        reading, the vacuum's before the second."""
+        s = self.vacuum_settings
+        if s is None:
+            return
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        before = await database_counters(s)
+        self.vacuum_seconds.append(await autovacuum.vacuum(s.database_url))
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        for key, value in (await database_counters(s)).items():
+            self.vacuum_counts[key] = self.vacuum_counts.get(key, 0) + value - before[key]
 
     def add_per_order(self, before: dict[str, int], after: dict[str, int]) -> None:
         for key, value in after.items():
-            self.per_order[key] = round((value - before.get(key, 0)) / max(1, self.orders_done), 2)
+            own = value - before.get(key, 0) - self.vacuum_counts.get(key, 0)
+            self.per_order[key] = round(own / max(1, self.orders_done), 2)
 
     async def phase(self, label: str, orders: list[Order],
                     publish: Callable[[list[Order]], Awaitable[None]],
@@ -870,8 +891,9 @@ def _progress(r: PhaseResult) -> None:
 @contextlib.asynccontextmanager
 async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnection,
                        worker: WorkerProcess | WorkerGroup, queues: list[str],
-                       exchange_name: str) -> AsyncIterator[PipelineRun]:
-    """A pipeline's worker started and a listener on its events; the worker stopped at the end."""
+                       exchange_name: str, vacuum: bool = False) -> AsyncIterator[PipelineRun]:
+    """A pipeline's worker started and a listener on its events; the worker stopped at the end.
+    `vacuum`: `PipelineRun.vacuum` vacuums the bench database (--vacuum)."""
     try:
         before = await database_counters(bench.settings)
         tracker = Tracker()
@@ -881,7 +903,8 @@ async def pipeline_run(name: str, bench: Bench, connection: AbstractRobustConnec
         await worker.start(connection, queues)
         db_name = urlsplit(bench.settings.database_url).path.lstrip("/")
         publisher = Publisher(exchange, tracker, amqp_user(bench.settings.amqp_url))
-        run = PipelineRun(name, worker, tracker, publisher, CpuMeter(worker.pids, db_name))
+        run = PipelineRun(name, worker, tracker, publisher, CpuMeter(worker.pids, db_name),
+                          vacuum_settings=bench.settings if vacuum else None)
         run.rss_checkpoints.append({"orders": 0, "rss_mb": round(worker.rss() / 2**20, 1)})
         yield run
     finally:
@@ -904,6 +927,8 @@ class Options:
     metrics_ab: int = 0  # rounds of the burst without and with METRICS_PORT, alternating
     webhooks: int = 0  # endpoints subscribed to every event in the "+hooks" bursts
     webhook_rounds: int = 2  # bursts with them, and as many without, alternately
+    vacuum: str = "auto"  # --vacuum (autovacuum.CHOICES): VACUUM (ANALYZE) between phases
+    vacuum_phases: bool = False  # what `vacuum` came to on this server (run_bench)
 
 
 async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, source: OrderSource,
@@ -918,12 +943,15 @@ async def bench_ordermill(bench: Bench, connection: AbstractRobustConnection, so
                                [str(ORDERMILL), "run", *opts.services], bench.env(),
                                RESULTS / "ordermill-worker.log")
     async with pipeline_run("ordermill", bench, connection, worker,
-                            [names.queue("placement"), names.queue("fraud")], names.exchange) as run:
+                            [names.queue("placement"), names.queue("fraud")], names.exchange,
+                            vacuum=opts.vacuum_phases) as run:
         mail = opts.services == () or "notify" in opts.services
 
         async def phase(label: str, orders: list[Order],
                         publish: Callable[[list[Order]], Awaitable[None]],
                         target_rate: float | None = None) -> None:
+            if run.results:  # after the warm-up (--vacuum)
+                await run.vacuum()
             result = await run.phase(label, orders, publish, target_rate=target_rate)
             if mail:  # the next phase starts once this one's mails are sent
                 await phase_mail_drained(bench, result)
@@ -961,12 +989,13 @@ async def bench_metrics_ab(bench: Bench, connection: AbstractRobustConnection, s
                                    RESULTS / "ordermill-worker.log")
             async with pipeline_run(label, bench, connection, worker,
                                     [names.queue("placement"), names.queue("fraud")],
-                                    names.exchange) as run:
+                                    names.exchange, vacuum=opts.vacuum_phases) as run:
                 mail = opts.services == () or "notify" in opts.services
                 warm = await run.phase("warm-up", source.take(opts.warmup, f"w{n}{int(metrics_on)}"),
                                        run.publisher.burst)
                 if mail:
                     await phase_mail_drained(bench, warm)
+                await run.vacuum()
                 burst = await run.phase("throughput", source.take(opts.orders, f"t{n}{int(metrics_on)}"),
                                         run.publisher.burst)
                 if mail:
@@ -1039,9 +1068,10 @@ async def bench_bare(bench: Bench, connection: AbstractRobustConnection, source:
                            bench.env(), RESULTS / "bare-worker.log")
     bare = bench.bare
     async with pipeline_run("bare", bench, connection, worker, [bare.stage1, bare.stage2],
-                            bare.exchange) as run:
+                            bare.exchange, vacuum=opts.vacuum_phases) as run:
         await run.phase("warm-up", source.take(min(opts.warmup, BARE_WARMUP), "bwarm"),
                         run.publisher.burst)
+        await run.vacuum()
         await run.phase("throughput", source.take(opts.orders, "btput"), run.publisher.burst)
     return run
 
@@ -1079,6 +1109,8 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     with MailSink(s.smtp_port) as mail:
         try:
             await create_database(s)
+            opts.vacuum_phases = await autovacuum.wanted(
+                s.database_url, opts.vacuum, "VACUUM (ANALYZE) between the warm-up and each timed phase")
             connection = await broker.connect(s.amqp_url, attempts=3)
             channel = await connection.channel()
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
@@ -1135,6 +1167,8 @@ def report_data(bench: Bench, opts: Options, runs: list[PipelineRun]) -> dict[st
             "per_order": run.per_order,
             "rss_mb": run.rss_checkpoints,
             "peak_rss_mb": round(run.worker.peak_rss / 2**20, 1),
+            "vacuum_seconds": run.vacuum_seconds,
+            "vacuum_counts": run.vacuum_counts,
         } for run in runs},
     }
     throughput = {run.name: next((r.orders_per_second for r in run.results if r.phase == "throughput"), None)
@@ -1256,6 +1290,11 @@ def print_report(data: dict[str, Any]) -> None:
         print(_per_order_line(name, run))
     for name, run in data["pipelines"].items():
         print(_memory_line(name, run))
+    if data["options"].get("vacuum_phases"):
+        print(f"VACUUM (ANALYZE) between the warm-up and each timed phase (--vacuum"
+              f" {data['options']['vacuum']}, in no phase's time): " + "; ".join(
+                  f"{name} {', '.join(f'{x:.1f}' for x in run['vacuum_seconds'])} s"
+                  for name, run in data["pipelines"].items()))
     if "webhooks" in data:
         w = data["webhooks"]
         print(f"burst with {w['endpoints']} webhook endpoints / without: {w['ratio']:.3f}"
@@ -1303,6 +1342,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              " the burst is run with them and without, alternately")
     parser.add_argument("--webhook-rounds", type=int, default=2,
                         help="bursts with the endpoints (and as many without) for --webhooks")
+    parser.add_argument("--vacuum", choices=autovacuum.CHOICES, default="auto",
+                        help="VACUUM (ANALYZE) the bench database between the warm-up and each"
+                             " timed phase, as autovacuum would (auto: when the server's"
+                             " autovacuum is off)")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-receiver", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--serve-mail", type=int, default=0, help=argparse.SUPPRESS)
@@ -1333,7 +1376,7 @@ def main(argv: list[str] | None = None) -> None:
                    skip_bare=args.skip_bare, split=args.split, webhooks=args.webhooks,
                    webhook_rounds=args.webhook_rounds,
                    services=tuple(s.strip() for s in args.services.split(",") if s.strip()),
-                   metrics_ab=args.metrics_ab)
+                   metrics_ab=args.metrics_ab, vacuum=args.vacuum)
     started = time.perf_counter()
     try:
         data = asyncio.run(run_bench(Bench.create(), opts))

@@ -73,6 +73,7 @@ from pipeline import (
 )
 from provisioning import SCREENING_KEYS, SETUP_KEYS, Placed, Storefront
 
+from bench import autovacuum
 from shared import broker, db
 from shared.housekeeping import Housekeeper
 from shared.parties import amqp_user
@@ -428,10 +429,10 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
         if opts.vacuum_phases:
-            await vacuum(bench.settings.database_url, VACUUM_ANALYZE)
+            await autovacuum.vacuum(bench.settings.database_url)
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
         if opts.vacuum_phases:
-            await vacuum(bench.settings.database_url, VACUUM_ANALYZE)
+            await autovacuum.vacuum(bench.settings.database_url)
         rate = opts.rate or round(opts.rate_share * burst[REFERENCES[opts.reference]], 1)
         steady = await run.phase(f"{label}: steady {rate:g}/s",
                                  orders.take(round(rate * opts.seconds), "s"), rate)
@@ -498,31 +499,7 @@ def retention_env(window: float) -> dict[str, str]:
             "HOUSEKEEPING_SECONDS": str(max(1.0, window / 2))}
 
 
-async def autovacuum_off(database_url: str) -> bool:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SHOW autovacuum") == "off"
-    finally:
-        await conn.close()
-
-
-async def vacuum(database_url: str, statement: str) -> None:
-    """What autovacuum would have done by now, on a server whose autovacuum is off (as this
-    machine's test server is). `VACUUM_TABLES` after each --volume chunk: the pruned rows'
-    space made reusable, or the files grow with every chunk while the rows stay at the
-    window's worth. `VACUUM_ANALYZE` between the sustained phases: without it the steady
-    phase ran on tables never analyzed, their dead rows never vacuumed, and PostgreSQL's CPU
-    an order there was 13 % more than with autovacuum on (docs/performance.md, "The bench's
-    tables, vacuumed as autovacuum would")."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-VACUUM_TABLES = "VACUUM " + ", ".join(BOUNDED_TABLES)
-VACUUM_ANALYZE = "VACUUM (ANALYZE)"
+VACUUM_TABLES = "VACUUM " + ", ".join(BOUNDED_TABLES)  # after each --volume chunk (--vacuum)
 
 
 async def add_endpoint(database_url: str, port: int, events: list[str]) -> None:
@@ -556,11 +533,8 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
     worker, store, cpu = await with_worker(bench, connection, env, "volume")
     run = Run(bench, connection, worker, store, cpu)
     checkpoints = []
-    vacuum = await autovacuum_off(bench.settings.database_url) if opts.vacuum == "auto" \
-        else opts.vacuum == "always"
-    if vacuum:
-        print(f"  VACUUM of the bounded tables after each chunk (--vacuum {opts.vacuum})",
-              flush=True)
+    each_chunk = await autovacuum.wanted(bench.settings.database_url, opts.vacuum,
+                                         "VACUUM of the bounded tables after each chunk")
     started = time.perf_counter()
     try:
         done = 0
@@ -575,10 +549,10 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
             settling = time.perf_counter()
             await settled(bench.settings.database_url, limit=1800)
             settle_seconds = round(time.perf_counter() - settling, 1)
-            if vacuum:
-                await vacuum(bench.settings.database_url, VACUUM_TABLES)
+            if each_chunk:
+                await autovacuum.vacuum(bench.settings.database_url, VACUUM_TABLES)
             checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
-                                "settle_seconds": settle_seconds, "vacuumed": vacuum,
+                                "settle_seconds": settle_seconds, "vacuumed": each_chunk,
                                 "tables": await table_sizes(bench.settings.database_url),
                                 "load_1m": round(os.getloadavg()[0], 2)})
             sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
@@ -595,11 +569,11 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
         pruning = time.perf_counter()
         deleted = await keeper.once(pool)
         prune_seconds = round(time.perf_counter() - pruning, 2)
-        await pool.execute("VACUUM " + ", ".join(BOUNDED_TABLES))
+        await pool.execute(VACUUM_TABLES)
     finally:
         await pool.close()
     return {"orders": opts.volume, "window_seconds": opts.window, "checkpoints": checkpoints,
-            "vacuum_each_chunk": vacuum,
+            "vacuum_each_chunk": each_chunk,
             "before_final_prune": before, "final_prune_deleted": deleted,
             "final_prune_seconds": prune_seconds,
             "after_final_prune": await table_sizes(bench.settings.database_url)}
@@ -663,11 +637,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
             if opts.volume:
                 data["volume"] = await volume(bench, connection, orders, opts)
             else:
-                opts.vacuum_phases = await autovacuum_off(s.database_url) \
-                    if opts.vacuum == "auto" else opts.vacuum == "always"
-                if opts.vacuum_phases:
-                    print(f"  VACUUM (ANALYZE) after the warm-up and after the burst (--vacuum"
-                          f" {opts.vacuum}: the server's autovacuum is off)", flush=True)
+                opts.vacuum_phases = await autovacuum.wanted(
+                    s.database_url, opts.vacuum, "VACUUM (ANALYZE) after the warm-up and after the burst")
                 rounds = []
                 base = {**bench.env(), **as_shipped(), "JOB_BACKOFF_SECONDS": "1"}
                 for n in range(max(1, opts.ab)):
@@ -827,7 +798,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")
     parser.add_argument("--window", type=float, default=30.0,
                         help="--volume: every retention window, seconds")
-    parser.add_argument("--vacuum", choices=("auto", "always", "never"), default="auto",
+    parser.add_argument("--vacuum", choices=autovacuum.CHOICES, default="auto",
                         help="VACUUM the tables after each chunk (--volume), or VACUUM"
                              " (ANALYZE) the database after the warm-up and after the burst,"
                              " as autovacuum would (auto: when the server's autovacuum is off)")

@@ -14,6 +14,10 @@ shared and time is noisy, counts that do not depend on the load:
                      toggled around the measured calls through LIB, a shared library with
                      `void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }` (valgrind/callgrind.h)
 
+--vacuum auto|always|never (default auto: when the server's autovacuum is off, as this machine's
+is) runs `VACUUM (ANALYZE)` on the database between the warm-up and the measured orders, as
+autovacuum would have by then (bench/autovacuum.py).
+
 Run: PYTHONPATH=. .venv/bin/python bench/worker_cpu.py [--orders 1000] [--batch 16] [...]
 """
 
@@ -40,6 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as bench/pipeline.py
+
+from bench import autovacuum  # asyncpg alone: none of pipeline.py's imports
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "catalog.example.toml"
@@ -89,7 +95,7 @@ class Lines:
 
 
 async def run(opts: argparse.Namespace, url: str, run_id: str, profile: cProfile.Profile | None,
-              lines: Lines | None) -> tuple[dict[str, float], int]:
+              lines: Lines | None) -> tuple[dict[str, float], int, bool]:
     from cli.catalog import load_catalog, read_catalog
     from cli.demo import make_order
     from services.fraud.worker import worker as fraud_worker
@@ -105,7 +111,7 @@ async def run(opts: argparse.Namespace, url: str, run_id: str, profile: cProfile
     pool = await db.create_pool(url, max_size=10, attempts=3)
     toggle = ctypes.CDLL(opts.callgrind).cg_toggle if opts.callgrind else None
     cpu = {"placement": 0.0, "fraud": 0.0}
-    measured = 0
+    measured, vacuumed = 0, False
     try:
         await db.migrate(pool)
         async with pool.acquire() as conn:
@@ -145,6 +151,9 @@ async def run(opts: argparse.Namespace, url: str, run_id: str, profile: cProfile
                 measured += n
 
         await orders(opts.warmup, "warm", False)
+        if await autovacuum.wanted(url, opts.vacuum, "VACUUM (ANALYZE) after the warm-up"):
+            await autovacuum.vacuum(url)
+            vacuumed = True
         await orders(opts.orders, "run", True)
     finally:
         await pool.close()
@@ -154,26 +163,28 @@ async def run(opts: argparse.Namespace, url: str, run_id: str, profile: cProfile
             await conn.execute(f'DROP DATABASE IF EXISTS "om_cpu_{run_id}" WITH (FORCE)')
         finally:
             await conn.close()
-    return cpu, measured
+    return cpu, measured, vacuumed
 
 
-def report(opts: argparse.Namespace, cpu: dict[str, float], measured: int,
+def report(opts: argparse.Namespace, cpu: dict[str, float], measured: int, vacuumed: bool,
            profile: cProfile.Profile | None, lines: Lines | None) -> str:
     per = 1000 / measured
     text = (f"batch {opts.batch}, {measured} orders: worker CPU per order"
             f" {sum(cpu.values()) * per:.3f} ms (placement {cpu['placement'] * per:.3f},"
-            f" fraud {cpu['fraud'] * per:.3f}); load {os.getloadavg()[0]:.2f}")
+            f" fraud {cpu['fraud'] * per:.3f}); load {os.getloadavg()[0]:.2f};"
+            f" {'vacuumed' if vacuumed else 'not vacuumed'} after the warm-up")
     if profile:
         profile.dump_stats(opts.profile)
         text += f"; Python calls per order {pstats.Stats(opts.profile).total_calls / measured:.0f}"
     if lines:
         Path(opts.lines).write_text(json.dumps(
-            {"orders": measured, "lines": [[*k, v] for k, v in lines.counts.items()]}))
+            {"orders": measured, "vacuumed": vacuumed,
+             "lines": [[*k, v] for k, v in lines.counts.items()]}))
         text += f"; lines per order {lines.total() / measured:.0f}"
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)
@@ -181,7 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", metavar="FILE", help="cProfile stats of the measured calls")
     parser.add_argument("--lines", metavar="FILE", help="lines executed per function (JSON)")
     parser.add_argument("--callgrind", metavar="LIB", help="toggle callgrind's collection")
-    opts = parser.parse_args(argv)
+    parser.add_argument("--vacuum", choices=autovacuum.CHOICES, default="auto",
+                        help="VACUUM (ANALYZE) the database between the warm-up and the measured"
+                             " orders, as autovacuum would (auto: when the server's autovacuum"
+                             " is off)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
     run_id = uuid.uuid4().hex[:8]
     url = _environment(run_id)
     from cli.main import loop_factory
@@ -189,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     profile = cProfile.Profile() if opts.profile else None
     lines = Lines() if opts.lines else None
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        cpu, measured = runner.run(run(opts, url, run_id, profile, lines))
-    print(report(opts, cpu, measured, profile, lines), flush=True)
+        cpu, measured, vacuumed = runner.run(run(opts, url, run_id, profile, lines))
+    print(report(opts, cpu, measured, vacuumed, profile, lines), flush=True)
 
 
 if __name__ == "__main__":
