@@ -3,11 +3,11 @@
 This machine's PostgreSQL runs with `autovacuum = off` (its configuration file); a production
 server runs it. A bench that measured on tables never analyzed and never vacuumed measured
 plans made for tables of unknown size and the dead rows of its earlier phases: PostgreSQL's
-CPU an order at bench/sustained.py's steady rate was 13-25 % more than with autovacuum on
-(docs/performance.md, "The bench's tables, vacuumed as autovacuum would"). So pipeline.py,
-sustained.py and worker_cpu.py take `--vacuum auto|always|never` (default auto: when the
-server's autovacuum is off) and `VACUUM (ANALYZE)` the bench database between the warm-up
-and each timed phase, never inside one.
+CPU an order at bench/sustained.py's steady rate was 13 % more than with autovacuum on, and
+up to 25 % more than with this stand-in (docs/performance.md, "The bench's tables, vacuumed
+as autovacuum would"). So pipeline.py, sustained.py and worker_cpu.py take `--vacuum
+auto|always|never` (default auto: when the server's autovacuum is off) and `VACUUM (ANALYZE)`
+the bench database between the warm-up and each timed phase, never inside one.
 
 Only asyncpg: worker_cpu.py imports this without pipeline.py's imports.
 """
@@ -33,11 +33,11 @@ async def autovacuum_off(database_url: str) -> bool:
 async def wanted(database_url: str, choice: str, what: str) -> bool:
     """--vacuum: `always`, `never`, or `auto`: when the server's autovacuum is off. When
     wanted, one line says `what` the bench will do."""
-    wanted = await autovacuum_off(database_url) if choice == "auto" else choice == "always"
-    if wanted:
+    yes = await autovacuum_off(database_url) if choice == "auto" else choice == "always"
+    if yes:
         why = ": the server's autovacuum is off" if choice == "auto" else ""
         print(f"  {what} (--vacuum {choice}{why})", flush=True)
-    return wanted
+    return yes
 
 
 async def vacuum(database_url: str, statement: str = VACUUM_ANALYZE) -> float:

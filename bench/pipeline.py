@@ -74,6 +74,7 @@ THIS_SCRIPT = Path(__file__).resolve()
 PUBLISH_BATCH = 200
 OUTCOME_KEYS = ("order.screened", "order.fraud", "order.rejected")
 STATS_FLUSH_SECONDS = 1.5  # PostgreSQL backends report their counters at exit, within about 1 s
+IDLE_STATS_SECONDS = 11.0  # an idle connection's counters reach pg_stat_database within 10 s
 STALL_SECONDS = 30.0  # a phase gives up when no order completes for this long
 START_SECONDS = 60.0  # for a worker subprocess to attach its consumers
 BARE_WARMUP = 200
@@ -824,13 +825,15 @@ class PipelineRun:
     async def vacuum(self) -> None:
         """Before a timed phase after the warm-up (--vacuum): the bench database as autovacuum
         would have left it, outside every phase's time and CPU, and its database counters
-        (a whole database's pages read: more than a bare burst's own) out of per_order. The
-        counters reach pg_stat_database up to a second late: the phase's before the first
-        reading, the vacuum's before the second."""
+        (a whole database's pages read: more than a bare burst's own) out of per_order. An
+        open connection left idle reports its last counters within 10 s (PostgreSQL 15), so
+        the phase's are all in before the first reading only after IDLE_STATS_SECONDS (else
+        the phase's tail would be counted as the vacuum's and left out); the vacuum's own
+        connection reports them as it closes, before the second."""
         s = self.vacuum_settings
         if s is None:
             return
-        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        await asyncio.sleep(IDLE_STATS_SECONDS)
         before = await database_counters(s)
         self.vacuum_seconds.append(await autovacuum.vacuum(s.database_url))
         await asyncio.sleep(STATS_FLUSH_SECONDS)

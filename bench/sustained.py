@@ -330,9 +330,7 @@ class Run:
             "worker_cpu_ms_per_order": round(cpu.seconds.get("worker", 0.0) * 1000 / len(refs), 2),
             # Each worker process's share: which group of services costs what (stop 30 found
             # the mail group the heaviest by `ps`).
-            "worker_cpu_ms_per_order_by_process": {
-                process_label(pid): round(used * 1000 / len(refs), 2)
-                for pid, used in sorted(cpu.worker_seconds.items())},
+            "worker_cpu_ms_per_order_by_process": by_process(cpu.worker_seconds, len(refs)),
             "postgres_cpu_ms_per_order": round(cpu.seconds.get("postgres", 0.0) * 1000 / len(refs), 2),
             "rabbitmq_cpu_ms_per_order": round(cpu.seconds.get("rabbitmq", 0.0) * 1000 / len(refs), 2),
             "backlog": backlog.growth(published),
@@ -380,6 +378,15 @@ def process_label(pid: int) -> str:
         services = [a for a in argv[argv.index("--processes") + 2:] if not a.startswith("-")]
         return ",".join(services) or "worker"
     return "supervisor" if children else "worker"
+
+
+def by_process(seconds: dict[int, float], orders: int) -> dict[str, float]:
+    """CPU ms an order by process label (`process_label`), processes of one label added."""
+    out: dict[str, float] = {}
+    for pid, used in sorted(seconds.items()):
+        label = process_label(pid)
+        out[label] = out.get(label, 0.0) + used * 1000 / max(1, orders)
+    return {label: round(ms, 2) for label, ms in out.items()}
 
 
 def _progress(r: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+from jinja2 import Environment
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -24,7 +25,7 @@ from console.publisher import AmqpPublisher, Publisher
 from console.routes import auth, client, dashboard, module_queue, new_order, order, orders, payments
 from console.security import SecurityHeaders, SessionCodec
 from console.warm_up import WarmUp
-from console.web import HERE, ConsoleState, compile_all
+from console.web import HERE, ConsoleState, compiled_templates, templates
 from shared import db
 from shared.errors import ConfigurationError
 from shared.settings import Settings
@@ -85,8 +86,10 @@ async def read_only_pool(settings: Settings, on_connect: OnConnect | None = None
 
 
 async def open_state(settings: Settings, *, publisher: Publisher | None = None,
-                     warm_up: WarmUp | None = None) -> ConsoleState:
-    """`warm_up`: the console's own by default (CONSOLE_WARM_UP); a test may hand one in."""
+                     warm_up: WarmUp | None = None,
+                     env: Environment | None = None) -> ConsoleState:
+    """`warm_up`: the console's own by default (CONSOLE_WARM_UP); a test may hand one in.
+    `env`: the templates, compiled by build_app; compiled as first rendered if not given."""
     part = settings.console
     # Read-only by default: the console reads orders; only its own sign-in bookkeeping
     # writes, in transactions that ask for it (console/accounts.py).
@@ -107,12 +110,9 @@ async def open_state(settings: Settings, *, publisher: Publisher | None = None,
         raise
     describe_identity(part)
     warm_up.start(pool)
-    state = ConsoleState(settings=part, pool=pool, publisher=publisher,
-                         codec=SessionCodec(secret_key(part), part.session_hours * 3600),
-                         warm_up=warm_up)
-    if warm_up.enabled:  # the templates too, before the first request (console/web.py)
-        compile_all(state.env)
-    return state
+    return ConsoleState(settings=part, pool=pool, publisher=publisher,
+                        codec=SessionCodec(secret_key(part), part.session_hours * 3600),
+                        warm_up=warm_up, env=env or templates())
 
 
 async def close_state(state: ConsoleState) -> None:
@@ -147,10 +147,11 @@ def settle_heap() -> None:
 
 
 def build_app(settings: Settings) -> Starlette:
+    env = compiled_templates()  # now, not at each page's first visit (console/web.py)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.console = await open_state(settings)
-        settle_heap()  # after open_state: its compiled templates live as long as the process
+        app.state.console = await open_state(settings, env=env)
         try:
             yield
         finally:

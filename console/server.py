@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from console.app import build_app
+from console.app import build_app, settle_heap
 from shared.settings import Settings
 
 log = logging.getLogger("ordermill.console")
@@ -48,6 +48,7 @@ class ConsoleServer:
             # address the sign-in limit counts. Behind a proxy, it counts the proxy.
             proxy_headers=False)
         self._server = _Server(config)
+        settle_heap()  # after build_app: its compiled templates live as long as the process
 
     @property
     def address(self) -> str | None:

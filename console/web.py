@@ -59,15 +59,22 @@ def templates() -> Environment:
 
 
 def compile_all(env: Environment) -> int:
-    """Compile every template now (CONSOLE_WARM_UP, when the console starts) rather than at
-    its first render: order.html alone takes about 50 ms to compile on a 2-core machine, all
-    nineteen about 300, and the first operator to open an order after each restart paid it
-    (bench/console_pages.py's first visits at 1M orders: the order page's slowest 69 ms, 12 of
-    them in the database). Jinja keeps them in its cache (400 by default). Returns how many."""
-    names = env.list_templates()
+    """Compile every page's template now, when the console's app is built (before its
+    server starts and its heap is settled), rather than at its first render, which the first
+    operator to open that page after each restart paid (order.html: about 50 ms on 2 cores;
+    docs/performance.md, "First visits that were the templates'"). Only `.html` files: an
+    editor's backup left beside them is not a template. Jinja's cache (400) keeps them all.
+    Returns how many."""
+    names = env.list_templates(extensions=["html"])
     for name in names:
         env.get_template(name)
     return len(names)
+
+
+def compiled_templates() -> Environment:
+    env = templates()
+    compile_all(env)
+    return env
 
 
 @dataclass

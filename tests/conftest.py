@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -40,6 +41,10 @@ from shared.settings import Settings
 from shared.topology import Names, declare_topology, delete_topology
 
 ROOT = Path(__file__).resolve().parent.parent
+# Behind the installed packages, so that tests import the bench scripts as `bench.<script>`:
+# `pytest` (CI's) does not put the working directory on sys.path as `python -m pytest` does.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 RUN_ID = uuid.uuid4().hex[:8]
 DEFAULT_DB = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DEFAULT_AMQP = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

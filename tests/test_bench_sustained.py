@@ -3,6 +3,8 @@ say which group of services costs what an order (`worker ms/order by process`)."
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ def sustained() -> Iterator[object]:
 def test_worker_processes_are_named_by_their_services(sustained) -> None:  # type: ignore[no-untyped-def]
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                               "--processes", "1", "notify", "webhooks", "alerts"])
-    parent = subprocess.Popen(["bash", "-c", "sleep 30 & wait"])
+    parent = subprocess.Popen(["bash", "-c", "sleep 30 & wait"], start_new_session=True)
     lone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         deadline = time.monotonic() + 10
@@ -38,7 +40,20 @@ def test_worker_processes_are_named_by_their_services(sustained) -> None:  # typ
         assert sustained.process_label(parent.pid) == "supervisor"
         assert sustained.process_label(lone.pid) == "worker"
     finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # its sleep too
         for p in (child, parent, lone):
             p.kill()
             p.wait()
     assert sustained.process_label(child.pid) == str(child.pid)  # gone: its pid
+
+
+def test_processes_of_one_label_are_added(sustained) -> None:  # type: ignore[no-untyped-def]
+    lone = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            for _ in range(2)]
+    try:
+        seconds = {lone[0].pid: 1.0, lone[1].pid: 0.5}
+        assert sustained.by_process(seconds, 100) == {"worker": 15.0}
+    finally:
+        for p in lone:
+            p.kill()
+            p.wait()

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 
 import asyncpg
 import pytest
+from jinja2 import FileSystemLoader
 
 from conftest import eventually, order_body
 from console import order_list
 from console import warm_up as warm_up_module
-from console.app import close_state, open_state
+from console.app import build_app, close_state, open_state
 from console.testing import FlowPublisher
 from console.warm_up import WarmUp
+from console.web import compile_all, templates
 from services.fraud.worker import worker as fraud_worker
 from services.placement.worker import worker as placement_worker
 from shared import db
@@ -90,20 +93,29 @@ async def test_no_warm_up_when_switched_off(db_settings: Settings) -> None:
     try:
         await asyncio.sleep(0.3)
         assert state.warm_up.runs == 0 and not state.warm_up.enabled
-        assert len(state.env.cache or {}) == 0  # templates compiled at their first render
     finally:
         await close_state(state)
 
 
-async def test_every_template_is_compiled_before_the_first_request(db_settings: Settings) -> None:
-    state = await open_state(db_settings, publisher=FlowPublisher(None, "c"))  # type: ignore[arg-type]
-    try:
-        names = state.env.list_templates()
+async def test_every_template_is_compiled_when_the_app_is_built(db_settings: Settings) -> None:
+    """build_app compiles every page's template before the server starts (and before its
+    heap is settled), whatever CONSOLE_WARM_UP says; an editor's backup beside them is no
+    template."""
+    s = db_settings.model_copy(update={"console_warm_up": False})
+    app = build_app(s)
+    async with app.router.lifespan_context(app):
+        env = app.state.console.env
+        names = env.list_templates(extensions=["html"])
         assert "order.html" in names and len(names) > 10
-        cached = {name for _, name in (state.env.cache or {}).keys()}
-        assert cached == set(names)
-    finally:
-        await close_state(state)
+        assert {name for _, name in (env.cache or {}).keys()} == set(names)
+
+
+def test_only_html_files_are_compiled(tmp_path: Path) -> None:
+    (tmp_path / "page.html").write_text("{{ 1 + 1 }}")
+    (tmp_path / "page.html.orig").write_bytes(b"\xff{% broken")
+    env = templates()
+    env.loader = FileSystemLoader(tmp_path)
+    assert compile_all(env) == 1
 
 
 async def test_a_failed_warm_up_is_one_log_line_and_is_tried_again(
