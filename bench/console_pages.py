@@ -286,7 +286,7 @@ async def measure(url: str, shape: Shape, requests: int,
                         console_warm_up=False)  # measured by --warm-up, after each emptying
     state = await open_state(settings, publisher=NoBroker())
     app = create_app(state)
-    compile_all(state.env)  # as the console does when it starts (CONSOLE_WARM_UP)
+    compile_all(state.env)  # as build_app does for the console's server
     settle_heap()  # as the console's server does then
     out = []
     try:
