@@ -371,13 +371,15 @@ def process_label(pid: int) -> str:
     process of every service; its pid if it is gone."""
     try:
         proc = psutil.Process(pid)
-        argv, children = proc.cmdline(), proc.children()
+        argv = proc.cmdline()
+        if "--processes" not in argv:
+            return "supervisor" if proc.children() else "worker"
     except psutil.Error:
         return str(pid)
-    if "--processes" in argv and argv[argv.index("--processes") + 1:][:1] == ["1"]:
-        services = [a for a in argv[argv.index("--processes") + 2:] if not a.startswith("-")]
-        return ",".join(services) or "worker"
-    return "supervisor" if children else "worker"
+    after = argv[argv.index("--processes") + 1:]
+    if after[:1] != ["1"]:
+        return "supervisor"
+    return ",".join(a for a in after[1:] if not a.startswith("-")) or "worker"
 
 
 def by_process(seconds: dict[int, float], orders: int) -> dict[str, float]:
