@@ -8,26 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
+from types import ModuleType
 
 import psutil
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+@pytest.fixture
+def sustained(benches: Callable[[str], ModuleType]) -> ModuleType:
+    return benches("sustained")
 
 
-@pytest.fixture(scope="module")
-def sustained() -> Iterator[object]:
-    sys.path.insert(0, str(BENCH))  # the bench scripts import each other as top-level modules
-    try:
-        import sustained as module
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_worker_processes_are_named_by_their_services(sustained) -> None:  # type: ignore[no-untyped-def]
+def test_worker_processes_are_named_by_their_services(sustained: ModuleType) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                               "--processes", "1", "notify", "webhooks", "alerts"])
     parent = subprocess.Popen(["bash", "-c", "sleep 30 & wait"], start_new_session=True)
@@ -47,7 +40,7 @@ def test_worker_processes_are_named_by_their_services(sustained) -> None:  # typ
     assert sustained.process_label(child.pid) == str(child.pid)  # gone: its pid
 
 
-def test_processes_of_one_label_are_added(sustained) -> None:  # type: ignore[no-untyped-def]
+def test_processes_of_one_label_are_added(sustained: ModuleType) -> None:
     lone = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
             for _ in range(2)]
     try:
@@ -57,3 +50,4 @@ def test_processes_of_one_label_are_added(sustained) -> None:  # type: ignore[no
         for p in lone:
             p.kill()
             p.wait()
+
