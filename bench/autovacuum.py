@@ -15,6 +15,7 @@ Only asyncpg: worker_cpu.py imports this without pipeline.py's imports.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
 import asyncpg
 
@@ -52,3 +53,13 @@ async def vacuum(database_url: str, statement: str = VACUUM_ANALYZE) -> float:
     finally:
         await conn.close()
     return round(time.perf_counter() - started, 2)
+
+
+def report_line(what: str, choice: str, seconds: Mapping[str, Sequence[float]]) -> str:
+    """The report's line for a bench's vacuums (--vacuum): `what` they were, then each run's
+    (pipeline.py's pipelines, sustained.py's rounds) vacuums' seconds in order, as `vacuum`
+    returned them: `VACUUM (ANALYZE) ... (--vacuum auto, in no phase's time): ordermill 0.4,
+    0.3 s; bare 0.2, 0.2 s`."""
+    return (f"{what} (--vacuum {choice}, in no phase's time): "
+            + "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in xs)} s"
+                        for name, xs in seconds.items()))

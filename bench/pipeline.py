@@ -78,6 +78,7 @@ IDLE_STATS_SECONDS = 11.0  # an idle connection's counters reach pg_stat_databas
 STALL_SECONDS = 30.0  # a phase gives up when no order completes for this long
 START_SECONDS = 60.0  # for a worker subprocess to attach its consumers
 BARE_WARMUP = 200
+VACUUM_PHASES = "VACUUM (ANALYZE) between the warm-up and each timed phase"  # --vacuum's, said
 
 Order = tuple[str, dict[str, Any]]  # order_ref, body of order.place
 
@@ -1112,8 +1113,7 @@ async def run_bench(bench: Bench, opts: Options) -> dict[str, Any]:
     with MailSink(s.smtp_port) as mail:
         try:
             await create_database(s)
-            opts.vacuum_phases = await autovacuum.wanted(
-                s.database_url, opts.vacuum, "VACUUM (ANALYZE) between the warm-up and each timed phase")
+            opts.vacuum_phases = await autovacuum.wanted(s.database_url, opts.vacuum, VACUUM_PHASES)
             connection = await broker.connect(s.amqp_url, attempts=3)
             channel = await connection.channel()
             await declare_topology(connection, bench.names, delivery_limit=s.queue_delivery_limit)
@@ -1294,10 +1294,8 @@ def print_report(data: dict[str, Any]) -> None:
     for name, run in data["pipelines"].items():
         print(_memory_line(name, run))
     if data["options"].get("vacuum_phases"):
-        print(f"VACUUM (ANALYZE) between the warm-up and each timed phase (--vacuum"
-              f" {data['options']['vacuum']}, in no phase's time): " + "; ".join(
-                  f"{name} {', '.join(f'{x:.1f}' for x in run['vacuum_seconds'])} s"
-                  for name, run in data["pipelines"].items()))
+        print(autovacuum.report_line(VACUUM_PHASES, data["options"]["vacuum"], {
+            name: run["vacuum_seconds"] for name, run in data["pipelines"].items()}))
     if "webhooks" in data:
         w = data["webhooks"]
         print(f"burst with {w['endpoints']} webhook endpoints / without: {w['ratio']:.3f}"

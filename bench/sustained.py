@@ -435,13 +435,14 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     run = Run(bench, connection, worker, store, cpu, hops=opts.hops)
     before = await database_counters(bench.settings)
     started_at = time.time()
+    vacuum_seconds: list[float] = []  # before the burst and before the steady phase (--vacuum)
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
         if opts.vacuum_phases:
-            await autovacuum.vacuum(bench.settings.database_url)
+            vacuum_seconds.append(await autovacuum.vacuum(bench.settings.database_url))
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
         if opts.vacuum_phases:
-            await autovacuum.vacuum(bench.settings.database_url)
+            vacuum_seconds.append(await autovacuum.vacuum(bench.settings.database_url))
         rate = opts.rate or round(opts.rate_share * burst[REFERENCES[opts.reference]], 1)
         steady = await run.phase(f"{label}: steady {rate:g}/s",
                                  orders.take(round(rate * opts.seconds), "s"), rate)
@@ -452,7 +453,7 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     total = opts.warmup + opts.orders + steady["orders"]
     return {"label": label, "env": {k: v for k, v in env.items() if k.startswith("WORKER_")},
             "worker_pids": len(worker.pids),
-            "burst": burst, "steady": steady,
+            "burst": burst, "steady": steady, "vacuum_seconds": vacuum_seconds,
             "steady_vs_burst_cpu": round(steady["worker_cpu_ms_per_order"]
                                          / burst["worker_cpu_ms_per_order"], 2),
             "transactions_per_order": round((after["transactions"] - before["transactions"]) / total, 1),
@@ -509,6 +510,29 @@ def retention_env(window: float) -> dict[str, str]:
 
 
 VACUUM_TABLES = "VACUUM " + ", ".join(BOUNDED_TABLES)  # after each --volume chunk (--vacuum)
+VACUUM_PHASES = "VACUUM (ANALYZE) after the warm-up and after the burst"  # --vacuum's, said
+
+
+async def chunk_checkpoint(database_url: str, orders: int, started: float, *,
+                           vacuum_tables: bool, settle_limit: float = 1800) -> dict[str, Any]:
+    """After a --volume chunk: until the flow has settled, then `VACUUM_TABLES` when
+    `vacuum_tables` (--vacuum; its seconds, or None), then the bounded tables' rows and sizes.
+    `started`: the volume run's perf_counter start."""
+    settling = time.perf_counter()
+    await settled(database_url, limit=settle_limit)
+    settle_seconds = round(time.perf_counter() - settling, 1)
+    vacuum_seconds = (await autovacuum.vacuum(database_url, VACUUM_TABLES)
+                      if vacuum_tables else None)
+    checkpoint = {"orders": orders, "seconds": round(time.perf_counter() - started, 1),
+                  "settle_seconds": settle_seconds, "vacuumed": vacuum_tables,
+                  "vacuum_seconds": vacuum_seconds,
+                  "tables": await table_sizes(database_url),
+                  "load_1m": round(os.getloadavg()[0], 2)}
+    sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
+                      for t, v in checkpoint["tables"].items())
+    vacuumed = f", vacuumed in {vacuum_seconds:.1f} s" if vacuum_seconds is not None else ""
+    print(f"    settled {settle_seconds:.0f} s later{vacuumed}; {sizes}", flush=True)
+    return checkpoint
 
 
 async def add_endpoint(database_url: str, port: int, events: list[str]) -> None:
@@ -555,18 +579,8 @@ async def _volume(bench: Bench, connection: AbstractRobustConnection, orders: Or
             # (unsent, so never pruned) would be measured instead of retention.
             await run.phase(f"volume {done + n:,}", orders.take(n, "v"), None, wait_mail=False)
             done += n
-            settling = time.perf_counter()
-            await settled(bench.settings.database_url, limit=1800)
-            settle_seconds = round(time.perf_counter() - settling, 1)
-            if each_chunk:
-                await autovacuum.vacuum(bench.settings.database_url, VACUUM_TABLES)
-            checkpoints.append({"orders": done, "seconds": round(time.perf_counter() - started, 1),
-                                "settle_seconds": settle_seconds, "vacuumed": each_chunk,
-                                "tables": await table_sizes(bench.settings.database_url),
-                                "load_1m": round(os.getloadavg()[0], 2)})
-            sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
-                              for t, v in checkpoints[-1]["tables"].items())
-            print(f"    settled {checkpoints[-1]['settle_seconds']:.0f} s later; {sizes}", flush=True)
+            checkpoints.append(await chunk_checkpoint(bench.settings.database_url, done, started,
+                                                      vacuum_tables=each_chunk))
         await asyncio.sleep(opts.window)  # the last rows past the window too
     finally:
         await worker.stop()
@@ -646,8 +660,8 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
             if opts.volume:
                 data["volume"] = await volume(bench, connection, orders, opts)
             else:
-                opts.vacuum_phases = await autovacuum.wanted(
-                    s.database_url, opts.vacuum, "VACUUM (ANALYZE) after the warm-up and after the burst")
+                opts.vacuum_phases = await autovacuum.wanted(s.database_url, opts.vacuum,
+                                                             VACUUM_PHASES)
                 rounds = []
                 base = {**bench.env(), **as_shipped(), "JOB_BACKOFF_SECONDS": "1"}
                 for n in range(max(1, opts.ab)):
@@ -726,6 +740,8 @@ def print_report(data: dict[str, Any]) -> None:
                   f" {s['transactions_per_order']} transactions per order steady"
                   f" ({r['burst']['transactions_per_order']} in the burst,"
                   f" {r['transactions_per_order']} over the round)")
+        if line := vacuum_line(data):
+            print(line)
         for r in data["rounds"]:
             for part in ("burst", "steady"):
                 if "hops" in r[part]:
@@ -734,14 +750,25 @@ def print_report(data: dict[str, Any]) -> None:
         v = data["volume"]
         print(f"volume: {v['orders']:,} orders, retention windows {v['window_seconds']:g} s\n")
         rows = [[f"{c['orders']:,}", f"{c['seconds']:.0f}",
+                 "" if c.get("vacuum_seconds") is None else f"{c['vacuum_seconds']:.2f}",
                  *(f"{c['tables'][t]['rows']:,} / {c['tables'][t]['bytes'] / 2**20:.1f} MB"
                    for t in (*BOUNDED_TABLES, "orders"))] for c in v["checkpoints"]]
         for label, key in (("before prune", "before_final_prune"), ("after prune", "after_final_prune")):
-            rows.append([label, "", *(f"{v[key][t]['rows']:,} / {v[key][t]['bytes'] / 2**20:.1f} MB"
-                                      for t in (*BOUNDED_TABLES, "orders"))])
-        print(_table(("after orders", "secs", *BOUNDED_TABLES, "orders"), rows))
+            rows.append([label, "", "", *(f"{v[key][t]['rows']:,} / {v[key][t]['bytes'] / 2**20:.1f} MB"
+                                          for t in (*BOUNDED_TABLES, "orders"))])
+        print(_table(("after orders", "secs", "vacuum s", *BOUNDED_TABLES, "orders"), rows))
         print(f"final prune: {v['final_prune_deleted']} in {v['final_prune_seconds']} s")
     print(f"customer emails delivered to the bench's SMTP sink: {data['emails_delivered']:,}")
+
+
+def vacuum_line(data: dict[str, Any]) -> str | None:
+    """The report's line for the rounds' vacuums (--vacuum), as pipeline.py's (both through
+    bench/autovacuum.py): each round's before its burst and before its steady phase; None when
+    none ran. (--volume's, after each chunk, are a column of its table.)"""
+    if not data["options"].get("vacuum_phases"):
+        return None
+    return autovacuum.report_line(VACUUM_PHASES, data["options"]["vacuum"], {
+        f"round {r['round']} {r['label']}": r.get("vacuum_seconds", []) for r in data["rounds"]})
 
 
 def print_hops(title: str, h: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from fakes.tls import CA_FILE  # noqa: F401
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -246,6 +248,16 @@ async def settings(infra: Infra) -> AsyncIterator[Settings]:
     async with connection:
         await delete_topology(await connection.channel(), Names(s.namespace))
     await _drop_database(infra, name)
+
+
+@pytest.fixture
+def benches(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
+    """A bench script as a module, imported as it runs: the scripts import each other as
+    top-level modules (`from pipeline import ...`), so bench/ goes on sys.path for the test,
+    behind everything else there so that no bench file stands for another module
+    (tests/test_bench_layout.py)."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(ROOT / "bench")])
+    return importlib.import_module
 
 
 @pytest.fixture

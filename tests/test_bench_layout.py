@@ -5,8 +5,6 @@ Ordermill's packages shadows that package for every bench script (bench/console.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -28,14 +26,6 @@ def test_no_bench_script_shadows_a_package_of_the_repository() -> None:
 
 
 # -- --vacuum: the benches' stand-in for autovacuum (bench/autovacuum.py) ---------------------
-
-
-@pytest.fixture
-def benches(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
-    """A bench script as a module, imported as it runs (its folder on sys.path: behind
-    everything else here, so that no bench file stands for another module)."""
-    monkeypatch.setattr(sys, "path", [*sys.path, str(ROOT / "bench")])
-    return importlib.import_module
 
 
 @pytest.mark.parametrize("name", ["pipeline", "sustained", "worker_cpu"])
