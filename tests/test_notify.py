@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -262,6 +263,47 @@ async def _place_and_record(harness: Harness, refs: list[str], first_ip: int) ->
     async def recorded() -> bool:  # a confirmation and an invoice each
         return await harness.pool.fetchval("SELECT count(*) FROM emails") == before + 2 * len(refs)
     await eventually(recorded)
+
+
+class EnvelopeInbox(Inbox):
+    """Keeps each mail as the server got it: MAIL FROM's options and the bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[list[str], bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.received.append((list(envelope.mail_options), envelope.original_content))
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_connection_carries_the_mails_as_written(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over one kept connection, every mail reaches the server byte for byte as render()
+    wrote it, MAIL FROM announcing its size."""
+    written: list[bytes] = []
+
+    def rendering(*args, **kwargs):
+        mail = render(*args, **kwargs)
+        written.append(mail.data)
+        return mail
+
+    monkeypatch.setattr("services.notify.sender.render", rendering)
+    inbox = EnvelopeInbox()
+    with serving(inbox) as port:
+        await _start_recording(harness, port)
+        refs = [f"lean-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+        await _place_and_record(harness, refs, first_ip=140)
+        sender = mail_sender(harness, port, connections=1)
+        sender.smtp = sender.smtp.model_copy(
+            update={"sender": f"Shop <shop-{uuid.uuid4().hex[:8]}@host.example>"})
+        assert await sender.send_due(harness.pool) == 6
+        await sender.close()
+    assert sorted(data for _, data in inbox.received) == sorted(written)
+    assert len(written) == 6
+    for options, data in inbox.received:
+        assert f"SIZE={len(data)}" in options
 
 
 async def test_a_pass_records_its_sent_mails_together_and_a_refused_one_not(
