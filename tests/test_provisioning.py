@@ -551,7 +551,12 @@ async def test_accept_options_off_and_set_pending_applies_a_refused_payment(
 
 async def paid(h: Harness, refs: list[str], first_ip: int) -> list[int]:
     """Orders placed, screened and paid, their setup jobs queued (not run: the test runs the
-    runner's passes); their ids."""
+    runner's passes); their ids. It returns once the provisioning worker has also handled
+    every event of these orders it takes (their order.screened): `h.screened` sees the fraud
+    worker's commit, not the relay's publish, so the payment may overtake the event, whose
+    reconcile step then runs after the job is queued, while the test runs its pass. That
+    step saves the service's identity again (undoing a test's `username = NULL`) and holds
+    the order's lock (a shared outcome write gives way at its lock_timeout)."""
     ids = []
     for n, ref in enumerate(refs):
         await h.publish("order.place", starter(ref, ip_address=f"203.0.113.{first_ip + n}"))
@@ -559,12 +564,23 @@ async def paid(h: Harness, refs: list[str], first_ip: int) -> list[int]:
         invoice = await invoice_of(h, order["id"])
         await pay(h, "5.95", f"ch_{ref}", invoice_id=invoice["id"])
         ids.append(order["id"])
+    provisioning = provisioning_worker(h.settings)
+    keys = list(provisioning.routes)
 
     async def queued() -> bool:
         return await h.pool.fetchval(
             "SELECT count(*) FROM jobs WHERE order_id = ANY($1) AND status = 'pending'",
             ids) == len(ids)
+
+    async def handled() -> bool:  # in its inbox: its transaction committed
+        events, done = await h.pool.fetchrow(
+            "SELECT count(*), count(i.message_id) FROM outbox o LEFT JOIN inbox i"
+            " ON i.consumer = $3 AND i.message_id = o.message_id::text"
+            " WHERE (o.body->>'order_id')::bigint = ANY($1) AND o.routing_key = ANY($2::text[])",
+            ids, keys, provisioning.service)
+        return events >= len(ids) and done == events  # at least each order's order.screened
     await eventually(queued)
+    await eventually(handled)
     return ids
 
 
