@@ -21,9 +21,9 @@ import time
 from decimal import Decimal
 
 import aiosmtplib
-import uvloop
 from pipeline import MailSinkProcess, _free_port
 
+from cli.main import loop_factory
 from services.notify.mail import message_id_for, render
 
 CONTEXT = {
@@ -41,10 +41,11 @@ async def _connection(port: int, first: int, mails: int) -> None:
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30,
                            local_hostname="bench.local")
     await smtp.connect()
-    for n in range(first, first + mails):
+    # The sender reads each mail's Message-ID from its row: worked out before the timing.
+    ids = [message_id_for(f"bench-{n}", "shop.example") for n in range(first, first + mails)]
+    for n, message_id in zip(range(first, first + mails), ids, strict=True):
         mail = render(TEMPLATES[n % 3], f"bench-{n // 3}@shop.example",
-                      "Shop <billing@shop.example>", message_id_for(f"bench-{n}", "shop.example"),
-                      CONTEXT)
+                      "Shop <billing@shop.example>", message_id, CONTEXT)
         await smtp.sendmail(mail.sender, [mail.recipient], mail.data,
                             mail_options=mail.mail_options)
     await smtp.quit()
@@ -53,7 +54,7 @@ async def _connection(port: int, first: int, mails: int) -> None:
 async def main(opts: argparse.Namespace) -> None:
     port = _free_port()
     per = opts.mails // opts.connections
-    with MailSinkProcess(port):
+    with MailSinkProcess(port) as sink:
         await _connection(port, 10**9, 30)  # warm: the templates, the imports
         for r in range(opts.rounds):
             before, started = os.times(), time.perf_counter()
@@ -65,6 +66,8 @@ async def main(opts: argparse.Namespace) -> None:
             print(f"round {r + 1}: {sent} mails, {1e6 * (user + system) / sent:.0f} us CPU a mail"
                   f" (user {1e6 * user / sent:.0f}, system {1e6 * system / sent:.0f}),"
                   f" {sent / (ended - started):.0f} mails/s")
+    expected = 30 + opts.rounds * per * opts.connections  # the sink counts when stopped
+    print(f"the sink received {sink.received:,} of {expected:,} mails sent")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,9 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mails", type=int, default=3000, help="mails a round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=4, help="SMTP connections at once")
-    return parser.parse_args(argv)
+    opts = parser.parse_args(argv)
+    if opts.connections < 1 or opts.mails < opts.connections or opts.rounds < 1:
+        parser.error("--connections and --rounds must be at least 1, --mails at least"
+                     " --connections")
+    return opts
 
 
 if __name__ == "__main__":
-    uvloop.install()
-    asyncio.run(main(parse_args()))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main(parse_args()))

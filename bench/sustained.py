@@ -530,7 +530,7 @@ async def chunk_checkpoint(database_url: str, orders: int, started: float, *,
                   "load_1m": round(os.getloadavg()[0], 2)}
     sizes = ", ".join(f"{t} {v['rows']:,} rows {v['bytes'] / 2**20:.1f} MB"
                       for t, v in checkpoint["tables"].items())
-    vacuumed = f", vacuumed in {vacuum_seconds:.1f} s" if vacuum_seconds is not None else ""
+    vacuumed = f", vacuumed in {vacuum_seconds:.2f} s" if vacuum_seconds is not None else ""
     print(f"    settled {settle_seconds:.0f} s later{vacuumed}; {sizes}", flush=True)
     return checkpoint
 
@@ -767,8 +767,10 @@ def vacuum_line(data: dict[str, Any]) -> str | None:
     none ran. (--volume's, after each chunk, are a column of its table.)"""
     if not data["options"].get("vacuum_phases"):
         return None
-    return autovacuum.report_line(VACUUM_PHASES, data["options"]["vacuum"], {
-        f"round {r['round']} {r['label']}": r.get("vacuum_seconds", []) for r in data["rounds"]})
+    seconds = {f"round {r['round']} {r['label']}": r["vacuum_seconds"] for r in data["rounds"]
+               if r.get("vacuum_seconds")}  # a JSON from before they were recorded: none
+    return autovacuum.report_line(VACUUM_PHASES, data["options"]["vacuum"], seconds) \
+        if seconds else None
 
 
 def print_hops(title: str, h: dict[str, Any]) -> None:
