@@ -134,6 +134,29 @@ async def test_a_flowing_idle_worker_waits_for_the_next_message() -> None:
     assert batch == ["first", "second"]
 
 
+async def test_messages_further_apart_than_the_flow_gap_are_not_a_flow_whatever_the_linger(
+) -> None:
+    """The flow's threshold is its own (WORKER_FLOW_GAP_MS), not the busy linger: messages
+    half a second apart with a threshold of a quarter second are no flow, so an idle worker
+    starts its lone message at once, however long it would linger while busy; the same
+    messages under a threshold of a second are a flow, and it waits for the next."""
+    for flow_gap, waits in ((0.25, False), (1.0, True)):
+        waiting: asyncio.Queue[str] = asyncio.Queue()
+        waiting.put_nowait("first")
+        busy = _flowing(0.5)
+
+        async def arrive(queue: asyncio.Queue[str] = waiting) -> None:
+            await asyncio.sleep(0.1)
+            queue.put_nowait("second")
+
+        arriving = asyncio.create_task(arrive())
+        batch = await asyncio.wait_for(
+            take_batch(waiting, 2, 0.0, busy=busy, busy_linger=LONG,  # type: ignore[arg-type]
+                       flow_gap=flow_gap), timeout=5)
+        await arriving
+        assert batch == (["first", "second"] if waits else ["first"]), flow_gap
+
+
 async def test_a_flow_that_stops_lets_its_batch_start_when_the_next_is_overdue() -> None:
     """The wait lasts while a message is due (twice the average gap), not the whole linger."""
     waiting: asyncio.Queue[str] = asyncio.Queue()
@@ -275,9 +298,11 @@ async def test_a_committed_batch_is_acked_together_not_one_by_one(flow: InMemory
 
 async def test_a_steady_stream_to_an_idle_worker_shares_transactions(harness: Harness) -> None:
     """On RabbitMQ: orders published a steady 0.3 s apart to a placement worker that handles
-    each in far less, with a 2 s linger. Idle between them, the worker used to give each its
-    own transaction; flowing, it waits for the next: later orders share one (same xmin)."""
+    each in far less, with a 2 s linger and a 2 s flow gap (0.3 s apart is a flow). Idle
+    between them, the worker used to give each its own transaction; flowing, it waits for the
+    next: later orders share one (same xmin)."""
     s = harness.settings.model_copy(update={"worker_linger_ms": 2000.0, "worker_batch": 2,
+                                           "worker_flow_gap_ms": 2000.0,
                                            "worker_concurrency": 1})
     runtime = Runtime(s)
     ready = asyncio.Event()

@@ -98,7 +98,7 @@ def test_parts_follow_the_settings_they_are_built_from() -> None:
     s = Settings(relay_linger_ms=250, fraud_banned_ips="192.0.2.1",
                  amqp_url="amqp://ops%40example.com:pw@127.0.0.1/", operator_users="desk")
     assert s.relay.linger_seconds == 0.25
-    assert s.relay.busy_linger_seconds == 0.025  # WORKER_LINGER_MS, as the consumers'
+    assert s.relay.busy_linger_seconds == 0.04  # WORKER_LINGER_MS, as the consumers'
     assert Settings(worker_linger_ms=0).relay.busy_linger_seconds == 0
     assert s.publishers.own_user == "ops@example.com"
     assert s.fraud.operator_users == {"desk"}

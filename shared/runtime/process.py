@@ -230,11 +230,12 @@ class Runtime:
         # while it is busy or its messages flow.
         busy = Busy()
         busy_linger = self.settings.worker_linger_ms / 1000
+        flow_gap = self.settings.worker_flow_gap_ms / 1000
         loop = asyncio.get_running_loop()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             in_flight.enter()
-            busy.arrived(loop.time(), busy_linger)
+            busy.arrived(loop.time(), flow_gap)
             waiting.put_nowait(message)
 
         await self.transport.consume(self.names.queue(spec.service),
@@ -243,7 +244,7 @@ class Runtime:
             self._batchers.append(asyncio.create_task(batcher(
                 spec.service, waiting, limit=spec.batch or self.settings.worker_batch,
                 linger=spec.linger, handle=pipeline.handle, requeue=self.transport.requeue,
-                in_flight=in_flight, busy=busy, busy_linger=busy_linger),
+                in_flight=in_flight, busy=busy, busy_linger=busy_linger, flow_gap=flow_gap),
                 name=f"{spec.service}-batcher-{n}"))
 
     async def _started_unless_stopped(self) -> bool:
