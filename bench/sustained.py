@@ -22,7 +22,8 @@ bench's SMTP sink. An order is done when its service is Active (paid) or it is s
    unpublished events, unsent mails) sampled each second and its growth, the worker's CPU per
    order against the burst's.
 With --ab, the burst and the steady phase run twice per round on fresh workers, without and
-with WORKER_LINGER_MS (the runtime's batching of what waits), in alternating order.
+with WORKER_LINGER_MS (the runtime's batching of what waits; --linger, by default what ships),
+in alternating order; WORKER_FLOW_GAP_MS is what ships on both sides.
 
 --volume N instead pushes N orders through the full flow (bursts of --chunk), with short
 retention windows (--window seconds) so that the workers' own housekeeping prunes as it
@@ -830,7 +831,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pay-share", type=float, default=0.9, help="orders paid when screened")
     parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                         help="rounds of WORKER_LINGER_MS=0 against --linger, alternating")
-    parser.add_argument("--linger", type=float, default=25.0, help="WORKER_LINGER_MS of --ab's B side")
+    parser.add_argument("--linger", type=float,
+                        default=Settings.model_fields["worker_linger_ms"].default,
+                        help="WORKER_LINGER_MS of --ab's B side (default: what ships)")
     parser.add_argument("--volume", type=int, default=0, metavar="N",
                         help="only the bounded-tables run: N orders through the full flow")
     parser.add_argument("--chunk", type=int, default=2000, help="--volume: orders per burst")

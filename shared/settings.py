@@ -116,13 +116,15 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(4, gt=0, le=100)
     worker_batch: int = Field(16, gt=0, le=500)
     # Group commit: while a worker handles a batch, a message taken meanwhile waits up to this
-    # long for more to share its transaction; an idle worker starts at once (0: never waits).
+    # long for more to share its transaction; an idle worker starts at once unless its messages
+    # flow (WORKER_FLOW_GAP_MS, below); 0: never waits.
     # It stops early when the batch in hand ends. 25 rather than 5: at a steady 80 % of the
     # burst's rate, 5 ms batches too little and the backlog grew (docs/performance.md, "Sustained load");
     # 40 rather than 25 since stop 31, with the flow's threshold apart (below).
     worker_linger_ms: float = Field(40.0, ge=0, le=1000)
     # An idle worker whose messages arrive on average less than this apart (a flow) waits for
-    # the next one too (while it is due, up to WORKER_LINGER_MS). Apart from the linger: at 40
+    # the next one too (while it is due, up to WORKER_LINGER_MS; a gap over the linger counts
+    # as the linger, and 0 means no flow). Apart from the linger: at 40
     # a 30/s stream (33 ms apart) waited at every hop ("A longer busy linger", docs/performance.md).
     worker_flow_gap_ms: float = Field(25.0, ge=0, le=1000)
     # A message over this is dead-lettered unread: an order is a few kilobytes.

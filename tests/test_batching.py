@@ -13,6 +13,7 @@ from services.placement.worker import worker as placement_worker
 from shared.runtime import REASON_HEADER, Middleware, Runtime
 from shared.runtime.batching import Busy, InFlight, batcher, take_batch
 from shared.runtime.testing import InMemoryFlow, MemoryMessage, MemoryTransport
+from shared.settings import Settings
 
 LONG = 60.0  # a linger no test could wait out: a test that waited for it would time out
 
@@ -155,6 +156,35 @@ async def test_messages_further_apart_than_the_flow_gap_are_not_a_flow_whatever_
                        flow_gap=flow_gap), timeout=5)
         await arriving
         assert batch == (["first", "second"] if waits else ["first"]), flow_gap
+
+
+async def test_with_the_shipped_pair_a_pause_ends_a_flow_judged_by_the_flow_gap() -> None:
+    """WORKER_FLOW_GAP_MS 25 beside WORKER_LINGER_MS 40 (as `Runtime._consume` passes them):
+    a pause of 0.2 s (counted as four flow gaps) after a 10 ms flow leaves an average gap
+    between the two, no flow by the flow gap (a flow by the linger), so the next lone
+    message starts at once instead of waiting for the one due."""
+    settings = Settings()
+    gap, linger = settings.worker_flow_gap_ms / 1000, settings.worker_linger_ms / 1000
+    assert gap < linger
+    busy = Busy()
+    now = asyncio.get_running_loop().time()
+    for n in range(8):
+        busy.arrived(now - 0.27 + n * 0.01, gap)  # a 10 ms flow that ended 0.2 s ago
+    assert busy.flowing(gap)
+    busy.arrived(now, gap)
+    assert not busy.flowing(gap) and busy.flowing(linger)
+    waiting: asyncio.Queue[str] = asyncio.Queue()
+    waiting.put_nowait("lone")
+
+    async def arrive() -> None:
+        await asyncio.sleep(linger / 2)  # a message that waiting would have caught
+        waiting.put_nowait("later")
+
+    arriving = asyncio.create_task(arrive())
+    batch = await asyncio.wait_for(take_batch(  # type: ignore[arg-type]
+        waiting, 2, 0.0, busy=busy, busy_linger=linger, flow_gap=gap), timeout=5)
+    await arriving
+    assert batch == ["lone"]
 
 
 async def test_a_flow_that_stops_lets_its_batch_start_when_the_next_is_overdue() -> None:

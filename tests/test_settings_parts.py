@@ -62,6 +62,9 @@ def test_each_part_carries_only_its_own_fields() -> None:
     assert not {"smtp_host", "host", "epp_host"} & fields(s.jobs)
     # The job runner's linger when busy is the runtime's group commit's (0: never waits).
     assert Settings(worker_linger_ms=8).jobs.busy_linger_seconds == 0.008
+    # The flow's threshold is its own, shorter than the busy linger (docs/performance.md,
+    # "The flow's threshold apart").
+    assert (Settings().worker_flow_gap_ms, Settings().worker_linger_ms) == (25, 40)
     assert Settings(worker_linger_ms=0).jobs.busy_linger_seconds == 0
     assert fields(s.providers) == {"scheme", "timeout", "host", "port", "client_id",
                                    "registrant_id", "cafile"}  # EPP_PASSWORD: environment only

@@ -94,19 +94,20 @@ class Busy:
         if self.handling == 0:
             self.idle.set()
 
-    def arrived(self, now: float, linger: float) -> None:
+    def arrived(self, now: float, flow_gap: float) -> None:
         """A message of the worker arrived at loop time `now`. The newest gap weighs a quarter
-        of the average, and counts as at most four `linger`s (the flow's threshold): one long
-        pause ends a flow (the average is then over it) and an old one is soon forgotten."""
+        of the average, and counts as at most four `flow_gap`s (the flow's threshold): one
+        long pause ends a flow (the average is then over it) and an old one is soon
+        forgotten."""
         if self.last_arrival is not None:
-            newest = min(max(now - self.last_arrival, 0.0), 4 * linger)
+            newest = min(max(now - self.last_arrival, 0.0), 4 * flow_gap)
             self.gap = newest if self.gap is None else self.gap + (newest - self.gap) / 4
         self.last_arrival = now
 
-    def flowing(self, linger: float) -> bool:
-        """Messages arrive, on average, less than a linger apart: waiting for the next one
+    def flowing(self, flow_gap: float) -> bool:
+        """Messages arrive, on average, less than `flow_gap` apart: waiting for the next one
         gathers company for the price of about one gap."""
-        return linger > 0 and self.gap is not None and self.gap < linger
+        return flow_gap > 0 and self.gap is not None and self.gap < flow_gap
 
 
 async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int,
@@ -115,12 +116,13 @@ async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int
                      flow_gap: float | None = None) -> list[AbstractIncomingMessage]:
     """The first message to arrive, then whatever else is waiting (or arrives within
     `linger` seconds; or `busy_linger` while another batch of the worker is in hand or its
-    messages flow: arrive on average less than `flow_gap` apart, by default `busy_linger`),
-    up to `limit`."""
+    messages flow: arrive on average less than `flow_gap` apart, by default and at most
+    `busy_linger`: a flow whose next message is due after the wait ends would only delay
+    each one), up to `limit`."""
     loop = asyncio.get_running_loop()
     batch = [await waiting.get()]
     started = loop.time()
-    gap = busy_linger if flow_gap is None else flow_gap
+    gap = busy_linger if flow_gap is None else min(flow_gap, busy_linger)
     flowing = busy is not None and busy_linger > linger and busy.flowing(gap)
     lingering = busy is not None and busy_linger > linger and (bool(busy) or flowing)
     deadline = started + (busy_linger if lingering else linger)
