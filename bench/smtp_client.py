@@ -43,7 +43,7 @@ async def _connection(port: int, first: int, mails: int) -> None:
     await smtp.connect()
     # The sender reads each mail's Message-ID from its row: worked out before the timing.
     ids = [message_id_for(f"bench-{n}", "shop.example") for n in range(first, first + mails)]
-    for n, message_id in zip(range(first, first + mails), ids, strict=True):
+    for n, message_id in enumerate(ids, start=first):
         mail = render(TEMPLATES[n % 3], f"bench-{n // 3}@shop.example",
                       "Shop <billing@shop.example>", message_id, CONTEXT)
         await smtp.sendmail(mail.sender, [mail.recipient], mail.data,

@@ -437,13 +437,16 @@ async def sustained_round(bench: Bench, connection: AbstractRobustConnection, or
     before = await database_counters(bench.settings)
     started_at = time.time()
     vacuum_seconds: list[float] = []  # before the burst and before the steady phase (--vacuum)
+
+    async def vacuum_if_wanted() -> None:
+        if opts.vacuum_phases:
+            vacuum_seconds.append(await autovacuum.vacuum(bench.settings.database_url))
+
     try:
         await run.phase(f"{label}: warm-up", orders.take(opts.warmup, "w"), None)
-        if opts.vacuum_phases:
-            vacuum_seconds.append(await autovacuum.vacuum(bench.settings.database_url))
+        await vacuum_if_wanted()
         burst = await run.phase(f"{label}: burst", orders.take(opts.orders, "b"), None)
-        if opts.vacuum_phases:
-            vacuum_seconds.append(await autovacuum.vacuum(bench.settings.database_url))
+        await vacuum_if_wanted()
         rate = opts.rate or round(opts.rate_share * burst[REFERENCES[opts.reference]], 1)
         steady = await run.phase(f"{label}: steady {rate:g}/s",
                                  orders.take(round(rate * opts.seconds), "s"), rate)

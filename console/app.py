@@ -25,7 +25,7 @@ from console.publisher import AmqpPublisher, Publisher
 from console.routes import auth, client, dashboard, module_queue, new_order, order, orders, payments
 from console.security import SecurityHeaders, SessionCodec
 from console.warm_up import WarmUp
-from console.web import HERE, ConsoleState, compiled_templates, templates
+from console.web import HERE, ConsoleState, compiled_templates
 from shared import db
 from shared.errors import ConfigurationError
 from shared.settings import Settings
@@ -112,7 +112,7 @@ async def open_state(settings: Settings, *, publisher: Publisher | None = None,
     warm_up.start(pool)
     return ConsoleState(settings=part, pool=pool, publisher=publisher,
                         codec=SessionCodec(secret_key(part), part.session_hours * 3600),
-                        warm_up=warm_up, env=env or templates())
+                        warm_up=warm_up, **({"env": env} if env else {}))
 
 
 async def close_state(state: ConsoleState) -> None:

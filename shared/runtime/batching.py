@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -113,7 +114,7 @@ class Busy:
 async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int,
                      linger: float, *, busy: Busy | None = None,
                      busy_linger: float = 0.0,
-                     flow_gap: float | None = None) -> list[AbstractIncomingMessage]:
+                     flow_gap: float = math.inf) -> list[AbstractIncomingMessage]:
     """The first message to arrive, then whatever else is waiting (or arrives within
     `linger` seconds; or `busy_linger` while another batch of the worker is in hand or its
     messages flow: arrive on average less than `flow_gap` apart, by default and at most
@@ -122,7 +123,7 @@ async def take_batch(waiting: asyncio.Queue[AbstractIncomingMessage], limit: int
     loop = asyncio.get_running_loop()
     batch = [await waiting.get()]
     started = loop.time()
-    gap = busy_linger if flow_gap is None else min(flow_gap, busy_linger)
+    gap = min(flow_gap, busy_linger)
     flowing = busy is not None and busy_linger > linger and busy.flowing(gap)
     lingering = busy is not None and busy_linger > linger and (bool(busy) or flowing)
     deadline = started + (busy_linger if lingering else linger)
@@ -165,7 +166,7 @@ async def batcher(service: str, waiting: asyncio.Queue[AbstractIncomingMessage],
                   linger: float, handle: Callable[[list[AbstractIncomingMessage]], Awaitable[None]],
                   requeue: Callable[[list[AbstractIncomingMessage]], Awaitable[None]],
                   in_flight: InFlight, busy: Busy | None = None,
-                  busy_linger: float = 0.0, flow_gap: float | None = None) -> None:
+                  busy_linger: float = 0.0, flow_gap: float = math.inf) -> None:
     """One of a worker's batchers (they share `busy`): take a batch, handle it, again."""
     busy = busy if busy is not None else Busy()
     while True:
