@@ -37,6 +37,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the real scripts: /usr/sbin's wrappers su to rabbitmq
@@ -71,7 +72,9 @@ async def _run(*argv: str, env: dict[str, str] | None = None, cwd: Path | None =
 class OwnRabbit:
     """One RabbitMQ node of the bench's own (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conf_d: Sequence[Path] = ()) -> None:
+        """`conf_d`: files the node reads after its own config, as /etc/rabbitmq/conf.d/'s (the
+        shipped deploy/rabbitmq/ files, to check that a real node takes them)."""
         if not (RABBITMQ_BIN / "rabbitmq-server").exists():
             raise RuntimeError(f"no RabbitMQ server in {RABBITMQ_BIN}")
         self.dir = Path(tempfile.mkdtemp(prefix="ordermill-chaos-mq-"))
@@ -87,6 +90,9 @@ class OwnRabbit:
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             "loopback_users.guest = true\n")
         (self.dir / "rabbitmq-env.conf").write_text("")  # not the machine's (it names rabbit@localhost)
+        (self.dir / "conf.d").mkdir()
+        for path in conf_d:
+            shutil.copy(path, self.dir / "conf.d" / path.name)
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(home),
@@ -99,6 +105,7 @@ class OwnRabbit:
             "RABBITMQ_LOG_BASE": str(self.dir / "log"),
             "RABBITMQ_PID_FILE": str(self.dir / "beam.pid"),
             "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_CONFIG_FILES": str(self.dir / "conf.d"),
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
             "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.dir / "plugins-expand"),
@@ -163,6 +170,13 @@ class OwnRabbit:
         stopped = time.monotonic()
         await self.start()
         return stopped - began, time.monotonic() - stopped
+
+    async def app_env(self, app: str, key: str) -> str:
+        """An application's setting as the running node has it (`{ok,67108864}`, `undefined`)."""
+        status, out = await self._ctl("eval", f"application:get_env({app}, {key}).", within=30)
+        if status != 0:
+            raise RuntimeError(f"rabbitmqctl eval: {out.strip()[-300:]}")
+        return out.strip()
 
     async def _ctl(self, *args: str, within: float) -> tuple[int, str]:
         return await _run(str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args,

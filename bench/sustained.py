@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,7 +75,8 @@ from pipeline import (
 )
 from provisioning import SCREENING_KEYS, SETUP_KEYS, Placed, Storefront
 
-from bench import autovacuum
+from bench import autovacuum, quorum_log
+from bench.quorum_log import QuorumLog
 from shared import broker, db
 from shared.housekeeping import Housekeeper
 from shared.parties import amqp_user
@@ -168,7 +170,8 @@ class Backlog:
     store: FullFlow
     queues: list[str]
     database_url: str
-    samples: list[dict[str, float]] = field(default_factory=list)
+    wal: QuorumLog | None = None  # the broker's log file, sampled too (bench/quorum_log.py)
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     async def run(self, connection: AbstractRobustConnection, stop: asyncio.Event) -> None:
         channel = await connection.channel()
@@ -187,7 +190,8 @@ class Backlog:
                 self.samples.append({"t": round(now - started, 1), "at": now,
                                      "in_flight": self.store.in_flight, "ready": ready,
                                      "events": row["events"], "mails": row["mails"],
-                                     "checkpoints": row["checkpoints"]})
+                                     "checkpoints": row["checkpoints"],
+                                     "wal": self.wal.current() if self.wal else None})
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 except TimeoutError:
@@ -243,6 +247,7 @@ class Run:
     store: FullFlow
     cpu: CpuMeter
     hops: bool = False
+    wal: QuorumLog | None = None
 
     async def hop_report(self, refs: list[str], first: float, ended: float,
                          samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -275,7 +280,7 @@ class Run:
         refs = [ref for ref, _ in orders]
         store._expect(set(refs))
         backlog = Backlog(store, [self.bench.names.queue(s) for s in SERVICE_BINDINGS],
-                          self.bench.settings.database_url)
+                          self.bench.settings.database_url, self.wal)
         stop = asyncio.Event()
         sampler = asyncio.create_task(backlog.run(self.connection, stop))
         counted = await database_counters(self.bench.settings)
@@ -335,6 +340,9 @@ class Run:
             "postgres_cpu_ms_per_order": round(cpu.seconds.get("postgres", 0.0) * 1000 / len(refs), 2),
             "rabbitmq_cpu_ms_per_order": round(cpu.seconds.get("rabbitmq", 0.0) * 1000 / len(refs), 2),
             "backlog": backlog.growth(published),
+            # Seconds into the phase at which the broker's quorum-queue log rolled over (None:
+            # not seen from here): each roll can pause the pipeline (bench/quorum_log.py).
+            "broker_log_rolls_at": quorum_log.rolls(backlog.samples) if self.wal else None,
             # The phase's commits (the sampler's and the counters' own included: about one
             # a second), and its wall-clock span, to find its statements in the server's log.
             "transactions_per_order": round(transactions / len(refs), 1),
@@ -398,7 +406,10 @@ def _progress(r: dict[str, Any]) -> None:
           f" full flow {r['full_flow_per_second']:.0f}/s); screened p99 {r['screened_ms']['p99']:.0f} ms,"
           f" active p99 {r['active_ms']['p99']:.0f} ms; worker {r['worker_cpu_ms_per_order']:.2f}"
           f" ms/order; mails +{r['mail_drain_seconds']:.1f} s;"
-          f" {r['transactions_per_order']:.1f} transactions/order", flush=True)
+          f" {r['transactions_per_order']:.1f} transactions/order"
+          + ("" if (at := r.get("broker_log_rolls_at")) is None else
+             f"; broker log rolled {len(at)}x" + (f" (at {', '.join(f'{t:.0f}' for t in at)} s)"
+                                                   if at else "")), flush=True)
     by_process = r.get("worker_cpu_ms_per_order_by_process") or {}
     if len(by_process) > 1:
         print(f"  {'':22} worker ms/order by process: "
@@ -430,10 +441,11 @@ async def with_worker(bench: Bench, connection: AbstractRobustConnection, env: d
 
 
 async def sustained_round(bench: Bench, connection: AbstractRobustConnection, orders: Orders,
-                          opts: argparse.Namespace, label: str, env: dict[str, str]) -> dict[str, Any]:
+                          opts: argparse.Namespace, label: str, env: dict[str, str],
+                          wal: QuorumLog | None = None) -> dict[str, Any]:
     """Warm-up, burst, then steady at rate-share of the burst, on a fresh worker."""
     worker, store, cpu = await with_worker(bench, connection, env, label, opts.processes)
-    run = Run(bench, connection, worker, store, cpu, hops=opts.hops)
+    run = Run(bench, connection, worker, store, cpu, hops=opts.hops, wal=wal)
     before = await database_counters(bench.settings)
     started_at = time.time()
     vacuum_seconds: list[float] = []  # before the burst and before the steady phase (--vacuum)
@@ -643,10 +655,14 @@ async def log_statements(database_url: str, *, durations: bool = False,
 async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
     s = bench.settings
     announce(bench)
+    wal = await asyncio.to_thread(quorum_log.find, s.amqp_url)
+    if wal is not None:
+        print(f"  {wal.describe()}", flush=True)
     data: dict[str, Any] = {"run_id": bench.run_id, "at": datetime.now(UTC).isoformat(timespec="seconds"),
                             "options": vars(opts),
                             "machine": {"cpus": psutil.cpu_count(),
-                                        "load_avg_1m": round(os.getloadavg()[0], 2)}}
+                                        "load_avg_1m": round(os.getloadavg()[0], 2),
+                                        "quorum_log_max_bytes": wal.max_bytes if wal else None}}
     with MailSinkProcess(s.smtp_port) as mail:
         connection = None
         try:
@@ -677,7 +693,7 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
                         variants.reverse()
                     for label, env in variants:
                         rounds.append({"round": n + 1, **await sustained_round(
-                            bench, connection, orders, opts, label, env)})
+                            bench, connection, orders, opts, label, env, wal)})
                 data["rounds"] = rounds
         finally:
             if connection is not None:
@@ -718,6 +734,8 @@ def print_report(data: dict[str, Any]) -> None:
     m = data["machine"]
     print(f"\nOrdermill sustained-load benchmark {data['run_id']} ({data['at']}, {data['commit']}):"
           f" {m['cpus']} CPUs, load {m['load_avg_1m']}, {data['elapsed_seconds']:.0f} s in all")
+    if (wal_bytes := m.get("quorum_log_max_bytes")) is not None:
+        print(QuorumLog(Path(), wal_bytes).describe())
     if "rounds" in data:
         print("screened: order published -> order.screened; active: payment published -> service"
               " Active;\nin flight: orders not done, mean of the first -> last quarter of the"
