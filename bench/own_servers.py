@@ -10,8 +10,10 @@ them, and an immediate stop leaves crash recovery to the next start.
 
 - `OwnRabbit`: `rabbitmq-server` in the foreground as a child of the bench, with its own node
   name (`chaos-<pid>-<hex>@localhost`), AMQP and distribution ports (free ones), data and log
-  dirs in a temporary directory, a config file of its own (the machine's
-  /etc/rabbitmq/rabbitmq.conf names port 5672), no plugins (management and prometheus would
+  dirs in a temporary directory, a config file and a conf.d of its own (the machine's
+  /etc/rabbitmq/rabbitmq.conf names port 5672) holding the settings Ordermill ships for
+  RabbitMQ (deploy/rabbitmq/10-quorum-wal.conf: restarts and failovers measured with the
+  log size production runs), no plugins (management and prometheus would
   take fixed ports) and an Erlang cookie of its own (HOME is the temporary directory, for the
   server and for `rabbitmqctl`: the machine's cookie is neither read nor written). It
   registers with the machine's epmd under its own name. Restart: `rabbitmqctl stop` (or a
@@ -41,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the real scripts: /usr/sbin's wrappers su to rabbitmq
+# What docker-compose.yml mounts into the broker's conf.d: an own node runs with it too.
+SHIPPED_CONF_D = (Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / "10-quorum-wal.conf",)
 START_TIMEOUT = 120.0  # seconds: a node boots in about 5 s on 2 idle cores, far slower when busy
 
 
@@ -72,9 +76,9 @@ async def _run(*argv: str, env: dict[str, str] | None = None, cwd: Path | None =
 class OwnRabbit:
     """One RabbitMQ node of the bench's own (see the module's docstring)."""
 
-    def __init__(self, conf_d: Sequence[Path] = ()) -> None:
-        """`conf_d`: files the node reads after its own config, as /etc/rabbitmq/conf.d/'s (the
-        shipped deploy/rabbitmq/ files, to check that a real node takes them)."""
+    def __init__(self, conf_d: Sequence[Path] = SHIPPED_CONF_D) -> None:
+        """`conf_d`: files the node reads after its own config, as /etc/rabbitmq/conf.d/'s
+        (default: what compose mounts; () for RabbitMQ's own defaults)."""
         if not (RABBITMQ_BIN / "rabbitmq-server").exists():
             raise RuntimeError(f"no RabbitMQ server in {RABBITMQ_BIN}")
         self.dir = Path(tempfile.mkdtemp(prefix="ordermill-chaos-mq-"))
@@ -171,9 +175,9 @@ class OwnRabbit:
         await self.start()
         return stopped - began, time.monotonic() - stopped
 
-    async def app_env(self, app: str, key: str) -> str:
-        """An application's setting as the running node has it (`{ok,67108864}`, `undefined`)."""
-        status, out = await self._ctl("eval", f"application:get_env({app}, {key}).", within=30)
+    async def eval(self, expression: str) -> str:
+        """An Erlang expression's value on the running node, as `rabbitmqctl eval` prints it."""
+        status, out = await self._ctl("eval", expression, within=30)
         if status != 0:
             raise RuntimeError(f"rabbitmqctl eval: {out.strip()[-300:]}")
         return out.strip()

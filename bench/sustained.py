@@ -342,7 +342,7 @@ class Run:
             "backlog": backlog.growth(published),
             # Seconds into the phase at which the broker's quorum-queue log rolled over (None:
             # not seen from here): each roll can pause the pipeline (bench/quorum_log.py).
-            "broker_log_rolls_at": quorum_log.rolls(backlog.samples) if self.wal else None,
+            "broker_log_rolls_at": quorum_log.rolls(backlog.samples),
             # The phase's commits (the sampler's and the counters' own included: about one
             # a second), and its wall-clock span, to find its statements in the server's log.
             "transactions_per_order": round(transactions / len(refs), 1),
