@@ -51,12 +51,15 @@ class QuorumLog:
             return None
         return names[-1] if names else None
 
-    def describe(self) -> str:
-        line = f"broker: quorum queues' log rolls at {self.max_bytes / 2**20:g} MiB"
-        if self.max_bytes >= DEFAULT_MAX_BYTES:
-            line += (" (RabbitMQ's default or more: the two rolls seen at 512 MiB each paused"
-                     " the pipeline 0.3-0.5 s; deploy/rabbitmq/10-quorum-wal.conf sets 64 MiB)")
-        return line
+
+
+def describe(max_bytes: int) -> str:
+    """The report's line for a log that rolls at `max_bytes` (the JSON keeps only the size)."""
+    line = f"broker: quorum queues' log rolls at {max_bytes / 2**20:g} MiB"
+    if max_bytes >= DEFAULT_MAX_BYTES:
+        line += (" (RabbitMQ's default or more: the two rolls seen at 512 MiB each paused"
+                 " the pipeline 0.3-0.5 s; deploy/rabbitmq/10-quorum-wal.conf sets 64 MiB)")
+    return line
 
 
 def _local_ports(amqp_url: str) -> set[int] | None:

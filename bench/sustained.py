@@ -45,7 +45,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -657,7 +656,7 @@ async def run_bench(bench: Bench, opts: argparse.Namespace) -> dict[str, Any]:
     announce(bench)
     wal = await asyncio.to_thread(quorum_log.find, s.amqp_url)
     if wal is not None:
-        print(f"  {wal.describe()}", flush=True)
+        print(f"  {quorum_log.describe(wal.max_bytes)}", flush=True)
     data: dict[str, Any] = {"run_id": bench.run_id, "at": datetime.now(UTC).isoformat(timespec="seconds"),
                             "options": vars(opts),
                             "machine": {"cpus": psutil.cpu_count(),
@@ -735,7 +734,7 @@ def print_report(data: dict[str, Any]) -> None:
     print(f"\nOrdermill sustained-load benchmark {data['run_id']} ({data['at']}, {data['commit']}):"
           f" {m['cpus']} CPUs, load {m['load_avg_1m']}, {data['elapsed_seconds']:.0f} s in all")
     if (wal_bytes := m.get("quorum_log_max_bytes")) is not None:
-        print(QuorumLog(Path(), wal_bytes).describe())
+        print(quorum_log.describe(wal_bytes))
     if "rounds" in data:
         print("screened: order published -> order.screened; active: payment published -> service"
               " Active;\nin flight: orders not done, mean of the first -> last quarter of the"

@@ -61,8 +61,8 @@ def test_a_roll_is_a_change_of_the_current_log_file(benches: Callable[[str], Mod
     assert ql.rolls(samples) == [3.0, 4.0]  # a sample that could not read it is no roll
     assert ql.rolls(samples[:2]) == []
     assert ql.rolls([{"t": 0.0, "wal": None}]) is None
-    assert "RabbitMQ's default" in ql.QuorumLog(Path(), 512 * 2**20).describe()
-    assert "default" not in ql.QuorumLog(Path(), 64 * 2**20).describe()
+    assert "RabbitMQ's default" in ql.describe(512 * 2**20)
+    assert "default" not in ql.describe(64 * 2**20)
 
 
 @pytest.mark.broker
